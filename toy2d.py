@@ -1,0 +1,879 @@
+"""toy2d.py -- the 2-D laboratory for Energy Matching and VPFB (figures 1-3 of both papers, plus numbers).
+
+One small script that trains a potential on a 2-D toy problem, draws the pictures of the papers and measures
+what the pictures only suggest:
+
+    python toy2d.py --method em          # Energy Matching, 8 Gaussians -> two moons (EM paper, Fig. 1 and 3)
+    python toy2d.py --method vpfb        # VPFB, standard Gaussian -> two moons (VPFB paper, Fig. 1 and 2)
+    python toy2d.py --method vpfb --autonomous          # VPFB with a time-independent Phi(x)
+    python toy2d.py --method otcfm       # baseline: OT conditional flow matching (time-dependent velocity MLP)
+    python toy2d.py --method cd          # baseline: plain EBM trained by contrastive divergence
+    python toy2d.py --method all         # all of the above, then a markdown table of the metrics
+
+The Energy Matching and VPFB losses and samplers are NOT written here: they are imported from
+`energy_matching.py` and `vpfb.py`, the very same code the image pipelines use (see API.md). This file only
+holds what is specific to 2-D: toy data, a small MLP, the two baselines of the EM paper's Figure 1, metrics
+that 2-D makes exact (W2 with an exact OT solver, a density normalised on a grid) and the plots.
+
+Outputs in runs/<method>_<source>_<target>/ :
+    trajectories.png  start (black), paths (green, a few red), end points (blue); like EM Fig. 1 / VPFB Fig. 1 top
+    energy.png        the learned landscape V(x) (EM, CD), Phi(x, t) at several t (VPFB, Fig. 1 bottom),
+                      or the velocity field v(x, t) (OT-CFM, which has no energy)
+    density.png       the Boltzmann density normalised on the grid (EM: exp(-V/eps_max), VPFB: exp(Phi_B), CD: exp(-E/T))
+    loss.png          training loss curve(s)
+    samples.npy       the generated samples (n_eval, 2)
+    metrics.json      W2, MMD^2, NLL, wall time, steps, and every argument
+    model.pt          the trained network (a self-describing dict, see save_checkpoint)
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+
+def die(msg):
+    """Bad input: one clear line on stderr, exit code 2, no traceback."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+# ======================================================================================================
+# === 1. Arguments ===
+# ======================================================================================================
+METHODS = ["em", "vpfb", "otcfm", "cd", "all"]
+SOURCES = ["auto", "gauss", "8gauss"]
+TARGETS = ["moons", "8gauss", "circles", "checkerboard"]
+# The source each paper uses: the EM paper (and its Fig. 1 baselines) starts from 8 Gaussians,
+# the VPFB paper from a standard Gaussian (its Boltzmann energy, Eq. 22, assumes a Gaussian prior).
+DEFAULT_SOURCE = {"em": "8gauss", "otcfm": "8gauss", "cd": "8gauss", "vpfb": "gauss"}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print the usage + a line; we promise exactly one line
+        die(message)
+
+
+def build_parser():
+    p = Parser(description="2-D laboratory for Energy Matching, VPFB and two baselines (OT-CFM, CD-EBM).",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("experiment")
+    g.add_argument("--method", default="em", choices=METHODS,
+                   help="em = Energy Matching, vpfb = Variational Potential Flow Bayes, otcfm = OT conditional "
+                        "flow matching baseline, cd = contrastive-divergence EBM baseline, all = run every method "
+                        "and print a markdown table")
+    g.add_argument("--source", default="auto", choices=SOURCES,
+                   help="noise distribution; auto = the paper's choice (8gauss for em/otcfm/cd, gauss for vpfb)")
+    g.add_argument("--target", default="moons", choices=TARGETS, help="data distribution")
+    g.add_argument("--steps", type=int, default=3000,
+                   help="total optimiser steps, the same for every method (EM: warm-up + CD phase together; "
+                        "authors' 2-D run: 22000)")
+    g.add_argument("--steps-cd", type=int, default=None,
+                   help="EM only: phase-2 (flow + CD) steps, counted inside --steps; default steps // 10 "
+                        "(authors: 2000 of 22000)")
+    g.add_argument("--batch-size", type=int, default=256, help="batch size (authors: 128)")
+    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (authors: 1e-4)")
+    g.add_argument("--hidden", type=int, default=128, help="MLP width (authors: 256)")
+    g.add_argument("--depth", type=int, default=3, help="number of hidden layers of the MLP (authors: 4)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (torch, numpy, data streams)")
+    g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    g.add_argument("--out-dir", default=None,
+                   help="output folder; default runs/<method>_<source>_<target> (with --method all: one "
+                        "sub-folder per method under it, default runs/)")
+    g.add_argument("--n-eval", type=int, default=2000,
+                   help="generated and held-out target points for the metrics (>= 2000 for the reported W2)")
+    g.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads; 1 is as fast as 2 for these tiny MLPs and far steadier on a busy machine")
+    g.add_argument("--log-every", type=int, default=0, help="progress line every N steps (0 = about 10 lines)")
+    g.add_argument("--no-plots", action="store_true", help="skip the PNGs (metrics only)")
+
+    g = p.add_argument_group("Energy Matching (passed to energy_matching.EnergyMatching)")
+    g.add_argument("--tau-star", type=float, default=0.8, help="tau*, Eq. (3): temperature is 0 before it")
+    g.add_argument("--eps-max", type=float, default=0.15,
+                   help="eps_max, Eq. (3): equilibrium temperature; also the CD baseline's Langevin temperature")
+    g.add_argument("--lambda-cd", type=float, default=2.0,
+                   help="weight of L_CD in phase 2 (Alg. 2, line 16; the authors' 2-D notebook uses 2.0)")
+    g.add_argument("--n-langevin", type=int, default=50,
+                   help="Langevin steps per negative chain in phase 2 (authors' 2-D: 200); also the CD "
+                        "baseline's training chain length")
+    g.add_argument("--dt", type=float, default=0.01, help="Langevin / sampler step size Delta t (authors: 0.01)")
+    g.add_argument("--tau-s", type=float, default=1.5,
+                   help="EM sampling time tau_s: the sampler runs round(tau_s/dt) steps; every other method "
+                        "gets the same number of sampler steps")
+    g.add_argument("--chain-dt", type=float, default=0.03,
+                   help="EM: step of the phase-2 Langevin negative chains (0 = use --dt); n_langevin * chain_dt "
+                        "should pass 1 so noise-started negatives reach the data (authors' 2-D: 200 x 0.01)")
+    g.add_argument("--cd-trim", type=float, default=0.0,
+                   help="EM: fraction of highest negative energies dropped (authors' CIFAR code 0.1, 2-D code 0)")
+    g.add_argument("--cd-neg-clamp", type=float, default=0.0,
+                   help="EM: lambda*CD clamped below at -this (authors' CIFAR code 1.0, 2-D code: none = 0)")
+    g.add_argument("--em-sampler", default="heun", choices=["heun", "euler"], help="EM sampler scheme")
+
+    g = p.add_argument_group("VPFB (passed to vpfb.VPFB)")
+    g.add_argument("--autonomous", action="store_true", help="time-independent potential Phi(x) (VPFB §4.2)")
+    g.add_argument("--kappa", type=float, default=None,
+                   help="kappa in w(t) = (1 - t)^kappa, Eq. (27); default: vpfb.VPFB's")
+    g.add_argument("--t-end", type=float, default=None, help="t ~ U(0, t_end), Eq. (26); default: vpfb.VPFB's")
+    g.add_argument("--t-max", type=float, default=None,
+                   help="stationarity cutoff: t is clamped to t_max beyond it (§3.5); default: vpfb.VPFB's")
+    g.add_argument("--eta", type=float, default=None, help="Poincare weight eta, Eq. (27); default: vpfb.VPFB's")
+    g.add_argument("--ode-method", default="euler", choices=["euler", "rk45"],
+                   help="VPFB ODE solver for dx/dt = grad Phi (the VPFB 2-D figure uses Euler)")
+    g.add_argument("--ode-steps", type=int, default=None,
+                   help="VPFB Euler steps and OT-CFM ODE steps; default round(tau_s/dt), i.e. the EM sampler's")
+    g.add_argument("--langevin-steps", type=int, default=300,
+                   help="VPFB: Langevin steps on Phi_B for the Boltzmann samples of Fig. 2 (0 = skip)")
+    g.add_argument("--langevin-step-size", type=float, default=0.01, help="VPFB: Langevin step size")
+    g.add_argument("--langevin-temp", type=float, default=1.0, help="VPFB: Langevin temperature")
+
+    g = p.add_argument_group("baselines")
+    g.add_argument("--cfm-sigma", type=float, default=0.0,
+                   help="OT-CFM: std of the Gaussian tube around the straight path (Tong et al. use 0.1 in 2-D)")
+    g.add_argument("--cfm-solver", default="heun", choices=["heun", "euler"], help="OT-CFM ODE scheme")
+    g.add_argument("--cd-reg", type=float, default=0.1,
+                   help="CD-EBM: weight of the energy-magnitude regulariser E(x+)^2 + E(x-)^2 (Du & Mordatch)")
+
+    g = p.add_argument_group("metrics")
+    g.add_argument("--grid-lim", type=float, default=7.0,
+                   help="density grid is [-L, L]^2; held-out points outside it are counted and left out of NLL")
+    g.add_argument("--grid-n", type=int, default=200, help="density grid cells per axis")
+    g.add_argument("--mmd-bandwidths", default="0.1,0.5,1,2",
+                   help="RBF bandwidths sigma for MMD^2 (kernel = sum of exp(-|x-y|^2 / (2 sigma^2)))")
+    return p
+
+
+def check_args(a):
+    if a.steps < 0:
+        die(f"--steps must be >= 0, got {a.steps}")
+    if a.steps_cd is not None and a.steps_cd < 0:
+        die(f"--steps-cd must be >= 0, got {a.steps_cd}")
+    if a.steps_cd is not None and a.steps_cd > a.steps:
+        die(f"--steps-cd ({a.steps_cd}) cannot exceed --steps ({a.steps}); it counts inside the total")
+    for name in ["batch_size", "hidden", "depth", "n_eval", "grid_n"]:
+        if getattr(a, name) <= 0:
+            die(f"--{name.replace('_', '-')} must be > 0, got {getattr(a, name)}")
+    if a.batch_size < 2:
+        die("--batch-size must be >= 2 (half the CD negatives start at data, half at noise)")
+    for name in ["n_langevin", "langevin_steps", "log_every"]:
+        if getattr(a, name) < 0:
+            die(f"--{name.replace('_', '-')} must be >= 0, got {getattr(a, name)}")
+    if a.ode_steps is not None and a.ode_steps <= 0:
+        die(f"--ode-steps must be > 0, got {a.ode_steps}")
+    if a.threads <= 0:
+        die(f"--threads must be > 0, got {a.threads}")
+    if a.chain_dt < 0 or not 0 <= a.cd_trim < 1 or a.cd_neg_clamp < 0:
+        die("--chain-dt and --cd-neg-clamp must be >= 0 and --cd-trim in [0, 1)")
+    for name in ["lr", "dt", "tau_s", "eps_max", "grid_lim"]:
+        if not getattr(a, name) > 0:
+            die(f"--{name.replace('_', '-')} must be > 0, got {getattr(a, name)}")
+    try:
+        a.bandwidths = [float(s) for s in a.mmd_bandwidths.split(",") if s.strip()]
+        assert a.bandwidths and all(b > 0 for b in a.bandwidths)
+    except (ValueError, AssertionError):
+        die(f"--mmd-bandwidths must be a comma-separated list of positive numbers, got {a.mmd_bandwidths!r}")
+    if a.device == "auto":
+        a.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(a.device)
+    except RuntimeError:
+        die(f"unknown --device {a.device!r} (use auto, cpu or cuda)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        die(f"--device {a.device} asked for, but CUDA is not available here (use --device cpu)")
+    return a
+
+
+def sampler_steps(a):
+    """Every method gets the same number of sampler steps: round(tau_s / dt), the EM sampler's (Alg. 2 / §2.1.3)."""
+    return a.ode_steps if a.ode_steps is not None else max(1, int(round(a.tau_s / a.dt)))
+
+
+# ======================================================================================================
+# === 2. Data ===
+# ======================================================================================================
+# Infinite toy distributions. Each call draws fresh i.i.d. points from a torch.Generator, so the training
+# stream and the held-out evaluation set (another generator, another seed) never share a point.
+
+def sample_8gauss(n, gen, radius=5.0, std=0.1 ** 0.25):
+    """8 Gaussians on a circle of radius 5, std 0.1**0.25 ~ 0.56 (torchcfm's sample_8gaussians, used by the EM authors)."""
+    k = torch.randint(0, 8, (n,), generator=gen)
+    ang = k.float() * (2 * math.pi / 8)
+    centres = radius * torch.stack([torch.cos(ang), torch.sin(ang)], 1)
+    return centres + std * torch.randn(n, 2, generator=gen)
+
+
+def sample_moons(n, gen, noise=0.2):
+    """Two moons (sklearn's make_moons geometry, uniform angles), noise 0.2, then x*3 - 1 as in torchcfm."""
+    n_out = n // 2
+    a = math.pi * torch.rand(n, generator=gen)
+    outer = torch.stack([torch.cos(a), torch.sin(a)], 1)                 # upper moon
+    inner = torch.stack([1 - torch.cos(a), 1 - torch.sin(a) - 0.5], 1)  # lower moon, shifted
+    x = torch.where((torch.arange(n) < n_out)[:, None], outer, inner)
+    x = x + noise * torch.randn(n, 2, generator=gen)
+    return (x * 3 - 1)[torch.randperm(n, generator=gen)]
+
+
+def sample_circles(n, gen, factor=0.5, noise=0.05, scale=3.0):
+    """Two concentric circles (sklearn's make_circles geometry), radii 3 and 1.5."""
+    a = 2 * math.pi * torch.rand(n, generator=gen)
+    r = torch.where(torch.rand(n, generator=gen) < 0.5, torch.tensor(1.0), torch.tensor(factor))
+    x = r[:, None] * torch.stack([torch.cos(a), torch.sin(a)], 1)
+    return scale * (x + noise * torch.randn(n, 2, generator=gen))
+
+
+def sample_checkerboard(n, gen):
+    """Checkerboard on [-4, 4]^2 (FFJORD's toy data)."""
+    x1 = torch.rand(n, generator=gen) * 4 - 2
+    x2 = torch.rand(n, generator=gen) - torch.randint(0, 2, (n,), generator=gen).float() * 2
+    x2 = x2 + torch.floor(x1) % 2
+    return torch.stack([x1, x2], 1) * 2
+
+
+def sample_data(name, n, gen):
+    if name == "gauss":
+        return torch.randn(n, 2, generator=gen)
+    if name == "8gauss":
+        return sample_8gauss(n, gen)
+    if name == "moons":
+        return sample_moons(n, gen)
+    if name == "circles":
+        return sample_circles(n, gen)
+    if name == "checkerboard":
+        return sample_checkerboard(n, gen)
+    die(f"unknown dataset {name!r} (choose from gauss, {', '.join(TARGETS)})")
+
+
+# ======================================================================================================
+# === 3. Networks ===
+# ======================================================================================================
+class MLP(nn.Module):
+    """A plain MLP on R^2 (optionally with the time t as one more input).
+
+    out_dim=1 gives a scalar potential, forward(x, t) -> (B,), for V (EM), Phi (VPFB) and E (CD);
+    out_dim=2 gives a velocity field (B, 2) for the OT-CFM baseline.
+    The activation is smooth (SiLU or softplus): the losses differentiate grad_x of the output again
+    (create_graph=True), which a ReLU network would make piecewise constant.
+    With time=False the network ignores t, which is exactly an autonomous potential Phi(x).
+    """
+
+    def __init__(self, dim=2, hidden=128, depth=3, time=False, out_dim=1, act="silu"):
+        super().__init__()
+        self.time, self.out_dim = time, out_dim
+        Act = {"silu": nn.SiLU, "softplus": nn.Softplus}[act]
+        layers, width_in = [], dim + (1 if time else 0)
+        for _ in range(depth):
+            layers += [nn.Linear(width_in, hidden), Act()]
+            width_in = hidden
+        layers.append(nn.Linear(width_in, out_dim))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x, t=None):
+        h = x.flatten(1)
+        if self.time:
+            if t is None:
+                raise ValueError("this MLP was built with time=True: call it as net(x, t)")
+            t = torch.as_tensor(t, dtype=h.dtype, device=h.device).reshape(-1)
+            h = torch.cat([h, t.expand(h.shape[0])[:, None]], 1)  # a float t is broadcast to the batch
+        out = self.net(h)
+        return out.squeeze(-1) if self.out_dim == 1 else out
+
+
+# ======================================================================================================
+# === 4. Losses ===
+# ======================================================================================================
+# Every method is wrapped in one small object with the same face:
+#   .net                         the trained network
+#   .loss(x1, x0, step)          -> (loss tensor, dict of floats)   x1 = target batch, x0 = source batch
+#   .sample(x0)                  -> (samples, trajectory (K+1, B, 2))
+#   .log_density(x)              -> unnormalised log p(x) of the model's Boltzmann density, or None
+# EM and VPFB only forward to the imported classes; the two baselines are written out here.
+
+def import_method(module):
+    """Import energy_matching / vpfb from next to this file, with one clear line if they are missing."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    try:
+        return __import__(module)
+    except ImportError as e:
+        die(f"cannot import {module}.py ({e}); it must sit next to toy2d.py")
+
+
+def ot_pair(x0, x1):
+    # Exact minibatch OT pairing (Tong et al.; EM Alg. 1 line 5): the same function the EM module uses.
+    return import_method("energy_matching").ot_pair(x0, x1)
+
+
+class EMToy:
+    """Energy Matching (imported): phase 1 = flow loss only (Alg. 1), phase 2 = flow + lambda_CD * CD (Alg. 2)."""
+    name = "em"
+    has_density = True
+
+    def __init__(self, a):
+        em = import_method("energy_matching")
+        self.net = MLP(2, a.hidden, a.depth, time=False)
+        # The chain step (--chain-dt) may differ from the sampler step (--dt): a noise-started negative runs
+        # n_langevin steps on the eps(t) clock t = m * chain_dt, so n_langevin * chain_dt should pass t = 1
+        # for it to reach the data (the authors' 2-D run: 200 x 0.01 = 2).
+        self.model = em.EnergyMatching(self.net, tau_star=a.tau_star, eps_max=a.eps_max, lambda_cd=a.lambda_cd,
+                                       n_langevin=a.n_langevin, dt=a.chain_dt or a.dt,
+                                       cd_trim=a.cd_trim, cd_neg_clamp=a.cd_neg_clamp)
+        self.steps_cd = a.steps // 10 if a.steps_cd is None else a.steps_cd
+        self.steps_warmup = a.steps - self.steps_cd
+        self.a = a
+
+    def phase(self, step):
+        return "warmup" if step < self.steps_warmup else "main"
+
+    def loss(self, x1, x0, step):
+        phase = self.phase(step)
+        if phase == "warmup" or self.a.source == "gauss":
+            return self.model.loss(x1, x0, phase=phase)
+        # Phase 2 with a non-Gaussian source. EnergyMatching.loss() starts its noise negatives at fresh N(0, I)
+        # noise whatever x0 is; the EM paper's 2-D figure (and the authors' 2-D code) starts them at the
+        # source (8 Gaussians). So we assemble Alg. 2 line 16 from the module's own two losses, handing
+        # cd_loss fresh source points; the clamp is the module's (cd_neg_clamp), applied as in its loss().
+        flow = self.model.flow_loss(x1, x0)
+        x0_cd = sample_data(self.a.source, x1.shape[0], self.gen_cd).to(x1.device)
+        cd, logs = self.model.cd_loss(x1, x0_cd)
+        cd_term = self.model.lambda_cd * cd
+        if self.model.cd_neg_clamp:
+            cd_term = torch.clamp(cd_term, min=-float(self.model.cd_neg_clamp))
+        return flow + cd_term, {"flow": flow.item(), **logs, "cd_term": cd_term.item()}
+
+    def sample(self, x0):
+        # dx = -grad V dt + sqrt(2 eps(t)) dW up to t = tau_s, Heun (authors) or Euler-Maruyama; eps(t) = Eq. (3)
+        return self.model.sample(x0, tau_s=self.a.tau_s, dt=self.a.dt, method=self.a.em_sampler, return_traj=True)
+
+    def log_density(self, x):
+        return -self.net(x) / self.a.eps_max  # Eq. (6): rho_eq ∝ exp(-V / eps_max)
+
+
+class VPFBToy:
+    """VPFB (imported): Eq. (27) loss; samples follow dx/dt = +grad Phi (Eq. 13); Boltzmann energy Phi_B (Eq. 22)."""
+    name = "vpfb"
+    has_density = True
+
+    def __init__(self, a):
+        vp = import_method("vpfb")
+        self.net = MLP(2, a.hidden, a.depth, time=not a.autonomous)
+        # knobs left at None keep vpfb.VPFB's own defaults (its author tuned them); the values used are recorded
+        kw = {k: getattr(a, k) for k in ("kappa", "t_end", "t_max", "eta") if getattr(a, k) is not None}
+        self.model = vp.VPFB(self.net, autonomous=a.autonomous, **kw)
+        self.a = a
+
+    def used(self):
+        return {k: getattr(self.model, k) for k in ("kappa", "t_end", "t_max", "eta") if hasattr(self.model, k)}
+
+    def loss(self, x1, x0, step):
+        return self.model.loss(x1, eps=x0)  # eps = the prior sample; x = t x1 + (1 - t) eps (Prop. 1, OT-FM)
+
+    def sample(self, x0):
+        # Eq. (13): dx/dt = +grad_x Phi(x, t) from t = 0 to 1
+        return self.model.sample(x0, method=self.a.ode_method, n_steps=sampler_steps(self.a), return_traj=True)
+
+    def langevin(self, x0):
+        # Sec. 4.6 / Fig. 2: SGLD ascending the Boltzmann energy Phi_B
+        return self.model.langevin(x0, n_steps=self.a.langevin_steps, step_size=self.a.langevin_step_size,
+                                   temperature=self.a.langevin_temp, return_traj=True)
+
+    def log_density(self, x):
+        return self.model.boltzmann_energy(x)  # Eq. (22): log p_B = Phi_B + const (larger = more likely)
+
+
+class OTCFM:
+    """Baseline 1 (EM Fig. 1): OT conditional flow matching (Tong et al. 2023) with a time-dependent velocity MLP.
+
+    loss = E || v(x_t, t) - (x1 - x0) ||^2,  x_t = t x1 + (1 - t) x0 + sigma * noise,  (x0, x1) OT-paired.
+    Sampling integrates dx/dt = v(x, t) from t=0 to 1 with K Heun (or Euler) steps. It has no energy,
+    hence no density and no NLL.
+    """
+    name = "otcfm"
+    has_density = False
+
+    def __init__(self, a):
+        self.net = MLP(2, a.hidden, a.depth, time=True, out_dim=2)
+        self.a = a
+
+    def loss(self, x1, x0, step):
+        x0 = ot_pair(x0, x1)                                         # (x0[i], x1[i]) coupled by the OT plan
+        t = torch.rand(x1.shape[0], device=x1.device)                # t ~ U(0, 1)
+        xt = t[:, None] * x1 + (1 - t[:, None]) * x0                 # straight path
+        xt = xt + self.a.cfm_sigma * torch.randn_like(xt)            # optional Gaussian tube (sigma = 0: none)
+        loss = (self.net(xt, t) - (x1 - x0)).pow(2).sum(1).mean()    # || v - u_t ||^2, u_t = x1 - x0
+        return loss, {"flow": loss.item()}
+
+    @torch.no_grad()
+    def sample(self, x0):
+        K = sampler_steps(self.a)
+        h, x, traj = 1.0 / K, x0, [x0]
+        for k in range(K):
+            t = k * h
+            v = self.net(x, t)
+            if self.a.cfm_solver == "heun":                          # Heun: average the slopes at both ends
+                x_pred = x + h * v
+                x = x + 0.5 * h * (v + self.net(x_pred, t + h))
+            else:
+                x = x + h * v
+            traj.append(x)
+        return x, torch.stack(traj)
+
+    def log_density(self, x):
+        return None
+
+
+def langevin_chain(E, x, n_steps, dt, temp, keep_traj=False):
+    """Unadjusted Langevin on E: x <- x - dt grad E(x) + sqrt(2 dt T) eta, i.e. towards p ∝ exp(-E/T).
+
+    A few plain lines for the CD baseline only (the EM module's sampler is the EM time schedule, not this).
+    """
+    traj = [x.detach()] if keep_traj else None
+    x = x.detach()
+    for _ in range(n_steps):
+        x.requires_grad_(True)
+        g = torch.autograd.grad(E(x).sum(), x)[0]
+        x = (x - dt * g + math.sqrt(2 * dt * temp) * torch.randn_like(x)).detach()
+        if keep_traj:
+            traj.append(x)
+    return x, (torch.stack(traj) if keep_traj else None)
+
+
+class CDEBM:
+    """Baseline 2 (EM Fig. 1): a plain EBM E(x), p ∝ exp(-E/T), trained by contrastive divergence.
+
+    Negatives: short-run Langevin chains (n_langevin steps of size dt at temperature T = eps_max) started
+    at the source distribution, no gradient through the chain. Loss (Hinton 2002; Du & Mordatch 2019):
+        L = E(x+)/T - E(x-)/T + reg * (E(x+)^2 + E(x-)^2)
+    Sampling runs the same Langevin from the source for K steps (K = the EM sampler's step count).
+    """
+    name = "cd"
+    has_density = True
+
+    def __init__(self, a):
+        self.net = MLP(2, a.hidden, a.depth, time=False)
+        self.a = a
+
+    def loss(self, x1, x0, step):
+        a = self.a
+        x_neg, _ = langevin_chain(self.net, x0, a.n_langevin, a.dt, a.eps_max)   # sg(): chain is detached
+        e_pos, e_neg = self.net(x1), self.net(x_neg)
+        cd = (e_pos.mean() - e_neg.mean()) / a.eps_max
+        reg = a.cd_reg * (e_pos.pow(2).mean() + e_neg.pow(2).mean())
+        return cd + reg, {"cd": cd.item(), "reg": reg.item()}
+
+    def sample(self, x0):
+        return langevin_chain(self.net, x0, sampler_steps(self.a), self.a.dt, self.a.eps_max, keep_traj=True)
+
+    def log_density(self, x):
+        return -self.net(x) / self.a.eps_max
+
+
+def build_method(a):
+    return {"em": EMToy, "vpfb": VPFBToy, "otcfm": OTCFM, "cd": CDEBM}[a.method](a)
+
+
+# ======================================================================================================
+# === 5. Metrics ===
+# ======================================================================================================
+def w2_exact(x, y):
+    """Exact 2-Wasserstein distance between two equal-size point clouds: sqrt of the OT cost (POT, ot.emd2)."""
+    import ot
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    M = ot.dist(x, y)                                   # squared Euclidean cost |x_i - y_j|^2
+    a, b = np.full(len(x), 1 / len(x)), np.full(len(y), 1 / len(y))
+    return float(math.sqrt(max(ot.emd2(a, b, M, numItermax=10_000_000), 0.0)))
+
+
+def mmd2_rbf(x, y, bandwidths):
+    """Unbiased MMD^2 with k(x, y) = sum_s exp(-|x - y|^2 / (2 s^2)) over the given bandwidths s."""
+    x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
+
+    def k(a, b):
+        d2 = torch.cdist(a, b).pow(2)
+        return sum(torch.exp(-d2 / (2 * s * s)) for s in bandwidths)
+
+    n, m = len(x), len(y)
+    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+    kxx = (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))   # drop the i = j terms (unbiased U-statistic)
+    kyy = (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
+    return float(kxx + kyy - 2 * kxy.mean())
+
+
+def make_grid(lim, n, device):
+    """Cell centres of an n x n grid over [-lim, lim]^2, and the cell area."""
+    edges = torch.linspace(-lim, lim, n + 1, device=device)
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    gy, gx = torch.meshgrid(centres, centres, indexing="ij")
+    return torch.stack([gx.reshape(-1), gy.reshape(-1)], 1), (2 * lim / n) ** 2
+
+
+def eval_in_chunks(fn, x, chunk=20000):
+    return torch.cat([fn(x[i:i + chunk]) for i in range(0, len(x), chunk)])
+
+
+def grid_density(method, a, device):
+    """The model's Boltzmann density normalised on the grid: p(x) = exp(logp(x)) / (sum_cells exp(logp) * area).
+
+    2-D lets us normalise exactly (up to the Riemann sum and the box), so NLLs are comparable across methods.
+    Returns (grid points, normalised log p on the grid (n*n,), log Z).
+    """
+    grid, area = make_grid(a.grid_lim, a.grid_n, device)
+    with torch.enable_grad():  # some log densities (VPFB's Phi_B) may use autograd inside
+        logp = eval_in_chunks(lambda z: method.log_density(z).detach(), grid)
+    log_z = torch.logsumexp(logp.double(), 0) + math.log(area)
+    return grid, logp.double() - log_z, log_z
+
+
+def nll_heldout(method, a, x_test, log_z):
+    """Mean -log p(x) (nats) of held-out points inside the box, with p normalised on the grid."""
+    inside = (x_test.abs() <= a.grid_lim).all(1)
+    with torch.enable_grad():
+        logp = method.log_density(x_test[inside]).detach().double()
+    return float(-(logp - log_z).mean()), int((~inside).sum())
+
+
+def sample_from_grid(logp, a, n, gen):
+    """Draw n points from the grid density (a cell by its mass, then uniform inside the cell)."""
+    grid, _ = make_grid(a.grid_lim, a.grid_n, "cpu")
+    idx = torch.multinomial(logp.exp().float().cpu(), n, replacement=True, generator=gen)
+    cell = 2 * a.grid_lim / a.grid_n
+    return grid[idx] + (torch.rand(n, 2, generator=gen) - 0.5) * cell
+
+
+# ======================================================================================================
+# === 6. Training loop ===
+# ======================================================================================================
+def train(method, a, device, gen, log_fn=print):
+    """Plain Adam loop on fresh source/target batches; returns (loss history, seconds)."""
+    opt = torch.optim.Adam(method.net.parameters(), lr=a.lr)
+    hist = {"loss": [], "step": []}
+    log_every = a.log_every or max(1, a.steps // 10)
+    t0 = time.time()
+    t_last, s_last = t0, 0
+    for step in range(a.steps):
+        x1 = sample_data(a.target, a.batch_size, gen).to(device)
+        x0 = sample_data(a.source, a.batch_size, gen).to(device)
+        loss, logs = method.loss(x1, x0, step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        hist["loss"].append(loss.item())
+        hist["step"].append(step)
+        for k, v in logs.items():
+            if k not in ("loss", "step"):                        # the total is already under "loss"
+                hist.setdefault(k, []).append(float(v))
+        if (step + 1) % log_every == 0 or step + 1 == a.steps:
+            now = time.time()
+            ms = 1000 * (now - t_last) / (step + 1 - s_last)
+            eta = (now - t0) / (step + 1) * (a.steps - step - 1)
+            phase = f" [{method.phase(step)}]" if hasattr(method, "phase") else ""
+            extra = " ".join(f"{k} {v:.4g}" for k, v in logs.items() if k != "loss")
+            log_fn(f"step {step + 1:>6}/{a.steps}{phase} loss {loss.item():.4g} {extra} | "
+                   f"{ms:.1f} ms/iter, {1000 * a.batch_size / max(ms, 1e-9):.0f} samples/s | ETA {eta:.0f}s")
+            t_last, s_last = now, step + 1
+    return hist, time.time() - t0
+
+
+# ======================================================================================================
+# === 7. Checkpointing ===
+# ======================================================================================================
+def save_checkpoint(path, method, a, step):
+    """Self-describing checkpoint of the final network, written atomically (tmp file + os.replace).
+
+    Runs are a minute long, so there is no resume; load with torch.load(path, weights_only=True).
+    """
+    plain = {k: v for k, v in vars(a).items() if isinstance(v, (str, int, float, bool, type(None), list))}
+    ckpt = {"format": "toy2d/v1", "method": method.name, "model": method.net.state_dict(), "ema": None,
+            "opt": None, "step": step, "args": plain}
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+# ======================================================================================================
+# === 8. Plots ===
+# ======================================================================================================
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_trajectories(path, traj, x_test, title, lim, n_paths=400, n_red=8):
+    """EM Fig. 1 style: start (black), paths (green), end (blue), a few paths in red; right: samples vs data."""
+    plt = _plt()
+    traj = traj.cpu().numpy()
+    fig, ax = plt.subplots(1, 2, figsize=(11, 5.3))
+    n = min(n_paths, traj.shape[1])
+    ax[0].plot(traj[:, :n, 0], traj[:, :n, 1], c="green", lw=0.4, alpha=0.25)
+    ax[0].scatter(traj[0, :, 0], traj[0, :, 1], s=2, c="black", label="start (source)")
+    ax[0].scatter(traj[-1, :, 0], traj[-1, :, 1], s=2, c="tab:blue", label="end (samples)")
+    for i in range(min(n_red, traj.shape[1])):
+        ax[0].plot(traj[:, i, 0], traj[:, i, 1], c="red", lw=1.2)
+    ax[0].set_title(f"{title}: trajectories ({traj.shape[0] - 1} steps)")
+    ax[0].legend(loc="upper right", fontsize=8, markerscale=4)
+    x_test = x_test.cpu().numpy()
+    ax[1].scatter(x_test[:, 0], x_test[:, 1], s=2, c="tab:orange", alpha=0.5, label="held-out target")
+    ax[1].scatter(traj[-1, :, 0], traj[-1, :, 1], s=2, c="tab:blue", alpha=0.5, label="samples")
+    ax[1].set_title("samples vs held-out target")
+    ax[1].legend(loc="upper right", fontsize=8, markerscale=4)
+    for a_ in ax:
+        a_.set_xlim(-lim, lim), a_.set_ylim(-lim, lim), a_.set_aspect("equal")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_fields(path, method, a, device, x_test):
+    """The landscape that drives the samples: V / E contours, Phi(x, t) over time (VPFB Fig. 1 bottom) or |v|."""
+    plt = _plt()
+    n = 120
+    grid, _ = make_grid(a.grid_lim, n, device)
+    ext = [-a.grid_lim, a.grid_lim, -a.grid_lim, a.grid_lim]
+    xt = x_test[:500].cpu().numpy()
+
+    def scalar(fn):
+        with torch.no_grad():
+            return eval_in_chunks(fn, grid).reshape(n, n).cpu().numpy()
+
+    if a.method in ("em", "cd"):
+        name = "V(x)" if a.method == "em" else "E(x)"
+        panels = [(f"{name} (samples move along -grad)", scalar(lambda z: method.net(z)))]
+    elif a.method == "vpfb":
+        ts = [0.0] if a.autonomous else [0.0, 0.25, 0.5, 0.75, 1.0]
+        panels = []
+        for t in ts:
+            tt = min(t, method.model.t_max)                 # beyond t_max the potential is frozen (§3.5)
+            panels.append((f"Phi(x, t={t:g})" + (" (autonomous)" if a.autonomous else ""),
+                           scalar(lambda z: method.net(z, torch.full((len(z),), tt, device=device)))))
+    else:  # otcfm: no energy; show the speed |v(x, t)| and the field direction
+        panels = []
+        for t in [0.0, 0.5, 1.0]:
+            panels.append((f"|v(x, t={t:g})| (OT-CFM has no energy)",
+                           scalar(lambda z: method.net(z, t).norm(dim=1))))
+    fig, ax = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.4), squeeze=False)
+    for axi, (title, f) in zip(ax[0], panels):
+        im = axi.imshow(f, origin="lower", extent=ext, cmap="viridis", aspect="equal")
+        axi.contour(f, levels=20, origin="lower", extent=ext, colors="white", linewidths=0.4, alpha=0.6)
+        axi.scatter(xt[:, 0], xt[:, 1], s=1, c="tab:orange", alpha=0.6)
+        axi.set_title(title, fontsize=9)
+        fig.colorbar(im, ax=axi, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_density(path, logp, a, x_test, title):
+    """Grid-normalised Boltzmann density next to a histogram of held-out target points on the same grid."""
+    plt = _plt()
+    n, lim = a.grid_n, a.grid_lim
+    ext = [-lim, lim, -lim, lim]
+    area = (2 * lim / n) ** 2
+    dens = logp.exp().reshape(n, n).cpu().numpy() / area
+    hist, _, _ = np.histogram2d(x_test[:, 1].cpu().numpy(), x_test[:, 0].cpu().numpy(), bins=n,
+                                range=[[-lim, lim], [-lim, lim]], density=True)
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4.6))
+    for axi, img, t in [(ax[0], dens, title), (ax[1], hist, "held-out target (histogram)")]:
+        im = axi.imshow(img, origin="lower", extent=ext, cmap="magma", aspect="equal")
+        axi.set_title(t, fontsize=9)
+        fig.colorbar(im, ax=axi, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_loss(path, hist, title, switch=None):
+    """Loss and its components (moving average over); log scale where a curve stays positive."""
+    plt = _plt()
+    keys = [k for k in hist if k != "step" and len(hist[k]) > 0]
+    fig, ax = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
+    for axi, k in zip(ax[0], keys):
+        y = np.asarray(hist[k])
+        x = np.asarray(hist["step"])[-len(y):]  # components logged only in phase 2 sit at the end
+        w = max(1, len(y) // 50)
+        smooth = np.convolve(y, np.ones(w) / w, mode="valid")
+        axi.plot(x, y, c="tab:blue", alpha=0.25, lw=0.6)
+        axi.plot(x[w - 1:], smooth, c="tab:blue", lw=1.2)
+        if np.all(y > 0):
+            axi.set_yscale("log")
+        if switch is not None and 0 < switch < len(hist["step"]):
+            axi.axvline(switch, c="gray", ls="--", lw=0.8)
+        axi.set_title(f"{title}: {k}", fontsize=9)
+        axi.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ======================================================================================================
+# main
+# ======================================================================================================
+def prepare_out_dir(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        die(f"cannot write to output folder {path!r}: {e.strerror or e}")
+
+
+def run_one(a, log_fn=print):
+    """Train one method, evaluate it, write plots + samples.npy + metrics.json; return the metrics dict."""
+    device = torch.device(a.device)
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    np.random.seed(a.seed)
+    gen = torch.Generator().manual_seed(a.seed)              # training data stream
+    gen_eval = torch.Generator().manual_seed(a.seed + 10_000)  # held-out data + evaluation noise
+    method = build_method(a)
+    method.net.to(device)
+    method.gen_cd = torch.Generator().manual_seed(a.seed + 40_000)  # EM: source points for noise negatives
+    tag = a.method + ("-autonomous" if a.method == "vpfb" and a.autonomous else "")
+    log_fn(f"== {tag}: {a.source} -> {a.target}, {a.steps} steps, batch {a.batch_size}, "
+           f"MLP {a.hidden}x{a.depth}, {sum(p.numel() for p in method.net.parameters())} params, device {device}")
+
+    hist, train_s = train(method, a, device, gen, log_fn)
+
+    # --- evaluation: generate n_eval samples from fresh source points; compare with fresh held-out target points
+    t_eval = time.time()
+    x_test = sample_data(a.target, a.n_eval, gen_eval).to(device)
+    x_ref = sample_data(a.target, a.n_eval, gen_eval).to(device)  # a 2nd target sample: the finite-n W2 floor
+    x0 = sample_data(a.source, a.n_eval, gen_eval).to(device)
+    torch.manual_seed(a.seed + 20_000)                             # sampler noise
+    t_s = time.time()
+    x_gen, traj = method.sample(x0)
+    sample_s = time.time() - t_s
+    x_gen, traj = x_gen.detach(), traj.detach()
+    if traj.shape[0] > 0 and not torch.equal(traj[0], x0):      # some samplers do not store the start state
+        traj = torch.cat([x0[None], traj], 0)
+    finite = torch.isfinite(x_gen).all(1)
+    m = {"method": tag, "source": a.source, "target": a.target, "steps": a.steps, "batch_size": a.batch_size,
+         "n_eval": a.n_eval, "sampler_steps": traj.shape[0] - 1,
+         "w2": w2_exact(x_gen[finite].cpu(), x_test.cpu()) if finite.all() else float("nan"),
+         "w2_floor_target_vs_target": w2_exact(x_ref.cpu(), x_test.cpu()),
+         "mmd2": mmd2_rbf(x_gen[finite].cpu(), x_test.cpu(), a.bandwidths) if finite.all() else float("nan"),
+         "mmd_bandwidths": a.bandwidths, "mmd_kernel": "sum_s exp(-|x-y|^2/(2 s^2)), unbiased MMD^2",
+         "n_nonfinite_samples": int((~finite).sum())}
+    if a.method == "em":
+        m.update(steps_warmup=method.steps_warmup, steps_cd=method.steps_cd)
+    if a.method == "vpfb":
+        m["vpfb_hparams_used"] = method.used()
+    if hasattr(method.model if hasattr(method, "model") else None, "last_nfe"):
+        m["sampler_nfe"] = getattr(method.model, "last_nfe", None)
+
+    # --- density on the grid (every method with an energy), NLL of held-out points
+    dens = grid_density(method, a, device) if method.has_density else None
+    if dens is not None:
+        grid, logp, log_z = dens
+        m["nll"], m["nll_points_outside_box"] = nll_heldout(method, a, x_test, log_z)
+        m["w2_grid_density"] = w2_exact(sample_from_grid(logp, a, a.n_eval, gen_eval), x_test.cpu())
+    else:
+        m["nll"], m["nll_points_outside_box"], m["w2_grid_density"] = None, None, None
+    m["nll_grid"] = f"[-{a.grid_lim:g},{a.grid_lim:g}]^2, {a.grid_n}x{a.grid_n} cells"
+
+    # --- VPFB Fig. 2: Langevin samples on the Boltzmann energy Phi_B
+    lang = None
+    if a.method == "vpfb" and a.langevin_steps > 0:
+        torch.manual_seed(a.seed + 30_000)
+        x_l, lang = method.langevin(x0)
+        x_l = x_l.detach()
+        ok = torch.isfinite(x_l).all(1)
+        m["w2_langevin_boltzmann"] = w2_exact(x_l[ok].cpu(), x_test.cpu()) if ok.all() else float("nan")
+
+    m.update(train_seconds=round(train_s, 2), ms_per_iter=round(1000 * train_s / max(a.steps, 1), 3),
+             sample_seconds=round(sample_s, 2), device=str(device), torch=torch.__version__,
+             cpu=cpu_name(), torch_threads=torch.get_num_threads())
+
+    # --- write everything
+    np.save(os.path.join(a.out_dir, "samples.npy"), x_gen.cpu().numpy())
+    save_checkpoint(os.path.join(a.out_dir, "model.pt"), method, a, a.steps)
+    if not a.no_plots:
+        lim = a.grid_lim
+        plot_trajectories(os.path.join(a.out_dir, "trajectories.png"), traj, x_test,
+                          f"{tag} (W2 {m['w2']:.3f})", lim)
+        plot_fields(os.path.join(a.out_dir, "energy.png"), method, a, device, x_test)
+        if dens is not None:
+            what = {"em": "exp(-V/eps_max)", "cd": "exp(-E/T)", "vpfb": "exp(Phi_B), Eq. (22)"}[a.method]
+            plot_density(os.path.join(a.out_dir, "density.png"), dens[1], a, x_test,
+                         f"{tag}: {what} normalised on the grid (NLL {m['nll']:.3f})")
+        if lang is not None:
+            lang = lang.detach()
+            if not torch.equal(lang[0], x0):
+                lang = torch.cat([x0[None], lang], 0)
+            plot_trajectories(os.path.join(a.out_dir, "langevin.png"), lang, x_test,
+                              f"{tag} Langevin on Phi_B (W2 {m['w2_langevin_boltzmann']:.3f})", lim)
+        if hist["loss"]:
+            plot_loss(os.path.join(a.out_dir, "loss.png"), hist, tag,
+                      switch=getattr(method, "steps_warmup", None))
+    m["eval_seconds"] = round(time.time() - t_eval, 2)
+    m["args"] = {k: v for k, v in vars(a).items() if isinstance(v, (str, int, float, bool, type(None), list))}
+    with open(os.path.join(a.out_dir, "metrics.json"), "w") as f:
+        json.dump(m, f, indent=2)
+    nll = "n/a" if m["nll"] is None else f"{m['nll']:.3f}"
+    log_fn(f"   {tag}: W2 {m['w2']:.4f} (floor {m['w2_floor_target_vs_target']:.4f}) | MMD^2 {m['mmd2']:.5f} | "
+           f"NLL {nll} | train {train_s:.1f}s, eval {m['eval_seconds']:.1f}s -> {a.out_dir}")
+    return m
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def markdown_table(rows):
+    lines = ["| method | source -> target | steps | W2 (floor) | MMD^2 | NLL (nats) | W2 of grid density | "
+             "train s | ms/iter |", "|---|---|---|---|---|---|---|---|---|"]
+    for m in rows:
+        nll = "n/a" if m["nll"] is None else f"{m['nll']:.3f}"
+        wg = "n/a" if m["w2_grid_density"] is None else f"{m['w2_grid_density']:.3f}"
+        lines.append(f"| {m['method']} | {m['source']} -> {m['target']} | {m['steps']} | {m['w2']:.3f} "
+                     f"({m['w2_floor_target_vs_target']:.3f}) | {m['mmd2']:.4f} | {nll} | {wg} | "
+                     f"{m['train_seconds']:.1f} | {m['ms_per_iter']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    a = check_args(build_parser().parse_args(argv))
+    if a.method != "all":
+        if a.source == "auto":
+            a.source = DEFAULT_SOURCE[a.method]
+        tag = a.method + ("-autonomous" if a.method == "vpfb" and a.autonomous else "")
+        a.out_dir = a.out_dir or os.path.join("runs", f"{tag}_{a.source}_{a.target}")
+        prepare_out_dir(a.out_dir)
+        run_one(a)
+        return
+    # --method all: every method with the same steps / batch / network, each with its paper's source
+    root = a.out_dir or "runs"
+    prepare_out_dir(root)
+    rows = []
+    for meth, auto in [("em", False), ("otcfm", False), ("cd", False), ("vpfb", False), ("vpfb", True)]:
+        b = argparse.Namespace(**vars(a))
+        b.method, b.autonomous = meth, auto
+        b.source = DEFAULT_SOURCE[meth] if a.source == "auto" else a.source
+        tag = meth + ("-autonomous" if auto else "")
+        b.out_dir = os.path.join(root, f"{tag}_{b.source}_{b.target}")
+        prepare_out_dir(b.out_dir)
+        rows.append(run_one(b))
+    table = markdown_table(rows)
+    with open(os.path.join(root, "table.md"), "w") as f:
+        f.write(table + "\n")
+    print("\n" + table)
+    print(f"\nCPU: {cpu_name()}, torch threads {torch.get_num_threads()}; table written to {root}/table.md")
+
+
+if __name__ == "__main__":
+    main()
