@@ -269,3 +269,154 @@ def test_sgld_reaches_boltzmann_variance():
         assert abs(var / (lam ** 2 * s ** 2) - 1) < 0.05, (lam, var)
         assert abs(x.mean().item()) < 0.05
     assert model.last_nfe == 1500
+
+
+# ----------------------------------------------------------------------------- networks and training
+TINY = ["--dataset", "fake", "--image-size", "8", "--fake-size", "32", "--model-size", "8", "--num-res-blocks", "1",
+        "--channel-mult", "1,2", "--attn-res", "4", "--num-workers", "0", "--batch-size", "8", "--eval-batch", "8",
+        "--ode-steps", "3", "--num-samples", "4", "--log-every", "1", "--sample-every", "0", "--wrn-depth", "10"]
+
+
+def _fake_batch(n=16, size=8, seed=0):
+    ds = vpfb.get_dataset("fake", "data", True, size, fake_size=n)
+    return vpfb.first_images(ds, n)
+
+
+@pytest.mark.parametrize("kind", ["unet", "wrn"])
+def test_training_steps_lower_the_loss(kind):
+    """A few Adam steps on one FakeData batch (fixed noise and times) lower the loss, for both models."""
+    torch.manual_seed(8)
+    args = vpfb.check_args(vpfb.build_parser().parse_args(TINY + ["--model", kind, "--out-dir", "/tmp/_vpfb_unused"]))
+    net = vpfb.build_network(args, 3, 10)
+    model = vpfb.make_vpfb(net, args)
+    assert model.autonomous == (kind == "wrn")
+    x = _fake_batch()
+    eps, t = torch.randn_like(x), torch.rand(x.shape[0])
+    out = net(x, t)
+    assert out.shape == (x.shape[0],)
+    if kind == "unet":
+        assert (out >= 0).all()                                    # Phi = 1/2 |x - UNet|^2 >= 0
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(6):
+        loss, st = model.loss(x, eps=eps, t=t)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1e-3 * abs(losses[0]), losses
+
+
+def test_unet_is_time_dependent_and_wrn_is_not():
+    torch.manual_seed(9)
+    args = vpfb.check_args(vpfb.build_parser().parse_args(TINY + ["--out-dir", "/tmp/_vpfb_unused"]))
+    x = _fake_batch(4)
+    u = vpfb.build_network(args, 3, 10).eval()
+    with torch.no_grad():                      # the residual branches start at zero; wake them up
+        for p in u.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert not torch.allclose(u(x, torch.zeros(4)), u(x, torch.ones(4) * 0.7))
+    args.model = "wrn"
+    w = vpfb.build_network(args, 3, 10).eval()
+    assert torch.allclose(w(x, torch.zeros(4)), w(x, torch.ones(4) * 0.7))
+
+
+# ----------------------------------------------------------------------------- evaluation helpers
+def test_auroc_hand_computed_and_pairwise():
+    # pairs (pos > neg): 0.9>0.5, 0.9>0.1, 0.8>0.5, 0.8>0.1, 0.5=0.5 (counts 1/2), 0.5>0.1 -> 5.5 / 6
+    assert vpfb.auroc([0.9, 0.8, 0.5], [0.5, 0.1]) == pytest.approx(5.5 / 6)
+    assert vpfb.auroc([1, 2], [3, 4]) == 0.0 and vpfb.auroc([3, 4], [1, 2]) == 1.0
+    rng = np.random.default_rng(0)
+    pos, neg = rng.integers(0, 6, 40).astype(float), rng.integers(0, 5, 30).astype(float)   # many ties
+    pair = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (40 * 30)
+    assert vpfb.auroc(pos, neg) == pytest.approx(pair, abs=1e-12)
+
+
+def test_slerp_keeps_norms():
+    torch.manual_seed(10)
+    z0 = torch.randn(5, 3, 4, 4)
+    z1 = torch.randn(5, 3, 4, 4)
+    z1 = z1 / z1.flatten(1).norm(dim=1)[:, None, None, None] * z0.flatten(1).norm(dim=1)[:, None, None, None]
+    for a in [0.0, 0.3, 0.5, 1.0]:
+        z = vpfb.slerp(z0, z1, torch.full((5,), a))
+        assert torch.allclose(z.flatten(1).norm(dim=1), z0.flatten(1).norm(dim=1), rtol=1e-4)
+    assert torch.allclose(vpfb.slerp(z0, z1, torch.zeros(5)), z0, atol=1e-5)
+    assert torch.allclose(vpfb.slerp(z0, z1, torch.ones(5)), z1, atol=1e-5)
+
+
+def test_checkpoint_round_trip_and_bad_files(tmp_path, capsys):
+    args = vpfb.check_args(vpfb.build_parser().parse_args(TINY + ["--out-dir", str(tmp_path)]))
+    net = vpfb.build_network(args, 3, 10)
+    opt = torch.optim.Adam(net.parameters())
+    path = str(tmp_path / "ckpt.pt")
+    vpfb.save_checkpoint(path, net, net, opt, 7, args)
+    st = torch.load(path, weights_only=True)                        # plain types only
+    assert st["format"] == "vpfb/v1" and st["step"] == 7 and st["args"]["model_size"] == 8
+    net2 = vpfb.build_network(args, 3, 10)
+    net2.load_state_dict(vpfb.load_checkpoint(path)["ema"])
+    for a, b in zip(net.state_dict().values(), net2.state_dict().values()):
+        assert torch.equal(a, b)
+    assert not any(p.name.startswith("ckpt.pt.tmp") for p in tmp_path.iterdir())   # atomic write cleaned up
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"format": "energy_matching/v1"}, foreign)
+    for p in (bad, foreign, tmp_path / "missing.pt"):
+        with pytest.raises(SystemExit) as e:
+            vpfb.load_checkpoint(str(p))
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------- the command line
+def _main_exit(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        vpfb.main(argv)
+    err = capsys.readouterr().err
+    return e.value.code, err
+
+
+def test_bad_input_one_line_exit_2(tmp_path, capsys):
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    cases = [
+        ["--dataset", "imagenet", "--out-dir", str(tmp_path)],
+        ["--dataset", "fake", "--steps", "-1", "--out-dir", str(tmp_path)],
+        ["--dataset", "fake", "--out-dir", str(f / "sub")],                              # unwritable
+        ["--dataset", "folder", "--data-dir", str(tmp_path / "nope"), "--out-dir", str(tmp_path)],  # missing data
+        ["--mode", "sample", "--dataset", "fake", "--ckpt", str(f), "--out-dir", str(tmp_path)],    # corrupt ckpt
+    ]
+    for argv in cases:
+        code, err = _main_exit(argv, capsys)
+        assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, (argv, err)
+    code, err = _main_exit(["--dataset", "folder", "--data-dir", str(tmp_path / "nope"), "--out-dir", str(tmp_path)], capsys)
+    assert str(tmp_path / "nope") in err                           # says where to put the data
+
+
+def test_cli_smoke_train_resume_sample(tmp_path):
+    """CleanRL-style: the real script in a subprocess for 2 steps, then resume to 3 and sample in-process."""
+    import subprocess
+    import sys
+    out = str(tmp_path / "run")
+    r = subprocess.run([sys.executable, "vpfb.py", *TINY, "--steps", "2", "--out-dir", out],
+                       cwd=vpfb.os.path.dirname(vpfb.__file__), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "ms/it" in r.stdout and "img/s" in r.stdout
+    assert vpfb.load_checkpoint(f"{out}/ckpt.pt")["step"] == 2
+    vpfb.main(TINY + ["--steps", "3", "--resume", "--out-dir", out])
+    assert vpfb.load_checkpoint(f"{out}/ckpt.pt")["step"] == 3
+    assert len(open(f"{out}/metrics.jsonl").read().splitlines()) == 3
+    vpfb.main(TINY + ["--mode", "sample", "--sampler", "euler", "--out-dir", out])
+    imgs = np.load(f"{out}/samples.npz")["images"]
+    assert imgs.shape == (4, 8, 8, 3) and imgs.dtype == np.uint8
+
+
+def test_benchmark_mode_runs_on_cpu(tmp_path):
+    vpfb.main(TINY + ["--mode", "benchmark", "--bench-steps", "2", "--batch-size", "4", "--rtol", "0.1", "--atol", "0.1",
+                      "--out-dir", str(tmp_path)])
+    import json
+    res = json.load(open(tmp_path / "benchmark.json"))
+    assert set(res["configs"]) == {"ours", "authors_fp32"}
+    assert res["configs"]["ours"]["images_per_s"] > 0 and res["configs"]["ours"]["ode_nfe"] > 0
+    assert res["max_abs_loss_diff"] >= 0
