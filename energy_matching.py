@@ -273,10 +273,12 @@ class StepBatches(torch.utils.data.Sampler):
 
 def batch_iterator(dataset, args, rank=0, world=1, start_step=0, pin=False):
     sampler = StepBatches(len(dataset), args.batch_size, args.seed, rank, world, start_step)
+    # its own generator: creating the iterator must not consume the global RNG (resume would shift the noise)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
-                                         pin_memory=pin, persistent_workers=args.workers > 0)
-    for x, _ in loader:
-        yield x
+                                         pin_memory=pin, persistent_workers=args.workers > 0,
+                                         generator=torch.Generator().manual_seed(args.seed + rank))
+    it = iter(loader)
+    return (x for x, _ in it)
 
 
 def data_shape(args):
