@@ -446,7 +446,7 @@ def langevin_chain(E, x, n_steps, dt, temp, keep_traj=False):
 class CDEBM:
     """Baseline 2 (EM Fig. 1): a plain EBM E(x), p ∝ exp(-E/T), trained by contrastive divergence.
 
-    Negatives: short-run Langevin chains (n_langevin steps of size dt at temperature T = eps_max) started
+    Negatives: short-run Langevin chains (n_langevin steps of size chain_dt at temperature T = eps_max) started
     at the source distribution, no gradient through the chain. Loss (Hinton 2002; Du & Mordatch 2019):
         L = E(x+)/T - E(x-)/T + reg * (E(x+)^2 + E(x-)^2)
     Sampling runs the same Langevin from the source for K steps (K = the EM sampler's step count).
@@ -460,7 +460,8 @@ class CDEBM:
 
     def loss(self, x1, x0, step):
         a = self.a
-        x_neg, _ = langevin_chain(self.net, x0, a.n_langevin, a.dt, a.eps_max)   # sg(): chain is detached
+        # sg(): the chain is detached. Same chain length and step as EM's phase-2 negatives (--n-langevin, --chain-dt)
+        x_neg, _ = langevin_chain(self.net, x0, a.n_langevin, a.chain_dt or a.dt, a.eps_max)
         e_pos, e_neg = self.net(x1), self.net(x_neg)
         cd = (e_pos.mean() - e_neg.mean()) / a.eps_max
         reg = a.cd_reg * (e_pos.pow(2).mean() + e_neg.pow(2).mean())
@@ -815,8 +816,9 @@ def run_one(a, log_fn=print):
                       switch=getattr(method, "steps_warmup", None))
     m["eval_seconds"] = round(time.time() - t_eval, 2)
     m["args"] = {k: v for k, v in vars(a).items() if isinstance(v, (str, int, float, bool, type(None), list))}
-    with open(os.path.join(a.out_dir, "metrics.json"), "w") as f:
-        json.dump(m, f, indent=2)
+    with open(os.path.join(a.out_dir, "metrics.json"), "w") as f:  # NaN (diverged sampler) -> null: strict JSON
+        json.dump({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in m.items()},
+                  f, indent=2)
     nll = "n/a" if m["nll"] is None else f"{m['nll']:.3f}"
     log_fn(f"   {tag}: W2 {m['w2']:.4f} (floor {m['w2_floor_target_vs_target']:.4f}) | MMD^2 {m['mmd2']:.5f} | "
            f"NLL {nll} | train {train_s:.1f}s, eval {m['eval_seconds']:.1f}s -> {a.out_dir}")
