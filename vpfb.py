@@ -1,6 +1,58 @@
-"""vpfb.py -- Variational Potential Flow Bayes (VPFB), one self-contained file.
+"""vpfb.py -- Variational Potential Flow Bayes (VPFB) on images, in one self-contained file.
 
-(Work in progress: sections 4 and 5 -- the maths core -- are complete; the rest follows.)
+Paper: "Learning Energy-Based Generative Models via Potential Flow: A Variational Principle Approach to
+Probability Density Homotopy Matching" (papers/vpfb.md). One scalar potential Phi(x, t) is learned so
+that the potential flow dx/dt = +grad_x Phi (Eq. 13) carries N(0, I) noise at t = 0 to the data at t = 1;
+the loss (Eq. 27) is a Deep Ritz form of the density-weighted Poisson equation (16). At the stationary
+end t_max the same potential gives a Boltzmann energy Phi_B (Eq. 22) for SGLD sampling and OOD scores.
+
+The file reads top to bottom: 1. Arguments, 2. Data, 3. Networks, 4. Loss (the maths: Prop. 1 kernel,
+innovation Eq. 12, loss Eq. 27 in the class VPFB), 5. Samplers (ODE Euler / RK45, SGLD), 6. Training loop,
+7. Checkpointing, 8. Evaluation commands, then main().
+
+How to run (every mode writes into --out-dir, default runs/vpfb_<dataset>):
+    python vpfb.py --dataset cifar10                       # train the paper's time-varying U-Net (~54M)
+    python vpfb.py --dataset cifar10 --model wrn           # autonomous Phi(x), WideResNet
+    torchrun --nproc_per_node 4 vpfb.py --dataset cifar10  # multi-GPU (gradients all-reduced by hand)
+    python vpfb.py --dataset cifar10 --resume              # continue from <out-dir>/ckpt.pt
+    python vpfb.py --mode sample --num-samples 50000       # samples.npz (uint8 NHWC) for eval_fid.py, NFE, img/s
+    python vpfb.py --mode sample --sampler sgld --sgld-temp 0.01   # SGLD on Phi_B (Sec. 4.6)
+    python vpfb.py --mode interp                           # slerp between noises -> interp.png (Sec. 4.3)
+    python vpfb.py --mode nn                               # 5 nearest training images (pixel L2) -> nn.png (Fig. 5)
+    python vpfb.py --mode hist                             # Phi_B histogram train vs test -> hist.png (Fig. 11)
+    python vpfb.py --mode ood                              # AUROC vs svhn, cifar100, celeba, interp -> ood.json (Table 2)
+    python vpfb.py --mode longrun                          # t in [0, 20]: frames + gradient/energy norms (Figs. 12-18)
+    python vpfb.py --dataset celeba64 --class-cond         # Male / Smiling / Young (+ none) conditional Phi(x, c)
+    python vpfb.py --dataset celeba64 --mode compose --compose "0,2;0,1;2,1"   # averaged energies (Fig. 4)
+    python vpfb.py --mode benchmark --bench-steps 50       # images/s, ms/iter, peak memory: ours vs authors' fp32
+    python vpfb.py --dataset fake --model-size 8 --image-size 8 --steps 2   # a seconds-long smoke run, no data
+Datasets: cifar10, celeba64, mnist, folder (--data-dir = an ImageFolder), fake (FakeData); svhn, cifar100 and
+celeba for OOD. Real sets download themselves with torchvision into --data-dir; offline, a missing set is one
+line saying where to put it.
+
+Paper vs the authors' code (REFERENCE_NOTES.md) -- what this file does, and the flag for the other choice:
+  * Prior N(0, I): both agree in effect (OT-FM makes sigma(0) = 1 for every omega, nu; test_prop1_*).
+  * Covariance term: the paper's Cov[Phi, w(t) gamma] with gamma centred by its closed-form conditional mean
+    gamma_bar (the exact Deep Ritz form; tests derive Eq. 11 and the minimiser). --cov-form corr = the
+    authors' batch Pearson correlation with Gamma = mean((eps^2 - xbar eps)(1-t)).
+  * Where w(t) = (1-t)^kappa goes: on BOTH the covariance and E|grad_x Phi|^2 (--weight-on ritz), so the
+    minimiser at every t is still the true potential; the paper as printed weights gamma only (--weight-on cov),
+    whose minimiser is w(t) Phi* -- a flow w(t) times too slow (test_deep_ritz_minimiser_*). kappa = 1 then
+    makes w (gamma - gamma_bar) = 2 sum(eps^2 - xbar eps - 1) equally spread at all t (--kappa).
+  * Cosine term: the paper's -cos(grad Phi, v); --cos-form authors = -(grad Phi . v)/(|grad Phi||v|)^t / D.
+  * Gradient norms: E|grad_x Phi|^2 with weight 1 (needed for the Deep Ritz minimiser) and 0.01 E(dPhi/dt)^2
+    (paper 1, authors 0.1; it biases the flow, see VPFB docstring); --lam-gx, --lam-gt, --grad-norm mean.
+  * Poincare term: in the loss with small eta = 1e-4 (paper); the authors only log it (--eta 0). The ratio
+    E|grad Phi|^2 / E Phi^2 is logged either way (Fig. 10).
+  * t_end = 1, t_max = 1 - 1e-5 (authors; the paper gives no numbers). Phi(x,t) = 1/2 |x - UNet(x,t)|^2 (authors).
+  * Boltzmann energy Eq. (22): the paper prints (4 Phi + f|x|^2)/g^2; the probability-flow ODE (19) gives
+    2 Phi, and the analytic Gaussian test (test_boltzmann_factor) confirms 2. --bfactor 4 restores the print.
+  * Sampler: scipy RK45 with rtol = atol = 1e-3 from t = 1e-5 to 1 - 1e-5 (authors), or Euler.
+  * --recipe paper / --recipe authors switch all loss flags at once to the paper as printed / the authors' code.
+Engineering: bf16 autocast for the network trunk on CUDA (the scalar head, the loss and its double backward
+inputs stay fp32), TF32, optional channels-last, EMA, atomic self-describing checkpoints loaded with
+weights_only=True, resume, NaN guard, progress lines with ms/iter, images/s and ETA. --compile only compiles
+the sampling network: the training loss needs a double backward, which torch.compile does not support.
 """
 import argparse
 import json
@@ -105,6 +157,7 @@ def build_parser():
     a("--nn-k", type=int, default=5, help="nearest neighbours per sample (mode nn)")
     a("--compose", default="0,1", help="classes whose energies are averaged (mode compose), e.g. '0,1;0,2'")
     a("--bench-steps", type=int, default=20, help="timed steps per config in benchmark mode")
+    a("--bench-warmup", type=int, default=3, help="untimed warm-up steps per config in benchmark mode")
     return p
 
 
@@ -156,6 +209,13 @@ def check_args(args):
     if args.model == "wrn" and (args.wrn_depth - 4) % 6:
         die(f"--wrn-depth must be 6n + 4 (10, 16, 22, 28 ...), got {args.wrn_depth}")
     return args
+
+
+def cpu_speedups(device):
+    """On CPU, turn oneDNN (mkldnn) convolutions off: their double backward -- which the loss needs for
+    grad_x Phi with create_graph=True -- ran 10-20x slower than PyTorch's native kernels in our tests."""
+    if device.type == "cpu":
+        torch.backends.mkldnn.enabled = False
 
 
 def pick_device(name):
@@ -836,6 +896,7 @@ def train(args):
     rank, world, local = setup_distributed()
     device = torch.device(f"cuda:{local}") if (world > 1 and torch.cuda.is_available()) else pick_device(args.device)
     torch.manual_seed(args.seed + rank)
+    cpu_speedups(device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True                 # TF32 convs/matmuls: safe for this loss
         torch.backends.cudnn.allow_tf32 = True
@@ -1071,6 +1132,7 @@ def generate(phi, args, device, n, shape, method=None, x0=None, n_classes=10):
 
 def _eval_setup(args):
     device = pick_device(args.device)
+    cpu_speedups(device)
     torch.manual_seed(args.seed)
     net, a, ncls = load_for_eval(args, device)
     S = image_size_of(a)
@@ -1265,11 +1327,13 @@ def mode_benchmark(args):
     Runs anywhere (use a tiny --model-size on CPU); real figures need the GPU and the paper config."""
     import copy
     device = pick_device(args.device)
+    cpu_speedups(device)
     S, C = image_size_of(args), channels_of(args.dataset)
     torch.manual_seed(args.seed)
     base_net = build_network(args, C, 10)
     g = torch.Generator().manual_seed(args.seed)
-    n_tot = args.bench_steps + 3
+    n_warm = max(1, args.bench_warmup)
+    n_tot = args.bench_steps + n_warm
     data = [(torch.rand(args.batch_size, C, S, S, generator=g) * 2 - 1, torch.randn(args.batch_size, C, S, S, generator=g),
              torch.rand(args.batch_size, generator=g) * args.t_end) for _ in range(n_tot)]
     results = {}
@@ -1291,7 +1355,7 @@ def mode_benchmark(args):
         losses, t_start = [], None
         torch.manual_seed(args.seed)
         for i, (xb, eb, tb) in enumerate(data):
-            if i == 3:                                               # 3 warm-up steps, then time
+            if i == n_warm:                                          # warm-up steps, then time
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t_start = time.time()
@@ -1302,7 +1366,7 @@ def mode_benchmark(args):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if i >= 3:
+            if i >= n_warm:
                 losses.append(loss.item())
         if device.type == "cuda":
             torch.cuda.synchronize()

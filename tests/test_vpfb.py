@@ -17,6 +17,15 @@ import vpfb
 DT = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def _native_cpu_convs():
+    """vpfb.cpu_speedups turns oneDNN off on CPU (slow double backward); restore it after each test."""
+    old = torch.backends.mkldnn.enabled
+    vpfb.cpu_speedups(torch.device("cpu"))
+    yield
+    torch.backends.mkldnn.enabled = old
+
+
 # ----------------------------------------------------------------------------- helpers
 def gauss_phi(m, s):
     """The analytic potential Phi*(x, t) of N(m, s^2) data (summed over dims), as a phi(x, t)."""
@@ -413,7 +422,7 @@ def test_cli_smoke_train_resume_sample(tmp_path):
 
 
 def test_benchmark_mode_runs_on_cpu(tmp_path):
-    vpfb.main(TINY + ["--mode", "benchmark", "--bench-steps", "2", "--batch-size", "4", "--rtol", "0.1", "--atol", "0.1",
+    vpfb.main(TINY + ["--mode", "benchmark", "--bench-steps", "2", "--bench-warmup", "1", "--batch-size", "4", "--rtol", "0.1", "--atol", "0.1",
                       "--out-dir", str(tmp_path)])
     import json
     res = json.load(open(tmp_path / "benchmark.json"))
