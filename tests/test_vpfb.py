@@ -194,6 +194,19 @@ def test_loss_terms_and_forms():
         vpfb.VPFB(phi, cov_form="nope")
 
 
+def test_recipes_and_flag_overrides():
+    """--recipe paper / authors switch every loss flag; an explicit flag still wins."""
+    P = vpfb.build_parser()
+    kw = vpfb.loss_kwargs(P.parse_args(["--recipe", "authors"]))
+    assert (kw["cov_form"], kw["cos_form"], kw["grad_norm"], kw["lam_gx"], kw["lam_gt"], kw["eta"]) == \
+        ("corr", "authors", "mean", 0.5, 0.1, 0.0)
+    kw = vpfb.loss_kwargs(P.parse_args(["--recipe", "paper", "--kappa", "3"]))
+    assert kw["weight_on"] == "cov" and kw["bfactor"] == 4.0 and kw["kappa"] == 3.0
+    kw = vpfb.loss_kwargs(P.parse_args([]))
+    assert kw["weight_on"] == "ritz" and kw["bfactor"] == 2.0 and kw["t_max"] == pytest.approx(1 - 1e-5)
+    vpfb.VPFB(lambda x, t: x.sum(1), **kw)                      # every key is a VPFB argument
+
+
 def test_loss_clamps_t_at_t_max():
     """t ~ U(0, t_end) is clamped to t_max: Phi only ever sees t <= t_max."""
     seen = []
@@ -395,6 +408,8 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys):
         ["--dataset", "fake", "--out-dir", str(f / "sub")],                              # unwritable
         ["--dataset", "folder", "--data-dir", str(tmp_path / "nope"), "--out-dir", str(tmp_path)],  # missing data
         ["--mode", "sample", "--dataset", "fake", "--ckpt", str(f), "--out-dir", str(tmp_path)],    # corrupt ckpt
+        ["--mode", "dance", "--dataset", "fake", "--out-dir", str(tmp_path)],                      # unknown mode
+        ["--dataset", "fake", "--cov-form", "nope", "--out-dir", str(tmp_path)],                   # unknown form
     ]
     for argv in cases:
         code, err = _main_exit(argv, capsys)
