@@ -155,7 +155,7 @@ def build_parser():
     a("--sample-batch", type=int, default=256, help="batch size when sampling")
     a("--no-ema", action="store_true", help="sample/evaluate with the raw weights instead of the EMA")
     # inverse problems (Alg. 3)
-    a("--num-images", type=int, default=4, help="inpaint/lid: number of data images")
+    a("--num-images", type=int, default=None, help="inpaint: images (default 4); lid: images (default 4096, paper)")
     a("--hole", type=float, default=0.5, help="inpaint: side of the masked centre square / image side")
     a("--zeta", type=float, default=0.1, help="inpaint: data-fidelity scale zeta (Eq. 8)")
     a("--sigma-int", type=float, default=1.0, help="inpaint: interaction strength sigma (Sec. 3.2)")
@@ -193,7 +193,7 @@ def resolve_args(args):
         args.out_dir = os.path.join("runs", f"em_{args.dataset}")
     for k in ("steps", "batch_size", "n_langevin", "num_samples", "warmup", "log_every", "save_every",
               "sample_every", "bench_steps", "fake_size", "workers", "num_images"):
-        if getattr(args, k) < 0:
+        if getattr(args, k) is not None and getattr(args, k) < 0:
             die(f"--{k.replace('_', '-')} must be >= 0, got {getattr(args, k)}")
     if args.batch_size < 1 or args.dt <= 0 or args.model_size <= 0:
         die("--batch-size, --dt and --model-size must be positive")
@@ -684,12 +684,14 @@ def langevin(V, x, n_steps, dt, eps, t0=0.0, clamp=None, return_traj=False, auto
 def sde_sample(V, x0, eps, tau_s, dt, method="heun", clamp=None, return_traj=False, autocast=None):
     """Integrate dx = -grad V(x) dt + sqrt(2 eps(t)) dW from t = 0 to tau_s in K = round(tau_s / dt) steps.
 
-    eps(t) follows Eq. (3): a deterministic OT-like flow first, Langevin at eps_max after t = 1.
-    "euler": Euler-Maruyama, x' = x - dt grad V(x) + sqrt(2 eps(t) dt) eta  (= Alg. 2 line 8).
-    "heun":  stochastic Heun (the authors' sampler); the noise is additive so one eta serves both stages:
-             x~ = x - dt grad V(x) + s eta;   x' = x - dt/2 (grad V(x) + grad V(x~)) + s eta,  s = sqrt(2 eps dt).
-    With eps = 0 both are the plain ODE solvers (Heun 2nd order, Euler 1st order). clamp=(lo, hi) clamps the
-    final state only (authors: [-1, 1] for images). Returns x, or (x, traj) with traj (K+1, B, ...).
+    eps(t) follows Eq. (3): a deterministic OT-like flow first, Langevin at eps_max after t = 1. With
+    s(t) = sqrt(2 eps(t)) and dW = sqrt(dt) eta, eta ~ N(0, I):
+    "euler": Euler-Maruyama, x' = x - dt grad V(x) + s(t) dW  (= Alg. 2 line 8).
+    "heun":  Stratonovich Euler-Heun, as torchsde's "heun" used by the authors (one dW for both stages):
+             x~ = x - dt grad V(x) + s(t) dW;   x' = x - dt/2 (grad V(x) + grad V(x~)) + (s(t) + s(t+dt))/2 dW.
+    The noise is additive (s depends on t only), so Ito and Stratonovich agree. With eps = 0 both are the plain
+    ODE solvers (Heun 2nd order, Euler 1st order). clamp=(lo, hi) clamps the final state only (authors: [-1, 1]
+    for images). Returns x, or (x, traj) with traj (K+1, B, ...).
     """
     if method not in ("heun", "euler"):
         raise ValueError(f"method must be 'heun' or 'euler', got {method!r}")
@@ -697,12 +699,14 @@ def sde_sample(V, x0, eps, tau_s, dt, method="heun", clamp=None, return_traj=Fal
     x = x0.detach().float()
     traj = [x] if return_traj else None
     for k in range(K):
-        s = math.sqrt(2.0 * float(eps(k * dt)) * dt)                 # sqrt(2 eps(t_k)) * sqrt(dt)
-        noise = s * torch.randn_like(x) if s > 0 else 0.0
+        s0 = math.sqrt(2.0 * float(eps(k * dt)))                     # s(t_k)
+        s1 = math.sqrt(2.0 * float(eps((k + 1) * dt)))               # s(t_k + dt)
+        dW = math.sqrt(dt) * torch.randn_like(x) if s0 + s1 > 0 else torch.zeros_like(x)
         g = grad_V(V, x, autocast=autocast)
-        x_pred = x - dt * g + noise                                  # Euler-Maruyama step (= Heun's predictor)
+        x_pred = x - dt * g + s0 * dW                                # Euler-Maruyama step (= Heun's predictor)
         if method == "heun":
-            x = x - 0.5 * dt * (g + grad_V(V, x_pred, autocast=autocast)) + noise   # trapezoidal corrector
+            g2 = grad_V(V, x_pred, autocast=autocast)
+            x = x - 0.5 * dt * (g + g2) + 0.5 * (s0 + s1) * dW       # trapezoidal corrector, same dW
         else:
             x = x_pred
         x = x.detach()
@@ -950,14 +954,20 @@ def train(args):
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=tuple(args.betas))
     start_step, phase_start = 0, 0
 
-    # --- where do the weights come from? resume > phase-1 checkpoint > fresh ---
-    src = args.ckpt if args.ckpt else ckpt_path
-    if args.resume and os.path.exists(src):
-        ck = load_checkpoint(src, device)
-        if ck.get("phase") != phase:
-            die(f"--resume: {src} is a '{ck.get('phase')}' checkpoint, not '{phase}'")
-        load_states(ck, model, ema, opt, src)
-        start_step, phase_start = int(ck["step"]), int(ck.get("phase_start", 0))
+    # --- where do the weights come from? resume (same phase) > phase-1 checkpoint (phase main) > fresh ---
+    resume_ck = None
+    if args.resume:
+        for cand in (ckpt_path, args.ckpt):
+            if cand and os.path.exists(cand):
+                ck = load_checkpoint(cand, device)
+                if ck.get("phase") == phase:
+                    resume_ck, src = ck, cand
+                    break
+        if resume_ck is None:
+            log(f"--resume: no '{phase}' checkpoint in {ckpt_path} or --ckpt; starting this phase afresh")
+    if resume_ck is not None:
+        load_states(resume_ck, model, ema, opt, src)
+        start_step, phase_start = int(resume_ck["step"]), int(resume_ck.get("phase_start", 0))
         log(f"resumed from {src} at step {start_step}")
     elif phase == "main" and not args.from_scratch:
         src = args.ckpt or os.path.join(args.out_dir, "ckpt_warmup.pt")
@@ -984,7 +994,7 @@ def train(args):
     bargs.batch_size = args.batch_size * per_step
     batches = batch_iterator(dataset, bargs, rank, world, start_step, pin=device.type == "cuda")
     log(f"energy_matching | phase {phase} | {args.dataset} {shape} | {count_params(model) / 1e6:.2f}M params | "
-        f"device {device} x {world} | amp {args.amp} | steps {start_step}->{end_step} | batch {args.batch_size}"
+        f"device {device} x {world} | {'bf16 autocast' if autocast else 'fp32'} | steps {start_step}->{end_step} | batch {args.batch_size}"
         f"/rank | lr {args.lr} tau* {args.tau_star} eps_max {args.eps_max} lambda_CD {args.lambda_cd}")
 
     records, t_last, s_last = [], time.time(), start_step
@@ -1133,6 +1143,16 @@ def eval_setup(args):
     return device, V, cargs, path
 
 
+def eval_images(args, cargs, n, device):
+    """The first n held-out images of --dataset (test split where there is one); they must fit the model."""
+    data = build_dataset(args, train=False)
+    x = torch.stack([data[i][0] for i in range(min(n, len(data)))]).to(device)
+    if tuple(x.shape[1:]) != data_shape(cargs):
+        die(f"images of {args.dataset} have shape {tuple(x.shape[1:])} but the checkpoint's model expects "
+            f"{data_shape(cargs)} (dataset {cargs.dataset!r})")
+    return x
+
+
 def save_npz_atomic(path, **arrays):
     tmp = path + ".tmp.npz"
     np.savez(tmp, **arrays)
@@ -1185,8 +1205,7 @@ def cmd_inpaint(args):
     prepare_out_dir(args.out_dir)
     device, V, cargs, path = eval_setup(args)
     torch.manual_seed(args.seed)
-    data = build_dataset(cargs if cargs.dataset == args.dataset else args, train=False)
-    x = torch.stack([data[i][0] for i in range(min(args.num_images, len(data)))]).to(device)
+    x = eval_images(args, cargs, args.num_images or 4, device)
     A = center_mask(tuple(x.shape[1:]), args.hole, device)          # zeros inside the hole
     Bmask = 1 - A                                                   # interaction acts where nothing is observed
     y = A * x                                                       # y = A(x) (noise-free measurement)
@@ -1216,7 +1235,7 @@ def cmd_inpaint(args):
     show = lambda ax, im: ax.imshow(((im.float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).squeeze(-1).cpu(),  # noqa
                                     cmap="gray" if im.shape[0] == 1 else None)
     for r in range(x.shape[0]):
-        panels = [x[r], y[r] + (1 - A) * 0.0] + [plain[r, m] for m in range(M)] + [inter[r, m] for m in range(M)]
+        panels = [x[r], y[r]] + [plain[r, m] for m in range(M)] + [inter[r, m] for m in range(M)]
         titles = ["original", "masked"] + [f"no W #{m + 1}" for m in range(M)] + [f"with W #{m + 1}" for m in range(M)]
         for c, (im, tt) in enumerate(zip(panels, titles)):
             show(axs[r, c], im)
@@ -1314,9 +1333,8 @@ def cmd_lid(args):
     from scipy.stats import spearmanr
     prepare_out_dir(args.out_dir)
     device, V, cargs, path = eval_setup(args)
-    data = build_dataset(cargs if cargs.dataset == args.dataset else args, train=False)
-    n = min(args.num_images, len(data))
-    xs = torch.stack([data[i][0] for i in range(n)]).to(device)
+    xs = eval_images(args, cargs, args.num_images or 4096, device)
+    n = xs.shape[0]
     d = xs[0].numel()
     method = args.lid_method if args.lid_method != "auto" else ("exact" if d <= 1024 else "slq")
     t0 = time.time()

@@ -322,7 +322,9 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, capsys):
     for argv, needle in [(["--mode", "sample", "--ckpt", str(bad)], "corrupt"),
                          (["--mode", "sample", "--ckpt", str(foreign)], "not an Energy Matching checkpoint"),
                          (["--steps", "-1"], "must be >= 0"),
-                         (["--phase", "main", "--out-dir", str(tmp_path / "empty")], "phase-1 checkpoint")]:
+                         (["--phase", "main", "--out-dir", str(tmp_path / "empty")], "phase-1 checkpoint"),
+                         (["--dataset", "celeba64", "--data-dir", str(tmp_path / "nodata"), "--out-dir",
+                           str(tmp_path / "o")], os.path.join("nodata", "celeba64"))]:
         with pytest.raises(SystemExit) as e:
             em.main(TINY + argv)
         assert e.value.code == 2
