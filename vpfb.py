@@ -552,6 +552,30 @@ class Schedule:
         sigma = torch.sqrt(self.nu ** 2 * mu / b)                                       # Eq. (8), right
         return mu, sigma
 
+    def kernel_and_rates(self, t):
+        """mu, sigma of Eq. (8) and their time derivatives mu_dot, sigma_dot (closed form for OT-FM:
+        t, 1 - t, 1, -1; otherwise by autograd). Needed for x = mu xbar + sigma eps and the conditional
+        velocity v = mu_dot xbar + sigma_dot eps of Eq. (20)."""
+        if self.is_otfm:
+            return t, 1 - t, torch.ones_like(t), -torch.ones_like(t)
+        with torch.enable_grad():
+            tt = t.detach().clone().requires_grad_(True)
+            mu, sigma = self.mu_sigma(tt)
+            dmu = torch.autograd.grad(mu.sum(), tt, retain_graph=True)[0]
+            dsig = torch.autograd.grad(sigma.sum(), tt)[0]
+        return mu.detach(), sigma.detach(), dmu, dsig
+
+    def sde_coefficients(self, t):
+        """Drift and diffusion of the equivalent SDE, Eq. (18), in the paper's reversed time:
+        f = -mu_dot / mu,  g^2 = -2 sigma (sigma_dot + f sigma)  (OT-FM: f = -1/t, g^2 = 2 (1-t)/t).
+        (Eq. 18 prints g = -sqrt(2 sigma (sigma_dot + f sigma)); the radicand is negative in this time
+        direction, so the sign belongs inside: g^2 must be positive.)"""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        mu, sigma, dmu, dsig = self.kernel_and_rates(t.reshape(1))
+        f = -dmu / mu                                                     # Eq. (18), f
+        g2 = -2 * sigma * (dsig + f * sigma)                              # Eq. (18), g^2
+        return float(f), float(g2)
+
     def rates(self, t):
         """(alpha_dot / omega^2, beta_dot / nu^2): the two coefficients of the innovation, Eq. (12).
 
@@ -686,10 +710,10 @@ class VPFB:
         if t is None:
             t = torch.rand(B, device=xbar.device, dtype=xbar.dtype) * self.t_end   # t ~ U(0, t_end)
         t = t.to(xbar.dtype).clamp(max=self.t_max)          # stationarity: t -> min(t, t_max), Sec. 3.5
-        tb = _bdim(t, xbar)
-        # Prop. 1 with OT-FM: mu(t) = t, sigma(t) = 1 - t, so x ~ N(t xbar, (1-t)^2 I)
-        x = (tb * xbar + (1 - tb) * eps).detach().requires_grad_(True)   # x = t xbar + (1 - t) eps
-        v = xbar - eps                                      # Eq. (20): v = mu_dot xbar + sigma_dot eps
+        # Prop. 1: x ~ rho(x | xbar, t) = N(mu xbar, sigma^2 I); with OT-FM mu = t, sigma = 1 - t
+        mu, sig, dmu, dsig = (_bdim(c, xbar) for c in self.schedule.kernel_and_rates(t))
+        x = (mu * xbar + sig * eps).detach().requires_grad_(True)        # x = t xbar + (1 - t) eps
+        v = dmu * xbar + dsig * eps                         # Eq. (20): v = mu_dot xbar + sigma_dot eps = xbar - eps
         # t enters Phi as its own leaf so that dPhi/dt is the partial derivative at fixed x
         tl = t.detach().clone().requires_grad_(not self.autonomous)
         phi = self.phi(x, tl).reshape(-1)                   # Phi(x, t)  (B,)
@@ -708,7 +732,10 @@ class VPFB:
             # Cov under rho(x|xbar,t) p_data(xbar): gamma is centred by its conditional mean
             # gamma_bar (Eq. 11/23), then the batch mean of Phi is removed too (lower variance,
             # same expectation because E[gamma - gamma_bar] = 0).
-            G = w * otfm_centered_innovation(eps, xbar, t)                 # w(t) (gamma - gamma_bar)
+            if self.schedule.is_otfm:
+                G = w * otfm_centered_innovation(eps, xbar, t)             # w(t) (gamma - gamma_bar)
+            else:
+                G = w * (self.schedule.gamma(x.detach(), xbar, t) - self.schedule.gamma_bar(xbar, t))
             cov = (_center(phi) * _center(G)).mean()                       # Cov[Phi, w gamma]
         else:
             # authors: Pearson correlation of Phi with Gamma = mean_pixels((eps^2 - xbar eps)(1-t))
@@ -758,8 +785,10 @@ class VPFB:
         c = 2 reproduces the score grad log rho (tests/test_vpfb.py::test_boltzmann_factor); we use
         2 and keep the paper's 4 behind bfactor=4 (flag --bfactor 4)."""
         t = self.t_max if t_inf is None else float(t_inf)
-        f = -1.0 / t                                           # f(t) = -1/t
-        g2 = 2.0 * (1.0 - t) / t                               # g(t)^2 = 2 (1 - t) / t
+        if self.schedule.is_otfm:
+            f, g2 = -1.0 / t, 2.0 * (1.0 - t) / t              # f(t) = -1/t, g(t)^2 = 2 (1 - t) / t
+        else:
+            f, g2 = self.schedule.sde_coefficients(t)          # Eq. (18) for a general schedule
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
         return (self.bfactor * self._phi(x, tt) + f * _sqnorm(x)) / g2   # Eq. (22), c = bfactor
 

@@ -71,6 +71,27 @@ def test_prop1_otfm_kernel_is_t_and_1_minus_t(omega, nu):
         assert abs(std.item() - (1 - tv)) < 1e-6
 
 
+def test_sde_coefficients_eq18_give_otfm_f_and_g():
+    """Eq. (18) evaluated from the general schedule gives f = -1/t, g^2 = 2(1-t)/t (Sec. 3.5)."""
+    sch = vpfb.Schedule(alpha=lambda t: 2.0 / (1 - t), beta=lambda t: 0.3 * t / (1 - t) ** 2,
+                        omega=2 ** 0.5, nu=0.3 ** 0.5)
+    assert not sch.is_otfm
+    for tv in [0.2, 0.5, 0.9]:
+        f, g2 = sch.sde_coefficients(tv)
+        assert f == pytest.approx(-1 / tv, rel=1e-9) and g2 == pytest.approx(2 * (1 - tv) / tv, rel=1e-9)
+
+
+def test_loss_with_general_schedule_equals_otfm():
+    """The loss written for a general (alpha, beta) reduces to the OT-FM fast path when they are OT-FM."""
+    torch.manual_seed(11)
+    phi = lambda x, t: (torch.sin(x) * (1 + t[:, None])).sum(1) + (x ** 2).sum(1) * t
+    sch = vpfb.Schedule(alpha=lambda t: 1.0 / (1 - t), beta=lambda t: t / (1 - t) ** 2)
+    xbar, eps, t = torch.randn(64, 3, dtype=DT), torch.randn(64, 3, dtype=DT), torch.rand(64, dtype=DT) * 0.9
+    la, sa = vpfb.VPFB(phi).loss(xbar, eps=eps, t=t)
+    lb, sb = vpfb.VPFB(phi, schedule=sch).loss(xbar, eps=eps, t=t)
+    assert torch.allclose(la, lb, rtol=1e-9) and sa["cos"] == pytest.approx(sb["cos"])
+
+
 def test_prop1_non_otfm_schedule_matches_grid():
     """A schedule that is not OT-FM: Eq. (8) still gives the mean/std of the normalised e^h."""
     sch = vpfb.Schedule(alpha=lambda t: 1 + 0 * t, beta=lambda t: 4 * t ** 2, omega=1.5, nu=0.7)
