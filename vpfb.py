@@ -26,9 +26,10 @@ How to run (every mode writes into --out-dir, default runs/vpfb_<dataset>):
     python vpfb.py --dataset celeba64 --mode compose --compose "0,2;0,1;2,1"   # averaged energies (Fig. 4)
     python vpfb.py --mode benchmark --bench-steps 50       # images/s, ms/iter, peak memory: ours vs authors' fp32
     python vpfb.py --dataset fake --model-size 8 --image-size 8 --steps 2   # a seconds-long smoke run, no data
-Datasets: cifar10, celeba64, mnist, folder (--data-dir = an ImageFolder), fake (FakeData); svhn, cifar100 and
-celeba for OOD. Real sets download themselves with torchvision into --data-dir; offline, a missing set is one
-line saying where to put it.
+Datasets (layout as in energy_matching.py): cifar10, mnist (torchvision, download=True into --data-dir),
+celeba64 (an ImageFolder copy in <data-dir>/celeba64/, plus list_attr_celeba.txt there for --class-cond),
+folder (any ImageFolder at --data-dir), fake (FakeData, tests); svhn, cifar100 (torchvision) and celeba (the
+celeba64 folder at 32x32) for OOD. A missing set is one line saying what to put where.
 
 Paper vs the authors' code (REFERENCE_NOTES.md) -- what this file does, and the flag for the other choice:
   * Prior N(0, I): both agree in effect (OT-FM makes sigma(0) = 1 for every omega, nu; test_prop1_*).
@@ -245,45 +246,76 @@ def image_size_of(args):
     return args.image_size or (64 if args.dataset == "celeba64" else 32)
 
 
-def get_dataset(name, root, train=True, size=32, fake_size=512, channels=3, augment=None):
-    """A torchvision dataset of (image in [-1, 1], label). name: cifar10 | cifar100 | svhn | mnist |
-    celeba64 (and celeba, the same images for OOD) | folder | fake."""
+CELEBA_ATTRS = ("Male", "Smiling", "Young")                        # classes 0, 1, 2 of --class-cond (3 = none)
+
+
+def get_dataset(name, root, train=True, size=32, fake_size=512, channels=3, augment=None, class_cond=False):
+    """A dataset of (image in [-1, 1], label). Layout as in energy_matching.py: cifar10 / cifar100 / svhn / mnist
+    through torchvision (download=True into --data-dir); celeba64 (and celeba, the same images for OOD) is an
+    ImageFolder copy in <data-dir>/celeba64/ (torchvision's Google-Drive download is unreliable); folder is any
+    ImageFolder at --data-dir; fake is torchvision FakeData (tests)."""
     import torchvision.datasets as D
     import torchvision.transforms as T
     norm = [T.ToTensor(), T.Normalize([0.5] * channels, [0.5] * channels)]           # [0, 1] -> [-1, 1]
     augment = train if augment is None else augment
-    aug = [T.RandomHorizontalFlip()] if augment and name not in ("mnist", "svhn", "fake") else []
+    flip = [T.RandomHorizontalFlip()] if augment and name not in ("mnist", "svhn", "fake") else []
     resize = [T.Resize(size), T.CenterCrop(size)]
     if name == "fake":
         return D.FakeData(size=fake_size, image_size=(channels, size, size), num_classes=10,
-                          transform=T.Compose(norm), random_offset=0 if train else 10 ** 6)
-    if name == "folder":
-        if not os.path.isdir(root):
-            die(f"image folder {root!r} not found: put class sub-folders of images there (ImageFolder layout)")
-        return D.ImageFolder(root, transform=T.Compose(resize + aug + norm))
+                          transform=T.Compose(norm), random_offset=0 if train else 10_000)
+    if name in ("celeba64", "celeba", "folder"):
+        path = os.path.join(root, "celeba64") if name != "folder" else root
+        crop = [T.CenterCrop(140)] if name != "folder" else []    # CelebA: the 140x140 face crop, then resize
+        try:
+            ds = D.ImageFolder(path, transform=T.Compose(crop + resize + flip + norm))
+        except (FileNotFoundError, OSError) as e:
+            what = ("CelebA images (e.g. img_align_celeba/*.jpg) in a sub-folder" if name != "folder"
+                    else "images in at least one sub-folder")
+            die(f"no image folder at {os.path.abspath(path)} ({type(e).__name__}); put {what} there")
+        if name == "celeba64" and class_cond:
+            attach_celeba_attributes(ds, path)
+        return ds
     makers = {
-        "cifar10": (lambda: D.CIFAR10(root, train=train, download=True, transform=T.Compose(resize + aug + norm)),
-                    "CIFAR-10"),
+        "cifar10": (lambda: D.CIFAR10(root, train=train, download=True, transform=T.Compose(resize + flip + norm)),
+                    "cifar-10-batches-py/ (from cifar-10-python.tar.gz)"),
         "cifar100": (lambda: D.CIFAR100(root, train=train, download=True, transform=T.Compose(resize + norm)),
-                     "CIFAR-100"),
+                     "cifar-100-python/ (from cifar-100-python.tar.gz)"),
         "svhn": (lambda: D.SVHN(os.path.join(root, "svhn"), split="train" if train else "test", download=True,
-                                transform=T.Compose(resize + norm)), "SVHN"),
+                                transform=T.Compose(resize + norm)), "svhn/train_32x32.mat and svhn/test_32x32.mat"),
         "mnist": (lambda: D.MNIST(root, train=train, download=True,
-                                  transform=T.Compose([T.Resize(size), T.Grayscale(channels)] + norm)), "MNIST"),
-        # CelebA: crop the 178x218 face to 140x140, then resize (the usual CelebA-64 recipe)
-        "celeba64": (lambda: D.CelebA(root, split="train" if train else "test", target_type="attr", download=True,
-                                      transform=T.Compose([T.CenterCrop(140)] + resize + aug + norm)), "CelebA"),
+                                  transform=T.Compose([T.Resize(size), T.Grayscale(channels)] + norm)), "MNIST/raw/"),
     }
-    makers["celeba"] = makers["celeba64"]
     if name not in makers:
         die(f"unknown dataset {name!r}; choose one of {DATASETS} (OOD: {OOD_SETS})")
-    make, pretty = makers[name]
+    make, what = makers[name]
     try:
         return make()
-    except Exception as e:  # offline, corrupt archive, Google-Drive quota (CelebA) ...
-        die(f"{pretty} not found under {os.path.abspath(root)} and the download failed ({type(e).__name__}): "
-            f"put the torchvision copy there (run this command once on a machine with internet, torchvision "
-            f"downloads it into --data-dir) or point --data-dir at an existing copy")
+    except Exception as e:  # no internet, bad archive, ...
+        die(f"could not load {name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"put {what} under {os.path.abspath(root)} or allow the download")
+
+
+def attach_celeba_attributes(ds, path):
+    """Labels for the compositional CelebA experiment (Sec. 4.3) from CelebA's list_attr_celeba.txt (put it
+    in <data-dir>/celeba64/): each time an image is drawn its class is one of its positive attributes among
+    Male (0), Smiling (1), Young (2), at random; 3 = none of them."""
+    f = os.path.join(path, "list_attr_celeba.txt")
+    if not os.path.isfile(f):
+        die(f"--class-cond on celeba64 needs CelebA's attribute file at {os.path.abspath(f)}")
+    with open(f) as fh:
+        lines = fh.read().splitlines()
+    names = lines[1].split()
+    cols = [names.index(a) for a in CELEBA_ATTRS]
+    attrs = {ln.split()[0]: [int(ln.split()[1 + c]) for c in cols] for ln in lines[2:] if ln.strip()}
+    ds.samples = [(p, attrs.get(os.path.basename(p), [-1, -1, -1])) for p, _ in ds.samples]
+    ds.target_transform = celeba_label
+    ds.classes = list(CELEBA_ATTRS) + ["none"]
+
+
+def celeba_label(attr):
+    """A random positive attribute among Male, Smiling, Young (0, 1, 2), or 3 if none."""
+    pos = [i for i, a in enumerate(attr) if a == 1]
+    return pos[int(torch.randint(len(pos), ()))] if pos else 3
 
 
 def infinite_loader(ds, batch_size, seed, num_workers, rank=0, world=1):
@@ -901,14 +933,7 @@ def channels_of(name):
 
 
 def num_classes_of(ds):
-    return 4 if isinstance(getattr(ds, "target_type", None), list) else max(1, len(getattr(ds, "classes", [])) or 10)
-
-
-def celeba_label(attr):
-    """CelebA class for the compositional experiment (Sec. 4.3): one of the image's positive attributes
-    among Male (0), Smiling (1), Young (2), drawn at random each time it is seen; 3 = none of them."""
-    pos = [i for i, a in enumerate((20, 31, 39)) if attr[a] == 1]
-    return pos[int(torch.randint(len(pos), ()))] if pos else 3
+    return max(1, len(getattr(ds, "classes", [])) or 10)
 
 
 def make_network(args, device, in_ch, num_classes):
@@ -938,9 +963,8 @@ def train(args):
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     ch = channels_of(args.dataset)
-    ds = get_dataset(args.dataset, args.data_dir, True, image_size_of(args), args.fake_size, ch)
-    if args.dataset == "celeba64" and args.class_cond:
-        ds.target_transform = celeba_label
+    ds = get_dataset(args.dataset, args.data_dir, True, image_size_of(args), args.fake_size, ch,
+                     class_cond=args.class_cond)
     net = make_network(args, device, ch, num_classes_of(ds))
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)

@@ -412,6 +412,22 @@ def test_checkpoint_round_trip_and_bad_files(tmp_path, capsys):
         assert err.startswith("error: ") and err.count("\n") == 1
 
 
+def test_celeba_attribute_classes(tmp_path):
+    """--class-cond on celeba64: labels = a positive attribute among Male, Smiling, Young, or 3 = none."""
+    from PIL import Image
+    d = tmp_path / "celeba64" / "img_align_celeba"
+    d.mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (20, 24), (i * 80, 10, 10)).save(d / f"{i:06d}.jpg")
+    (tmp_path / "celeba64" / "list_attr_celeba.txt").write_text(
+        "3\nBald Male Smiling Young\n000000.jpg -1 1 -1 -1\n000001.jpg 1 -1 -1 -1\n000002.jpg -1 -1 1 1\n")
+    ds = vpfb.get_dataset("celeba64", str(tmp_path), True, 8, class_cond=True)
+    assert vpfb.num_classes_of(ds) == 4
+    x, y = ds[0]
+    assert x.shape == (3, 8, 8) and x.min() >= -1 and x.max() <= 1
+    assert y == 0 and ds[1][1] == 3 and all(ds[2][1] in (1, 2) for _ in range(5))
+
+
 # ----------------------------------------------------------------------------- the command line
 def _main_exit(argv, capsys):
     with pytest.raises(SystemExit) as e:
