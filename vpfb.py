@@ -956,7 +956,7 @@ def train(args):
     import copy
     rank, world, local = setup_distributed()
     device = torch.device(f"cuda:{local}") if (world > 1 and torch.cuda.is_available()) else pick_device(args.device)
-    torch.manual_seed(args.seed + rank)
+    torch.manual_seed(args.seed)                     # the same initial weights on every process ...
     cpu_speedups(device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True                 # TF32 convs/matmuls: safe for this loss
@@ -978,6 +978,11 @@ def train(args):
                 print(f"resumed from {ckpt_path} at step {step}")
         elif rank == 0:
             print(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
+    if world > 1:                                    # ... made certain: rank 0's weights everywhere
+        import torch.distributed as dist
+        for t_ in list(net.parameters()) + list(ema.parameters()):
+            dist.broadcast(t_.data, 0)
+    torch.manual_seed(args.seed + rank + 1000 * step)  # ... but different noise and times per process
     cond = Conditioned(net)
     model = make_vpfb(cond, args)
     loader = infinite_loader(ds, args.batch_size, args.seed + step, args.num_workers, rank, world)
