@@ -22,6 +22,16 @@ TINY = ["--dataset", "fake", "--image-size", "8", "--fake-size", "32", "--batch-
         "--lr", "1e-3", "--device", "cpu", "--amp", "none"]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread for these tiny networks: on a shared 2-core machine, two OpenMP threads spin-waiting
+    on each other made a tiny double backward ~100x slower (7 s vs 0.05 s) in our measurements."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_args(*extra):
     return em.resolve_args(em.build_parser().parse_args(TINY + list(extra)))
 
@@ -362,7 +372,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
 
 
 def test_benchmark_mode_runs_on_cpu(tmp_path, capsys):
-    s = em.main(TINY + ["--mode", "benchmark", "--bench-steps", "3", "--bench-sample-steps", "3",
+    s = em.main(TINY + ["--mode", "benchmark", "--bench-steps", "3", "--bench-steps-main", "1", "--bench-sample-steps", "3",
                         "--out-dir", str(tmp_path)])
     assert s["configs"]["ours"]["phase1_img_s"] > 0 and s["configs"]["authors_fp32_math"]["sampler_img_s"] > 0
     # both configs fp32 on CPU (only the attention kernel differs): the loss curves agree
