@@ -332,11 +332,11 @@ def unit_map():
 def convert_unit(nv, prefix):
     """One NVIDIA conv+BN unit (keys prefix+{weight,beta,mean,var}) -> torch-fidelity BasicConv2d tensors."""
     beta = nv[prefix + "beta"]
-    return {"conv.weight": nv[prefix + "weight"].clone(),
+    return {"conv.weight": nv[prefix + "weight"],
             "bn.weight": torch.ones_like(beta),                  # TF BN has no gamma: scale = 1 (exact)
-            "bn.bias": beta.clone(),                             # y = (x - mean) / sqrt(var + 1e-3) + beta
-            "bn.running_mean": nv[prefix + "mean"].clone(),
-            "bn.running_var": nv[prefix + "var"].clone(),
+            "bn.bias": beta,                                     # y = (x - mean) / sqrt(var + 1e-3) + beta
+            "bn.running_mean": nv[prefix + "mean"],
+            "bn.running_var": nv[prefix + "var"],
             "bn.num_batches_tracked": torch.tensor(0, dtype=torch.long)}
 
 
@@ -497,8 +497,6 @@ def fid_from_samples(samples, ref="cifar10-train", net=None, *, weights=None, de
     Score when isc. Returns a dict of plain numbers and strings (what --json writes)."""
     t0 = time.time()
     device = resolve_device(device)
-    custom = net is not None                                     # a custom network: never read/write the cache
-    net = net if custom else build_inception(weights, device, isc=isc)   # built once, for samples and reference
     kw = dict(device=device, batch_size=batch_size, progress=progress)
     name = str(samples) if isinstance(samples, (str, os.PathLike)) else "samples"
     if isinstance(samples, (str, os.PathLike)):                  # fail fast on bad samples, before the reference
@@ -509,6 +507,8 @@ def fid_from_samples(samples, ref="cifar10-train", net=None, *, weights=None, de
             list_image_folder(path)                              # raises if the folder has no images
         else:
             samples = load_npz_images(path)
+    custom = net is not None                                     # a custom network: never read/write the cache
+    net = net if custom else build_inception(weights, device, isc=isc)   # built once, for samples and reference
     r = ref_stats(ref, net, cache=not custom, data_dir=data_dir, stats_dir=stats_dir, **kw)
     outs = extract(samples, net, num_samples=num_samples, desc="samples", **kw)
     s = stats_from_features(outs[0], name)

