@@ -596,7 +596,7 @@ class EnergyMatching:
         """V(x) as fp32 (B,), the network optionally under autocast."""
         ctx = self.autocast() if self.autocast is not None else contextlib.nullcontext()
         with ctx:
-            e = (V or self.V)(x)
+            e = (V if V is not None else self.V)(x)
         return e.float()
 
     # --- phase 1: the flow-like objective L_OT (Sec. 2.1.1, Alg. 1) ---
@@ -1012,7 +1012,8 @@ def train(args):
     bargs.batch_size = args.batch_size * per_step
     batches = batch_iterator(dataset, bargs, rank, world, start_step, pin=device.type == "cuda")
     log(f"energy_matching | phase {phase} | {args.dataset} {shape} | {count_params(model) / 1e6:.2f}M params | "
-        f"device {device} x {world} | {'bf16 autocast' if autocast else 'fp32'} | steps {start_step}->{end_step} | batch {args.batch_size}"
+        f"device {device} x {world} | {'bf16 autocast' if autocast else 'fp32'} | steps {start_step}->{end_step}"
+        f" | batch {args.batch_size}"
         f"/rank | lr {args.lr} tau* {args.tau_star} eps_max {args.eps_max} lambda_CD {args.lambda_cd}")
 
     records, t_last, s_last = [], time.time(), start_step

@@ -161,7 +161,7 @@ def test_heun_beats_euler_on_known_field():
     exact = x0 * math.exp(-1.0)
     err = {meth: (model.sample(x0, tau_s=1.0, dt=0.1, method=meth) - exact).abs().max().item()
            for meth in ("heun", "euler")}
-    assert err["euler"] > 0.01 * x0.abs().max().item() * 0.5
+    assert err["euler"] > 1e-3                                      # Euler's O(dt) error is visible at dt = 0.1
     assert err["heun"] < err["euler"] / 10
     # halving dt: Euler error halves, Heun error quarters
     e2 = {meth: (model.sample(x0, tau_s=1.0, dt=0.05, method=meth) - exact).abs().max().item()
@@ -372,8 +372,8 @@ def test_torchrun_two_processes_gloo(tmp_path):
 
 
 def test_benchmark_mode_runs_on_cpu(tmp_path, capsys):
-    s = em.main(TINY + ["--mode", "benchmark", "--bench-steps", "3", "--bench-steps-main", "1", "--bench-sample-steps", "3",
-                        "--out-dir", str(tmp_path)])
+    s = em.main(TINY + ["--mode", "benchmark", "--bench-steps", "3", "--bench-steps-main", "1",
+                        "--bench-sample-steps", "3", "--out-dir", str(tmp_path)])
     assert s["configs"]["ours"]["phase1_img_s"] > 0 and s["configs"]["authors_fp32_math"]["sampler_img_s"] > 0
     # both configs fp32 on CPU (only the attention kernel differs): the loss curves agree
     assert s["loss_max_abs_diff"] < 1e-3
