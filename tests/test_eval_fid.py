@@ -119,8 +119,12 @@ def test_layouts_agree_nhwc_nchw_gray_float_sampler_folder(tmp_path):
                 nhwc.astype(np.float32) / 127.5 - 1):               # float in [-1, 1] is quantised back exactly
         assert np.array_equal(E.extract(src, TinyNet(), progress=False, batch_size=4)[0], want)
     it = iter(np.split(nhwc.astype(np.float32) / 127.5 - 1, [4, 8]))
-    assert np.array_equal(E.extract(lambda n: next(it)[:n], TinyNet(), num_samples=10, batch_size=4,
-                                    progress=False)[0], want)
+
+    def sampler(n):                                              # an EBM sampler needs autograd: must still work
+        x = torch.from_numpy(next(it)[:n]).requires_grad_()
+        (g,) = torch.autograd.grad((x ** 2).sum(), x)
+        return (x + 0 * g).detach()
+    assert np.array_equal(E.extract(sampler, TinyNet(), num_samples=10, batch_size=4, progress=False)[0], want)
     for i, im in enumerate(nhwc):
         Image.fromarray(im).save(tmp_path / f"{i:03d}.png")
     assert np.array_equal(E.extract(str(tmp_path), TinyNet(), progress=False, batch_size=4)[0], want)
