@@ -557,6 +557,12 @@ def grad_V(V, x, create_graph=False, autocast=None):
     return g.to(x.dtype)
 
 
+def randn(x):
+    """N(0, I) noise shaped like x, drawn in logical (NCHW) order: torch.randn_like on a channels_last tensor fills
+    memory in NHWC order, so the same seed would give different noise per pixel with and without --channels-last."""
+    return torch.randn(x.shape, device=x.device, dtype=x.dtype)
+
+
 def _bcast(v, x):
     """Reshape a per-sample (B,) tensor to broadcast against x of shape (B, ...)."""
     return v.view(-1, *([1] * (x.dim() - 1)))
@@ -652,7 +658,7 @@ class EnergyMatching:
             logs["loss"] = logs["flow"]
             return flow, logs
         x1_cd = x1 if x1_cd is None else x1_cd
-        cd, cd_logs = self.cd_loss(x1_cd, torch.randn_like(x1_cd))   # fresh noise for the noise-started chains
+        cd, cd_logs = self.cd_loss(x1_cd, randn(x1_cd))   # fresh noise for the noise-started chains
         cd_term = self.lambda_cd * cd
         if self.cd_neg_clamp:
             cd_term = torch.clamp(cd_term, min=-float(self.cd_neg_clamp))
@@ -691,7 +697,7 @@ def langevin(V, x, n_steps, dt, eps, t0=0.0, clamp=None, return_traj=False, auto
             noise_std = _bcast(torch.sqrt(2.0 * dt * e.to(x)), x)   # sqrt(2 dt eps_i), per sample
         else:
             noise_std = math.sqrt(2.0 * dt * float(e))
-        x = (x - dt * g + noise_std * torch.randn_like(x)).detach()  # Alg. 2 line 8
+        x = (x - dt * g + noise_std * randn(x)).detach()  # Alg. 2 line 8
         if return_traj:
             traj.append(x)
     if clamp is not None:
@@ -719,7 +725,7 @@ def sde_sample(V, x0, eps, tau_s, dt, method="heun", clamp=None, return_traj=Fal
     for k in range(K):
         s0 = math.sqrt(2.0 * float(eps(k * dt)))                     # s(t_k)
         s1 = math.sqrt(2.0 * float(eps((k + 1) * dt)))               # s(t_k + dt)
-        dW = math.sqrt(dt) * torch.randn_like(x) if s0 + s1 > 0 else torch.zeros_like(x)
+        dW = math.sqrt(dt) * randn(x) if s0 + s1 > 0 else torch.zeros_like(x)
         g = grad_V(V, x, autocast=autocast)
         x_pred = x - dt * g + s0 * dW                                # Euler-Maruyama step (= Heun's predictor)
         if method == "heun":
@@ -768,7 +774,7 @@ def inverse_langevin(V, y, A, n_chains, tau_s, dt, eps, zeta, sigma=None, Bmask=
         if B_r is not None and M > 1:
             diff_sum = M * x - x.sum(dim=1, keepdim=True)            # sum_{k != m} (x_m - x_k)
             g = g - (e / sigma ** 2) * 2.0 * B_r * B_r * diff_sum    # grad of -eps/sigma^2 sum ||B(x_m - x_k)||^2
-        x = (x - dt * g + math.sqrt(2.0 * e * dt) * torch.randn_like(x)).detach()
+        x = (x - dt * g + math.sqrt(2.0 * e * dt) * randn(x)).detach()
         if return_traj:
             traj.append(x)
     if clamp is not None:
@@ -820,11 +826,18 @@ def setup_distributed(args):
 
 
 def make_autocast(amp, device):
-    """A factory of autocast contexts (bf16), or None for plain fp32."""
+    """A factory of autocast contexts (bf16), or None for plain fp32.
+
+    CPU + bf16: oneDNN's bf16 convolution double backward returns wrong weight gradients in the torch version we
+    tested (2.14 CPU: ~100 % relative error against fp32 on conv -> SiLU -> conv, 0.3 % with PyTorch's native
+    kernels), so bf16 on CPU switches oneDNN off for the whole process. (bf16 on CPU is for testing this code
+    path; it is not faster there. CUDA uses cuDNN and is not affected by this switch.)"""
     if amp == "auto":
         amp = "bf16" if device.type == "cuda" else "none"
     if amp == "none":
         return None
+    if device.type == "cpu":
+        torch.backends.mkldnn.enabled = False
     return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
@@ -877,7 +890,7 @@ def train_step(em, model, opt, x1, phase, args, world, step, x1_cd=None):
     lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
     for g in opt.param_groups:
         g["lr"] = lr
-    x0 = torch.randn_like(x1)                                        # Alg. 1 line 4: x0 ~ N(0, I)
+    x0 = randn(x1)                                                   # Alg. 1 line 4: x0 ~ N(0, I)
     loss, logs = em.loss(x1, x0, phase=phase, x1_cd=x1_cd)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -1393,7 +1406,9 @@ def cmd_benchmark(args):
                      compile=args.compile),
     }
     results = {}
+    mkldnn_before = torch.backends.mkldnn.enabled
     for name, cfg in configs.items():
+        torch.backends.mkldnn.enabled = mkldnn_before                # make_autocast may switch it off (CPU bf16)
         model = copy.deepcopy(ref).to(device)
         if cfg["channels_last"]:
             model = model.to(memory_format=torch.channels_last)
@@ -1446,6 +1461,7 @@ def cmd_benchmark(args):
               f"{r['phase2_img_s']:.1f} img/s | sampler ({K} Heun steps) {r['sampler_img_s']:.1f} img/s | peak "
               + (f"{r['phase1_peak_gb']:.2f}/{r['phase2_peak_gb']:.2f}/{r['sampler_peak_gb']:.2f} GB"
                  if device.type == "cuda" else "n/a (CPU)"), flush=True)
+    torch.backends.mkldnn.enabled = mkldnn_before
     a, o = results["authors_fp32_math"], results["ours"]
     diff = [abs(x - y) for x, y in zip(a["phase1_losses"], o["phase1_losses"])]
     summary = {"device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),

@@ -372,10 +372,14 @@ def test_torchrun_two_processes_gloo(tmp_path):
 
 
 def test_benchmark_mode_runs_on_cpu(tmp_path, capsys):
+    """Ours (bf16 autocast, channels_last, fast attention outside the double backward) vs the authors' recipe
+    (fp32, math attention) from the same seed: both run, and their loss curves agree (same noise in both
+    memory formats, bf16 only in the network passes)."""
     s = em.main(TINY + ["--mode", "benchmark", "--bench-steps", "3", "--bench-steps-main", "1",
-                        "--bench-sample-steps", "3", "--out-dir", str(tmp_path)])
-    assert s["configs"]["ours"]["phase1_img_s"] > 0 and s["configs"]["authors_fp32_math"]["sampler_img_s"] > 0
-    # both configs fp32 on CPU (only the attention kernel differs): the loss curves agree
-    assert s["loss_max_abs_diff"] < 1e-3
+                        "--bench-sample-steps", "3", "--amp", "bf16", "--channels-last", "--out-dir", str(tmp_path)])
+    ours, auth = s["configs"]["ours"], s["configs"]["authors_fp32_math"]
+    assert ours["amp"] == "bf16" and ours["channels_last"] and auth["amp"] == "none" and auth["math_everywhere"]
+    assert ours["phase1_img_s"] > 0 and auth["sampler_img_s"] > 0
+    assert s["loss_max_rel_diff"] < 1e-2
     assert "speed-up" in capsys.readouterr().out
     assert json.load(open(tmp_path / "benchmark.json"))["batch"] == 8
