@@ -607,6 +607,8 @@ class EnergyMatching:
 
     # --- phase 1: the flow-like objective L_OT (Sec. 2.1.1, Alg. 1) ---
     def flow_loss(self, x1, x0):
+        """L_OT: -grad V at a point of the straight noise -> data path must equal the path's velocity x1 - x0,
+        i.e. the residual grad V(x_t) + (x1 - x0) must vanish. x0 is re-paired by exact minibatch OT first."""
         if self.use_ot:
             x0 = ot_pair(x0, x1)                                     # Alg. 1 line 5: T = OT map noise -> data
         t = torch.rand(x1.shape[0], device=x1.device)                # Alg. 1 line 6: t ~ U(0, 1), per sample
@@ -637,7 +639,7 @@ class EnergyMatching:
         """L_CD = E_data[V(x)] - E_neg[V(x~)], x~ = sg(Langevin chain) (Alg. 2 lines 13-15). The paper divides
         both by eps_max; the authors' code does not (the constant is absorbed by lambda_CD): we follow the code.
         The negative mean is trimmed (code): the cd_trim fraction of highest negative energies is dropped."""
-        x_neg, _ = self.negatives(x1, x0)
+        x_neg, _ = self.negatives(x1, x0)      # the network stays in train mode (dropout on), as in the code
         e_pos = self.energy(x1)                                      # Alg. 2 line 14: V on data
         e_neg = self.energy(x_neg)                                   # Alg. 2 line 13: V on negatives
         B = e_neg.shape[0]
