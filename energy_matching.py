@@ -1266,7 +1266,7 @@ def cmd_inpaint(args):
     M = args.chains
     cols = 2 + 2 * M
     fig, axs = plt.subplots(x.shape[0], cols, figsize=(1.6 * cols, 1.7 * x.shape[0]), squeeze=False)
-    show = lambda ax, im: ax.imshow(((im.float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).squeeze(-1).cpu(),  # noqa
+    show = lambda ax, im: ax.imshow(((im.float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).squeeze(-1).cpu().numpy(),  # noqa
                                     cmap="gray" if im.shape[0] == 1 else None)
     for r in range(x.shape[0]):
         panels = [x[r], y[r]] + [plain[r, m] for m in range(M)] + [inter[r, m] for m in range(M)]
@@ -1379,7 +1379,8 @@ def cmd_lid(args):
         for i in range(0, n, 16):
             lids += lid_slq(V, xs[i:i + 16], args.lid_tau, args.lid_probes, args.lid_lanczos, args.seed)
     sizes = [png_size(im) for im in to_uint8(xs)]
-    rho = float(spearmanr(lids, sizes)[0]) if n > 2 else float("nan")
+    varied = n > 2 and len(set(lids)) > 1 and len(set(sizes)) > 1   # Spearman is undefined on constant input
+    rho = float(spearmanr(lids, sizes)[0]) if varied else float("nan")
     res = {"ckpt": path, "method": method, "tau": args.lid_tau, "d": d, "n": n, "spearman_lid_vs_png": rho,
            "lid": [float(v) for v in lids], "png_bytes": sizes, "seconds": round(time.time() - t0, 2)}
     with open(os.path.join(args.out_dir, "lid.json"), "w") as f:

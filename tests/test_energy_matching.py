@@ -309,6 +309,26 @@ def test_checkpoint_round_trip_and_resume_give_same_next_loss(tmp_path):
                            "--out-dir", str(tmp_path / "a")])
     z = np.load(tmp_path / "a" / "samples.npz")["images"]
     assert z.shape == (5, 8, 8, 3) and z.dtype == np.uint8 and np.array_equal(z, imgs)
+    # the evaluation commands run on the same checkpoint: Alg. 3 figure, and LID (tau = huge: every direction
+    # counts as flat, so SLQ must return d = 192 exactly -- its quadrature weights sum to one)
+    res = em.main(TINY + ["--mode", "inpaint", "--num-images", "2", "--out-dir", str(tmp_path / "a")])
+    assert (tmp_path / "a" / "inpaint.png").exists() and res["spread_with"] >= 0
+    lid = em.main(TINY + ["--mode", "lid", "--num-images", "3", "--lid-method", "slq", "--lid-lanczos", "5",
+                          "--lid-probes", "1", "--lid-tau", "1e12", "--out-dir", str(tmp_path / "a")])
+    assert lid["d"] == 192 and all(abs(v - 192) < 1e-6 for v in lid["lid"]) and len(lid["png_bytes"]) == 3
+
+
+def test_folder_dataset_in_minus_one_one(tmp_path):
+    from PIL import Image
+    os.makedirs(tmp_path / "imgs" / "any")
+    for i in range(3):
+        Image.fromarray(np.full((20, 24, 3), 60 * i, np.uint8)).save(tmp_path / "imgs" / "any" / f"{i}.png")
+    a = tiny_args("--dataset", "folder", "--data-dir", str(tmp_path / "imgs"), "--image-size", "16")
+    data = em.build_dataset(a, train=False)
+    x = torch.stack([data[i][0] for i in range(3)])
+    assert x.shape == (3, 3, 16, 16) and x.min() >= -1 and x.max() <= 1
+    assert torch.allclose(x[0], torch.full_like(x[0], -1.0))
+    assert torch.allclose(x[2], torch.full_like(x[2], 120 / 127.5 - 1), atol=1e-2)
 
 
 def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
