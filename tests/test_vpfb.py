@@ -350,6 +350,30 @@ def test_training_steps_lower_the_loss(kind):
     assert losses[-1] < losses[0] - 1e-3 * abs(losses[0]), losses
 
 
+def test_bf16_trunk_and_channels_last_match_fp32():
+    """The fast paths give the same loss: channels-last exactly (up to float round-off), the bf16 trunk
+    within bf16 precision (the scalar head and the loss stay fp32)."""
+    torch.manual_seed(12)
+    args = vpfb.check_args(vpfb.build_parser().parse_args(TINY + ["--out-dir", "/tmp/_vpfb_unused", "--dropout", "0"]))
+    net = vpfb.build_network(args, 3, 10)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = _fake_batch()
+    eps, t = torch.randn_like(x), torch.rand(x.shape[0])
+    model = vpfb.make_vpfb(net, args)
+    ref, st = model.loss(x, eps=eps, t=t)
+    net_cl = net.to(memory_format=torch.channels_last)
+    cl, _ = vpfb.make_vpfb(net_cl, args).loss(x.contiguous(memory_format=torch.channels_last),
+                                              eps=eps.contiguous(memory_format=torch.channels_last), t=t)
+    assert abs(cl.item() - ref.item()) <= 1e-4 * (abs(ref.item()) + st["phi2"] ** 0.5)
+    net.amp_dtype = torch.bfloat16
+    lb, sb = model.loss(x, eps=eps, t=t)
+    lb.backward()
+    assert math.isfinite(lb.item()) and sb["phi2"] == pytest.approx(st["phi2"], rel=0.05)
+    assert abs(sb["cos"] - st["cos"]) < 0.05
+
+
 def test_unet_is_time_dependent_and_wrn_is_not():
     torch.manual_seed(9)
     args = vpfb.check_args(vpfb.build_parser().parse_args(TINY + ["--out-dir", "/tmp/_vpfb_unused"]))
