@@ -140,6 +140,7 @@ def test_layouts_agree_nhwc_nchw_gray_float_sampler_folder(tmp_path):
     (np.zeros((4, 8, 8, 5), np.uint8), "1 or 3 channels"),
     (np.zeros((4, 3, 8, 3), np.uint8), "ambiguous"),
     (np.zeros((8, 8), np.uint8), "4-D"),
+    (np.zeros((32, 32, 3), np.uint8), "one \\(H, W, C\\) image"),
     (np.zeros((0, 8, 8, 3), np.uint8), "no images"),
 ])
 def test_bad_images_raise_clear_errors(x, msg):
@@ -361,6 +362,21 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
                        cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stdout == "", r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "must be uint8" in r.stderr
+
+
+def test_cli_fid_kid_json_end_to_end(tmp_path, capsys, monkeypatch):
+    # the whole command with TinyNet standing in for Inception (no weights needed): printed line and --json
+    monkeypatch.setattr(E, "build_inception", lambda weights=None, device="cpu", isc=False: TinyNet())
+    rng = np.random.default_rng(9)
+    np.savez(tmp_path / "a.npz", images=rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8))
+    np.savez(tmp_path / "b.npz", images=rng.integers(0, 128, (40, 3, 8, 8), dtype=np.uint8))   # NCHW
+    E.main([str(tmp_path / "a.npz"), "--ref", str(tmp_path / "b.npz"), "--kid", "--kid-subset-size", "20",
+            "--kid-subsets", "5", "--num-samples", "30", "--json", str(tmp_path / "out" / "fid.json"),
+            "--no-progress", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    res = json.load(open(tmp_path / "out" / "fid.json"))
+    assert out.startswith(f"FID {res['fid']:.4f} | KID") and "not comparable" in err
+    assert res["num_samples"] == 30 and res["ref_count"] == 40 and res["fid"] > 0 and res["kid_mean"] > 0
 
 
 def test_cli_help_mentions_mode_and_no_inception_score(capsys):
