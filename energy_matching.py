@@ -350,7 +350,10 @@ class SelfAttention2d(nn.Module):
     def forward(self, x):
         B, C, H, W = x.shape
         qkv = self.qkv(self.norm(x).reshape(B, C, H * W))                         # (B, 3C, N)
-        q, k, v = qkv.reshape(B, self.heads, 3 * C // self.heads, H * W).transpose(2, 3).chunk(3, dim=-1)
+        # heads first, then (q, k, v) per head: guided-diffusion's "legacy" order. contiguous() so the last dim
+        # has stride 1, which the flash / memory-efficient kernels require (else SDPA falls back to math).
+        qkv = qkv.reshape(B, self.heads, 3 * C // self.heads, H * W).transpose(2, 3).contiguous()
+        q, k, v = qkv.chunk(3, dim=-1)                                            # each (B, heads, N, C/heads)
         h = F.scaled_dot_product_attention(q, k, v)                               # softmax(q k^T / sqrt(d)) v
         h = h.transpose(2, 3).reshape(B, C, H * W)
         return x + self.proj(h).reshape(B, C, H, W)

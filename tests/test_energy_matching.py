@@ -120,6 +120,24 @@ def test_cd_loss_trimmed_mean_clamp_and_stop_gradient():
     assert not x_neg2.requires_grad and at_data.sum().item() == 10
 
 
+def test_negatives_data_chains_hot_noise_chains_on_schedule():
+    """Alg. 2 lines 5-11: data-started chains run at eps_max from the first step; noise-started chains follow
+    eps(t), which is 0 before tau* -- so on V = a/2 ||x||^2 they are the exact deterministic recursion
+    x <- (1 - a dt) x for t < tau*, while data-started chains are noisy."""
+    torch.manual_seed(9)
+    a, dt, n = 2.0, 0.01, 50                                        # chain time 0.5 < tau* = 1
+    V = lambda x: 0.5 * a * x.pow(2).sum(1)  # noqa: E731
+    m = em.EnergyMatching(V, tau_star=1.0, eps_max=0.5, n_langevin=n, dt=dt)
+    x1, x0 = torch.randn(400, 3), torch.randn(400, 3)
+    x_neg, at_data = m.negatives(x1, x0)
+    assert at_data[:200].all() and not at_data[200:].any()
+    assert torch.allclose(x_neg[200:], x0[200:] * (1 - a * dt) ** n, atol=1e-5)
+    # data chains: x_n = (1 - a dt)^n x1 + noise of variance eps_max/a (1 - (1 - a dt)^(2n)) / (1 - a dt / 2)
+    resid = x_neg[:200] - x1[:200] * (1 - a * dt) ** n
+    var = 0.5 / a * (1 - (1 - a * dt) ** (2 * n)) / (1 - a * dt / 2)
+    assert resid.var().item() == pytest.approx(var, rel=0.15)
+
+
 def test_api_on_2d_points():
     torch.manual_seed(3)
     net = torch.nn.Sequential(torch.nn.Linear(2, 32), torch.nn.SiLU(), torch.nn.Linear(32, 1))
