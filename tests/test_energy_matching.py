@@ -398,7 +398,7 @@ def test_recipe_defaults_follow_code_or_paper():
 
 def test_torchrun_two_processes_gloo(tmp_path):
     out = str(tmp_path / "ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            SCRIPT] + TINY + ["--steps", "2", "--log-every", "1", "--out-dir", out]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env_1thread(), timeout=180, cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
