@@ -214,7 +214,7 @@ def image_batches(source, batch_size=200, num_samples=None):
                 n = min(batch_size, num_samples - i)
                 x = to_uint8_nchw(source(n), "sampler output")
                 if len(x) != n:
-                    raise FIDError(f"sampler asked for {n} images returned {len(x)}")
+                    raise FIDError(f"the sampler returned {len(x)} images when asked for {n}")
                 yield x
         return num_samples, gen()
     if isinstance(source, (str, os.PathLike)):
@@ -262,7 +262,10 @@ def resolve_device(device="auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise FIDError("--device cuda asked for but no CUDA GPU is visible")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise FIDError(f"unknown --device {device!r}: use auto, cpu, cuda or cuda:N") from None
 
 
 def build_inception(weights=None, device="cpu", isc=False):
@@ -455,13 +458,23 @@ def save_stats(path, stats):
     os.replace(tmp, path)
 
 
+def npz_keys(path):
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return list(f.files)
+    except Exception as e:                                       # corrupt / not an npz
+        raise FIDError(f"cannot read {path} as .npz ({type(e).__name__}: {e})")
+
+
 def load_stats(path):
+    """A stats .npz: ours (mu, sigma, count, source, features) or pytorch-fid's (mu, sigma)."""
+    keys = npz_keys(path)
+    if "mu" not in keys or "sigma" not in keys:
+        raise FIDError(f"{path}: not a stats file (needs mu and sigma; keys: {', '.join(keys)})")
     with np.load(path, allow_pickle=False) as f:
-        if "mu" not in f.files or "sigma" not in f.files:
-            raise FIDError(f"{path}: not a stats file (needs mu and sigma; keys: {', '.join(f.files)})")
-        s = {"mu": f["mu"], "sigma": f["sigma"], "features": f["features"] if "features" in f.files else None,
-             "count": int(f["count"]) if "count" in f.files else None,
-             "source": str(f["source"]) if "source" in f.files else path}
+        s = {"mu": f["mu"], "sigma": f["sigma"], "features": f["features"] if "features" in keys else None,
+             "count": int(f["count"]) if "count" in keys else None,
+             "source": str(f["source"]) if "source" in keys else path}
     d = s["mu"].shape[0] if s["mu"].ndim == 1 else -1
     if d < 1 or s["sigma"].shape != (d, d):
         raise FIDError(f"{path}: mu {s['mu'].shape} and sigma {s['sigma'].shape} do not fit together")
@@ -499,11 +512,8 @@ def ref_stats(ref, net=None, *, cache=None, data_dir="data", stats_dir=None, **k
             save_stats(path, s)
             print(f"cached reference statistics: {path}", file=sys.stderr)
         return s
-    if isinstance(ref, str) and ref.endswith(".npz") and os.path.isfile(ref):
-        with np.load(ref, allow_pickle=False) as f:
-            is_stats = "mu" in f.files
-        if is_stats:
-            return load_stats(ref)
+    if isinstance(ref, str) and ref.endswith(".npz") and os.path.isfile(ref) and "mu" in npz_keys(ref):
+        return load_stats(ref)
     if isinstance(ref, str) and not os.path.exists(ref):
         raise FIDError(f"unknown --ref {ref!r}: use {' / '.join(TORCHVISION_REFS)}, a stats .npz, "
                        f"a samples .npz or an image folder")
@@ -530,19 +540,18 @@ def fid_from_samples(samples, ref="cifar10-train", net=None, *, weights=None, de
     custom = net is not None                                     # a custom network: never read/write the cache
     net = net if custom else build_inception(weights, device, isc=isc)   # built once, for samples and reference
     r = ref_stats(ref, net, cache=not custom, data_dir=data_dir, stats_dir=stats_dir, **kw)
+    if kid_subsets and r.get("features") is None:
+        raise FIDError("KID needs reference features, but the reference stats file has only mu/sigma; "
+                       "rebuild it with `python eval_fid.py ref-stats`")
     outs = extract(samples, net, num_samples=num_samples, desc="samples", **kw)
     s = stats_from_features(outs[0], name)
     if r["mu"].shape != s["mu"].shape:
         raise FIDError(f"reference statistics have dimension {r['mu'].shape[0]}, features {s['mu'].shape[0]}")
     res = {"fid": frechet_distance(s["mu"], s["sigma"], r["mu"], r["sigma"]), "num_samples": s["count"],
-           "ref": str(ref) if not isinstance(ref, dict) else "stats", "ref_source": r.get("source"),
-           "ref_count": r.get("count"), "network": NETWORK,
-           "device": str(device)}
-    res["weights"] = "custom network" if custom else (weights or "torch-fidelity download")
+           "ref": ref if isinstance(ref, str) else type(ref).__name__, "ref_source": r.get("source"),
+           "ref_count": r.get("count"), "network": NETWORK, "device": str(device),
+           "weights": "custom network" if custom else (weights or "torch-fidelity download")}
     if kid_subsets:
-        if r.get("features") is None:
-            raise FIDError("KID needs reference features, but the reference stats file has only mu/sigma; "
-                           "rebuild it with `python eval_fid.py ref-stats`")
         res["kid_mean"], res["kid_std"] = kid(s["features"], r["features"], kid_subsets, kid_subset_size)
     if isc:
         from torch_fidelity.metric_isc import isc_features_to_metric

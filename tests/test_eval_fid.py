@@ -161,6 +161,8 @@ def test_bad_files_raise_clear_errors(tmp_path):
         E.extract(np.zeros((4, 8, 8, 3), np.uint8), TinyNet(), num_samples=5)
     with pytest.raises(E.FIDError, match="unknown --ref"):
         E.ref_stats("imagenet-val", TinyNet())
+    with pytest.raises(E.FIDError, match="cannot read"):                   # a corrupt file given as --ref
+        E.ref_stats(str(tmp_path / "junk.npz"), TinyNet())
 
 
 # --- FID / KID end to end with a stand-in network, stats cache --------------------------------------------------
@@ -363,6 +365,7 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
     cases = [(["shape.npz"], "1 or 3 channels"),
              (["missing.npz"], "no such file"),
              (["good.npz", "--batch-size", "0"], "--batch-size must be >= 1"),
+             (["good.npz", "--device", "tpu"], "unknown --device"),
              (["good.npz", "--bogus"], "unrecognized arguments"),
              (["convert-weights", "--out", "w.pth", "--src", "nope.pt"], "not found"),
              (["good.npz", "--weights", "nope.pth"], "no Inception weights")]
