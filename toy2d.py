@@ -689,7 +689,7 @@ def plot_fields(path, method, a, device, x_test):
 
 
 def plot_density(path, logp, a, x_test, title):
-    """Grid-normalised Boltzmann density next to a histogram of held-out target points on the same grid."""
+    """Grid-normalised Boltzmann density, its log (VPFB Fig. 2 middle), and a histogram of held-out target points."""
     plt = _plt()
     n, lim = a.grid_n, a.grid_lim
     ext = [-lim, lim, -lim, lim]
@@ -697,8 +697,10 @@ def plot_density(path, logp, a, x_test, title):
     dens = logp.exp().reshape(n, n).cpu().numpy() / area
     hist, _, _ = np.histogram2d(x_test[:, 1].cpu().numpy(), x_test[:, 0].cpu().numpy(), bins=n,
                                 range=[[-lim, lim], [-lim, lim]], density=True)
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4.6))
-    for axi, img, t in [(ax[0], dens, title), (ax[1], hist, "held-out target (histogram)")]:
+    logd = np.maximum(logp.reshape(n, n).cpu().numpy(), logp.max().item() - 15)   # log p, clipped 15 nats down
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4.6))
+    for axi, img, t in [(ax[0], dens, title), (ax[1], logd, "log of the same density (clipped at max - 15)"),
+                        (ax[2], hist, "held-out target (histogram)")]:
         im = axi.imshow(img, origin="lower", extent=ext, cmap="magma", aspect="equal")
         axi.set_title(t, fontsize=9)
         fig.colorbar(im, ax=axi, fraction=0.046)
@@ -775,7 +777,7 @@ def run_one(a, log_fn=print):
     x_gen, traj = method.sample(x0)
     sample_s = time.time() - t_s
     x_gen, traj = x_gen.detach(), traj.detach()
-    if traj.shape[0] > 0 and not torch.equal(traj[0], x0):      # some samplers do not store the start state
+    if not torch.allclose(traj[0], x0, atol=1e-5):               # some samplers do not store the start state
         traj = torch.cat([x0[None], traj], 0)
     finite = torch.isfinite(x_gen).all(1)
     m = {"method": tag, "source": a.source, "target": a.target, "steps": a.steps, "batch_size": a.batch_size,
@@ -789,8 +791,9 @@ def run_one(a, log_fn=print):
         m.update(steps_warmup=method.steps_warmup, steps_cd=method.steps_cd)
     if a.method == "vpfb":
         m["vpfb_hparams_used"] = method.used()
-    if hasattr(method.model if hasattr(method, "model") else None, "last_nfe"):
-        m["sampler_nfe"] = getattr(method.model, "last_nfe", None)
+    nfe = getattr(getattr(method, "model", None), "last_nfe", None)   # VPFB counts its grad-Phi evaluations
+    if nfe is not None:
+        m["sampler_nfe"] = nfe
 
     # --- density on the grid (every method with an energy), NLL of held-out points
     dens = grid_density(method, a, device) if method.has_density else None
@@ -829,7 +832,7 @@ def run_one(a, log_fn=print):
                          f"{tag}: {what} normalised on the grid (NLL {m['nll']:.3f})")
         if lang is not None:
             lang = lang.detach()
-            if not torch.equal(lang[0], x0):
+            if not torch.allclose(lang[0], x0, atol=1e-5, equal_nan=True):
                 lang = torch.cat([x0[None], lang], 0)
             plot_trajectories(os.path.join(a.out_dir, "langevin.png"), lang, x_test,
                               f"{tag} Langevin on Phi_B (W2 {m['w2_langevin_boltzmann']:.3f})", lim)
