@@ -498,7 +498,7 @@ def test_cli_smoke_train_resume_sample(tmp_path):
 
 
 def test_benchmark_mode_runs_on_cpu(tmp_path):
-    vpfb.main(TINY + ["--mode", "benchmark", "--bench-steps", "2", "--bench-warmup", "1", "--batch-size", "4", "--rtol", "0.1", "--atol", "0.1",
+    vpfb.main(TINY + ["--mode", "benchmark", "--bench-steps", "1", "--bench-warmup", "1", "--batch-size", "2", "--rtol", "0.1", "--atol", "0.1",
                       "--out-dir", str(tmp_path)])
     import json
     res = json.load(open(tmp_path / "benchmark.json"))
