@@ -1,5 +1,6 @@
 """Tests for eval_fid.py: CPU only, no download. The real TF-Inception only runs on 2 images; everything else uses
 closed forms, small features, a tiny stand-in network, or a randomly initialised Inception."""
+import hashlib
 import io
 import json
 import os
@@ -301,6 +302,25 @@ def test_conversion_covers_every_unit_with_the_right_shapes(random_weights):
     assert torch.isnan(sd["fc.weight"]).all()                   # no fc layer in the source: NaN, never plausible
     with pytest.raises(E.FIDError, match="missing"):
         E.convert_fid_helper_state_dict({k: v for k, v in nv.items() if "mixed_10" not in k})
+
+
+# sha1 of the sorted "key:shape" lines of the 94 conv weights in fid-helper 0.1.3's default_1.pt (checked against
+# the real file below when fid-helper is installed). Lets CI, without the file, see that our name tables put every
+# torch-fidelity unit on an fid-helper unit of the same shape (a (1,3)/(3,1) or branch swap changes it).
+FID_HELPER_LAYOUT_SHA1 = "aa4731a87017360ce4295e6c33fdb7c1541bd333"
+
+
+def layout_sha1(names_shapes):
+    return hashlib.sha1("\n".join(sorted(f"{k}:{tuple(v)}" for k, v in names_shapes)).encode()).hexdigest()
+
+
+def test_name_tables_reproduce_fid_helper_layout(random_weights):
+    skeleton, _, _ = random_weights
+    ours = [(f"net.layers.{theirs}.weight", skeleton[f"{o}.conv.weight"].shape) for o, theirs in E.unit_map().items()]
+    assert layout_sha1(ours) == FID_HELPER_LAYOUT_SHA1
+    if E.fid_helper_weights_path() is not None:
+        real = E.load_fid_helper_net().state_dict()
+        assert layout_sha1((k, v.shape) for k, v in real.items() if k.endswith(".weight")) == FID_HELPER_LAYOUT_SHA1
 
 
 def test_extractor_from_converted_weights_gives_2048_features(random_weights):
