@@ -1004,20 +1004,20 @@ def train(args):
             g["lr"] = lr_at(step, args)
         net.train()
         loss, stats = model.loss(x)                                       # Eq. (27), one Monte-Carlo batch
-        if not torch.isfinite(loss):                                      # NaN guard: skip, stop if it persists
-            n_bad += 1
-            opt.zero_grad(set_to_none=True)
-            if n_bad >= 10:
+        opt.zero_grad(set_to_none=True)
+        if torch.isfinite(loss):
+            loss.backward()
+            allreduce_grads(net.parameters(), world)
+            gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf)
+            stats["grad_norm"] = float(gnorm)
+        if not (torch.isfinite(loss) and math.isfinite(stats.get("grad_norm", math.nan))):
+            n_bad += 1                                                    # NaN guard: skip the step ...
+            if n_bad >= 10:                                               # ... and stop if it persists
                 save_checkpoint(os.path.join(args.out_dir, "ckpt_nan.pt"), net, ema, opt, step, args)
-                die(f"loss was NaN/inf for 10 steps in a row at step {step}; saved ckpt_nan.pt -- "
-                    f"lower --lr, raise --grad-clip protection, or try --amp none")
+                die(f"loss or gradient was NaN/inf for 10 steps in a row at step {step}; saved ckpt_nan.pt "
+                    f"(lower --lr, set --grad-clip, or try --amp none)")
             continue
         n_bad = 0
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        allreduce_grads(net.parameters(), world)
-        if args.grad_clip > 0:
-            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip))
         opt.step()
         ema_update(ema, net, args.ema_decay)
         step += 1

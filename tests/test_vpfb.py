@@ -479,6 +479,14 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys):
     assert str(tmp_path / "nope") in err                           # says where to put the data
 
 
+def test_nan_guard_stops_with_one_line(tmp_path, capsys):
+    """A diverging run (lr 1e30) skips non-finite steps and stops after 10 with a checkpoint and one line."""
+    code, err = _main_exit(TINY + ["--steps", "30", "--lr", "1e30", "--warmup", "1", "--grad-clip", "0",
+                                   "--out-dir", str(tmp_path)], capsys)
+    assert code == 2 and "NaN/inf" in err and err.count("\n") == 1
+    assert (tmp_path / "ckpt_nan.pt").exists()
+
+
 def test_cli_smoke_train_resume_sample(tmp_path):
     """CleanRL-style: the real script in a subprocess for 2 steps, then resume to 3 and sample in-process."""
     import subprocess
