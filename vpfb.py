@@ -119,6 +119,8 @@ def build_parser():
     a("--dropout", type=float, default=0.3, help="dropout in the residual blocks (authors: 0.3)")
     a("--wrn-depth", type=int, default=16, help="WideResNet depth (6n + 4)")
     a("--class-cond", action="store_true", help="class-conditional Phi(x, c) (needed by --mode compose)")
+    a("--p-uncond", type=float, default=0.1,
+      help="with --class-cond: fraction of labels replaced by a null class, so Phi(x) exists for hist/ood/sample")
     # loss, Eq. (27) -- see the VPFB class for each choice
     a("--recipe", default="ours", choices=["ours", "paper", "authors"],
       help="preset for the loss flags below: ours (defaults), paper (as printed: w on gamma only, kappa 2, "
@@ -421,7 +423,9 @@ class UNetPhi(nn.Module):
         emb = base * 4
         self.base = base
         self.temb = nn.Sequential(nn.Linear(base, emb), nn.SiLU(), nn.Linear(emb, emb))
-        self.cemb = nn.Embedding(num_classes, emb) if num_classes else None
+        # class embedding with one extra "null" class (index num_classes): y=None -> unconditional Phi(x, t)
+        self.num_classes = num_classes
+        self.cemb = nn.Embedding(num_classes + 1, emb) if num_classes else None
         self.inp = nn.Conv2d(in_ch, base, 3, padding=1)
         self.down, chans, ch, res = nn.ModuleList(), [base], base, image_size
         for i, m in enumerate(mult):
@@ -459,6 +463,8 @@ class UNetPhi(nn.Module):
     def unet(self, x, t, y=None):
         emb = self.temb(timestep_embedding(t, self.base))
         if self.cemb is not None:
+            if y is None:
+                y = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
             emb = emb + self.cemb(y)
         h = self.inp(x)
         hs = [h]
@@ -504,13 +510,16 @@ class WRNPhi(nn.Module):
                 layers.append(WideBlock(ch, w, 2 if (j == 0 and i > 0) else 1, dropout))
                 ch = w
         self.body = nn.Sequential(*layers, nn.GroupNorm(_groups(ch), ch), nn.SiLU())
-        self.head = nn.Linear(ch, max(1, num_classes))
+        self.num_classes = num_classes
+        self.head = nn.Linear(ch, num_classes + 1 if num_classes else 1)   # + a "null" (unconditional) read-out
 
     def forward(self, x, t=None, y=None):
         with torch.autocast(x.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             h = self.body(x).mean((2, 3))
-        out = self.head(h.float())                                       # (B, classes or 1)
-        return out[:, 0] if y is None or out.shape[1] == 1 else out.gather(1, y[:, None])[:, 0]
+        out = self.head(h.float())                                       # (B, classes + 1) or (B, 1)
+        if out.shape[1] == 1:
+            return out[:, 0]
+        return out[:, -1] if y is None else out.gather(1, y[:, None])[:, 0]
 
 
 def build_network(args, in_ch, num_classes):
@@ -999,7 +1008,12 @@ def train(args):
         x = x.to(device, non_blocking=True)
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        cond.y = y.to(device) if args.class_cond else None
+        if args.class_cond:                                               # labels, some replaced by "null"
+            y = y.to(device)
+            drop = torch.rand(y.shape[0], device=device) < args.p_uncond
+            cond.y = torch.where(drop, torch.full_like(y, num_classes_of(ds)), y)
+        else:
+            cond.y = None
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
         net.train()
@@ -1113,11 +1127,11 @@ def load_for_eval(args, device):
     a = argparse.Namespace(**{**vars(args), **{k: state["args"][k] for k in ARCH_KEYS if k in state["args"]}})
     a.channel_mult_t = tuple(int(c) for c in a.channel_mult.split(","))
     a.attn_res_t = tuple(int(c) for c in a.attn_res.split(",") if c.strip())
-    ncls = 4 if a.dataset == "celeba64" else 10
+    ncls = 10
     if a.class_cond and "cemb.weight" in state["ema"]:
-        ncls = state["ema"]["cemb.weight"].shape[0]
+        ncls = state["ema"]["cemb.weight"].shape[0] - 1                 # minus the null class
     elif a.class_cond and "head.weight" in state["ema"]:
-        ncls = state["ema"]["head.weight"].shape[0]
+        ncls = state["ema"]["head.weight"].shape[0] - 1
     net = make_network(a, device, channels_of(a.dataset), ncls)
     try:
         net.load_state_dict(state["ema"])

@@ -374,6 +374,26 @@ def test_bf16_trunk_and_channels_last_match_fp32():
     assert abs(sb["cos"] - st["cos"]) < 0.05
 
 
+@pytest.mark.parametrize("kind", ["unet", "wrn"])
+def test_class_conditional_and_composition(kind):
+    """Phi(x, t, c) depends on c, y=None is the null-class Phi(x, t), and the compositional potential is
+    the average of the conditional energies (Sec. 4.3)."""
+    torch.manual_seed(13)
+    args = vpfb.check_args(vpfb.build_parser().parse_args(TINY + ["--out-dir", "/tmp/_vpfb_unused", "--model", kind,
+                                                                   "--class-cond"]))
+    net = vpfb.build_network(args, 3, 10).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, t = _fake_batch(4), torch.rand(4)
+    y0, y1 = torch.zeros(4, dtype=torch.long), torch.ones(4, dtype=torch.long)
+    e0, e1, en = net(x, t, y0), net(x, t, y1), net(x, t)
+    assert not torch.allclose(e0, e1) and not torch.allclose(en, e0)
+    comp = vpfb.Conditioned(net, [torch.tensor(0), torch.tensor(1)])(x, t)
+    assert torch.allclose(comp, (e0 + e1) / 2, atol=1e-5)
+    assert torch.allclose(vpfb.Conditioned(net)(x, t), en)
+
+
 def test_unet_is_time_dependent_and_wrn_is_not():
     torch.manual_seed(9)
     args = vpfb.check_args(vpfb.build_parser().parse_args(TINY + ["--out-dir", "/tmp/_vpfb_unused"]))
