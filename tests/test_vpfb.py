@@ -18,12 +18,15 @@ DT = torch.float64
 
 
 @pytest.fixture(autouse=True)
-def _native_cpu_convs():
-    """vpfb.cpu_speedups turns oneDNN off on CPU (slow double backward); restore it after each test."""
-    old = torch.backends.mkldnn.enabled
+def _fast_cpu():
+    """vpfb.cpu_speedups turns oneDNN off on CPU (slow double backward), and these tiny nets run on ONE
+    thread: on a shared, busy machine two spinning OpenMP threads made a step ~50x slower. Restored after."""
+    old, threads = torch.backends.mkldnn.enabled, torch.get_num_threads()
     vpfb.cpu_speedups(torch.device("cpu"))
+    torch.set_num_threads(1)
     yield
     torch.backends.mkldnn.enabled = old
+    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -257,6 +260,15 @@ def test_boltzmann_factor(bfactor, should_match):
         assert ok == should_match
 
 
+def test_t_inf_reads_phi_b_at_an_earlier_time():
+    m, s = 0.7, 0.5
+    x = torch.linspace(-2, 2, 9, dtype=DT)[:, None]
+    a = vpfb.VPFB(gauss_phi(m, s), t_max=0.99, t_inf=0.6).boltzmann_energy(x)
+    b = vpfb.VPFB(gauss_phi(m, s), t_max=0.99).boltzmann_energy(x, t_inf=0.6)
+    assert torch.allclose(a, b)
+    assert vpfb.loss_kwargs(vpfb.build_parser().parse_args(["--t-inf", "0.9"]))["t_inf"] == 0.9
+
+
 # ----------------------------------------------------------------------------- samplers
 def test_ode_sampler_maps_prior_to_data_gaussian():
     """dx/dt = grad Phi*(x, t) carries N(0, 1) at t = 0 to N(m, s^2) at t = 1 (Euler and RK45)."""
@@ -333,7 +345,7 @@ def test_training_steps_lower_the_loss(kind):
     net = vpfb.build_network(args, 3, 10)
     model = vpfb.make_vpfb(net, args)
     assert model.autonomous == (kind == "wrn")
-    x = _fake_batch()
+    x = _fake_batch(8)
     eps, t = torch.randn_like(x), torch.rand(x.shape[0])
     out = net(x, t)
     assert out.shape == (x.shape[0],)
@@ -341,7 +353,7 @@ def test_training_steps_lower_the_loss(kind):
         assert (out >= 0).all()                                    # Phi = 1/2 |x - UNet|^2 >= 0
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     losses = []
-    for _ in range(6):
+    for _ in range(5):
         loss, st = model.loss(x, eps=eps, t=t)
         opt.zero_grad()
         loss.backward()
@@ -501,7 +513,7 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys):
 
 def test_nan_guard_stops_with_one_line(tmp_path, capsys):
     """A diverging run (lr 1e30) skips non-finite steps and stops after 10 with a checkpoint and one line."""
-    code, err = _main_exit(TINY + ["--steps", "30", "--lr", "1e30", "--warmup", "1", "--grad-clip", "0",
+    code, err = _main_exit(TINY + ["--steps", "30", "--lr", "1e30", "--warmup", "1", "--grad-clip", "0", "--batch-size", "2",
                                    "--out-dir", str(tmp_path)], capsys)
     assert code == 2 and "NaN/inf" in err and err.count("\n") == 1
     assert (tmp_path / "ckpt_nan.pt").exists()
@@ -512,7 +524,8 @@ def test_cli_smoke_train_resume_sample(tmp_path):
     import subprocess
     import sys
     out = str(tmp_path / "run")
-    r = subprocess.run([sys.executable, "vpfb.py", *TINY, "--steps", "2", "--out-dir", out],
+    env = dict(vpfb.os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "vpfb.py", *TINY, "--steps", "2", "--out-dir", out], env=env,
                        cwd=vpfb.os.path.dirname(vpfb.__file__), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "ms/it" in r.stdout and "img/s" in r.stdout
