@@ -222,13 +222,6 @@ def check_args(args):
     return args
 
 
-def cpu_speedups(device):
-    """On CPU, turn oneDNN (mkldnn) convolutions off: their double backward -- which the loss needs for
-    grad_x Phi with create_graph=True -- ran 10-20x slower than PyTorch's native kernels in our tests."""
-    if device.type == "cpu":
-        torch.backends.mkldnn.enabled = False
-
-
 def pick_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -973,7 +966,6 @@ def train(args):
     rank, world, local = setup_distributed()
     device = torch.device(f"cuda:{local}") if (world > 1 and torch.cuda.is_available()) else pick_device(args.device)
     torch.manual_seed(args.seed)                     # the same initial weights on every process ...
-    cpu_speedups(device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True                 # TF32 convs/matmuls: safe for this loss
         torch.backends.cudnn.allow_tf32 = True
@@ -1218,7 +1210,6 @@ def generate(phi, args, device, n, shape, method=None, x0=None, n_classes=10):
 
 def _eval_setup(args):
     device = pick_device(args.device)
-    cpu_speedups(device)
     torch.manual_seed(args.seed)
     net, a, ncls = load_for_eval(args, device)
     S = image_size_of(a)
@@ -1417,7 +1408,6 @@ def mode_benchmark(args):
     Runs anywhere (use a tiny --model-size on CPU); real figures need the GPU and the paper config."""
     import copy
     device = pick_device(args.device)
-    cpu_speedups(device)
     S, C = image_size_of(args), channels_of(args.dataset)
     torch.manual_seed(args.seed)
     base_net = build_network(args, C, 10)
