@@ -341,6 +341,7 @@ class EMToy:
         self.model = em.EnergyMatching(self.net, tau_star=a.tau_star, eps_max=a.eps_max, lambda_cd=a.lambda_cd,
                                        n_langevin=a.n_langevin, dt=a.chain_dt or a.dt,
                                        cd_trim=a.cd_trim, cd_neg_clamp=a.cd_neg_clamp)
+        self.gen_cd = torch.Generator().manual_seed(a.seed + 40_000)  # source points for phase-2 noise negatives
         self.steps_cd = a.steps // 10 if a.steps_cd is None else a.steps_cd
         self.steps_warmup = a.steps - self.steps_cd
         self.a = a
@@ -760,7 +761,6 @@ def run_one(a, log_fn=print):
     gen_eval = torch.Generator().manual_seed(a.seed + 10_000)  # held-out data + evaluation noise
     method = build_method(a)
     method.net.to(device)
-    method.gen_cd = torch.Generator().manual_seed(a.seed + 40_000)  # EM: source points for noise negatives
     tag = a.method + ("-autonomous" if a.method == "vpfb" and a.autonomous else "")
     log_fn(f"== {tag}: {a.source} -> {a.target}, {a.steps} steps, batch {a.batch_size}, "
            f"MLP {a.hidden}x{a.depth}, {sum(p.numel() for p in method.net.parameters())} params, device {device}")

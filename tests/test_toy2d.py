@@ -138,7 +138,6 @@ def test_em_phase2_negatives_start_at_the_source():
     # cd_loss fresh source points instead (the EM paper's 2-D setting). Check what cd_loss receives.
     a = _args(["--method", "em", "--steps", "10", "--steps-cd", "5"])
     m = toy2d.EMToy(a)
-    m.gen_cd = torch.Generator().manual_seed(0)
     seen = {}
     orig = m.model.cd_loss
 
