@@ -11,7 +11,7 @@ innovation Eq. 12, loss Eq. 27 in the class VPFB), 5. Samplers (ODE Euler / RK45
 7. Checkpointing, 8. Evaluation commands, then main().
 
 How to run (every mode writes into --out-dir, default runs/vpfb_<dataset>):
-    python vpfb.py --dataset cifar10                       # train the paper's time-varying U-Net (~54M)
+    python vpfb.py --dataset cifar10                       # train the time-varying U-Net (53.6M; authors 55.7M)
     python vpfb.py --dataset cifar10 --model wrn           # autonomous Phi(x), WideResNet
     torchrun --nproc_per_node 4 vpfb.py --dataset cifar10  # multi-GPU (gradients all-reduced by hand)
     python vpfb.py --dataset cifar10 --resume              # continue from <out-dir>/ckpt.pt
@@ -49,11 +49,15 @@ Paper vs the authors' code (REFERENCE_NOTES.md) -- what this file does, and the 
   * Boltzmann energy Eq. (22): the paper prints (4 Phi + f|x|^2)/g^2; the probability-flow ODE (19) gives
     2 Phi, and the analytic Gaussian test (test_boltzmann_factor) confirms 2. --bfactor 4 restores the print.
   * Sampler: scipy RK45 with rtol = atol = 1e-3 from t = 1e-5 to 1 - 1e-5 (authors), or Euler.
+  * Phi_B is read off at t_max = 1 - 1e-5, where 1/g^2 = 5e4 magnifies any error of Phi; --t-inf reads it earlier.
   * --recipe paper / --recipe authors switch all loss flags at once to the paper as printed / the authors' code.
 Engineering: bf16 autocast for the network trunk on CUDA (the scalar head, the loss and its double backward
 inputs stay fp32), TF32, optional channels-last, EMA, atomic self-describing checkpoints loaded with
 weights_only=True, resume, NaN guard, progress lines with ms/iter, images/s and ETA. --compile only compiles
-the sampling network: the training loss needs a double backward, which torch.compile does not support.
+the sampling network: the training loss needs a double backward, which torch.compile does not support
+("torch.compile with aot_autograd does not currently support double backward", torch 2.14).
+Status: written and tested on CPU only (tests/test_vpfb.py). Nothing here was trained to convergence, so the
+file claims no FID, AUROC or GPU speed numbers; the benchmark mode prints them when run on a GPU.
 """
 import argparse
 import json
