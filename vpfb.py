@@ -200,10 +200,13 @@ def check_args(args):
     """Bad input -> one line and exit 2."""
     if args.dataset not in DATASETS + ["svhn", "cifar100"]:
         die(f"unknown dataset {args.dataset!r}; choose one of {DATASETS}")
-    for name in ["steps", "batch_size", "num_samples", "ode_steps", "log_every", "eval_batch", "fake_size"]:
-        if getattr(args, name) is None or getattr(args, name) < (0 if name == "steps" else 1):
-            die(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'steps' else 'positive'}, "
-                f"got {getattr(args, name)}")
+    for name in ["steps", "sgld_steps", "warmup", "save_every", "sample_every", "batch_size", "num_samples",
+                 "ode_steps", "log_every", "eval_batch", "fake_size", "ood_max", "nn_k", "bench_steps", "model_size"]:
+        low = 0 if name in ("steps", "sgld_steps", "warmup", "sample_every") else 1
+        if getattr(args, name) < low:
+            die(f"--{name.replace('_', '-')} must be {'>= 0' if low == 0 else 'positive'}, got {getattr(args, name)}")
+    if not 0 <= args.p_uncond < 1 or args.lr <= 0 or not 0 <= args.ema_decay < 1:
+        die("need 0 <= --p-uncond < 1, --lr > 0 and 0 <= --ema-decay < 1")
     if not 0 < args.t_max <= 1 or args.t_end <= 0:
         die(f"need 0 < --t-max <= 1 and --t-end > 0, got t_max={args.t_max}, t_end={args.t_end}")
     if args.out_dir is None:
