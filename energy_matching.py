@@ -38,6 +38,8 @@ Paper vs authors' code (and what this file does)
     * Negatives: half start at data (at eps_max, Alg. 2 line 10), half at noise on the eps(t) schedule (paper;
       the code has this behind --split_negative). Both use the same data batch as the flow loss (paper Alg. 2;
       the code draws a second batch: `--cd-separate-batch`).
+    * Phase-2 flow weighting (authors' 2-D code only, off there by default): `--flow-weighting` multiplies the
+      flow residual by w(t) = 1 for t < tau*, linear to 0 at t = 1. With the CIFAR recipe's tau* = 1 it is a no-op.
     * Interaction energy of Alg. 3: printed with a "+" sign and sigma^2 twice, while Sec. 3.2 asks for
       p ∝ ... exp(+W), i.e. repulsion. We implement repulsion with sigma^2 once (see inverse_langevin).
     * The UNet of the CIFAR-10 potential has no time input: the authors feed a fixed dummy t, which only adds a
@@ -157,6 +159,8 @@ def build_parser():
     a("--flow-reduction", default="mean", choices=("mean", "sum"),
       help="flow loss per sample: mean over pixels (code) or sum = ||.||^2 (paper Alg. 1)")
     a("--no-ot", action="store_true", help="random instead of exact-OT pairs (ablation)")
+    a("--flow-weighting", action="store_true",
+      help="phase 2: weight the flow loss by w(t) = 1 before tau*, linear to 0 at t = 1 (authors' 2-D code)")
     a("--from-scratch", action="store_true", help="phase main without a warmup checkpoint (MNIST recipe)")
     # engineering
     a("--amp", default="auto", choices=("auto", "bf16", "none"),
@@ -586,7 +590,7 @@ class EnergyMatching:
 
     def __init__(self, V, tau_star=1.0, eps_max=0.01, lambda_cd=1e-3, n_langevin=200, dt=0.01,
                  cd_neg_clamp=1.0, cd_trim=0.1, neg_data_frac=0.5, flow_reduction="mean", tau_s=3.0,
-                 clamp_negatives=None, autocast=None, use_ot=True, V_fast=None):
+                 clamp_negatives=None, autocast=None, use_ot=True, V_fast=None, flow_weighting=False):
         self.V, self.V_fast = V, (V_fast if V_fast is not None else V)
         self.tau_star, self.eps_max, self.lambda_cd = float(tau_star), float(eps_max), float(lambda_cd)
         self.n_langevin, self.dt = int(n_langevin), float(dt)
@@ -598,6 +602,7 @@ class EnergyMatching:
         self.clamp_negatives = clamp_negatives  # e.g. (-1, 1) for images, as in the authors' chains
         self.autocast = autocast               # context-manager factory for bf16 network passes, or None
         self.use_ot = use_ot
+        self.flow_weighting = bool(flow_weighting)   # phase 2 only: fade the flow loss out for t > tau* (2-D code)
 
     def eps(self, t):
         """eps(t) of Eq. (3) with this model's tau* and eps_max."""
@@ -611,9 +616,19 @@ class EnergyMatching:
         return e.float()
 
     # --- phase 1: the flow-like objective L_OT (Sec. 2.1.1, Alg. 1) ---
-    def flow_loss(self, x1, x0):
+    def flow_weight(self, t):
+        """Phase-2 flow weight of the authors' 2-D code (not in the paper): w(t) = 1 for t < tau*, falling
+        linearly to 0 at t = 1. Near the data (t -> 1) the flow asks grad V = x0 - x1 != 0 while CD asks the data
+        to sit in minima of V (grad V = 0); fading the flow out there leaves that region to CD."""
+        if self.tau_star >= 1.0:
+            return torch.ones_like(t)
+        return ((1.0 - t) / (1.0 - self.tau_star)).clamp(0.0, 1.0)   # = 1 for t <= tau*, (1-t)/(1-tau*) after
+
+    def flow_loss(self, x1, x0, weighted=False):
         """L_OT: -grad V at a point of the straight noise -> data path must equal the path's velocity x1 - x0,
-        i.e. the residual grad V(x_t) + (x1 - x0) must vanish. x0 is re-paired by exact minibatch OT first."""
+        i.e. the residual grad V(x_t) + (x1 - x0) must vanish. x0 is re-paired by exact minibatch OT first.
+        weighted=True multiplies each sample's residual by flow_weight(t) (used by loss() in phase 2 when
+        flow_weighting is on)."""
         if self.use_ot:
             x0 = ot_pair(x0, x1)                                     # Alg. 1 line 5: T = OT map noise -> data
         t = torch.rand(x1.shape[0], device=x1.device)                # Alg. 1 line 6: t ~ U(0, 1), per sample
@@ -622,6 +637,8 @@ class EnergyMatching:
         g = grad_V(self.V, xt, create_graph=True, autocast=self.autocast)   # grad V(x_t), graph kept for theta
         r = (g.float() + (x1 - x0)).flatten(1).pow(2)                # || grad V(x_t) + x_data - T(x_data) ||^2
         r = r.mean(1) if self.flow_reduction == "mean" else r.sum(1)
+        if weighted:
+            r = self.flow_weight(t) * r                              # w(t) ||.||^2  (authors' 2-D phase 2)
         return r.mean()
 
     # --- phase 2: the contrastive objective L_CD (Sec. 2.1.2, Alg. 2 lines 5-15) ---
@@ -653,19 +670,23 @@ class EnergyMatching:
         cd = e_pos.mean() - neg_stat                                 # Alg. 2 line 15
         return cd, {"cd": cd.item(), "e_pos": e_pos.mean().item(), "e_neg": e_neg.mean().item()}
 
-    def loss(self, x1, x0, phase="warmup", x1_cd=None):
+    def loss(self, x1, x0, phase="warmup", x1_cd=None, x0_cd=None):
         """phase "warmup": L_OT (Alg. 1). phase "main": L_OT + lambda_CD L_CD (Alg. 2 line 16), where (authors'
         code) lambda_CD L_CD is clamped from below at -cd_neg_clamp so a run-away CD term cannot dominate.
-        x1_cd: an optional second data batch for CD (authors' code); default the same batch (paper)."""
+        x1_cd: an optional second data batch for CD (authors' code); default the same batch (paper).
+        x0_cd: the starts of the noise-started negatives; default x0 itself (Alg. 2: x~ starts at x0 ~ N(0, I)).
+        Pass source samples here when the source is not N(0, I) (the 2-D figure starts them at 8 Gaussians)."""
         if phase not in ("warmup", "main"):
             raise ValueError(f"phase must be 'warmup' or 'main', got {phase!r}")
-        flow = self.flow_loss(x1, x0)
+        flow = self.flow_loss(x1, x0, weighted=(phase == "main" and self.flow_weighting))
         logs = {"flow": flow.item()}
         if phase == "warmup" or self.lambda_cd == 0:
             logs["loss"] = logs["flow"]
             return flow, logs
         x1_cd = x1 if x1_cd is None else x1_cd
-        cd, cd_logs = self.cd_loss(x1_cd, randn(x1_cd))   # fresh noise for the noise-started chains
+        if x0_cd is None:
+            x0_cd = x0 if x0.shape == x1_cd.shape else randn(x1_cd)
+        cd, cd_logs = self.cd_loss(x1_cd, x0_cd)
         cd_term = self.lambda_cd * cd
         if self.cd_neg_clamp:
             cd_term = torch.clamp(cd_term, min=-float(self.cd_neg_clamp))
@@ -856,7 +877,8 @@ def build_em(V, args, V_fast=None, autocast=None, clamp=(-1.0, 1.0)):
                           n_langevin=args.n_langevin, dt=args.dt, cd_neg_clamp=args.cd_neg_clamp,
                           cd_trim=args.cd_trim, neg_data_frac=args.neg_data_frac,
                           flow_reduction=args.flow_reduction, tau_s=args.tau_s, clamp_negatives=clamp,
-                          autocast=autocast, use_ot=not args.no_ot, V_fast=V_fast)
+                          autocast=autocast, use_ot=not args.no_ot, V_fast=V_fast,
+                          flow_weighting=args.flow_weighting)
 
 
 @torch.no_grad()

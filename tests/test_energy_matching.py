@@ -120,6 +120,41 @@ def test_cd_loss_trimmed_mean_clamp_and_stop_gradient():
     assert not x_neg2.requires_grad and at_data.sum().item() == 10
 
 
+def test_loss_main_noise_chains_start_at_x0_or_x0_cd():
+    """Alg. 2: the noise-started negatives start at the step's noise x0; x0_cd overrides the starts (a
+    non-Gaussian source, as in the 2-D figure). n_langevin = 0 makes the negatives their starting points."""
+    w = torch.tensor([0.7, -0.3])
+    V = lambda x: (x * w).sum(1)  # noqa: E731
+    x1, x0, x0_cd = torch.randn(16, 2) + 2, torch.randn(16, 2), torch.randn(16, 2) * 3 - 4
+    m = em.EnergyMatching(V, n_langevin=0, cd_trim=0.0, neg_data_frac=0.0, lambda_cd=1.0, cd_neg_clamp=0)
+    _, logs = m.loss(x1, x0, phase="main")
+    assert logs["e_neg"] == pytest.approx(V(x0).mean().item(), rel=1e-5)
+    _, logs = m.loss(x1, x0, phase="main", x0_cd=x0_cd)
+    assert logs["e_neg"] == pytest.approx(V(x0_cd).mean().item(), rel=1e-5)
+
+
+def test_flow_weighting_phase2_only_and_exact():
+    """The authors' 2-D phase 2 weights the flow residual by w(t) = 1 (t < tau*), (1 - t)/(1 - tau*) after.
+    With V = 0 the residual is ||x1 - x0||^2 whatever t, so the weighted loss is mean_i w(t_i) ||u||^2 with the
+    t_i the loss draws (reproduced from the seed); phase 1 ignores the weighting."""
+    V = lambda x: (0.0 * x).sum(1)  # noqa: E731
+    m = em.EnergyMatching(V, tau_star=0.8, lambda_cd=0.0, use_ot=False, flow_weighting=True)
+    t = torch.tensor([0.0, 0.5, 0.8, 0.9, 1.0])
+    assert torch.allclose(m.flow_weight(t), torch.tensor([1.0, 1.0, 1.0, 0.5, 0.0]))
+    x0 = torch.zeros(512, 2)
+    x1 = x0 + torch.tensor([3.0, 4.0])                            # u = x1 - x0, ||u||^2 / 2 dims = 12.5
+    torch.manual_seed(5)
+    loss_main, _ = m.loss(x1, x0, phase="main")
+    torch.manual_seed(5)
+    t_drawn = torch.rand(512)
+    assert loss_main.item() == pytest.approx(12.5 * m.flow_weight(t_drawn).mean().item(), rel=1e-5)
+    assert 0.85 < loss_main.item() / 12.5 < 0.95                  # E w(t) = 0.8 + 0.2 / 2 = 0.9
+    loss_warm, _ = m.loss(x1, x0, phase="warmup")
+    assert loss_warm.item() == pytest.approx(12.5, rel=1e-5)
+    # tau* = 1 (the CIFAR recipe): the weight is 1 everywhere, flow_weighting changes nothing
+    assert torch.equal(em.EnergyMatching(V, tau_star=1.0).flow_weight(t), torch.ones(5))
+
+
 def test_negatives_data_chains_hot_noise_chains_on_schedule():
     """Alg. 2 lines 5-11: data-started chains run at eps_max from the first step; noise-started chains follow
     eps(t), which is 0 before tau* -- so on V = a/2 ||x||^2 they are the exact deterministic recursion
