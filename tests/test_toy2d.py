@@ -17,7 +17,7 @@ import toy2d
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "toy2d.py")
 TINY = ["--hidden", "16", "--depth", "2", "--batch-size", "32", "--n-langevin", "3", "--tau-s", "0.1",
-        "--n-eval", "200", "--grid-n", "30", "--langevin-steps", "5"]
+        "--ode-steps", "10", "--n-eval", "200", "--grid-n", "30", "--langevin-steps", "5"]
 
 
 def run_cli(args, **kw):
@@ -134,8 +134,8 @@ def test_otcfm_heun_integrates_a_constant_field_exactly():
 
 
 def test_em_phase2_negatives_start_at_the_source():
-    # EnergyMatching.loss() starts noise negatives at N(0, I); with an 8-Gaussians source toy2d hands
-    # cd_loss fresh source points instead (the EM paper's 2-D setting). Check what cd_loss receives.
+    # With an 8-Gaussians source toy2d hands EnergyMatching.loss fresh source points as x0_cd (the EM paper's
+    # 2-D setting: negatives start at the source). Check what cd_loss receives.
     a = _args(["--method", "em", "--steps", "10", "--steps-cd", "5"])
     m = toy2d.EMToy(a)
     seen = {}
@@ -209,6 +209,7 @@ def test_plots_are_written(tmp_path, method):
     (["--steps", "-5"], "--steps must be >= 0"),
     (["--steps", "10", "--steps-cd", "20"], "cannot exceed"),
     (["--out-dir", "__FILE__/sub"], "cannot write"),
+    (["--method", "vpfb", "--t-inf", "1.5"], "--t-inf must be in (0, 1)"),
 ])
 def test_bad_input_one_line_exit_2(tmp_path, args, needle):
     f = tmp_path / "a_file"
@@ -219,6 +220,16 @@ def test_bad_input_one_line_exit_2(tmp_path, args, needle):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_vpfb_t_inf_reaches_the_boltzmann_energy():
+    # --t-inf is handed to vpfb.VPFB, and Phi_B then reads Phi at that time (not at t_max)
+    a = _args(["--method", "vpfb", "--t-inf", "0.9"])
+    m = toy2d.VPFBToy(a)
+    assert m.model.t_inf == 0.9 and m.used()["t_inf"] == 0.9
+    x = torch.randn(8, 2)
+    assert torch.allclose(m.log_density(x), m.model.boltzmann_energy(x, t_inf=0.9))
+    assert not torch.allclose(m.log_density(x), m.model.boltzmann_energy(x, t_inf=m.model.t_max))
 
 
 def test_help_lists_defaults():
