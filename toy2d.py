@@ -17,7 +17,8 @@ that 2-D makes exact (W2 with an exact OT solver, a density normalised on a grid
 
 Defaults are sized so that `python toy2d.py --method em` takes well under a minute on a 2-core laptop CPU
 (3000 steps of batch 256, MLP 2->128->128->128->1, 50-step negative chains, 125-150 sampler steps).
-The EM authors' own 2-D run (REFERENCE_NOTES; 34 minutes here, niced on a loaded 2-core machine; W2 0.478, see notes) is
+The EM authors' own 2-D run (REFERENCE_NOTES; 34 minutes here, niced on a loaded 2-core machine; W2 0.478,
+see README) is
 
     python toy2d.py --method em --steps 22000 --steps-cd 2000 --batch-size 128 --lr 1e-4 --hidden 256 \
         --depth 4 --n-langevin 200 --chain-dt 0.01 --lambda-cd 2 --tau-star 0.8 --eps-max 0.15
