@@ -221,11 +221,6 @@ def check_args(a):
     return a
 
 
-def sampler_steps(a):
-    """Sampler steps of the methods other than EM (EM: round(tau_s / dt), Alg. 2 / §2.1.3)."""
-    return a.ode_steps
-
-
 # ======================================================================================================
 # === 2. Data ===
 # ======================================================================================================
@@ -405,7 +400,7 @@ class VPFBToy:
 
     def sample(self, x0):
         # Eq. (13): dx/dt = +grad_x Phi(x, t) from t = 0 to 1
-        return self.model.sample(x0, method=self.a.ode_method, n_steps=sampler_steps(self.a), return_traj=True)
+        return self.model.sample(x0, method=self.a.ode_method, n_steps=self.a.ode_steps, return_traj=True)
 
     def langevin(self, x0):
         # Sec. 4.6 / Fig. 2: SGLD ascending the Boltzmann energy Phi_B
@@ -440,7 +435,7 @@ class OTCFM:
 
     @torch.no_grad()
     def sample(self, x0):
-        K = sampler_steps(self.a)
+        K = self.a.ode_steps
         h, x, traj = 1.0 / K, x0, [x0]
         for k in range(K):
             t = k * h
@@ -498,7 +493,7 @@ class CDEBM:
         return cd + reg, {"cd": cd.item(), "reg": reg.item()}
 
     def sample(self, x0):
-        return langevin_chain(self.net, x0, sampler_steps(self.a), self.a.dt, self.a.eps_max, keep_traj=True)
+        return langevin_chain(self.net, x0, self.a.ode_steps, self.a.dt, self.a.eps_max, keep_traj=True)
 
     def log_density(self, x):
         return -self.net(x) / self.a.eps_max
