@@ -640,6 +640,8 @@ def plan_ref(ref, *, cache=True, data_dir="data", stats_dir=None):
     """Check --ref without running any network. Returns a dict with `count` (reference images, None
     if unknown) and `has_features` (KID possible), plus `stats` (ready statistics), or `dataset`
     (a torchvision name; `images` are filled in by load_ref_images), or `source` (images)."""
+    if isinstance(ref, np.ndarray) and ref.ndim == 2 and np.issubdtype(ref.dtype, np.floating):
+        ref = stats_from_features(ref, "features")              # (N, D) features, as compute_stats
     if isinstance(ref, dict):
         f = ref.get("features")
         return {"stats": ref, "count": len(f) if f is not None else ref.get("count"),

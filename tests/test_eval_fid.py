@@ -212,6 +212,9 @@ def test_fid_of_a_set_with_itself_is_zero_and_stats_roundtrip(tmp_path):
     again = E.fid_from_samples(b, str(tmp_path / "ref.npz"), net=TinyNet(), progress=False,
                                kid_subsets=10, kid_subset_size=32)
     assert again["fid"] == pytest.approx(diff["fid"], rel=1e-9) and again["kid_mean"] > 0
+    feats = E.extract(a, TinyNet(), progress=False)[0]                # a feature array as --ref
+    from_feats = E.fid_from_samples(b, feats, net=TinyNet(), progress=False)
+    assert from_feats["fid"] == pytest.approx(diff["fid"], rel=1e-9)
     np.savez(tmp_path / "musig.npz", mu=st["mu"], sigma=st["sigma"])   # pytorch-fid: no features
     with pytest.raises(E.FIDError, match="KID needs reference features"):
         E.fid_from_samples(b, str(tmp_path / "musig.npz"), net=TinyNet(), progress=False,
