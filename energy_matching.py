@@ -1,27 +1,28 @@
 """Energy Matching on images, in one file meant to be read beside the paper.
 
-Paper: M. Balcerak et al., "Energy Matching: Unifying Flow Matching and Energy-Based Models for Generative
-Modeling", arXiv:2504.10612. Authors' code: https://github.com/m1balcerak/EnergyMatching
-One time-independent scalar potential V(x). Samples move along -grad V: an OT-like flow far from the data,
-then Langevin noise at temperature eps(t) (Eq. 3) near it, so the end state is the Boltzmann density
-p(x) ∝ exp(-V(x) / eps_max) (Eq. 6). Phase 1 (Alg. 1) fits -grad V(x_t) to x1 - x0 on exact minibatch-OT
-pairs; phase 2 (Alg. 2) adds lambda_CD * contrastive divergence on Langevin negatives.
+Paper: M. Balcerak et al., "Energy Matching: Unifying Flow Matching and Energy-Based Models for
+Generative Modeling", arXiv:2504.10612. Authors' code: https://github.com/m1balcerak/EnergyMatching
+One time-independent scalar potential V(x). Samples move along -grad V: an OT-like flow far from the
+data, then Langevin noise at temperature eps(t) (Eq. 3) near it, so that the end state is the
+Boltzmann density p(x) ∝ exp(-V(x) / eps_max) (Eq. 6). Phase 1 (Alg. 1) fits -grad V(x_t) to
+x1 - x0 on exact minibatch-OT pairs; phase 2 (Alg. 2) adds lambda_CD * contrastive divergence on
+Langevin negatives.
 
 How to run (`python energy_matching.py --help` lists every flag with its default):
-    python energy_matching.py --dataset cifar10 --phase warmup          # phase 1, Alg. 1
-    python energy_matching.py --dataset cifar10 --phase main  # phase 2, Alg. 2, from ckpt_warmup.pt
-    python energy_matching.py --mode sample --num-samples 50000  # Heun SDE -> samples.npz (eval_fid.py)
-    python energy_matching.py --mode inpaint --dataset celeba64  # Alg. 3, with vs without interaction
-    python energy_matching.py --mode lid --dataset mnist  # Hessian-spectrum LID vs PNG size
-    python energy_matching.py --dataset npz --data-dir digits.npz  # any uint8 N x H x W x C image array
---recipe authors (default) follows the authors' CIFAR-10 code, --recipe paper the paper's Appendix C;
-every difference between the two is a flag (README, "Paper vs code").
+    python energy_matching.py --dataset cifar10 --phase warmup       # phase 1, Alg. 1
+    python energy_matching.py --dataset cifar10 --phase main         # phase 2, Alg. 2
+    python energy_matching.py --mode sample --num-samples 50000      # samples.npz for eval_fid.py
+    python energy_matching.py --mode inpaint --dataset celeba64      # Alg. 3, with vs without W
+    python energy_matching.py --mode lid --dataset mnist             # Hessian LID vs PNG size
+    python energy_matching.py --dataset npz --data-dir digits.npz    # any uint8 N x H x W x C array
+--recipe authors (default) follows the authors' CIFAR-10 code, --recipe paper the paper's App. C;
+each difference between the two is a flag (README, "Paper vs code").
 
-Where the maths lives (section 1): Eq. 3 `temperature`; Alg. 1 `EnergyMatching.flow_loss` (OT pairs
-`ot_pair`, Eq. 2); Alg. 2 `EnergyMatching.negatives`, `cd_loss`, `loss`; Eq. 6 / Alg. 2 line 8 `langevin`;
-sampler `sde_sample`; Alg. 3 / Eqs. 7-8 `inverse_langevin`; Sec. 3.3 / App. B `lid_exact`, `lid_slq`.
-Section 2 holds the networks (Fig. 5 UNet + ViT; App. C MNIST CNN); below the ENGINEERING line nothing is
-in the paper.
+Where the maths lives (section 1): Eq. 3 `temperature`; Alg. 1 `EnergyMatching.flow_loss` with
+`ot_pair` (Eq. 2); Alg. 2 `negatives`, `cd_loss`, `loss`; Eq. 6 / Alg. 2 line 8 `langevin`; the
+sampler `sde_sample`; Alg. 3 / Eqs. 7-8 `inverse_langevin`; Sec. 3.3 / App. B `lid_exact`,
+`lid_slq`. Section 2: the networks (Fig. 5 UNet + ViT, App. C CNN). Below the ENGINEERING line
+nothing is in the paper.
 """
 import argparse
 import contextlib
@@ -42,10 +43,10 @@ import torch.nn.functional as F
 
 # ==== 1. The method ====
 def temperature(t, tau_star, eps_max):
-    """Eq. (3): eps(t) = 0 for t < tau*, eps_max (t - tau*) / (1 - tau*) on [tau*, 1], eps_max for t >= 1.
+    """Eq. (3): eps(t) = 0 for t < tau*, eps_max (t - tau*)/(1 - tau*) on [tau*, 1], eps_max after.
 
-    t: a python float (returns a float) or a tensor (returns a tensor of its shape).
-    tau* = 1 (the authors' CIFAR-10 code) is the limit of a step: 0 before t = 1, eps_max from t = 1 on.
+    t: a python float (returns a float) or a tensor (returns a tensor of its shape). tau* = 1 (the
+    authors' CIFAR-10 code) is the limit of a step: 0 before t = 1, eps_max from t = 1 on.
     """
     if torch.is_tensor(t):
         if tau_star >= 1.0:
@@ -64,9 +65,9 @@ def temperature(t, tau_star, eps_max):
 def ot_pair(x0, x1):
     """Exact minibatch OT (Alg. 1 line 5): x0 reordered so that (x0[perm][i], x1[i]) are OT pairs.
 
-    Cost M_ij = ||x0_i - x1_j||^2 (Eq. 2), uniform weights 1/B. For two uniform clouds of equal size the
-    network simplex `ot.emd` returns a permutation matrix / B (Birkhoff), one non-zero per column.
-    float64 on the CPU: the plan must not depend on the precision of |a|^2 + |b|^2 - 2ab.
+    Cost M_ij = ||x0_i - x1_j||^2 (Eq. 2), uniform weights 1/B. For two uniform clouds of equal size
+    the network simplex `ot.emd` returns a permutation matrix / B (Birkhoff), one non-zero per
+    column. float64 on the CPU: the plan must not depend on the precision of |a|^2 + |b|^2 - 2ab.
     """
     import ot
     if x0.shape[0] != x1.shape[0]:
@@ -109,34 +110,36 @@ def _bcast(v, x):
 class EnergyMatching:
     """The method: a scalar potential V (any module x -> (B,)), its two losses and its sampler.
 
-    Samples move along -grad V; the learned Boltzmann density is p(x) ∝ exp(-V(x) / eps_max) (Eq. 6).
-    Keyword defaults are the authors' CIFAR-10 code (tau* = 1, eps_max = 0.01, lambda_CD = 1e-3, 200
-    Langevin steps of 0.01, CD clamp 0.02, 10 % trim). Paper-vs-code switches (README, "Paper vs code"):
-      flow_reduction  "mean" over pixels (code) | "sum" = ||.||^2 of Alg. 1 (paper)
-      flow_weighting  False | "main" | "both": fade the flow loss to 0 between tau* and t = 1 in phase 2
-                      (authors' 2-D code; True = "main") or in both phases (authors' CIFAR-10 code)
-      cd_neg_clamp, cd_trim   code-only: lambda_CD*CD >= -clamp; drop the top trim fraction of V(neg)
-      same_temperature  data-started negatives follow eps(t) too (code) instead of eps_max (Alg. 2 l. 10)
-      chain_clock     m -> t, the chain time of Langevin step m (default t = m dt, Alg. 2)
-      ot_sigma        std of Gaussian noise around the straight path (OT-CFM's sigma; paper: 0)
+    Samples move along -grad V; the learned Boltzmann density is p(x) ∝ exp(-V(x) / eps_max)
+    (Eq. 6). Keyword defaults: the authors' CIFAR-10 code (tau* = 1, eps_max 0.01, lambda_CD 1e-3,
+    200 Langevin steps of 0.01, CD clamp 0.02, 10 % trim). Paper-vs-code switches:
+      flow_reduction    "mean" over pixels (code) | "sum" = ||.||^2 of Alg. 1 (paper)
+      flow_weighting    False | "main" | "both": fade the flow loss to 0 between tau* and t = 1,
+                        in phase 2 (authors' 2-D code; True = "main") or both phases (CIFAR code)
+      cd_neg_clamp      code: lambda_CD CD >= -cd_neg_clamp (0 = off, paper)
+      cd_trim           code: drop the top cd_trim fraction of V(negatives) (0 = paper)
+      same_temperature  data-started negatives follow eps(t) too (code), not eps_max (Alg. 2 l. 10)
+      chain_clock       m -> t, the chain time of Langevin step m (default t = m dt, Alg. 2)
+      ot_sigma          std of noise around the straight path (OT-CFM's sigma; paper: 0)
     """
 
     def __init__(self, V, tau_star=1.0, eps_max=0.01, lambda_cd=1e-3, n_langevin=200, dt=0.01,
-                 cd_neg_clamp=0.02, cd_trim=0.1, neg_data_frac=0.5, flow_reduction="mean", tau_s=3.0,
-                 clamp_negatives=None, use_ot=True, flow_weighting=False, same_temperature=False,
-                 chain_clock=None, ot_sigma=0.0):
+                 cd_neg_clamp=0.02, cd_trim=0.1, neg_data_frac=0.5, flow_reduction="mean",
+                 tau_s=3.0, clamp_negatives=None, use_ot=True, flow_weighting=False,
+                 same_temperature=False, chain_clock=None, ot_sigma=0.0):
         self.V = V
-        self.tau_star, self.eps_max, self.lambda_cd = float(tau_star), float(eps_max), float(lambda_cd)
+        self.tau_star, self.eps_max = float(tau_star), float(eps_max)
+        self.lambda_cd = float(lambda_cd)
         self.n_langevin, self.dt, self.tau_s = int(n_langevin), float(dt), float(tau_s)
         self.cd_neg_clamp, self.cd_trim = cd_neg_clamp, float(cd_trim)
-        self.neg_data_frac = float(neg_data_frac)  # fraction of negatives started at data (paper: half)
+        self.neg_data_frac = float(neg_data_frac)  # negatives started at data (paper: half)
         self.flow_reduction = flow_reduction
         self.clamp_negatives = clamp_negatives        # (-1, 1) for images, as the authors' chains
         self.use_ot = use_ot
         if flow_weighting is True:
             flow_weighting = "main"
         if flow_weighting not in (False, None, "off", "main", "both"):
-            raise ValueError(f"flow_weighting must be False, 'main' or 'both', got {flow_weighting!r}")
+            raise ValueError(f"flow_weighting: False, 'main' or 'both', not {flow_weighting!r}")
         self.flow_weighting = flow_weighting if flow_weighting in ("main", "both") else False
         self.same_temperature = bool(same_temperature)
         self.chain_clock = chain_clock
@@ -152,14 +155,15 @@ class EnergyMatching:
 
     # --- the flow-like objective L_OT (Sec. 2.1.1, Alg. 1) ---
     def flow_weight(self, t):
-        """Authors' code, not the paper: w(t) = 1 for t < tau*, linear to 0 at t = 1. Near the data the flow
-        asks grad V = x0 - x1 != 0 while CD asks for minima there (grad V = 0); the fade leaves it to CD."""
+        """Authors' code, not the paper: w(t) = 1 for t < tau*, linear to 0 at t = 1. Near the data
+        the flow asks grad V = x0 - x1 != 0 while CD asks for minima there (grad V = 0); the fade
+        leaves it to CD."""
         if self.tau_star >= 1.0:
             return torch.ones_like(t)
         return ((1.0 - t) / (1.0 - self.tau_star)).clamp(0.0, 1.0)
 
     def flow_loss(self, x1, x0, weighted=False):
-        """L_OT = E || grad V(x_t) + x1 - x0 ||^2 on OT pairs: -grad V must be the path's velocity."""
+        """L_OT = E ||grad V(x_t) + x1 - x0||^2 on OT pairs: -grad V is the path's velocity."""
         if self.use_ot:
             x0 = ot_pair(x0, x1)                                      # Alg. 1 line 5: T = OT map
         t = torch.rand(x1.shape[0], device=x1.device)                 # Alg. 1 line 6: t ~ U(0, 1)
@@ -176,9 +180,9 @@ class EnergyMatching:
 
     # --- the contrastive objective L_CD (Sec. 2.1.2, Alg. 2 lines 5-15) ---
     def negatives(self, x1, x0):
-        """Langevin negatives: the first neg_data_frac of the batch starts at data x1, the rest at x0.
-        Noise-started chains follow eps(t); data-started ones stay at eps_max (Alg. 2 line 10) unless
-        same_temperature. Returns (x_neg, at_data)."""
+        """Langevin negatives: the first neg_data_frac of the batch starts at data x1, the rest at
+        x0. Noise-started chains follow eps(t); data-started ones stay at eps_max (Alg. 2 line 10)
+        unless same_temperature. Returns (x_neg, at_data)."""
         B = x1.shape[0]
         at_data = torch.arange(B, device=x1.device) < int(round(self.neg_data_frac * B))
         x_init = torch.where(_bcast(at_data, x1), x1, x0)             # Alg. 2 line 5
@@ -187,13 +191,14 @@ class EnergyMatching:
         def eps_fn(t):                                                # per-sample eps^(m)
             return torch.where(hot, self.eps_max, self.eps(t))
 
-        x_neg = langevin(self.V, x_init, self.n_langevin, self.dt, eps_fn, clamp=self.clamp_negatives,
-                         clock=self.chain_clock)
+        x_neg = langevin(self.V, x_init, self.n_langevin, self.dt, eps_fn,
+                         clamp=self.clamp_negatives, clock=self.chain_clock)
         return x_neg, at_data
 
     def cd_loss(self, x1, x0):
-        """L_CD = E_data[V] - E_neg[V(sg(x~))] (Alg. 2 lines 13-15). The paper divides both by eps_max;
-        the code does not (lambda_CD absorbs it): we follow the code. Trimmed negative mean (code)."""
+        """L_CD = E_data[V] - E_neg[V(sg(x~))] (Alg. 2 lines 13-15). The paper divides both by
+        eps_max; the code does not (lambda_CD absorbs it): we follow the code. Trimmed negative mean
+        (code)."""
         x_neg, _ = self.negatives(x1, x0)     # the network stays in train mode, as in the code
         e_pos = self.energy(x1)                                       # Alg. 2 line 14
         e_neg = self.energy(x_neg)                                    # Alg. 2 line 13
@@ -203,13 +208,13 @@ class EnergyMatching:
         return cd, {"cd": cd.item(), "e_pos": e_pos.mean().item(), "e_neg": e_neg.mean().item()}
 
     def loss(self, x1, x0, phase="warmup", x1_cd=None, x0_cd=None):
-        """"warmup": L_OT (Alg. 1). "main": L_OT + lambda_CD L_CD (Alg. 2 line 16), lambda_CD L_CD clamped
-        from below at -cd_neg_clamp (code). x1_cd: a second data batch for CD (code; default x1).
-        x0_cd: starts of the noise-started negatives (default x0; pass source samples when the source is
-        not N(0, I), as in the 2-D figure)."""
+        """"warmup": L_OT (Alg. 1). "main": L_OT + lambda_CD L_CD (Alg. 2 line 16), lambda_CD L_CD
+        clamped from below at -cd_neg_clamp (code). x1_cd: a second data batch for CD (code; default
+        x1). x0_cd: starts of the noise-started negatives (default x0; pass source samples when the
+        source is not N(0, I), as in the 2-D figure)."""
         if phase not in ("warmup", "main"):
             raise ValueError(f"phase must be 'warmup' or 'main', got {phase!r}")
-        weighted = self.flow_weighting == "both" or (self.flow_weighting == "main" and phase == "main")
+        weighted = self.flow_weighting in ("both", phase if phase == "main" else "-")
         flow = self.flow_loss(x1, x0, weighted=weighted)
         logs = {"flow": flow.item()}
         if phase == "warmup" or self.lambda_cd == 0:
@@ -236,8 +241,8 @@ class EnergyMatching:
 def langevin(V, x, n_steps, dt, eps, clamp=None, clock=None):
     """Unadjusted Langevin, Alg. 2 lines 6-12: x <- x - dt grad V(x) + sqrt(2 dt eps^(m)) eta.
 
-    Stationary law (dt -> 0, constant eps): p(x) ∝ exp(-V(x) / eps) (Eq. 6). eps: a float, a (B,) tensor,
-    or a callable t -> either, read at the chain time t = clock(m) (default m dt) of step m.
+    Stationary law (dt -> 0, constant eps): p(x) ∝ exp(-V(x) / eps) (Eq. 6). eps: a float, a (B,)
+    tensor, or a callable t -> either, read at the chain time t = clock(m) (default m dt) of step m.
     Detached (sg in Alg. 2). clamp=(lo, hi) clamps the final state only (authors' code).
     """
     x = x.detach().float()
@@ -250,13 +255,14 @@ def langevin(V, x, n_steps, dt, eps, clamp=None, clock=None):
 
 
 def sde_sample(V, x0, eps, tau_s, dt, method="heun", clamp=None, return_traj=False):
-    """dx = -grad V(x) dt + s(t) dW, s = sqrt(2 eps(t)), from t = 0 to tau_s in K = round(tau_s / dt) steps.
+    """dx = -grad V(x) dt + s(t) dW, s = sqrt(2 eps(t)), t: 0 -> tau_s in round(tau_s/dt) steps.
 
     "euler": Euler-Maruyama, x' = x - dt grad V(x) + s(t) dW (= Alg. 2 line 8).
-    "heun":  stochastic Heun (torchsde's Stratonovich "heun", the authors' sampler), one dW per step:
-             x~ = x - dt grad V(x) + s(t) dW;  x' = x - dt/2 (grad V(x) + grad V(x~)) + (s(t) + s(t+dt))/2 dW.
-    The noise is additive, so Ito = Stratonovich; with eps = 0 these are the Heun / Euler ODE solvers.
-    clamp clamps the final state only. Returns x, or (x, traj) with traj (K+1, B, ...).
+    "heun":  stochastic Heun (torchsde's Stratonovich "heun", the authors' sampler), one dW a step:
+             x~ = x - dt grad V(x) + s(t) dW
+             x' = x - dt/2 (grad V(x) + grad V(x~)) + (s(t) + s(t+dt))/2 dW
+    The noise is additive, so Ito = Stratonovich; with eps = 0 these are the Heun / Euler ODE
+    solvers. clamp clamps the final state only. Returns x, or (x, traj) with traj (K+1, B, ...).
     """
     if method not in ("heun", "euler"):
         raise ValueError(f"method must be 'heun' or 'euler', got {method!r}")
@@ -281,16 +287,16 @@ def sde_sample(V, x0, eps, tau_s, dt, method="heun", clamp=None, return_traj=Fal
 
 def inverse_langevin(V, y, A, n_chains, tau_s, dt, eps, zeta, sigma=None, Bmask=None, x_init=None,
                      clamp=None):
-    """Algorithm 3: posterior sampling for y = A x + w with the learned prior and a repulsive interaction.
+    """Algorithm 3: posterior sampling for y = A x + w, learned prior, repulsive interaction.
 
-    y (N, ...) observations; A a 0/1 mask (...) or (N, ...) (diagonal operator); M = n_chains chains per
-    observation from N(0, I). Step n (t = n dt, e = eps(t) of Eq. 3), for every chain m:
+    y (N, ...) observations; A a 0/1 mask (...) or (N, ...) (diagonal operator); M = n_chains chains
+    per observation from N(0, I). Step n (t = n dt, e = eps(t) of Eq. 3), for every chain m:
         U_m = e/zeta^2 ||y - A x_m||^2 + V(x_m) - e/sigma^2 sum_{k != m} ||B (x_m - x_k)||^2
         x_m <- x_m - dt grad U_m + sqrt(2 e dt) eta
-    At eps_max this samples p(x | y) ∝ exp(-||y - Ax||^2 / zeta^2 - V(x) / eps_max) (Eqs. 7-8).
-    Sec. 3.2 asks for p ∝ prod p(x_m | y) exp(+W), W = ||B(x_m - x_k)||^2 / sigma^2: repulsion. Alg. 3
-    prints "+ eps/sigma^2 sum W" (attraction, sigma^2 twice); we implement the text's repulsion, sigma^2
-    once. sigma=None: no interaction. Returns x (N, M, ...).
+    At eps_max this samples p(x | y) ∝ exp(-||y - Ax||^2 / zeta^2 - V(x) / eps_max) (Eqs. 7-8). Sec.
+    3.2 asks for p ∝ prod p(x_m | y) exp(+W), W = ||B(x_m - x_k)||^2 / sigma^2: repulsion. Alg. 3
+    prints "+ eps/sigma^2 sum W" (attraction, sigma^2 twice); we implement the text's repulsion,
+    sigma^2 once. sigma=None: no interaction. Returns x (N, M, ...).
     """
     N, shape, M = y.shape[0], tuple(y.shape[1:]), n_chains
     y_r = y.float().unsqueeze(1)                                      # (N, 1, ...)
@@ -312,7 +318,8 @@ def inverse_langevin(V, y, A, n_chains, tau_s, dt, eps, zeta, sigma=None, Bmask=
     return x.clamp(*clamp) if clamp is not None else x
 
 
-# --- LID (Sec. 3.3, App. B): LID(x) = #{ |lambda_i(Hess V(x))| < tau }, the near-flat directions ---
+# --- LID (Sec. 3.3, App. B): LID(x) = #{ |lambda_i(Hess V(x))| < tau }, the near-flat directions
+# ---
 def hessian_exact(V, x):
     """The full Hessian d^2 V / dx^2 at one point x (any shape, d = x.numel()), (d, d) float64."""
     shape = x.shape
@@ -339,9 +346,10 @@ def lid_exact(V, xs, tau):
 def lid_slq(V, xs, tau, n_probe=8, n_lanczos=60, seed=0):
     """LID for large d by stochastic Lanczos quadrature (the partial-spectrum route of Sec. 4):
 
-    #{|lambda| < tau} = tr 1(|H| < tau) ≈ d mean_v sum_j (e1^T u_j)^2 1(|theta_j| < tau), (theta_j, u_j)
-    the eigenpairs of the Lanczos tridiagonal matrix from a Rademacher start v / ||v||. Hessian-vector
-    products only (one double backward each), batched over images, full re-orthogonalisation."""
+    #{|lambda| < tau} = tr 1(|H| < tau) ≈ d mean_v sum_j (e1^T u_j)^2 1(|theta_j| < tau), (theta_j,
+    u_j) the eigenpairs of the Lanczos tridiagonal matrix from a Rademacher start v / ||v||.
+    Hessian-vector products only (one double backward each), batched over images, full
+    re-orthogonalisation."""
     x = xs.detach().float().clone().requires_grad_(True)
     B, d = x.shape[0], x[0].numel()
     with torch.enable_grad(), math_sdpa():
@@ -349,7 +357,7 @@ def lid_slq(V, xs, tau, n_probe=8, n_lanczos=60, seed=0):
 
     def hvp(v):                                                       # H v for every image at once
         with torch.enable_grad():
-            return torch.autograd.grad(g, x, grad_outputs=v.view_as(x).to(g.dtype), retain_graph=True)[0]
+            return torch.autograd.grad(g, x, v.view_as(x).to(g.dtype), retain_graph=True)[0]
 
     gen = torch.Generator().manual_seed(seed)
     m = min(n_lanczos, d)
@@ -366,7 +374,7 @@ def lid_slq(V, xs, tau, n_probe=8, n_lanczos=60, seed=0):
             b = w.norm(dim=1)
             if j < m - 1:
                 beta.append(b)
-                q = torch.where(b[:, None] > 1e-10, w / b.clamp_min(1e-30)[:, None], torch.zeros_like(w))
+                q = torch.where(b[:, None] > 1e-10, w / b.clamp_min(1e-30)[:, None], 0.0)
                 Q.append(q)
         T = torch.diag_embed(torch.stack(alpha, 1))
         if beta:
@@ -393,8 +401,8 @@ def _trunk_autocast(net, x):
 
 
 class ResBlock(nn.Module):
-    """Guided-diffusion ResBlock (Tong et al.'s UNet) without time input: the authors feed a fixed dummy
-    t, whose embedding is a constant per-channel vector after conv1, i.e. a conv bias."""
+    """Guided-diffusion ResBlock (Tong et al.'s UNet) without time input: the authors feed a fixed
+    dummy t, whose embedding is a constant per-channel vector after conv1, i.e. a conv bias."""
 
     def __init__(self, cin, cout, dropout):
         super().__init__()
@@ -412,7 +420,8 @@ class ResBlock(nn.Module):
 
 
 class SelfAttention2d(nn.Module):
-    """Multi-head self-attention over the H*W positions (guided-diffusion AttentionBlock), via SDPA."""
+    """Multi-head self-attention over the H*W positions (guided-diffusion AttentionBlock), via
+    SDPA."""
 
     def __init__(self, ch, head_ch=64):
         super().__init__()
@@ -434,8 +443,9 @@ class SelfAttention2d(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Post-LN encoder layer, as nn.TransformerEncoderLayer(gelu, 4x MLP) of the authors, written out to
-    control the SDPA kernel. attn_dropout drops attention probabilities (theirs: dropout 0.1)."""
+    """Post-LN encoder layer, as nn.TransformerEncoderLayer(gelu, 4x MLP) of the authors, written
+    out to control the SDPA kernel. attn_dropout drops attention probabilities (theirs: dropout
+    0.1)."""
 
     def __init__(self, dim, heads, dropout, attn_dropout=0.0):
         super().__init__()
@@ -456,13 +466,14 @@ class TransformerBlock(nn.Module):
 
 
 class UNetViTPotential(nn.Module):
-    """The CIFAR-10 potential (Fig. 5): UNet (no time) -> C-channel map -> PatchEmbed(4) + 8-layer ViT
-    (384 wide, 4 heads) -> mean-pool -> Linear -> scalar, times output_scale (1000, authors' code).
-    Width 128, mult (1, 2, 2, 2), 2 ResBlocks per level, attention at 16x16 and in the middle, dropout
-    0.1: ~36M + ~14M parameters at size 1.0; `size` scales every width."""
+    """The CIFAR-10 potential (Fig. 5): UNet (no time) -> C-channel map -> PatchEmbed(4) + 8-layer
+    ViT (384 wide, 4 heads) -> mean-pool -> Linear -> scalar, times output_scale (1000, authors'
+    code). Width 128, mult (1, 2, 2, 2), 2 ResBlocks per level, attention at 16x16 and in the
+    middle, dropout 0.1: ~36M + ~14M parameters at size 1.0; `size` scales every width."""
 
     def __init__(self, shape=(3, 32, 32), size=1.0, res_blocks=2, vit_depth=8, dropout=0.1,
-                 output_scale=1000.0, ch_mult=(1, 2, 2, 2), attn_res=(16,), patch=4, attn_dropout=0.0):
+                 output_scale=1000.0, ch_mult=(1, 2, 2, 2), attn_res=(16,), patch=4,
+                 attn_dropout=0.0):
         super().__init__()
         C, H, W = shape
         ch = max(8, int(round(128 * size / 8)) * 8)
@@ -492,10 +503,11 @@ class UNetViTPotential(nn.Module):
                 if res in attn_res:
                     blk.append(SelfAttention2d(cur))
                 if lvl > 0 and i == res_blocks:
-                    blk += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cur, cur, 3, padding=1)]
+                    blk += [nn.Upsample(scale_factor=2), nn.Conv2d(cur, cur, 3, padding=1)]
                     res *= 2
                 self.up.append(nn.Sequential(*blk))
-        self.out = nn.Sequential(nn.GroupNorm(_groups(cur), cur), nn.SiLU(), nn.Conv2d(cur, C, 3, padding=1))
+        self.out = nn.Sequential(nn.GroupNorm(_groups(cur), cur), nn.SiLU(),
+                                 nn.Conv2d(cur, C, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)                           # zero_module, as in the UNet
         nn.init.zeros_(self.out[-1].bias)
         self.patch = nn.Conv2d(C, dim, patch, stride=patch)  # ViT head on the UNet's output
@@ -528,7 +540,8 @@ class UNetViTPotential(nn.Module):
 
 
 class CNNPotential(nn.Module):
-    """The MNIST potential (App. C): a two-stage CNN then a two-layer MLP, ~2M parameters at size 1."""
+    """The MNIST potential (App. C): a two-stage CNN then a two-layer MLP, ~2M parameters at size
+    1."""
 
     def __init__(self, shape=(1, 28, 28), size=1.0):
         super().__init__()
@@ -562,7 +575,8 @@ def die(msg):
 
 
 class NpzImages(torch.utils.data.Dataset):
-    """--dataset npz: `images` uint8 N x H x W x C (the layout --mode sample writes), optional `labels`."""
+    """--dataset npz: `images` uint8 N x H x W x C (the layout --mode sample writes), optional
+    `labels`."""
 
     def __init__(self, path):
         try:
@@ -570,7 +584,7 @@ class NpzImages(torch.utils.data.Dataset):
                 images = z["images"]
                 labels = z["labels"] if "labels" in z.files else np.zeros(len(images), np.int64)
         except (OSError, ValueError, KeyError, EOFError) as e:
-            die(f"cannot read images from {path}: need a .npz with key 'images' ({type(e).__name__})")
+            die(f"cannot read {path}: need a .npz with key 'images' ({type(e).__name__})")
         if images.dtype != np.uint8 or images.ndim != 4:
             die(f"{path}: 'images' must be uint8 N x H x W x C, got {images.dtype} {images.shape}")
         self.x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
@@ -586,7 +600,7 @@ class NpzImages(torch.utils.data.Dataset):
 def npz_shape(path):
     """(C, H, W) of an --dataset npz file, read before the model is built."""
     if not os.path.isfile(path):
-        die(f"--dataset npz needs --data-dir to be a .npz file; {os.path.abspath(path)} is not a file")
+        die(f"--dataset npz: --data-dir must be a .npz file; {os.path.abspath(path)} is not one")
     try:
         with np.load(path) as z:
             n, h, w, c = z["images"].shape
@@ -616,15 +630,16 @@ def build_dataset(args, train=True):
         tf = T.Compose([T.Resize(s), T.CenterCrop(s)] + flip + [T.ToTensor(), norm])
         try:
             return datasets.ImageFolder(path, transform=tf)
-        except (FileNotFoundError, OSError) as e:
+        except OSError:
             what = ("CelebA images (e.g. img_align_celeba/*.jpg) in a sub-folder"
                     if args.dataset == "celeba64" else "images in at least one sub-folder")
-            die(f"no image folder at {os.path.abspath(path)} ({type(e).__name__}); put {what} there")
+            die(f"no image folder at {os.path.abspath(path)}; put {what} there")
     try:
         if args.dataset == "cifar10":
             return datasets.CIFAR10(root, train=train, download=True,
                                     transform=T.Compose(flip + [T.ToTensor(), norm]))
-        return datasets.MNIST(root, train=train, download=True, transform=T.Compose([T.ToTensor(), norm]))
+        return datasets.MNIST(root, train=train, download=True,
+                              transform=T.Compose([T.ToTensor(), norm]))
     except Exception as e:  # no internet, bad archive, ...
         name = {"cifar10": "cifar-10-batches-py/", "mnist": "MNIST/raw/"}[args.dataset]
         first = str(e).splitlines()[0] if str(e) else ""
@@ -633,8 +648,9 @@ def build_dataset(args, train=True):
 
 
 class StepBatches(torch.utils.data.Sampler):
-    """Index batches as a pure function of (seed, rank, step): epoch e is a permutation seeded by seed + e,
-    split between ranks. Starting at any step gives the batches an uninterrupted run saw: exact resume."""
+    """Index batches as a pure function of (seed, rank, step): epoch e is a permutation seeded by
+    seed + e, split between ranks. Starting at any step gives the batches an uninterrupted run saw:
+    exact resume."""
 
     def __init__(self, n, batch, seed, rank=0, world=1, start_step=0):
         self.n, self.batch, self.seed, self.rank, self.world = n, batch, seed, rank, world
@@ -656,7 +672,8 @@ class StepBatches(torch.utils.data.Sampler):
 
 def batch_iterator(dataset, args, batch, rank=0, world=1, start_step=0, pin=False):
     sampler = StepBatches(len(dataset), batch, args.seed, rank, world, start_step)
-    # its own generator: making the iterator must not consume the global RNG (resume would shift noise)
+    # its own generator: making the iterator must not consume the global RNG (resume would shift
+    # noise)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
                                          pin_memory=pin, persistent_workers=args.workers > 0,
                                          generator=torch.Generator().manual_seed(args.seed + rank))
@@ -671,11 +688,11 @@ def data_shape(args):
 
 
 # ==== 4. Training loop ====
-# bf16 (--amp): the network trunk runs under autocast on CUDA (set by `net.amp`); the scalar head, the
-# loss arithmetic, every Langevin/sampler state, parameters, Adam and EMA stay fp32; the OT cost is
-# fp64. No GradScaler: bf16 has fp32's exponent range. LID and inpainting run in fp32.
-# DDP: DistributedDataParallel does not support torch.autograd.grad, so each process keeps a plain
-# module and the gradients are averaged by one all_reduce after backward (what DDP does, no overlap).
+# bf16 (--amp): the network trunk runs under autocast on CUDA (set by `net.amp`); the scalar head,
+# the loss arithmetic, every Langevin/sampler state, parameters, Adam and EMA stay fp32; the OT cost
+# is fp64. No GradScaler: bf16 has fp32's exponent range. LID and inpainting run in fp32. DDP:
+# DistributedDataParallel does not support torch.autograd.grad, so each process keeps a plain module
+# and the gradients are averaged by one all_reduce after backward (what DDP does, no overlap).
 STOP = {"signal": None}          # set by SIGINT / SIGTERM; the loop finishes its step, saves, exits
 
 
@@ -719,23 +736,25 @@ def all_max(value, device, world):
 
 
 def build_model(args, device=None):
-    """The potential for --arch (auto: CNN for MNIST, UNet+ViT otherwise), with the engineering knobs."""
+    """The potential for --arch (auto: CNN for MNIST, UNet+ViT otherwise), with the engineering
+    knobs."""
     shape = data_shape(args)
     arch = args.arch if args.arch != "auto" else ("cnn" if args.dataset == "mnist" else "unetvit")
     if arch == "cnn":
         model = CNNPotential(shape, args.model_size)
     else:
         if shape[1] % 4 or shape[1] < 8:
-            die(f"the UNet+ViT potential needs an image side divisible by 4 and >= 8, got {shape[1]}")
+            die(f"the UNet+ViT potential needs an image side >= 8 divisible by 4, got {shape[1]}")
         try:
             mult = tuple(int(c) for c in str(args.ch_mult).split(","))
         except ValueError:
             die(f"--ch-mult must be comma-separated integers, got {args.ch_mult!r}")
         if shape[1] % (2 ** (len(mult) - 1)):
-            die(f"image side {shape[1]} is not divisible by 2^{len(mult) - 1} (--ch-mult {args.ch_mult})")
-        attn_drop = args.dropout if getattr(args, "attn_dropout", None) is None else args.attn_dropout
-        model = UNetViTPotential(shape, args.model_size, args.res_blocks, args.vit_depth, args.dropout,
-                                 args.output_scale, ch_mult=mult, attn_dropout=attn_drop)
+            die(f"image side {shape[1]} is not divisible by 2^{len(mult) - 1} (--ch-mult)")
+        p_att = getattr(args, "attn_dropout", None)
+        model = UNetViTPotential(shape, args.model_size, args.res_blocks, args.vit_depth,
+                                 args.dropout, args.output_scale, ch_mult=mult,
+                                 attn_dropout=args.dropout if p_att is None else p_att)
     if device is not None:
         model = model.to(device)
         model.amp = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
@@ -795,8 +814,8 @@ def step_seed(seed, step, rank):
 
 
 def train_step(em, model, opt, x1, phase, args, world, step, x1_cd=None, device=None):
-    """One optimisation step. Returns (logs, applied): a step whose loss or gradient norm is non-finite
-    on any rank is skipped (no update). Learning rate: linear warm-up (authors' code)."""
+    """One optimisation step. Returns (logs, applied): a step whose loss or gradient norm is
+    non-finite on any rank is skipped (no update). Learning rate: linear warm-up (authors' code)."""
     lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
     for g in opt.param_groups:
         g["lr"] = lr
@@ -835,7 +854,8 @@ class Logger:
                 f.write(json.dumps(rec) + "\n")
 
     def truncate_metrics(self, upto):
-        """On (re)start at step `upto`: drop records past it, so a resumed run has no duplicate steps."""
+        """On (re)start at step `upto`: drop records past it, so a resumed run has no duplicate
+        steps."""
         if not self.active or not os.path.exists(self.metrics_path):
             return
         with open(self.metrics_path) as f:
@@ -929,7 +949,8 @@ def cmd_train(args):
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=tuple(args.betas))
 
-    # --- weights: resume (--ckpt wins, else <out-dir>/ckpt_<phase>.pt) > phase-1 checkpoint > fresh ---
+    # --- weights: resume (--ckpt wins, else <out-dir>/ckpt_<phase>.pt) > phase-1 checkpoint > fresh
+    # ---
     ck, src, resumed = None, None, False
     if args.resume and (args.ckpt or os.path.exists(ckpt_path)):
         src = args.ckpt or ckpt_path
@@ -961,13 +982,14 @@ def cmd_train(args):
     dataset = build_dataset(args, train=True)
     shape = tuple(dataset[0][0].shape)
     two = args.cd_separate_batch and phase == "main"                  # a second data batch for CD
-    batches = batch_iterator(dataset, args, args.batch_size * (2 if two else 1), rank, world, start_step,
-                             pin=device.type == "cuda")
+    batches = batch_iterator(dataset, args, args.batch_size * (2 if two else 1), rank, world,
+                             start_step, pin=device.type == "cuda")
     log(f"energy_matching | phase {phase} | recipe {args.recipe} | {args.dataset} {shape} | "
         f"{count_params(model) / 1e6:.2f}M params | device {device} x {world} | "
         f"{'bf16 trunk' if model.amp else 'fp32'} | threads {torch.get_num_threads()} | steps "
-        f"{start_step}->{end_step} | batch {args.batch_size}/rank | lr {args.lr} tau* {args.tau_star} "
-        f"eps_max {args.eps_max} lambda_CD {args.lambda_cd} | EMA {args.ema_decay}"
+        f"{start_step}->{end_step} | batch {args.batch_size}/rank | lr {args.lr} "
+        f"tau* {args.tau_star} eps_max {args.eps_max} lambda_CD {args.lambda_cd} | EMA "
+        f"{args.ema_decay}"
         f"{' with warm-up' if args.ema_warmup else ''}")
     if phase == "warmup" and args.tau_s_default:
         log(f"grids use tau_s = {args.tau_s}: after phase 1 there is no Boltzmann well to sample "
@@ -975,7 +997,7 @@ def cmd_train(args):
 
     handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     STOP["signal"] = None
-    n_bad, last, t_last, s_last = 0, None, time.time(), start_step
+    n_bad, t_last, s_last = 0, time.time(), start_step
     model.train()
     try:
         for step in range(start_step, end_step):
@@ -994,8 +1016,8 @@ def cmd_train(args):
                     f"{logs['grad_norm']:.4g}); skipped ({n_bad} in a row)")
                 if n_bad >= 10:
                     kept = ckpt_path if os.path.exists(ckpt_path) else "none written yet"
-                    print(f"error: {n_bad} non-finite steps in a row at step {done}; stopped; last good "
-                          f"checkpoint: {kept}", file=sys.stderr)
+                    print(f"error: {n_bad} non-finite steps in a row at step {done}; stopped; "
+                          f"last good checkpoint: {kept}", file=sys.stderr)
                     sys.exit(3)
             rec = {"step": done, "phase": phase, **{k: round(v, 6) for k, v in logs.items()}}
             if args.log_every and (done % args.log_every == 0 or done == end_step):
@@ -1004,8 +1026,9 @@ def cmd_train(args):
                 wall, n = time.time() - t_last, max(done - s_last, 1)
                 ms, ips = 1000 * wall / n, n * args.batch_size * world / max(wall, 1e-9)
                 rec.update(ms_per_iter=round(ms, 2), images_per_s=round(ips, 1))
-                log(f"step {done}/{end_step} | " + " ".join(f"{k} {v:.4g}" for k, v in logs.items()) +
-                    f" | {ms:.1f} ms/it | {ips:.1f} img/s | ETA {(end_step - done) * wall / n / 60:.1f} min")
+                eta = (end_step - done) * wall / n / 60
+                log(f"step {done}/{end_step} | " + " ".join(f"{k} {v:.4g}" for k, v in logs.items())
+                    + f" | {ms:.1f} ms/it | {ips:.1f} img/s | ETA {eta:.1f} min")
                 t_last, s_last = time.time(), done
             log.metrics(rec)
             stop = int(all_max(STOP["signal"] or 0, device, world))
@@ -1014,13 +1037,14 @@ def cmd_train(args):
                     save_checkpoint(ckpt_path, model, ema, opt, done, args, phase=phase,
                                     phase_start=phase_start, ema_n=ema_n)
                     cmd = " ".join(["python", os.path.basename(__file__)] + args.argv_)
-                    print(f"stopped at step {done} by {signal.Signals(stop).name}; checkpoint {ckpt_path};"
-                          f" resume: {cmd}{'' if args.resume else ' --resume'}", flush=True)
+                    print(f"stopped at step {done} by {signal.Signals(stop).name}; checkpoint "
+                          f"{ckpt_path}; resume: {cmd}{'' if args.resume else ' --resume'}",
+                          flush=True)
                 sys.exit(128 + stop)
             if main_rank and args.save_every and done % args.save_every == 0 and done < end_step:
                 save_checkpoint(ckpt_path, model, ema, opt, done, args, phase=phase,
                                 phase_start=phase_start, ema_n=ema_n)
-            if main_rank and args.sample_every and done % args.sample_every == 0 and done < end_step:
+            if main_rank and args.sample_every and done % args.sample_every == 0 < end_step - done:
                 write_grid(model, ema, args, done, shape, device, log, ema_n)
     finally:
         for s, h in handlers.items():
@@ -1030,11 +1054,11 @@ def cmd_train(args):
             dist.destroy_process_group()
 
     if main_rank:
-        save_checkpoint(ckpt_path, model, ema, opt, end_step, args, phase=phase, phase_start=phase_start,
-                        ema_n=ema_n)
+        save_checkpoint(ckpt_path, model, ema, opt, end_step, args, phase=phase,
+                        phase_start=phase_start, ema_n=ema_n)
         records = log.read_metrics(phase)
         if records:
-            plot_losses(records, os.path.join(args.out_dir, f"loss_{phase}.png"), f"Energy Matching, {phase}")
+            plot_losses(records, os.path.join(args.out_dir, f"loss_{phase}.png"), f"EM, {phase}")
         if args.num_samples > 0 and end_step > start_step:
             write_grid(model, ema, args, end_step, shape, device, log, ema_n)
         summary = {"phase": phase, "steps": end_step, "params": count_params(model),
@@ -1048,14 +1072,15 @@ def cmd_train(args):
         import torch.distributed as dist
         dist.barrier()
         dist.destroy_process_group()
-    return log.read_metrics(phase)[-(end_step - start_step):] if main_rank and end_step > start_step \
-        else []
+    ran = end_step - start_step
+    return log.read_metrics(phase)[-ran:] if main_rank and ran > 0 else []
 
 
 # ==== 5. Checkpoints ====
-# A plain dict readable with torch.load(weights_only=True): {"format", "model", "ema", "opt", "step",
-# "phase", "phase_start", "ema_n", "args"}. Written to ONE temp name <path>.tmp, then os.replace'd: a
-# crash mid-write never leaves a half checkpoint; a stale .tmp is removed at the next start.
+# A plain dict readable with torch.load(weights_only=True): {"format", "model", "ema", "opt",
+# "step", "phase", "phase_start", "ema_n", "args"}. Written to ONE temp name <path>.tmp, then
+# os.replace'd: a crash mid-write never leaves a half checkpoint; a stale .tmp is removed at the
+# next start.
 CKPT_FORMAT = "energy_matching/v1"
 ARCH_FLAGS = ("dataset", "arch", "model_size", "res_blocks", "ch_mult", "vit_depth", "output_scale",
               "image_size", "channels")
@@ -1078,7 +1103,8 @@ def remove_stale_tmp(out_dir):
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """Load and check a checkpoint; a corrupt, foreign or missing file is one line and exit code 2."""
+    """Load and check a checkpoint; a corrupt, foreign or missing file is one line and exit code
+    2."""
     if not os.path.isfile(path):
         die(f"checkpoint not found: {path}")
     try:
@@ -1087,7 +1113,7 @@ def load_checkpoint(path, map_location="cpu"):
         die(f"cannot read checkpoint {path}: corrupt or not a PyTorch file ({type(e).__name__})")
     if not isinstance(obj, dict) or obj.get("format") != CKPT_FORMAT:
         fmt = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
-        die(f"{path} is not an Energy Matching checkpoint (format {fmt!r}, expected {CKPT_FORMAT!r})")
+        die(f"{path} is not an Energy Matching checkpoint (format {fmt!r}, not {CKPT_FORMAT!r})")
     return obj
 
 
@@ -1100,9 +1126,9 @@ def load_states(ck, model, ema=None, opt=None, path="checkpoint", args=None):
         if opt is not None and ck.get("opt"):
             opt.load_state_dict(ck["opt"])
     except (RuntimeError, KeyError, ValueError) as e:
-        old = ck.get("args", {})
-        diff = [f"--{k.replace('_', '-')} {getattr(args, k, None)} (checkpoint {old[k]})"
-                for k in ARCH_FLAGS if args is not None and k in old and old[k] != getattr(args, k, None)]
+        old, new = ck.get("args", {}), vars(args) if args is not None else {}
+        diff = [f"--{k.replace('_', '-')} {new.get(k)} (checkpoint {old[k]})"
+                for k in ARCH_FLAGS if k in old and k in new and old[k] != new[k]]
         why = ", ".join(diff) if diff else f"{type(e).__name__}: {str(e).splitlines()[0][:150]}"
         die(f"{path} does not fit this model; flags that differ from the checkpoint's: {why}")
 
@@ -1130,15 +1156,16 @@ def default_ckpt(args):
 
 # ==== 6. Experiment modes ====
 def eval_setup(args):
-    """Device, the (EMA) potential of the checkpoint, and its args with this command's sampler settings.
-    tau_s defaults to 1 for a phase-1 checkpoint (no Boltzmann well yet) and to 3 after phase 2."""
+    """Device, the (EMA) potential of the checkpoint, and its args with this command's sampler
+    settings. tau_s defaults to 1 for a phase-1 checkpoint (no Boltzmann well yet) and to 3 after
+    phase 2."""
     device = pick_device(args.device)
     path = args.ckpt or default_ckpt(args)
     V, cargs, ck = model_from_checkpoint(path, device, use_ema=not args.no_ema)
     V.amp = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
     if args.tau_s is None:
         args.tau_s = 1.0 if ck.get("phase") == "warmup" else 3.0
-        why = "phase-1 checkpoint: sampling past t = 1 only extrapolates" if args.tau_s == 1.0 else "paper"
+        why = "phase-1 checkpoint: past t = 1 it only extrapolates" if args.tau_s == 1 else "paper"
         print(f"tau_s = {args.tau_s:g} ({why}; pass --tau-s to change)", flush=True)
     for k in ("tau_s", "dt", "sampler", "sample_batch", "num_samples"):
         if getattr(args, k) is not None:
@@ -1152,15 +1179,17 @@ def eval_images(args, cargs, n, device):
     data = build_dataset(args, train=False)
     x = torch.stack([data[i][0] for i in range(min(n, len(data)))]).to(device)
     if tuple(x.shape[1:]) != data_shape(cargs):
-        die(f"images of {args.dataset} have shape {tuple(x.shape[1:])} but the checkpoint's model expects "
-            f"{data_shape(cargs)} (dataset {cargs.dataset!r})")
+        die(f"images of {args.dataset} have shape {tuple(x.shape[1:])} but the checkpoint's model "
+            f"expects {data_shape(cargs)} (dataset {cargs.dataset!r})")
     return x
 
 
 def refuse_non_finite(x, what):
-    """Sample modes never write garbage: non-finite output is one line, exit code 3, nothing written."""
+    """Sample modes never write garbage: non-finite output is one line, exit code 3, nothing
+    written."""
     if not torch.isfinite(x).all():
-        print(f"error: {what} contain NaN/Inf (are the weights finite?); nothing written", file=sys.stderr)
+        print(f"error: {what} contain NaN/Inf (non-finite weights?); nothing written",
+              file=sys.stderr)
         sys.exit(3)
 
 
@@ -1171,8 +1200,8 @@ def save_npz_atomic(path, **arrays):
 
 
 def cmd_sample(args):
-    """--num-samples images by the Heun (or Euler-Maruyama) SDE sampler -> samples.npz (uint8 NHWC, key
-    "images", for eval_fid.py) and samples.png."""
+    """--num-samples images by the Heun (or Euler-Maruyama) SDE sampler -> samples.npz (uint8 NHWC,
+    key "images", for eval_fid.py) and samples.png."""
     prepare_out_dir(args.out_dir)
     device, V, cargs, path = eval_setup(args)
     shape = data_shape(cargs)
@@ -1201,7 +1230,8 @@ def cmd_sample(args):
 
 
 def center_mask(shape, frac, device):
-    """(C, H, W) 0/1 measurement mask A: ones outside a centred square of side frac * H (the hole)."""
+    """(C, H, W) 0/1 measurement mask A: ones outside a centred square of side frac * H (the
+    hole)."""
     C, H, W = shape
     s = max(1, int(round(frac * H)))
     a = torch.ones(shape, device=device)
@@ -1212,7 +1242,8 @@ def center_mask(shape, frac, device):
 
 def cmd_inpaint(args):
     """Alg. 3 on data images with a centred hole: M chains per image without and with the repulsive
-    interaction (same starting noise) -> inpaint.png (the paper's "with vs without" figure), inpaint.json."""
+    interaction (same starting noise) -> inpaint.png (the paper's "with vs without" figure),
+    inpaint.json."""
     prepare_out_dir(args.out_dir)
     device, V, cargs, path = eval_setup(args)
     torch.manual_seed(args.seed)
@@ -1228,11 +1259,12 @@ def cmd_inpaint(args):
     refuse_non_finite(torch.cat([plain, inter]), "inpaintings")
 
     def spread(z):  # mean pairwise distance between the chains inside the hole
-        d = [(Bmask * (z[:, i] - z[:, j])).flatten(1).norm(dim=1) for i in range(z.shape[1]) for j in range(i)]
+        d = [(Bmask * (z[:, i] - z[:, j])).flatten(1).norm(dim=1)
+             for i in range(z.shape[1]) for j in range(i)]
         return float(torch.stack(d).mean()) if d else 0.0
 
     def fidelity(z):  # RMS error on the observed pixels
-        return float(((A * (z - x[:, None])) ** 2).sum() / (A.sum() * z.shape[0] * z.shape[1])) ** 0.5
+        return float(((A * (z - x[:, None])) ** 2).sum() / (A.sum() * z.shape[:2].numel())) ** 0.5
 
     res = {"ckpt": path, "spread_without": spread(plain), "spread_with": spread(inter),
            "fidelity_rmse_without": fidelity(plain), "fidelity_rmse_with": fidelity(inter),
@@ -1254,8 +1286,8 @@ def cmd_inpaint(args):
             axs[r, c].set_yticks([])
             if r == 0:
                 axs[r, c].set_title(tt, fontsize=8)
-    fig.suptitle(f"Alg. 3 inpainting: without vs with interaction (spread {res['spread_without']:.2f} vs "
-                 f"{res['spread_with']:.2f})", fontsize=9)
+    fig.suptitle(f"Alg. 3 inpainting without vs with interaction (spread "
+                 f"{res['spread_without']:.2f} vs {res['spread_with']:.2f})", fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.join(args.out_dir, "inpaint.png"), dpi=110)
     plt.close(fig)
@@ -1276,7 +1308,8 @@ def png_size(img_uint8):
 
 def cmd_lid(args):
     """LID of --num-images data images from the Hessian of V (exact or SLQ), Spearman vs PNG size
-    (Table 2). When every LID is equal, Spearman is undefined: one line says so and which way to move tau."""
+    (Table 2). When every LID is equal, Spearman is undefined: one line says so and which way to
+    move tau."""
     from scipy.stats import spearmanr
     prepare_out_dir(args.out_dir)
     device, V, cargs, path = eval_setup(args)
@@ -1289,40 +1322,56 @@ def cmd_lid(args):
     else:
         lids = []
         for i in range(0, n, 16):
-            lids += lid_slq(V, xs[i:i + 16], args.lid_tau, args.lid_probes, args.lid_lanczos, args.seed)
+            lids += lid_slq(V, xs[i:i + 16], args.lid_tau, args.lid_probes, args.lid_lanczos,
+                            args.seed)
     sizes = [png_size(im) for im in to_uint8(xs)]
     distinct = set(round(float(v), 3) for v in lids)                 # SLQ estimates are floats
-    rho = float(spearmanr(lids, sizes)[0]) if n > 2 and len(distinct) > 1 < len(set(sizes)) else None
-    res = {"ckpt": path, "method": method, "tau": args.lid_tau, "d": d, "n": n, "spearman_lid_vs_png": rho,
-           "lid": [float(v) for v in lids], "png_bytes": sizes, "seconds": round(time.time() - t0, 2)}
+    varied = n > 2 and len(distinct) > 1 < len(set(sizes))
+    rho = float(spearmanr(lids, sizes)[0]) if varied else None
+    res = {"ckpt": path, "method": method, "tau": args.lid_tau, "d": d, "n": n,
+           "spearman_lid_vs_png": rho, "lid": [float(v) for v in lids], "png_bytes": sizes,
+           "seconds": round(time.time() - t0, 2)}
+    head = f"LID ({method}, tau={args.lid_tau}) on {n} images:"
     with open(os.path.join(args.out_dir, "lid.json"), "w") as f:
         json.dump(res, f, indent=1)
     if rho is not None:
-        print(f"LID ({method}, tau={args.lid_tau}) on {n} images: Spearman vs PNG size = {rho:.3f}")
+        print(f"{head} Spearman vs PNG size = {rho:.3f}")
     elif len(distinct) == 1:
         side = "lower" if lids[0] >= d - 0.5 else "higher"
-        print(f"LID ({method}, tau={args.lid_tau}) on {n} images: all LIDs equal {lids[0]:.0f} (d = {d}), "
+        print(f"{head} all LIDs equal {lids[0]:.0f} (d = {d}), "
               f"so no Spearman correlation; try a {side} --lid-tau")
     else:
-        print(f"LID ({method}, tau={args.lid_tau}) on {n} images: too few distinct values for Spearman")
+        print(f"{head} too few distinct values for a Spearman correlation")
     return res
 
 
 def cmd_benchmark(args):
-    """Throughput of our configuration vs the authors' recipe (fp32, math attention everywhere) from the
-    same seed, weights and batches: phase-1/phase-2 images/s, sampler images/s at K Heun steps, peak
-    memory (CUDA), and the max |difference| of the two phase-1 loss curves."""
+    """Ours vs the authors' recipe (fp32, math attention everywhere) from the same seed, weights and
+    batches: phase-1/2 images/s, sampler images/s (K Heun steps), peak memory (CUDA), and the max
+    |difference| of the two phase-1 loss curves."""
     device = pick_device(args.device)
-    shape = data_shape(args)
-    B, n1, n2 = args.batch_size, args.bench_steps, max(1, args.bench_steps_main)
+    shape, B, K = data_shape(args), args.batch_size, args.bench_sample_steps
     gen = torch.Generator().manual_seed(args.seed)
-    # synthetic batches in [-1, 1]: throughput does not depend on the pixels
-    batches = [torch.rand(B, *shape, generator=gen) * 2 - 1 for _ in range(3 + n1)]
+    batches = [torch.rand(B, *shape, generator=gen) * 2 - 1 for _ in range(4)]  # any pixels do
     torch.manual_seed(args.seed)
     ref = build_model(args)
+    fast = args.channels_last or device.type == "cuda"
     configs = {"authors_fp32_math": dict(amp="none", math=True, channels_last=False, compile=False),
-               "ours": dict(amp=args.amp, math=False, channels_last=args.channels_last or device.type == "cuda",
-                            compile=args.compile)}
+               "ours": dict(amp=args.amp, math=False, channels_last=fast, compile=args.compile)}
+
+    def timed(fn, n, warm):
+        for i in range(warm):
+            fn(i)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        t = time.time()
+        out = [fn(warm + i) for i in range(n)]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+        return out, n / (time.time() - t), mem
+
     results = {}
     for name, cfg in configs.items():
         model = copy.deepcopy(ref).to(device)
@@ -1332,66 +1381,49 @@ def cmd_benchmark(args):
             model.channels_last = True
         opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=tuple(args.betas))
         em = build_em(model, args)
-        kern = math_sdpa() if cfg["math"] else contextlib.nullcontext()
-        r = {k: cfg[k] for k in ("amp", "channels_last", "compile")}
-        r["math_everywhere"] = cfg["math"]
+        V_s = torch.compile(model) if cfg["compile"] else model
 
-        def timed(fn, n, warm):
-            for i in range(warm):
-                fn(i)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-            t = time.time()
-            out = [fn(warm + i) for i in range(n)]
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
-            return out, time.time() - t, mem
-
-        def step_fn(phase):
+        def step(phase):
             def f(i):
                 torch.manual_seed(step_seed(args.seed, i, 0))
                 x1 = batches[i % len(batches)].to(device)
                 return train_step(em, model, opt, x1, phase, args, 1, i)[0]["loss"]
             return f
 
-        K = args.bench_sample_steps
-        V_s = torch.compile(model) if cfg["compile"] else model
-
         def samp(i):
             torch.manual_seed(i)
-            return sde_sample(V_s, torch.randn(B, *shape, device=device), em.eps, K * args.dt, args.dt,
-                              "heun", clamp=(-1, 1))
+            x0 = torch.randn(B, *shape, device=device)
+            return sde_sample(V_s, x0, em.eps, K * args.dt, args.dt, "heun", clamp=(-1, 1))
 
-        with kern:
-            losses, sec, mem = timed(step_fn("warmup"), n1, 3)
-            r.update(phase1_img_s=n1 * B / sec, phase1_ms_iter=1000 * sec / n1, phase1_peak_gb=mem,
-                     phase1_losses=losses)
-            _, sec, mem = timed(step_fn("main"), n2, 1)
-            r.update(phase2_img_s=n2 * B / sec, phase2_ms_iter=1000 * sec / n2, phase2_peak_gb=mem)
+        r = {"amp": cfg["amp"], "channels_last": cfg["channels_last"], "compile": cfg["compile"],
+             "math_everywhere": cfg["math"]}
+        with math_sdpa() if cfg["math"] else contextlib.nullcontext():
+            r["phase1_losses"], it1, r["phase1_peak_gb"] = timed(step("warmup"), args.bench_steps,
+                                                                 3)
+            _, it2, r["phase2_peak_gb"] = timed(step("main"), args.bench_steps_main, 1)
             model.eval()
-            _, sec, mem = timed(samp, 1, 1 if cfg["compile"] else 0)
-            r.update(sampler_img_s=B / sec, sampler_heun_steps=K, sampler_peak_gb=mem)
+            _, it3, r["sampler_peak_gb"] = timed(samp, 1, 1 if cfg["compile"] else 0)
+        r.update(phase1_img_s=it1 * B, phase1_ms_iter=1000 / it1, phase2_img_s=it2 * B,
+                 phase2_ms_iter=1000 / it2, sampler_img_s=it3 * B, sampler_heun_steps=K)
         results[name] = r
-        peak = (f"{r['phase1_peak_gb']:.2f}/{r['phase2_peak_gb']:.2f}/{r['sampler_peak_gb']:.2f} GB"
-                if device.type == "cuda" else "n/a (CPU)")
-        print(f"[{name}] phase1 {r['phase1_img_s']:.1f} img/s ({r['phase1_ms_iter']:.1f} ms/it) | phase2 "
-              f"{r['phase2_img_s']:.1f} img/s | sampler ({K} Heun steps) {r['sampler_img_s']:.1f} img/s | "
-              f"peak {peak}", flush=True)
+        print(f"[{name}] phase1 {it1 * B:.1f} img/s ({1000 / it1:.1f} ms/it) | phase2 "
+              f"{it2 * B:.1f} img/s | sampler ({K} Heun steps) {it3 * B:.1f} img/s | peak GB "
+              f"{r['phase1_peak_gb']}/{r['phase2_peak_gb']}/{r['sampler_peak_gb']}", flush=True)
     a, o = results["authors_fp32_math"], results["ours"]
     diff = [abs(x - y) for x, y in zip(a["phase1_losses"], o["phase1_losses"])]
-    rel = max(dd / max(abs(x), 1e-12) for dd, x in zip(diff, a["phase1_losses"]))
-    summary = {"device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-               "batch": B, "params": count_params(ref), "shape": list(shape), "measured_phase1_steps": n1,
-               "speedup_phase1": o["phase1_img_s"] / a["phase1_img_s"],
-               "speedup_phase2": o["phase2_img_s"] / a["phase2_img_s"],
-               "speedup_sampler": o["sampler_img_s"] / a["sampler_img_s"],
-               "loss_max_abs_diff": max(diff), "loss_max_rel_diff": rel,
-               "command": " ".join(sys.argv), "configs": results}
-    print(f"speed-up ours/authors: phase1 x{summary['speedup_phase1']:.2f}, phase2 "
-          f"x{summary['speedup_phase2']:.2f}, sampler x{summary['speedup_sampler']:.2f} | loss curves: max "
-          f"|diff| {summary['loss_max_abs_diff']:.3g} (rel {rel:.3g}) over {n1} steps")
+    dev = str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
+    rel = max(d / max(abs(x), 1e-12) for d, x in zip(diff, a["phase1_losses"]))
+    summary = {"device": dev,
+               "batch": B, "params": count_params(ref), "shape": list(shape),
+               "measured_phase1_steps": args.bench_steps, "command": " ".join(sys.argv),
+               "loss_max_abs_diff": max(diff),
+               "loss_max_rel_diff": rel,
+               "configs": results}
+    for k in ("phase1", "phase2", "sampler"):
+        summary[f"speedup_{k}"] = o[f"{k}_img_s"] / a[f"{k}_img_s"]
+    print("speed-up ours/authors: " + ", ".join(f"{k} x{summary[f'speedup_{k}']:.2f}" for k in
+          ("phase1", "phase2", "sampler")) + f" | loss curves: max |diff| {max(diff):.3g} (rel "
+          f"{summary['loss_max_rel_diff']:.3g}) over {args.bench_steps} steps")
     prepare_out_dir(args.out_dir)
     with open(os.path.join(args.out_dir, "benchmark.json"), "w") as f:
         json.dump(summary, f, indent=1)
@@ -1460,20 +1492,24 @@ def build_parser():
     bool_opt = argparse.BooleanOptionalAction
     a("--mode", default="train", choices=MODES, help="what to do")
     a("--phase", default="warmup", choices=("warmup", "main"),
-      help="train: warmup = Alg. 1 (flow loss), main = Alg. 2 (flow + lambda_CD CD) from a warmup ckpt")
+      help="train: warmup = Alg. 1 (flow loss), main = Alg. 2 (flow + lambda_CD CD)")
     a("--recipe", default="authors", choices=("authors", "paper"),
       help="defaults: the authors' CIFAR-10 code or the paper's Appendix C (any flag overrides)")
     # data
     a("--dataset", default="cifar10", choices=DATASETS, help="training / evaluation images")
     a("--data-dir", default="data", help="dataset folder (npz: the .npz file)")
-    a("--image-size", type=pos_int, default=None, help="image side for folder/fake (default 32; celeba64 64)")
+    a("--image-size", type=pos_int, default=None,
+      help="image side for folder/fake (default 32; celeba64 64)")
     a("--channels", type=pos_int, default=3, help="channels of fake data")
     a("--fake-size", type=pos_int, default=256, help="number of FakeData images")
-    a("--workers", type=nonneg_int, default=4, help="DataLoader worker processes (0 = main process)")
+    a("--workers", type=nonneg_int, default=4,
+      help="DataLoader worker processes (0 = main process)")
     # run
-    a("--out-dir", default=None, help="output folder (default runs/em_<dataset>); always written to")
+    a("--out-dir", default=None,
+      help="output folder (default runs/em_<dataset>); always written to")
     a("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    a("--threads", type=nonneg_int, default=0, help="CPU threads (0 = the cores this process may use)")
+    a("--threads", type=nonneg_int, default=0,
+      help="CPU threads (0 = the cores this process may use)")
     a("--seed", type=nonneg_int, default=0, help="random seed (each step and rank derives its own)")
     a("--batch-size", type=pos_int, default=None, help="per-process batch size (recipe: 128)")
     a("--steps", type=nonneg_int, default=None, help="steps of this phase (authors 145k + 2k)")
@@ -1485,49 +1521,60 @@ def build_parser():
       help="EMA decay (authors: 0.9999 in phase 1, 0.99 in phase 2; paper 0.9999)")
     a("--ema-warmup", action=bool_opt, default=True,
       help="EMA warm-up decay_n = min(decay, (1+n)/(10+n)); --no-ema-warmup = constant (authors)")
-    a("--no-ema", action="store_true", help="grids / sampling with the raw weights instead of the EMA")
+    a("--no-ema", action="store_true",
+      help="grids / sampling with the raw weights instead of the EMA")
     # model
     a("--arch", default="auto", choices=("auto", "unetvit", "cnn"),
       help="potential: UNet+ViT (CIFAR-10/CelebA) or CNN+MLP (MNIST); auto picks by dataset")
-    a("--model-size", type=pos_float, default=None, help="width multiplier (1.0 = the ~50M CIFAR net)")
+    a("--model-size", type=pos_float, default=None,
+      help="width multiplier (1.0 = the ~50M CIFAR net)")
     a("--res-blocks", type=pos_int, default=2, help="UNet residual blocks per level")
     a("--ch-mult", default="1,2,2,2", help="UNet channel multipliers per resolution level")
     a("--vit-depth", type=pos_int, default=8, help="ViT head layers")
     a("--dropout", type=unit_float, default=0.1, help="dropout in UNet and ViT (authors' code)")
     a("--attn-dropout", type=unit_float, default=None,
-      help="dropout on ViT attention probabilities (default --dropout, as nn.TransformerEncoderLayer)")
-    a("--output-scale", type=pos_float, default=1000.0, help="V = output_scale * head (authors' code)")
+      help="dropout of ViT attention probabilities (default: --dropout, as the authors' layers)")
+    a("--output-scale", type=pos_float, default=1000.0,
+      help="V = output_scale * head (authors' code)")
     # method (Eq. 3, Alg. 2)
-    a("--tau-star", type=nonneg_float, default=None, help="tau*: eps(t) = 0 before it (authors 1, paper 0.9)")
+    a("--tau-star", type=nonneg_float, default=None,
+      help="tau*: eps(t) = 0 before it (authors 1, paper 0.9)")
     a("--eps-max", type=nonneg_float, default=None, help="eps_max: p ∝ exp(-V/eps_max) (0.01)")
-    a("--lambda-cd", type=nonneg_float, default=None, help="CD weight in phase 2 (authors 1e-3, paper 2e-4)")
+    a("--lambda-cd", type=nonneg_float, default=None,
+      help="CD weight in phase 2 (authors 1e-3, paper 2e-4)")
     a("--n-langevin", type=nonneg_int, default=None, help="Langevin steps per negative chain (M)")
     a("--dt", type=pos_float, default=None, help="time step of the chains and of the sampler")
     a("--cd-neg-clamp", type=nonneg_float, default=None,
       help="clamp lambda_CD*CD from below at -this (authors 0.02, paper 0 = off)")
     a("--cd-trim", type=unit_float, default=None,
       help="drop this fraction of the highest negative energies (authors 0.1, paper 0)")
-    a("--neg-data-frac", type=frac_float, default=0.5, help="fraction of negatives started at data (half)")
+    a("--neg-data-frac", type=frac_float, default=0.5,
+      help="fraction of negatives started at data (half)")
     a("--same-temperature", action=bool_opt, default=None,
       help="data-started negatives follow eps(t) too (authors), not eps_max (paper Alg. 2 line 10)")
     a("--cd-separate-batch", action="store_true", help="a second data batch for CD (authors' code)")
     a("--flow-reduction", default="mean", choices=("mean", "sum"),
       help="flow loss per sample: mean over pixels (code) or sum = ||.||^2 (paper Alg. 1)")
     a("--flow-weighting", default=None, choices=("off", "main", "both"),
-      help="fade the flow loss to 0 between tau* and 1: in phase 2 (authors' 2-D code), both phases "
-           "(authors' CIFAR code; default of --recipe authors) or off (paper)")
+      help="fade the flow loss to 0 between tau* and 1 in phase 2 (authors' 2-D code), both "
+           "phases (authors' CIFAR code; --recipe authors) or off (paper)")
     a("--no-ot", action="store_true", help="random instead of exact-OT pairs (ablation)")
     a("--from-scratch", action="store_true", help="phase main without a warmup checkpoint (MNIST)")
     # engineering
     a("--amp", default="auto", choices=("auto", "bf16", "none"),
       help="bf16 autocast of the network trunk on CUDA (auto: bf16 on CUDA, none on CPU)")
-    a("--compile", action="store_true", help="torch.compile the potential for sampling (not training)")
-    a("--channels-last", action="store_true", help="channels_last memory format (faster convs on GPU)")
+    a("--compile", action="store_true",
+      help="torch.compile the potential for sampling (not training)")
+    a("--channels-last", action="store_true",
+      help="channels_last memory format (faster convs on GPU)")
     a("--resume", action="store_true", help="resume from --ckpt, else <out-dir>/ckpt_<phase>.pt")
-    a("--ckpt", default=None, help="checkpoint to read (wins over <out-dir>); outputs go to --out-dir")
+    a("--ckpt", default=None,
+      help="checkpoint to read (wins over <out-dir>); outputs go to --out-dir")
     a("--log-every", type=nonneg_int, default=100, help="log every N steps (0 = off)")
-    a("--save-every", type=nonneg_int, default=5000, help="checkpoint every N steps (0 = at the end)")
-    a("--sample-every", type=nonneg_int, default=0, help="sample grid every N steps (0 = at the end)")
+    a("--save-every", type=nonneg_int, default=5000,
+      help="checkpoint every N steps (0 = at the end)")
+    a("--sample-every", type=nonneg_int, default=0,
+      help="sample grid every N steps (0 = at the end)")
     a("--num-samples", type=nonneg_int, default=64, help="samples to draw (50000 for FID)")
     # sampler
     a("--tau-s", type=pos_float, default=None,
@@ -1535,21 +1582,27 @@ def build_parser():
     a("--sampler", default="heun", choices=("heun", "euler"), help="SDE integrator")
     a("--sample-batch", type=pos_int, default=256, help="batch size when sampling")
     # inverse problems (Alg. 3)
-    a("--num-images", type=pos_int, default=None, help="inpaint: images (4); lid: images (4096, paper)")
-    a("--hole", type=frac_float, default=0.5, help="inpaint: side of the masked centre square / side")
+    a("--num-images", type=pos_int, default=None,
+      help="inpaint: images (4); lid: images (4096, paper)")
+    a("--hole", type=frac_float, default=0.5,
+      help="inpaint: side of the masked centre square / side")
     a("--zeta", type=pos_float, default=0.1, help="inpaint: data-fidelity scale zeta (Eq. 8)")
-    a("--sigma-int", type=pos_float, default=1.0, help="inpaint: interaction strength sigma (Sec. 3.2)")
+    a("--sigma-int", type=pos_float, default=1.0,
+      help="inpaint: interaction strength sigma (Sec. 3.2)")
     a("--chains", type=pos_int, default=2, help="inpaint: chains M per image")
     # LID
-    a("--lid-tau", type=pos_float, default=None, help="LID: |lambda| < tau (paper: 10 MNIST, 2 CIFAR)")
+    a("--lid-tau", type=pos_float, default=None,
+      help="LID: |lambda| < tau (paper: 10 MNIST, 2 CIFAR)")
     a("--lid-method", default="auto", choices=("auto", "exact", "slq"),
       help="exact Hessian or stochastic Lanczos quadrature (auto: exact if d <= 1024)")
     a("--lid-probes", type=pos_int, default=8, help="SLQ: Rademacher probe vectors")
     a("--lid-lanczos", type=pos_int, default=60, help="SLQ: Lanczos steps per probe")
     # benchmark
-    a("--bench-steps", type=pos_int, default=20, help="benchmark: measured phase-1 steps per config")
+    a("--bench-steps", type=pos_int, default=20,
+      help="benchmark: measured phase-1 steps per config")
     a("--bench-steps-main", type=pos_int, default=5, help="benchmark: measured phase-2 steps")
-    a("--bench-sample-steps", type=pos_int, default=300, help="benchmark: Heun steps of the sampler")
+    a("--bench-sample-steps", type=pos_int, default=300,
+      help="benchmark: Heun steps of the sampler")
     return p
 
 
@@ -1580,8 +1633,10 @@ def resolve_args(args):
 
 
 def args_to_dict(args):
-    """A plain dict of str/int/float/bool/None/list for the checkpoint (weights_only=True loads it)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items() if not k.endswith("_")}
+    """A plain dict of str/int/float/bool/None/list for the checkpoint (weights_only=True loads
+    it)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()
+            if not k.endswith("_")}
 
 
 def main(argv=None):
