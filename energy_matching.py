@@ -574,40 +574,21 @@ def die(msg):
     sys.exit(2)
 
 
-class NpzImages(torch.utils.data.Dataset):
+def load_npz(path):
     """--dataset npz: `images` uint8 N x H x W x C (the layout --mode sample writes), optional
-    `labels`."""
-
-    def __init__(self, path):
-        try:
-            with np.load(path) as z:
-                images = z["images"]
-                labels = z["labels"] if "labels" in z.files else np.zeros(len(images), np.int64)
-        except (OSError, ValueError, KeyError, EOFError) as e:
-            die(f"cannot read {path}: need a .npz with key 'images' ({type(e).__name__})")
-        if images.dtype != np.uint8 or images.ndim != 4:
-            die(f"{path}: 'images' must be uint8 N x H x W x C, got {images.dtype} {images.shape}")
-        self.x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-        self.y = torch.as_tensor(labels).long()
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i].float() / 127.5 - 1.0, self.y[i]
-
-
-def npz_shape(path):
-    """(C, H, W) of an --dataset npz file, read before the model is built."""
+    `labels`, as a TensorDataset of float [-1, 1] NCHW images."""
     if not os.path.isfile(path):
         die(f"--dataset npz: --data-dir must be a .npz file; {os.path.abspath(path)} is not one")
     try:
         with np.load(path) as z:
-            n, h, w, c = z["images"].shape
+            images = z["images"]
+            labels = z["labels"] if "labels" in z.files else np.zeros(len(images), np.int64)
     except (OSError, ValueError, KeyError, EOFError) as e:
-        die(f"cannot read images from {path}: need a .npz with key 'images' N x H x W x C "
-            f"({type(e).__name__})")
-    return c, h, w
+        die(f"cannot read {path}: need a .npz with key 'images' ({type(e).__name__})")
+    if images.dtype != np.uint8 or images.ndim != 4:
+        die(f"{path}: 'images' must be uint8 N x H x W x C, got {images.dtype} {images.shape}")
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return torch.utils.data.TensorDataset(x, torch.as_tensor(labels).long())
 
 
 def build_dataset(args, train=True):
@@ -615,7 +596,7 @@ def build_dataset(args, train=True):
     from torchvision import datasets
     root = args.data_dir
     if args.dataset == "npz":
-        return NpzImages(root)                                        # one file: no test split
+        return load_npz(root)                                         # one file: no test split
     c = 1 if args.dataset == "mnist" else (args.channels if args.dataset == "fake" else 3)
     norm = T.Normalize([0.5] * c, [0.5] * c)                           # [0, 1] -> [-1, 1]
     flip = [T.RandomHorizontalFlip()] if train else []
@@ -949,8 +930,7 @@ def cmd_train(args):
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=tuple(args.betas))
 
-    # --- weights: resume (--ckpt wins, else <out-dir>/ckpt_<phase>.pt) > phase-1 checkpoint > fresh
-    # ---
+    # weights: resume (--ckpt wins, else <out-dir>/ckpt_<phase>.pt) > phase-1 checkpoint > fresh
     ck, src, resumed = None, None, False
     if args.resume and (args.ckpt or os.path.exists(ckpt_path)):
         src = args.ckpt or ckpt_path
@@ -978,6 +958,10 @@ def cmd_train(args):
             dist.broadcast(t, 0)
     log.truncate_metrics(start_step)
 
+    def save(step):
+        save_checkpoint(ckpt_path, model, ema, opt, step, args, phase=phase,
+                        phase_start=phase_start, ema_n=ema_n)
+
     em = build_em(model, args)
     dataset = build_dataset(args, train=True)
     shape = tuple(dataset[0][0].shape)
@@ -989,8 +973,7 @@ def cmd_train(args):
         f"{'bf16 trunk' if model.amp else 'fp32'} | threads {torch.get_num_threads()} | steps "
         f"{start_step}->{end_step} | batch {args.batch_size}/rank | lr {args.lr} "
         f"tau* {args.tau_star} eps_max {args.eps_max} lambda_CD {args.lambda_cd} | EMA "
-        f"{args.ema_decay}"
-        f"{' with warm-up' if args.ema_warmup else ''}")
+        f"{args.ema_decay}{' with warm-up' if args.ema_warmup else ''}")
     if phase == "warmup" and args.tau_s_default:
         log(f"grids use tau_s = {args.tau_s}: after phase 1 there is no Boltzmann well to sample "
             f"past t = 1 (pass --tau-s to change)")
@@ -1034,28 +1017,27 @@ def cmd_train(args):
             stop = int(all_max(STOP["signal"] or 0, device, world))
             if stop:
                 if main_rank:
-                    save_checkpoint(ckpt_path, model, ema, opt, done, args, phase=phase,
-                                    phase_start=phase_start, ema_n=ema_n)
+                    save(done)
                     cmd = " ".join(["python", os.path.basename(__file__)] + args.argv_)
                     print(f"stopped at step {done} by {signal.Signals(stop).name}; checkpoint "
                           f"{ckpt_path}; resume: {cmd}{'' if args.resume else ' --resume'}",
                           flush=True)
                 sys.exit(128 + stop)
             if main_rank and args.save_every and done % args.save_every == 0 and done < end_step:
-                save_checkpoint(ckpt_path, model, ema, opt, done, args, phase=phase,
-                                phase_start=phase_start, ema_n=ema_n)
+                save(done)
             if main_rank and args.sample_every and done % args.sample_every == 0 < end_step - done:
                 write_grid(model, ema, args, done, shape, device, log, ema_n)
+    except SystemExit:
+        if world > 1:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+        raise
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
-        if world > 1 and sys.exc_info()[0] is SystemExit:
-            import torch.distributed as dist
-            dist.destroy_process_group()
 
     if main_rank:
-        save_checkpoint(ckpt_path, model, ema, opt, end_step, args, phase=phase,
-                        phase_start=phase_start, ema_n=ema_n)
+        save(end_step)
         records = log.read_metrics(phase)
         if records:
             plot_losses(records, os.path.join(args.out_dir, f"loss_{phase}.png"), f"EM, {phase}")
@@ -1534,22 +1516,18 @@ def build_parser():
     a("--dropout", type=unit_float, default=0.1, help="dropout in UNet and ViT (authors' code)")
     a("--attn-dropout", type=unit_float, default=None,
       help="dropout of ViT attention probabilities (default: --dropout, as the authors' layers)")
-    a("--output-scale", type=pos_float, default=1000.0,
-      help="V = output_scale * head (authors' code)")
+    a("--output-scale", type=pos_float, default=1000.0, help="V = this * head (authors' code)")
     # method (Eq. 3, Alg. 2)
-    a("--tau-star", type=nonneg_float, default=None,
-      help="tau*: eps(t) = 0 before it (authors 1, paper 0.9)")
+    a("--tau-star", type=nonneg_float, default=None, help="tau*, Eq. 3 (authors 1, paper 0.9)")
     a("--eps-max", type=nonneg_float, default=None, help="eps_max: p ∝ exp(-V/eps_max) (0.01)")
-    a("--lambda-cd", type=nonneg_float, default=None,
-      help="CD weight in phase 2 (authors 1e-3, paper 2e-4)")
+    a("--lambda-cd", type=nonneg_float, default=None, help="CD weight (authors 1e-3, paper 2e-4)")
     a("--n-langevin", type=nonneg_int, default=None, help="Langevin steps per negative chain (M)")
     a("--dt", type=pos_float, default=None, help="time step of the chains and of the sampler")
     a("--cd-neg-clamp", type=nonneg_float, default=None,
       help="clamp lambda_CD*CD from below at -this (authors 0.02, paper 0 = off)")
     a("--cd-trim", type=unit_float, default=None,
       help="drop this fraction of the highest negative energies (authors 0.1, paper 0)")
-    a("--neg-data-frac", type=frac_float, default=0.5,
-      help="fraction of negatives started at data (half)")
+    a("--neg-data-frac", type=frac_float, default=0.5, help="share of negatives started at data")
     a("--same-temperature", action=bool_opt, default=None,
       help="data-started negatives follow eps(t) too (authors), not eps_max (paper Alg. 2 line 10)")
     a("--cd-separate-batch", action="store_true", help="a second data batch for CD (authors' code)")
@@ -1619,7 +1597,7 @@ def resolve_args(args):
     if args.ema_decay is None:
         args.ema_decay = row[f"ema_{args.phase}_phase"]
     if args.dataset == "npz":
-        args.channels, args.image_size, _ = npz_shape(args.data_dir)
+        args.channels, args.image_size = load_npz(args.data_dir).tensors[0].shape[1:3]
     if args.image_size is None:
         args.image_size = 64 if args.dataset == "celeba64" else 32
     if args.lid_tau is None:
