@@ -1145,6 +1145,8 @@ def eval_setup(args):
     path = args.ckpt or default_ckpt(args)
     V, cargs, ck = model_from_checkpoint(path, device, use_ema=not args.no_ema)
     V.amp = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
+    if args.tau_s is None and args.mode == "lid":
+        args.tau_s = 3.0                                              # unused by LID
     if args.tau_s is None:
         args.tau_s = 1.0 if ck.get("phase") == "warmup" else 3.0
         why = "phase-1 checkpoint: past t = 1 it only extrapolates" if args.tau_s == 1 else "paper"
