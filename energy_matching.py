@@ -1407,11 +1407,13 @@ RECIPES = {
     "authors": dict(lr=1.2e-3, tau_star=1.0, lambda_cd=1e-3, eps_max=0.01, n_langevin=200, dt=0.01,
                     steps_warmup=145_000, steps_main=2_000, batch_size=128, warmup=10_000,
                     ema_warmup_phase=0.9999, ema_main_phase=0.99, cd_neg_clamp=0.02, cd_trim=0.1,
-                    same_temperature=True, flow_weighting="both", model_size=1.0),
+                    same_temperature=True, flow_weighting="both", cd_separate_batch=True,
+                    model_size=1.0),
     "paper": dict(lr=8e-4, tau_star=0.9, lambda_cd=2e-4, eps_max=0.01, n_langevin=200, dt=0.01,
                   steps_warmup=200_000, steps_main=25_000, batch_size=128, warmup=10_000,
                   ema_warmup_phase=0.9999, ema_main_phase=0.9999, cd_neg_clamp=0.0, cd_trim=0.0,
-                  same_temperature=False, flow_weighting="off", model_size=1.0),
+                  same_temperature=False, flow_weighting="off", cd_separate_batch=False,
+                  model_size=1.0),
 }
 DATASET_OVERRIDES = {
     # App. C, CelebA: ~2x the parameters (width x1.5 here), batch 32, lr 1e-4, eps_max 0.05,
@@ -1515,7 +1517,8 @@ def build_parser():
     a("--neg-data-frac", type=frac_float, default=0.5, help="share of negatives started at data")
     a("--same-temperature", action=bool_opt, default=None,
       help="data-started negatives follow eps(t) too (authors), not eps_max (paper Alg. 2 line 10)")
-    a("--cd-separate-batch", action="store_true", help="a second data batch for CD (authors' code)")
+    a("--cd-separate-batch", action=bool_opt, default=None,
+      help="a second data batch for CD (authors' code) instead of the flow batch (paper)")
     a("--flow-reduction", default="mean", choices=("mean", "sum"),
       help="flow loss per sample: mean over pixels (code) or sum = ||.||^2 (paper Alg. 1)")
     a("--flow-weighting", default=None, choices=("off", "main", "both"),
@@ -1574,7 +1577,8 @@ def resolve_args(args):
     row = dict(RECIPES[args.recipe])
     row.update(DATASET_OVERRIDES.get(args.dataset, {}))
     for k in ("lr", "tau_star", "lambda_cd", "eps_max", "n_langevin", "dt", "batch_size", "warmup",
-              "model_size", "cd_neg_clamp", "cd_trim", "same_temperature", "flow_weighting"):
+              "model_size", "cd_neg_clamp", "cd_trim", "same_temperature", "flow_weighting",
+              "cd_separate_batch"):
         if getattr(args, k) is None:
             setattr(args, k, row[k])
     if args.steps is None:

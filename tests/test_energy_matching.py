@@ -577,11 +577,13 @@ def test_recipe_authors_phase2_settings_and_paper():
     m = em.resolve_args(p.parse_args(["--phase", "main"]))
     assert (w.ema_decay, m.ema_decay) == (0.9999, 0.99)
     assert (m.cd_neg_clamp, m.cd_trim, m.same_temperature, m.flow_weighting) == (0.02, 0.1, True, "both")
+    assert m.cd_separate_batch                                      # their x_real_cd batch
     model = em.build_em(lambda x: x.flatten(1).sum(1), m)
     assert model.cd_neg_clamp == 0.02 and model.same_temperature and model.flow_weighting == "both"
     pm = em.resolve_args(p.parse_args(["--phase", "main", "--recipe", "paper"]))
     assert (pm.ema_decay, pm.cd_neg_clamp, pm.cd_trim, pm.same_temperature, pm.flow_weighting) == \
         (0.9999, 0.0, 0.0, False, "off")
+    assert pm.cd_separate_batch is False
     assert em.resolve_args(p.parse_args(["--phase", "main", "--no-same-temperature"])).same_temperature is False
     assert em.resolve_args(p.parse_args(["--phase", "main", "--ema-decay", "0.5"])).ema_decay == 0.5
 
@@ -728,3 +730,26 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path):
     assert b["step"] == n
     for key in ("model", "ema"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+
+
+def test_crash_during_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    """A save killed half-way (here: torch.save writes half a file, then dies) leaves the previous
+    checkpoint intact (write to <path>.tmp, then os.replace); the next start removes the stale .tmp."""
+    out = str(tmp_path)
+    em.main(TINY + ["--steps", "1", "--out-dir", out])
+    path = os.path.join(out, "ckpt_warmup.pt")
+    ck = em.load_checkpoint(path)
+
+    def dying_save(obj, f):
+        open(f, "wb").write(b"half a checkpoint")
+        raise OSError("killed during save")
+
+    monkeypatch.setattr(em.torch, "save", dying_save)
+    with pytest.raises(OSError):
+        em.save_checkpoint(path, em.build_model(tiny_args()), em.build_model(tiny_args()), None, 99,
+                           tiny_args())
+    monkeypatch.undo()
+    assert em.load_checkpoint(path)["step"] == 1 and os.path.exists(path + ".tmp")
+    assert all(torch.equal(ck["model"][k], em.load_checkpoint(path)["model"][k]) for k in ck["model"])
+    em.main(TINY + ["--steps", "2", "--resume", "--out-dir", out])
+    assert not os.path.exists(path + ".tmp") and em.load_checkpoint(path)["step"] == 2
