@@ -19,7 +19,7 @@ SCRIPT = os.path.join(ROOT, "energy_matching.py")
 TINY = ["--dataset", "fake", "--image-size", "8", "--fake-size", "32", "--batch-size", "8", "--model-size", "0.0625",
         "--vit-depth", "1", "--res-blocks", "1", "--ch-mult", "1,2", "--workers", "0", "--n-langevin", "4",
         "--dt", "0.05", "--tau-s", "0.2", "--log-every", "0", "--num-samples", "0", "--warmup", "1",
-        "--lr", "1e-3", "--device", "cpu", "--amp", "none"]
+        "--lr", "1e-3", "--device", "cpu", "--amp", "none", "--threads", "1"]
 
 
 @pytest.fixture(autouse=True)
@@ -114,7 +114,10 @@ def test_cd_loss_trimmed_mean_clamp_and_stop_gradient():
     # with lambda large and negatives of higher energy the clamp bites: cd_term >= -0.5
     m2 = em.EnergyMatching(V, n_langevin=0, lambda_cd=100.0, cd_neg_clamp=0.5, neg_data_frac=0.0)
     _, logs = m2.loss(x1, x1 + 5.0, phase="main")
-    assert logs["cd_term"] == pytest.approx(-0.5) or logs["cd_term"] > -0.5
+    assert logs["cd_term"] == -0.5                                # the clamp bites: exactly -cd_neg_clamp
+    m2.cd_neg_clamp = 0
+    _, logs_off = m2.loss(x1, x1 + 5.0, phase="main")
+    assert logs_off["cd_term"] < -10.0                            # unclamped, the term runs away
     # negatives carry no graph (sg in Alg. 2)
     x_neg2, at_data = em.EnergyMatching(V, n_langevin=3, dt=0.01).negatives(x1, x0)
     assert not x_neg2.requires_grad and at_data.sum().item() == 10
@@ -307,9 +310,9 @@ def test_potential_shapes_and_gradients():
     loss.backward()
     grads = [p.grad for p in net.parameters() if p.grad is not None]
     assert len(grads) > 0.9 * len(list(net.parameters())) and all(torch.isfinite(q).all() for q in grads)
-    # bf16 autocast (the GPU default) runs the same pass, the scalar head stays fp32
-    ac = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
-    assert em.EnergyMatching(net, autocast=ac).energy(x).dtype == torch.float32
+    # net.amp (bf16 trunk, CUDA only) is an attribute of the network, not a keyword of the method
+    net.amp = True
+    assert em.EnergyMatching(net).energy(x).dtype == torch.float32
     cnn = em.CNNPotential((1, 28, 28), size=0.125)
     assert cnn(torch.randn(2, 1, 28, 28)).shape == (2,)
     full = em.CNNPotential((1, 28, 28), size=1.0)
@@ -335,13 +338,14 @@ def test_training_steps_lower_the_loss_on_fakedata(phase):
     before = _loss_at_seed(model, x1, phase)
     for _ in range(8):
         torch.manual_seed(11)
-        logs = em.train_step(model, net, opt, x1, phase, a, 1, step=10_000)   # past the lr warm-up
+        logs, applied = em.train_step(model, net, opt, x1, phase, a, 1, step=10_000)   # past warm-up
+        assert applied
         assert math.isfinite(logs["loss"]) and (("cd" in logs) == (phase == "main"))
     after = _loss_at_seed(model, x1, phase)
     assert after < 0.9 * before, (before, after)
 
 
-def test_checkpoint_round_trip_and_resume_give_same_next_loss(tmp_path):
+def test_checkpoint_round_trip_and_resume_give_same_next_loss(tmp_path, capsys):
     common = TINY + ["--steps", "3", "--save-every", "2"]
     straight = em.main(common + ["--out-dir", str(tmp_path / "a")])
     ck = em.load_checkpoint(str(tmp_path / "a" / "ckpt_warmup.pt"))
@@ -369,6 +373,10 @@ def test_checkpoint_round_trip_and_resume_give_same_next_loss(tmp_path):
     lid = em.main(TINY + ["--mode", "lid", "--num-images", "3", "--lid-method", "slq", "--lid-lanczos", "5",
                           "--lid-probes", "1", "--lid-tau", "1e12", "--out-dir", str(tmp_path / "a")])
     assert lid["d"] == 192 and all(abs(v - 192) < 1e-6 for v in lid["lid"]) and len(lid["png_bytes"]) == 3
+    # every LID equal: no "Spearman = nan" but one line that says so (and which way to move tau)
+    said = capsys.readouterr().out.strip().splitlines()[-1]
+    assert lid["spearman_lid_vs_png"] is None and "nan" not in said and "all LIDs equal 192" in said
+    assert said.endswith("try a lower --lid-tau")
 
 
 def test_folder_dataset_in_minus_one_one(tmp_path):
@@ -384,17 +392,44 @@ def test_folder_dataset_in_minus_one_one(tmp_path):
     assert torch.allclose(x[2], torch.full_like(x[2], 120 / 127.5 - 1), atol=1e-2)
 
 
-def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
+REAL_FLOW_LOSS = em.EnergyMatching.flow_loss
+
+
+def _nan_flow_on(calls):
+    """A flow_loss that returns NaN on the listed call numbers (1-based), the real loss otherwise."""
+    real = REAL_FLOW_LOSS
+    count = [0]
+
+    def flow_loss(self, x1, x0, weighted=False):
+        count[0] += 1
+        out = real(self, x1, x0, weighted)
+        return out * float("nan") if count[0] in calls else out
+    return flow_loss
+
+
+def test_nan_guard_skips_steps_and_stops_after_ten(tmp_path, capsys, monkeypatch):
+    """SPEC NaN guard: a non-finite step is skipped (no update); 10 in a row -> one line, exit 3, the last
+    good checkpoint kept. A stale <ckpt>.tmp of an interrupted save is removed at start."""
     out = str(tmp_path / "n")
     em.main(TINY + ["--steps", "1", "--out-dir", out])
-    before = em.load_checkpoint(os.path.join(out, "ckpt_warmup.pt"))["model"]
+    before = em.load_checkpoint(os.path.join(out, "ckpt_warmup.pt"))
+    stale = os.path.join(out, "ckpt_warmup.pt.tmp")
+    open(stale, "wb").write(b"half a checkpoint")
+    monkeypatch.setattr(em.EnergyMatching, "flow_loss", _nan_flow_on(range(1, 100)))
     with pytest.raises(SystemExit) as e:
-        em.main(TINY + ["--steps", "3", "--resume", "--output-scale", "nan", "--out-dir", out])
-    assert e.value.code == 3
-    err = capsys.readouterr().err
-    assert "non-finite" in err and "ckpt_warmup.pt" in err
+        em.main(TINY + ["--steps", "12", "--resume", "--out-dir", out])
+    assert e.value.code == 3 and not os.path.exists(stale)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "10 non-finite steps in a row" in err[0] and "ckpt_warmup.pt" in err[0]
     after = em.load_checkpoint(os.path.join(out, "ckpt_warmup.pt"))
-    assert after["step"] == 1 and all(torch.equal(before[k], after["model"][k]) for k in before)
+    assert after["step"] == 1 and all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+    # one bad step in the middle: skipped (weights unchanged by it), the run goes on and ends normally
+    monkeypatch.setattr(em.EnergyMatching, "flow_loss", _nan_flow_on({2}))
+    rec = em.main(TINY + ["--steps", "3", "--out-dir", str(tmp_path / "one")])
+    assert [r["step"] for r in rec] == [1, 2, 3]
+    assert not math.isfinite(rec[1]["loss"]) and math.isfinite(rec[2]["loss"])
+    ck = em.load_checkpoint(str(tmp_path / "one" / "ckpt_warmup.pt"))
+    assert ck["ema_n"] == 2 and ck["opt"]["state"][0]["step"].item() == 2   # two updates, not three
 
 
 def test_bad_input_gives_one_line_and_exit_2(tmp_path, capsys):
@@ -404,7 +439,11 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, capsys):
     torch.save({"state_dict": {}}, foreign)
     for argv, needle in [(["--mode", "sample", "--ckpt", str(bad)], "corrupt"),
                          (["--mode", "sample", "--ckpt", str(foreign)], "not an Energy Matching checkpoint"),
-                         (["--steps", "-1"], "must be >= 0"),
+                         (["--steps", "-1"], "expected an integer >= 0"),
+                         (["--lr", "nan"], "--lr"), (["--lr", "-1"], "--lr"),
+                         (["--ema-decay", "nan"], "--ema-decay"), (["--tau-s", "-1"], "--tau-s"),
+                         (["--mode", "sample", "--sample-batch", "0"], "--sample-batch"),
+                         (["--dataset", "npz", "--data-dir", str(tmp_path / "none.npz")], "none.npz"),
                          (["--phase", "main", "--out-dir", str(tmp_path / "empty")], "phase-1 checkpoint"),
                          (["--dataset", "celeba64", "--data-dir", str(tmp_path / "nodata"), "--out-dir",
                            str(tmp_path / "o")], os.path.join("nodata", "celeba64"))]:
@@ -421,7 +460,7 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, capsys):
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_recipe_defaults_follow_code_or_paper():
+def test_recipe_defaults_follow_authors_or_paper():
     code = em.resolve_args(em.build_parser().parse_args([]))
     paper = em.resolve_args(em.build_parser().parse_args(["--recipe", "paper"]))
     assert (code.tau_star, code.lambda_cd, code.lr, code.steps) == (1.0, 1e-3, 1.2e-3, 145_000)
@@ -456,3 +495,261 @@ def test_benchmark_mode_runs_on_cpu(tmp_path, capsys):
     assert s["loss_max_rel_diff"] < 1e-2
     assert "speed-up" in capsys.readouterr().out
     assert json.load(open(tmp_path / "benchmark.json"))["batch"] == 8
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cross-helper keywords (same_temperature, chain_clock, ot_sigma) and the authors' recipe (issue 10)
+# ---------------------------------------------------------------------------------------------------------
+def _quadratic_chains(**kw):
+    torch.manual_seed(9)
+    a, dt, n = 2.0, 0.01, 50
+    V = lambda x: 0.5 * a * x.pow(2).sum(1)  # noqa: E731
+    m = em.EnergyMatching(V, tau_star=1.0, eps_max=0.5, n_langevin=n, dt=dt, **kw)
+    x1, x0 = torch.randn(400, 3), torch.randn(400, 3)
+    x_neg, _ = m.negatives(x1, x0)
+    shrink = (1 - a * dt) ** n
+    return x_neg, x1 * shrink, x0 * shrink, 0.5 / a * (1 - shrink ** 2) / (1 - a * dt / 2)
+
+
+def test_same_temperature_data_chains_follow_the_schedule():
+    """Authors' --same_temperature_scheduler: data-started chains also follow eps(t) (= 0 before tau* = 1),
+    so on V = a/2 ||x||^2 with chain time 0.5 they are the noiseless recursion, like the noise chains."""
+    x_neg, x1s, x0s, _ = _quadratic_chains(same_temperature=True)
+    assert torch.allclose(x_neg[:200], x1s[:200], atol=1e-5)
+    assert torch.allclose(x_neg[200:], x0s[200:], atol=1e-5)
+
+
+def test_chain_clock_sets_the_chain_time():
+    """chain_clock m -> t: a clock past t = 1 makes the noise-started chains hot from the first step (their
+    residual has the ULA variance), a clock stuck at 0 keeps even data chains cold with same_temperature."""
+    x_neg, _, x0s, var = _quadratic_chains(chain_clock=lambda m: 1.0 + m)
+    assert (x_neg[200:] - x0s[200:]).var().item() == pytest.approx(var, rel=0.15)
+    x_cold, x1s, _, _ = _quadratic_chains(chain_clock=lambda m: 0.0, same_temperature=True)
+    assert torch.allclose(x_cold[:200], x1s[:200], atol=1e-5)
+
+
+def test_ot_sigma_adds_gaussian_noise_around_the_path():
+    """V = 1/2 ||x||^2 and x0 = x1 = 0: the residual is grad V(x_t) = x_t = sigma * N(0, I), so the flow
+    loss (mean over dims) is sigma^2 on average, and exactly 0 without sigma."""
+    V = lambda x: 0.5 * x.pow(2).sum(1)  # noqa: E731
+    z = torch.zeros(4096, 2)
+    torch.manual_seed(0)
+    assert em.EnergyMatching(V, use_ot=False).flow_loss(z, z).item() == 0.0
+    loss = em.EnergyMatching(V, use_ot=False, ot_sigma=0.1).flow_loss(z, z).item()
+    assert loss == pytest.approx(0.01, rel=0.1)
+
+
+def test_flow_weighting_both_phases_as_the_authors_cifar_code():
+    """flow_weighting="both" (authors' CIFAR-10 code) fades the flow loss in phase 1 too; "main" (authors'
+    2-D code) only in phase 2."""
+    V = lambda x: (0.0 * x).sum(1)  # noqa: E731
+    x0 = torch.zeros(512, 2)
+    x1 = x0 + torch.tensor([3.0, 4.0])
+    both = em.EnergyMatching(V, tau_star=0.8, use_ot=False, flow_weighting="both")
+    main_only = em.EnergyMatching(V, tau_star=0.8, use_ot=False, flow_weighting="main")
+    torch.manual_seed(5)
+    l_both = both.loss(x1, x0, phase="warmup")[0].item()
+    torch.manual_seed(5)
+    t = torch.rand(512)
+    assert l_both == pytest.approx(12.5 * both.flow_weight(t).mean().item(), rel=1e-5)
+    assert main_only.loss(x1, x0, phase="warmup")[0].item() == pytest.approx(12.5, rel=1e-5)
+
+
+def test_vit_blocks_drop_attention_probabilities():
+    """nn.TransformerEncoderLayer(dropout=0.1) of the authors also drops attention weights: with every other
+    dropout off, two train-mode passes differ only through attn_dropout; eval mode is deterministic."""
+    torch.manual_seed(0)
+    blk = em.TransformerBlock(16, 4, dropout=0.0, attn_dropout=0.5).train()
+    x = torch.randn(2, 5, 16)
+    assert not torch.allclose(blk(x), blk(x))
+    blk.eval()
+    assert torch.equal(blk(x), blk(x))
+    assert not torch.allclose(em.TransformerBlock(16, 4, 0.0, 0.0).train()(x), blk.train()(x))
+    net = em.build_model(tiny_args())                               # --attn-dropout defaults to --dropout
+    assert all(b.attn_dropout == 0.1 for b in net.blocks)
+
+
+def test_recipe_authors_phase2_settings_and_paper():
+    """Under --recipe authors phase 2 runs as the authors' README command: EMA 0.99 (0.9999 in phase 1),
+    CD clamp 0.02, same temperature schedule for all negatives, flow fade in both phases."""
+    p = em.build_parser()
+    w = em.resolve_args(p.parse_args([]))
+    m = em.resolve_args(p.parse_args(["--phase", "main"]))
+    assert (w.ema_decay, m.ema_decay) == (0.9999, 0.99)
+    assert (m.cd_neg_clamp, m.cd_trim, m.same_temperature, m.flow_weighting) == (0.02, 0.1, True, "both")
+    assert m.cd_separate_batch                                      # their x_real_cd batch
+    model = em.build_em(lambda x: x.flatten(1).sum(1), m)
+    assert model.cd_neg_clamp == 0.02 and model.same_temperature and model.flow_weighting == "both"
+    pm = em.resolve_args(p.parse_args(["--phase", "main", "--recipe", "paper"]))
+    assert (pm.ema_decay, pm.cd_neg_clamp, pm.cd_trim, pm.same_temperature, pm.flow_weighting) == \
+        (0.9999, 0.0, 0.0, False, "off")
+    assert pm.cd_separate_batch is False
+    assert em.resolve_args(p.parse_args(["--phase", "main", "--no-same-temperature"])).same_temperature is False
+    assert em.resolve_args(p.parse_args(["--phase", "main", "--ema-decay", "0.5"])).ema_decay == 0.5
+
+
+def test_ema_warmup_follows_training_after_200_steps(tmp_path):
+    """decay_n = min(decay, (1 + n)/(10 + n)): after 200 FakeData steps the EMA is nearer the trained
+    weights than the initialisation (with a constant 0.9999 it would still be 98 % initialisation)."""
+    assert em.ema_decay_at(0.9999, 0) == 0.1 and em.ema_decay_at(0.9999, 10 ** 6) == 0.9999
+    assert em.ema_decay_at(0.9999, 0, warmup=False) == 0.9999
+    argv = ["--dataset", "fake", "--image-size", "4", "--fake-size", "4", "--batch-size", "2", "--arch", "cnn",
+            "--model-size", "0.125", "--workers", "0", "--log-every", "0", "--num-samples", "0", "--warmup",
+            "1", "--lr", "1e-3", "--device", "cpu", "--threads", "1", "--steps", "200", "--save-every", "0",
+            "--out-dir", str(tmp_path)]
+    em.main(argv)
+    a = em.resolve_args(em.build_parser().parse_args(argv))
+    torch.manual_seed(a.seed)
+    init = em.build_model(a).state_dict()
+    ck = em.load_checkpoint(str(tmp_path / "ckpt_warmup.pt"))
+    dist = lambda p, q: sum((p[k] - q[k]).pow(2).sum() for k in p).sqrt().item()  # noqa: E731
+    assert ck["ema_n"] == 200
+    assert dist(ck["ema"], ck["model"]) < 0.5 * dist(ck["ema"], init)
+
+
+def test_phase1_sampling_defaults_to_tau_1_and_says_so(tmp_path, capsys):
+    """After phase 1 alone grad V has no well at the data: grids and --mode sample default to tau_s = 1 and
+    say so; after phase 2 the default is the paper's 3. Grid names say which weights they show."""
+    tiny = [v for v in TINY if v not in ("--tau-s", "0.2")]
+    out = str(tmp_path)
+    em.main(tiny + ["--steps", "1", "--num-samples", "4", "--sample-batch", "4", "--out-dir", out])
+    log = capsys.readouterr().out
+    assert "tau_s = 1.0" in log and os.path.exists(os.path.join(out, "samples_ema_1.png"))
+    em.main(tiny + ["--mode", "sample", "--num-samples", "2", "--out-dir", out])
+    assert "tau_s = 1 (phase-1 checkpoint" in capsys.readouterr().out
+    assert json.load(open(os.path.join(out, "samples.json")))["tau_s"] == 1.0
+
+
+def test_npz_dataset_round_trip(tmp_path):
+    """--dataset npz reads uint8 N x H x W x C (the layout --mode sample writes); channels and size come from
+    the file; a sample run's samples.npz can be trained on again."""
+    rng = np.random.default_rng(0)
+    path = str(tmp_path / "digits.npz")
+    np.savez(path, images=rng.integers(0, 256, (16, 8, 8, 1), dtype=np.uint8), labels=np.arange(16))
+    a = tiny_args("--dataset", "npz", "--data-dir", path)
+    assert (a.channels, a.image_size) == (1, 8)
+    x, y = em.build_dataset(a)[3]
+    assert x.shape == (1, 8, 8) and -1 <= x.min() and x.max() <= 1 and int(y) == 3
+    out = str(tmp_path / "o")
+    em.main(TINY + ["--dataset", "npz", "--data-dir", path, "--steps", "1", "--out-dir", out])
+    imgs = em.main(TINY + ["--mode", "sample", "--num-samples", "8", "--sample-batch", "8", "--out-dir", out])
+    assert imgs.shape == (8, 8, 8, 1) and imgs.dtype == np.uint8
+    em.main(TINY + ["--dataset", "npz", "--data-dir", os.path.join(out, "samples.npz"), "--steps", "1",
+                    "--out-dir", str(tmp_path / "again")])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reliability (issue 11)
+# ---------------------------------------------------------------------------------------------------------
+def test_resume_reads_ckpt_and_writes_out_dir(tmp_path, capsys):
+    """--resume --ckpt A wins over <out-dir>/ckpt_warmup.pt, and the run writes into --out-dir, never A."""
+    A, B = str(tmp_path / "A"), str(tmp_path / "B")
+    em.main(TINY + ["--steps", "2", "--out-dir", A])
+    em.main(TINY + ["--steps", "3", "--out-dir", B])
+    capsys.readouterr()
+    rec = em.main(TINY + ["--steps", "4", "--resume", "--ckpt", os.path.join(A, "ckpt_warmup.pt"),
+                          "--out-dir", B])
+    assert [r["step"] for r in rec] == [3, 4]                       # resumed at A's step 2, not B's 3
+    assert "resumed from " + os.path.join(A, "ckpt_warmup.pt") in capsys.readouterr().out
+    assert em.load_checkpoint(os.path.join(A, "ckpt_warmup.pt"))["step"] == 2
+    assert em.load_checkpoint(os.path.join(B, "ckpt_warmup.pt"))["step"] == 4
+
+
+def test_metrics_deduplicated_on_resume_and_plot_covers_whole_run(tmp_path, monkeypatch):
+    out = str(tmp_path)
+    em.main(TINY + ["--steps", "2", "--out-dir", out])
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:          # a step logged, then killed before save
+        f.write(json.dumps({"step": 3, "phase": "warmup", "flow": 1.0, "loss": 1.0}) + "\n")
+    plotted = []
+    monkeypatch.setattr(em, "plot_losses", lambda recs, path, title: plotted.append(recs))
+    em.main(TINY + ["--steps", "4", "--resume", "--out-dir", out])
+    steps = [json.loads(s)["step"] for s in open(os.path.join(out, "metrics.jsonl"))]
+    assert steps == [1, 2, 3, 4]
+    assert [r["step"] for r in plotted[0]] == [1, 2, 3, 4]
+
+
+def test_threads_flag_sets_torch_threads(tmp_path):
+    em.main(TINY + ["--threads", "2", "--steps", "0", "--out-dir", str(tmp_path)])
+    assert torch.get_num_threads() == 2
+
+
+def test_wrong_architecture_names_the_differing_flags(tmp_path, capsys):
+    out = str(tmp_path)
+    em.main(TINY + ["--steps", "1", "--out-dir", out])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        em.main(TINY + ["--steps", "2", "--resume", "--model-size", "0.125", "--out-dir", out])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1
+    assert "--model-size 0.125 (checkpoint 0.0625)" in err
+
+
+def test_sample_modes_refuse_non_finite_weights(tmp_path, capsys):
+    """A NaN EMA must not become an all-zero samples.npz with exit 0: one line, exit 3, nothing written."""
+    out = str(tmp_path)
+    em.main(TINY + ["--steps", "1", "--out-dir", out])
+    path = os.path.join(out, "ckpt_warmup.pt")
+    ck = torch.load(path, weights_only=True)
+    ck["ema"] = {k: v * float("nan") if v.is_floating_point() else v for k, v in ck["ema"].items()}
+    torch.save(ck, path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        em.main(TINY + ["--mode", "sample", "--num-samples", "4", "--out-dir", out])
+    assert e.value.code == 3 and not os.path.exists(os.path.join(out, "samples.npz"))
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path):
+    """SIGTERM during training: the step finishes, the checkpoint is saved, one line, exit 143; resuming
+    reaches bit-identical final weights (and EMA) to an uninterrupted run."""
+    import signal
+    import time
+    n = 12
+    args = TINY + ["--steps", str(n), "--log-every", "1", "--save-every", "0"]
+    straight = str(tmp_path / "straight")
+    em.main(args + ["--out-dir", straight])
+    cut = str(tmp_path / "cut")
+    proc = subprocess.Popen([sys.executable, SCRIPT] + args + ["--out-dir", cut], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env_1thread())
+    metrics = os.path.join(cut, "metrics.jsonl")
+    deadline = time.time() + 150
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics) and len(open(metrics).readlines()) >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("stopped at step ") and "by SIGTERM" in last and last.endswith("--resume")
+    stopped = em.load_checkpoint(os.path.join(cut, "ckpt_warmup.pt"))["step"]
+    assert 2 <= stopped < n
+    em.main(args + ["--out-dir", cut, "--resume"])
+    a = em.load_checkpoint(os.path.join(straight, "ckpt_warmup.pt"))
+    b = em.load_checkpoint(os.path.join(cut, "ckpt_warmup.pt"))
+    assert b["step"] == n
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+
+
+def test_crash_during_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    """A save killed half-way (here: torch.save writes half a file, then dies) leaves the previous
+    checkpoint intact (write to <path>.tmp, then os.replace); the next start removes the stale .tmp."""
+    out = str(tmp_path)
+    em.main(TINY + ["--steps", "1", "--out-dir", out])
+    path = os.path.join(out, "ckpt_warmup.pt")
+    ck = em.load_checkpoint(path)
+
+    def dying_save(obj, f):
+        open(f, "wb").write(b"half a checkpoint")
+        raise OSError("killed during save")
+
+    monkeypatch.setattr(em.torch, "save", dying_save)
+    with pytest.raises(OSError):
+        em.save_checkpoint(path, em.build_model(tiny_args()), em.build_model(tiny_args()), None, 99,
+                           tiny_args())
+    monkeypatch.undo()
+    assert em.load_checkpoint(path)["step"] == 1 and os.path.exists(path + ".tmp")
+    assert all(torch.equal(ck["model"][k], em.load_checkpoint(path)["model"][k]) for k in ck["model"])
+    em.main(TINY + ["--steps", "2", "--resume", "--out-dir", out])
+    assert not os.path.exists(path + ".tmp") and em.load_checkpoint(path)["step"] == 2
