@@ -590,7 +590,8 @@ class EnergyMatching:
 
     def __init__(self, V, tau_star=1.0, eps_max=0.01, lambda_cd=1e-3, n_langevin=200, dt=0.01,
                  cd_neg_clamp=1.0, cd_trim=0.1, neg_data_frac=0.5, flow_reduction="mean", tau_s=3.0,
-                 clamp_negatives=None, autocast=None, use_ot=True, V_fast=None, flow_weighting=False):
+                 clamp_negatives=None, autocast=None, use_ot=True, V_fast=None, flow_weighting=False,
+                 same_temperature=False, chain_clock=None, ot_sigma=0.0):
         self.V, self.V_fast = V, (V_fast if V_fast is not None else V)
         self.tau_star, self.eps_max, self.lambda_cd = float(tau_star), float(eps_max), float(lambda_cd)
         self.n_langevin, self.dt = int(n_langevin), float(dt)
@@ -603,6 +604,9 @@ class EnergyMatching:
         self.autocast = autocast               # context-manager factory for bf16 network passes, or None
         self.use_ot = use_ot
         self.flow_weighting = bool(flow_weighting)   # phase 2 only: fade the flow loss out for t > tau* (2-D code)
+        self.same_temperature = bool(same_temperature)  # data-started negatives follow eps(t) too
+        self.chain_clock = chain_clock         # m -> chain time t of Langevin step m (default m * dt)
+        self.ot_sigma = float(ot_sigma)        # std of the Gaussian tube around x_t (OT-CFM's sigma)
 
     def eps(self, t):
         """eps(t) of Eq. (3) with this model's tau* and eps_max."""
@@ -634,6 +638,8 @@ class EnergyMatching:
         t = torch.rand(x1.shape[0], device=x1.device)                # Alg. 1 line 6: t ~ U(0, 1), per sample
         tb = _bcast(t, x1)
         xt = tb * x1 + (1 - tb) * x0                                 # x_t = (1 - t) T(x_data) + t x_data
+        if self.ot_sigma > 0:
+            xt = xt + self.ot_sigma * randn(xt)                      # OT-CFM's tube around the path
         g = grad_V(self.V, xt, create_graph=True, autocast=self.autocast)   # grad V(x_t), graph kept for theta
         r = (g.float() + (x1 - x0)).flatten(1).pow(2)                # || grad V(x_t) + x_data - T(x_data) ||^2
         r = r.mean(1) if self.flow_reduction == "mean" else r.sum(1)
@@ -651,7 +657,10 @@ class EnergyMatching:
         e_max = torch.full((B,), self.eps_max, device=x1.device)
 
         def eps_fn(t):                                               # per-sample temperature at chain time t
-            return torch.where(at_data, e_max, torch.full_like(e_max, self.eps(t)))
+            if self.chain_clock is not None:
+                t = self.chain_clock(int(round(t / self.dt)))        # langevin passes t = m * dt
+            e_t = torch.full_like(e_max, self.eps(t))
+            return e_t if self.same_temperature else torch.where(at_data, e_max, e_t)
 
         x_neg = langevin(self.V_fast, x_init, self.n_langevin, self.dt, eps_fn, clamp=self.clamp_negatives,
                          autocast=self.autocast)
