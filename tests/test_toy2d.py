@@ -101,7 +101,7 @@ class _GaussDensity:
 
 def test_grid_normalised_nll_matches_closed_form():
     # E[-log N(x; 0, I)] in 2-D = log(2 pi) + 1: the grid normalisation must recover it despite the +3.7.
-    a = toy2d.check_args(toy2d.build_parser().parse_args(["--grid-lim", "7", "--grid-n", "200"]))
+    a = toy2d.parse_args(["--grid-lim", "7", "--grid-n", "200"])
     m = _GaussDensity()
     _, logp, log_z = toy2d.grid_density(m, a, "cpu")
     assert float(logp.exp().sum() * (14 / 200) ** 2) == pytest.approx(1.0, abs=1e-9)   # normalised
@@ -116,7 +116,7 @@ def test_grid_normalised_nll_matches_closed_form():
 
 # ------------------------------------------------------------------------------------------------ methods
 def _args(extra):
-    a = toy2d.check_args(toy2d.build_parser().parse_args(TINY + extra))
+    a = toy2d.parse_args(TINY + extra)
     if a.source == "auto":
         a.source = toy2d.DEFAULT_SOURCE[a.method]
     return a
@@ -191,16 +191,81 @@ def test_smoke_all_methods_subprocess(tmp_path):
     assert "best baseline" in table                                         # the EM-vs-baselines verdict
 
 
+# ------------------------------------------------------------------------------------------------ plots
+TAB_BLUE = (0.122, 0.467, 0.706)
+
+
+def _png(path):
+    import matplotlib.image as mpimg
+    return mpimg.imread(str(path))[..., :3]                       # (H, W, 3) floats in [0, 1]
+
+
+def _pixels(img, rgb, tol=0.1):
+    """How many pixels have (about) this colour."""
+    return int((np.abs(img - np.asarray(rgb)).max(-1) < tol).sum())
+
+
+def _colours(img):
+    return len(np.unique((img * 255).astype(np.uint8).reshape(-1, 3), axis=0))
+
+
+def _bluish(img):
+    """Pixels of the blue sample dots, opaque or half transparent (blue channel well above red)."""
+    return int(((img[..., 2] - img[..., 0] > 0.2) & (img[..., 2] > img[..., 1])).sum())
+
+
+def _check_trajectories(img):
+    """Both panels show the blue samples (the legend alone has ~70 blue pixels; NaN samples, or
+    samples thrown out of the box, draw none)."""
+    w = img.shape[1] // 2
+    assert _pixels(img[:, :w], TAB_BLUE) > 200 and _bluish(img[:, w:]) > 200
+
+
+def _check_panels(img, n_panels):
+    """Every image panel is drawn: a NaN field leaves its axes white, a constant one a single colour.
+    Looks at the middle of each panel (inside the axes, left of the colour bar)."""
+    h, w = img.shape[0], img.shape[1] // n_panels
+    for i in range(n_panels):
+        crop = img[int(0.3 * h):int(0.7 * h), i * w + int(0.2 * w):i * w + int(0.55 * w)]
+        white = (crop > 0.95).all(-1).mean()
+        assert white < 0.5 and _colours(crop) >= 3, f"panel {i} is blank ({white:.0%} white)"
+
+
+def test_png_checks_reject_blank_and_nan_figures(tmp_path):
+    # The checks below must be able to fail: a trajectory plot whose samples are NaN, and a density
+    # plot of a NaN density, are drawn by the real plot functions and rejected.
+    a = toy2d.parse_args(TINY)
+    traj = torch.randn(5, 300, 2)
+    traj[-1] = float("nan")                                       # the samples
+
+    toy2d.plot_trajectories(tmp_path / "t.png", traj, torch.randn(300, 2), "nan", 7.0)
+    with pytest.raises(AssertionError):
+        _check_trajectories(_png(tmp_path / "t.png"))
+    logp = torch.full((a.grid_n ** 2,), float("nan"), dtype=torch.float64)
+    toy2d.plot_density(tmp_path / "d.png", logp, a, torch.randn(300, 2), "nan")
+    with pytest.raises(AssertionError):
+        _check_panels(_png(tmp_path / "d.png"), 3)
+
+
 @pytest.mark.parametrize("method", ["em", "vpfb", "otcfm"])
-def test_plots_are_written(tmp_path, method):
+def test_plots_show_their_content(tmp_path, method):
     out = tmp_path / method
-    toy2d.main(["--method", method, "--steps", "4", "--steps-cd", "2", "--out-dir", str(out)] + TINY)
-    pngs = ["trajectories.png", "energy.png", "loss.png"] + ([] if method == "otcfm" else ["density.png"])
-    pngs += ["langevin.png"] if method == "vpfb" else []
-    for png in pngs:
-        assert (out / png).stat().st_size > 1000, png
+    # VPFB: Phi_B read at t = 0.5; at t_max = 1 - 1e-5 its density is a one-cell spike (README)
+    extra = ["--t-inf", "0.5"] if method == "vpfb" else []
+    toy2d.main(["--method", method, "--steps", "4", "--steps-cd", "2", "--out-dir", str(out)] + TINY
+               + extra)
+    _check_trajectories(_png(out / "trajectories.png"))
+    n_fields = {"em": 1, "vpfb": 5, "otcfm": 3}[method]
+    _check_panels(_png(out / "energy.png"), n_fields)
+    loss = _png(out / "loss.png")
+    assert _pixels(loss, TAB_BLUE) > 50                           # the loss curve is drawn
     if method == "otcfm":
         assert not (out / "density.png").exists()                # no energy, no density
+    else:
+        _check_panels(_png(out / "density.png"), 3)               # density, its log, histogram
+    if method == "vpfb":
+        lang = _png(out / "langevin.png")                       # Phi_B's chains may leave the box:
+        assert (lang < 0.9).any(-1).mean() > 0.01                 # only ask for a drawn figure
 
 
 @pytest.mark.parametrize("args, needle", [
