@@ -71,7 +71,7 @@ AUTHORS_BATCH = 1024    # the EM authors' notebook samples 1024 points; its path
 # and utils_2D.py). Flags given on the command line still win over these values.
 RECIPES = {
     "ours": {},
-    "authors": dict(steps=22000, steps_cd=2000, batch_size=128, lr=1e-4, hidden=256, depth=4,
+    "authors": dict(steps=22000, cd_share=2000 / 22000, batch_size=128, lr=1e-4, hidden=256, depth=4,
                     first_act="relu", n_langevin=200, chain_dt=0.01, chain_clock="authors",
                     lambda_cd=2.0, tau_star=0.8, eps_max=0.15, cd_trim=0.0, cd_neg_clamp=0.0,
                     flow_weighting=True, sigma=0.1, fresh_cd_batch=True, em_sampler="euler",
@@ -106,7 +106,7 @@ def build_parser():
                    help="total optimiser steps, the same for every method (EM: warm-up + CD phase)")
     g.add_argument("--steps-cd", type=int, default=None,
                    help="EM only: phase-2 (flow + CD) steps, counted inside --steps; "
-                        "default steps // 10")
+                        "default a share of --steps (ours 1/10, authors 2000 of 22000)")
     g.add_argument("--batch-size", type=int, default=256, help="batch size")
     g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     g.add_argument("--hidden", type=int, default=128, help="MLP width")
@@ -215,6 +215,7 @@ def build_parser():
     g.add_argument("--mmd-bandwidths", default="0.1,0.5,1,2",
                    help="RBF bandwidths sigma for MMD^2 (kernel = sum of exp(-|x-y|^2 / "
                         "(2 sigma^2)))")
+    p.set_defaults(cd_share=0.1)          # phase-2 share of --steps when --steps-cd is not given
     return p
 
 
@@ -422,7 +423,7 @@ class EMToy:
                                        ot_sigma=method_sigma(a))
         # the phase-2 noise-started negatives start at source points from their own stream
         self.gen_cd = torch.Generator().manual_seed(a.seed + 40_000)
-        self.steps_cd = a.steps // 10 if a.steps_cd is None else a.steps_cd
+        self.steps_cd = round(a.steps * a.cd_share) if a.steps_cd is None else a.steps_cd
         self.steps_warmup = a.steps - self.steps_cd
         self.last_stop = None
         self.a = a

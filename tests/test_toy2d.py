@@ -156,6 +156,150 @@ def test_em_phase2_negatives_start_at_the_source():
     assert not torch.equal(seen["x0"], x0)                        # fresh points, not the flow batch
 
 
+# ------------------------------------------------------------------------------------------------ authors
+def test_recipe_authors_is_the_authors_2d_notebook():
+    # The EM authors' 2-D run (experiments/toy2d of https://github.com/m1balcerak/EnergyMatching):
+    # 20000 + 2000 steps, batch 128, Adam 1e-4, MLP 2->256x4->1 with a ReLU first, 200-step chains
+    # of step 0.01 on the clock t = (m+1)/200, lambda_CD 2, tau* 0.8, eps_max 0.15, flow weighting,
+    # sigma 0.1 in the OT matcher, no trim/clamp, fresh CD batches, Euler sampler stopped at path
+    # length 500.
+    a = toy2d.parse_args(["--recipe", "authors"])
+    want = dict(steps=22000, batch_size=128, lr=1e-4, hidden=256, depth=4,
+                first_act="relu", n_langevin=200, chain_dt=0.01, chain_clock="authors",
+                lambda_cd=2.0, tau_star=0.8, eps_max=0.15, cd_trim=0.0, cd_neg_clamp=0.0,
+                flow_weighting=True, sigma=0.1, fresh_cd_batch=True, em_sampler="euler", dt=0.01,
+                max_length=500.0)
+    assert {k: getattr(a, k) for k in want} == want
+    b = toy2d.parse_args(["--recipe", "authors", "--steps", "2200"])   # flags win; phase 2 keeps
+    b.source = "8gauss"                                                 # its share of the steps
+    assert b.steps == 2200 and toy2d.EMToy(b).steps_cd == 200
+    ours = toy2d.parse_args([])
+    assert ours.recipe == "ours" and ours.steps == 3000 and ours.chain_clock == "alg2"
+    a.source = "8gauss"
+    m = toy2d.EMToy(a)
+    assert m.steps_warmup == 20000 and m.steps_cd == 2000
+    assert m.model.ot_sigma == 0.1 and m.model.flow_weighting and m.model.lambda_cd == 2.0
+    acts = [type(x).__name__ for x in m.net.net if not isinstance(x, torch.nn.Linear)]
+    assert acts == ["ReLU", "SiLU", "SiLU", "SiLU"]               # the authors' PotentialModel
+
+
+def _chain_temperatures(m, n):
+    """The eps that EnergyMatching's negative chains use at each Langevin step m = 0..n-1:
+    (data-started, noise-started), read by intercepting energy_matching.langevin."""
+    seen = {}
+
+    def fake(V, x, n_steps, dt, eps, **kw):
+        seen["eps"] = [eps(k * dt) for k in range(n_steps)]
+        return x
+
+    orig = toy2d.em.langevin
+    toy2d.em.langevin = fake
+    try:
+        m.model.negatives(torch.zeros(4, 2), torch.ones(4, 2))
+    finally:
+        toy2d.em.langevin = orig
+    return [float(e[0]) for e in seen["eps"]], [float(e[-1]) for e in seen["eps"]]
+
+
+def test_authors_chain_clock_heats_only_the_last_steps():
+    # Authors' 2-D code: noise-started negative m runs at eps(t), t = (m + 1) / n (eps > 0 only in
+    # the last (1 - tau*) share, eps_max at the last step); data-started ones stay at eps_max.
+    # Alg. 2's clock t = m * chain_dt with 10 x 0.03 never passes tau* = 0.8: all zero.
+    a = _args(["--method", "em", "--n-langevin", "10", "--chain-dt", "0.03", "--chain-clock",
+               "authors"])
+    data, noise = _chain_temperatures(toy2d.EMToy(a), 10)
+    assert data == pytest.approx([0.15] * 10)
+    assert noise == pytest.approx([0.0] * 8 + [0.075, 0.15])
+    a = _args(["--method", "em", "--n-langevin", "10", "--chain-dt", "0.03"])
+    data, noise = _chain_temperatures(toy2d.EMToy(a), 10)
+    assert data == pytest.approx([0.15] * 10) and noise == pytest.approx([0.0] * 10)
+
+
+def test_sigma_defaults_otcfm_tube_and_em():
+    assert toy2d.OTCFM(_args(["--method", "otcfm"])).sigma == 0.1   # Tong et al.'s 2-D sigma
+    assert toy2d.EMToy(_args(["--method", "em"])).model.ot_sigma == 0.0   # Alg. 1: no tube
+    assert toy2d.EMToy(_args(["--method", "em", "--sigma", "0.1"])).model.ot_sigma == 0.1
+    m = toy2d.OTCFM(_args(["--method", "otcfm"]))
+    seen = {}
+
+    def net(x, t):
+        seen["x"] = x
+        return torch.zeros_like(x)
+
+    m.net = net
+    x = torch.zeros(4000, 2)                                      # x0 = x1: x_t = sigma * noise
+    m.loss(x, x.clone(), 0)
+    assert seen["x"].std().item() == pytest.approx(0.1, rel=0.05)
+
+
+def test_cd_baseline_samples_with_its_training_chain():
+    # The CD-EBM is a short-run EBM: it samples with the chain it was trained with
+    # (n_langevin steps of chain_dt), not with another step count and size.
+    a = _args(["--method", "cd", "--n-langevin", "6", "--chain-dt", "0.05", "--eps-max", "1e-12"])
+    m = toy2d.CDEBM(a)
+    m.net = lambda x: 0.5 * x.pow(2).sum(1)                        # grad E = x: x <- x (1 - dt)
+    x0 = torch.randn(5, 2)
+    x, traj = m.sample(x0)
+    assert traj.shape == (7, 5, 2)
+    assert torch.allclose(x, x0 * 0.95 ** 6, atol=1e-5)
+
+
+def test_path_length_stop_of_the_authors_sampler():
+    # Steps of Frobenius length 1 each (over the first 1024 chains): length 3.5 is passed after 4.
+    traj = torch.zeros(11, 2000, 2)
+    for k in range(1, 11):
+        traj[k] = traj[k - 1]
+        traj[k, :1024, 0] += 1 / 32                               # sqrt(1024) / 32 = 1
+    assert toy2d.path_length_stop(traj, 3.5) == 4
+    assert toy2d.path_length_stop(traj, 3.0) == 3
+    assert toy2d.path_length_stop(traj, 11.0) is None
+    # EMToy cuts the trajectory there, and the sample is its last state
+    a = _args(["--method", "em", "--recipe", "authors", "--max-length", "40", "--tau-s", "2"])
+    a.source = "8gauss"
+    m = toy2d.EMToy(a)
+    x0 = toy2d.sample_data("8gauss", 1200, torch.Generator().manual_seed(0))
+    x, traj = m.sample(x0)
+    K = traj.shape[0] - 1
+    assert m.last_stop == K and 0 < K < 200 and torch.equal(x, traj[-1])
+    steps = (traj[1:, :1024] - traj[:-1, :1024]).flatten(1).norm(dim=1)
+    assert steps[:K - 1].sum() < 40 <= steps.sum()
+
+
+def test_fresh_cd_batch_draws_new_data_for_cd():
+    a = _args(["--method", "em", "--steps", "10", "--steps-cd", "5", "--fresh-cd-batch"])
+    m = toy2d.EMToy(a)
+    seen = {}
+    orig = m.model.cd_loss
+
+    def spy(x1, x0):
+        seen["x1"] = x1
+        return orig(x1, x0)
+
+    m.model.cd_loss = spy
+    g = torch.Generator().manual_seed(0)
+    x1, x0 = toy2d.sample_data("moons", 64, g), toy2d.sample_data("8gauss", 64, g)
+    m.loss(x1, x0, step=7)
+    assert seen["x1"].shape == x1.shape and not torch.equal(seen["x1"], x1)
+
+
+# ------------------------------------------------------------------------------------------------ NLL
+def test_nll_baselines_and_temperature_scan_closed_forms():
+    a = toy2d.parse_args(["--grid-lim", "7", "--grid-n", "200"])
+    assert toy2d.nll_flat(a) == pytest.approx(math.log(196))     # ln of the box area, 5.28
+
+    class Flat:
+        def log_density(self, x):
+            return torch.zeros(len(x))
+
+    x = torch.randn(20000, 2, generator=torch.Generator().manual_seed(0))
+    _, _, log_z = toy2d.grid_density(Flat(), a, "cpu")
+    assert toy2d.nll_heldout(Flat(), a, x, log_z)[0] == pytest.approx(toy2d.nll_flat(a), abs=1e-9)
+    # exp(log N(x; 0, I) / c) normalised is N(0, c I): E[-log] = log(2 pi c) + 1 / c for x ~ N(0, I)
+    scan = toy2d.nll_by_temperature(_GaussDensity(), a, x, "cpu", factors=(0.5, 1.0, 2.0))
+    for c, v in scan.items():
+        assert v == pytest.approx(math.log(2 * math.pi * c) + 1 / c, abs=0.03), c
+
+
 def test_short_em_run_learns(tmp_path):
     # Trained W2 must beat the untrained model's W2 by a wide margin (same seed, same evaluation points).
     common = ["--method", "em", "--hidden", "64", "--depth", "2", "--batch-size", "128", "--n-langevin", "10",
@@ -182,13 +326,16 @@ def test_smoke_all_methods_subprocess(tmp_path):
         d = tmp_path / f"{tag}_{src}_moons"
         m = json.load(open(d / "metrics.json"))
         assert m["steps"] == 6 and m["n_eval"] == 200 and math.isfinite(m["w2"]) and math.isfinite(m["mmd2"])
-        assert (m["nll"] is None) == (tag == "otcfm")             # OT-CFM has no energy -> NLL n/a (null)
+        assert (m["nll"] is None) == (tag == "otcfm")             # OT-CFM: no energy, NLL null
+        assert m["nll_flat"] == pytest.approx(math.log(14 ** 2))   # beside every NLL: flat box
+        assert (m["nll_untrained"] is None) == (tag == "otcfm")   # and the untrained model
         assert np.load(d / "samples.npy").shape == (200, 2)
         ck = torch.load(d / "model.pt", weights_only=True)
         assert ck["format"] == "toy2d/v1" and ck["step"] == 6
     table = (tmp_path / "table.md").read_text()
     assert sum(line.startswith("|") for line in table.splitlines()) == 7   # header, rule, 5 rows
-    assert "best baseline" in table                                         # the EM-vs-baselines verdict
+    assert "best baseline" in table                                         # the EM verdict
+    assert "| NLL untrained | NLL flat |" in table and "| 5.278 |" in table
 
 
 # ------------------------------------------------------------------------------------------------ plots
@@ -275,6 +422,8 @@ def test_plots_show_their_content(tmp_path, method):
     (["--steps", "10", "--steps-cd", "20"], "cannot exceed"),
     (["--out-dir", "__FILE__/sub"], "cannot write"),
     (["--method", "vpfb", "--t-inf", "1.5"], "--t-inf must be in (0, 1)"),
+    (["--recipe", "paper"], "invalid choice"),
+    (["--sigma", "-0.1"], "--sigma must be >= 0"),
 ])
 def test_bad_input_one_line_exit_2(tmp_path, args, needle):
     f = tmp_path / "a_file"
