@@ -1,4 +1,5 @@
-"""Tests for toy2d.py: data, network, metrics (closed forms), a short run that must learn, smoke runs, bad input.
+"""Tests for toy2d.py: data, network, metrics (closed forms), the authors' 2-D recipe, a short run
+that must learn, smoke runs, plots with real content, bad input.
 
 Tiny networks and step budgets: the whole file runs in well under a minute on 2 busy CPU cores.
 """
@@ -16,8 +17,8 @@ import toy2d
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "toy2d.py")
-TINY = ["--hidden", "16", "--depth", "2", "--batch-size", "32", "--n-langevin", "3", "--tau-s", "0.1",
-        "--ode-steps", "10", "--n-eval", "200", "--grid-n", "30", "--langevin-steps", "5"]
+TINY = ["--hidden", "16", "--depth", "2", "--batch-size", "32", "--n-langevin", "3",
+        "--tau-s", "0.1", "--ode-steps", "10", "--n-eval", "200", "--grid-n", "30", "--langevin-steps", "5"]
 
 
 def run_cli(args, **kw):
@@ -26,7 +27,7 @@ def run_cli(args, **kw):
                           cwd=kw.get("cwd", ROOT), timeout=kw.get("timeout", 120))
 
 
-# ------------------------------------------------------------------------------------------------ data
+# -------------------------------------------------------------------------------------------- data
 def test_data_moments():
     g = torch.Generator().manual_seed(0)
     moons = toy2d.sample_data("moons", 20000, g)
@@ -54,12 +55,12 @@ def test_data_streams_are_reproducible_and_distinct():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-# ------------------------------------------------------------------------------------------------ network
+# ----------------------------------------------------------------------------------------- network
 def test_mlp_shapes_and_time_input():
     x, t = torch.randn(7, 2), torch.rand(7)
     v = toy2d.MLP(2, 16, 2)
     assert v(x).shape == (7,)
-    assert torch.equal(v(x, t), v(x))                             # time=False ignores t (autonomous Phi)
+    assert torch.equal(v(x, t), v(x))                             # time=False ignores t
     phi = toy2d.MLP(2, 16, 2, time=True)
     assert phi(x, t).shape == (7,)
     assert not torch.allclose(phi(x, t), phi(x, t + 0.5))         # time=True: t is an input
@@ -73,7 +74,7 @@ def test_mlp_shapes_and_time_input():
     assert h.abs().sum() > 0
 
 
-# ------------------------------------------------------------------------------------------------ metrics
+# ----------------------------------------------------------------------------------------- metrics
 def test_w2_of_a_translation_is_the_shift():
     # For a cloud and its translate by c, the identity coupling is optimal, so W2 = |c| exactly.
     x = torch.randn(500, 2, generator=torch.Generator().manual_seed(0))
@@ -92,7 +93,7 @@ def test_mmd_separates_distributions():
 
 
 class _GaussDensity:
-    """A stand-in model with an unnormalised standard-normal log density (offset by an arbitrary constant)."""
+    """A stand-in model: an unnormalised standard-normal log density (offset by a constant)."""
     has_density = True
 
     def log_density(self, x):
@@ -100,7 +101,8 @@ class _GaussDensity:
 
 
 def test_grid_normalised_nll_matches_closed_form():
-    # E[-log N(x; 0, I)] in 2-D = log(2 pi) + 1: the grid normalisation must recover it despite the +3.7.
+    # E[-log N(x; 0, I)] in 2-D = log(2 pi) + 1: the grid normalisation must recover it despite
+    # the +3.7.
     a = toy2d.parse_args(["--grid-lim", "7", "--grid-n", "200"])
     m = _GaussDensity()
     _, logp, log_z = toy2d.grid_density(m, a, "cpu")
@@ -114,7 +116,7 @@ def test_grid_normalised_nll_matches_closed_form():
     assert torch.allclose(s.std(0), torch.ones(2, dtype=s.dtype), atol=0.03)
 
 
-# ------------------------------------------------------------------------------------------------ methods
+# ----------------------------------------------------------------------------------------- methods
 def _args(extra):
     a = toy2d.parse_args(TINY + extra)
     if a.source == "auto":
@@ -134,7 +136,8 @@ def test_otcfm_heun_integrates_a_constant_field_exactly():
 
 
 def test_em_phase2_negatives_start_at_the_source():
-    # With an 8-Gaussians source toy2d hands EnergyMatching.loss fresh source points as x0_cd (the EM paper's
+    # With an 8-Gaussians source toy2d hands EnergyMatching.loss fresh source points as x0_cd (the
+    # EM paper's
     # 2-D setting: negatives start at the source). Check what cd_loss receives.
     a = _args(["--method", "em", "--steps", "10", "--steps-cd", "5"])
     m = toy2d.EMToy(a)
@@ -148,15 +151,15 @@ def test_em_phase2_negatives_start_at_the_source():
     m.model.cd_loss = spy
     g = torch.Generator().manual_seed(0)
     x1, x0 = toy2d.sample_data("moons", 256, g), toy2d.sample_data("8gauss", 256, g)
-    loss, logs = m.loss(x1, x0, step=7)                           # step 7 >= 5 warm-up steps: phase 2
+    loss, logs = m.loss(x1, x0, step=7)                           # 7 >= 5 warm-up steps: phase 2
     assert m.phase(7) == "main" and m.phase(4) == "warmup"
     assert torch.isfinite(loss) and "cd" in logs and "flow" in logs
     r = seen["x0"].norm(dim=1)
-    assert abs(r.mean().item() - 5.0) < 0.3                       # 8 Gaussians (radius 5), not N(0, I)
+    assert abs(r.mean().item() - 5.0) < 0.3                       # 8 Gaussians, not N(0, I)
     assert not torch.equal(seen["x0"], x0)                        # fresh points, not the flow batch
 
 
-# ------------------------------------------------------------------------------------------------ authors
+# ----------------------------------------------------------------------------------------- authors
 def test_recipe_authors_is_the_authors_2d_notebook():
     # The EM authors' 2-D run (experiments/toy2d of https://github.com/m1balcerak/EnergyMatching):
     # 20000 + 2000 steps, batch 128, Adam 1e-4, MLP 2->256x4->1 with a ReLU first, 200-step chains
@@ -282,7 +285,7 @@ def test_fresh_cd_batch_draws_new_data_for_cd():
     assert seen["x1"].shape == x1.shape and not torch.equal(seen["x1"], x1)
 
 
-# ------------------------------------------------------------------------------------------------ NLL
+# --------------------------------------------------------------------------------------------- NLL
 def test_nll_baselines_and_temperature_scan_closed_forms():
     a = toy2d.parse_args(["--grid-lim", "7", "--grid-n", "200"])
     assert toy2d.nll_flat(a) == pytest.approx(math.log(196))     # ln of the box area, 5.28
@@ -301,23 +304,26 @@ def test_nll_baselines_and_temperature_scan_closed_forms():
 
 
 def test_short_em_run_learns(tmp_path):
-    # Trained W2 must beat the untrained model's W2 by a wide margin (same seed, same evaluation points).
-    common = ["--method", "em", "--hidden", "64", "--depth", "2", "--batch-size", "128", "--n-langevin", "10",
-              "--chain-dt", "0.15", "--dt", "0.03", "--tau-s", "1.5", "--n-eval", "1000", "--no-plots",
+    # Trained W2 must beat the untrained model's W2 by a wide margin (same seed, same eval points).
+    common = ["--method", "em", "--hidden", "64", "--depth", "2", "--batch-size", "128",
+              "--n-langevin", "10", "--chain-dt", "0.15", "--dt", "0.03", "--tau-s", "1.5",
+              "--n-eval", "1000", "--no-plots",
               "--grid-n", "60"]
     toy2d.main(common + ["--steps", "0", "--out-dir", str(tmp_path / "untrained")])
-    toy2d.main(common + ["--steps", "400", "--steps-cd", "40", "--out-dir", str(tmp_path / "trained")])
+    toy2d.main(common + ["--steps", "400", "--steps-cd", "40",
+                         "--out-dir", str(tmp_path / "trained")])
     w_untrained = json.load(open(tmp_path / "untrained" / "metrics.json"))["w2"]
     w_trained = json.load(open(tmp_path / "trained" / "metrics.json"))["w2"]
-    assert w_untrained > 2.0                                      # samples still sit near the 8 Gaussians
+    assert w_untrained > 2.0                                      # samples still near the source
     assert w_trained < 0.5 * w_untrained, (w_trained, w_untrained)
 
 
-# ------------------------------------------------------------------------------------------------ CLI
+# --------------------------------------------------------------------------------------------- CLI
 def test_smoke_all_methods_subprocess(tmp_path):
     # CleanRL-style: the real script, every method (--method all), a tiny budget, outputs on disk.
     # (Plots are checked in-process below: one interpreter start less, and PNGs are the slow part.)
-    r = run_cli(["--method", "all", "--steps", "6", "--steps-cd", "2", "--no-plots", "--out-dir", str(tmp_path)]
+    r = run_cli(["--method", "all", "--steps", "6", "--steps-cd", "2", "--no-plots",
+                 "--out-dir", str(tmp_path)]
                 + TINY)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "| method |" in r.stdout and "ms/iter" in r.stdout
@@ -325,7 +331,8 @@ def test_smoke_all_methods_subprocess(tmp_path):
                      ("vpfb-autonomous", "gauss")]:
         d = tmp_path / f"{tag}_{src}_moons"
         m = json.load(open(d / "metrics.json"))
-        assert m["steps"] == 6 and m["n_eval"] == 200 and math.isfinite(m["w2"]) and math.isfinite(m["mmd2"])
+        assert m["steps"] == 6 and m["n_eval"] == 200
+        assert math.isfinite(m["w2"]) and math.isfinite(m["mmd2"])
         assert (m["nll"] is None) == (tag == "otcfm")             # OT-CFM: no energy, NLL null
         assert m["nll_flat"] == pytest.approx(math.log(14 ** 2))   # beside every NLL: flat box
         assert (m["nll_untrained"] is None) == (tag == "otcfm")   # and the untrained model
@@ -338,7 +345,7 @@ def test_smoke_all_methods_subprocess(tmp_path):
     assert "| NLL untrained | NLL flat |" in table and "| 5.278 |" in table
 
 
-# ------------------------------------------------------------------------------------------------ plots
+# ------------------------------------------------------------------------------------------- plots
 TAB_BLUE = (0.122, 0.467, 0.706)
 
 
@@ -369,7 +376,7 @@ def _check_trajectories(img):
 
 
 def _check_panels(img, n_panels):
-    """Every image panel is drawn: a NaN field leaves its axes white, a constant one a single colour.
+    """Every image panel is drawn: a NaN field leaves its axes white, a constant one one colour.
     Looks at the middle of each panel (inside the axes, left of the colour bar)."""
     h, w = img.shape[0], img.shape[1] // n_panels
     for i in range(n_panels):
@@ -449,6 +456,7 @@ def test_vpfb_t_inf_reaches_the_boltzmann_energy():
 def test_help_lists_defaults():
     r = run_cli(["--help"], timeout=60)
     assert r.returncode == 0
-    for flag in ["--method", "--steps", "--tau-star", "--eps-max", "--kappa", "--autonomous", "--n-eval"]:
+    for flag in ["--method", "--steps", "--tau-star", "--eps-max", "--kappa", "--autonomous",
+                 "--n-eval", "--recipe", "--sigma"]:
         assert flag in r.stdout
     assert "default: em" in r.stdout
