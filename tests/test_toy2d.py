@@ -1,4 +1,5 @@
-"""Tests for toy2d.py: data, network, metrics (closed forms), a short run that must learn, smoke runs, bad input.
+"""Tests for toy2d.py: data, network, metrics (closed forms), the authors' 2-D recipe, a short run
+that must learn, smoke runs, plots with real content, bad input.
 
 Tiny networks and step budgets: the whole file runs in well under a minute on 2 busy CPU cores.
 """
@@ -16,8 +17,8 @@ import toy2d
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "toy2d.py")
-TINY = ["--hidden", "16", "--depth", "2", "--batch-size", "32", "--n-langevin", "3", "--tau-s", "0.1",
-        "--ode-steps", "10", "--n-eval", "200", "--grid-n", "30", "--langevin-steps", "5"]
+TINY = ["--hidden", "16", "--depth", "2", "--batch-size", "32", "--n-langevin", "3",
+        "--tau-s", "0.1", "--ode-steps", "10", "--n-eval", "200", "--grid-n", "30", "--langevin-steps", "5"]
 
 
 def run_cli(args, **kw):
@@ -26,7 +27,7 @@ def run_cli(args, **kw):
                           cwd=kw.get("cwd", ROOT), timeout=kw.get("timeout", 120))
 
 
-# ------------------------------------------------------------------------------------------------ data
+# -------------------------------------------------------------------------------------------- data
 def test_data_moments():
     g = torch.Generator().manual_seed(0)
     moons = toy2d.sample_data("moons", 20000, g)
@@ -54,12 +55,12 @@ def test_data_streams_are_reproducible_and_distinct():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-# ------------------------------------------------------------------------------------------------ network
+# ----------------------------------------------------------------------------------------- network
 def test_mlp_shapes_and_time_input():
     x, t = torch.randn(7, 2), torch.rand(7)
     v = toy2d.MLP(2, 16, 2)
     assert v(x).shape == (7,)
-    assert torch.equal(v(x, t), v(x))                             # time=False ignores t (autonomous Phi)
+    assert torch.equal(v(x, t), v(x))                             # time=False ignores t
     phi = toy2d.MLP(2, 16, 2, time=True)
     assert phi(x, t).shape == (7,)
     assert not torch.allclose(phi(x, t), phi(x, t + 0.5))         # time=True: t is an input
@@ -73,7 +74,7 @@ def test_mlp_shapes_and_time_input():
     assert h.abs().sum() > 0
 
 
-# ------------------------------------------------------------------------------------------------ metrics
+# ----------------------------------------------------------------------------------------- metrics
 def test_w2_of_a_translation_is_the_shift():
     # For a cloud and its translate by c, the identity coupling is optimal, so W2 = |c| exactly.
     x = torch.randn(500, 2, generator=torch.Generator().manual_seed(0))
@@ -92,7 +93,7 @@ def test_mmd_separates_distributions():
 
 
 class _GaussDensity:
-    """A stand-in model with an unnormalised standard-normal log density (offset by an arbitrary constant)."""
+    """A stand-in model: an unnormalised standard-normal log density (offset by a constant)."""
     has_density = True
 
     def log_density(self, x):
@@ -100,8 +101,9 @@ class _GaussDensity:
 
 
 def test_grid_normalised_nll_matches_closed_form():
-    # E[-log N(x; 0, I)] in 2-D = log(2 pi) + 1: the grid normalisation must recover it despite the +3.7.
-    a = toy2d.check_args(toy2d.build_parser().parse_args(["--grid-lim", "7", "--grid-n", "200"]))
+    # E[-log N(x; 0, I)] in 2-D = log(2 pi) + 1: the grid normalisation must recover it despite
+    # the +3.7.
+    a = toy2d.parse_args(["--grid-lim", "7", "--grid-n", "200"])
     m = _GaussDensity()
     _, logp, log_z = toy2d.grid_density(m, a, "cpu")
     assert float(logp.exp().sum() * (14 / 200) ** 2) == pytest.approx(1.0, abs=1e-9)   # normalised
@@ -114,9 +116,9 @@ def test_grid_normalised_nll_matches_closed_form():
     assert torch.allclose(s.std(0), torch.ones(2, dtype=s.dtype), atol=0.03)
 
 
-# ------------------------------------------------------------------------------------------------ methods
+# ----------------------------------------------------------------------------------------- methods
 def _args(extra):
-    a = toy2d.check_args(toy2d.build_parser().parse_args(TINY + extra))
+    a = toy2d.parse_args(TINY + extra)
     if a.source == "auto":
         a.source = toy2d.DEFAULT_SOURCE[a.method]
     return a
@@ -134,7 +136,8 @@ def test_otcfm_heun_integrates_a_constant_field_exactly():
 
 
 def test_em_phase2_negatives_start_at_the_source():
-    # With an 8-Gaussians source toy2d hands EnergyMatching.loss fresh source points as x0_cd (the EM paper's
+    # With an 8-Gaussians source toy2d hands EnergyMatching.loss fresh source points as x0_cd (the
+    # EM paper's
     # 2-D setting: negatives start at the source). Check what cd_loss receives.
     a = _args(["--method", "em", "--steps", "10", "--steps-cd", "5"])
     m = toy2d.EMToy(a)
@@ -148,32 +151,172 @@ def test_em_phase2_negatives_start_at_the_source():
     m.model.cd_loss = spy
     g = torch.Generator().manual_seed(0)
     x1, x0 = toy2d.sample_data("moons", 256, g), toy2d.sample_data("8gauss", 256, g)
-    loss, logs = m.loss(x1, x0, step=7)                           # step 7 >= 5 warm-up steps: phase 2
+    loss, logs = m.loss(x1, x0, step=7)                           # 7 >= 5 warm-up steps: phase 2
     assert m.phase(7) == "main" and m.phase(4) == "warmup"
     assert torch.isfinite(loss) and "cd" in logs and "flow" in logs
     r = seen["x0"].norm(dim=1)
-    assert abs(r.mean().item() - 5.0) < 0.3                       # 8 Gaussians (radius 5), not N(0, I)
+    assert abs(r.mean().item() - 5.0) < 0.3                       # 8 Gaussians, not N(0, I)
     assert not torch.equal(seen["x0"], x0)                        # fresh points, not the flow batch
 
 
+# ----------------------------------------------------------------------------------------- authors
+def test_recipe_authors_is_the_authors_2d_notebook():
+    # The EM authors' 2-D run (experiments/toy2d of https://github.com/m1balcerak/EnergyMatching):
+    # 20000 + 2000 steps, batch 128, Adam 1e-4, MLP 2->256x4->1 with a ReLU first, 200-step chains
+    # of step 0.01 on the clock t = (m+1)/200, lambda_CD 2, tau* 0.8, eps_max 0.15, flow weighting,
+    # sigma 0.1 in the OT matcher, no trim/clamp, fresh CD batches, Euler sampler stopped at path
+    # length 500.
+    a = toy2d.parse_args(["--recipe", "authors"])
+    want = dict(steps=22000, batch_size=128, lr=1e-4, hidden=256, depth=4,
+                first_act="relu", n_langevin=200, chain_dt=0.01, chain_clock="authors",
+                lambda_cd=2.0, tau_star=0.8, eps_max=0.15, cd_trim=0.0, cd_neg_clamp=0.0,
+                flow_weighting=True, sigma=0.1, fresh_cd_batch=True, em_sampler="euler", dt=0.01,
+                max_length=500.0)
+    assert {k: getattr(a, k) for k in want} == want
+    b = toy2d.parse_args(["--recipe", "authors", "--steps", "2200"])   # flags win; phase 2 keeps
+    b.source = "8gauss"                                                 # its share of the steps
+    assert b.steps == 2200 and toy2d.EMToy(b).steps_cd == 200
+    ours = toy2d.parse_args([])
+    assert ours.recipe == "ours" and ours.steps == 3000 and ours.chain_clock == "alg2"
+    a.source = "8gauss"
+    m = toy2d.EMToy(a)
+    assert m.steps_warmup == 20000 and m.steps_cd == 2000
+    assert m.model.ot_sigma == 0.1 and m.model.flow_weighting and m.model.lambda_cd == 2.0
+    acts = [type(x).__name__ for x in m.net.net if not isinstance(x, torch.nn.Linear)]
+    assert acts == ["ReLU", "SiLU", "SiLU", "SiLU"]               # the authors' PotentialModel
+
+
+def _chain_noise_variance(m, B=20000):
+    """Per-coordinate variance that the negative chains add, (data-started, noise-started), with a
+    flat V (last layer zeroed: grad V = 0), so each chain is pure noise: var = 2 dt sum_m eps_m."""
+    last = [x for x in m.net.net if isinstance(x, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.zero_()
+    out = m.model.negatives(torch.zeros(B, 2), torch.zeros(B, 2))
+    x_neg = out[0] if isinstance(out, tuple) else out
+    return x_neg[:B // 2].var().item(), x_neg[B // 2:].var().item()
+
+
+def test_authors_chain_clock_heats_only_the_last_steps():
+    # Authors' 2-D code: noise-started negative m runs at eps(t), t = (m + 1) / n: eps > 0 only in
+    # the last (1 - tau*) share (here steps 8, 9 at 0.075, 0.15); data-started ones stay at
+    # eps_max. Alg. 2's clock t = m * chain_dt with 10 x 0.03 never passes tau* = 0.8: no noise.
+    a = _args(["--method", "em", "--n-langevin", "10", "--chain-dt", "0.03", "--chain-clock",
+               "authors"])
+    data, noise = _chain_noise_variance(toy2d.EMToy(a))
+    assert data == pytest.approx(2 * 0.03 * 10 * 0.15, rel=0.05)
+    assert noise == pytest.approx(2 * 0.03 * (0.075 + 0.15), rel=0.05)
+    a = _args(["--method", "em", "--n-langevin", "10", "--chain-dt", "0.03"])
+    data, noise = _chain_noise_variance(toy2d.EMToy(a))
+    assert data == pytest.approx(2 * 0.03 * 10 * 0.15, rel=0.05) and noise == 0.0
+
+
+def test_sigma_defaults_otcfm_tube_and_em():
+    assert toy2d.OTCFM(_args(["--method", "otcfm"])).sigma == 0.1   # Tong et al.'s 2-D sigma
+    assert toy2d.EMToy(_args(["--method", "em"])).model.ot_sigma == 0.0   # Alg. 1: no tube
+    assert toy2d.EMToy(_args(["--method", "em", "--sigma", "0.1"])).model.ot_sigma == 0.1
+    m = toy2d.OTCFM(_args(["--method", "otcfm"]))
+    seen = {}
+
+    def net(x, t):
+        seen["x"] = x
+        return torch.zeros_like(x)
+
+    m.net = net
+    x = torch.zeros(4000, 2)                                      # x0 = x1: x_t = sigma * noise
+    m.loss(x, x.clone(), 0)
+    assert seen["x"].std().item() == pytest.approx(0.1, rel=0.05)
+
+
+def test_cd_baseline_samples_with_its_training_chain():
+    # The CD-EBM is a short-run EBM: it samples with the chain it was trained with
+    # (n_langevin steps of chain_dt), not with another step count and size.
+    a = _args(["--method", "cd", "--n-langevin", "6", "--chain-dt", "0.05", "--eps-max", "1e-12"])
+    m = toy2d.CDEBM(a)
+    m.net = lambda x: 0.5 * x.pow(2).sum(1)                        # grad E = x: x <- x (1 - dt)
+    x0 = torch.randn(5, 2)
+    x, traj = m.sample(x0)
+    assert traj.shape == (7, 5, 2)
+    assert torch.allclose(x, x0 * 0.95 ** 6, atol=1e-5)
+
+
+def test_path_length_stop_of_the_authors_sampler():
+    # Steps of Frobenius length 1 each (over the first 1024 chains): length 3.5 is passed after 4.
+    traj = torch.zeros(11, 2000, 2)
+    for k in range(1, 11):
+        traj[k] = traj[k - 1]
+        traj[k, :1024, 0] += 1 / 32                               # sqrt(1024) / 32 = 1
+    assert toy2d.path_length_stop(traj, 3.5) == 4
+    assert toy2d.path_length_stop(traj, 3.0) == 3
+    assert toy2d.path_length_stop(traj, 11.0) is None
+    # EMToy cuts the trajectory there, and the sample is its last state
+    a = _args(["--method", "em", "--recipe", "authors", "--max-length", "40", "--tau-s", "2"])
+    a.source = "8gauss"
+    m = toy2d.EMToy(a)
+    x0 = toy2d.sample_data("8gauss", 1200, torch.Generator().manual_seed(0))
+    x, traj = m.sample(x0)
+    K = traj.shape[0] - 1
+    assert m.last_stop == K and 0 < K < 200 and torch.equal(x, traj[-1])
+    steps = (traj[1:, :1024] - traj[:-1, :1024]).flatten(1).norm(dim=1)
+    assert steps[:K - 1].sum() < 40 <= steps.sum()
+
+
+def test_fresh_cd_batch_draws_new_data_for_cd():
+    a = _args(["--method", "em", "--steps", "10", "--steps-cd", "5", "--fresh-cd-batch"])
+    m = toy2d.EMToy(a)
+    seen = {}
+    orig = m.model.cd_loss
+
+    def spy(x1, x0):
+        seen["x1"] = x1
+        return orig(x1, x0)
+
+    m.model.cd_loss = spy
+    g = torch.Generator().manual_seed(0)
+    x1, x0 = toy2d.sample_data("moons", 64, g), toy2d.sample_data("8gauss", 64, g)
+    m.loss(x1, x0, step=7)
+    assert seen["x1"].shape == x1.shape and not torch.equal(seen["x1"], x1)
+
+
+# --------------------------------------------------------------------------------------------- NLL
+def test_nll_baselines_and_temperature_scan_closed_forms():
+    a = toy2d.parse_args(["--grid-lim", "7", "--grid-n", "200"])
+    assert toy2d.nll_flat(a) == pytest.approx(math.log(196))     # ln of the box area, 5.28
+
+    class Flat:
+        def log_density(self, x):
+            return torch.zeros(len(x))
+
+    x = torch.randn(20000, 2, generator=torch.Generator().manual_seed(0))
+    _, _, log_z = toy2d.grid_density(Flat(), a, "cpu")
+    assert toy2d.nll_heldout(Flat(), a, x, log_z)[0] == pytest.approx(toy2d.nll_flat(a), abs=1e-9)
+    # exp(log N(x; 0, I) / c) normalised is N(0, c I): E[-log] = log(2 pi c) + 1 / c for x ~ N(0, I)
+    scan = toy2d.nll_by_temperature(_GaussDensity(), a, x, "cpu", factors=(0.5, 1.0, 2.0))
+    for c, v in scan.items():
+        assert v == pytest.approx(math.log(2 * math.pi * c) + 1 / c, abs=0.03), c
+
+
 def test_short_em_run_learns(tmp_path):
-    # Trained W2 must beat the untrained model's W2 by a wide margin (same seed, same evaluation points).
-    common = ["--method", "em", "--hidden", "64", "--depth", "2", "--batch-size", "128", "--n-langevin", "10",
-              "--chain-dt", "0.15", "--dt", "0.03", "--tau-s", "1.5", "--n-eval", "1000", "--no-plots",
+    # Trained W2 must beat the untrained model's W2 by a wide margin (same seed, same eval points).
+    common = ["--method", "em", "--hidden", "64", "--depth", "2", "--batch-size", "128",
+              "--n-langevin", "10", "--chain-dt", "0.15", "--dt", "0.03", "--tau-s", "1.5",
+              "--n-eval", "1000", "--no-plots",
               "--grid-n", "60"]
     toy2d.main(common + ["--steps", "0", "--out-dir", str(tmp_path / "untrained")])
-    toy2d.main(common + ["--steps", "400", "--steps-cd", "40", "--out-dir", str(tmp_path / "trained")])
+    toy2d.main(common + ["--steps", "400", "--steps-cd", "40",
+                         "--out-dir", str(tmp_path / "trained")])
     w_untrained = json.load(open(tmp_path / "untrained" / "metrics.json"))["w2"]
     w_trained = json.load(open(tmp_path / "trained" / "metrics.json"))["w2"]
-    assert w_untrained > 2.0                                      # samples still sit near the 8 Gaussians
+    assert w_untrained > 2.0                                      # samples still near the source
     assert w_trained < 0.5 * w_untrained, (w_trained, w_untrained)
 
 
-# ------------------------------------------------------------------------------------------------ CLI
+# --------------------------------------------------------------------------------------------- CLI
 def test_smoke_all_methods_subprocess(tmp_path):
     # CleanRL-style: the real script, every method (--method all), a tiny budget, outputs on disk.
     # (Plots are checked in-process below: one interpreter start less, and PNGs are the slow part.)
-    r = run_cli(["--method", "all", "--steps", "6", "--steps-cd", "2", "--no-plots", "--out-dir", str(tmp_path)]
+    r = run_cli(["--method", "all", "--steps", "6", "--steps-cd", "2", "--no-plots",
+                 "--out-dir", str(tmp_path)]
                 + TINY)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "| method |" in r.stdout and "ms/iter" in r.stdout
@@ -181,26 +324,95 @@ def test_smoke_all_methods_subprocess(tmp_path):
                      ("vpfb-autonomous", "gauss")]:
         d = tmp_path / f"{tag}_{src}_moons"
         m = json.load(open(d / "metrics.json"))
-        assert m["steps"] == 6 and m["n_eval"] == 200 and math.isfinite(m["w2"]) and math.isfinite(m["mmd2"])
-        assert (m["nll"] is None) == (tag == "otcfm")             # OT-CFM has no energy -> NLL n/a (null)
+        assert m["steps"] == 6 and m["n_eval"] == 200
+        assert math.isfinite(m["w2"]) and math.isfinite(m["mmd2"])
+        assert (m["nll"] is None) == (tag == "otcfm")             # OT-CFM: no energy, NLL null
+        assert m["nll_flat"] == pytest.approx(math.log(14 ** 2))   # beside every NLL: flat box
+        assert (m["nll_untrained"] is None) == (tag == "otcfm")   # and the untrained model
         assert np.load(d / "samples.npy").shape == (200, 2)
         ck = torch.load(d / "model.pt", weights_only=True)
         assert ck["format"] == "toy2d/v1" and ck["step"] == 6
     table = (tmp_path / "table.md").read_text()
     assert sum(line.startswith("|") for line in table.splitlines()) == 7   # header, rule, 5 rows
-    assert "best baseline" in table                                         # the EM-vs-baselines verdict
+    assert "best baseline" in table                                         # the EM verdict
+    assert "| NLL untrained | NLL flat |" in table and "| 5.278 |" in table
+
+
+# ------------------------------------------------------------------------------------------- plots
+TAB_BLUE = (0.122, 0.467, 0.706)
+
+
+def _png(path):
+    import matplotlib.image as mpimg
+    return mpimg.imread(str(path))[..., :3]                       # (H, W, 3) floats in [0, 1]
+
+
+def _pixels(img, rgb, tol=0.1):
+    """How many pixels have (about) this colour."""
+    return int((np.abs(img - np.asarray(rgb)).max(-1) < tol).sum())
+
+
+def _colours(img):
+    return len(np.unique((img * 255).astype(np.uint8).reshape(-1, 3), axis=0))
+
+
+def _bluish(img):
+    """Pixels of the blue sample dots, opaque or half transparent (blue channel well above red)."""
+    return int(((img[..., 2] - img[..., 0] > 0.2) & (img[..., 2] > img[..., 1])).sum())
+
+
+def _check_trajectories(img):
+    """Both panels show the blue samples (the legend alone has ~70 blue pixels; NaN samples, or
+    samples thrown out of the box, draw none)."""
+    w = img.shape[1] // 2
+    assert _pixels(img[:, :w], TAB_BLUE) > 200 and _bluish(img[:, w:]) > 200
+
+
+def _check_panels(img, n_panels):
+    """Every image panel is drawn: a NaN field leaves its axes white, a constant one one colour.
+    Looks at the middle of each panel (inside the axes, left of the colour bar)."""
+    h, w = img.shape[0], img.shape[1] // n_panels
+    for i in range(n_panels):
+        crop = img[int(0.3 * h):int(0.7 * h), i * w + int(0.2 * w):i * w + int(0.55 * w)]
+        white = (crop > 0.95).all(-1).mean()
+        assert white < 0.5 and _colours(crop) >= 3, f"panel {i} is blank ({white:.0%} white)"
+
+
+def test_png_checks_reject_blank_and_nan_figures(tmp_path):
+    # The checks below must be able to fail: a trajectory plot whose samples are NaN, and a density
+    # plot of a NaN density, are drawn by the real plot functions and rejected.
+    a = toy2d.parse_args(TINY)
+    traj = torch.randn(5, 300, 2)
+    traj[-1] = float("nan")                                       # the samples
+
+    toy2d.plot_trajectories(tmp_path / "t.png", traj, torch.randn(300, 2), "nan", 7.0)
+    with pytest.raises(AssertionError):
+        _check_trajectories(_png(tmp_path / "t.png"))
+    logp = torch.full((a.grid_n ** 2,), float("nan"), dtype=torch.float64)
+    toy2d.plot_density(tmp_path / "d.png", logp, a, torch.randn(300, 2), "nan")
+    with pytest.raises(AssertionError):
+        _check_panels(_png(tmp_path / "d.png"), 3)
 
 
 @pytest.mark.parametrize("method", ["em", "vpfb", "otcfm"])
-def test_plots_are_written(tmp_path, method):
+def test_plots_show_their_content(tmp_path, method):
     out = tmp_path / method
-    toy2d.main(["--method", method, "--steps", "4", "--steps-cd", "2", "--out-dir", str(out)] + TINY)
-    pngs = ["trajectories.png", "energy.png", "loss.png"] + ([] if method == "otcfm" else ["density.png"])
-    pngs += ["langevin.png"] if method == "vpfb" else []
-    for png in pngs:
-        assert (out / png).stat().st_size > 1000, png
+    # VPFB: Phi_B read at t = 0.5; at t_max = 1 - 1e-5 its density is a one-cell spike (README)
+    extra = ["--t-inf", "0.5"] if method == "vpfb" else []
+    toy2d.main(["--method", method, "--steps", "4", "--steps-cd", "2", "--out-dir", str(out)] + TINY
+               + extra)
+    _check_trajectories(_png(out / "trajectories.png"))
+    n_fields = {"em": 1, "vpfb": 5, "otcfm": 3}[method]
+    _check_panels(_png(out / "energy.png"), n_fields)
+    loss = _png(out / "loss.png")
+    assert _pixels(loss, TAB_BLUE) > 50                           # the loss curve is drawn
     if method == "otcfm":
         assert not (out / "density.png").exists()                # no energy, no density
+    else:
+        _check_panels(_png(out / "density.png"), 3)               # density, its log, histogram
+    if method == "vpfb":
+        lang = _png(out / "langevin.png")                       # Phi_B's chains may leave the box:
+        assert (lang < 0.9).any(-1).mean() > 0.01                 # only ask for a drawn figure
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -210,6 +422,8 @@ def test_plots_are_written(tmp_path, method):
     (["--steps", "10", "--steps-cd", "20"], "cannot exceed"),
     (["--out-dir", "__FILE__/sub"], "cannot write"),
     (["--method", "vpfb", "--t-inf", "1.5"], "--t-inf must be in (0, 1)"),
+    (["--recipe", "paper"], "invalid choice"),
+    (["--sigma", "-0.1"], "--sigma must be >= 0"),
 ])
 def test_bad_input_one_line_exit_2(tmp_path, args, needle):
     f = tmp_path / "a_file"
@@ -235,6 +449,7 @@ def test_vpfb_t_inf_reaches_the_boltzmann_energy():
 def test_help_lists_defaults():
     r = run_cli(["--help"], timeout=60)
     assert r.returncode == 0
-    for flag in ["--method", "--steps", "--tau-star", "--eps-max", "--kappa", "--autonomous", "--n-eval"]:
+    for flag in ["--method", "--steps", "--tau-star", "--eps-max", "--kappa", "--autonomous",
+                 "--n-eval", "--recipe", "--sigma"]:
         assert flag in r.stdout
     assert "default: em" in r.stdout
