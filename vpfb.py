@@ -1,68 +1,33 @@
 """vpfb.py -- Variational Potential Flow Bayes (VPFB) on images, in one self-contained file.
 
-Paper: "Learning Energy-Based Generative Models via Potential Flow: A Variational Principle Approach to
-Probability Density Homotopy Matching" (papers/vpfb.md). One scalar potential Phi(x, t) is learned so
-that the potential flow dx/dt = +grad_x Phi (Eq. 13) carries N(0, I) noise at t = 0 to the data at t = 1;
-the loss (Eq. 27) is a Deep Ritz form of the density-weighted Poisson equation (16). At the stationary
-end t_max the same potential gives a Boltzmann energy Phi_B (Eq. 22) for SGLD sampling and OOD scores.
+Paper: "Learning Energy-Based Generative Models via Potential Flow: A Variational Principle Approach
+to Probability Density Homotopy Matching" (Loo et al., TMLR 2025, arXiv:2504.16262). Authors' code:
+https://github.com/ljun0004/VAPO. One scalar potential Phi(x, t) is learned so that the potential
+flow dx/dt = +grad_x Phi (Eq. 13) carries N(0, I) noise at t = 0 to the data at t = 1; the loss
+(Eq. 27) is a Deep Ritz form of the density-weighted Poisson equation (16). At the stationary end
+t_max the same potential gives a Boltzmann energy Phi_B (Eq. 22) for SGLD sampling and OOD scores.
 
-The file reads top to bottom: 1. Arguments, 2. Data, 3. Networks, 4. Loss (the maths: Prop. 1 kernel,
-innovation Eq. 12, loss Eq. 27 in the class VPFB), 5. Samplers (ODE Euler / RK45, SGLD), 6. Training loop,
-7. Checkpointing, 8. Evaluation commands, then main().
+Where the equations live (section 1): Schedule = Prop. 1 kernel (Eq. 8), innovation (Eq. 12) and
+SDE coefficients (Eq. 18); VPFB.loss = Eq. (27), one method per term; VPFB.sample = the ODE (13);
+VPFB.boltzmann_energy = Eq. (22); sgld = Sec. 4.6. Section 2: the networks Phi(x, t) and Phi(x).
+Everything below the ENGINEERING line is plumbing. Each paper-vs-code choice is a flag; --recipe
+paper / authors switches them all at once (README, "Paper vs code").
 
 How to run (every mode writes into --out-dir, default runs/vpfb_<dataset>):
-    python vpfb.py --dataset cifar10                       # train the time-varying U-Net (53.6M; authors 55.7M)
-    python vpfb.py --dataset cifar10 --model wrn           # autonomous Phi(x), WideResNet
-    torchrun --nproc_per_node 4 vpfb.py --dataset cifar10  # multi-GPU (gradients all-reduced by hand)
-    python vpfb.py --dataset cifar10 --resume              # continue from <out-dir>/ckpt.pt
-    python vpfb.py --mode sample --num-samples 50000       # samples.npz (uint8 NHWC) for eval_fid.py, NFE, img/s
-    python vpfb.py --mode sample --sampler sgld --sgld-temp 0.01   # SGLD on Phi_B (Sec. 4.6)
-    python vpfb.py --mode interp                           # slerp between noises -> interp.png (Sec. 4.3)
-    python vpfb.py --mode nn                               # 5 nearest training images (pixel L2) -> nn.png (Fig. 5)
-    python vpfb.py --mode hist                             # Phi_B histogram train vs test -> hist.png (Fig. 11)
-    python vpfb.py --mode ood                              # AUROC vs svhn, cifar100, celeba, interp -> ood.json (Table 2)
-    python vpfb.py --mode longrun                          # t in [0, 20]: frames + gradient/energy norms (Figs. 12-18)
-    python vpfb.py --dataset celeba64 --class-cond         # Male / Smiling / Young (+ none) conditional Phi(x, c)
-    python vpfb.py --dataset celeba64 --mode compose --compose "0,2;0,1;2,1"   # averaged energies (Fig. 4)
-    python vpfb.py --mode benchmark --bench-steps 50       # images/s, ms/iter, peak memory: ours vs authors' fp32
-    python vpfb.py --dataset fake --model-size 8 --image-size 8 --steps 2   # a seconds-long smoke run, no data
-Datasets (layout as in energy_matching.py): cifar10, mnist (torchvision, download=True into --data-dir),
-celeba64 (an ImageFolder copy in <data-dir>/celeba64/, plus list_attr_celeba.txt there for --class-cond),
-folder (any ImageFolder at --data-dir), fake (FakeData, tests); svhn, cifar100 (torchvision) and celeba (the
-celeba64 folder at 32x32) for OOD. A missing set is one line saying what to put where.
-
-Paper vs the authors' code (REFERENCE_NOTES.md) -- what this file does, and the flag for the other choice:
-  * Prior N(0, I): both agree in effect (OT-FM makes sigma(0) = 1 for every omega, nu; test_prop1_*).
-  * Covariance term: the paper's Cov[Phi, w(t) gamma] with gamma centred by its closed-form conditional mean
-    gamma_bar (the exact Deep Ritz form; tests derive Eq. 11 and the minimiser). --cov-form corr = the
-    authors' batch Pearson correlation with Gamma = mean((eps^2 - xbar eps)(1-t)).
-  * Where w(t) = (1-t)^kappa goes: on BOTH the covariance and E|grad_x Phi|^2 (--weight-on ritz), so the
-    minimiser at every t is still the true potential; the paper as printed weights gamma only (--weight-on cov),
-    whose minimiser is w(t) Phi* -- a flow w(t) times too slow (test_deep_ritz_minimiser_*). kappa = 1 then
-    makes w (gamma - gamma_bar) = 2 sum(eps^2 - xbar eps - 1) equally spread at all t (--kappa).
-  * Cosine term: the paper's -cos(grad Phi, v); --cos-form authors = -(grad Phi . v)/(|grad Phi||v|)^t / D.
-  * Gradient norms: E|grad_x Phi|^2 with weight 1 (needed for the Deep Ritz minimiser) and 0.01 E(dPhi/dt)^2
-    (paper 1, authors 0.1; it biases the flow, see VPFB docstring); --lam-gx, --lam-gt, --grad-norm mean.
-  * Poincare term: in the loss with small eta = 1e-4 (paper); the authors only log it (--eta 0). The ratio
-    E|grad Phi|^2 / E Phi^2 is logged either way (Fig. 10).
-  * t_end = 1, t_max = 1 - 1e-5 (authors; the paper gives no numbers). Phi(x,t) = 1/2 |x - UNet(x,t)|^2 (authors).
-  * Boltzmann energy Eq. (22): the paper prints (4 Phi + f|x|^2)/g^2; the probability-flow ODE (19) gives
-    2 Phi, and the analytic Gaussian test (test_boltzmann_factor) confirms 2. --bfactor 4 restores the print.
-  * Sampler: scipy RK45 with rtol = atol = 1e-3 from t = 1e-5 to 1 - 1e-5 (authors), or Euler.
-  * Phi_B is read off at t_max = 1 - 1e-5, where 1/g^2 = 5e4 magnifies any error of Phi; --t-inf reads it earlier.
-  * --recipe paper / --recipe authors switch all loss flags at once to the paper as printed / the authors' code.
-Engineering: bf16 autocast for the network trunk on CUDA (the scalar head, the loss and its double backward
-inputs stay fp32), TF32, optional channels-last, EMA, atomic self-describing checkpoints loaded with
-weights_only=True, resume, NaN guard, progress lines with ms/iter, images/s and ETA. --compile only compiles
-the sampling network: the training loss needs a double backward, which torch.compile does not support
-("torch.compile with aot_autograd does not currently support double backward", torch 2.14).
-Status: written and tested on CPU only (tests/test_vpfb.py). Nothing here was trained to convergence, so the
-file claims no FID, AUROC or GPU speed numbers; the benchmark mode prints them when run on a GPU.
+    python vpfb.py --dataset cifar10                        # train the time-varying U-Net
+    python vpfb.py --dataset cifar10 --resume               # continue from <out-dir>/ckpt.pt
+    torchrun --nproc_per_node 4 vpfb.py --dataset cifar10   # multi-GPU
+    python vpfb.py --mode sample --num-samples 50000        # samples.npz (uint8 NHWC) for eval_fid.py
+    python vpfb.py --dataset npz --data-dir digits.npz --ch-mult 1,2 --model-size 32   # any images
+    python vpfb.py --dataset fake --model-size 8 --image-size 8 --steps 2             # smoke run
+Other modes: interp, nn, hist, ood, longrun, compose, benchmark (see --help).
 """
 import argparse
+import copy
 import json
 import math
 import os
+import signal
 import sys
 import time
 
@@ -71,286 +36,338 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def die(msg):
-    """Bad input: one clear line on stderr, exit code 2, never a traceback."""
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-# === 1. Arguments ===
-MODES = ["train", "sample", "interp", "nn", "hist", "ood", "longrun", "compose", "benchmark"]
-DATASETS = ["cifar10", "celeba64", "mnist", "folder", "fake"]      # training sets
-OOD_SETS = ["svhn", "cifar100", "celeba", "interp"]                  # OOD sets (+ the training set's test split)
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr and exit 2 (not the usage block)."""
-
-    def error(self, message):
-        die(f"{message} (see python vpfb.py --help)")
+# ==== 1. The method ====
+# Notation of the paper (Section 3):
+#   xbar          a data point (the paper's \bar x), flattened to D numbers
+#   x             a generative sample at pseudo-time t in [0, 1]
+#   q(x)          = N(0, w^2 I)           Gaussian prior          (w = omega)
+#   p(xbar | x)   = N(xbar; x, nu^2 I)    Gaussian data likelihood
+#   h             = alpha(t) log q(x) + beta(t) log p(xbar | x)          Eq. (7)
+#   rho(x|xbar,t) = e^h / int e^h = N(x; mu(t) xbar, sigma(t)^2 I)     Eq. (6), Prop. 1
+# Everything works on tensors of any shape (B, ...), reducing over x.flatten(1), so the same code
+# runs on (B, 2) toy points and (B, C, H, W) images.
 
 
-def build_parser():
-    p = Parser(
-        description="VPFB: Variational Potential Flow Bayes (train, sample, evaluate). See the module docstring.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
-    a("--mode", default="train", choices=MODES, help="what to do")
-    # data / run
-    a("--dataset", default="cifar10", help=f"one of {DATASETS} (OOD also reads svhn, cifar100)")
-    a("--data-dir", default="data", help="root of the datasets (torchvision layout); folder: an ImageFolder root")
-    a("--image-size", type=int, default=None, help="image side (default: 32, celeba64: 64; fake: 32)")
-    a("--fake-size", type=int, default=512, help="number of FakeData images (--dataset fake, for tests)")
-    a("--out-dir", default=None, help="output folder (default runs/vpfb_<dataset>)")
-    a("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...")
-    a("--seed", type=int, default=0, help="random seed")
-    a("--num-workers", type=int, default=4, help="DataLoader workers")
-    # optimisation (authors: Adam lr 1e-4, warm-up 5k, EMA 0.9999, fp32, batch 128)
-    a("--batch-size", type=int, default=128, help="batch size per process")
-    a("--steps", type=int, default=400_000, help="training steps")
-    a("--lr", type=float, default=1e-4, help="Adam learning rate")
-    a("--warmup", type=int, default=5000, help="linear learning-rate warm-up steps")
-    a("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0 = off; authors: off)")
-    a("--ema-decay", type=float, default=0.9999, help="EMA decay of the weights used for sampling")
-    # network
-    a("--model", default="unet", choices=["unet", "wrn"],
-      help="unet = time-varying Phi(x, t); wrn = autonomous Phi(x) (WideResNet, ignores t)")
-    a("--model-size", type=int, default=128, help="base channels (unet: 128 = the paper's ~55M net)")
-    a("--channel-mult", default="2,2,2", help="unet channel multipliers per resolution (authors: 2,2,2)")
-    a("--num-res-blocks", type=int, default=4, help="unet residual blocks per resolution (authors: 4)")
-    a("--attn-res", default="16", help="unet resolutions with self-attention (comma list; the middle always has one)")
-    a("--dropout", type=float, default=0.3, help="dropout in the residual blocks (authors: 0.3)")
-    a("--wrn-depth", type=int, default=16, help="WideResNet depth (6n + 4)")
-    a("--class-cond", action="store_true", help="class-conditional Phi(x, c) (needed by --mode compose)")
-    a("--p-uncond", type=float, default=0.1,
-      help="with --class-cond: fraction of labels replaced by a null class, so Phi(x) exists for hist/ood/sample")
-    # loss, Eq. (27) -- see the VPFB class for each choice
-    a("--recipe", default="ours", choices=["ours", "paper", "authors"],
-      help="preset for the loss flags below: ours (defaults), paper (as printed: w on gamma only, kappa 2, "
-           "dPhi/dt weight 1, c=4 in Eq. 22), authors (their code: corr, cosine^t/D, 0.5 mean|grad|^2, 0.1 dt^2, eta 0)")
-    a("--kappa", type=float, default=None, help="w(t) = (1 - t)^kappa [ours 1]")
-    a("--t-end", type=float, default=1.0, help="t ~ U(0, t_end)")
-    a("--t-max", type=float, default=1.0 - 1e-5, help="stationarity: t clamped to t_max")
-    a("--t-inf", type=float, default=None, help="time at which Phi_B (Eq. 22) is read off (default t_max)")
-    a("--eta", type=float, default=None, help="Poincare weight eta [ours 1e-4]")
-    a("--lam-cos", type=float, default=None, help="weight of the cosine term [1]")
-    a("--lam-gx", type=float, default=None, help="weight of E||grad_x Phi||^2 [1]")
-    a("--lam-gt", type=float, default=None, help="weight of E(dPhi/dt)^2 [ours 0.01]")
-    a("--cov-form", default=None, choices=["cov", "corr"], help="covariance (paper) or Pearson correlation (authors)")
-    a("--cos-form", default=None, choices=["paper", "authors"], help="cosine (paper) or cosine^t / D (authors)")
-    a("--weight-on", default=None, choices=["ritz", "cov"], help="w(t) on cov + |grad|^2 (ours) or on gamma only (paper)")
-    a("--grad-norm", default=None, choices=["sum", "mean"], help="|grad Phi|^2 summed (paper) or averaged (authors) over dims")
-    a("--bfactor", type=float, default=None, help="c in Phi_B = (c Phi + f|x|^2)/g^2 [ours 2; paper prints 4]")
-    # samplers
-    a("--sampler", default="rk45", choices=["euler", "rk45", "sgld"], help="sampler for sample/interp/nn/compose")
-    a("--ode-steps", type=int, default=100, help="Euler steps (and trajectory frames for rk45)")
-    a("--rtol", type=float, default=1e-3, help="RK45 relative tolerance (authors 1e-3)")
-    a("--atol", type=float, default=1e-3, help="RK45 absolute tolerance (authors 1e-3)")
-    a("--t0", type=float, default=1e-5, help="ODE start time (authors 1e-5)")
-    a("--t1", type=float, default=1.0 - 1e-5, help="ODE end time (authors 1 - 1e-5)")
-    a("--sgld-steps", type=int, default=1000, help="SGLD steps on Phi_B")
-    a("--sgld-step", type=float, default=1e-5, help="SGLD step Delta (Sec. 4.6)")
-    a("--sgld-temp", type=float, default=1.0, help="SGLD temperature lambda (noise std scale)")
-    a("--longrun-t1", type=float, default=20.0, help="long-run ODE horizon t in [0, t1] (Sec. 4.6)")
-    a("--clamp", action="store_true", help="clamp samples to [-1, 1] at the end")
-    # engineering
-    a("--amp", default="bf16", choices=["bf16", "none"], help="bf16 autocast for the network trunk (head and loss in fp32)")
-    a("--compile", action="store_true", help="torch.compile the sampling network (training needs double backward, "
-      "which compile does not support, so the training net stays eager)")
-    a("--channels-last", action="store_true", help="NHWC memory format for the convolutions")
-    a("--resume", action="store_true", help="resume from <out-dir>/ckpt.pt (or --ckpt)")
-    a("--ckpt", default=None, help="checkpoint to load (default <out-dir>/ckpt.pt)")
-    a("--log-every", type=int, default=100, help="progress line every N steps")
-    a("--save-every", type=int, default=5000, help="checkpoint every N steps")
-    a("--sample-every", type=int, default=5000, help="sample grid every N steps (0 = off)")
-    a("--num-samples", type=int, default=64, help="samples to draw (sample: written to samples.npz)")
-    a("--eval-batch", type=int, default=256, help="batch size of the evaluation modes")
-    # experiments
-    a("--ood-sets", default="svhn,cifar100,celeba,interp", help=f"comma list from {OOD_SETS}")
-    a("--ood-max", type=int, default=10000, help="at most this many images per set in ood/hist")
-    a("--nn-k", type=int, default=5, help="nearest neighbours per sample (mode nn)")
-    a("--compose", default="0,1", help="classes whose energies are averaged (mode compose), e.g. '0,1;0,2'")
-    a("--bench-steps", type=int, default=20, help="timed steps per config in benchmark mode")
-    a("--bench-warmup", type=int, default=3, help="untimed warm-up steps per config in benchmark mode")
-    return p
+def _bdim(t, x):
+    """Reshape a per-sample (B,) time so it broadcasts against x of shape (B, ...)."""
+    return t.reshape(-1, *([1] * (x.dim() - 1)))
 
 
-RECIPES = {  # loss presets; explicit flags win over the preset
-    "ours": dict(kappa=1.0, eta=1e-4, lam_cos=1.0, lam_gx=1.0, lam_gt=0.01, cov_form="cov", cos_form="paper",
-                 weight_on="ritz", grad_norm="sum", bfactor=2.0),
-    "paper": dict(kappa=2.0, eta=1e-4, lam_cos=1.0, lam_gx=1.0, lam_gt=1.0, cov_form="cov", cos_form="paper",
-                  weight_on="cov", grad_norm="sum", bfactor=4.0),
-    "authors": dict(kappa=2.0, eta=0.0, lam_cos=1.0, lam_gx=0.5, lam_gt=0.1, cov_form="corr", cos_form="authors",
-                    weight_on="ritz", grad_norm="mean", bfactor=4.0),
-}
+def _sqnorm(x):
+    """Squared Euclidean norm of every sample: ||x||^2 summed over all non-batch dims -> (B,)."""
+    return x.flatten(1).pow(2).sum(1)
 
 
-def loss_kwargs(args):
-    """The VPFB(...) keyword arguments: the recipe preset, overridden by any explicit flag."""
-    kw = dict(RECIPES[args.recipe])
-    for k in kw:
-        if getattr(args, k, None) is not None:
-            kw[k] = getattr(args, k)
-    kw.update(t_end=args.t_end, t_max=args.t_max, t_inf=getattr(args, "t_inf", None))
-    return kw
+class Schedule:
+    """A log-homotopy schedule alpha(t), beta(t) (Eq. 7) with the prior / likelihood scales omega, nu.
+
+    The default is the OT flow-matching schedule of Section 3.5:
+        alpha(t) = omega^2 / (1 - t),   beta(t) = nu^2 t / (1 - t)^2.
+    Any other monotone pair can be passed as callables on tensors; their time derivatives
+    (needed by the innovation, Eq. 12) are then taken by autograd.
+    """
+
+    def __init__(self, alpha=None, beta=None, omega=1.0, nu=1.0):
+        self.omega, self.nu = float(omega), float(nu)
+        w2, n2 = self.omega ** 2, self.nu ** 2
+        self.is_otfm = alpha is None and beta is None
+        self.alpha = alpha if alpha is not None else (lambda t: w2 / (1 - t))          # Sec. 3.5
+        self.beta = beta if beta is not None else (lambda t: n2 * t / (1 - t) ** 2)    # Sec. 3.5
+
+    def mu_sigma(self, t):
+        """Prop. 1, Eq. (8): mu = sigmoid(log(beta w^2 / (alpha nu^2))), sigma = sqrt(nu^2 mu / beta)."""
+        a, b = self.alpha(t), self.beta(t)
+        mu = torch.sigmoid(torch.log(b * self.omega ** 2 / (a * self.nu ** 2)))        # Eq. (8), left
+        sigma = torch.sqrt(self.nu ** 2 * mu / b)                                       # Eq. (8), right
+        return mu, sigma
+
+    def kernel_and_rates(self, t):
+        """mu, sigma of Eq. (8) and their time derivatives mu_dot, sigma_dot (closed form for OT-FM:
+        t, 1 - t, 1, -1; otherwise by autograd). Needed for x = mu xbar + sigma eps and the conditional
+        velocity v = mu_dot xbar + sigma_dot eps of Eq. (20)."""
+        if self.is_otfm:
+            return t, 1 - t, torch.ones_like(t), -torch.ones_like(t)
+        with torch.enable_grad():
+            tt = t.detach().clone().requires_grad_(True)
+            mu, sigma = self.mu_sigma(tt)
+            dmu = torch.autograd.grad(mu.sum(), tt, retain_graph=True)[0]
+            dsig = torch.autograd.grad(sigma.sum(), tt)[0]
+        return mu.detach(), sigma.detach(), dmu, dsig
+
+    def sde_coefficients(self, t):
+        """Drift and diffusion of the equivalent SDE, Eq. (18), in the paper's reversed time:
+        f = -mu_dot / mu,  g^2 = -2 sigma (sigma_dot + f sigma)  (OT-FM: f = -1/t, g^2 = 2 (1-t)/t).
+        (Eq. 18 prints g = -sqrt(2 sigma (sigma_dot + f sigma)); the radicand is negative in this time
+        direction, so the sign belongs inside: g^2 must be positive.)"""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        mu, sigma, dmu, dsig = self.kernel_and_rates(t.reshape(1))
+        f = -dmu / mu                                                     # Eq. (18), f
+        g2 = -2 * sigma * (dsig + f * sigma)                              # Eq. (18), g^2
+        return float(f), float(g2)
+
+    def rates(self, t):
+        """(alpha_dot / omega^2, beta_dot / nu^2): the two coefficients of the innovation, Eq. (12).
+
+        Closed form for OT-FM:  alpha_dot/w^2 = 1/(1-t)^2,  beta_dot/nu^2 = (1+t)/(1-t)^3.
+        Otherwise by autograd through alpha(t), beta(t)."""
+        if self.is_otfm:
+            return 1.0 / (1 - t) ** 2, (1 + t) / (1 - t) ** 3
+        with torch.enable_grad():
+            tt = t.detach().clone().requires_grad_(True)
+            ad = torch.autograd.grad(self.alpha(tt).sum(), tt)[0]
+            bd = torch.autograd.grad(self.beta(tt).sum(), tt)[0]
+        return ad / self.omega ** 2, bd / self.nu ** 2
+
+    def gamma(self, x, xbar, t):
+        """Innovation, Eq. (12): gamma = alpha_dot/w^2 ||x||^2 + beta_dot/nu^2 ||x - xbar||^2  -> (B,)."""
+        ra, rb = self.rates(t)
+        return ra * _sqnorm(x) + rb * _sqnorm(x - xbar)
+
+    def gamma_bar(self, xbar, t):
+        """Conditional mean of the innovation, gamma_bar = E_{x ~ N(mu xbar, sigma^2 I)}[gamma]  -> (B,).
+
+        Gaussian moments: E||x||^2 = mu^2 ||xbar||^2 + D sigma^2,
+                          E||x - xbar||^2 = (1 - mu)^2 ||xbar||^2 + D sigma^2."""
+        ra, rb = self.rates(t)
+        mu, sigma = self.mu_sigma(t)
+        D = xbar[0].numel()
+        n2 = _sqnorm(xbar)
+        return ra * (mu ** 2 * n2 + D * sigma ** 2) + rb * ((1 - mu) ** 2 * n2 + D * sigma ** 2)
 
 
-def check_args(args):
-    """Bad input -> one line and exit 2."""
-    if args.dataset not in DATASETS + ["svhn", "cifar100"]:
-        die(f"unknown dataset {args.dataset!r}; choose one of {DATASETS}")
-    for name in ["steps", "sgld_steps", "warmup", "save_every", "sample_every", "batch_size", "num_samples",
-                 "ode_steps", "log_every", "eval_batch", "fake_size", "ood_max", "nn_k", "bench_steps", "model_size"]:
-        low = 0 if name in ("steps", "sgld_steps", "warmup", "sample_every") else 1
-        if getattr(args, name) < low:
-            die(f"--{name.replace('_', '-')} must be {'>= 0' if low == 0 else 'positive'}, got {getattr(args, name)}")
-    if not 0 <= args.p_uncond < 1 or args.lr <= 0 or not 0 <= args.ema_decay < 1:
-        die("need 0 <= --p-uncond < 1, --lr > 0 and 0 <= --ema-decay < 1")
-    if not 0 < args.t_max <= 1 or args.t_end <= 0:
-        die(f"need 0 < --t-max <= 1 and --t-end > 0, got t_max={args.t_max}, t_end={args.t_end}")
-    if args.out_dir is None:
-        args.out_dir = os.path.join("runs", f"vpfb_{args.dataset}")
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)
-        probe = os.path.join(args.out_dir, f".write_test_{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        die(f"cannot write to --out-dir {args.out_dir!r}: {e.strerror}")
-    if args.model == "unet":
-        try:
-            args.channel_mult_t = tuple(int(c) for c in args.channel_mult.split(","))
-            args.attn_res_t = tuple(int(c) for c in args.attn_res.split(",") if c.strip())
-        except ValueError:
-            die(f"--channel-mult / --attn-res must be comma lists of integers, got {args.channel_mult!r}, {args.attn_res!r}")
-    if args.model == "wrn" and (args.wrn_depth - 4) % 6:
-        die(f"--wrn-depth must be 6n + 4 (10, 16, 22, 28 ...), got {args.wrn_depth}")
-    return args
+def otfm_centered_innovation(eps, xbar, t):
+    """gamma - gamma_bar for OT-FM, written in the noise eps of x = t xbar + (1 - t) eps  -> (B,).
+
+    Substituting x = t xbar + (1-t) eps into Eq. (12) and subtracting the Gaussian mean gives
+        gamma - gamma_bar = 2 / (1 - t) * sum_i (eps_i^2 - xbar_i eps_i - 1).
+    This is algebraically identical to Schedule().gamma(...) - Schedule().gamma_bar(...)
+    (a test checks it) but has no cancellation of two huge numbers near t = 1, where both
+    gamma and gamma_bar grow like D / (1 - t)^3. The authors' code uses the per-pixel mean of
+    (eps^2 - xbar eps)(1 - t), i.e. this times (1-t)^2 / (2D) with the "-1" dropped."""
+    s = (eps * eps - xbar * eps - 1.0).flatten(1).sum(1)
+    return 2.0 / (1.0 - t) * s
 
 
-def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        die(f"unknown --device {name!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        die("--device cuda asked for but no CUDA GPU is visible")
-    return dev
+def _center(v):
+    return v - v.mean()
 
 
-# === 2. Data ===
-# Images live in [-1, 1]. Every real set is read through torchvision with download=True, so on a
-# machine with internet it fetches itself into --data-dir; offline, a missing set is one clear line.
+class VPFB:
+    """The method: a scalar potential Phi(x, t) whose gradient is the velocity dx/dt = grad_x Phi (Eq. 13).
 
-def image_size_of(args):
-    return args.image_size or (64 if args.dataset == "celeba64" else 32)
+    phi(x, t) takes x (B, ...) and t (B,) and returns (B,); an autonomous Phi(x) ignores t.
+    Defaults are ours; [paper / authors' code] where they differ (each has a test and a flag):
+      kappa      w(t) = (1 - t)^kappa, Sec. 3.5 [1; paper: > 1 (we use 2), authors: 2 in effect]
+      t_end      t ~ U(0, t_end) (Eq. 26); t_max: t is clamped to t_max (stationarity)  [1, 1 - 1e-5]
+      eta        Poincare term eta E[Phi^2] of Eq. (27) [1e-4; authors 0: only logged]
+      lam_cos, lam_gx, lam_gt   weights of -cos, E||grad_x Phi||^2, E(dPhi/dt)^2 [1, 1, 0.01;
+                 paper 1, 1, 1; authors 1, 0.5, 0.1]. lam_gx = 1 keeps the Deep Ritz minimiser the
+                 true potential; E(dPhi/dt)^2 is "quasi-static" and biases the flow, so it is small.
+      cov_form   "cov": Cov[Phi, w (gamma - gamma_bar)], the exact Deep Ritz form; "corr": the
+                 authors' Cov[Phi, Gamma] / (std(Gamma) std(Phi).detach()), Gamma = mean_pixels(
+                 (eps^2 - xbar eps)(1 - t)) (kappa = 2 in effect, one term dropped)
+      cos_form   "paper": -cos(grad Phi, v); "authors": -(grad Phi . v) / (|grad Phi||v|)^t / D
+      weight_on  "ritz": w(t) on BOTH halves of the pair Cov + E||grad Phi||^2, whose minimiser then
+                 stays the true potential at every t; "cov": w(t) on gamma only (paper as printed,
+                 minimiser w(t) Phi*, a flow w(t) times too slow; the authors' unweighted norm)
+      grad_norm  "sum": ||grad_x Phi||^2 summed over dims (paper); "mean": averaged (authors)
+      bfactor    c in Phi_B = (c Phi + f ||x||^2) / g^2, Eq. (22) [2, from the ODE (19); paper 4]
+      t_inf      where Phi_B is read off [None = t_max]
+    """
+
+    def __init__(self, phi, autonomous=False, kappa=1.0, t_end=1.0, t_max=1.0 - 1e-5, eta=1e-4,
+                 lam_cos=1.0, lam_gx=1.0, lam_gt=0.01, cov_form="cov", cos_form="paper",
+                 weight_on="ritz", grad_norm="sum", bfactor=2.0, schedule=None, t_inf=None):
+        for name, val, ok in (("cov_form", cov_form, ("cov", "corr")),
+                              ("cos_form", cos_form, ("paper", "authors")),
+                              ("weight_on", weight_on, ("ritz", "cov")),
+                              ("grad_norm", grad_norm, ("sum", "mean"))):
+            if val not in ok:
+                raise ValueError(f"{name} must be one of {ok}, got {val!r}")
+        self.phi, self.autonomous = phi, bool(autonomous)
+        self.kappa, self.t_end, self.t_max = float(kappa), float(t_end), float(t_max)
+        self.eta, self.lam_cos, self.lam_gx, self.lam_gt = (float(eta), float(lam_cos),
+                                                            float(lam_gx), float(lam_gt))
+        self.cov_form, self.cos_form = cov_form, cos_form
+        self.weight_on, self.grad_norm = weight_on, grad_norm
+        self.bfactor = float(bfactor)
+        self.t_inf = None if t_inf is None else float(t_inf)   # where Phi_B is read off (default t_max)
+        self.schedule = schedule or Schedule()  # OT-FM: mu(t) = t, sigma(t) = 1 - t (Prop. 1, tested)
+        self.last_nfe = 0
+
+    def _phi(self, x, t):
+        """Phi at (x, t); t is clamped to t_max (the stationary regime beyond t_max, Sec. 3.5)."""
+        return self.phi(x, t.clamp(max=self.t_max)).reshape(-1)
+
+    def grad_phi(self, x, t):
+        """grad_x Phi(x, t) with no graph kept (for samplers). t: float or (B,) tensor."""
+        if not torch.is_tensor(t):
+            t = torch.full((x.shape[0],), float(t), device=x.device, dtype=x.dtype)
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_(True)
+            g = torch.autograd.grad(self._phi(xr, t).sum(), xr)[0]
+        return g.detach()
+
+    # ---------------------------------------------------------------- Eq. (27), term by term
+    def loss(self, xbar, eps=None, t=None):
+        """VPFB loss, Eq. (27), on one batch; t ~ U(0, t_end) as in Eq. (26) unless given.
+        xbar: data (B, ...); eps: prior noise N(0, I). Returns (loss, dict of floats for the log)."""
+        eps = torch.randn_like(xbar) if eps is None else eps
+        if t is None:
+            t = torch.rand(xbar.shape[0], device=xbar.device, dtype=xbar.dtype) * self.t_end
+        t = t.to(xbar.dtype).clamp(max=self.t_max)           # stationarity beyond t_max, Sec. 3.5
+        mu, sig, dmu, dsig = (_bdim(c, xbar) for c in self.schedule.kernel_and_rates(t))
+        x = (mu * xbar + sig * eps).detach().requires_grad_(True)   # x ~ rho(x|xbar, t), Prop. 1
+        v = dmu * xbar + dsig * eps                          # Eq. (20): v = xbar - eps for OT-FM
+        tl = t.detach().clone().requires_grad_(not self.autonomous)   # dPhi/dt at fixed x
+        phi = self.phi(x, tl).reshape(-1)                    # Phi(x, t)  (B,)
+        gx, gt = self.gradients(phi, x, tl)                  # grad_x Phi (B, ...), dPhi/dt (B,)
+        w = (1 - t) ** self.kappa                            # w(t) = (1 - t)^kappa, Sec. 3.5
+        cov = self.cov_term(phi, x, xbar, eps, t, w)         # Cov[Phi, w gamma]
+        cos = self.cos_term(gx, v, t)                        # cos(grad_x Phi, v)
+        ritz = self.ritz_term(gx, w)                         # E ||grad_x Phi||^2
+        dphidt2 = gt.pow(2).mean()                           # E (dPhi/dt)^2
+        phi2 = phi.pow(2).mean()                             # E Phi^2 (Poincare)
+        lam_cos, lam_gx, lam_gt, eta = self.lam_cos, self.lam_gx, self.lam_gt, self.eta
+        loss = cov - lam_cos * cos + lam_gx * ritz + lam_gt * dphidt2 + eta * phi2   # Eq. (27)
+        logs = dict(loss=loss, cov=cov, cos=cos, grad_x2=ritz, grad_t2=dphidt2, phi2=phi2,
+                    poincare_ratio=_sqnorm(gx).mean() / (phi2 + 1e-12))   # Fig. 10 monitor
+        return loss, {k: float(v.detach()) for k, v in logs.items()}
+
+    def gradients(self, phi, x, tl):
+        """grad_x Phi and dPhi/dt with create_graph=True: the loss differentiates them again."""
+        inputs = [x] if self.autonomous else [x, tl]
+        grads = torch.autograd.grad(phi.sum(), inputs, create_graph=True, allow_unused=True)
+        gt = grads[1] if len(grads) > 1 and grads[1] is not None else torch.zeros_like(phi)
+        return grads[0], gt
+
+    def cov_term(self, phi, x, xbar, eps, t, w):
+        """Cov_{rho p_data}[Phi, w(t) gamma] of Eq. (27) (from Eq. 24 with gamma of Eq. 12).
+        "cov": gamma centred by its closed-form conditional mean gamma_bar (Eq. 11 / 23), then the
+        batch mean of Phi removed too (same expectation, lower variance). "corr" (authors): the
+        covariance of Phi with Gamma = mean_pixels((eps^2 - xbar eps)(1 - t)), divided by
+        std(Gamma) std(Phi) with std(Phi) DETACHED, so the term still has a gradient along Phi -> c Phi."""
+        if self.cov_form == "corr":
+            gam = (eps * eps - xbar * eps).flatten(1).mean(1) * (1 - t)   # authors' Gamma
+            gam = gam - gam.mean()
+            return (gam * phi).mean() / (gam.std() * phi.detach().std() + 1e-8)
+        if self.schedule.is_otfm:                            # gamma - gamma_bar, no cancellation
+            G = otfm_centered_innovation(eps, xbar, t)
+        else:
+            G = self.schedule.gamma(x.detach(), xbar, t) - self.schedule.gamma_bar(xbar, t)
+        return (_center(phi) * _center(w * G)).mean()        # Cov[Phi, w (gamma - gamma_bar)]
+
+    def cos_term(self, gx, v, t):
+        """cos(grad_x Phi, v) with the conditional velocity v of Eq. (20), Eq. (27).
+        "authors": (grad Phi . v) / (|grad Phi||v|)^t / D, a dot product near t = 0."""
+        dot = (gx.flatten(1) * v.flatten(1)).sum(1)
+        nrm = gx.flatten(1).norm(dim=1) * v.flatten(1).norm(dim=1) + 1e-8
+        if self.cos_form == "paper":
+            return (dot / nrm).mean()                        # cos(grad Phi, v)
+        return (dot / nrm.pow(t) / gx[0].numel()).mean()     # authors' normaliser^t / D
+
+    def ritz_term(self, gx, w):
+        """E ||grad_x Phi||^2 of the Deep Ritz pair (Eq. 24, 27). "ritz": weighted by w(t) like the
+        covariance, so the minimiser stays the true potential; "cov": unweighted (paper as printed;
+        the authors' std_power_norm = 0). grad_norm "mean": averaged over the D dims (authors)."""
+        gx2 = _sqnorm(gx) / (gx[0].numel() if self.grad_norm == "mean" else 1)
+        return (w * gx2).mean() if self.weight_on == "ritz" else gx2.mean()
+
+    # ---------------------------------------------------------------- sampling and Eq. (22)
+    def sample(self, x0, method="euler", n_steps=100, t0=0.0, t1=1.0, rtol=1e-3, atol=1e-3,
+               return_traj=False):
+        """Potential-flow ODE dx/dt = +grad_x Phi(x, t) (Eq. 13) from prior noise x0 at t0 to t1.
+        method "euler" (n_steps steps) or "rk45" (scipy, adaptive; authors' rtol = atol = 1e-3).
+        Times beyond t_max use Phi(x, t_max), so t1 > 1 is long-run sampling (Sec. 4.6); the
+        number of grad-Phi calls lands in self.last_nfe. Returns x, or (x, traj (K, B, ...))."""
+        x, traj, self.last_nfe = ode_solve(self.grad_phi, x0, method, n_steps, t0, t1, rtol, atol,
+                                           return_traj)
+        return (x, traj) if return_traj else x
+
+    def boltzmann_energy(self, x, t_inf=None):
+        """Boltzmann energy Phi_B(x) = (c Phi_inf(x) + f_inf ||x||^2) / g_inf^2, Eq. (22)  -> (B,).
+        log p_B = Phi_B + const. OT-FM at t_inf: f = -1/t, g^2 = 2 (1 - t) / t (Eq. 18).
+        The paper prints c = 4; the probability-flow ODE (19) with dx/dt = grad Phi gives
+            grad Phi = -f x + g^2/2 grad log rho   =>   log rho = (2 Phi + f ||x||^2) / g^2 + const,
+        and on 1-D Gaussian data only c = 2 reproduces the analytic score (test_boltzmann_factor).
+        At t_inf = 1 - 1e-5, 1/g^2 = 5e4 magnifies any error of Phi: t_inf = 0.9-0.99 is smoother."""
+        t = (self.t_inf if self.t_inf is not None else self.t_max) if t_inf is None else float(t_inf)
+        if self.schedule.is_otfm:
+            f, g2 = -1.0 / t, 2.0 * (1.0 - t) / t              # f(t) = -1/t, g(t)^2 = 2 (1 - t) / t
+        else:
+            f, g2 = self.schedule.sde_coefficients(t)          # Eq. (18) for a general schedule
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
+        return (self.bfactor * self._phi(x, tt) + f * _sqnorm(x)) / g2   # Eq. (22), c = bfactor
+
+    def grad_boltzmann(self, x):
+        """grad_x Phi_B(x), no graph kept."""
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_(True)
+            return torch.autograd.grad(self.boltzmann_energy(xr).sum(), xr)[0].detach()
+
+    def langevin(self, x0, n_steps=100, step_size=1e-3, temperature=1.0, return_traj=False):
+        """SGLD ascent on the Boltzmann energy Phi_B (Sec. 4.6); stationary law exp(Phi_B / T^2)."""
+        x, traj, self.last_nfe = sgld(self.grad_boltzmann, x0, n_steps, step_size, temperature,
+                                      return_traj)
+        return (x, traj) if return_traj else x
 
 
-CELEBA_ATTRS = ("Male", "Smiling", "Young")                        # classes 0, 1, 2 of --class-cond (3 = none)
+# ---- samplers: plain functions of a gradient field, so tests can feed analytic fields
 
 
-def get_dataset(name, root, train=True, size=32, fake_size=512, channels=3, augment=None, class_cond=False):
-    """A dataset of (image in [-1, 1], label). Layout as in energy_matching.py: cifar10 / cifar100 / svhn / mnist
-    through torchvision (download=True into --data-dir); celeba64 (and celeba, the same images for OOD) is an
-    ImageFolder copy in <data-dir>/celeba64/ (torchvision's Google-Drive download is unreliable); folder is any
-    ImageFolder at --data-dir; fake is torchvision FakeData (tests)."""
-    import torchvision.datasets as D
-    import torchvision.transforms as T
-    norm = [T.ToTensor(), T.Normalize([0.5] * channels, [0.5] * channels)]           # [0, 1] -> [-1, 1]
-    augment = train if augment is None else augment
-    flip = [T.RandomHorizontalFlip()] if augment and name not in ("mnist", "svhn", "fake") else []
-    resize = [T.Resize(size), T.CenterCrop(size)]
-    if name == "fake":
-        return D.FakeData(size=fake_size, image_size=(channels, size, size), num_classes=10,
-                          transform=T.Compose(norm), random_offset=0 if train else 10_000)
-    if name in ("celeba64", "celeba", "folder"):
-        path = os.path.join(root, "celeba64") if name != "folder" else root
-        crop = [T.CenterCrop(140)] if name != "folder" else []    # CelebA: the 140x140 face crop, then resize
-        try:
-            ds = D.ImageFolder(path, transform=T.Compose(crop + resize + flip + norm))
-        except (FileNotFoundError, OSError) as e:
-            what = ("CelebA images (e.g. img_align_celeba/*.jpg) in a sub-folder" if name != "folder"
-                    else "images in at least one sub-folder")
-            die(f"no image folder at {os.path.abspath(path)} ({type(e).__name__}); put {what} there")
-        if name == "celeba64" and class_cond:
-            attach_celeba_attributes(ds, path)
-        return ds
-    makers = {
-        "cifar10": (lambda: D.CIFAR10(root, train=train, download=True, transform=T.Compose(resize + flip + norm)),
-                    "cifar-10-batches-py/ (from cifar-10-python.tar.gz)"),
-        "cifar100": (lambda: D.CIFAR100(root, train=train, download=True, transform=T.Compose(resize + norm)),
-                     "cifar-100-python/ (from cifar-100-python.tar.gz)"),
-        "svhn": (lambda: D.SVHN(os.path.join(root, "svhn"), split="train" if train else "test", download=True,
-                                transform=T.Compose(resize + norm)), "svhn/train_32x32.mat and svhn/test_32x32.mat"),
-        "mnist": (lambda: D.MNIST(root, train=train, download=True,
-                                  transform=T.Compose([T.Resize(size), T.Grayscale(channels)] + norm)), "MNIST/raw/"),
-    }
-    if name not in makers:
-        die(f"unknown dataset {name!r}; choose one of {DATASETS} (OOD: {OOD_SETS})")
-    make, what = makers[name]
-    try:
-        return make()
-    except Exception as e:  # no internet, bad archive, ...
-        die(f"could not load {name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-            f"put {what} under {os.path.abspath(root)} or allow the download")
+def ode_solve(velocity, x0, method="euler", n_steps=100, t0=0.0, t1=1.0, rtol=1e-3, atol=1e-3,
+              return_traj=False):
+    """Integrate dx/dt = velocity(x, t) from t0 to t1. Returns (x, traj or None, nfe).
+
+    "euler": x_{k+1} = x_k + dt velocity(x_k, t_k), n_steps evaluations.
+    "rk45":  scipy.integrate.solve_ivp(method="RK45") (Dormand-Prince 5(4), adaptive steps) on
+             the flattened batch in float64; nfe = the number of velocity calls scipy made."""
+    if method not in ("euler", "rk45"):
+        raise ValueError(f"method must be euler|rk45, got {method!r}")
+    x = x0.detach()
+    if method == "euler":
+        dt = (t1 - t0) / n_steps
+        traj = [x]
+        for k in range(n_steps):
+            x = x + dt * velocity(x, t0 + k * dt)              # x_{k+1} = x_k + dt grad Phi(x_k, t_k)
+            if return_traj:
+                traj.append(x)
+        return x, (torch.stack(traj) if return_traj else None), n_steps
+
+    from scipy.integrate import solve_ivp
+    shape, dev, dtype = x.shape, x.device, x.dtype
+    nfe = [0]
+
+    def f(t, y):                                               # scipy wants flat float64 numpy
+        nfe[0] += 1
+        xt = torch.from_numpy(y).to(dev, dtype).reshape(shape)
+        return velocity(xt, float(t)).reshape(-1).double().cpu().numpy()
+
+    t_eval = np.linspace(t0, t1, n_steps + 1) if return_traj else None
+    sol = solve_ivp(f, (t0, t1), x.reshape(-1).double().cpu().numpy(), method="RK45",
+                    rtol=rtol, atol=atol, t_eval=t_eval)
+    xs = torch.from_numpy(sol.y).to(dev, dtype)                # (B * D, K)
+    x = xs[:, -1].reshape(shape)
+    traj = xs.T.reshape(-1, *shape) if return_traj else None
+    return x, traj, nfe[0]
 
 
-def attach_celeba_attributes(ds, path):
-    """Labels for the compositional CelebA experiment (Sec. 4.3) from CelebA's list_attr_celeba.txt (put it
-    in <data-dir>/celeba64/): each time an image is drawn its class is one of its positive attributes among
-    Male (0), Smiling (1), Young (2), at random; 3 = none of them."""
-    f = os.path.join(path, "list_attr_celeba.txt")
-    if not os.path.isfile(f):
-        die(f"--class-cond on celeba64 needs CelebA's attribute file at {os.path.abspath(f)}")
-    with open(f) as fh:
-        lines = fh.read().splitlines()
-    names = lines[1].split()
-    cols = [names.index(a) for a in CELEBA_ATTRS]
-    attrs = {ln.split()[0]: [int(ln.split()[1 + c]) for c in cols] for ln in lines[2:] if ln.strip()}
-    ds.samples = [(p, attrs.get(os.path.basename(p), [-1, -1, -1])) for p, _ in ds.samples]
-    ds.target_transform = celeba_label
-    ds.classes = list(CELEBA_ATTRS) + ["none"]
+def sgld(grad_energy, x0, n_steps=100, step_size=1e-3, temperature=1.0, return_traj=False):
+    """Stochastic gradient Langevin dynamics ascending an energy E (Sec. 4.6):
+        x_{k+1} = x_k + Delta grad E(x_k) + sqrt(2 Delta) e,   e ~ N(0, lambda^2 I)
+    with step Delta = step_size and temperature scale lambda = temperature (a standard deviation).
+    For small Delta its stationary law is p ~ exp(E / lambda^2). Returns (x, traj or None, n_steps)."""
+    x = x0.detach()
+    traj = [x]
+    for _ in range(n_steps):
+        noise = math.sqrt(2 * step_size) * temperature * torch.randn_like(x)   # sqrt(2 Delta) lambda N(0, I)
+        x = x + step_size * grad_energy(x) + noise
+        if return_traj:
+            traj.append(x)
+    return x, (torch.stack(traj) if return_traj else None), n_steps
 
 
-def celeba_label(attr):
-    """A random positive attribute among Male, Smiling, Young (0, 1, 2), or 3 if none."""
-    pos = [i for i, a in enumerate(attr) if a == 1]
-    return pos[int(torch.randint(len(pos), ()))] if pos else 3
-
-
-def infinite_loader(ds, batch_size, seed, num_workers, rank=0, world=1):
-    """Endless iterator of (x, y) batches, reshuffled every epoch; each DDP rank sees its own shard."""
-    from torch.utils.data import DataLoader, DistributedSampler
-    sampler = DistributedSampler(ds, world, rank, shuffle=True, seed=seed) if world > 1 else None
-    dl = DataLoader(ds, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True,
-                    num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                    generator=torch.Generator().manual_seed(seed), persistent_workers=num_workers > 0)
-    if len(dl) == 0:
-        die(f"the dataset has {len(ds)} images, fewer than one batch of {batch_size}")
-    epoch = 0
-    while True:
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        yield from dl
-        epoch += 1
-
-
-def first_images(ds, n, batch=256):
-    """The first n images of a dataset as one tensor (for nn / hist / ood)."""
-    from torch.utils.data import DataLoader
-    xs, got = [], 0
-    for x, _ in DataLoader(ds, batch_size=batch, shuffle=False):
-        xs.append(x)
-        got += x.shape[0]
-        if got >= n:
-            break
-    return torch.cat(xs)[:n]
-
-
-# === 3. Networks ===
+# ==== 2. Networks ====
 # Both networks return ONE number per image, Phi (B,). The authors' time-varying Phi is a U-Net
 # read as a scalar through Phi(x, t) = 1/2 ||x - UNet(x, t)||^2 (>= 0); we use the same head. The
 # autonomous Phi(x) is a WideResNet with a linear read-out of its pooled features. Both use SiLU
@@ -523,14 +540,6 @@ class WRNPhi(nn.Module):
         return out[:, -1] if y is None else out.gather(1, y[:, None])[:, 0]
 
 
-def build_network(args, in_ch, num_classes):
-    nc = num_classes if args.class_cond else 0
-    if args.model == "unet":
-        return UNetPhi(in_ch, args.model_size, args.channel_mult_t, args.num_res_blocks, args.attn_res_t,
-                       args.dropout, image_size_of(args), nc)
-    return WRNPhi(in_ch, args.model_size, args.wrn_depth, 0.0, nc)
-
-
 class Conditioned(nn.Module):
     """phi(x, t) with the labels fixed (VPFB calls phi(x, t)); y=None -> unconditional.
     A list of labels gives the compositional energy: the average of the conditional energies (Sec. 4.3)."""
@@ -546,372 +555,165 @@ class Conditioned(nn.Module):
         return sum(self.net(x, t, y.expand(x.shape[0]) if y.dim() == 0 else y) for y in ys) / len(ys)
 
 
-# === 4. Loss ===
-#
-# Notation of the paper (papers/vpfb.md, Section 3):
-#   xbar          a data point (the paper's \bar x), flattened to D numbers
-#   x             a generative sample at pseudo-time t in [0, 1]
-#   q(x)          = N(0, w^2 I)           Gaussian prior          (w = omega)
-#   p(xbar | x)   = N(xbar; x, nu^2 I)    Gaussian data likelihood
-#   h             = alpha(t) log q(x) + beta(t) log p(xbar | x)          Eq. (7)
-#   rho(x|xbar,t) = e^h / int e^h = N(x; mu(t) xbar, sigma(t)^2 I)     Eq. (6), Prop. 1
-#
-# Everything below works on tensors of any shape (B, ...): we always reduce over all
-# non-batch dimensions with x.flatten(1), so the same code runs on (B, 2) toy points and
-# (B, C, H, W) images.
+# ==== ENGINEERING: nothing below this line is in the paper ====
+# ==== 3. Data ====
+# Images live in [-1, 1]. Real sets are read through torchvision with download=True, so a machine
+# with internet fetches them into --data-dir; offline, a missing set is one clear line.
+DATASETS = ["cifar10", "celeba64", "mnist", "folder", "npz", "fake"]    # training sets
+OOD_SETS = ["svhn", "cifar100", "celeba", "interp"]                   # OOD sets (+ the test split)
+FLIP_SETS = ("cifar10", "celeba64", "folder")                         # random horizontal flips
+CELEBA_ATTRS = ("Male", "Smiling", "Young")             # classes 0, 1, 2 of --class-cond (3 = none)
 
 
-def _bdim(t, x):
-    """Reshape a per-sample (B,) time so it broadcasts against x of shape (B, ...)."""
-    return t.reshape(-1, *([1] * (x.dim() - 1)))
+class NpzImages(torch.utils.data.Dataset):
+    """--dataset npz: `images` uint8 N x H x W x C (the layout --mode sample writes), optional
+    `labels`; returns (image in [-1, 1] C x H x W, label)."""
+
+    def __init__(self, path):
+        try:
+            with np.load(path) as f:
+                self.images = f["images"]
+                self.labels = f["labels"].astype(np.int64) if "labels" in f else None
+        except (OSError, ValueError, KeyError) as e:
+            die(f"--data-dir {path!r} must be a .npz file with an `images` array ({type(e).__name__})")
+        if self.images.ndim == 3:
+            self.images = self.images[..., None]
+        if self.images.ndim != 4 or self.images.dtype != np.uint8:
+            die(f"{path}: `images` must be uint8 N x H x W x C, got {self.images.dtype} "
+                f"{self.images.shape}")
+        self.classes = [str(c) for c in np.unique(self.labels)] if self.labels is not None else []
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        x = torch.from_numpy(self.images[i]).permute(2, 0, 1).float() / 127.5 - 1
+        return x, int(self.labels[i]) if self.labels is not None else 0
 
 
-def _sqnorm(x):
-    """Squared Euclidean norm of every sample: ||x||^2 summed over all non-batch dims -> (B,)."""
-    return x.flatten(1).pow(2).sum(1)
+def build_dataset(args, train=True, name=None, augment=False):
+    """A dataset of (image in [-1, 1], label) for args.dataset (or `name`, for the OOD sets).
+    cifar10 / cifar100 / svhn / mnist: torchvision (download=True into --data-dir); celeba64 (and
+    celeba, the same images for OOD): an ImageFolder in <data-dir>/celeba64/; folder: any ImageFolder
+    at --data-dir; npz: the file --data-dir; fake: torchvision FakeData (tests). Training flips are
+    drawn in the training loop (reproducible per step), not here; `augment` flips at random."""
+    import torchvision.datasets as D
+    import torchvision.transforms as T
+    name, root = name or args.dataset, args.data_dir
+    if name == "npz":
+        return NpzImages(root)
+    ch, size = args.channels, args.image_size
+    norm = [T.ToTensor(), T.Normalize([0.5] * ch, [0.5] * ch)]                    # [0, 1] -> [-1, 1]
+    flip = [T.RandomHorizontalFlip()] if augment else []
+    resize = [T.Resize(size), T.CenterCrop(size)]
+    if name == "fake":
+        return D.FakeData(size=args.fake_size, image_size=(ch, size, size), num_classes=10,
+                          transform=T.Compose(norm), random_offset=0 if train else 10_000)
+    if name in ("celeba64", "celeba", "folder"):
+        path = os.path.join(root, "celeba64") if name != "folder" else root
+        crop = [T.CenterCrop(140)] if name != "folder" else []     # CelebA: the 140 x 140 face crop
+        try:
+            ds = D.ImageFolder(path, transform=T.Compose(crop + resize + flip + norm))
+        except (FileNotFoundError, OSError) as e:
+            what = ("CelebA images (e.g. img_align_celeba/*.jpg) in a sub-folder" if name != "folder"
+                    else "images in at least one sub-folder")
+            die(f"no image folder at {os.path.abspath(path)} ({type(e).__name__}); put {what} there")
+        if name == "celeba64" and getattr(args, "class_cond", False):
+            attach_celeba_attributes(ds, path)
+        return ds
+    gray = [T.Grayscale(ch)] if name == "mnist" else []
+    tf = T.Compose(resize + gray + flip + norm)
+    makers = {
+        "cifar10": (lambda: D.CIFAR10(root, train=train, download=True, transform=tf),
+                    "cifar-10-batches-py/ (from cifar-10-python.tar.gz)"),
+        "cifar100": (lambda: D.CIFAR100(root, train=train, download=True, transform=tf),
+                     "cifar-100-python/ (from cifar-100-python.tar.gz)"),
+        "svhn": (lambda: D.SVHN(os.path.join(root, "svhn"), split="train" if train else "test",
+                                download=True, transform=tf),
+                 "svhn/train_32x32.mat and svhn/test_32x32.mat"),
+        "mnist": (lambda: D.MNIST(root, train=train, download=True, transform=tf), "MNIST/raw/"),
+    }
+    make, what = makers[name]
+    try:
+        return make()
+    except Exception as e:  # no internet, bad archive, ...
+        first = str(e).splitlines()[0] if str(e) else ""
+        die(f"could not load {name} ({type(e).__name__}: {first}); "
+            f"put {what} under {os.path.abspath(root)} or allow the download")
 
 
-class Schedule:
-    """A log-homotopy schedule alpha(t), beta(t) (Eq. 7) with the prior / likelihood scales omega, nu.
-
-    The default is the OT flow-matching schedule of Section 3.5:
-        alpha(t) = omega^2 / (1 - t),   beta(t) = nu^2 t / (1 - t)^2.
-    Any other monotone pair can be passed as callables on tensors; their time derivatives
-    (needed by the innovation, Eq. 12) are then taken by autograd.
-    """
-
-    def __init__(self, alpha=None, beta=None, omega=1.0, nu=1.0):
-        self.omega, self.nu = float(omega), float(nu)
-        w2, n2 = self.omega ** 2, self.nu ** 2
-        self.is_otfm = alpha is None and beta is None
-        self.alpha = alpha if alpha is not None else (lambda t: w2 / (1 - t))          # Sec. 3.5
-        self.beta = beta if beta is not None else (lambda t: n2 * t / (1 - t) ** 2)    # Sec. 3.5
-
-    def mu_sigma(self, t):
-        """Prop. 1, Eq. (8): mu = sigmoid(log(beta w^2 / (alpha nu^2))), sigma = sqrt(nu^2 mu / beta)."""
-        a, b = self.alpha(t), self.beta(t)
-        mu = torch.sigmoid(torch.log(b * self.omega ** 2 / (a * self.nu ** 2)))        # Eq. (8), left
-        sigma = torch.sqrt(self.nu ** 2 * mu / b)                                       # Eq. (8), right
-        return mu, sigma
-
-    def kernel_and_rates(self, t):
-        """mu, sigma of Eq. (8) and their time derivatives mu_dot, sigma_dot (closed form for OT-FM:
-        t, 1 - t, 1, -1; otherwise by autograd). Needed for x = mu xbar + sigma eps and the conditional
-        velocity v = mu_dot xbar + sigma_dot eps of Eq. (20)."""
-        if self.is_otfm:
-            return t, 1 - t, torch.ones_like(t), -torch.ones_like(t)
-        with torch.enable_grad():
-            tt = t.detach().clone().requires_grad_(True)
-            mu, sigma = self.mu_sigma(tt)
-            dmu = torch.autograd.grad(mu.sum(), tt, retain_graph=True)[0]
-            dsig = torch.autograd.grad(sigma.sum(), tt)[0]
-        return mu.detach(), sigma.detach(), dmu, dsig
-
-    def sde_coefficients(self, t):
-        """Drift and diffusion of the equivalent SDE, Eq. (18), in the paper's reversed time:
-        f = -mu_dot / mu,  g^2 = -2 sigma (sigma_dot + f sigma)  (OT-FM: f = -1/t, g^2 = 2 (1-t)/t).
-        (Eq. 18 prints g = -sqrt(2 sigma (sigma_dot + f sigma)); the radicand is negative in this time
-        direction, so the sign belongs inside: g^2 must be positive.)"""
-        t = torch.as_tensor(t, dtype=torch.float64)
-        mu, sigma, dmu, dsig = self.kernel_and_rates(t.reshape(1))
-        f = -dmu / mu                                                     # Eq. (18), f
-        g2 = -2 * sigma * (dsig + f * sigma)                              # Eq. (18), g^2
-        return float(f), float(g2)
-
-    def rates(self, t):
-        """(alpha_dot / omega^2, beta_dot / nu^2): the two coefficients of the innovation, Eq. (12).
-
-        Closed form for OT-FM:  alpha_dot/w^2 = 1/(1-t)^2,  beta_dot/nu^2 = (1+t)/(1-t)^3.
-        Otherwise by autograd through alpha(t), beta(t)."""
-        if self.is_otfm:
-            return 1.0 / (1 - t) ** 2, (1 + t) / (1 - t) ** 3
-        with torch.enable_grad():
-            tt = t.detach().clone().requires_grad_(True)
-            ad = torch.autograd.grad(self.alpha(tt).sum(), tt)[0]
-            bd = torch.autograd.grad(self.beta(tt).sum(), tt)[0]
-        return ad / self.omega ** 2, bd / self.nu ** 2
-
-    def gamma(self, x, xbar, t):
-        """Innovation, Eq. (12): gamma = alpha_dot/w^2 ||x||^2 + beta_dot/nu^2 ||x - xbar||^2  -> (B,)."""
-        ra, rb = self.rates(t)
-        return ra * _sqnorm(x) + rb * _sqnorm(x - xbar)
-
-    def gamma_bar(self, xbar, t):
-        """Conditional mean of the innovation, gamma_bar = E_{x ~ N(mu xbar, sigma^2 I)}[gamma]  -> (B,).
-
-        Gaussian moments: E||x||^2 = mu^2 ||xbar||^2 + D sigma^2,
-                          E||x - xbar||^2 = (1 - mu)^2 ||xbar||^2 + D sigma^2."""
-        ra, rb = self.rates(t)
-        mu, sigma = self.mu_sigma(t)
-        D = xbar[0].numel()
-        n2 = _sqnorm(xbar)
-        return ra * (mu ** 2 * n2 + D * sigma ** 2) + rb * ((1 - mu) ** 2 * n2 + D * sigma ** 2)
+def attach_celeba_attributes(ds, path):
+    """Labels for the compositional CelebA experiment (Sec. 4.3) from list_attr_celeba.txt in
+    <data-dir>/celeba64/: each draw picks one of the image's positive attributes among Male (0),
+    Smiling (1), Young (2) at random; 3 = none of them."""
+    f = os.path.join(path, "list_attr_celeba.txt")
+    if not os.path.isfile(f):
+        die(f"--class-cond on celeba64 needs CelebA's attribute file at {os.path.abspath(f)}")
+    with open(f) as fh:
+        lines = fh.read().splitlines()
+    names = lines[1].split()
+    cols = [names.index(a) for a in CELEBA_ATTRS]
+    attrs = {ln.split()[0]: [int(ln.split()[1 + c]) for c in cols] for ln in lines[2:] if ln.strip()}
+    ds.samples = [(p, attrs.get(os.path.basename(p), [-1, -1, -1])) for p, _ in ds.samples]
+    ds.target_transform = celeba_label
+    ds.classes = list(CELEBA_ATTRS) + ["none"]
 
 
-def otfm_centered_innovation(eps, xbar, t):
-    """gamma - gamma_bar for OT-FM, written in the noise eps of x = t xbar + (1 - t) eps  -> (B,).
-
-    Substituting x = t xbar + (1-t) eps into Eq. (12) and subtracting the Gaussian mean gives
-        gamma - gamma_bar = 2 / (1 - t) * sum_i (eps_i^2 - xbar_i eps_i - 1).
-    This is algebraically identical to Schedule().gamma(...) - Schedule().gamma_bar(...)
-    (a test checks it) but has no cancellation of two huge numbers near t = 1, where both
-    gamma and gamma_bar grow like D / (1 - t)^3. The authors' code uses the per-pixel mean of
-    (eps^2 - xbar eps)(1 - t), i.e. this times (1-t)^2 / (2D) with the "-1" dropped."""
-    s = (eps * eps - xbar * eps - 1.0).flatten(1).sum(1)
-    return 2.0 / (1.0 - t) * s
+def celeba_label(attr):
+    """A random positive attribute among Male, Smiling, Young (0, 1, 2), or 3 if none."""
+    pos = [i for i, a in enumerate(attr) if a == 1]
+    return pos[int(torch.randint(len(pos), ()))] if pos else 3
 
 
-def _center(v):
-    return v - v.mean()
+def num_classes_of(ds):
+    return max(1, len(getattr(ds, "classes", [])) or 10)
 
 
-def _pearson(a, b, eps=1e-8):
-    """Batch Pearson correlation of two (B,) vectors (the authors' form of the covariance term)."""
-    a, b = _center(a), _center(b)
-    return (a * b).mean() / (a.pow(2).mean().sqrt() * b.pow(2).mean().sqrt() + eps)
+class StepBatches(torch.utils.data.Sampler):
+    """Index batches as a pure function of (seed, step, rank): epoch e is a fixed permutation seeded
+    by (seed, e), split between ranks. Starting at any step gives the batches an uninterrupted run
+    would have seen, so --resume is exact (a DistributedSampler would restart its epoch)."""
+
+    def __init__(self, n, batch, seed, rank=0, world=1, start_step=0):
+        self.n, self.batch, self.seed, self.rank, self.world = n, batch, seed, rank, world
+        self.start, self.per_epoch = start_step, (n // world) // batch
+        if self.per_epoch == 0:
+            die(f"the dataset has {n} images, fewer than one batch of {batch} x {world} processes")
+
+    def __iter__(self):
+        step, cached = self.start, (None, None)
+        while True:
+            epoch, i = divmod(step, self.per_epoch)
+            if cached[0] != epoch:
+                g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+                cached = (epoch, torch.randperm(self.n, generator=g)[self.rank::self.world])
+            yield cached[1][i * self.batch:(i + 1) * self.batch].tolist()
+            step += 1
 
 
-class VPFB:
-    """The method: a scalar potential Phi(x, t) whose gradient is the velocity dx/dt = grad_x Phi (Eq. 13).
-
-    phi(x, t) takes x (B, ...) and t (B,) and returns (B,). An autonomous Phi(x) ignores t.
-
-    Hyper-parameters (defaults, and where paper and authors' code differ, in brackets):
-      kappa      w(t) = (1 - t)^kappa (Sec. 3.5 asks kappa > 1 with w on gamma only; the authors'
-                 code is kappa = 2 in effect) [1: with weight_on="ritz", w(t) (gamma - gamma_bar)
-                 = 2 sum(eps^2 - xbar eps - 1) then has the same spread at every t; on two moons
-                 kappa = 1 gave W2^2 ~0.05-0.11 vs ~0.19 for kappa = 2 at 3k steps]
-      t_end      t ~ U(0, t_end)                                           [1.0, authors]
-      t_max      t is clamped to t_max beyond it (enforced stationarity)    [1 - 1e-5, authors]
-      eta        Poincare term eta E[Phi^2], Eq. (27) [paper: "small"; authors: 0, only logged]
-      lam_cos    weight of the cosine term                                  [1, paper]
-      lam_gx     weight of E||grad_x Phi||^2                                [1, paper: must be 1
-                 relative to the covariance for the Deep Ritz minimiser to be the true potential]
-      lam_gt     weight of E(dPhi/dt)^2 [0.01; paper: 1, authors: 0.1]. The true potential does
-                 move with t, so this "quasi-static" term biases the flow: on two moons 0.1 shrank
-                 the samples (std 1.12 vs 1.30) and 0.01 was close to 0. Kept small, not zero,
-                 so Phi still settles towards a steady state for the Boltzmann energy.
-      cov_form   "cov": the paper's covariance with gamma - gamma_bar (exact Deep Ritz form);
-                 "corr": the authors' batch Pearson correlation of Phi with
-                 Gamma = mean_pixels((eps^2 - xbar eps)(1 - t)) (scale-free, one term dropped)
-      cos_form   "paper": -cos(grad Phi, v);  "authors": -(grad Phi . v) / (|grad Phi||v|)^t / D
-                 (a dot product near t = 0, a cosine near t = 1)
-      weight_on  "ritz" (default): w(t) multiplies BOTH halves of the Deep Ritz pair
-                 Cov[Phi, gamma] + E||grad_x Phi||^2. The minimiser at each t is then still the true
-                 potential (grad Phi = marginal velocity), the weight only rebalances the times.
-                 "cov": the paper as printed, w(t) on gamma only; the minimiser is then w(t) times
-                 the true potential, so the ODE moves w(t) times too slowly (a test shows both).
-      grad_norm  "sum": ||grad_x Phi||^2 summed over dims (paper); "mean": averaged (authors).
-      bfactor    2 (default) or 4 (paper, Eq. 22): the factor in Phi_B = (c Phi + f ||x||^2) / g^2.
-                 The analytic 1-D Gaussian case (tests) shows 2 is right; see boltzmann_energy.
-      t_inf      the time at which Phi_B is read off [None = t_max, as in the paper]
-    """
-
-    def __init__(self, phi, autonomous=False, kappa=1.0, t_end=1.0, t_max=1.0 - 1e-5, eta=1e-4,
-                 lam_cos=1.0, lam_gx=1.0, lam_gt=0.01, cov_form="cov", cos_form="paper",
-                 weight_on="ritz", grad_norm="sum", bfactor=2.0, schedule=None, t_inf=None):
-        if cov_form not in ("cov", "corr"):
-            raise ValueError(f"cov_form must be cov|corr, got {cov_form!r}")
-        if cos_form not in ("paper", "authors"):
-            raise ValueError(f"cos_form must be paper|authors, got {cos_form!r}")
-        if weight_on not in ("ritz", "cov"):
-            raise ValueError(f"weight_on must be ritz|cov, got {weight_on!r}")
-        if grad_norm not in ("sum", "mean"):
-            raise ValueError(f"grad_norm must be sum|mean, got {grad_norm!r}")
-        self.phi, self.autonomous = phi, bool(autonomous)
-        self.kappa, self.t_end, self.t_max, self.eta = float(kappa), float(t_end), float(t_max), float(eta)
-        self.lam_cos, self.lam_gx, self.lam_gt = float(lam_cos), float(lam_gx), float(lam_gt)
-        self.cov_form, self.cos_form, self.weight_on, self.grad_norm = cov_form, cos_form, weight_on, grad_norm
-        self.bfactor = float(bfactor)
-        self.t_inf = None if t_inf is None else float(t_inf)   # where Phi_B is read off (default t_max)
-        self.schedule = schedule or Schedule()  # OT-FM: mu(t) = t, sigma(t) = 1 - t (Prop. 1, tested)
-        self.last_nfe = 0
-
-    # ---------------------------------------------------------------- helpers
-    def _phi(self, x, t):
-        """Phi at (x, t); t is clamped to t_max (the stationary regime beyond t_max, Sec. 3.5)."""
-        return self.phi(x, t.clamp(max=self.t_max)).reshape(-1)
-
-    def grad_phi(self, x, t):
-        """grad_x Phi(x, t) with no graph kept (for samplers). t: float or (B,) tensor."""
-        if not torch.is_tensor(t):
-            t = torch.full((x.shape[0],), float(t), device=x.device, dtype=x.dtype)
-        with torch.enable_grad():
-            xr = x.detach().requires_grad_(True)
-            out = self._phi(xr, t)
-            g = torch.autograd.grad(out.sum(), xr)[0]
-        return g.detach()
-
-    # ---------------------------------------------------------------- Eq. (27)
-    def loss(self, xbar, eps=None, t=None):
-        """VPFB loss, Eq. (27), averaged over t ~ U(0, t_end) as in Eq. (26).
-
-        xbar: data (B, ...); eps: prior noise N(0, I) (default fresh); t: optional (B,) times.
-        Returns (loss tensor, dict of python floats for logging)."""
-        B = xbar.shape[0]
-        if eps is None:
-            eps = torch.randn_like(xbar)
-        if t is None:
-            t = torch.rand(B, device=xbar.device, dtype=xbar.dtype) * self.t_end   # t ~ U(0, t_end)
-        t = t.to(xbar.dtype).clamp(max=self.t_max)          # stationarity: t -> min(t, t_max), Sec. 3.5
-        # Prop. 1: x ~ rho(x | xbar, t) = N(mu xbar, sigma^2 I); with OT-FM mu = t, sigma = 1 - t
-        mu, sig, dmu, dsig = (_bdim(c, xbar) for c in self.schedule.kernel_and_rates(t))
-        x = (mu * xbar + sig * eps).detach().requires_grad_(True)        # x = t xbar + (1 - t) eps
-        v = dmu * xbar + dsig * eps                         # Eq. (20): v = mu_dot xbar + sigma_dot eps = xbar - eps
-        # t enters Phi as its own leaf so that dPhi/dt is the partial derivative at fixed x
-        tl = t.detach().clone().requires_grad_(not self.autonomous)
-        phi = self.phi(x, tl).reshape(-1)                   # Phi(x, t)  (B,)
-        inputs = [x] if self.autonomous else [x, tl]
-        grads = torch.autograd.grad(phi.sum(), inputs, create_graph=True, allow_unused=True)
-        gx = grads[0]                                       # grad_x Phi  (B, ...)
-        gt = grads[1] if (not self.autonomous and grads[1] is not None) else torch.zeros_like(t)
-        D = xbar[0].numel()
-
-        w = (1 - t) ** self.kappa                           # w(t) = (1 - t)^kappa, Sec. 3.5
-        gx2 = _sqnorm(gx)                                   # ||grad_x Phi||^2  (B,)
-        if self.grad_norm == "mean":
-            gx2 = gx2 / D                                   # authors: mean over pixels
-        # --- covariance term: Cov[Phi, w(t) gamma] -----------------------------------------
-        if self.cov_form == "cov":
-            # Cov under rho(x|xbar,t) p_data(xbar): gamma is centred by its conditional mean
-            # gamma_bar (Eq. 11/23), then the batch mean of Phi is removed too (lower variance,
-            # same expectation because E[gamma - gamma_bar] = 0).
-            if self.schedule.is_otfm:
-                G = w * otfm_centered_innovation(eps, xbar, t)             # w(t) (gamma - gamma_bar)
-            else:
-                G = w * (self.schedule.gamma(x.detach(), xbar, t) - self.schedule.gamma_bar(xbar, t))
-            cov = (_center(phi) * _center(G)).mean()                       # Cov[Phi, w gamma]
-        else:
-            # authors: Pearson correlation of Phi with Gamma = mean_pixels((eps^2 - xbar eps)(1-t))
-            Gam = ((eps * eps - xbar * eps).flatten(1).mean(1)) * (1 - t)
-            cov = _pearson(phi, Gam)
-        ritz_grad = (w * gx2).mean() if self.weight_on == "ritz" else gx2.mean()
-        # --- cosine term: -cos(grad_x Phi, v) ------------------------------------------------
-        dot = (gx.flatten(1) * v.flatten(1)).sum(1)
-        nrm = gx.flatten(1).norm(dim=1) * v.flatten(1).norm(dim=1) + 1e-8
-        if self.cos_form == "paper":
-            cos = (dot / nrm).mean()                                        # cos(grad Phi, v)
-        else:
-            cos = (dot / nrm.pow(t) / D).mean()                             # authors' normaliser^t / D
-        gt2 = gt.pow(2).mean()                                              # E (dPhi/dt)^2
-        phi2 = phi.pow(2).mean()                                            # E Phi^2
-        # Eq. (27): Cov - cos + E[||grad_x Phi||^2 + |dPhi/dt|^2 + eta Phi^2]
-        total = cov - self.lam_cos * cos + self.lam_gx * ritz_grad + self.lam_gt * gt2 + self.eta * phi2
-        with torch.no_grad():
-            stats = {
-                "loss": float(total), "cov": float(cov), "cos": float(cos),
-                "grad_x2": float(gx2.mean()), "grad_t2": float(gt2), "phi2": float(phi2),
-                # Poincare-ratio monitor E||grad Phi||^2 / E Phi^2 (paper Fig. 10)
-                "poincare_ratio": float(_sqnorm(gx).mean() / (phi2 + 1e-12)),
-            }
-        return total, stats
-
-    # ---------------------------------------------------------------- samplers (Section 5)
-    def sample(self, x0, method="euler", n_steps=100, t0=0.0, t1=1.0, rtol=1e-3, atol=1e-3,
-               return_traj=False):
-        """Potential-flow ODE dx/dt = +grad_x Phi(x, t) (Eq. 13) from prior noise x0 at t0 to t1.
-
-        method "euler" (n_steps fixed steps) or "rk45" (scipy adaptive, authors' rtol = atol = 1e-3).
-        Times beyond t_max use Phi(x, t_max), so t1 > 1 gives long-run sampling (Sec. 4.6).
-        The number of grad-Phi evaluations lands in self.last_nfe.
-        Returns x, or (x, traj) with traj a (K, B, ...) tensor of states (K = n_steps + 1)."""
-        x, traj, self.last_nfe = ode_solve(self.grad_phi, x0, method, n_steps, t0, t1, rtol, atol, return_traj)
-        return (x, traj) if return_traj else x
-
-    def boltzmann_energy(self, x, t_inf=None):
-        """Boltzmann energy Phi_B(x) = (c Phi_inf(x) + f_inf ||x||^2) / g_inf^2, Eq. (22)  -> (B,).
-
-        log p_B(x) = Phi_B(x) + const (larger = more likely). OT-FM coefficients at t_inf = t_max:
-        f = -1/t, g^2 = 2 (1 - t) / t (Sec. 3.5).
-        The factor c: the paper prints 4. The probability-flow ODE (19) with dx/dt = grad Phi reads
-            grad Phi = -f x + g^2/2 grad log rho   =>   log rho = (2 Phi + f ||x||^2) / g^2 + const,
-        so c = 2. On 1-D Gaussian data, where the marginal and its potential are analytic, only
-        c = 2 reproduces the score grad log rho (tests/test_vpfb.py::test_boltzmann_factor); we use
-        2 and keep the paper's 4 behind bfactor=4 (flag --bfactor 4).
-        Caveat: at t_inf = t_max = 1 - 1e-5 the factor 1/g^2 = t / (2 (1 - t)) is 5e4, so Phi_B is the
-        log-density of the data blurred by only 1e-5 and any error of the network in Phi is multiplied
-        by 5e4 (on 2-D toys exp(Phi_B) collapses to a spike). t_inf (--t-inf), e.g. 0.9-0.99, reads
-        a smoother density off the same potential."""
-        t = (self.t_inf if self.t_inf is not None else self.t_max) if t_inf is None else float(t_inf)
-        if self.schedule.is_otfm:
-            f, g2 = -1.0 / t, 2.0 * (1.0 - t) / t              # f(t) = -1/t, g(t)^2 = 2 (1 - t) / t
-        else:
-            f, g2 = self.schedule.sde_coefficients(t)          # Eq. (18) for a general schedule
-        tt = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
-        return (self.bfactor * self._phi(x, tt) + f * _sqnorm(x)) / g2   # Eq. (22), c = bfactor
-
-    def grad_boltzmann(self, x):
-        """grad_x Phi_B(x), no graph kept."""
-        with torch.enable_grad():
-            xr = x.detach().requires_grad_(True)
-            return torch.autograd.grad(self.boltzmann_energy(xr).sum(), xr)[0].detach()
-
-    def langevin(self, x0, n_steps=100, step_size=1e-3, temperature=1.0, return_traj=False):
-        """SGLD ascent on the Boltzmann energy Phi_B (Sec. 4.6), see sgld() below.
-        Stationary law p ~ exp(Phi_B / temperature^2)."""
-        x, traj, self.last_nfe = sgld(self.grad_boltzmann, x0, n_steps, step_size, temperature, return_traj)
-        return (x, traj) if return_traj else x
+def batch_iterator(ds, args, rank=0, world=1, start_step=0):
+    """Endless (x, y) batches in the order StepBatches fixes."""
+    sampler = StepBatches(len(ds), args.batch_size, args.seed, rank, world, start_step)
+    # its own generator: making the iterator must not consume the global RNG
+    dl = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=args.workers,
+                                     pin_memory=torch.cuda.is_available(),
+                                     persistent_workers=args.workers > 0,
+                                     generator=torch.Generator().manual_seed(args.seed + rank))
+    return iter(dl)
 
 
-# === 5. Samplers ===
-# Plain functions of a gradient field, so the maths reads without the class around it and
-# the tests can feed them analytic fields.
+def first_images(ds, n, batch=256):
+    """The first n images of a dataset as one tensor (for nn / hist / ood)."""
+    xs, got = [], 0
+    for x, _ in torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False):
+        xs.append(x)
+        got += x.shape[0]
+        if got >= n:
+            break
+    return torch.cat(xs)[:n]
 
 
-def ode_solve(velocity, x0, method="euler", n_steps=100, t0=0.0, t1=1.0, rtol=1e-3, atol=1e-3,
-              return_traj=False):
-    """Integrate dx/dt = velocity(x, t) from t0 to t1. Returns (x, traj or None, nfe).
-
-    "euler": x_{k+1} = x_k + dt velocity(x_k, t_k), n_steps evaluations.
-    "rk45":  scipy.integrate.solve_ivp(method="RK45") (Dormand-Prince 5(4), adaptive steps) on
-             the flattened batch in float64; nfe = the number of velocity calls scipy made."""
-    if method not in ("euler", "rk45"):
-        raise ValueError(f"method must be euler|rk45, got {method!r}")
-    x = x0.detach()
-    if method == "euler":
-        dt = (t1 - t0) / n_steps
-        traj = [x]
-        for k in range(n_steps):
-            x = x + dt * velocity(x, t0 + k * dt)              # x_{k+1} = x_k + dt grad Phi(x_k, t_k)
-            if return_traj:
-                traj.append(x)
-        return x, (torch.stack(traj) if return_traj else None), n_steps
-
-    from scipy.integrate import solve_ivp
-    shape, dev, dtype = x.shape, x.device, x.dtype
-    nfe = [0]
-
-    def f(t, y):                                               # scipy wants flat float64 numpy
-        nfe[0] += 1
-        xt = torch.from_numpy(y).to(dev, dtype).reshape(shape)
-        return velocity(xt, float(t)).reshape(-1).double().cpu().numpy()
-
-    t_eval = np.linspace(t0, t1, n_steps + 1) if return_traj else None
-    sol = solve_ivp(f, (t0, t1), x.reshape(-1).double().cpu().numpy(), method="RK45",
-                    rtol=rtol, atol=atol, t_eval=t_eval)
-    xs = torch.from_numpy(sol.y).to(dev, dtype)                # (B * D, K)
-    x = xs[:, -1].reshape(shape)
-    traj = xs.T.reshape(-1, *shape) if return_traj else None
-    return x, traj, nfe[0]
-
-
-def sgld(grad_energy, x0, n_steps=100, step_size=1e-3, temperature=1.0, return_traj=False):
-    """Stochastic gradient Langevin dynamics ascending an energy E (Sec. 4.6):
-        x_{k+1} = x_k + Delta grad E(x_k) + sqrt(2 Delta) e,   e ~ N(0, lambda^2 I)
-    with step Delta = step_size and temperature scale lambda = temperature (a standard deviation).
-    For small Delta its stationary law is p ~ exp(E / lambda^2). Returns (x, traj or None, n_steps)."""
-    x = x0.detach()
-    traj = [x]
-    for _ in range(n_steps):
-        noise = math.sqrt(2 * step_size) * temperature * torch.randn_like(x)   # sqrt(2 Delta) lambda N(0, I)
-        x = x + step_size * grad_energy(x) + noise
-        if return_traj:
-            traj.append(x)
-    return x, (torch.stack(traj) if return_traj else None), n_steps
-
-
-# === 6. Training loop (CUDA, AMP, EMA, DDP) ===
-
+# ==== 4. Training loop ====
 def setup_distributed():
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python vpfb.py` is one process."""
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -925,8 +727,8 @@ def setup_distributed():
 
 
 def allreduce_grads(params, world):
-    """Average gradients over processes. We do this by hand instead of wrapping the net in DDP: the loss
-    differentiates grad_x Phi (create_graph=True, a double backward), which DDP's reducer does not support."""
+    """Average gradients over processes, by hand: the loss differentiates grad_x Phi (a double
+    backward), which DDP's reducer does not support."""
     if world == 1:
         return
     import torch.distributed as dist
@@ -936,25 +738,58 @@ def allreduce_grads(params, world):
             p.grad /= world
 
 
+def any_rank(flag, world, device):
+    """True on every rank when it is true on one (stop signals, NaN guard)."""
+    if world == 1:
+        return bool(flag)
+    import torch.distributed as dist
+    f = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(f, op=dist.ReduceOp.MAX)
+    return f.item() > 0
+
+
 @torch.no_grad()
-def ema_update(ema, net, decay):
+def ema_update(ema, net, decay, n, warmup=True):
+    """ema <- d ema + (1 - d) theta with d = min(decay, (1 + n) / (10 + n)) after n updates
+    (warm-up, so short runs sample trained weights); warmup=False: d = decay (authors' code)."""
+    d = min(decay, (1 + n) / (10 + n)) if warmup else decay
     for pe, p in zip(ema.parameters(), net.parameters()):
-        pe.lerp_(p, 1.0 - decay)                                   # ema <- decay ema + (1 - decay) theta
+        pe.lerp_(p, 1.0 - d)
     for be, b in zip(ema.buffers(), net.buffers()):
         be.copy_(b)
 
 
-def channels_of(name):
-    return 1 if name == "mnist" else 3
+@torch.no_grad()
+def clip_std_(opt, bound):
+    """The authors' clip mode `std`: every gradient element is clipped to +-(bound * RMS + 0.1), the
+    RMS being Adam's bias-corrected running sqrt(v_hat) from the steps before (none at step 1)."""
+    for group in opt.param_groups:
+        beta2 = group["betas"][1]
+        for p in group["params"]:
+            st = opt.state.get(p, {})
+            if p.grad is None or float(st.get("step", 0)) < 1:
+                continue
+            lim = bound * torch.sqrt(st["exp_avg_sq"] / (1 - beta2 ** float(st["step"]))) + 0.1
+            p.grad.copy_(torch.maximum(torch.minimum(p.grad, lim), -lim))
 
 
-def num_classes_of(ds):
-    return max(1, len(getattr(ds, "classes", [])) or 10)
+def step_seed(seed, step, rank):
+    """Every (step, rank) has its own seed: a resumed run draws the numbers a straight run draws."""
+    return (seed * 1_000_003 + step * 4099 + rank * 7) % (2 ** 62)
 
 
-def make_network(args, device, in_ch, num_classes):
-    net = build_network(args, in_ch, num_classes).to(device)
-    net.amp_dtype = torch.bfloat16 if (args.amp == "bf16" and device.type == "cuda") else None   # bf16 trunk only
+def build_network(args, num_classes):
+    nc = num_classes if args.class_cond else 0
+    if args.model == "unet":
+        return UNetPhi(args.channels, args.model_size, args.ch_mult_t, args.res_blocks,
+                       args.attn_res_t, args.dropout, args.image_size, nc)
+    return WRNPhi(args.channels, args.model_size, args.wrn_depth, 0.0, nc)
+
+
+def make_network(args, device, num_classes):
+    net = build_network(args, num_classes).to(device)
+    amp = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
+    net.amp_dtype = torch.bfloat16 if (amp and device.type == "cuda") else None   # bf16 trunk only
     if args.channels_last:
         net = net.to(memory_format=torch.channels_last)
     return net
@@ -965,105 +800,168 @@ def make_vpfb(phi, args):
 
 
 def lr_at(step, args):
-    return args.lr * min(1.0, (step + 1) / max(1, args.warmup))      # linear warm-up, then constant (authors)
+    return args.lr * min(1.0, (step + 1) / max(1, args.warmup))    # linear warm-up (authors)
+
+
+class StopSignals:
+    """SIGINT / SIGTERM only set a flag; the loop finishes its step, saves and exits 130 / 143."""
+
+    def __init__(self):
+        self.signum, self.old = None, {}
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.old[s] = signal.signal(s, self.handle)
+            except ValueError:                      # not the main thread: no handler
+                pass
+
+    def handle(self, signum, frame):
+        self.signum = signum
+
+    def restore(self):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+
+def train_step(model, net, opt, x, args, world):
+    """One step of Eq. (27); returns the logs. Non-finite loss or gradient: no update at all."""
+    loss, stats = model.loss(x)                                     # one Monte-Carlo batch
+    opt.zero_grad(set_to_none=True)
+    stats["grad_norm"] = math.nan
+    if torch.isfinite(loss):
+        loss.backward()
+        allreduce_grads(net.parameters(), world)
+        clip = args.grad_clip if (args.grad_clip > 0 and args.clip_mode == "norm") else math.inf
+        stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(net.parameters(), clip))
+    if math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"]):
+        if args.clip_mode == "std" and args.grad_clip > 0:
+            clip_std_(opt, args.grad_clip)
+        opt.step()
+    return stats
+
+
+def read_metrics(path, upto=None):
+    """Records of metrics.jsonl (those with step <= upto)."""
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        recs = [json.loads(ln) for ln in f if ln.strip()]
+    return [r for r in recs if upto is None or r["step"] <= upto]
 
 
 def train(args):
-    import copy
     rank, world, local = setup_distributed()
-    device = torch.device(f"cuda:{local}") if (world > 1 and torch.cuda.is_available()) else pick_device(args.device)
-    torch.manual_seed(args.seed)                     # the same initial weights on every process ...
+    device = (torch.device(f"cuda:{local}") if (world > 1 and torch.cuda.is_available())
+              else pick_device(args.device))
+    torch.manual_seed(args.seed)                     # the same initial weights on every process
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True                 # TF32 convs/matmuls: safe for this loss
+        torch.backends.cuda.matmul.allow_tf32 = True                # TF32: safe for this loss
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    ch = channels_of(args.dataset)
-    ds = get_dataset(args.dataset, args.data_dir, True, image_size_of(args), args.fake_size, ch,
-                     class_cond=args.class_cond)
-    net = make_network(args, device, ch, num_classes_of(ds))
+    ds = build_dataset(args, train=True)
+    ncls = num_classes_of(ds)
+    net = make_network(args, device, ncls)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
-    step, ckpt_path = 0, args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
-    if args.resume:
-        if os.path.isfile(ckpt_path):
-            st = load_checkpoint(ckpt_path)
-            net.load_state_dict(st["model"]); ema.load_state_dict(st["ema"]); opt.load_state_dict(st["opt"])
-            step = st["step"]
-            if rank == 0:
-                print(f"resumed from {ckpt_path} at step {step}")
-        elif rank == 0:
-            print(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
-    if world > 1:                                    # ... made certain: rank 0's weights everywhere
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")              # always WRITE into --out-dir
+    if rank == 0 and os.path.exists(ckpt_path + ".tmp"):
+        os.remove(ckpt_path + ".tmp")                              # a save that crashed
+    step, n_ema, src = 0, 0, args.ckpt or ckpt_path                # READ from --ckpt if given
+    if args.resume and os.path.isfile(src):
+        st = load_checkpoint(src)
+        check_arch(st["args"], args, src)
+        net.load_state_dict(st["model"])
+        ema.load_state_dict(st["ema"])
+        opt.load_state_dict(st["opt"])
+        step, n_ema = st["step"], st.get("ema_updates", st["step"])
+        if rank == 0:
+            print(f"resumed from {src} at step {step}")
+    elif args.resume and rank == 0:
+        print(f"--resume: no checkpoint at {src}, starting from scratch")
+    if world > 1:                                    # rank 0's weights everywhere
         import torch.distributed as dist
-        for t_ in list(net.parameters()) + list(ema.parameters()):
-            dist.broadcast(t_.data, 0)
-    torch.manual_seed(args.seed + rank + 1000 * step)  # ... but different noise and times per process
-    cond = Conditioned(net)
-    model = make_vpfb(cond, args)
-    loader = infinite_loader(ds, args.batch_size, args.seed + step, args.num_workers, rank, world)
-    n_params = sum(p.numel() for p in net.parameters())
-    if rank == 0:
-        print(f"vpfb: {args.model} Phi with {n_params / 1e6:.2f}M parameters on {device} x{world}, "
-              f"{len(ds)} images of {args.dataset}, loss {loss_kwargs(args)}")
+        for t_ in list(net.state_dict().values()) + list(ema.state_dict().values()):
+            dist.broadcast(t_, 0)
+    log_path = os.path.join(args.out_dir, "metrics.jsonl")
+    if rank == 0:                                    # drop records past the resumed step
+        kept = read_metrics(log_path, upto=step) if step else []
+        with open(log_path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
         with open(os.path.join(args.out_dir, "args.json"), "w") as f:
             json.dump(plain_args(args), f, indent=1)
-    log_path, history = os.path.join(args.out_dir, "metrics.jsonl"), []
-    t_last, n_bad, start_step = time.time(), 0, step
-    while step < args.steps:
-        x, y = next(loader)
-        x = x.to(device, non_blocking=True)
-        if args.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if args.class_cond:                                               # labels, some replaced by "null"
-            y = y.to(device)
-            drop = torch.rand(y.shape[0], device=device) < args.p_uncond
-            cond.y = torch.where(drop, torch.full_like(y, num_classes_of(ds)), y)
-        else:
+    cond = Conditioned(net)
+    model = make_vpfb(cond, args)
+    batches = batch_iterator(ds, args, rank, world, step)
+    if rank == 0:
+        n_params = sum(p.numel() for p in net.parameters())
+        print(f"vpfb: {args.model} Phi with {n_params / 1e6:.2f}M parameters on {device} x{world}, "
+              f"{len(ds)} images of {args.dataset}, recipe {args.recipe}, loss {loss_kwargs(args)}")
+    stop, n_bad, t_last, s_last = StopSignals(), 0, time.time(), step
+    try:
+        while step < args.steps:
+            torch.manual_seed(step_seed(args.seed, step, rank))   # noise, t, dropout, flips, labels
+            x, y = next(batches)
+            x = x.to(device, non_blocking=True).float()
+            if args.dataset in FLIP_SETS:
+                x = torch.where(torch.rand(x.shape[0], 1, 1, 1, device=device) < 0.5, x.flip(-1), x)
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             cond.y = None
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args)
-        net.train()
-        loss, stats = model.loss(x)                                       # Eq. (27), one Monte-Carlo batch
-        opt.zero_grad(set_to_none=True)
-        if torch.isfinite(loss):
-            loss.backward()
-            allreduce_grads(net.parameters(), world)
-            gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf)
-            stats["grad_norm"] = float(gnorm)
-        if not (torch.isfinite(loss) and math.isfinite(stats.get("grad_norm", math.nan))):
-            n_bad += 1                                                    # NaN guard: skip the step ...
-            if n_bad >= 10:                                               # ... and stop if it persists
-                save_checkpoint(os.path.join(args.out_dir, "ckpt_nan.pt"), net, ema, opt, step, args)
-                die(f"loss or gradient was NaN/inf for 10 steps in a row at step {step}; saved ckpt_nan.pt "
-                    f"(lower --lr, set --grad-clip, or try --amp none)")
-            continue
-        n_bad = 0
-        opt.step()
-        ema_update(ema, net, args.ema_decay)
-        step += 1
-        if rank == 0 and (step % args.log_every == 0 or step == args.steps):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = (time.time() - t_last) / max(1, min(args.log_every, step - start_step))
-            t_last = time.time()
-            stats.update(step=step, lr=lr_at(step, args), ms_per_iter=1000 * dt,
-                         images_per_s=args.batch_size * world / dt)
-            if device.type == "cuda":
-                stats["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
-            history.append(stats)
-            with open(log_path, "a") as f:
-                f.write(json.dumps(stats) + "\n")
-            eta = (args.steps - step) * dt
-            print(f"step {step}/{args.steps} loss {stats['loss']:.4f} cov {stats['cov']:.4f} cos {stats['cos']:.3f} "
-                  f"|gPhi|^2 {stats['grad_x2']:.3g} poincare {stats['poincare_ratio']:.3g} | "
-                  f"{1000 * dt:.1f} ms/it {stats['images_per_s']:.1f} img/s ETA {eta / 60:.1f} min", flush=True)
-        if rank == 0 and (step % args.save_every == 0 or step == args.steps):
-            save_checkpoint(ckpt_path, net, ema, opt, step, args)
-            plot_history(history, os.path.join(args.out_dir, "loss.png"))
-        if rank == 0 and args.sample_every and (step % args.sample_every == 0 or step == args.steps):
-            xs, _ = generate(Conditioned(ema), args, device, min(64, args.num_samples), x.shape[1:],
-                             method="euler", n_classes=num_classes_of(ds))
-            save_grid(xs, os.path.join(args.out_dir, f"samples_{step:07d}.png"))
+            if args.class_cond:                                  # labels, some replaced by "null"
+                y = y.to(device)
+                drop = torch.rand(y.shape[0], device=device) < args.p_uncond
+                cond.y = torch.where(drop, torch.full_like(y, ncls), y)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, args)
+            net.train()
+            stats = train_step(model, net, opt, x, args, world)
+            step += 1
+            bad = any_rank(not (math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])),
+                           world, device)
+            n_bad = n_bad + 1 if bad else 0                      # NaN guard: the step was skipped
+            if n_bad >= 10:
+                last = src if (args.resume and os.path.isfile(src)) else "none"
+                last = ckpt_path if os.path.isfile(ckpt_path) else last
+                print(f"error: loss or gradient non-finite for 10 steps in a row (step {step}); "
+                      f"stopped; last good checkpoint: {last} (lower --lr or set --grad-clip)",
+                      file=sys.stderr)
+                sys.exit(3)
+            if not bad:
+                ema_update(ema, net, args.ema_decay, n_ema, not args.no_ema_warmup)
+                n_ema += 1
+            if rank == 0 and (step % args.log_every == 0 or step == args.steps):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = (time.time() - t_last) / max(1, step - s_last)
+                t_last, s_last = time.time(), step
+                stats.update(step=step, lr=lr_at(step - 1, args), ms_per_iter=1000 * dt,
+                             images_per_s=args.batch_size * world / dt, skipped=int(bad))
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(stats) + "\n")
+                print(f"step {step}/{args.steps} loss {stats['loss']:.4f} cov {stats['cov']:.4f} "
+                      f"cos {stats['cos']:.3f} |gPhi|^2 {stats['grad_x2']:.3g} poincare "
+                      f"{stats['poincare_ratio']:.3g} | {1000 * dt:.1f} ms/it "
+                      f"{stats['images_per_s']:.1f} img/s ETA {(args.steps - step) * dt / 60:.1f} min",
+                      flush=True)
+            stopping = any_rank(stop.signum is not None, world, device)
+            if rank == 0 and (stopping or step % args.save_every == 0 or step == args.steps):
+                save_checkpoint(ckpt_path, net, ema, opt, step, args, ema_updates=n_ema)
+                plot_history(read_metrics(log_path), os.path.join(args.out_dir, "loss.png"))
+            if rank == 0 and args.sample_every and not stopping and (
+                    step % args.sample_every == 0 or step == args.steps):
+                which = "raw" if args.no_ema else "ema"
+                xs, _ = generate(Conditioned(net if args.no_ema else ema), args, device,
+                                 min(64, args.num_samples), x.shape[1:], "euler", n_classes=ncls)
+                save_grid(xs, os.path.join(args.out_dir, f"samples_{which}_{step:07d}.png"))
+                print(f"grid samples_{which}_{step:07d}.png: {which.upper()} weights, Euler ODE")
+            if stopping:
+                name = signal.Signals(stop.signum or signal.SIGTERM).name
+                cmd = " ".join(["python vpfb.py"] + [a for a in args.argv if a != "--resume"])
+                if rank == 0:
+                    print(f"stopped at step {step} by {name}; checkpoint {ckpt_path}; "
+                          f"resume: {cmd} --resume", flush=True)
+                sys.exit(128 + int(stop.signum or signal.SIGTERM))
+    finally:
+        stop.restore()
     if world > 1:
         import torch.distributed as dist
         dist.destroy_process_group()
@@ -1071,7 +969,7 @@ def train(args):
 
 
 def plot_history(history, path):
-    """Loss curve and the Poincare-ratio monitor E|grad Phi|^2 / E Phi^2 (paper Fig. 10)."""
+    """Loss curve of the whole run and the Poincare ratio E|grad Phi|^2 / E Phi^2 (paper Fig. 10)."""
     if not history:
         return
     import matplotlib
@@ -1079,19 +977,26 @@ def plot_history(history, path):
     import matplotlib.pyplot as plt
     s = [h["step"] for h in history]
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
-    ax[0].plot(s, [h["loss"] for h in history], label="loss")
-    ax[0].plot(s, [h["cov"] for h in history], label="cov")
-    ax[0].plot(s, [-h["cos"] for h in history], label="-cos")
-    ax[0].set_xlabel("step"); ax[0].legend(); ax[0].set_title("VPFB loss, Eq. (27)")
+    for key, sign in (("loss", 1), ("cov", 1), ("cos", -1)):
+        ax[0].plot(s, [sign * h[key] for h in history], label=("-" if sign < 0 else "") + key)
+    ax[0].set_xlabel("step")
+    ax[0].legend()
+    ax[0].set_title("VPFB loss, Eq. (27)")
     ax[1].semilogy(s, [max(h["poincare_ratio"], 1e-12) for h in history])
-    ax[1].set_xlabel("step"); ax[1].set_title("Poincare ratio E|grad Phi|^2 / E Phi^2")
-    fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
+    ax[1].set_xlabel("step")
+    ax[1].set_title("Poincare ratio E|grad Phi|^2 / E Phi^2")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
-# === 7. Checkpointing ===
+# ==== 5. Checkpoints ====
+# A plain dict {"format", "model", "ema", "opt", "step", "ema_updates", "args"}, loadable with
+# torch.load(weights_only=True); written to <path>.tmp, then os.replace'd (a crash never leaves half
+# a checkpoint, and never more than one temp file).
 FORMAT = "vpfb/v1"
-ARCH_KEYS = ["model", "model_size", "channel_mult", "num_res_blocks", "attn_res", "dropout", "wrn_depth",
-             "class_cond", "image_size", "dataset", "t_max", "t_end"]
+ARCH_KEYS = ["model", "model_size", "ch_mult", "res_blocks", "attn_res", "dropout", "wrn_depth",
+             "class_cond", "image_size", "channels"]
 
 
 def plain_args(args):
@@ -1105,13 +1010,12 @@ def plain_args(args):
     return out
 
 
-def save_checkpoint(path, net, ema, opt, step, args):
-    """Atomic: write a temporary file, then os.replace (a crash never leaves half a checkpoint)."""
+def save_checkpoint(path, net, ema, opt, step, args, **extra):
     state = {"format": FORMAT, "model": net.state_dict(), "ema": ema.state_dict(),
-             "opt": opt.state_dict() if opt is not None else {}, "step": int(step), "args": plain_args(args)}
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+             "opt": opt.state_dict() if opt is not None else {}, "step": int(step),
+             "args": plain_args(args), **extra}
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 def load_checkpoint(path):
@@ -1127,20 +1031,30 @@ def load_checkpoint(path):
     return state
 
 
+def check_arch(saved, args, path):
+    """Resume onto the same architecture, or one line naming the flags that differ."""
+    diff = [f"--{k.replace('_', '-')} {getattr(args, k)!r} (checkpoint: {saved[k]!r})"
+            for k in ARCH_KEYS if k in saved and saved[k] != getattr(args, k, None)]
+    if diff:
+        die(f"{path} was trained with another architecture: {', '.join(diff)}")
+
+
 def load_for_eval(args, device):
-    """Rebuild the EMA network of a checkpoint; its architecture flags win over the command line."""
+    """Rebuild the network of a checkpoint (EMA weights, raw with --no-ema); its architecture flags
+    win over the command line."""
     state = load_checkpoint(args.ckpt or os.path.join(args.out_dir, "ckpt.pt"))
-    a = argparse.Namespace(**{**vars(args), **{k: state["args"][k] for k in ARCH_KEYS if k in state["args"]}})
-    a.channel_mult_t = tuple(int(c) for c in a.channel_mult.split(","))
-    a.attn_res_t = tuple(int(c) for c in a.attn_res.split(",") if c.strip())
+    saved = state["args"]
+    a = argparse.Namespace(**{**vars(args), **{k: saved[k] for k in ARCH_KEYS + ["dataset"]
+                                               if k in saved}})
+    parse_lists(a)
+    weights = state["model" if args.no_ema else "ema"]
     ncls = 10
-    if a.class_cond and "cemb.weight" in state["ema"]:
-        ncls = state["ema"]["cemb.weight"].shape[0] - 1                 # minus the null class
-    elif a.class_cond and "head.weight" in state["ema"]:
-        ncls = state["ema"]["head.weight"].shape[0] - 1
-    net = make_network(a, device, channels_of(a.dataset), ncls)
+    for key in ("cemb.weight", "head.weight"):
+        if a.class_cond and key in weights:
+            ncls = weights[key].shape[0] - 1                        # minus the null class
+    net = make_network(a, device, ncls)
     try:
-        net.load_state_dict(state["ema"])
+        net.load_state_dict(weights)
     except RuntimeError as e:
         die(f"checkpoint weights do not fit the network it describes ({str(e).splitlines()[0]})")
     net.eval().requires_grad_(False)
@@ -1149,14 +1063,14 @@ def load_for_eval(args, device):
     return net, a, ncls
 
 
-# === 8. Evaluation commands ===
+# ==== 6. Experiment modes ====
 
 def save_grid(x, path, nrow=8):
     import torchvision.utils as vu
     vu.save_image((x.float().clamp(-1, 1) + 1) / 2, path, nrow=nrow)
 
 
-def to_uint8_nhwc(x):
+def to_uint8(x):
     """[-1, 1] NCHW float -> uint8 NHWC (the .npz layout eval_fid.py reads)."""
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
@@ -1194,8 +1108,8 @@ def generate(phi, args, device, n, shape, method=None, x0=None, n_classes=10):
     method = method or args.sampler
     model = make_vpfb(phi, args)
     outs, nfes, t_start = [], [], time.time()
-    for i in range(0, n, args.eval_batch):
-        b = min(args.eval_batch, n - i)
+    for i in range(0, n, args.sample_batch):
+        b = min(args.sample_batch, n - i)
         z = (x0[i:i + b] if x0 is not None else torch.randn(b, *shape)).to(device)
         random_classes = isinstance(phi, Conditioned) and args.class_cond and phi.y is None
         if random_classes:
@@ -1212,15 +1126,20 @@ def generate(phi, args, device, n, shape, method=None, x0=None, n_classes=10):
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.time() - t_start
-    return torch.cat(outs), {"sampler": method, "nfe_mean": float(np.mean(nfes)), "images_per_s": n / dt, "seconds": dt}
+    x = torch.cat(outs)
+    if not torch.isfinite(x).all():            # never hand garbage on (FID would take it as valid)
+        print(f"error: the {method} sampler produced non-finite values "
+              f"({int((~torch.isfinite(x)).sum())} of {x.numel()}); nothing written", file=sys.stderr)
+        sys.exit(3)
+    return x, {"sampler": method, "nfe_mean": float(np.mean(nfes)), "images_per_s": n / dt,
+               "seconds": dt}
 
 
-def _eval_setup(args):
+def eval_setup(args):
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
     net, a, ncls = load_for_eval(args, device)
-    S = image_size_of(a)
-    return device, net, a, ncls, (channels_of(a.dataset), S, S)
+    return device, net, a, ncls, (a.channels, a.image_size, a.image_size)
 
 
 def _dump(args, name, obj):
@@ -1231,17 +1150,19 @@ def _dump(args, name, obj):
     return path
 
 
-def mode_sample(args):
-    device, net, a, ncls, shape = _eval_setup(args)
+def cmd_sample(args):
+    device, net, a, ncls, shape = eval_setup(args)
     x, st = generate(Conditioned(net), a, device, args.num_samples, shape, n_classes=ncls)
-    np.savez(os.path.join(args.out_dir, "samples.npz"), images=to_uint8_nhwc(x))
+    path = os.path.join(args.out_dir, "samples.npz")
+    np.savez(path + ".tmp.npz", images=to_uint8(x))
+    os.replace(path + ".tmp.npz", path)
     save_grid(x[:64], os.path.join(args.out_dir, "samples.png"))
     _dump(args, "sample_stats.json", st)
 
 
-def mode_interp(args, rows=8, cols=10):
+def cmd_interp(args, rows=8, cols=10):
     """Spherical interpolation between two noises, each point pushed through the ODE (Sec. 4.3)."""
-    device, net, a, ncls, shape = _eval_setup(args)
+    device, net, a, ncls, shape = eval_setup(args)
     z0, z1 = torch.randn(rows, *shape), torch.randn(rows, *shape)
     al = torch.linspace(0, 1, cols)
     z = torch.stack([slerp(z0, z1, torch.full((rows,), float(v))) for v in al], 1).reshape(rows * cols, *shape)
@@ -1250,11 +1171,11 @@ def mode_interp(args, rows=8, cols=10):
     _dump(args, "interp_stats.json", st)
 
 
-def mode_nn(args, rows=8):
+def cmd_nn(args, rows=8):
     """Generated samples and their k nearest training images in pixel (L2) distance (Fig. 5)."""
-    device, net, a, ncls, shape = _eval_setup(args)
+    device, net, a, ncls, shape = eval_setup(args)
     x, _ = generate(Conditioned(net), a, device, rows, shape, n_classes=ncls)
-    train_ds = get_dataset(a.dataset, args.data_dir, True, shape[-1], args.fake_size, shape[0], augment=False)
+    train_ds = build_dataset(a, train=True)
     best_d = torch.full((rows, args.nn_k), float("inf"))
     best_x = torch.zeros(rows, args.nn_k, *shape)
     from torch.utils.data import DataLoader
@@ -1275,7 +1196,7 @@ def energies(net, args, ds, device, n):
     """Phi_B (Eq. 22) and the authors' OOD score 4 Phi(x, t_max) - ||x||^2 for the first n images."""
     model = make_vpfb(Conditioned(net), args)
     pb, auth = [], []
-    for i, x in enumerate(torch.split(first_images(ds, n), args.eval_batch)):
+    for i, x in enumerate(torch.split(first_images(ds, n), args.sample_batch)):
         x = x.to(device)
         pb.append(model.boltzmann_energy(x).float().cpu())
         tt = torch.full((x.shape[0],), model.t_inf or model.t_max, device=device)
@@ -1283,16 +1204,16 @@ def energies(net, args, ds, device, n):
     return torch.cat(pb).numpy(), torch.cat(auth).numpy()
 
 
-def mode_hist(args):
+def cmd_hist(args):
     """Histogram of the Boltzmann energy on train vs test images (Fig. 11)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    device, net, a, ncls, shape = _eval_setup(args)
+    device, net, a, ncls, shape = eval_setup(args)
     res = {}
     fig = plt.figure(figsize=(5, 3.5))
     for split in ("train", "test"):
-        ds = get_dataset(a.dataset, args.data_dir, split == "train", shape[-1], args.fake_size, shape[0], augment=False)
+        ds = build_dataset(a, train=split == "train")
         e, _ = energies(net, a, ds, device, args.ood_max)
         res[split] = {"n": int(len(e)), "mean": float(e.mean()), "std": float(e.std())}
         plt.hist(e, bins=50, alpha=0.5, density=True, label=split)
@@ -1301,11 +1222,11 @@ def mode_hist(args):
     _dump(args, "hist.json", res)
 
 
-def mode_ood(args):
+def cmd_ood(args):
     """OOD AUROC (Table 2): in-distribution = the test split of the training set (positives, should
     score higher), OOD = each of --ood-sets; score = Phi_B. 'interp' = the average of two test images."""
-    device, net, a, ncls, shape = _eval_setup(args)
-    ind_ds = get_dataset(a.dataset, args.data_dir, False, shape[-1], args.fake_size, shape[0])
+    device, net, a, ncls, shape = eval_setup(args)
+    ind_ds = build_dataset(a, train=False)
     pos, pos_auth = energies(net, a, ind_ds, device, args.ood_max)
     table = {}
     for name in [s.strip() for s in args.ood_sets.split(",") if s.strip()]:
@@ -1317,8 +1238,7 @@ def mode_ood(args):
             imgs = 0.5 * (imgs + imgs[torch.randperm(len(imgs), generator=g)])     # interpolated CIFAR-10
             ds = torch.utils.data.TensorDataset(imgs, torch.zeros(len(imgs)))
         else:
-            ds = get_dataset("fake" if a.dataset == "fake" else name, args.data_dir, False, shape[-1],
-                             args.fake_size, shape[0])
+            ds = build_dataset(a, train=False, name="fake" if a.dataset == "fake" else name)
             if a.dataset == "fake":                                   # smoke test: a shifted fake set
                 ds.random_offset = 10 ** 7 + hash(name) % 1000
         neg, neg_auth = energies(net, a, ds, device, args.ood_max)
@@ -1327,16 +1247,16 @@ def mode_ood(args):
     _dump(args, "ood.json", table)
 
 
-def mode_longrun(args):
+def cmd_longrun(args):
     """Long-run sampling over t in [0, longrun_t1] (Sec. 4.6, Fig. 12-18): the ODE beyond t_max keeps
     following Phi(x, t_max); then SGLD on Phi_B from the same noise. Curves of E|grad Phi|^2, E Phi^2."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    device, net, a, ncls, shape = _eval_setup(args)
+    device, net, a, ncls, shape = eval_setup(args)
     phi = Conditioned(net)
     model = make_vpfb(phi, a)
-    n = min(args.num_samples, args.eval_batch)
+    n = min(args.num_samples, args.sample_batch)
     z = torch.randn(n, *shape, device=device)
     curves = {"ode": {"t": [], "grad2": [], "phi2": []}, "sgld": {"k": [], "grad2": [], "phi2": []}}
 
@@ -1384,10 +1304,10 @@ def mode_longrun(args):
         json.dump(curves, f)
 
 
-def mode_compose(args, n=8):
+def cmd_compose(args, n=8):
     """Compositional sampling (Sec. 4.3): sample with the average of the class-conditional energies
     Phi(x, t) = mean_c Phi(x, t, c). One row per single class of each group, then the composite."""
-    device, net, a, ncls, shape = _eval_setup(args)
+    device, net, a, ncls, shape = eval_setup(args)
     if not a.class_cond:
         die("--mode compose needs a checkpoint trained with --class-cond")
     try:
@@ -1408,16 +1328,16 @@ def mode_compose(args, n=8):
     _dump(args, "compose.json", info)
 
 
-def mode_benchmark(args):
+def cmd_benchmark(args):
     """Training images/s, ms/iter and peak memory of OUR config (bf16 trunk, channels-last, TF32) against
     the authors' recipe (fp32 everywhere) from the same seed, weights, batches, noise and times; then the
     ODE sampler's NFE and images/s. Prints both and the max |loss difference| over the measured steps.
     Runs anywhere (use a tiny --model-size on CPU); real figures need the GPU and the paper config."""
     import copy
     device = pick_device(args.device)
-    S, C = image_size_of(args), channels_of(args.dataset)
+    S, C = args.image_size, args.channels
     torch.manual_seed(args.seed)
-    base_net = build_network(args, C, 10)
+    base_net = build_network(args, 10)
     g = torch.Generator().manual_seed(args.seed)
     n_warm = max(1, args.bench_warmup)
     n_tot = args.bench_steps + n_warm
@@ -1429,7 +1349,8 @@ def mode_benchmark(args):
         fast = name == "ours"
         net = copy.deepcopy(base_net).to(device)
         # bf16 only on CUDA, as in training (CPU autocast to bf16 is slower than fp32 on most CPUs)
-        net.amp_dtype = torch.bfloat16 if (fast and args.amp == "bf16" and device.type == "cuda") else None
+        net.amp_dtype = (torch.bfloat16 if (fast and args.amp != "none" and device.type == "cuda")
+                         else None)
         cl = fast and (args.channels_last or device.type == "cuda")
         if cl:
             net = net.to(memory_format=torch.channels_last)
@@ -1465,7 +1386,7 @@ def mode_benchmark(args):
         if device.type == "cuda":
             r["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
         net.eval()
-        z = torch.randn(min(args.batch_size, args.eval_batch), C, S, S, generator=g).to(device)
+        z = torch.randn(min(args.batch_size, args.sample_batch), C, S, S, generator=g).to(device)
         t0 = time.time()
         model.sample(z, method="rk45", t0=args.t0, t1=args.t1, rtol=args.rtol, atol=args.atol)
         if device.type == "cuda":
@@ -1489,11 +1410,233 @@ def mode_benchmark(args):
     return summary
 
 
+# ==== 7. Arguments and main ====
+MODES = ["train", "sample", "interp", "nn", "hist", "ood", "longrun", "compose", "benchmark"]
+
+
+def die(msg):
+    """Bad input: one clear line on stderr, exit code 2, never a traceback."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _number(kind, test, what):
+    """An argparse type: parse with `kind`, reject NaN / inf and values failing `test`."""
+    def parse(s):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+        if not math.isfinite(v) or not test(v):
+            raise argparse.ArgumentTypeError(f"{s!r} must be {what}")
+        return v
+    parse.__name__ = what
+    return parse
+
+
+pos_int = _number(int, lambda v: v > 0, "a positive integer")
+nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+pos_float = _number(float, lambda v: v > 0, "a finite number > 0")
+nonneg_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
+finite_float = _number(float, lambda v: True, "a finite number")
+unit_float = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr and exit 2 (not the usage block)."""
+
+    def error(self, message):
+        die(f"{message} (see python vpfb.py --help)")
+
+
+def build_parser():
+    p = Parser(description="VPFB: Variational Potential Flow Bayes (train, sample, evaluate).",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--mode", default="train", choices=MODES, help="what to do")
+    # data / run
+    a("--dataset", default="cifar10", choices=DATASETS + ["svhn", "cifar100"],
+      help="training set; npz: --data-dir is a .npz with uint8 `images` N x H x W x C")
+    a("--data-dir", default="data", help="root of the datasets; folder: an ImageFolder; npz: file")
+    a("--image-size", type=pos_int, default=None, help="image side (default 32, celeba64 64, npz: "
+      "the file's)")
+    a("--fake-size", type=pos_int, default=512, help="number of FakeData images (--dataset fake)")
+    a("--out-dir", default=None, help="output folder (default runs/vpfb_<dataset>)")
+    a("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    a("--seed", type=int, default=0, help="random seed")
+    a("--workers", type=nonneg_int, default=4, help="DataLoader workers")
+    a("--threads", type=nonneg_int, default=0, help="torch CPU threads (0 = the cores this "
+      "process may use)")
+    # optimisation (authors: Adam lr 1e-4, warm-up 5k, EMA 0.9999, fp32, batch 64)
+    a("--batch-size", type=pos_int, default=128, help="batch size per process")
+    a("--steps", type=nonneg_int, default=400_000, help="training steps")
+    a("--lr", type=pos_float, default=1e-4, help="Adam learning rate")
+    a("--warmup", type=nonneg_int, default=5000, help="linear learning-rate warm-up steps")
+    a("--grad-clip", type=nonneg_float, default=None, help="gradient clip (0 = off) [ours 1; "
+      "authors 3]")
+    a("--clip-mode", default=None, choices=["norm", "std"], help="norm: global norm [ours]; std: "
+      "each element to +-(clip * Adam's RMS + 0.1) [authors]")
+    a("--ema-decay", type=unit_float, default=0.9999, help="EMA decay of the sampling weights")
+    a("--no-ema-warmup", action="store_true", help="constant EMA decay (authors) instead of "
+      "min(decay, (1 + n) / (10 + n))")
+    a("--no-ema", action="store_true", help="sample (grids, sample modes) with the raw weights")
+    # network
+    a("--model", default="unet", choices=["unet", "wrn"],
+      help="unet = time-varying Phi(x, t); wrn = autonomous Phi(x) (WideResNet, ignores t)")
+    a("--model-size", type=pos_int, default=128, help="base channels (unet 128 = paper's net)")
+    a("--ch-mult", default="2,2,2", help="unet channel multipliers per resolution (authors 2,2,2)")
+    a("--res-blocks", type=pos_int, default=4, help="unet residual blocks per resolution (4)")
+    a("--attn-res", default="16", help="unet resolutions with attention (the middle always has one)")
+    a("--dropout", type=unit_float, default=0.3, help="dropout in the residual blocks (authors 0.3)")
+    a("--wrn-depth", type=pos_int, default=16, help="WideResNet depth (6n + 4)")
+    a("--class-cond", action="store_true", help="class-conditional Phi(x, c) (for --mode compose)")
+    a("--p-uncond", type=unit_float, default=None, help="with --class-cond: fraction of labels "
+      "replaced by a null class, so Phi(x) exists too [ours 0.1; authors 0.2]")
+    # loss, Eq. (27): see the VPFB class for each choice
+    a("--recipe", default="ours", choices=["ours", "paper", "authors"],
+      help="preset for the loss and clipping flags below (explicit flags win): ours, paper (as "
+           "printed), authors (their code)")
+    a("--kappa", type=finite_float, default=None, help="w(t) = (1 - t)^kappa [ours 1]")
+    a("--t-end", type=pos_float, default=1.0, help="t ~ U(0, t_end)")
+    a("--t-max", type=pos_float, default=1.0 - 1e-5, help="stationarity: t clamped to t_max")
+    a("--t-inf", type=pos_float, default=None, help="time Phi_B (Eq. 22) is read at [t_max]")
+    a("--eta", type=nonneg_float, default=None, help="Poincare weight eta [ours 1e-4]")
+    a("--lam-cos", type=nonneg_float, default=None, help="weight of the cosine term [1]")
+    a("--lam-gx", type=nonneg_float, default=None, help="weight of E||grad_x Phi||^2 [1]")
+    a("--lam-gt", type=nonneg_float, default=None, help="weight of E(dPhi/dt)^2 [ours 0.01]")
+    a("--cov-form", default=None, choices=["cov", "corr"], help="covariance (paper) or correlation "
+      "with detached std(Phi) (authors)")
+    a("--cos-form", default=None, choices=["paper", "authors"], help="cosine (paper) or "
+      "cosine^t / D (authors)")
+    a("--weight-on", default=None, choices=["ritz", "cov"], help="w(t) on cov + |grad|^2 (ours) "
+      "or on gamma only (paper, authors)")
+    a("--grad-norm", default=None, choices=["sum", "mean"], help="|grad Phi|^2 summed (paper) or "
+      "averaged (authors) over dims")
+    a("--bfactor", type=pos_float, default=None, help="c in Phi_B = (c Phi + f|x|^2)/g^2 [ours 2; "
+      "paper 4]")
+    # samplers
+    a("--sampler", default="rk45", choices=["euler", "rk45", "sgld"], help="sampler of the modes")
+    a("--ode-steps", type=pos_int, default=100, help="Euler steps (and rk45 trajectory frames)")
+    a("--rtol", type=pos_float, default=1e-3, help="RK45 relative tolerance (authors 1e-3)")
+    a("--atol", type=pos_float, default=1e-3, help="RK45 absolute tolerance (authors 1e-3)")
+    a("--t0", type=nonneg_float, default=1e-5, help="ODE start time (authors 1e-5)")
+    a("--t1", type=pos_float, default=1.0 - 1e-5, help="ODE end time (authors 1 - 1e-5)")
+    a("--sgld-steps", type=nonneg_int, default=1000, help="SGLD steps on Phi_B")
+    a("--sgld-step", type=pos_float, default=1e-5, help="SGLD step Delta (Sec. 4.6)")
+    a("--sgld-temp", type=nonneg_float, default=1.0, help="SGLD temperature lambda (noise std)")
+    a("--longrun-t1", type=pos_float, default=20.0, help="long-run ODE horizon t in [0, t1]")
+    a("--clamp", action="store_true", help="clamp samples to [-1, 1] at the end")
+    # engineering
+    a("--amp", default="auto", choices=["auto", "bf16", "none"], help="bf16 autocast of the "
+      "network trunk (auto: on CUDA; head and loss stay fp32)")
+    a("--compile", action="store_true", help="torch.compile the sampling network (training needs "
+      "a double backward, which compile does not support)")
+    a("--channels-last", action="store_true", help="NHWC memory format for the convolutions")
+    a("--resume", action="store_true", help="resume from --ckpt, else <out-dir>/ckpt.pt")
+    a("--ckpt", default=None, help="checkpoint to read (default <out-dir>/ckpt.pt); writes go to "
+      "--out-dir")
+    a("--log-every", type=pos_int, default=100, help="progress line every N steps")
+    a("--save-every", type=pos_int, default=5000, help="checkpoint every N steps")
+    a("--sample-every", type=nonneg_int, default=5000, help="sample grid every N steps (0 = off)")
+    a("--num-samples", type=pos_int, default=64, help="samples to draw (sample: samples.npz)")
+    a("--sample-batch", type=pos_int, default=256, help="batch size of the sampling modes")
+    # experiments
+    a("--ood-sets", default="svhn,cifar100,celeba,interp", help=f"comma list from {OOD_SETS}")
+    a("--ood-max", type=pos_int, default=10000, help="at most this many images per set")
+    a("--nn-k", type=pos_int, default=5, help="nearest neighbours per sample (mode nn)")
+    a("--compose", default="0,1", help="classes whose energies are averaged, e.g. '0,1;0,2'")
+    a("--bench-steps", type=pos_int, default=20, help="timed steps per config (benchmark)")
+    a("--bench-warmup", type=nonneg_int, default=3, help="untimed warm-up steps per config")
+    return p
+
+
+RECIPES = {  # loss presets (VPFB keywords); explicit flags win over the preset
+    "ours": dict(kappa=1.0, eta=1e-4, lam_cos=1.0, lam_gx=1.0, lam_gt=0.01, cov_form="cov",
+                 cos_form="paper", weight_on="ritz", grad_norm="sum", bfactor=2.0),
+    "paper": dict(kappa=2.0, eta=1e-4, lam_cos=1.0, lam_gx=1.0, lam_gt=1.0, cov_form="cov",
+                  cos_form="paper", weight_on="cov", grad_norm="sum", bfactor=4.0),
+    "authors": dict(kappa=2.0, eta=0.0, lam_cos=1.0, lam_gx=0.5, lam_gt=0.1, cov_form="corr",
+                    cos_form="authors", weight_on="cov", grad_norm="mean", bfactor=4.0),
+}
+TRAIN_RECIPES = {  # optimiser presets
+    "ours": dict(grad_clip=1.0, clip_mode="norm", p_uncond=0.1),
+    "paper": dict(grad_clip=1.0, clip_mode="norm", p_uncond=0.1),
+    "authors": dict(grad_clip=3.0, clip_mode="std", p_uncond=0.2),
+}
+
+
+def loss_kwargs(args):
+    """The VPFB(...) keyword arguments: the recipe preset, overridden by any explicit flag."""
+    kw = dict(RECIPES[args.recipe])
+    for k in kw:
+        if getattr(args, k, None) is not None:
+            kw[k] = getattr(args, k)
+    kw.update(t_end=args.t_end, t_max=args.t_max, t_inf=getattr(args, "t_inf", None))
+    return kw
+
+
+def parse_lists(args):
+    try:
+        args.ch_mult_t = tuple(int(c) for c in str(args.ch_mult).split(","))
+        args.attn_res_t = tuple(int(c) for c in str(args.attn_res).split(",") if c.strip())
+    except ValueError:
+        die(f"--ch-mult / --attn-res must be comma lists of integers, got {args.ch_mult!r}, "
+            f"{args.attn_res!r}")
+
+
+def resolve_args(args, argv=None):
+    """Fill the defaults that depend on other flags; bad combinations -> one line and exit 2."""
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    for k, v in TRAIN_RECIPES[args.recipe].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.t_max > 1:
+        die(f"--t-max must be in (0, 1], got {args.t_max}")
+    args.channels, size = (1 if args.dataset == "mnist" else 3), None
+    if args.dataset == "npz":
+        if not os.path.isfile(args.data_dir):
+            die(f"--dataset npz needs --data-dir to be a .npz file; {args.data_dir!r} is not a file")
+        shape = NpzImages(args.data_dir).images.shape
+        args.channels, size = shape[3], shape[1]
+    args.image_size = args.image_size or size or (64 if args.dataset == "celeba64" else 32)
+    parse_lists(args)
+    levels = 2 ** (len(args.ch_mult_t) - 1)
+    if args.model == "unet" and args.image_size % levels:
+        die(f"--image-size {args.image_size} must be a multiple of {levels} (the U-Net halves it "
+            f"{len(args.ch_mult_t) - 1} times for --ch-mult {args.ch_mult})")
+    if args.model == "wrn" and (args.wrn_depth - 4) % 6:
+        die(f"--wrn-depth must be 6n + 4 (10, 16, 22, 28 ...), got {args.wrn_depth}")
+    args.out_dir = args.out_dir or os.path.join("runs", f"vpfb_{args.dataset}")
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+        probe = os.path.join(args.out_dir, f".write_test_{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        die(f"cannot write to --out-dir {args.out_dir!r}: {e.strerror}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(args.threads or cores or 1)
+    return args
+
+
+def pick_device(spec):
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        die(f"unknown --device {spec!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        die("--device cuda asked for but no CUDA GPU is visible")
+    return dev
+
+
 def main(argv=None):
-    args = check_args(build_parser().parse_args(argv))
-    modes = {"train": train, "sample": mode_sample, "interp": mode_interp, "nn": mode_nn, "hist": mode_hist,
-             "ood": mode_ood, "longrun": mode_longrun, "compose": mode_compose, "benchmark": mode_benchmark}
-    modes[args.mode](args)
+    args = resolve_args(build_parser().parse_args(argv), argv)
+    cmds = {"train": train, "sample": cmd_sample, "interp": cmd_interp, "nn": cmd_nn,
+            "hist": cmd_hist, "ood": cmd_ood, "longrun": cmd_longrun, "compose": cmd_compose,
+            "benchmark": cmd_benchmark}
+    return cmds[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -325,22 +325,24 @@ def test_sgld_reaches_boltzmann_variance():
 
 
 # ----------------------------------------------------------------------------- networks and training
-TINY = ["--dataset", "fake", "--image-size", "8", "--fake-size", "32", "--model-size", "8", "--num-res-blocks", "1",
-        "--channel-mult", "1,2", "--attn-res", "4", "--num-workers", "0", "--batch-size", "8", "--eval-batch", "8",
-        "--ode-steps", "3", "--num-samples", "4", "--log-every", "1", "--sample-every", "0", "--wrn-depth", "10"]
+TINY = ["--dataset", "fake", "--image-size", "8", "--fake-size", "32", "--model-size", "8",
+        "--res-blocks", "1", "--ch-mult", "1,2", "--attn-res", "4", "--workers", "0", "--batch-size", "8",
+        "--sample-batch", "8", "--ode-steps", "3", "--num-samples", "4", "--log-every", "1",
+        "--sample-every", "0", "--wrn-depth", "10", "--threads", "1"]
 
 
 def _fake_batch(n=16, size=8, seed=0):
-    ds = vpfb.get_dataset("fake", "data", True, size, fake_size=n)
-    return vpfb.first_images(ds, n)
+    args = vpfb.build_parser().parse_args(["--dataset", "fake", "--fake-size", str(n)])
+    args.channels, args.image_size = 3, size
+    return vpfb.first_images(vpfb.build_dataset(args), n)
 
 
 @pytest.mark.parametrize("kind", ["unet", "wrn"])
 def test_training_steps_lower_the_loss(kind):
     """A few Adam steps on one FakeData batch (fixed noise and times) lower the loss, for both models."""
     torch.manual_seed(8)
-    args = vpfb.check_args(vpfb.build_parser().parse_args(TINY + ["--model", kind, "--out-dir", "/tmp/_vpfb_unused"]))
-    net = vpfb.build_network(args, 3, 10)
+    args = vpfb.resolve_args(vpfb.build_parser().parse_args(TINY + ["--model", kind, "--out-dir", "/tmp/_vpfb_unused"]))
+    net = vpfb.build_network(args, 10)
     model = vpfb.make_vpfb(net, args)
     assert model.autonomous == (kind == "wrn")
     x = _fake_batch(8)
@@ -364,8 +366,8 @@ def test_bf16_trunk_and_channels_last_match_fp32():
     """The fast paths give the same loss: channels-last exactly (up to float round-off), the bf16 trunk
     within bf16 precision (the scalar head and the loss stay fp32)."""
     torch.manual_seed(12)
-    args = vpfb.check_args(vpfb.build_parser().parse_args(TINY + ["--out-dir", "/tmp/_vpfb_unused", "--dropout", "0"]))
-    net = vpfb.build_network(args, 3, 10)
+    args = vpfb.resolve_args(vpfb.build_parser().parse_args(TINY + ["--out-dir", "/tmp/_vpfb_unused", "--dropout", "0"]))
+    net = vpfb.build_network(args, 10)
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -389,9 +391,9 @@ def test_class_conditional_and_composition(kind):
     """Phi(x, t, c) depends on c, y=None is the null-class Phi(x, t), and the compositional potential is
     the average of the conditional energies (Sec. 4.3)."""
     torch.manual_seed(13)
-    args = vpfb.check_args(vpfb.build_parser().parse_args(TINY + ["--out-dir", "/tmp/_vpfb_unused", "--model", kind,
+    args = vpfb.resolve_args(vpfb.build_parser().parse_args(TINY + ["--out-dir", "/tmp/_vpfb_unused", "--model", kind,
                                                                    "--class-cond"]))
-    net = vpfb.build_network(args, 3, 10).eval()
+    net = vpfb.build_network(args, 10).eval()
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -406,15 +408,15 @@ def test_class_conditional_and_composition(kind):
 
 def test_unet_is_time_dependent_and_wrn_is_not():
     torch.manual_seed(9)
-    args = vpfb.check_args(vpfb.build_parser().parse_args(TINY + ["--out-dir", "/tmp/_vpfb_unused"]))
+    args = vpfb.resolve_args(vpfb.build_parser().parse_args(TINY + ["--out-dir", "/tmp/_vpfb_unused"]))
     x = _fake_batch(4)
-    u = vpfb.build_network(args, 3, 10).eval()
+    u = vpfb.build_network(args, 10).eval()
     with torch.no_grad():                      # the residual branches start at zero; wake them up
         for p in u.parameters():
             p.add_(0.05 * torch.randn_like(p))
     assert not torch.allclose(u(x, torch.zeros(4)), u(x, torch.ones(4) * 0.7))
     args.model = "wrn"
-    w = vpfb.build_network(args, 3, 10).eval()
+    w = vpfb.build_network(args, 10).eval()
     assert torch.allclose(w(x, torch.zeros(4)), w(x, torch.ones(4) * 0.7))
 
 
@@ -442,14 +444,14 @@ def test_slerp_keeps_norms():
 
 
 def test_checkpoint_round_trip_and_bad_files(tmp_path, capsys):
-    args = vpfb.check_args(vpfb.build_parser().parse_args(TINY + ["--out-dir", str(tmp_path)]))
-    net = vpfb.build_network(args, 3, 10)
+    args = vpfb.resolve_args(vpfb.build_parser().parse_args(TINY + ["--out-dir", str(tmp_path)]))
+    net = vpfb.build_network(args, 10)
     opt = torch.optim.Adam(net.parameters())
     path = str(tmp_path / "ckpt.pt")
     vpfb.save_checkpoint(path, net, net, opt, 7, args)
     st = torch.load(path, weights_only=True)                        # plain types only
     assert st["format"] == "vpfb/v1" and st["step"] == 7 and st["args"]["model_size"] == 8
-    net2 = vpfb.build_network(args, 3, 10)
+    net2 = vpfb.build_network(args, 10)
     net2.load_state_dict(vpfb.load_checkpoint(path)["ema"])
     for a, b in zip(net.state_dict().values(), net2.state_dict().values()):
         assert torch.equal(a, b)
@@ -475,7 +477,9 @@ def test_celeba_attribute_classes(tmp_path):
         Image.new("RGB", (20, 24), (i * 80, 10, 10)).save(d / f"{i:06d}.jpg")
     (tmp_path / "celeba64" / "list_attr_celeba.txt").write_text(
         "3\nBald Male Smiling Young\n000000.jpg -1 1 -1 -1\n000001.jpg 1 -1 -1 -1\n000002.jpg -1 -1 1 1\n")
-    ds = vpfb.get_dataset("celeba64", str(tmp_path), True, 8, class_cond=True)
+    args = vpfb.build_parser().parse_args(["--dataset", "celeba64", "--data-dir", str(tmp_path), "--class-cond"])
+    args.channels, args.image_size = 3, 8
+    ds = vpfb.build_dataset(args)
     assert vpfb.num_classes_of(ds) == 4
     x, y = ds[0]
     assert x.shape == (3, 8, 8) and x.min() >= -1 and x.max() <= 1
@@ -510,11 +514,16 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys):
 
 
 def test_nan_guard_stops_with_one_line(tmp_path, capsys):
-    """A diverging run (lr 1e30) skips non-finite steps and stops after 10 with a checkpoint and one line."""
-    code, err = _main_exit(TINY + ["--steps", "30", "--lr", "1e30", "--warmup", "1", "--grad-clip", "0", "--batch-size", "2",
-                                   "--out-dir", str(tmp_path)], capsys)
-    assert code == 2 and "NaN/inf" in err and err.count("\n") == 1
-    assert (tmp_path / "ckpt_nan.pt").exists()
+    """A diverging run (lr 1e30) skips its non-finite steps (no update), stops after 10 in a row with
+    one line and exit 3, and leaves the last good checkpoint as it was."""
+    out = str(tmp_path)
+    vpfb.main(TINY + ["--steps", "2", "--out-dir", out])
+    before = vpfb.load_checkpoint(f"{out}/ckpt.pt")
+    code, err = _main_exit(TINY + ["--steps", "30", "--lr", "1e30", "--warmup", "1", "--grad-clip", "0",
+                                   "--batch-size", "2", "--resume", "--out-dir", out], capsys)
+    assert code == 3 and "non-finite" in err and err.count("\n") == 1 and "ckpt.pt" in err
+    after = vpfb.load_checkpoint(f"{out}/ckpt.pt")
+    assert after["step"] == 2 and torch.equal(after["model"]["inp.weight"], before["model"]["inp.weight"])
 
 
 def test_cli_smoke_train_resume_sample(tmp_path):
