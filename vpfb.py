@@ -17,7 +17,7 @@ How to run (every mode writes into --out-dir, default runs/vpfb_<dataset>):
     python vpfb.py --dataset cifar10                        # train the time-varying U-Net
     python vpfb.py --dataset cifar10 --resume               # continue from <out-dir>/ckpt.pt
     torchrun --nproc_per_node 4 vpfb.py --dataset cifar10   # multi-GPU
-    python vpfb.py --mode sample --num-samples 50000        # samples.npz (uint8 NHWC) for eval_fid.py
+    python vpfb.py --mode sample --num-samples 50000      # samples.npz (uint8 NHWC) for eval_fid.py
     python vpfb.py --dataset npz --data-dir digits.npz --ch-mult 1,2 --model-size 32   # any images
     python vpfb.py --dataset fake --model-size 8 --image-size 8 --steps 2             # smoke run
 Other modes: interp, nn, hist, ood, longrun, compose, benchmark (see --help).
@@ -59,13 +59,10 @@ def _sqnorm(x):
 
 
 class Schedule:
-    """A log-homotopy schedule alpha(t), beta(t) (Eq. 7) with the prior / likelihood scales omega, nu.
-
-    The default is the OT flow-matching schedule of Section 3.5:
-        alpha(t) = omega^2 / (1 - t),   beta(t) = nu^2 t / (1 - t)^2.
-    Any other monotone pair can be passed as callables on tensors; their time derivatives
-    (needed by the innovation, Eq. 12) are then taken by autograd.
-    """
+    """A log-homotopy schedule alpha(t), beta(t) (Eq. 7) with prior / likelihood scales omega, nu.
+    Default: the OT flow-matching schedule of Sec. 3.5, alpha = omega^2 / (1 - t),
+    beta = nu^2 t / (1 - t)^2. Any other monotone pair can be passed as callables on tensors;
+    their time derivatives (for the innovation, Eq. 12) are then taken by autograd."""
 
     def __init__(self, alpha=None, beta=None, omega=1.0, nu=1.0):
         self.omega, self.nu = float(omega), float(nu)
@@ -75,16 +72,16 @@ class Schedule:
         self.beta = beta if beta is not None else (lambda t: n2 * t / (1 - t) ** 2)    # Sec. 3.5
 
     def mu_sigma(self, t):
-        """Prop. 1, Eq. (8): mu = sigmoid(log(beta w^2 / (alpha nu^2))), sigma = sqrt(nu^2 mu / beta)."""
+        """Eq. (8): mu = sigmoid(log(beta w^2 / (alpha nu^2))), sigma = sqrt(nu^2 mu / beta)"""
         a, b = self.alpha(t), self.beta(t)
-        mu = torch.sigmoid(torch.log(b * self.omega ** 2 / (a * self.nu ** 2)))        # Eq. (8), left
-        sigma = torch.sqrt(self.nu ** 2 * mu / b)                                       # Eq. (8), right
+        mu = torch.sigmoid(torch.log(b * self.omega ** 2 / (a * self.nu ** 2)))   # Eq. (8), left
+        sigma = torch.sqrt(self.nu ** 2 * mu / b)                                 # Eq. (8), right
         return mu, sigma
 
     def kernel_and_rates(self, t):
-        """mu, sigma of Eq. (8) and their time derivatives mu_dot, sigma_dot (closed form for OT-FM:
-        t, 1 - t, 1, -1; otherwise by autograd). Needed for x = mu xbar + sigma eps and the conditional
-        velocity v = mu_dot xbar + sigma_dot eps of Eq. (20)."""
+        """mu, sigma (Eq. 8) and mu_dot, sigma_dot (OT-FM: t, 1 - t, 1, -1; else autograd), for
+        x = mu xbar + sigma eps and the conditional velocity v = mu_dot xbar + sigma_dot eps (20)
+        """
         if self.is_otfm:
             return t, 1 - t, torch.ones_like(t), -torch.ones_like(t)
         with torch.enable_grad():
@@ -96,9 +93,9 @@ class Schedule:
 
     def sde_coefficients(self, t):
         """Drift and diffusion of the equivalent SDE, Eq. (18), in the paper's reversed time:
-        f = -mu_dot / mu,  g^2 = -2 sigma (sigma_dot + f sigma)  (OT-FM: f = -1/t, g^2 = 2 (1-t)/t).
-        (Eq. 18 prints g = -sqrt(2 sigma (sigma_dot + f sigma)); the radicand is negative in this time
-        direction, so the sign belongs inside: g^2 must be positive.)"""
+        f = -mu_dot / mu, g^2 = -2 sigma (sigma_dot + f sigma) (OT-FM: f = -1/t, g^2 = 2 (1-t)/t).
+        Eq. (18) prints g = -sqrt(...); the radicand is negative in this time direction, so the
+        sign belongs inside: g^2 must be positive."""
         t = torch.as_tensor(t, dtype=torch.float64)
         mu, sigma, dmu, dsig = self.kernel_and_rates(t.reshape(1))
         f = -dmu / mu                                                     # Eq. (18), f
@@ -106,10 +103,8 @@ class Schedule:
         return float(f), float(g2)
 
     def rates(self, t):
-        """(alpha_dot / omega^2, beta_dot / nu^2): the two coefficients of the innovation, Eq. (12).
-
-        Closed form for OT-FM:  alpha_dot/w^2 = 1/(1-t)^2,  beta_dot/nu^2 = (1+t)/(1-t)^3.
-        Otherwise by autograd through alpha(t), beta(t)."""
+        """(alpha_dot / omega^2, beta_dot / nu^2), the coefficients of the innovation, Eq. (12).
+        OT-FM: 1 / (1-t)^2 and (1+t) / (1-t)^3; otherwise by autograd through alpha, beta."""
         if self.is_otfm:
             return 1.0 / (1 - t) ** 2, (1 + t) / (1 - t) ** 3
         with torch.enable_grad():
@@ -119,31 +114,26 @@ class Schedule:
         return ad / self.omega ** 2, bd / self.nu ** 2
 
     def gamma(self, x, xbar, t):
-        """Innovation, Eq. (12): gamma = alpha_dot/w^2 ||x||^2 + beta_dot/nu^2 ||x - xbar||^2  -> (B,)."""
+        """Innovation, Eq. (12): alpha_dot/w^2 ||x||^2 + beta_dot/nu^2 ||x - xbar||^2  -> (B,)."""
         ra, rb = self.rates(t)
         return ra * _sqnorm(x) + rb * _sqnorm(x - xbar)
 
     def gamma_bar(self, xbar, t):
-        """Conditional mean of the innovation, gamma_bar = E_{x ~ N(mu xbar, sigma^2 I)}[gamma]  -> (B,).
-
-        Gaussian moments: E||x||^2 = mu^2 ||xbar||^2 + D sigma^2,
-                          E||x - xbar||^2 = (1 - mu)^2 ||xbar||^2 + D sigma^2."""
+        """gamma_bar = E_{x ~ N(mu xbar, sigma^2 I)}[gamma] (Eq. 11)  -> (B,), by Gaussian moments:
+        E||x||^2 = mu^2 ||xbar||^2 + D sigma^2, E||x - xbar||^2 = (1 - mu)^2 ||xbar||^2 + D sigma^2
+        """
         ra, rb = self.rates(t)
         mu, sigma = self.mu_sigma(t)
-        D = xbar[0].numel()
-        n2 = _sqnorm(xbar)
+        D, n2 = xbar[0].numel(), _sqnorm(xbar)
         return ra * (mu ** 2 * n2 + D * sigma ** 2) + rb * ((1 - mu) ** 2 * n2 + D * sigma ** 2)
 
 
 def otfm_centered_innovation(eps, xbar, t):
-    """gamma - gamma_bar for OT-FM, written in the noise eps of x = t xbar + (1 - t) eps  -> (B,).
-
-    Substituting x = t xbar + (1-t) eps into Eq. (12) and subtracting the Gaussian mean gives
-        gamma - gamma_bar = 2 / (1 - t) * sum_i (eps_i^2 - xbar_i eps_i - 1).
-    This is algebraically identical to Schedule().gamma(...) - Schedule().gamma_bar(...)
-    (a test checks it) but has no cancellation of two huge numbers near t = 1, where both
-    gamma and gamma_bar grow like D / (1 - t)^3. The authors' code uses the per-pixel mean of
-    (eps^2 - xbar eps)(1 - t), i.e. this times (1-t)^2 / (2D) with the "-1" dropped."""
+    """gamma - gamma_bar for OT-FM in the noise eps of x = t xbar + (1 - t) eps  -> (B,):
+        gamma - gamma_bar = 2 / (1 - t) * sum_i (eps_i^2 - xbar_i eps_i - 1)   (Eq. 12 - its mean)
+    Identical to Schedule().gamma - Schedule().gamma_bar (tested) without cancelling two huge
+    numbers near t = 1. The authors use mean_i (eps_i^2 - xbar_i eps_i) (1 - t): this times
+    (1 - t)^2 / (2D) with the "-1" dropped."""
     s = (eps * eps - xbar * eps - 1.0).flatten(1).sum(1)
     return 2.0 / (1.0 - t) * s
 
@@ -153,12 +143,13 @@ def _center(v):
 
 
 class VPFB:
-    """The method: a scalar potential Phi(x, t) whose gradient is the velocity dx/dt = grad_x Phi (Eq. 13).
+    """The method: a scalar potential Phi(x, t) whose gradient is the velocity dx/dt = grad_x Phi,
+    Eq. (13).
 
     phi(x, t) takes x (B, ...) and t (B,) and returns (B,); an autonomous Phi(x) ignores t.
     Defaults are ours; [paper / authors' code] where they differ (each has a test and a flag):
       kappa      w(t) = (1 - t)^kappa, Sec. 3.5 [1; paper: > 1 (we use 2), authors: 2 in effect]
-      t_end      t ~ U(0, t_end) (Eq. 26); t_max: t is clamped to t_max (stationarity)  [1, 1 - 1e-5]
+      t_end      t ~ U(0, t_end) (Eq. 26); t_max: t is clamped to t_max (stationarity) [1, 1-1e-5]
       eta        Poincare term eta E[Phi^2] of Eq. (27) [1e-4; authors 0: only logged]
       lam_cos, lam_gx, lam_gt   weights of -cos, E||grad_x Phi||^2, E(dPhi/dt)^2 [1, 1, 0.01;
                  paper 1, 1, 1; authors 1, 0.5, 0.1]. lam_gx = 1 keeps the Deep Ritz minimiser the
@@ -191,8 +182,8 @@ class VPFB:
         self.cov_form, self.cos_form = cov_form, cos_form
         self.weight_on, self.grad_norm = weight_on, grad_norm
         self.bfactor = float(bfactor)
-        self.t_inf = None if t_inf is None else float(t_inf)   # where Phi_B is read off (default t_max)
-        self.schedule = schedule or Schedule()  # OT-FM: mu(t) = t, sigma(t) = 1 - t (Prop. 1, tested)
+        self.t_inf = None if t_inf is None else float(t_inf)   # where Phi_B is read (None: t_max)
+        self.schedule = schedule or Schedule()  # OT-FM: mu = t, sigma = 1 - t (Prop. 1, tested)
         self.last_nfe = 0
 
     def _phi(self, x, t):
@@ -211,7 +202,7 @@ class VPFB:
     # ---------------------------------------------------------------- Eq. (27), term by term
     def loss(self, xbar, eps=None, t=None):
         """VPFB loss, Eq. (27), on one batch; t ~ U(0, t_end) as in Eq. (26) unless given.
-        xbar: data (B, ...); eps: prior noise N(0, I). Returns (loss, dict of floats for the log)."""
+        xbar: data (B, ...); eps: prior noise N(0, I). Returns (loss, dict of floats to log)."""
         eps = torch.randn_like(xbar) if eps is None else eps
         if t is None:
             t = torch.rand(xbar.shape[0], device=xbar.device, dtype=xbar.dtype) * self.t_end
@@ -246,7 +237,7 @@ class VPFB:
         "cov": gamma centred by its closed-form conditional mean gamma_bar (Eq. 11 / 23), then the
         batch mean of Phi removed too (same expectation, lower variance). "corr" (authors): the
         covariance of Phi with Gamma = mean_pixels((eps^2 - xbar eps)(1 - t)), divided by
-        std(Gamma) std(Phi) with std(Phi) DETACHED, so the term still has a gradient along Phi -> c Phi."""
+        std(Gamma) std(Phi) with std(Phi) DETACHED: the term keeps a gradient along Phi -> c Phi."""
         if self.cov_form == "corr":
             gam = (eps * eps - xbar * eps).flatten(1).mean(1) * (1 - t)   # authors' Gamma
             gam = gam - gam.mean()
@@ -290,8 +281,9 @@ class VPFB:
         The paper prints c = 4; the probability-flow ODE (19) with dx/dt = grad Phi gives
             grad Phi = -f x + g^2/2 grad log rho   =>   log rho = (2 Phi + f ||x||^2) / g^2 + const,
         and on 1-D Gaussian data only c = 2 reproduces the analytic score (test_boltzmann_factor).
-        At t_inf = 1 - 1e-5, 1/g^2 = 5e4 magnifies any error of Phi: t_inf = 0.9-0.99 is smoother."""
-        t = (self.t_inf if self.t_inf is not None else self.t_max) if t_inf is None else float(t_inf)
+        At t_inf = 1 - 1e-5, 1/g^2 = 5e4 magnifies any error of Phi; t_inf 0.9-0.99 is smoother."""
+        t = self.t_inf if t_inf is None else float(t_inf)
+        t = self.t_max if t is None else t
         if self.schedule.is_otfm:
             f, g2 = -1.0 / t, 2.0 * (1.0 - t) / t              # f(t) = -1/t, g(t)^2 = 2 (1 - t) / t
         else:
@@ -329,7 +321,7 @@ def ode_solve(velocity, x0, method="euler", n_steps=100, t0=0.0, t1=1.0, rtol=1e
         dt = (t1 - t0) / n_steps
         traj = [x]
         for k in range(n_steps):
-            x = x + dt * velocity(x, t0 + k * dt)              # x_{k+1} = x_k + dt grad Phi(x_k, t_k)
+            x = x + dt * velocity(x, t0 + k * dt)            # x_{k+1} = x_k + dt grad Phi(x_k, t_k)
             if return_traj:
                 traj.append(x)
         return x, (torch.stack(traj) if return_traj else None), n_steps
@@ -356,11 +348,11 @@ def sgld(grad_energy, x0, n_steps=100, step_size=1e-3, temperature=1.0, return_t
     """Stochastic gradient Langevin dynamics ascending an energy E (Sec. 4.6):
         x_{k+1} = x_k + Delta grad E(x_k) + sqrt(2 Delta) e,   e ~ N(0, lambda^2 I)
     with step Delta = step_size and temperature scale lambda = temperature (a standard deviation).
-    For small Delta its stationary law is p ~ exp(E / lambda^2). Returns (x, traj or None, n_steps)."""
+    For small Delta its stationary law is p ~ exp(E / lambda^2). Returns (x, traj or None, K)."""
     x = x0.detach()
     traj = [x]
     for _ in range(n_steps):
-        noise = math.sqrt(2 * step_size) * temperature * torch.randn_like(x)   # sqrt(2 Delta) lambda N(0, I)
+        noise = math.sqrt(2 * step_size) * temperature * torch.randn_like(x)  # sqrt(2D) lam N(0,I)
         x = x + step_size * grad_energy(x) + noise
         if return_traj:
             traj.append(x)
@@ -375,7 +367,8 @@ def sgld(grad_energy, x0, n_steps=100, step_size=1e-3, temperature=1.0, return_t
 # BatchNorm, which would couple the images of a batch and make Phi_i depend on x_j.
 
 def _groups(ch):
-    """GroupNorm groups: 32 as usual, but at least 4 channels per group. With one channel per group the
+    """GroupNorm groups: 32 as usual, but at least 4 channels per group. With one channel per group
+    the
     norm would remove the per-channel time embedding added just before it (tiny test nets)."""
     return math.gcd(32, max(1, ch // 4))
 
@@ -383,7 +376,8 @@ def _groups(ch):
 def timestep_embedding(t, dim, scale=1000.0):
     """Sinusoidal embedding of t in [0, 1] (scaled to diffusion-style 0..1000), (B,) -> (B, dim)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device,
+                                                        dtype=torch.float32) / half)
     ang = scale * t.float()[:, None] * freqs[None]
     return torch.cat([ang.cos(), ang.sin()], 1)
 
@@ -401,7 +395,7 @@ class ResBlock(nn.Module):
 
     def forward(self, x, emb):
         h = self.c1(F.silu(self.n1(x)))
-        h = h + self.emb(F.silu(emb))[:, :, None, None]           # add the time (and class) embedding
+        h = h + self.emb(F.silu(emb))[:, :, None, None]         # add the time (and class) embedding
         h = self.c2(self.drop(F.silu(self.n2(h))))
         return self.skip(x) + h
 
@@ -421,17 +415,19 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         B, C, H, W = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).unbind(1)
-        att = torch.softmax(torch.einsum("bhcn,bhcm->bhnm", q, k) / math.sqrt(C // self.heads), dim=-1)
+        att = torch.softmax(torch.einsum("bhcn,bhcm->bhnm", q, k) / math.sqrt(C // self.heads),
+                            dim=-1)
         out = torch.einsum("bhnm,bhcm->bhcn", att, v).reshape(B, C, H, W)
         return x + self.proj(out)
 
 
 class UNetPhi(nn.Module):
-    """Time-varying potential Phi(x, t [, y]) = 1/2 ||x - UNet(x, t [, y])||^2  (authors' scalar head).
+    """Time-varying potential Phi(x, t [, y]) = 1/2 ||x - UNet(x, t [, y])||^2 (authors' head).
 
     A guided-diffusion style U-Net: per resolution `num_res` ResBlocks (attention at `attn_res`),
-    down-sampling by strided conv, a ResBlock-Attention-ResBlock middle, and the mirror image going up
-    with skip connections. Paper size: base 128, mult (2,2,2), 4 blocks, attention at 16, dropout 0.3.
+    down-sampling by strided conv, a ResBlock-Attention-ResBlock middle, and the mirror image going
+    up with skip connections. Paper size: base 128, mult (2,2,2), 4 blocks, attention at 16,
+    dropout 0.3.
     The trunk may run in bf16 (self.amp_dtype); the head and everything after it stay fp32."""
 
     def __init__(self, in_ch=3, base=128, mult=(2, 2, 2), num_res=4, attn_res=(16,), dropout=0.3,
@@ -441,7 +437,7 @@ class UNetPhi(nn.Module):
         emb = base * 4
         self.base = base
         self.temb = nn.Sequential(nn.Linear(base, emb), nn.SiLU(), nn.Linear(emb, emb))
-        # class embedding with one extra "null" class (index num_classes): y=None -> unconditional Phi(x, t)
+        # class embedding with one extra "null" class (index num_classes): y=None -> Phi(x, t)
         self.num_classes = num_classes
         self.cemb = nn.Embedding(num_classes + 1, emb) if num_classes else None
         self.inp = nn.Conv2d(in_ch, base, 3, padding=1)
@@ -458,7 +454,8 @@ class UNetPhi(nn.Module):
                 self.down.append(nn.ModuleList([nn.Conv2d(ch, ch, 3, stride=2, padding=1)]))
                 chans.append(ch)
                 res //= 2
-        self.mid = nn.ModuleList([ResBlock(ch, ch, emb, dropout), AttnBlock(ch), ResBlock(ch, ch, emb, dropout)])
+        self.mid = nn.ModuleList([ResBlock(ch, ch, emb, dropout), AttnBlock(ch),
+                                  ResBlock(ch, ch, emb, dropout)])
         self.up = nn.ModuleList()
         for i, m in reversed(list(enumerate(mult))):
             for j in range(num_res + 1):
@@ -471,7 +468,8 @@ class UNetPhi(nn.Module):
                     blk.append(nn.Conv2d(ch, ch, 3, padding=1))
                     res *= 2
                 self.up.append(blk)
-        self.out = nn.Sequential(nn.GroupNorm(_groups(ch), ch), nn.SiLU(), nn.Conv2d(ch, in_ch, 3, padding=1))
+        self.out = nn.Sequential(nn.GroupNorm(_groups(ch), ch), nn.SiLU(),
+                                 nn.Conv2d(ch, in_ch, 3, padding=1))
 
     def _run(self, blk, h, emb):
         for layer in blk:
@@ -495,9 +493,10 @@ class UNetPhi(nn.Module):
         return self.out(h)
 
     def forward(self, x, t, y=None):
-        with torch.autocast(x.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+        with torch.autocast(x.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
             u = self.unet(x, t, y)
-        return 0.5 * (x - u.float()).flatten(1).pow(2).sum(1)            # Phi = 1/2 ||x - UNet(x, t)||^2
+        return 0.5 * (x - u.float()).flatten(1).pow(2).sum(1)       # Phi = 1/2 ||x - UNet(x, t)||^2
 
 
 class WideBlock(nn.Module):
@@ -506,7 +505,8 @@ class WideBlock(nn.Module):
         self.n1, self.c1 = nn.GroupNorm(_groups(cin), cin), nn.Conv2d(cin, cout, 3, stride, 1)
         self.n2, self.c2 = nn.GroupNorm(_groups(cout), cout), nn.Conv2d(cout, cout, 3, 1, 1)
         self.drop = nn.Dropout(dropout)
-        self.skip = nn.Conv2d(cin, cout, 1, stride) if (cin != cout or stride != 1) else nn.Identity()
+        self.skip = (nn.Conv2d(cin, cout, 1, stride) if (cin != cout or stride != 1)
+                     else nn.Identity())
 
     def forward(self, x):
         h = self.c1(F.silu(self.n1(x)))
@@ -515,8 +515,9 @@ class WideBlock(nn.Module):
 
 class WRNPhi(nn.Module):
     """Autonomous potential Phi(x [, y]) (paper Sec. 4.2, Zagoruyko & Komodakis): a WideResNet with
-    three groups of (depth-4)/6 blocks of widths (w, 2w, 4w), GroupNorm + SiLU, global average pooling
-    and a linear read-out Phi = <a, pool(h)> + b (one read-out per class with --class-cond). t is ignored."""
+    three groups of (depth-4)/6 blocks of widths (w, 2w, 4w), GroupNorm + SiLU, global average
+    pooling and a linear read-out Phi = <a, pool(h)> + b (one per class with --class-cond).
+    t is ignored."""
 
     def __init__(self, in_ch=3, width=128, depth=16, dropout=0.0, num_classes=0):
         super().__init__()
@@ -529,12 +530,13 @@ class WRNPhi(nn.Module):
                 ch = w
         self.body = nn.Sequential(*layers, nn.GroupNorm(_groups(ch), ch), nn.SiLU())
         self.num_classes = num_classes
-        self.head = nn.Linear(ch, num_classes + 1 if num_classes else 1)   # + a "null" (unconditional) read-out
+        self.head = nn.Linear(ch, num_classes + 1 if num_classes else 1)   # + a "null" read-out
 
     def forward(self, x, t=None, y=None):
-        with torch.autocast(x.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+        with torch.autocast(x.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
             h = self.body(x).mean((2, 3))
-        out = self.head(h.float())                                       # (B, classes + 1) or (B, 1)
+        out = self.head(h.float())                                      # (B, classes + 1) or (B, 1)
         if out.shape[1] == 1:
             return out[:, 0]
         return out[:, -1] if y is None else out.gather(1, y[:, None])[:, 0]
@@ -542,7 +544,7 @@ class WRNPhi(nn.Module):
 
 class Conditioned(nn.Module):
     """phi(x, t) with the labels fixed (VPFB calls phi(x, t)); y=None -> unconditional.
-    A list of labels gives the compositional energy: the average of the conditional energies (Sec. 4.3)."""
+    A list of labels gives the compositional energy: the mean of the conditional ones (Sec. 4.3)."""
 
     def __init__(self, net, y=None):
         super().__init__()
@@ -552,7 +554,8 @@ class Conditioned(nn.Module):
         if self.y is None:
             return self.net(x, t)
         ys = self.y if isinstance(self.y, (list, tuple)) else [self.y]
-        return sum(self.net(x, t, y.expand(x.shape[0]) if y.dim() == 0 else y) for y in ys) / len(ys)
+        out = [self.net(x, t, y.expand(x.shape[0]) if y.dim() == 0 else y) for y in ys]
+        return sum(out) / len(ys)
 
 
 # ==== ENGINEERING: nothing below this line is in the paper ====
@@ -575,7 +578,8 @@ class NpzImages(torch.utils.data.Dataset):
                 self.images = f["images"]
                 self.labels = f["labels"].astype(np.int64) if "labels" in f else None
         except (OSError, ValueError, KeyError) as e:
-            die(f"--data-dir {path!r} must be a .npz file with an `images` array ({type(e).__name__})")
+            die(f"--data-dir {path!r} must be a .npz file with an `images` array "
+                f"({type(e).__name__})")
         if self.images.ndim == 3:
             self.images = self.images[..., None]
         if self.images.ndim != 4 or self.images.dtype != np.uint8:
@@ -594,16 +598,16 @@ class NpzImages(torch.utils.data.Dataset):
 def build_dataset(args, train=True, name=None, augment=False):
     """A dataset of (image in [-1, 1], label) for args.dataset (or `name`, for the OOD sets).
     cifar10 / cifar100 / svhn / mnist: torchvision (download=True into --data-dir); celeba64 (and
-    celeba, the same images for OOD): an ImageFolder in <data-dir>/celeba64/; folder: any ImageFolder
-    at --data-dir; npz: the file --data-dir; fake: torchvision FakeData (tests). Training flips are
-    drawn in the training loop (reproducible per step), not here; `augment` flips at random."""
+    celeba, the same images for OOD): an ImageFolder in <data-dir>/celeba64/; folder: any
+    ImageFolder at --data-dir; npz: the file --data-dir; fake: torchvision FakeData (tests).
+    Training flips are drawn in the training loop (reproducible per step), not here."""
     import torchvision.datasets as D
     import torchvision.transforms as T
     name, root = name or args.dataset, args.data_dir
     if name == "npz":
         return NpzImages(root)
     ch, size = args.channels, args.image_size
-    norm = [T.ToTensor(), T.Normalize([0.5] * ch, [0.5] * ch)]                    # [0, 1] -> [-1, 1]
+    norm = [T.ToTensor(), T.Normalize([0.5] * ch, [0.5] * ch)]                   # [0, 1] -> [-1, 1]
     flip = [T.RandomHorizontalFlip()] if augment else []
     resize = [T.Resize(size), T.CenterCrop(size)]
     if name == "fake":
@@ -615,9 +619,10 @@ def build_dataset(args, train=True, name=None, augment=False):
         try:
             ds = D.ImageFolder(path, transform=T.Compose(crop + resize + flip + norm))
         except (FileNotFoundError, OSError) as e:
-            what = ("CelebA images (e.g. img_align_celeba/*.jpg) in a sub-folder" if name != "folder"
-                    else "images in at least one sub-folder")
-            die(f"no image folder at {os.path.abspath(path)} ({type(e).__name__}); put {what} there")
+            what = ("CelebA images (e.g. img_align_celeba/*.jpg) in a sub-folder"
+                    if name != "folder" else "images in at least one sub-folder")
+            die(f"no image folder at {os.path.abspath(path)} ({type(e).__name__}); "
+                f"put {what} there")
         if name == "celeba64" and getattr(args, "class_cond", False):
             attach_celeba_attributes(ds, path)
         return ds
@@ -653,7 +658,8 @@ def attach_celeba_attributes(ds, path):
         lines = fh.read().splitlines()
     names = lines[1].split()
     cols = [names.index(a) for a in CELEBA_ATTRS]
-    attrs = {ln.split()[0]: [int(ln.split()[1 + c]) for c in cols] for ln in lines[2:] if ln.strip()}
+    rows = [ln.split() for ln in lines[2:] if ln.strip()]
+    attrs = {r[0]: [int(r[1 + c]) for c in cols] for r in rows}
     ds.samples = [(p, attrs.get(os.path.basename(p), [-1, -1, -1])) for p, _ in ds.samples]
     ds.target_transform = celeba_label
     ds.classes = list(CELEBA_ATTRS) + ["none"]
@@ -940,7 +946,8 @@ def train(args):
                 print(f"step {step}/{args.steps} loss {stats['loss']:.4f} cov {stats['cov']:.4f} "
                       f"cos {stats['cos']:.3f} |gPhi|^2 {stats['grad_x2']:.3g} poincare "
                       f"{stats['poincare_ratio']:.3g} | {1000 * dt:.1f} ms/it "
-                      f"{stats['images_per_s']:.1f} img/s ETA {(args.steps - step) * dt / 60:.1f} min",
+                      f"{stats['images_per_s']:.1f} img/s "
+                      f"ETA {(args.steps - step) * dt / 60:.1f} min",
                       flush=True)
             stopping = any_rank(stop.signum is not None, world, device)
             if rank == 0 and (stopping or step % args.save_every == 0 or step == args.steps):
@@ -969,7 +976,7 @@ def train(args):
 
 
 def plot_history(history, path):
-    """Loss curve of the whole run and the Poincare ratio E|grad Phi|^2 / E Phi^2 (paper Fig. 10)."""
+    """Loss curve of the whole run and the Poincare ratio E|grad Phi|^2 / E Phi^2 (Fig. 10)."""
     if not history:
         return
     import matplotlib
@@ -1059,7 +1066,7 @@ def load_for_eval(args, device):
         die(f"checkpoint weights do not fit the network it describes ({str(e).splitlines()[0]})")
     net.eval().requires_grad_(False)
     if args.compile:
-        net = torch.compile(net)                      # first-order gradients only: fine for sampling
+        net = torch.compile(net)                     # first-order gradients only: fine for sampling
     return net, a, ncls
 
 
@@ -1072,12 +1079,13 @@ def save_grid(x, path, nrow=8):
 
 def to_uint8(x):
     """[-1, 1] NCHW float -> uint8 NHWC (the .npz layout eval_fid.py reads)."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def slerp(z0, z1, alpha):
     """Spherical interpolation between noises (Sec. 4.3), per sample on the flattened vectors:
-    slerp = sin((1-a) theta)/sin(theta) z0 + sin(a theta)/sin(theta) z1, cos(theta) = <z0, z1>/(|z0||z1|).
+    slerp = (sin((1-a) theta) z0 + sin(a theta) z1) / sin(theta), cos(theta) = <z0, z1>/(|z0||z1|).
     Keeps the norm when |z0| = |z1|, so every point still looks like prior noise."""
     a0, a1 = z0.flatten(1), z1.flatten(1)
     cos = (a0 * a1).sum(1) / (a0.norm(dim=1) * a1.norm(dim=1))
@@ -1088,7 +1096,8 @@ def slerp(z0, z1, alpha):
 
 
 def auroc(pos, neg):
-    """Area under the ROC curve, P(score_pos > score_neg) + 1/2 P(=), by ranks (Mann-Whitney U), ties
+    """Area under the ROC curve, P(score_pos > score_neg) + 1/2 P(=), by ranks (Mann-Whitney U),
+    ties
     averaged. Plain numpy. pos: scores of in-distribution samples (should be higher)."""
     pos, neg = np.asarray(pos, dtype=np.float64).ravel(), np.asarray(neg, dtype=np.float64).ravel()
     allv = np.concatenate([pos, neg])
@@ -1113,9 +1122,10 @@ def generate(phi, args, device, n, shape, method=None, x0=None, n_classes=10):
         z = (x0[i:i + b] if x0 is not None else torch.randn(b, *shape)).to(device)
         random_classes = isinstance(phi, Conditioned) and args.class_cond and phi.y is None
         if random_classes:
-            phi.y = torch.randint(n_classes, (b,), device=device)       # a class-conditional model: random classes
+            phi.y = torch.randint(n_classes, (b,), device=device)   # random classes
         if method == "sgld":
-            x = model.langevin(z, n_steps=args.sgld_steps, step_size=args.sgld_step, temperature=args.sgld_temp)
+            x = model.langevin(z, n_steps=args.sgld_steps, step_size=args.sgld_step,
+                               temperature=args.sgld_temp)
         else:
             x = model.sample(z, method=method, n_steps=args.ode_steps, t0=args.t0, t1=args.t1,
                              rtol=args.rtol, atol=args.atol)
@@ -1129,7 +1139,8 @@ def generate(phi, args, device, n, shape, method=None, x0=None, n_classes=10):
     x = torch.cat(outs)
     if not torch.isfinite(x).all():            # never hand garbage on (FID would take it as valid)
         print(f"error: the {method} sampler produced non-finite values "
-              f"({int((~torch.isfinite(x)).sum())} of {x.numel()}); nothing written", file=sys.stderr)
+              f"({int((~torch.isfinite(x)).sum())} of {x.numel()}); nothing written",
+              file=sys.stderr)
         sys.exit(3)
     return x, {"sampler": method, "nfe_mean": float(np.mean(nfes)), "images_per_s": n / dt,
                "seconds": dt}
@@ -1165,7 +1176,8 @@ def cmd_interp(args, rows=8, cols=10):
     device, net, a, ncls, shape = eval_setup(args)
     z0, z1 = torch.randn(rows, *shape), torch.randn(rows, *shape)
     al = torch.linspace(0, 1, cols)
-    z = torch.stack([slerp(z0, z1, torch.full((rows,), float(v))) for v in al], 1).reshape(rows * cols, *shape)
+    z = torch.stack([slerp(z0, z1, torch.full((rows,), float(v))) for v in al], 1)
+    z = z.reshape(rows * cols, *shape)
     x, st = generate(Conditioned(net), a, device, rows * cols, shape, x0=z, n_classes=ncls)
     save_grid(x, os.path.join(args.out_dir, "interp.png"), nrow=cols)
     _dump(args, "interp_stats.json", st)
@@ -1181,7 +1193,7 @@ def cmd_nn(args, rows=8):
     from torch.utils.data import DataLoader
     xf = x.cpu().flatten(1)
     for xb, _ in DataLoader(train_ds, batch_size=512):
-        d = torch.cdist(xf, xb.flatten(1))                                  # (rows, batch) pixel distances
+        d = torch.cdist(xf, xb.flatten(1))                           # (rows, batch) pixel distances
         cand_d = torch.cat([best_d, d], 1)
         cand_x = torch.cat([best_x, xb[None].expand(rows, *xb.shape)], 1)
         best_d, idx = cand_d.topk(args.nn_k, dim=1, largest=False)
@@ -1193,7 +1205,7 @@ def cmd_nn(args, rows=8):
 
 @torch.no_grad()
 def energies(net, args, ds, device, n):
-    """Phi_B (Eq. 22) and the authors' OOD score 4 Phi(x, t_max) - ||x||^2 for the first n images."""
+    """Phi_B (Eq. 22) and the authors' OOD score 4 Phi(x, t_max) - ||x||^2 of the first n images."""
     model = make_vpfb(Conditioned(net), args)
     pb, auth = [], []
     for i, x in enumerate(torch.split(first_images(ds, n), args.sample_batch)):
@@ -1217,14 +1229,18 @@ def cmd_hist(args):
         e, _ = energies(net, a, ds, device, args.ood_max)
         res[split] = {"n": int(len(e)), "mean": float(e.mean()), "std": float(e.std())}
         plt.hist(e, bins=50, alpha=0.5, density=True, label=split)
-    plt.xlabel("Boltzmann energy Phi_B (Eq. 22)"); plt.legend(); plt.tight_layout()
-    fig.savefig(os.path.join(args.out_dir, "hist.png"), dpi=100); plt.close(fig)
+    plt.xlabel("Boltzmann energy Phi_B (Eq. 22)")
+    plt.legend()
+    plt.tight_layout()
+    fig.savefig(os.path.join(args.out_dir, "hist.png"), dpi=100)
+    plt.close(fig)
     _dump(args, "hist.json", res)
 
 
 def cmd_ood(args):
     """OOD AUROC (Table 2): in-distribution = the test split of the training set (positives, should
-    score higher), OOD = each of --ood-sets; score = Phi_B. 'interp' = the average of two test images."""
+    score higher), OOD = each of --ood-sets; score = Phi_B. 'interp' = the mean of two test images.
+    """
     device, net, a, ncls, shape = eval_setup(args)
     ind_ds = build_dataset(a, train=False)
     pos, pos_auth = energies(net, a, ind_ds, device, args.ood_max)
@@ -1235,71 +1251,66 @@ def cmd_ood(args):
         if name == "interp":
             imgs = first_images(ind_ds, args.ood_max)
             g = torch.Generator().manual_seed(args.seed)
-            imgs = 0.5 * (imgs + imgs[torch.randperm(len(imgs), generator=g)])     # interpolated CIFAR-10
+            imgs = 0.5 * (imgs + imgs[torch.randperm(len(imgs), generator=g)])  # interpolated
             ds = torch.utils.data.TensorDataset(imgs, torch.zeros(len(imgs)))
         else:
             ds = build_dataset(a, train=False, name="fake" if a.dataset == "fake" else name)
-            if a.dataset == "fake":                                   # smoke test: a shifted fake set
+            if a.dataset == "fake":                                 # smoke test: a shifted fake set
                 ds.random_offset = 10 ** 7 + hash(name) % 1000
         neg, neg_auth = energies(net, a, ds, device, args.ood_max)
-        table[name] = {"auroc_phi_b": auroc(pos, neg), "auroc_authors_score": auroc(pos_auth, neg_auth),
+        table[name] = {"auroc_phi_b": auroc(pos, neg),
+                       "auroc_authors_score": auroc(pos_auth, neg_auth),
                        "n_in": int(len(pos)), "n_ood": int(len(neg))}
     _dump(args, "ood.json", table)
 
 
 def cmd_longrun(args):
-    """Long-run sampling over t in [0, longrun_t1] (Sec. 4.6, Fig. 12-18): the ODE beyond t_max keeps
-    following Phi(x, t_max); then SGLD on Phi_B from the same noise. Curves of E|grad Phi|^2, E Phi^2."""
+    """Long-run sampling (Sec. 4.6, Figs. 12-18): the ODE over t in [0, longrun_t1] (past t_max it
+    follows Phi(x, t_max)), then SGLD on Phi_B from the same noise; curves of E|grad|^2 and
+    E energy^2."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     device, net, a, ncls, shape = eval_setup(args)
-    phi = Conditioned(net)
-    model = make_vpfb(phi, a)
-    n = min(args.num_samples, args.sample_batch)
-    z = torch.randn(n, *shape, device=device)
-    curves = {"ode": {"t": [], "grad2": [], "phi2": []}, "sgld": {"k": [], "grad2": [], "phi2": []}}
+    model = make_vpfb(Conditioned(net), a)
+    z = torch.randn(min(args.num_samples, args.sample_batch), *shape, device=device)
+    curves = {"ode": {"t": [], "grad2": [], "phi2": []}, "sgld": {"t": [], "grad2": [], "phi2": []}}
 
-    def velocity(x, t):                                           # grad Phi, recording the two norms
-        tt = torch.full((x.shape[0],), float(t), device=x.device)
-        with torch.enable_grad():
-            xr = x.detach().requires_grad_(True)
-            p = model._phi(xr, tt)
-            g = torch.autograd.grad(p.sum(), xr)[0]
-        c = curves["ode"]
-        c["t"].append(float(t))
-        c["grad2"].append(float(_sqnorm(g).mean()))                    # E ||grad_x Phi||^2
-        c["phi2"].append(float(p.detach().pow(2).mean()))             # E Phi^2
-        return g.detach()
+    def recorded(energy, c):                   # the gradient field of an energy, logging two norms
+        def field(x, t=None):
+            with torch.enable_grad():
+                xr = x.detach().requires_grad_(True)
+                e = energy(xr, t)
+                g = torch.autograd.grad(e.sum(), xr)[0]
+            c["t"].append(len(c["t"]) if t is None else float(t))
+            c["grad2"].append(float(_sqnorm(g).mean()))                 # E ||grad_x energy||^2
+            c["phi2"].append(float(e.detach().pow(2).mean()))           # E energy^2
+            return g.detach()
+        return field
 
-    n_steps = int(args.ode_steps * max(1.0, args.longrun_t1))
-    x_ode, traj, _ = ode_solve(velocity, z, "euler", n_steps, 0.0, args.longrun_t1, return_traj=True)
-    frames = [0.5, 1.0, 2.0, 5.0, 10.0, args.longrun_t1]
-    idx = [min(n_steps, int(round(f / args.longrun_t1 * n_steps))) for f in frames if f <= args.longrun_t1]
-    save_grid(torch.cat([traj[i][:8] for i in idx]), os.path.join(args.out_dir, "longrun_ode.png"), nrow=8)
+    def phi_at(x, t):
+        return model._phi(x, torch.full((x.shape[0],), float(t), device=x.device))
 
-    def grad_b(x):
-        with torch.enable_grad():
-            xr = x.detach().requires_grad_(True)
-            e = model.boltzmann_energy(xr)
-            g = torch.autograd.grad(e.sum(), xr)[0]
-        c = curves["sgld"]
-        c["k"].append(len(c["k"]))
-        c["grad2"].append(float(_sqnorm(g).mean()))                    # E ||grad_x Phi_B||^2
-        c["phi2"].append(float(e.detach().pow(2).mean()))             # E Phi_B^2
-        return g.detach()
-
-    x_sg, traj_sg, _ = sgld(grad_b, z, args.sgld_steps, args.sgld_step, args.sgld_temp, return_traj=True)
+    T, n_steps = args.longrun_t1, int(args.ode_steps * max(1.0, args.longrun_t1))
+    _, traj, _ = ode_solve(recorded(phi_at, curves["ode"]), z, "euler", n_steps, 0.0, T,
+                           return_traj=True)
+    idx = [min(n_steps, round(f / T * n_steps)) for f in (0.5, 1, 2, 5, 10, T) if f <= T]
+    save_grid(torch.cat([traj[i][:8] for i in idx]), os.path.join(args.out_dir, "longrun_ode.png"))
+    _, traj, _ = sgld(recorded(lambda x, t: model.boltzmann_energy(x), curves["sgld"]), z,
+                      args.sgld_steps, args.sgld_step, args.sgld_temp, return_traj=True)
     ks = np.linspace(0, args.sgld_steps, 6).astype(int)
-    save_grid(torch.cat([traj_sg[k][:8] for k in ks]), os.path.join(args.out_dir, "longrun_sgld.png"), nrow=8)
+    save_grid(torch.cat([traj[k][:8] for k in ks]), os.path.join(args.out_dir, "longrun_sgld.png"))
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
-    for key, xk, lab in (("ode", "t", "ODE time t"), ("sgld", "k", "SGLD step")):
-        ax[0 if key == "ode" else 1].semilogy(curves[key][xk], curves[key]["grad2"], label="E|grad|^2")
-        ax[0 if key == "ode" else 1].semilogy(curves[key][xk], curves[key]["phi2"], label="E energy^2")
-        ax[0 if key == "ode" else 1].set_xlabel(lab); ax[0 if key == "ode" else 1].legend()
-    ax[0].set_title("long-run ODE, Phi"); ax[1].set_title("SGLD, Phi_B")
-    fig.tight_layout(); fig.savefig(os.path.join(args.out_dir, "longrun_norms.png"), dpi=100); plt.close(fig)
-    _dump(args, "longrun.json", {k: {kk: vv[-1] for kk, vv in v.items() if vv} for k, v in curves.items()})
+    for axi, key, lab in ((ax[0], "ode", "ODE time t, Phi"), (ax[1], "sgld", "SGLD step, Phi_B")):
+        axi.semilogy(curves[key]["t"], curves[key]["grad2"], label="E|grad|^2")
+        axi.semilogy(curves[key]["t"], curves[key]["phi2"], label="E energy^2")
+        axi.set_xlabel(lab)
+        axi.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out_dir, "longrun_norms.png"), dpi=100)
+    plt.close(fig)
+    _dump(args, "longrun.json", {k: {kk: vv[-1] for kk, vv in v.items() if vv}
+                                 for k, v in curves.items()})
     with open(os.path.join(args.out_dir, "longrun_curves.json"), "w") as f:
         json.dump(curves, f)
 
@@ -1329,11 +1340,9 @@ def cmd_compose(args, n=8):
 
 
 def cmd_benchmark(args):
-    """Training images/s, ms/iter and peak memory of OUR config (bf16 trunk, channels-last, TF32) against
-    the authors' recipe (fp32 everywhere) from the same seed, weights, batches, noise and times; then the
-    ODE sampler's NFE and images/s. Prints both and the max |loss difference| over the measured steps.
-    Runs anywhere (use a tiny --model-size on CPU); real figures need the GPU and the paper config."""
-    import copy
+    """Training images/s, ms/iter and peak memory of our config (bf16 trunk, channels-last, TF32)
+    against the authors' (fp32) from the same weights, batches, noise and times; then the ODE
+    sampler's NFE and images/s, and the max |loss difference| over the measured steps."""
     device = pick_device(args.device)
     S, C = args.image_size, args.channels
     torch.manual_seed(args.seed)
@@ -1341,7 +1350,7 @@ def cmd_benchmark(args):
     g = torch.Generator().manual_seed(args.seed)
     n_warm = max(1, args.bench_warmup)
     n_tot = args.bench_steps + n_warm
-    B = args.batch_size                   # synthetic batches: the speed does not depend on the pixels
+    B = args.batch_size                 # synthetic batches: the speed does not depend on the pixels
     data = [(torch.rand(B, C, S, S, generator=g) * 2 - 1, torch.randn(B, C, S, S, generator=g),
              torch.rand(B, generator=g) * args.t_end) for _ in range(n_tot)]
     results = {}
@@ -1355,7 +1364,7 @@ def cmd_benchmark(args):
         if cl:
             net = net.to(memory_format=torch.channels_last)
         if device.type == "cuda":
-            # ours: TF32 everywhere; authors: PyTorch's defaults (TF32 for cuDNN convs, not for matmuls)
+            # ours: TF32 everywhere; authors: PyTorch's defaults (TF32 for cuDNN convs only)
             torch.backends.cuda.matmul.allow_tf32 = fast
             torch.backends.cudnn.allow_tf32 = True
             torch.backends.cudnn.benchmark = True
@@ -1399,11 +1408,13 @@ def cmd_benchmark(args):
     la, lb = np.array(results["ours"]["losses"]), np.array(results["authors_fp32"]["losses"])
     summary = {"device": str(device), "batch_size": args.batch_size, "model": args.model,
                "params_M": sum(p.numel() for p in base_net.parameters()) / 1e6,
-               "speedup_images_per_s": results["ours"]["images_per_s"] / results["authors_fp32"]["images_per_s"],
+               "speedup_images_per_s": (results["ours"]["images_per_s"]
+                                        / results["authors_fp32"]["images_per_s"]),
                "max_abs_loss_diff": float(np.abs(la - lb).max()),
                "max_rel_loss_diff": float((np.abs(la - lb) / np.maximum(np.abs(lb), 1e-12)).max()),
                "configs": results}
-    print(f"speed-up {summary['speedup_images_per_s']:.2f}x, max |loss diff| {summary['max_abs_loss_diff']:.3g} "
+    print(f"speed-up {summary['speedup_images_per_s']:.2f}x, "
+          f"max |loss diff| {summary['max_abs_loss_diff']:.3g} "
           f"(relative {summary['max_rel_loss_diff']:.3g}) over {args.bench_steps} steps")
     with open(os.path.join(args.out_dir, "benchmark.json"), "w") as f:
         json.dump(summary, f, indent=1)
@@ -1486,8 +1497,8 @@ def build_parser():
     a("--model-size", type=pos_int, default=128, help="base channels (unet 128 = paper's net)")
     a("--ch-mult", default="2,2,2", help="unet channel multipliers per resolution (authors 2,2,2)")
     a("--res-blocks", type=pos_int, default=4, help="unet residual blocks per resolution (4)")
-    a("--attn-res", default="16", help="unet resolutions with attention (the middle always has one)")
-    a("--dropout", type=unit_float, default=0.3, help="dropout in the residual blocks (authors 0.3)")
+    a("--attn-res", default="16", help="unet resolutions with attention (and the middle)")
+    a("--dropout", type=unit_float, default=0.3, help="dropout in the res blocks (authors 0.3)")
     a("--wrn-depth", type=pos_int, default=16, help="WideResNet depth (6n + 4)")
     a("--class-cond", action="store_true", help="class-conditional Phi(x, c) (for --mode compose)")
     a("--p-uncond", type=unit_float, default=None, help="with --class-cond: fraction of labels "
@@ -1595,7 +1606,7 @@ def resolve_args(args, argv=None):
     args.channels, size = (1 if args.dataset == "mnist" else 3), None
     if args.dataset == "npz":
         if not os.path.isfile(args.data_dir):
-            die(f"--dataset npz needs --data-dir to be a .npz file; {args.data_dir!r} is not a file")
+            die(f"--dataset npz needs --data-dir to be a .npz file; {args.data_dir!r} is not one")
         shape = NpzImages(args.data_dir).images.shape
         args.channels, size = shape[3], shape[1]
     args.image_size = args.image_size or size or (64 if args.dataset == "celeba64" else 32)
