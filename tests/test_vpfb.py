@@ -505,6 +505,14 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys):
         ["--mode", "sample", "--dataset", "fake", "--ckpt", str(f), "--out-dir", str(tmp_path)],    # corrupt ckpt
         ["--mode", "dance", "--dataset", "fake", "--out-dir", str(tmp_path)],                      # unknown mode
         ["--dataset", "fake", "--cov-form", "nope", "--out-dir", str(tmp_path)],                   # unknown form
+        # issue 11 items 3 and 5: NaN / out-of-range numbers are argparse errors, one line each
+        *[TINY + [flag, val, "--out-dir", str(tmp_path)] for flag, val in [
+            ("--lr", "nan"), ("--lr", "-1"), ("--ema-decay", "nan"), ("--sgld-step", "nan"),
+            ("--sample-batch", "0"), ("--t-max", "inf"), ("--kappa", "nan"), ("--threads", "-1")]],
+        TINY[:-2] + ["--mode", "sample", "--sampler", "sgld", "--sgld-step", "nan", "--out-dir", str(tmp_path)],
+        TINY + ["--image-size", "5", "--out-dir", str(tmp_path)],                       # U-Net halves it
+        ["--dataset", "npz", "--data-dir", str(tmp_path / "none.npz"), "--out-dir", str(tmp_path)],
+        ["--dataset", "npz", "--data-dir", str(f), "--out-dir", str(tmp_path)],              # not an npz
     ]
     for argv in cases:
         code, err = _main_exit(argv, capsys)
@@ -553,3 +561,103 @@ def test_benchmark_mode_runs_on_cpu(tmp_path):
     assert set(res["configs"]) == {"ours", "authors_fp32"}
     assert res["configs"]["ours"]["images_per_s"] > 0 and res["configs"]["ours"]["ode_nfe"] > 0
     assert res["max_abs_loss_diff"] >= 0
+
+
+# ----------------------------------------------------------------------------- reliability (issue 11)
+def _weights(path, key="model"):
+    return vpfb.load_checkpoint(path)[key]
+
+
+def _same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _losses(out):
+    return {r["step"]: r["loss"] for r in vpfb.read_metrics(f"{out}/metrics.jsonl")}
+
+
+def test_resume_reads_ckpt_writes_out_dir_and_matches_a_straight_run(tmp_path):
+    """Items 1, 6, 12: --resume --ckpt A/ckpt.pt --out-dir B reads A, leaves A untouched, writes B; and
+    the resumed run is bit-identical to an uninterrupted one (same losses after the resume, same final
+    weights and EMA): per-step RNG from (seed, step, rank), data order from (seed, step)."""
+    a, b, c = (str(tmp_path / n) for n in "abc")
+    vpfb.main(TINY + ["--steps", "3", "--out-dir", a])
+    src = open(f"{a}/ckpt.pt", "rb").read()
+    vpfb.main(TINY + ["--steps", "6", "--resume", "--ckpt", f"{a}/ckpt.pt", "--out-dir", b])
+    assert open(f"{a}/ckpt.pt", "rb").read() == src                          # the source is not clobbered
+    vpfb.main(TINY + ["--steps", "6", "--out-dir", c])                          # uninterrupted
+    assert vpfb.load_checkpoint(f"{b}/ckpt.pt")["step"] == 6
+    lb, lc = _losses(b), _losses(c)
+    assert sorted(lb) == [4, 5, 6] and all(lb[s] == lc[s] for s in lb)
+    for key in ("model", "ema"):
+        assert _same_weights(_weights(f"{b}/ckpt.pt", key), _weights(f"{c}/ckpt.pt", key))
+
+
+def test_resume_drops_stale_metrics_and_temp_files(tmp_path):
+    """Items 7, 8: a crash after the last save leaves metrics past the checkpoint's step and a temp file;
+    the resume drops both, and the loss plot is drawn from the whole run."""
+    out = str(tmp_path)
+    vpfb.main(TINY + ["--steps", "3", "--out-dir", out])
+    with open(f"{out}/metrics.jsonl", "a") as f:                        # steps 4, 5 of a lost run
+        f.write('{"step": 4, "loss": 1e9}\n{"step": 5, "loss": 1e9}\n')
+    (tmp_path / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")
+    vpfb.main(TINY + ["--steps", "5", "--resume", "--out-dir", out])
+    recs = vpfb.read_metrics(f"{out}/metrics.jsonl")
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5] and recs[3]["loss"] != 1e9
+    assert not any(".tmp" in p.name for p in tmp_path.iterdir())
+    assert (tmp_path / "loss.png").stat().st_size > 0
+
+
+def test_sigterm_saves_and_resume_reaches_the_same_weights(tmp_path):
+    """Item 4: SIGTERM during training finishes the step, saves, prints one line, exits 143; resuming
+    reaches the same final weights as an uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+    a, c = str(tmp_path / "a"), str(tmp_path / "c")
+    env = dict(vpfb.os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, "vpfb.py", *TINY, "--steps", "100000", "--save-every", "100000",
+                          "--out-dir", a], env=env, cwd=vpfb.os.path.dirname(vpfb.__file__),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if line.startswith("step 2/"):
+            p.send_signal(signal.SIGTERM)
+            break
+    rest, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err[-2000:]
+    last = rest.strip().splitlines()[-1]
+    assert last.startswith("stopped at step ") and "by SIGTERM" in last and "--resume" in last
+    n = vpfb.load_checkpoint(f"{a}/ckpt.pt")["step"]
+    assert last.startswith(f"stopped at step {n} ") and n >= 2
+    vpfb.main(TINY + ["--steps", str(n + 2), "--resume", "--out-dir", a])
+    vpfb.main(TINY + ["--steps", str(n + 2), "--out-dir", c])
+    assert _same_weights(_weights(f"{a}/ckpt.pt"), _weights(f"{c}/ckpt.pt"))
+
+
+def test_wrong_architecture_resume_names_the_flags(tmp_path, capsys):
+    """Item 5: resuming with another --model-size is one line naming the flag and both values."""
+    out = str(tmp_path)
+    vpfb.main(TINY + ["--steps", "1", "--out-dir", out])
+    code, err = _main_exit(TINY + ["--steps", "2", "--resume", "--ckpt", f"{out}/ckpt.pt", "--model-size", "16",
+                                   "--out-dir", str(tmp_path / "b")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--model-size 16 (checkpoint: 8)" in err
+
+
+def test_sample_refuses_non_finite_output(tmp_path, capsys):
+    """Item 3: a checkpoint whose weights are NaN samples garbage: exit 3, one line, nothing written."""
+    out = str(tmp_path)
+    vpfb.main(TINY + ["--steps", "1", "--out-dir", out])
+    st = vpfb.load_checkpoint(f"{out}/ckpt.pt")
+    st["ema"]["inp.weight"].fill_(float("nan"))
+    torch.save(st, f"{out}/ckpt.pt")
+    code, err = _main_exit(TINY + ["--mode", "sample", "--sampler", "euler", "--out-dir", out], capsys)
+    assert code == 3 and err.startswith("error: ") and err.count("\n") == 1
+    assert not (tmp_path / "samples.npz").exists() and not (tmp_path / "samples.png").exists()
+
+
+def test_threads_flag(tmp_path):
+    """Item 10: --threads N sets torch's CPU threads; 0 = the cores this process may use."""
+    vpfb.main(TINY[:-2] + ["--threads", "1", "--steps", "0", "--out-dir", str(tmp_path)])
+    assert torch.get_num_threads() == 1
+    vpfb.resolve_args(vpfb.build_parser().parse_args(TINY[:-2] + ["--out-dir", str(tmp_path)]))
+    assert torch.get_num_threads() == len(vpfb.os.sched_getaffinity(0))
