@@ -952,6 +952,7 @@ def train(args):
             stopping = any_rank(stop.signum is not None, world, device)
             if rank == 0 and (stopping or step % args.save_every == 0 or step == args.steps):
                 save_checkpoint(ckpt_path, net, ema, opt, step, args, ema_updates=n_ema)
+            if rank == 0 and (stopping or step == args.steps):        # the whole run's curves
                 plot_history(read_metrics(log_path), os.path.join(args.out_dir, "loss.png"))
             if rank == 0 and args.sample_every and not stopping and (
                     step % args.sample_every == 0 or step == args.steps):

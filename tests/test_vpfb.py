@@ -339,27 +339,30 @@ def _fake_batch(n=16, size=8, seed=0):
 
 @pytest.mark.parametrize("kind", ["unet", "wrn"])
 def test_training_steps_lower_the_loss(kind):
-    """A few Adam steps on one FakeData batch (fixed noise and times) lower the loss, for both models."""
+    """Adam on one fixed FakeData batch (fixed noise and times, no dropout: a deterministic objective)
+    lowers the loss: the mean of the last 3 of 10 steps is clearly below the mean of the first 3."""
     torch.manual_seed(8)
-    args = vpfb.resolve_args(vpfb.build_parser().parse_args(TINY + ["--model", kind, "--out-dir", "/tmp/_vpfb_unused"]))
+    args = vpfb.resolve_args(vpfb.build_parser().parse_args(
+        TINY + ["--model", kind, "--dropout", "0", "--out-dir", "/tmp/_vpfb_unused"]))
     net = vpfb.build_network(args, 10)
     model = vpfb.make_vpfb(net, args)
     assert model.autonomous == (kind == "wrn")
-    x = _fake_batch(8)
+    x = _fake_batch(16)
     eps, t = torch.randn_like(x), torch.rand(x.shape[0])
     out = net(x, t)
     assert out.shape == (x.shape[0],)
     if kind == "unet":
         assert (out >= 0).all()                                    # Phi = 1/2 |x - UNet|^2 >= 0
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     losses = []
-    for _ in range(5):
+    for _ in range(10):
         loss, st = model.loss(x, eps=eps, t=t)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < losses[0] - 1e-3 * abs(losses[0]), losses
+    first, last = np.mean(losses[:3]), np.mean(losses[-3:])
+    assert last < first - 0.05 * (abs(first) + 1), losses
 
 
 def test_bf16_trunk_and_channels_last_match_fp32():
@@ -534,33 +537,29 @@ def test_nan_guard_stops_with_one_line(tmp_path, capsys):
     assert after["step"] == 2 and torch.equal(after["model"]["inp.weight"], before["model"]["inp.weight"])
 
 
-def test_cli_smoke_train_resume_sample(tmp_path):
-    """CleanRL-style: the real script in a subprocess for 2 steps, then resume to 3 and sample in-process."""
-    import subprocess
-    import sys
+def test_cli_smoke_train_sample(tmp_path, capsys):
+    """Train 2 steps (progress lines with ms/it, img/s), then sample: samples.npz (uint8 NHWC) for eval_fid.
+    The real script in a subprocess runs in test_sigterm_saves_and_resume_reaches_the_same_weights."""
     out = str(tmp_path / "run")
-    env = dict(vpfb.os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "vpfb.py", *TINY, "--steps", "2", "--out-dir", out], env=env,
-                       cwd=vpfb.os.path.dirname(vpfb.__file__), capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "ms/it" in r.stdout and "img/s" in r.stdout
+    vpfb.main(TINY + ["--steps", "2", "--out-dir", out])
+    log = capsys.readouterr().out
+    assert "ms/it" in log and "img/s" in log and "ETA" in log
     assert vpfb.load_checkpoint(f"{out}/ckpt.pt")["step"] == 2
-    vpfb.main(TINY + ["--steps", "3", "--resume", "--out-dir", out])
-    assert vpfb.load_checkpoint(f"{out}/ckpt.pt")["step"] == 3
-    assert len(open(f"{out}/metrics.jsonl").read().splitlines()) == 3
+    assert len(vpfb.read_metrics(f"{out}/metrics.jsonl")) == 2
     vpfb.main(TINY + ["--mode", "sample", "--sampler", "euler", "--out-dir", out])
     imgs = np.load(f"{out}/samples.npz")["images"]
     assert imgs.shape == (4, 8, 8, 3) and imgs.dtype == np.uint8
 
 
 def test_benchmark_mode_runs_on_cpu(tmp_path):
-    vpfb.main(TINY + ["--mode", "benchmark", "--bench-steps", "1", "--bench-warmup", "1", "--batch-size", "2", "--rtol", "0.1", "--atol", "0.1",
-                      "--out-dir", str(tmp_path)])
+    vpfb.main(TINY + ["--mode", "benchmark", "--bench-steps", "2", "--bench-warmup", "1", "--batch-size", "2",
+                      "--rtol", "0.1", "--atol", "0.1", "--channels-last", "--out-dir", str(tmp_path)])
     import json
     res = json.load(open(tmp_path / "benchmark.json"))
     assert set(res["configs"]) == {"ours", "authors_fp32"}
     assert res["configs"]["ours"]["images_per_s"] > 0 and res["configs"]["ours"]["ode_nfe"] > 0
-    assert res["max_abs_loss_diff"] >= 0
+    # on CPU "ours" and the authors' fp32 differ only in memory layout: the same losses up to round-off
+    assert res["max_rel_loss_diff"] < 1e-4, res["max_rel_loss_diff"]
 
 
 # ----------------------------------------------------------------------------- reliability (issue 11)
