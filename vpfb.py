@@ -832,12 +832,10 @@ def train_step(model, net, opt, x, args, world):
     """One step of Eq. (27); returns the logs. Non-finite loss or gradient: no update at all."""
     loss, stats = model.loss(x)                                     # one Monte-Carlo batch
     opt.zero_grad(set_to_none=True)
-    stats["grad_norm"] = math.nan
-    if torch.isfinite(loss):
-        loss.backward()
-        allreduce_grads(net.parameters(), world)
-        clip = args.grad_clip if (args.grad_clip > 0 and args.clip_mode == "norm") else math.inf
-        stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(net.parameters(), clip))
+    loss.backward()                      # even when NaN: every rank must join the all-reduce
+    allreduce_grads(net.parameters(), world)
+    clip = args.grad_clip if (args.grad_clip > 0 and args.clip_mode == "norm") else math.inf
+    stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(net.parameters(), clip))
     if math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"]):
         if args.clip_mode == "std" and args.grad_clip > 0:
             clip_std_(opt, args.grad_clip)
