@@ -870,6 +870,8 @@ def train(args):
     if rank == 0 and os.path.exists(ckpt_path + ".tmp"):
         os.remove(ckpt_path + ".tmp")                              # a save that crashed
     step, n_ema, src = 0, 0, args.ckpt or ckpt_path                # READ from --ckpt if given
+    if args.resume and args.ckpt and not os.path.isfile(args.ckpt):
+        die(f"--resume --ckpt {args.ckpt}: no such file")
     if args.resume and os.path.isfile(src):
         st = load_checkpoint(src)
         check_arch(st["args"], args, src)

@@ -514,6 +514,7 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys):
             ("--sample-batch", "0"), ("--t-max", "inf"), ("--kappa", "nan"), ("--threads", "-1")]],
         TINY[:-2] + ["--mode", "sample", "--sampler", "sgld", "--sgld-step", "nan", "--out-dir", str(tmp_path)],
         TINY + ["--image-size", "5", "--out-dir", str(tmp_path)],                       # U-Net halves it
+        TINY + ["--resume", "--ckpt", str(tmp_path / "missing.pt"), "--out-dir", str(tmp_path)],
         ["--dataset", "npz", "--data-dir", str(tmp_path / "none.npz"), "--out-dir", str(tmp_path)],
         ["--dataset", "npz", "--data-dir", str(f), "--out-dir", str(tmp_path)],              # not an npz
     ]
