@@ -27,6 +27,7 @@ import copy
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -963,7 +964,7 @@ def train(args):
                 print(f"grid samples_{which}_{step:07d}.png: {which.upper()} weights, Euler ODE")
             if stopping:
                 name = signal.Signals(stop.signum or signal.SIGTERM).name
-                cmd = " ".join(["python vpfb.py"] + [a for a in args.argv if a != "--resume"])
+                cmd = shlex.join(["python", "vpfb.py"] + [a for a in args.argv if a != "--resume"])
                 if rank == 0:
                     print(f"stopped at step {step} by {name}; checkpoint {ckpt_path}; "
                           f"resume: {cmd} --resume", flush=True)
