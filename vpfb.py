@@ -959,7 +959,8 @@ def train(args):
                     step % args.sample_every == 0 or step == args.steps):
                 which = "raw" if args.no_ema else "ema"
                 xs, _ = generate(Conditioned(net if args.no_ema else ema), args, device,
-                                 min(64, args.num_samples), x.shape[1:], "euler", n_classes=ncls)
+                                 min(64, args.num_samples), x.shape[1:], "euler", n_classes=ncls,
+                                 strict=False)
                 save_grid(xs, os.path.join(args.out_dir, f"samples_{which}_{step:07d}.png"))
                 print(f"grid samples_{which}_{step:07d}.png: {which.upper()} weights, Euler ODE")
             if stopping:
@@ -1099,8 +1100,7 @@ def slerp(z0, z1, alpha):
 
 def auroc(pos, neg):
     """Area under the ROC curve, P(score_pos > score_neg) + 1/2 P(=), by ranks (Mann-Whitney U),
-    ties
-    averaged. Plain numpy. pos: scores of in-distribution samples (should be higher)."""
+    ties averaged. Plain numpy. pos: scores of in-distribution samples (should be higher)."""
     pos, neg = np.asarray(pos, dtype=np.float64).ravel(), np.asarray(neg, dtype=np.float64).ravel()
     allv = np.concatenate([pos, neg])
     order = np.argsort(allv, kind="mergesort")
@@ -1114,8 +1114,9 @@ def auroc(pos, neg):
     return float((ranks[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
-def generate(phi, args, device, n, shape, method=None, x0=None, n_classes=10):
-    """Draw n images with the ODE (euler / rk45) or SGLD on Phi_B. Returns (images, stats)."""
+def generate(phi, args, device, n, shape, method=None, x0=None, n_classes=10, strict=True):
+    """Draw n images with the ODE (euler / rk45) or SGLD on Phi_B. Returns (images, stats).
+    strict: non-finite images are one line and exit 3 (a training grid only warns)."""
     method = method or args.sampler
     model = make_vpfb(phi, args)
     outs, nfes, t_start = [], [], time.time()
@@ -1140,10 +1141,12 @@ def generate(phi, args, device, n, shape, method=None, x0=None, n_classes=10):
     dt = time.time() - t_start
     x = torch.cat(outs)
     if not torch.isfinite(x).all():            # never hand garbage on (FID would take it as valid)
-        print(f"error: the {method} sampler produced non-finite values "
-              f"({int((~torch.isfinite(x)).sum())} of {x.numel()}); nothing written",
-              file=sys.stderr)
-        sys.exit(3)
+        what = "error" if strict else "warning"
+        print(f"{what}: the {method} sampler produced non-finite values "
+              f"({int((~torch.isfinite(x)).sum())} of {x.numel()})"
+              f"{'; nothing written' if strict else ''}", file=sys.stderr)
+        if strict:
+            sys.exit(3)
     return x, {"sampler": method, "nfe_mean": float(np.mean(nfes)), "images_per_s": n / dt,
                "seconds": dt}
 
