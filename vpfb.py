@@ -1347,80 +1347,68 @@ def cmd_compose(args, n=8):
 def cmd_benchmark(args):
     """Training images/s, ms/iter and peak memory of our config (bf16 trunk, channels-last, TF32)
     against the authors' (fp32) from the same weights, batches, noise and times; then the ODE
-    sampler's NFE and images/s, and the max |loss difference| over the measured steps."""
-    device = pick_device(args.device)
-    S, C = args.image_size, args.channels
+    sampler's NFE and images/s, and the largest loss difference over the measured steps."""
+    device, S, C, B = pick_device(args.device), args.image_size, args.channels, args.batch_size
     torch.manual_seed(args.seed)
-    base_net = build_network(args, 10)
-    g = torch.Generator().manual_seed(args.seed)
+    base_net, g = build_network(args, 10), torch.Generator().manual_seed(args.seed)
     n_warm = max(1, args.bench_warmup)
-    n_tot = args.bench_steps + n_warm
-    B = args.batch_size                 # synthetic batches: the speed does not depend on the pixels
     data = [(torch.rand(B, C, S, S, generator=g) * 2 - 1, torch.randn(B, C, S, S, generator=g),
-             torch.rand(B, generator=g) * args.t_end) for _ in range(n_tot)]
-    results = {}
+             torch.rand(B, generator=g) * args.t_end) for _ in range(args.bench_steps + n_warm)]
+    cuda, res = device.type == "cuda", {}
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
     for name in ("ours", "authors_fp32"):
         fast = name == "ours"
         net = copy.deepcopy(base_net).to(device)
-        # bf16 only on CUDA, as in training (CPU autocast to bf16 is slower than fp32 on most CPUs)
-        net.amp_dtype = (torch.bfloat16 if (fast and args.amp != "none" and device.type == "cuda")
-                         else None)
-        cl = fast and (args.channels_last or device.type == "cuda")
-        if cl:
-            net = net.to(memory_format=torch.channels_last)
-        if device.type == "cuda":
-            # ours: TF32 everywhere; authors: PyTorch's defaults (TF32 for cuDNN convs only)
+        net.amp_dtype = torch.bfloat16 if (fast and args.amp != "none" and cuda) else None
+        fmt = (torch.channels_last if fast and (args.channels_last or cuda)
+               else torch.contiguous_format)
+        net = net.to(memory_format=fmt)
+        if cuda:            # ours: TF32 everywhere; authors: PyTorch's defaults (cuDNN convs only)
             torch.backends.cuda.matmul.allow_tf32 = fast
-            torch.backends.cudnn.allow_tf32 = True
-            torch.backends.cudnn.benchmark = True
+            torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.benchmark = True
             torch.cuda.reset_peak_memory_stats()
-        opt = torch.optim.Adam(net.parameters(), lr=args.lr)
-        model = make_vpfb(net, args)
-        losses, t_start = [], None
+        opt, model = torch.optim.Adam(net.parameters(), lr=args.lr), make_vpfb(net, args)
+        losses = []
         torch.manual_seed(args.seed)
         for i, (xb, eb, tb) in enumerate(data):
             if i == n_warm:                                          # warm-up steps, then time
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                sync()
                 t_start = time.time()
-            xb, eb, tb = xb.to(device), eb.to(device), tb.to(device)
-            if cl:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-                eb = eb.contiguous(memory_format=torch.channels_last)
-            loss, _ = model.loss(xb, eps=eb, t=tb)
+            xb, eb = (v.to(device).contiguous(memory_format=fmt) for v in (xb, eb))
+            loss, _ = model.loss(xb, eps=eb, t=tb.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if i >= n_warm:
-                losses.append(loss.item())
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+            losses.append(loss.item())
+        sync()
         dt = (time.time() - t_start) / args.bench_steps
-        r = {"ms_per_iter": 1000 * dt, "images_per_s": args.batch_size / dt, "losses": losses}
-        if device.type == "cuda":
+        r = {"ms_per_iter": 1000 * dt, "images_per_s": B / dt, "losses": losses[n_warm:]}
+        if cuda:
             r["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
-        net.eval()
-        z = torch.randn(min(args.batch_size, args.sample_batch), C, S, S, generator=g).to(device)
+        z = torch.randn(min(B, args.sample_batch), C, S, S, generator=g).to(device)
         t0 = time.time()
         model.sample(z, method="rk45", t0=args.t0, t1=args.t1, rtol=args.rtol, atol=args.atol)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        r.update(ode_nfe=model.last_nfe, ode_images_per_s=z.shape[0] / (time.time() - t0))
-        results[name] = r
+        sync()
+        res[name] = {**r, "ode_nfe": model.last_nfe,
+                     "ode_images_per_s": z.shape[0] / (time.time() - t0)}
         print(f"{name:13s} train {r['ms_per_iter']:8.1f} ms/iter {r['images_per_s']:8.1f} img/s"
-              + (f" peak {r['peak_mem_gb']:.2f} GiB" if "peak_mem_gb" in r else "")
-              + f" | rk45 NFE {r['ode_nfe']} {r['ode_images_per_s']:.1f} img/s", flush=True)
-    la, lb = np.array(results["ours"]["losses"]), np.array(results["authors_fp32"]["losses"])
-    summary = {"device": str(device), "batch_size": args.batch_size, "model": args.model,
+              + (f" peak {r['peak_mem_gb']:.2f} GiB" if cuda else "")
+              + f" | rk45 NFE {model.last_nfe} {res[name]['ode_images_per_s']:.1f} img/s")
+    la, lb = np.array(res["ours"]["losses"]), np.array(res["authors_fp32"]["losses"])
+    summary = {"device": str(device), "batch_size": B, "model": args.model,
                "params_M": sum(p.numel() for p in base_net.parameters()) / 1e6,
-               "speedup_images_per_s": (results["ours"]["images_per_s"]
-                                        / results["authors_fp32"]["images_per_s"]),
+               "speedup_images_per_s": (res["ours"]["images_per_s"]
+                                        / res["authors_fp32"]["images_per_s"]),
                "max_abs_loss_diff": float(np.abs(la - lb).max()),
                "max_rel_loss_diff": float((np.abs(la - lb) / np.maximum(np.abs(lb), 1e-12)).max()),
-               "configs": results}
-    print(f"speed-up {summary['speedup_images_per_s']:.2f}x, "
-          f"max |loss diff| {summary['max_abs_loss_diff']:.3g} "
-          f"(relative {summary['max_rel_loss_diff']:.3g}) over {args.bench_steps} steps")
+               "configs": res}
+    print(f"speed-up {summary['speedup_images_per_s']:.2f}x, max |loss diff| "
+          f"{summary['max_abs_loss_diff']:.3g} (relative {summary['max_rel_loss_diff']:.3g}) "
+          f"over {args.bench_steps} steps")
     with open(os.path.join(args.out_dir, "benchmark.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary

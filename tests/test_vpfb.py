@@ -654,6 +654,8 @@ def test_sample_refuses_non_finite_output(tmp_path, capsys):
     code, err = _main_exit(TINY + ["--mode", "sample", "--sampler", "euler", "--out-dir", out], capsys)
     assert code == 3 and err.startswith("error: ") and err.count("\n") == 1
     assert not (tmp_path / "samples.npz").exists() and not (tmp_path / "samples.png").exists()
+    vpfb.main(TINY + ["--mode", "sample", "--sampler", "euler", "--no-ema", "--out-dir", out])   # raw weights
+    assert (tmp_path / "samples.npz").exists()
 
 
 def test_threads_flag(tmp_path):
