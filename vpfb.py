@@ -1038,6 +1038,13 @@ def load_checkpoint(path):
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         fmt = state.get("format") if isinstance(state, dict) else type(state).__name__
         die(f"{path!r} is not a VPFB checkpoint (format {fmt!r}, expected {FORMAT!r})")
+    saved = state.setdefault("args", {})                 # checkpoints written before the renames
+    for old, new in (("channel_mult", "ch_mult"), ("num_res_blocks", "res_blocks")):
+        if old in saved:
+            saved.setdefault(new, saved.pop(old))
+    saved.setdefault("channels", 1 if saved.get("dataset") == "mnist" else 3)
+    if saved.get("image_size") is None:
+        saved["image_size"] = 64 if saved.get("dataset") == "celeba64" else 32
     return state
 
 

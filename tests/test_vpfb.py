@@ -791,3 +791,18 @@ def test_file_layout_follows_the_spec():
     for flag in ("--workers", "--ch-mult", "--res-blocks", "--sample-batch", "--threads", "--amp"):
         assert flag in P._option_string_actions
     assert P.parse_args([]).amp == "auto"
+
+
+def test_checkpoint_of_the_old_flag_names_still_loads(tmp_path):
+    """Checkpoints written before the twin renames (channel_mult, num_res_blocks, no channels) still
+    sample: load_checkpoint maps the old names."""
+    out = str(tmp_path)
+    vpfb.main(TINY + ["--steps", "1", "--out-dir", out])
+    st = vpfb.load_checkpoint(f"{out}/ckpt.pt")
+    a = st["args"]
+    a["channel_mult"], a["num_res_blocks"] = a.pop("ch_mult"), a.pop("res_blocks")
+    del a["channels"]
+    torch.save(st, f"{out}/ckpt.pt")
+    vpfb.main(["--mode", "sample", "--dataset", "fake", "--sampler", "euler", "--ode-steps", "2",
+               "--num-samples", "2", "--threads", "1", "--out-dir", out])
+    assert np.load(f"{out}/samples.npz")["images"].shape == (2, 8, 8, 3)
