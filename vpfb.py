@@ -698,6 +698,13 @@ class StepBatches(torch.utils.data.Sampler):
             step += 1
 
 
+def quiet_worker(_):
+    """DataLoader workers ignore Ctrl-C / SIGTERM sent to the whole process group: the main process
+    finishes its step and saves (section 4) instead of dying on a lost worker."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+
+
 def batch_iterator(ds, args, rank=0, world=1, start_step=0):
     """Endless (x, y) batches in the order StepBatches fixes."""
     sampler = StepBatches(len(ds), args.batch_size, args.seed, rank, world, start_step)
@@ -705,6 +712,7 @@ def batch_iterator(ds, args, rank=0, world=1, start_step=0):
     dl = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=args.workers,
                                      pin_memory=torch.cuda.is_available(),
                                      persistent_workers=args.workers > 0,
+                                     worker_init_fn=quiet_worker,
                                      generator=torch.Generator().manual_seed(args.seed + rank))
     return iter(dl)
 
@@ -972,6 +980,7 @@ def train(args):
                 sys.exit(128 + int(stop.signum or signal.SIGTERM))
     finally:
         stop.restore()
+        getattr(batches, "_shutdown_workers", lambda: None)()    # workers ignore SIGTERM: stop them
     if world > 1:
         import torch.distributed as dist
         dist.destroy_process_group()

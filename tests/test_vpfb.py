@@ -610,7 +610,8 @@ def test_resume_drops_stale_metrics_and_temp_files(tmp_path):
 
 
 def test_sigterm_saves_and_resume_reaches_the_same_weights(tmp_path):
-    """Item 4: SIGTERM during training finishes the step, saves, prints one line, exits 143; resuming
+    """Item 4: SIGTERM to the whole process group (a preempted job; Ctrl-C reaches a terminal's group the
+    same way), with DataLoader workers, finishes the step, saves, prints one line, exits 143; resuming
     reaches the same final weights as an uninterrupted run."""
     import signal
     import subprocess
@@ -618,11 +619,11 @@ def test_sigterm_saves_and_resume_reaches_the_same_weights(tmp_path):
     a, c = str(tmp_path / "a"), str(tmp_path / "c")
     env = dict(vpfb.os.environ, OMP_NUM_THREADS="1")
     p = subprocess.Popen([sys.executable, "vpfb.py", *TINY, "--steps", "100000", "--save-every", "100000",
-                          "--out-dir", a], env=env, cwd=vpfb.os.path.dirname(vpfb.__file__),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          "--workers", "2", "--out-dir", a], env=env, cwd=vpfb.os.path.dirname(vpfb.__file__),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     for line in p.stdout:
         if line.startswith("step 2/"):
-            p.send_signal(signal.SIGTERM)
+            vpfb.os.killpg(p.pid, signal.SIGTERM)                    # the main process and its workers
             break
     rest, err = p.communicate(timeout=120)
     assert p.returncode == 143, err[-2000:]
