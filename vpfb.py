@@ -17,7 +17,7 @@ How to run (every mode writes into --out-dir, default runs/vpfb_<dataset>):
     python vpfb.py --dataset cifar10                        # train the time-varying U-Net
     python vpfb.py --dataset cifar10 --resume               # continue from <out-dir>/ckpt.pt
     torchrun --nproc_per_node 4 vpfb.py --dataset cifar10   # multi-GPU
-    python vpfb.py --mode sample --num-samples 50000      # samples.npz (uint8 NHWC) for eval_fid.py
+    python vpfb.py --mode sample --num-samples 50000        # samples.npz (uint8 NHWC), eval_fid.py
     python vpfb.py --dataset npz --data-dir digits.npz --ch-mult 1,2 --model-size 32   # any images
     python vpfb.py --dataset fake --model-size 8 --image-size 8 --steps 2             # smoke run
 Other modes: interp, nn, hist, ood, longrun, compose, benchmark (see --help).
