@@ -611,6 +611,7 @@ def build_dataset(args, train=True, name=None, augment=False):
     norm = [T.ToTensor(), T.Normalize([0.5] * ch, [0.5] * ch)]                   # [0, 1] -> [-1, 1]
     flip = [T.RandomHorizontalFlip()] if augment else []
     resize = [T.Resize(size), T.CenterCrop(size)]
+    gray = [T.Grayscale(ch)] if name == "mnist" or ch == 1 else []   # OOD sets for an MNIST model
     if name == "fake":
         return D.FakeData(size=args.fake_size, image_size=(ch, size, size), num_classes=10,
                           transform=T.Compose(norm), random_offset=0 if train else 10_000)
@@ -618,7 +619,7 @@ def build_dataset(args, train=True, name=None, augment=False):
         path = os.path.join(root, "celeba64") if name != "folder" else root
         crop = [T.CenterCrop(140)] if name != "folder" else []     # CelebA: the 140 x 140 face crop
         try:
-            ds = D.ImageFolder(path, transform=T.Compose(crop + resize + flip + norm))
+            ds = D.ImageFolder(path, transform=T.Compose(crop + resize + gray + flip + norm))
         except (FileNotFoundError, OSError) as e:
             what = ("CelebA images (e.g. img_align_celeba/*.jpg) in a sub-folder"
                     if name != "folder" else "images in at least one sub-folder")
@@ -627,7 +628,6 @@ def build_dataset(args, train=True, name=None, augment=False):
         if name == "celeba64" and getattr(args, "class_cond", False):
             attach_celeba_attributes(ds, path)
         return ds
-    gray = [T.Grayscale(ch)] if name == "mnist" else []
     tf = T.Compose(resize + gray + flip + norm)
     makers = {
         "cifar10": (lambda: D.CIFAR10(root, train=train, download=True, transform=tf),
