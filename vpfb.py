@@ -363,20 +363,32 @@ def _groups(ch):
     return math.gcd(32, max(1, ch // 4))
 
 
+def _norm(ch, groups=None):
+    """GroupNorm with `groups` groups (the authors' nets: always 32), else the _groups rule."""
+    return nn.GroupNorm(groups or _groups(ch), ch)
+
+
 def timestep_embedding(t, dim, scale=1000.0):
-    """Sinusoidal embedding of t in [0, 1] (scaled to diffusion-style 0..1000), (B,) -> (B, dim)."""
+    """Sinusoidal embedding of scale * t, (B,) -> (B, dim). scale = 1000 maps t in [0, 1] to the
+    diffusion-style 0..1000 (ours); the authors embed the raw t (scale = 1)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    k = torch.arange(half, device=t.device, dtype=torch.float32)
+    freqs = torch.exp(-math.log(10000.0) * k / half)
     ang = scale * t.float()[:, None] * freqs[None]
     return torch.cat([ang.cos(), ang.sin()], 1)
 
 
 class ResBlock(nn.Module):
-    def __init__(self, cin, cout, emb_dim, dropout):
+    """GroupNorm-SiLU-conv, time conditioning, GroupNorm-SiLU-dropout-conv, plus a skip.
+    Conditioning: add the embedding before the second norm (ours), or with scale_shift=True the
+    authors' FiLM form norm(h) * (1 + scale) + shift (the embedding gives 2 * cout numbers)."""
+
+    def __init__(self, cin, cout, emb_dim, dropout, scale_shift=False, groups=None):
         super().__init__()
-        self.n1, self.c1 = nn.GroupNorm(_groups(cin), cin), nn.Conv2d(cin, cout, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, cout)
-        self.n2, self.c2 = nn.GroupNorm(_groups(cout), cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.scale_shift = scale_shift
+        self.n1, self.c1 = _norm(cin, groups), nn.Conv2d(cin, cout, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * cout if scale_shift else cout)
+        self.n2, self.c2 = _norm(cout, groups), nn.Conv2d(cout, cout, 3, padding=1)
         self.drop = nn.Dropout(dropout)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
         nn.init.zeros_(self.c2.weight)
@@ -384,77 +396,121 @@ class ResBlock(nn.Module):
 
     def forward(self, x, emb):
         h = self.c1(F.silu(self.n1(x)))
-        h = h + self.emb(F.silu(emb))[:, :, None, None]           # add the time (and class) embedding
-        h = self.c2(self.drop(F.silu(self.n2(h))))
+        e = self.emb(F.silu(emb))[:, :, None, None]           # the time (and class) embedding
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.n2(h) * (1 + scale) + shift
+        else:
+            h = self.n2(h + e)
+        h = self.c2(self.drop(F.silu(h)))
         return self.skip(x) + h
 
 
 class AttnBlock(nn.Module):
     """Multi-head self-attention over pixels, written out with softmax: it has a double backward
-    (the flash / memory-efficient SDPA kernels do not), which the loss needs."""
+    (the flash / memory-efficient SDPA kernels do not), which the loss needs.
+    heads: a fixed number (the authors: 1), else ch // head_dim. order: how the 3 * ch channels
+    of the qkv conv split: "new" = q | k | v, then heads; "legacy" = per head, then q, k, v."""
 
-    def __init__(self, ch, head_dim=64):
+    def __init__(self, ch, head_dim=64, heads=None, order="new", groups=None):
         super().__init__()
-        self.heads = max(1, ch // head_dim)
-        self.norm = nn.GroupNorm(_groups(ch), ch)
+        if order not in ("new", "legacy"):
+            raise ValueError(f"attention order must be 'new' or 'legacy', got {order!r}")
+        self.heads = heads or max(1, ch // head_dim)
+        self.order = order
+        self.norm = _norm(ch, groups)
         self.qkv, self.proj = nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, x):
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).unbind(1)
-        att = torch.softmax(torch.einsum("bhcn,bhcm->bhnm", q, k) / math.sqrt(C // self.heads), dim=-1)
+        n, c = self.heads, C // self.heads
+        qkv = self.qkv(self.norm(x))
+        if self.order == "new":
+            q, k, v = qkv.reshape(B, 3, n, c, H * W).unbind(1)          # (B, heads, c, HW) each
+        else:
+            q, k, v = qkv.reshape(B, n, 3, c, H * W).unbind(2)
+        att = torch.softmax(torch.einsum("bhcn,bhcm->bhnm", q, k) / math.sqrt(c), dim=-1)
         out = torch.einsum("bhnm,bhcm->bhcn", att, v).reshape(B, C, H, W)
         return x + self.proj(out)
 
 
 class UNetPhi(nn.Module):
-    """Time-varying potential Phi(x, t [, y]) = 1/2 ||x - UNet(x, t [, y])||^2  (authors' scalar head).
+    """Time-varying potential Phi(x, t [, y]) = 1/2 ||x - UNet(x, t [, y])||^2 (authors' head).
 
     A guided-diffusion style U-Net: per resolution `num_res` ResBlocks (attention at `attn_res`),
-    down-sampling by strided conv, a ResBlock-Attention-ResBlock middle, and the mirror image going up
-    with skip connections. Paper size: base 128, mult (2,2,2), 4 blocks, attention at 16, dropout 0.3.
+    down-sampling, a ResBlock-Attention-ResBlock middle, and the mirror image going up with skip
+    connections. Paper size: base 128, mult (2,2,2), 4 blocks, attention at 16, dropout 0.3.
+    Keyword options (defaults = our network; AUTHORS_UNET = the authors' CIFAR-10/CelebA net):
+      scale_shift    FiLM time conditioning in every ResBlock (authors: True)
+      attn_heads     a fixed number of heads (authors: 1); None = ch // head_dim heads
+      attn_order     "new" (split q, k, v, then heads; ours and the authors') or "legacy"
+      conv_resample  strided conv down / nearest + conv up (ours); False: 2x2 average pool down,
+                     nearest up, no parameters (authors)
+      t_scale        the time embedding sees t_scale * t (ours 1000; authors the raw t: 1)
+      stem_mult      the input conv gives base * mult[0] channels (authors) instead of base
+      norm_groups    GroupNorm groups everywhere (authors: 32); None = _groups(ch)
+      zero_out       zero-initialise the output conv, so Phi = 1/2 |x|^2 at start (authors)
     The trunk may run in bf16 (self.amp_dtype); the head and everything after it stay fp32."""
 
     def __init__(self, in_ch=3, base=128, mult=(2, 2, 2), num_res=4, attn_res=(16,), dropout=0.3,
-                 image_size=32, num_classes=0):
+                 image_size=32, num_classes=0, *, scale_shift=False, attn_heads=None, head_dim=64,
+                 attn_order="new", conv_resample=True, t_scale=1000.0, stem_mult=False,
+                 norm_groups=None, zero_out=False):
         super().__init__()
         self.amp_dtype = None
         emb = base * 4
-        self.base = base
+        self.base, self.t_scale = base, t_scale
         self.temb = nn.Sequential(nn.Linear(base, emb), nn.SiLU(), nn.Linear(emb, emb))
-        # class embedding with one extra "null" class (index num_classes): y=None -> unconditional Phi(x, t)
+        # class embedding with one extra "null" class (index num_classes): y=None -> Phi(x, t)
         self.num_classes = num_classes
         self.cemb = nn.Embedding(num_classes + 1, emb) if num_classes else None
-        self.inp = nn.Conv2d(in_ch, base, 3, padding=1)
-        self.down, chans, ch, res = nn.ModuleList(), [base], base, image_size
+
+        def res(cin, cout):
+            return ResBlock(cin, cout, emb, dropout, scale_shift, norm_groups)
+
+        def attn(c):
+            return AttnBlock(c, head_dim, attn_heads, attn_order, norm_groups)
+
+        ch = base * mult[0] if stem_mult else base
+        self.inp = nn.Conv2d(in_ch, ch, 3, padding=1)
+        self.down, chans, res_px = nn.ModuleList(), [ch], image_size
         for i, m in enumerate(mult):
             for _ in range(num_res):
-                blk = nn.ModuleList([ResBlock(ch, base * m, emb, dropout)])
+                blk = nn.ModuleList([res(ch, base * m)])
                 ch = base * m
-                if res in attn_res:
-                    blk.append(AttnBlock(ch))
+                if res_px in attn_res:
+                    blk.append(attn(ch))
                 self.down.append(blk)
                 chans.append(ch)
             if i < len(mult) - 1:                                    # halve the resolution
-                self.down.append(nn.ModuleList([nn.Conv2d(ch, ch, 3, stride=2, padding=1)]))
+                if conv_resample:
+                    pool = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+                else:
+                    pool = nn.AvgPool2d(2)
+                self.down.append(nn.ModuleList([pool]))
                 chans.append(ch)
-                res //= 2
-        self.mid = nn.ModuleList([ResBlock(ch, ch, emb, dropout), AttnBlock(ch), ResBlock(ch, ch, emb, dropout)])
+                res_px //= 2
+        self.mid = nn.ModuleList([res(ch, ch), attn(ch), res(ch, ch)])
         self.up = nn.ModuleList()
         for i, m in reversed(list(enumerate(mult))):
             for j in range(num_res + 1):
-                blk = nn.ModuleList([ResBlock(ch + chans.pop(), base * m, emb, dropout)])
+                blk = nn.ModuleList([res(ch + chans.pop(), base * m)])
                 ch = base * m
-                if res in attn_res:
-                    blk.append(AttnBlock(ch))
+                if res_px in attn_res:
+                    blk.append(attn(ch))
                 if i > 0 and j == num_res:                           # double the resolution
                     blk.append(nn.Upsample(scale_factor=2, mode="nearest"))
-                    blk.append(nn.Conv2d(ch, ch, 3, padding=1))
-                    res *= 2
+                    if conv_resample:
+                        blk.append(nn.Conv2d(ch, ch, 3, padding=1))
+                    res_px *= 2
                 self.up.append(blk)
-        self.out = nn.Sequential(nn.GroupNorm(_groups(ch), ch), nn.SiLU(), nn.Conv2d(ch, in_ch, 3, padding=1))
+        self.out = nn.Sequential(_norm(ch, norm_groups), nn.SiLU(),
+                                 nn.Conv2d(ch, in_ch, 3, padding=1))
+        if zero_out:
+            nn.init.zeros_(self.out[2].weight)
+            nn.init.zeros_(self.out[2].bias)
 
     def _run(self, blk, h, emb):
         for layer in blk:
@@ -462,7 +518,7 @@ class UNetPhi(nn.Module):
         return h
 
     def unet(self, x, t, y=None):
-        emb = self.temb(timestep_embedding(t, self.base))
+        emb = self.temb(timestep_embedding(t, self.base, self.t_scale))
         if self.cemb is not None:
             if y is None:
                 y = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
@@ -481,6 +537,13 @@ class UNetPhi(nn.Module):
         with torch.autocast(x.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             u = self.unet(x, t, y)
         return 0.5 * (x - u.float()).flatten(1).pow(2).sum(1)            # Phi = 1/2 ||x - UNet(x, t)||^2
+
+
+# The authors' network (https://github.com/ljun0004/VAPO, configs/homotopy/cifar10.py, celeba.py):
+# UNetPhi(3, 128, (2, 2, 2), 4, attn_res=(image_size // 2,), dropout=0.3, **AUTHORS_UNET) has their
+# 55,676,419 parameters (README: 55.7M); loaded with their weights it computes their potential.
+AUTHORS_UNET = dict(scale_shift=True, attn_heads=1, attn_order="new", conv_resample=False,
+                    t_scale=1.0, stem_mult=True, norm_groups=32, zero_out=True)
 
 
 class WideBlock(nn.Module):
