@@ -140,7 +140,8 @@ def authors_network(ck, use_ema=True, image_size=32, name="checkpoint"):
             f"(unmatched keys: {_listing(odd)})")
     net = UNetPhi(**kw)
     names = authors_names(net)
-    unmatched = [k for k in sd if k not in set(names.values())]
+    known = set(names.values())
+    unmatched = [k for k in sd if k not in known]
     missing = [theirs for theirs in names.values() if theirs not in sd]
     if unmatched or missing:
         die(f"{name!r} does not fit the authors' U-Net it describes (unmatched keys: "
