@@ -369,26 +369,36 @@ def sgld(grad_energy, x0, n_steps=100, step_size=1e-3, temperature=1.0, return_t
 
 def _groups(ch):
     """GroupNorm groups: 32 as usual, but at least 4 channels per group. With one channel per group
-    the
-    norm would remove the per-channel time embedding added just before it (tiny test nets)."""
+    the norm would remove the per-channel time embedding added just before it (tiny test nets)."""
     return math.gcd(32, max(1, ch // 4))
 
 
+def _norm(ch, groups=None):
+    """GroupNorm with `groups` groups (the authors' nets: always 32), else the _groups rule."""
+    return nn.GroupNorm(groups or _groups(ch), ch)
+
+
 def timestep_embedding(t, dim, scale=1000.0):
-    """Sinusoidal embedding of t in [0, 1] (scaled to diffusion-style 0..1000), (B,) -> (B, dim)."""
+    """Sinusoidal embedding of scale * t, (B,) -> (B, dim). scale = 1000 maps t in [0, 1] to the
+    diffusion-style 0..1000 (ours); the authors embed the raw t (scale = 1)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device,
-                                                        dtype=torch.float32) / half)
+    k = torch.arange(half, device=t.device, dtype=torch.float32)
+    freqs = torch.exp(-math.log(10000.0) * k / half)
     ang = scale * t.float()[:, None] * freqs[None]
     return torch.cat([ang.cos(), ang.sin()], 1)
 
 
 class ResBlock(nn.Module):
-    def __init__(self, cin, cout, emb_dim, dropout):
+    """GroupNorm-SiLU-conv, time conditioning, GroupNorm-SiLU-dropout-conv, plus a skip.
+    Conditioning: add the embedding before the second norm (ours), or with scale_shift=True the
+    authors' FiLM form norm(h) * (1 + scale) + shift (the embedding gives 2 * cout numbers)."""
+
+    def __init__(self, cin, cout, emb_dim, dropout, scale_shift=False, groups=None):
         super().__init__()
-        self.n1, self.c1 = nn.GroupNorm(_groups(cin), cin), nn.Conv2d(cin, cout, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, cout)
-        self.n2, self.c2 = nn.GroupNorm(_groups(cout), cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.scale_shift = scale_shift
+        self.n1, self.c1 = _norm(cin, groups), nn.Conv2d(cin, cout, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * cout if scale_shift else cout)
+        self.n2, self.c2 = _norm(cout, groups), nn.Conv2d(cout, cout, 3, padding=1)
         self.drop = nn.Dropout(dropout)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
         nn.init.zeros_(self.c2.weight)
@@ -396,28 +406,42 @@ class ResBlock(nn.Module):
 
     def forward(self, x, emb):
         h = self.c1(F.silu(self.n1(x)))
-        h = h + self.emb(F.silu(emb))[:, :, None, None]         # add the time (and class) embedding
-        h = self.c2(self.drop(F.silu(self.n2(h))))
+        e = self.emb(F.silu(emb))[:, :, None, None]           # the time (and class) embedding
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.n2(h) * (1 + scale) + shift
+        else:
+            h = self.n2(h + e)
+        h = self.c2(self.drop(F.silu(h)))
         return self.skip(x) + h
 
 
 class AttnBlock(nn.Module):
     """Multi-head self-attention over pixels, written out with softmax: it has a double backward
-    (the flash / memory-efficient SDPA kernels do not), which the loss needs."""
+    (the flash / memory-efficient SDPA kernels do not), which the loss needs.
+    heads: a fixed number (the authors: 1), else ch // head_dim. order: how the 3 * ch channels
+    of the qkv conv split: "new" = q | k | v, then heads; "legacy" = per head, then q, k, v."""
 
-    def __init__(self, ch, head_dim=64):
+    def __init__(self, ch, head_dim=64, heads=None, order="new", groups=None):
         super().__init__()
-        self.heads = max(1, ch // head_dim)
-        self.norm = nn.GroupNorm(_groups(ch), ch)
+        if order not in ("new", "legacy"):
+            raise ValueError(f"attention order must be 'new' or 'legacy', got {order!r}")
+        self.heads = heads or max(1, ch // head_dim)
+        self.order = order
+        self.norm = _norm(ch, groups)
         self.qkv, self.proj = nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, x):
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).unbind(1)
-        att = torch.softmax(torch.einsum("bhcn,bhcm->bhnm", q, k) / math.sqrt(C // self.heads),
-                            dim=-1)
+        n, c = self.heads, C // self.heads
+        qkv = self.qkv(self.norm(x))
+        if self.order == "new":
+            q, k, v = qkv.reshape(B, 3, n, c, H * W).unbind(1)          # (B, heads, c, HW) each
+        else:
+            q, k, v = qkv.reshape(B, n, 3, c, H * W).unbind(2)
+        att = torch.softmax(torch.einsum("bhcn,bhcm->bhnm", q, k) / math.sqrt(c), dim=-1)
         out = torch.einsum("bhnm,bhcm->bhcn", att, v).reshape(B, C, H, W)
         return x + self.proj(out)
 
@@ -426,51 +450,77 @@ class UNetPhi(nn.Module):
     """Time-varying potential Phi(x, t [, y]) = 1/2 ||x - UNet(x, t [, y])||^2 (authors' head).
 
     A guided-diffusion style U-Net: per resolution `num_res` ResBlocks (attention at `attn_res`),
-    down-sampling by strided conv, a ResBlock-Attention-ResBlock middle, and the mirror image going
-    up with skip connections. Paper size: base 128, mult (2,2,2), 4 blocks, attention at 16,
-    dropout 0.3.
+    down-sampling, a ResBlock-Attention-ResBlock middle, and the mirror image going up with skip
+    connections. Paper size: base 128, mult (2,2,2), 4 blocks, attention at 16, dropout 0.3.
+    Keyword options (defaults = our network; AUTHORS_UNET = the authors' CIFAR-10/CelebA net):
+      scale_shift    FiLM time conditioning in every ResBlock (authors: True)
+      attn_heads     a fixed number of heads (authors: 1); None = ch // head_dim heads
+      attn_order     "new" (split q, k, v, then heads; ours and the authors') or "legacy"
+      conv_resample  strided conv down / nearest + conv up (ours); False: 2x2 average pool down,
+                     nearest up, no parameters (authors)
+      t_scale        the time embedding sees t_scale * t (ours 1000; authors the raw t: 1)
+      stem_mult      the input conv gives base * mult[0] channels (authors) instead of base
+      norm_groups    GroupNorm groups everywhere (authors: 32); None = _groups(ch)
+      zero_out       zero-initialise the output conv, so Phi = 1/2 |x|^2 at start (authors)
     The trunk may run in bf16 (self.amp_dtype); the head and everything after it stay fp32."""
 
     def __init__(self, in_ch=3, base=128, mult=(2, 2, 2), num_res=4, attn_res=(16,), dropout=0.3,
-                 image_size=32, num_classes=0):
+                 image_size=32, num_classes=0, *, scale_shift=False, attn_heads=None, head_dim=64,
+                 attn_order="new", conv_resample=True, t_scale=1000.0, stem_mult=False,
+                 norm_groups=None, zero_out=False):
         super().__init__()
         self.amp_dtype = None
         emb = base * 4
-        self.base = base
+        self.base, self.t_scale = base, t_scale
         self.temb = nn.Sequential(nn.Linear(base, emb), nn.SiLU(), nn.Linear(emb, emb))
         # class embedding with one extra "null" class (index num_classes): y=None -> Phi(x, t)
         self.num_classes = num_classes
         self.cemb = nn.Embedding(num_classes + 1, emb) if num_classes else None
-        self.inp = nn.Conv2d(in_ch, base, 3, padding=1)
-        self.down, chans, ch, res = nn.ModuleList(), [base], base, image_size
+
+        def res(cin, cout):
+            return ResBlock(cin, cout, emb, dropout, scale_shift, norm_groups)
+
+        def attn(c):
+            return AttnBlock(c, head_dim, attn_heads, attn_order, norm_groups)
+
+        ch = base * mult[0] if stem_mult else base
+        self.inp = nn.Conv2d(in_ch, ch, 3, padding=1)
+        self.down, chans, res_px = nn.ModuleList(), [ch], image_size
         for i, m in enumerate(mult):
             for _ in range(num_res):
-                blk = nn.ModuleList([ResBlock(ch, base * m, emb, dropout)])
+                blk = nn.ModuleList([res(ch, base * m)])
                 ch = base * m
-                if res in attn_res:
-                    blk.append(AttnBlock(ch))
+                if res_px in attn_res:
+                    blk.append(attn(ch))
                 self.down.append(blk)
                 chans.append(ch)
             if i < len(mult) - 1:                                    # halve the resolution
-                self.down.append(nn.ModuleList([nn.Conv2d(ch, ch, 3, stride=2, padding=1)]))
+                if conv_resample:
+                    pool = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+                else:
+                    pool = nn.AvgPool2d(2)
+                self.down.append(nn.ModuleList([pool]))
                 chans.append(ch)
-                res //= 2
-        self.mid = nn.ModuleList([ResBlock(ch, ch, emb, dropout), AttnBlock(ch),
-                                  ResBlock(ch, ch, emb, dropout)])
+                res_px //= 2
+        self.mid = nn.ModuleList([res(ch, ch), attn(ch), res(ch, ch)])
         self.up = nn.ModuleList()
         for i, m in reversed(list(enumerate(mult))):
             for j in range(num_res + 1):
-                blk = nn.ModuleList([ResBlock(ch + chans.pop(), base * m, emb, dropout)])
+                blk = nn.ModuleList([res(ch + chans.pop(), base * m)])
                 ch = base * m
-                if res in attn_res:
-                    blk.append(AttnBlock(ch))
+                if res_px in attn_res:
+                    blk.append(attn(ch))
                 if i > 0 and j == num_res:                           # double the resolution
                     blk.append(nn.Upsample(scale_factor=2, mode="nearest"))
-                    blk.append(nn.Conv2d(ch, ch, 3, padding=1))
-                    res *= 2
+                    if conv_resample:
+                        blk.append(nn.Conv2d(ch, ch, 3, padding=1))
+                    res_px *= 2
                 self.up.append(blk)
-        self.out = nn.Sequential(nn.GroupNorm(_groups(ch), ch), nn.SiLU(),
+        self.out = nn.Sequential(_norm(ch, norm_groups), nn.SiLU(),
                                  nn.Conv2d(ch, in_ch, 3, padding=1))
+        if zero_out:
+            nn.init.zeros_(self.out[2].weight)
+            nn.init.zeros_(self.out[2].bias)
 
     def _run(self, blk, h, emb):
         for layer in blk:
@@ -478,7 +528,7 @@ class UNetPhi(nn.Module):
         return h
 
     def unet(self, x, t, y=None):
-        emb = self.temb(timestep_embedding(t, self.base))
+        emb = self.temb(timestep_embedding(t, self.base, self.t_scale))
         if self.cemb is not None:
             if y is None:
                 y = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
@@ -498,6 +548,13 @@ class UNetPhi(nn.Module):
                             enabled=self.amp_dtype is not None):
             u = self.unet(x, t, y)
         return 0.5 * (x - u.float()).flatten(1).pow(2).sum(1)       # Phi = 1/2 ||x - UNet(x, t)||^2
+
+
+# The authors' network (https://github.com/ljun0004/VAPO, configs/homotopy/cifar10.py, celeba.py):
+# UNetPhi(3, 128, (2, 2, 2), 4, attn_res=(image_size // 2,), dropout=0.3, **AUTHORS_UNET) has their
+# 55,676,419 parameters (README: 55.7M); loaded with their weights it computes their potential.
+AUTHORS_UNET = dict(scale_shift=True, attn_heads=1, attn_order="new", conv_resample=False,
+                    t_scale=1.0, stem_mult=True, norm_groups=32, zero_out=True)
 
 
 class WideBlock(nn.Module):
@@ -794,15 +851,18 @@ def step_seed(seed, step, rank):
 
 
 def build_network(args, num_classes):
+    """Phi from the flags; --recipe authors builds the authors' U-Net (AUTHORS_UNET)."""
     nc = num_classes if args.class_cond else 0
     if args.model == "unet":
         return UNetPhi(args.channels, args.model_size, args.ch_mult_t, args.res_blocks,
-                       args.attn_res_t, args.dropout, args.image_size, nc)
+                       args.attn_res_t, args.dropout, args.image_size, nc,
+                       **(AUTHORS_UNET if args.recipe == "authors" else {}))
     return WRNPhi(args.channels, args.model_size, args.wrn_depth, 0.0, nc)
 
 
-def make_network(args, device, num_classes):
-    net = build_network(args, num_classes).to(device)
+def make_network(args, device, num_classes, net=None):
+    """build_network (or the given net) on the device with the bf16 / channels-last switches."""
+    net = (build_network(args, num_classes) if net is None else net).to(device)
     amp = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
     net.amp_dtype = torch.bfloat16 if (amp and device.type == "cuda") else None   # bf16 trunk only
     if args.channels_last:
@@ -883,6 +943,9 @@ def train(args):
         die(f"--resume --ckpt {args.ckpt}: no such file")
     if args.resume and os.path.isfile(src):
         st = load_checkpoint(src)
+        if is_authors_checkpoint(st):
+            die(f"{src} is an authors' checkpoint: their optimizer state does not resume here; "
+                f"use it with --mode sample/ood/... --ckpt {src}")
         check_arch(st["args"], args, src)
         net.load_state_dict(st["model"])
         ema.load_state_dict(st["ema"])
@@ -1015,7 +1078,7 @@ def plot_history(history, path):
 # a checkpoint, and never more than one temp file).
 FORMAT = "vpfb/v1"
 ARCH_KEYS = ["model", "model_size", "ch_mult", "res_blocks", "attn_res", "dropout", "wrn_depth",
-             "class_cond", "image_size", "channels"]
+             "class_cond", "image_size", "channels", "recipe"]      # recipe: authors' U-Net or ours
 
 
 def plain_args(args):
@@ -1037,13 +1100,20 @@ def save_checkpoint(path, net, ema, opt, step, args, **extra):
     os.replace(path + ".tmp", path)
 
 
-def load_checkpoint(path):
+def read_torch_file(path):
     if not os.path.isfile(path):
         die(f"checkpoint {path!r} not found (train first, or pass --ckpt PATH)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         die(f"checkpoint {path!r} is corrupt or not a torch checkpoint ({type(e).__name__})")
+
+
+def load_checkpoint(path):
+    """Our checkpoint (old flag names mapped), or an authors' one as it is."""
+    state = read_torch_file(path)
+    if is_authors_checkpoint(state):
+        return state
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         fmt = state.get("format") if isinstance(state, dict) else type(state).__name__
         die(f"{path!r} is not a VPFB checkpoint (format {fmt!r}, expected {FORMAT!r})")
@@ -1065,10 +1135,182 @@ def check_arch(saved, args, path):
         die(f"{path} was trained with another architecture: {', '.join(diff)}")
 
 
+# ---- The authors' checkpoints (https://github.com/ljun0004/VAPO, README "Checkpoints") ----
+# Their main.py saves score_sde-style dicts: "model" = the state dict of nn.DataParallel(MyUnet),
+# keys "module.model.<guided-diffusion UNet key>"; "ema" = {"decay", "num_updates",
+# "shadow_params": EMA copies of model.parameters(), in that order}; "optimizer", "step",
+# "sigma_max". Their UNet is our UNetPhi built with AUTHORS_UNET, and the names map as
+#   time_embed.{0,2} -> temb.{0,2}   input_blocks.0.0 -> inp        label_emb -> cemb
+#   input_blocks.k.j -> down.(k-1).j middle_block.j -> mid.j        output_blocks.k.j -> up.k.j
+#   out.{0,2} -> out.{0,2}
+# inside a ResBlock in_layers.{0,2} -> n1, c1; emb_layers.1 -> emb; out_layers.{0,3} -> n2, c2;
+# skip_connection -> skip; inside attention norm, qkv, proj_out -> norm, qkv, proj (their 1-D
+# convs (O, I, 1) are our 1x1 convs (O, I, 1, 1)). A resampling conv is "op" (down) or "conv"
+# (up, where we keep nn.Upsample and the conv as two layers); with their conv_resample=False
+# (the released nets) there is none. Registration order is the same in both nets, so their
+# parameters() order - the order of shadow_params - is our named_parameters() order.
+# They embed the raw t in [0, 1] (temb_type "time"); the third input column (1 - t) is unused.
+
+_RES_NAMES = {"n1": "in_layers.0", "c1": "in_layers.2", "emb": "emb_layers.1",
+              "n2": "out_layers.0", "c2": "out_layers.3", "skip": "skip_connection"}
+_ATTN_NAMES = {"norm": "norm", "qkv": "qkv", "proj": "proj_out"}
+_AUTHORS_PREFIXES = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.",
+                     "output_blocks.", "out.")
+
+
+def is_authors_checkpoint(ck):
+    """True for a dict as the authors' code writes it (score_sde style), False for ours."""
+    return (isinstance(ck, dict) and "format" not in ck and isinstance(ck.get("model"), dict)
+            and isinstance(ck.get("ema"), dict)
+            and isinstance(ck["ema"].get("shadow_params"), (list, tuple)) and "step" in ck)
+
+
+def _strip(key):
+    """'module.model.out.2.weight' -> 'out.2.weight' (DataParallel, then their MyUnet wrapper)."""
+    for prefix in ("module.", "model."):
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def _listing(keys, n=6):
+    keys = list(keys)
+    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def authors_names(net):
+    """{our parameter name: the authors' name (no prefix)}, in our parameter order."""
+    names = {}
+    for key, _ in net.named_parameters():
+        part = key.split(".")
+        if part[0] == "temb":
+            theirs = "time_embed." + ".".join(part[1:])
+        elif part[0] == "cemb":
+            theirs = "label_emb." + part[1]
+        elif part[0] == "inp":
+            theirs = "input_blocks.0.0." + part[1]
+        elif part[0] == "out":
+            theirs = key
+        else:
+            if part[0] == "mid":
+                block, j, rest = "middle_block", int(part[1]), part[2:]
+                layer = net.mid[j]
+            else:
+                i, j, rest = int(part[1]), int(part[2]), part[3:]
+                layer = getattr(net, part[0])[i][j]
+                block = f"input_blocks.{i + 1}" if part[0] == "down" else f"output_blocks.{i}"
+            if isinstance(layer, ResBlock):
+                theirs = f"{block}.{j}.{_RES_NAMES[rest[0]]}.{rest[1]}"
+            elif isinstance(layer, AttnBlock):
+                theirs = f"{block}.{j}.{_ATTN_NAMES[rest[0]]}.{rest[1]}"
+            elif part[0] == "down":                       # strided conv: their Downsample.op
+                theirs = f"{block}.0.op.{rest[0]}"
+            else:                                         # conv after nn.Upsample: Upsample.conv
+                theirs = f"{block}.{j - 1}.conv.{rest[0]}"
+        names[key] = theirs
+    return names
+
+
+def authors_arch(sd, image_size=32):
+    """UNetPhi keyword arguments for the authors' net with (prefix-free) state dict sd.
+    attn_res is in pixels for a nominal image_size: the net itself is fully convolutional."""
+    base = sd["time_embed.0.weight"].shape[1]             # their embedding width = base channels
+    stem = sd["input_blocks.0.0.weight"]
+    blocks = sorted({int(k.split(".")[1]) for k in sd if k.startswith("input_blocks.")})
+    res = [k for k in blocks if f"input_blocks.{k}.0.in_layers.2.weight" in sd]
+    n_in = max(res) + 1                                   # the last level has no down-sampling
+    gaps = sorted(set(range(1, n_in)) - set(res))
+    num_res = gaps[0] - 1 if gaps else len(res)
+    levels = n_in // (num_res + 1)
+    if num_res < 1 or levels * (num_res + 1) != n_in or len(res) != levels * num_res:
+        raise ValueError("input blocks do not form a U-Net")
+    first = [1 + lv * (num_res + 1) for lv in range(levels)]
+    out_ch = [sd[f"input_blocks.{k}.0.in_layers.2.weight"].shape[0] for k in first]
+    mult = tuple(c // base for c in out_ch)
+    emb_out = sd["input_blocks.1.0.emb_layers.1.weight"].shape[0]
+    kw = dict(AUTHORS_UNET)
+    kw.update(scale_shift=emb_out == 2 * out_ch[0], stem_mult=stem.shape[0] != base,
+              conv_resample=bool(gaps) and f"input_blocks.{gaps[0]}.0.op.weight" in sd)
+    attn = tuple(image_size // 2 ** lv for lv, k in enumerate(first)
+                 if f"input_blocks.{k}.1.qkv.weight" in sd)
+    ncls = sd["label_emb.weight"].shape[0] - 1 if "label_emb.weight" in sd else 0
+    return dict(in_ch=stem.shape[1], base=base, mult=mult, num_res=num_res, attn_res=attn,
+                dropout=0.3, image_size=image_size, num_classes=ncls, **kw)
+
+
+def authors_args(ck, image_size=32):
+    """vpfb.py's architecture flags that describe an authors' checkpoint (for load_for_eval)."""
+    kw = authors_arch({_strip(k): v for k, v in ck["model"].items()}, image_size)
+    return {"model": "unet", "model_size": kw["base"], "recipe": "authors",
+            "ch_mult": ",".join(str(m) for m in kw["mult"]), "res_blocks": kw["num_res"],
+            "attn_res": ",".join(str(r) for r in kw["attn_res"]), "dropout": kw["dropout"],
+            "class_cond": kw["num_classes"] > 0, "channels": kw["in_ch"],
+            "image_size": image_size}
+
+
+def authors_network(ck, use_ema=True, image_size=32, name="checkpoint"):
+    """Our UNetPhi (eval mode, frozen) holding the weights of an authors' checkpoint dict `ck`:
+    the EMA shadow_params (use_ema) or the raw model. Anything that does not fit: one line,
+    exit 2."""
+    if not is_authors_checkpoint(ck):
+        found = _listing(sorted(ck)) if isinstance(ck, dict) else type(ck).__name__
+        die(f"{name!r} is not an authors' VAPO checkpoint (expects model, ema.shadow_params, "
+            f"step; found {found})")
+    sd = {_strip(k): v for k, v in ck["model"].items()}
+    try:
+        kw = authors_arch(sd, image_size)
+    except (KeyError, IndexError, ValueError, ZeroDivisionError, AttributeError):
+        odd = [k for k in sd if not k.startswith(_AUTHORS_PREFIXES)] or list(sd)
+        die(f"{name!r} is a score_sde-style checkpoint but not the authors' VAPO U-Net "
+            f"(unmatched keys: {_listing(odd)})")
+    net = UNetPhi(**kw)
+    names = authors_names(net)
+    known = set(names.values())
+    unmatched = [k for k in sd if k not in known]
+    missing = [theirs for theirs in names.values() if theirs not in sd]
+    if unmatched or missing:
+        die(f"{name!r} does not fit the authors' U-Net it describes (unmatched keys: "
+            f"{_listing(unmatched) or 'none'}; missing: {_listing(missing) or 'none'})")
+    theirs = sd
+    if use_ema:
+        # shadow_params[i] is the EMA of their i-th parameter; their parameter order is the order
+        # of their state dict (no buffers) and, by construction, our named_parameters() order
+        shadow, order = list(ck["ema"]["shadow_params"]), list(names.values())
+        if len(shadow) != len(order):
+            die(f"{name!r}: {len(shadow)} EMA shadow_params for {len(order)} parameters")
+        if list(sd) != order:
+            die(f"{name!r}: the model's tensors are not in the authors' parameter order")
+        theirs = dict(zip(order, shadow))
+    ours = {}
+    for key, p in net.named_parameters():
+        v = theirs[names[key]]
+        if not torch.is_tensor(v) or v.numel() != p.numel() or v.shape[:2] != p.shape[:2]:
+            shape = tuple(v.shape) if torch.is_tensor(v) else type(v).__name__
+            die(f"{name!r}: {names[key]} has shape {shape}, the network needs {tuple(p.shape)}")
+        ours[key] = v.reshape(p.shape).float()            # (O, I, 1) 1-D conv -> (O, I, 1, 1)
+    net.load_state_dict(ours, strict=True)
+    return net.eval().requires_grad_(False)
+
+
+def load_authors_checkpoint(path, use_ema=True, image_size=32):
+    """The authors' released Phi (Google Drive folders homotopy_cifar10 / homotopy_celeba,
+    checkpoints/checkpoint_*.pth) as our time-varying UNetPhi in eval mode: net(x, t) is their
+    potential at every t in [0, 1], x in [-1, 1] NCHW. EMA weights unless use_ema=False."""
+    return authors_network(read_torch_file(path), use_ema, image_size, name=path)
+
+
 def load_for_eval(args, device):
     """Rebuild the network of a checkpoint (EMA weights, raw with --no-ema); its architecture flags
-    win over the command line."""
-    state = load_checkpoint(args.ckpt or os.path.join(args.out_dir, "ckpt.pt"))
+    win over the command line. An authors' file gives their network and --recipe authors."""
+    path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
+    state = load_checkpoint(path)
+    if is_authors_checkpoint(state):               # their file says nothing of the data: --dataset
+        a = argparse.Namespace(**{**vars(args), **authors_args(state, args.image_size)})
+        parse_lists(a)
+        net = authors_network(state, not args.no_ema, args.image_size, name=path)
+        ncls = net.num_classes or 10
+        return maybe_compile(make_network(a, device, ncls, net), args), a, ncls
     saved = state["args"]
     a = argparse.Namespace(**{**vars(args), **{k: saved[k] for k in ARCH_KEYS + ["dataset"]
                                                if k in saved}})
@@ -1083,10 +1325,13 @@ def load_for_eval(args, device):
         net.load_state_dict(weights)
     except RuntimeError as e:
         die(f"checkpoint weights do not fit the network it describes ({str(e).splitlines()[0]})")
-    net.eval().requires_grad_(False)
+    return maybe_compile(net.eval().requires_grad_(False), args), a, ncls
+
+
+def maybe_compile(net, args):
     if args.compile:
         net = torch.compile(net)                     # first-order gradients only: fine for sampling
-    return net, a, ncls
+    return net
 
 
 # ==== 6. Experiment modes ====
@@ -1506,7 +1751,8 @@ def build_parser():
     a("--model-size", type=pos_int, default=128, help="base channels (unet 128 = paper's net)")
     a("--ch-mult", default="2,2,2", help="unet channel multipliers per resolution (authors 2,2,2)")
     a("--res-blocks", type=pos_int, default=4, help="unet residual blocks per resolution (4)")
-    a("--attn-res", default="16", help="unet resolutions with attention (and the middle)")
+    a("--attn-res", default=None, help="unet resolutions with attention (and the middle); "
+      "default 16, with --recipe authors image size // 2 (theirs)")
     a("--dropout", type=unit_float, default=0.3, help="dropout in the res blocks (authors 0.3)")
     a("--wrn-depth", type=pos_int, default=16, help="WideResNet depth (6n + 4)")
     a("--class-cond", action="store_true", help="class-conditional Phi(x, c) (for --mode compose)")
@@ -1619,6 +1865,8 @@ def resolve_args(args, argv=None):
         shape = NpzImages(args.data_dir).images.shape
         args.channels, size = shape[3], shape[1]
     args.image_size = args.image_size or size or (64 if args.dataset == "celeba64" else 32)
+    if args.attn_res is None:
+        args.attn_res = str(args.image_size // 2) if args.recipe == "authors" else "16"
     parse_lists(args)
     levels = 2 ** (len(args.ch_mult_t) - 1)
     if args.model == "unet" and args.image_size % levels:
