@@ -34,6 +34,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -81,8 +82,7 @@ class Schedule:
 
     def kernel_and_rates(self, t):
         """mu, sigma (Eq. 8) and mu_dot, sigma_dot (OT-FM: t, 1 - t, 1, -1; else autograd), for
-        x = mu xbar + sigma eps and the conditional velocity v = mu_dot xbar + sigma_dot eps (20)
-        """
+        x = mu xbar + sigma eps and the conditional velocity v = mu_dot xbar + sigma_dot eps (20)"""
         if self.is_otfm:
             return t, 1 - t, torch.ones_like(t), -torch.ones_like(t)
         with torch.enable_grad():
@@ -120,9 +120,8 @@ class Schedule:
         return ra * _sqnorm(x) + rb * _sqnorm(x - xbar)
 
     def gamma_bar(self, xbar, t):
-        """gamma_bar = E_{x ~ N(mu xbar, sigma^2 I)}[gamma] (Eq. 11)  -> (B,), by Gaussian moments:
-        E||x||^2 = mu^2 ||xbar||^2 + D sigma^2, E||x - xbar||^2 = (1 - mu)^2 ||xbar||^2 + D sigma^2
-        """
+        """gamma_bar = E_{x ~ N(mu xbar, sigma^2 I)}[gamma] (Eq. 11) -> (B,), by Gaussian moments:
+        E||x||^2 = mu^2 ||xbar||^2 + D sigma^2, E||x-xbar||^2 = (1 - mu)^2 ||xbar||^2 + D sigma^2"""
         ra, rb = self.rates(t)
         mu, sigma = self.mu_sigma(t)
         D, n2 = xbar[0].numel(), _sqnorm(xbar)
@@ -653,7 +652,7 @@ class NpzImages(torch.utils.data.Dataset):
         return x, int(self.labels[i]) if self.labels is not None else 0
 
 
-def build_dataset(args, train=True, name=None, augment=False):
+def build_dataset(args, train=True, name=None):
     """A dataset of (image in [-1, 1], label) for args.dataset (or `name`, for the OOD sets).
     cifar10 / cifar100 / svhn / mnist: torchvision (download=True into --data-dir); celeba64 (and
     celeba, the same images for OOD): an ImageFolder in <data-dir>/celeba64/; folder: any
@@ -666,7 +665,6 @@ def build_dataset(args, train=True, name=None, augment=False):
         return NpzImages(root)
     ch, size = args.channels, args.image_size
     norm = [T.ToTensor(), T.Normalize([0.5] * ch, [0.5] * ch)]                   # [0, 1] -> [-1, 1]
-    flip = [T.RandomHorizontalFlip()] if augment else []
     resize = [T.Resize(size), T.CenterCrop(size)]
     gray = [T.Grayscale(ch)] if name == "mnist" or ch == 1 else []   # OOD sets for an MNIST model
     if name == "fake":
@@ -676,7 +674,7 @@ def build_dataset(args, train=True, name=None, augment=False):
         path = os.path.join(root, "celeba64") if name != "folder" else root
         crop = [T.CenterCrop(140)] if name != "folder" else []     # CelebA: the 140 x 140 face crop
         try:
-            ds = D.ImageFolder(path, transform=T.Compose(crop + resize + gray + flip + norm))
+            ds = D.ImageFolder(path, transform=T.Compose(crop + resize + gray + norm))
         except (FileNotFoundError, OSError) as e:
             what = ("CelebA images (e.g. img_align_celeba/*.jpg) in a sub-folder"
                     if name != "folder" else "images in at least one sub-folder")
@@ -685,20 +683,16 @@ def build_dataset(args, train=True, name=None, augment=False):
         if name == "celeba64" and getattr(args, "class_cond", False):
             attach_celeba_attributes(ds, path)
         return ds
-    tf = T.Compose(resize + gray + flip + norm)
-    makers = {
-        "cifar10": (lambda: D.CIFAR10(root, train=train, download=True, transform=tf),
-                    "cifar-10-batches-py/ (from cifar-10-python.tar.gz)"),
-        "cifar100": (lambda: D.CIFAR100(root, train=train, download=True, transform=tf),
-                     "cifar-100-python/ (from cifar-100-python.tar.gz)"),
-        "svhn": (lambda: D.SVHN(os.path.join(root, "svhn"), split="train" if train else "test",
-                                download=True, transform=tf),
-                 "svhn/train_32x32.mat and svhn/test_32x32.mat"),
-        "mnist": (lambda: D.MNIST(root, train=train, download=True, transform=tf), "MNIST/raw/"),
-    }
-    make, what = makers[name]
+    tf = T.Compose(resize + gray + norm)
+    what = {"cifar10": "cifar-10-batches-py/ (from cifar-10-python.tar.gz)",
+            "cifar100": "cifar-100-python/ (from cifar-100-python.tar.gz)",
+            "svhn": "svhn/train_32x32.mat and svhn/test_32x32.mat", "mnist": "MNIST/raw/"}[name]
     try:
-        return make()
+        if name == "svhn":
+            return D.SVHN(os.path.join(root, "svhn"), split="train" if train else "test",
+                          download=True, transform=tf)
+        kind = {"cifar10": D.CIFAR10, "cifar100": D.CIFAR100, "mnist": D.MNIST}[name]
+        return kind(root, train=train, download=True, transform=tf)
     except Exception as e:  # no internet, bad archive, ...
         first = str(e).splitlines()[0] if str(e) else ""
         die(f"could not load {name} ({type(e).__name__}: {first}); "
@@ -791,7 +785,6 @@ def setup_distributed():
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     if world > 1:
-        import torch.distributed as dist
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
             torch.cuda.set_device(local)
@@ -803,7 +796,6 @@ def allreduce_grads(params, world):
     backward), which DDP's reducer does not support."""
     if world == 1:
         return
-    import torch.distributed as dist
     for p in params:
         if p.grad is not None:
             dist.all_reduce(p.grad)
@@ -814,7 +806,6 @@ def any_rank(flag, world, device):
     """True on every rank when it is true on one (stop signals, NaN guard)."""
     if world == 1:
         return bool(flag)
-    import torch.distributed as dist
     f = torch.tensor([float(flag)], device=device)
     dist.all_reduce(f, op=dist.ReduceOp.MAX)
     return f.item() > 0
@@ -926,9 +917,8 @@ def train(args):
     device = (torch.device(f"cuda:{local}") if (world > 1 and torch.cuda.is_available())
               else pick_device(args.device))
     torch.manual_seed(args.seed)                     # the same initial weights on every process
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True                # TF32: safe for this loss
-        torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cuda":                                       # TF32: safe for this loss
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     ds = build_dataset(args, train=True)
     ncls = num_classes_of(ds)
@@ -956,7 +946,6 @@ def train(args):
     elif args.resume and rank == 0:
         print(f"--resume: no checkpoint at {src}, starting from scratch")
     if world > 1:                                    # rank 0's weights everywhere
-        import torch.distributed as dist
         for t_ in list(net.state_dict().values()) + list(ema.state_dict().values()):
             dist.broadcast(t_, 0)
     log_path = os.path.join(args.out_dir, "metrics.jsonl")
@@ -964,8 +953,7 @@ def train(args):
         kept = read_metrics(log_path, upto=step) if step else []
         with open(log_path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
-        with open(os.path.join(args.out_dir, "args.json"), "w") as f:
-            json.dump(plain_args(args), f, indent=1)
+        _dump(args, "args.json", plain_args(args), echo=False)
     cond = Conditioned(net)
     model = make_vpfb(cond, args)
     batches = batch_iterator(ds, args, rank, world, step)
@@ -1018,9 +1006,8 @@ def train(args):
                 print(f"step {step}/{args.steps} loss {stats['loss']:.4f} cov {stats['cov']:.4f} "
                       f"cos {stats['cos']:.3f} |gPhi|^2 {stats['grad_x2']:.3g} poincare "
                       f"{stats['poincare_ratio']:.3g} | {1000 * dt:.1f} ms/it "
-                      f"{stats['images_per_s']:.1f} img/s "
-                      f"ETA {(args.steps - step) * dt / 60:.1f} min",
-                      flush=True)
+                      f"{stats['images_per_s']:.1f} img/s ETA {(args.steps - step) * dt / 60:.1f}"
+                      " min", flush=True)
             stopping = any_rank(stop.signum is not None, world, device)
             if rank == 0 and (stopping or step % args.save_every == 0 or step == args.steps):
                 save_checkpoint(ckpt_path, net, ema, opt, step, args, ema_updates=n_ema)
@@ -1045,7 +1032,6 @@ def train(args):
         stop.restore()
         getattr(batches, "_shutdown_workers", lambda: None)()    # workers ignore SIGTERM: stop them
     if world > 1:
-        import torch.distributed as dist
         dist.destroy_process_group()
     return net, ema
 
@@ -1083,13 +1069,8 @@ ARCH_KEYS = ["model", "model_size", "ch_mult", "res_blocks", "attn_res", "dropou
 
 def plain_args(args):
     """args as a plain dict of str/int/float/bool/None/list (safe for weights_only loading)."""
-    out = {}
-    for k, v in vars(args).items():
-        if isinstance(v, (str, int, float, bool, type(None))):
-            out[k] = v
-        elif isinstance(v, (list, tuple)):
-            out[k] = list(v)
-    return out
+    return {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in vars(args).items()
+            if isinstance(v, (str, int, float, bool, type(None), list, tuple))}
 
 
 def save_checkpoint(path, net, ema, opt, step, args, **extra):
@@ -1142,18 +1123,16 @@ def check_arch(saved, args, path):
 # "sigma_max". Their UNet is our UNetPhi built with AUTHORS_UNET, and the names map as
 #   time_embed.{0,2} -> temb.{0,2}   input_blocks.0.0 -> inp        label_emb -> cemb
 #   input_blocks.k.j -> down.(k-1).j middle_block.j -> mid.j        output_blocks.k.j -> up.k.j
-#   out.{0,2} -> out.{0,2}
-# inside a ResBlock in_layers.{0,2} -> n1, c1; emb_layers.1 -> emb; out_layers.{0,3} -> n2, c2;
-# skip_connection -> skip; inside attention norm, qkv, proj_out -> norm, qkv, proj (their 1-D
-# convs (O, I, 1) are our 1x1 convs (O, I, 1, 1)). A resampling conv is "op" (down) or "conv"
-# (up, where we keep nn.Upsample and the conv as two layers); with their conv_resample=False
-# (the released nets) there is none. Registration order is the same in both nets, so their
-# parameters() order - the order of shadow_params - is our named_parameters() order.
+#   out.{0,2} -> out.{0,2}   inside the blocks: _RES_NAMES, _ATTN_NAMES (1-D convs -> 1x1 convs)
+# A resampling conv is "op" (down) or "conv" (up, where we keep nn.Upsample and the conv as two
+# layers); with their conv_resample=False (the released nets) there is none. Registration order
+# is the same in both nets: their parameters() order (of shadow_params) = our named_parameters().
 # They embed the raw t in [0, 1] (temb_type "time"); the third input column (1 - t) is unused.
 
 _RES_NAMES = {"n1": "in_layers.0", "c1": "in_layers.2", "emb": "emb_layers.1",
               "n2": "out_layers.0", "c2": "out_layers.3", "skip": "skip_connection"}
 _ATTN_NAMES = {"norm": "norm", "qkv": "qkv", "proj": "proj_out"}
+_AUTHORS_TOP = {"temb": "time_embed", "cemb": "label_emb", "inp": "input_blocks.0.0", "out": "out"}
 _AUTHORS_PREFIXES = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.",
                      "output_blocks.", "out.")
 
@@ -1184,14 +1163,8 @@ def authors_names(net):
     names = {}
     for key, _ in net.named_parameters():
         part = key.split(".")
-        if part[0] == "temb":
-            theirs = "time_embed." + ".".join(part[1:])
-        elif part[0] == "cemb":
-            theirs = "label_emb." + part[1]
-        elif part[0] == "inp":
-            theirs = "input_blocks.0.0." + part[1]
-        elif part[0] == "out":
-            theirs = key
+        if part[0] in _AUTHORS_TOP:
+            theirs = ".".join([_AUTHORS_TOP[part[0]]] + part[1:])
         else:
             if part[0] == "mid":
                 block, j, rest = "middle_block", int(part[1]), part[2:]
@@ -1361,16 +1334,10 @@ def slerp(z0, z1, alpha):
 
 def auroc(pos, neg):
     """Area under the ROC curve, P(score_pos > score_neg) + 1/2 P(=), by ranks (Mann-Whitney U),
-    ties averaged. Plain numpy. pos: scores of in-distribution samples (should be higher)."""
+    ties averaged. pos: scores of in-distribution samples (should be higher)."""
+    from scipy.stats import rankdata
     pos, neg = np.asarray(pos, dtype=np.float64).ravel(), np.asarray(neg, dtype=np.float64).ravel()
-    allv = np.concatenate([pos, neg])
-    order = np.argsort(allv, kind="mergesort")
-    ranks = np.empty(len(allv))
-    ranks[order] = np.arange(1, len(allv) + 1)
-    uniq, inv, counts = np.unique(allv, return_inverse=True, return_counts=True)
-    if len(uniq) < len(allv):                                     # average the ranks of tied values
-        sums = np.bincount(inv, weights=ranks)
-        ranks = (sums / counts)[inv]
+    ranks = rankdata(np.concatenate([pos, neg]))                 # tied values: their mean rank
     n1, n0 = len(pos), len(neg)
     return float((ranks[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
@@ -1419,12 +1386,12 @@ def eval_setup(args):
     return device, net, a, ncls, (a.channels, a.image_size, a.image_size)
 
 
-def _dump(args, name, obj):
-    path = os.path.join(args.out_dir, name)
-    with open(path, "w") as f:
+def _dump(args, name, obj, echo=True):
+    """obj as <out-dir>/name (JSON), and on stdout unless echo=False."""
+    with open(os.path.join(args.out_dir, name), "w") as f:
         json.dump(obj, f, indent=1)
-    print(json.dumps(obj))
-    return path
+    if echo:
+        print(json.dumps(obj))
 
 
 def cmd_sample(args):
@@ -1456,9 +1423,8 @@ def cmd_nn(args, rows=8):
     train_ds = build_dataset(a, train=True)
     best_d = torch.full((rows, args.nn_k), float("inf"))
     best_x = torch.zeros(rows, args.nn_k, *shape)
-    from torch.utils.data import DataLoader
     xf = x.cpu().flatten(1)
-    for xb, _ in DataLoader(train_ds, batch_size=512):
+    for xb, _ in torch.utils.data.DataLoader(train_ds, batch_size=512):
         d = torch.cdist(xf, xb.flatten(1))                           # (rows, batch) pixel distances
         cand_d = torch.cat([best_d, d], 1)
         cand_x = torch.cat([best_x, xb[None].expand(rows, *xb.shape)], 1)
@@ -1505,8 +1471,7 @@ def cmd_hist(args):
 
 def cmd_ood(args):
     """OOD AUROC (Table 2): in-distribution = the test split of the training set (positives, should
-    score higher), OOD = each of --ood-sets; score = Phi_B. 'interp' = the mean of two test images.
-    """
+    score higher), OOD = each of --ood-sets; score = Phi_B. 'interp': the mean of 2 test images."""
     device, net, a, ncls, shape = eval_setup(args)
     ind_ds = build_dataset(a, train=False)
     pos, pos_auth = energies(net, a, ind_ds, device, args.ood_max)
@@ -1616,18 +1581,13 @@ def cmd_benchmark(args):
     data = [(torch.rand(B, C, S, S, generator=g) * 2 - 1, torch.randn(B, C, S, S, generator=g),
              torch.rand(B, generator=g) * args.t_end) for _ in range(args.bench_steps + n_warm)]
     cuda, res = device.type == "cuda", {}
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     for name in ("ours", "authors_fp32"):
         fast = name == "ours"
-        net = copy.deepcopy(base_net).to(device)
-        net.amp_dtype = torch.bfloat16 if (fast and args.amp != "none" and cuda) else None
         fmt = (torch.channels_last if fast and (args.channels_last or cuda)
                else torch.contiguous_format)
-        net = net.to(memory_format=fmt)
+        net = copy.deepcopy(base_net).to(device, memory_format=fmt)
+        net.amp_dtype = torch.bfloat16 if (fast and args.amp != "none" and cuda) else None
         if cuda:            # ours: TF32 everywhere; authors: PyTorch's defaults (cuDNN convs only)
             torch.backends.cuda.matmul.allow_tf32 = fast
             torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.benchmark = True
@@ -1670,8 +1630,7 @@ def cmd_benchmark(args):
     print(f"speed-up {summary['speedup_images_per_s']:.2f}x, max |loss diff| "
           f"{summary['max_abs_loss_diff']:.3g} (relative {summary['max_rel_loss_diff']:.3g}) "
           f"over {args.bench_steps} steps")
-    with open(os.path.join(args.out_dir, "benchmark.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    _dump(args, "benchmark.json", summary, echo=False)
     return summary
 
 
@@ -1723,31 +1682,26 @@ def build_parser():
     a("--dataset", default="cifar10", choices=DATASETS + ["svhn", "cifar100"],
       help="training set; npz: --data-dir is a .npz with uint8 `images` N x H x W x C")
     a("--data-dir", default="data", help="root of the datasets; folder: an ImageFolder; npz: file")
-    a("--image-size", type=pos_int, default=None, help="image side (default 32, celeba64 64, npz: "
-      "the file's)")
+    a("--image-size", type=pos_int, default=None, help="image side [32; celeba64 64; npz: its]")
     a("--fake-size", type=pos_int, default=512, help="number of FakeData images (--dataset fake)")
     a("--out-dir", default=None, help="output folder (default runs/vpfb_<dataset>)")
     a("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
     a("--seed", type=int, default=0, help="random seed")
     a("--workers", type=nonneg_int, default=4, help="DataLoader workers")
-    a("--threads", type=nonneg_int, default=0, help="torch CPU threads (0 = the cores this "
-      "process may use)")
+    a("--threads", type=nonneg_int, default=0, help="torch CPU threads (0 = this process' cores)")
     # optimisation (authors: Adam lr 1e-4, warm-up 5k, EMA 0.9999, fp32, batch 64)
     a("--batch-size", type=pos_int, default=128, help="batch size per process")
     a("--steps", type=nonneg_int, default=400_000, help="training steps")
     a("--lr", type=pos_float, default=1e-4, help="Adam learning rate")
     a("--warmup", type=nonneg_int, default=5000, help="linear learning-rate warm-up steps")
-    a("--grad-clip", type=nonneg_float, default=None, help="gradient clip (0 = off) [ours 1; "
-      "authors 3]")
+    a("--grad-clip", type=nonneg_float, default=None, help="clip (0 = off) [ours 1; authors 3]")
     a("--clip-mode", default=None, choices=["norm", "std"], help="norm: global norm [ours]; std: "
       "each element to +-(clip * Adam's RMS + 0.1) [authors]")
     a("--ema-decay", type=unit_float, default=0.9999, help="EMA decay of the sampling weights")
-    a("--no-ema-warmup", action="store_true", help="constant EMA decay (authors) instead of "
-      "min(decay, (1 + n) / (10 + n))")
+    a("--no-ema-warmup", action="store_true", help="constant EMA decay, no (1+n)/(10+n) warm-up")
     a("--no-ema", action="store_true", help="sample (grids, sample modes) with the raw weights")
     # network
-    a("--model", default="unet", choices=["unet", "wrn"],
-      help="unet = time-varying Phi(x, t); wrn = autonomous Phi(x) (WideResNet, ignores t)")
+    a("--model", default="unet", choices=["unet", "wrn"], help="Phi(x, t) U-Net; WideResNet Phi(x)")
     a("--model-size", type=pos_int, default=128, help="base channels (unet 128 = paper's net)")
     a("--ch-mult", default="2,2,2", help="unet channel multipliers per resolution (authors 2,2,2)")
     a("--res-blocks", type=pos_int, default=4, help="unet residual blocks per resolution (4)")
@@ -1759,9 +1713,8 @@ def build_parser():
     a("--p-uncond", type=unit_float, default=None, help="with --class-cond: fraction of labels "
       "replaced by a null class, so Phi(x) exists too [ours 0.1; authors 0.2]")
     # loss, Eq. (27): see the VPFB class for each choice
-    a("--recipe", default="ours", choices=["ours", "paper", "authors"],
-      help="preset for the loss and clipping flags below (explicit flags win): ours, paper (as "
-           "printed), authors (their code)")
+    a("--recipe", default="ours", choices=["ours", "paper", "authors"], help="preset of the "
+      "loss and clip flags (explicit flags win); authors: also their U-Net")
     a("--kappa", type=finite_float, default=None, help="w(t) = (1 - t)^kappa [ours 1]")
     a("--t-end", type=pos_float, default=1.0, help="t ~ U(0, t_end)")
     a("--t-max", type=pos_float, default=1.0 - 1e-5, help="stationarity: t clamped to t_max")
@@ -1770,16 +1723,11 @@ def build_parser():
     a("--lam-cos", type=nonneg_float, default=None, help="weight of the cosine term [1]")
     a("--lam-gx", type=nonneg_float, default=None, help="weight of E||grad_x Phi||^2 [1]")
     a("--lam-gt", type=nonneg_float, default=None, help="weight of E(dPhi/dt)^2 [ours 0.01]")
-    a("--cov-form", default=None, choices=["cov", "corr"], help="covariance (paper) or correlation "
-      "with detached std(Phi) (authors)")
-    a("--cos-form", default=None, choices=["paper", "authors"], help="cosine (paper) or "
-      "cosine^t / D (authors)")
-    a("--weight-on", default=None, choices=["ritz", "cov"], help="w(t) on cov + |grad|^2 (ours) "
-      "or on gamma only (paper, authors)")
-    a("--grad-norm", default=None, choices=["sum", "mean"], help="|grad Phi|^2 summed (paper) or "
-      "averaged (authors) over dims")
-    a("--bfactor", type=pos_float, default=None, help="c in Phi_B = (c Phi + f|x|^2)/g^2 [ours 2; "
-      "paper 4]")
+    a("--cov-form", default=None, choices=["cov", "corr"], help="cov (paper) or corr (authors)")
+    a("--cos-form", default=None, choices=["paper", "authors"], help="cos or cos^t / D (authors)")
+    a("--weight-on", default=None, choices=["ritz", "cov"], help="w(t) on cov + |grad|^2 or gamma")
+    a("--grad-norm", default=None, choices=["sum", "mean"], help="|grad Phi|^2 summed or averaged")
+    a("--bfactor", type=pos_float, default=None, help="c in Phi_B, Eq. (22) [ours 2; paper 4]")
     # samplers
     a("--sampler", default="rk45", choices=["euler", "rk45", "sgld"], help="sampler of the modes")
     a("--ode-steps", type=pos_int, default=100, help="Euler steps (and rk45 trajectory frames)")
@@ -1793,14 +1741,11 @@ def build_parser():
     a("--longrun-t1", type=pos_float, default=20.0, help="long-run ODE horizon t in [0, t1]")
     a("--clamp", action="store_true", help="clamp samples to [-1, 1] at the end")
     # engineering
-    a("--amp", default="auto", choices=["auto", "bf16", "none"], help="bf16 autocast of the "
-      "network trunk (auto: on CUDA; head and loss stay fp32)")
-    a("--compile", action="store_true", help="torch.compile the sampling network (training needs "
-      "a double backward, which compile does not support)")
+    a("--amp", default="auto", choices=["auto", "bf16", "none"], help="bf16 trunk (auto: on CUDA)")
+    a("--compile", action="store_true", help="torch.compile for sampling (not training: 2nd order)")
     a("--channels-last", action="store_true", help="NHWC memory format for the convolutions")
     a("--resume", action="store_true", help="resume from --ckpt, else <out-dir>/ckpt.pt")
-    a("--ckpt", default=None, help="checkpoint to read (default <out-dir>/ckpt.pt); writes go to "
-      "--out-dir")
+    a("--ckpt", default=None, help="checkpoint to read [<out-dir>/ckpt.pt], ours or the authors'")
     a("--log-every", type=pos_int, default=100, help="progress line every N steps")
     a("--save-every", type=pos_int, default=5000, help="checkpoint every N steps")
     a("--sample-every", type=nonneg_int, default=5000, help="sample grid every N steps (0 = off)")
