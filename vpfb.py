@@ -842,12 +842,12 @@ def step_seed(seed, step, rank):
 
 
 def build_network(args, num_classes):
-    """Phi from the flags; --recipe authors builds the authors' U-Net (AUTHORS_UNET)."""
+    """Phi from the flags; --net authors (the default of --recipe authors): their U-Net."""
     nc = num_classes if args.class_cond else 0
     if args.model == "unet":
         return UNetPhi(args.channels, args.model_size, args.ch_mult_t, args.res_blocks,
                        args.attn_res_t, args.dropout, args.image_size, nc,
-                       **(AUTHORS_UNET if args.recipe == "authors" else {}))
+                       **(AUTHORS_UNET if args.net == "authors" else {}))
     return WRNPhi(args.channels, args.model_size, args.wrn_depth, 0.0, nc)
 
 
@@ -1064,7 +1064,7 @@ def plot_history(history, path):
 # a checkpoint, and never more than one temp file).
 FORMAT = "vpfb/v1"
 ARCH_KEYS = ["model", "model_size", "ch_mult", "res_blocks", "attn_res", "dropout", "wrn_depth",
-             "class_cond", "image_size", "channels", "recipe"]      # recipe: authors' U-Net or ours
+             "class_cond", "image_size", "channels", "recipe", "net"]
 
 
 def plain_args(args):
@@ -1102,6 +1102,7 @@ def load_checkpoint(path):
     for old, new in (("channel_mult", "ch_mult"), ("num_res_blocks", "res_blocks")):
         if old in saved:
             saved.setdefault(new, saved.pop(old))
+    saved.setdefault("net", "ours")                      # written before --net existed
     saved.setdefault("channels", 1 if saved.get("dataset") == "mnist" else 3)
     if saved.get("image_size") is None:
         saved["image_size"] = 64 if saved.get("dataset") == "celeba64" else 32
@@ -1215,7 +1216,7 @@ def authors_arch(sd, image_size=32):
 def authors_args(ck, image_size=32):
     """vpfb.py's architecture flags that describe an authors' checkpoint (for load_for_eval)."""
     kw = authors_arch({_strip(k): v for k, v in ck["model"].items()}, image_size)
-    return {"model": "unet", "model_size": kw["base"], "recipe": "authors",
+    return {"model": "unet", "model_size": kw["base"], "recipe": "authors", "net": "authors",
             "ch_mult": ",".join(str(m) for m in kw["mult"]), "res_blocks": kw["num_res"],
             "attn_res": ",".join(str(r) for r in kw["attn_res"]), "dropout": kw["dropout"],
             "class_cond": kw["num_classes"] > 0, "channels": kw["in_ch"],
@@ -1705,8 +1706,9 @@ def build_parser():
     a("--model-size", type=pos_int, default=128, help="base channels (unet 128 = paper's net)")
     a("--ch-mult", default="2,2,2", help="unet channel multipliers per resolution (authors 2,2,2)")
     a("--res-blocks", type=pos_int, default=4, help="unet residual blocks per resolution (4)")
-    a("--attn-res", default=None, help="unet resolutions with attention (and the middle); "
-      "default 16, with --recipe authors image size // 2 (theirs)")
+    a("--net", default=None, choices=["ours", "authors"], help="unet variant [the recipe's]")
+    a("--attn-res", default=None, help="unet resolutions with attention (and the middle) [16; "
+      "--net authors: image size // 2]")
     a("--dropout", type=unit_float, default=0.3, help="dropout in the res blocks (authors 0.3)")
     a("--wrn-depth", type=pos_int, default=16, help="WideResNet depth (6n + 4)")
     a("--class-cond", action="store_true", help="class-conditional Phi(x, c) (for --mode compose)")
@@ -1714,7 +1716,7 @@ def build_parser():
       "replaced by a null class, so Phi(x) exists too [ours 0.1; authors 0.2]")
     # loss, Eq. (27): see the VPFB class for each choice
     a("--recipe", default="ours", choices=["ours", "paper", "authors"], help="preset of the "
-      "loss and clip flags (explicit flags win); authors: also their U-Net")
+      "loss and clip flags (explicit flags win); authors: also --net authors")
     a("--kappa", type=finite_float, default=None, help="w(t) = (1 - t)^kappa [ours 1]")
     a("--t-end", type=pos_float, default=1.0, help="t ~ U(0, t_end)")
     a("--t-max", type=pos_float, default=1.0 - 1e-5, help="stationarity: t clamped to t_max")
@@ -1810,8 +1812,9 @@ def resolve_args(args, argv=None):
         shape = NpzImages(args.data_dir).images.shape
         args.channels, size = shape[3], shape[1]
     args.image_size = args.image_size or size or (64 if args.dataset == "celeba64" else 32)
+    args.net = args.net or ("authors" if args.recipe == "authors" else "ours")
     if args.attn_res is None:
-        args.attn_res = str(args.image_size // 2) if args.recipe == "authors" else "16"
+        args.attn_res = str(args.image_size // 2) if args.net == "authors" else "16"
     parse_lists(args)
     levels = 2 ** (len(args.ch_mult_t) - 1)
     if args.model == "unet" and args.image_size % levels:

@@ -319,3 +319,21 @@ def test_recipe_authors_builds_their_net_and_checkpoints_keep_it(tmp_path, capsy
     err = refused(capsys, lambda: vpfb.main(SMALL + flags + ["--resume", "--ckpt", theirs,
                                                              "--out-dir", out]))
     assert "authors' checkpoint" in err
+
+
+def test_recipe_authors_checkpoints_from_before_net_keep_our_unet(tmp_path, capsys):
+    """A --recipe authors run saved before --net existed has OUR U-Net: it reloads as ours, and
+    resuming it asks for --net ours in one line."""
+    out = str(tmp_path / "old")
+    flags = ["--model-size", "32", "--ch-mult", "1,2", "--res-blocks", "1", "--dropout", "0",
+             "--batch-size", "4", "--steps", "1", "--save-every", "1", "--log-every", "1",
+             "--sample-every", "0", "--workers", "0", "--recipe", "authors", "--out-dir", out]
+    vpfb.main(SMALL + flags + ["--net", "ours"])
+    ck = torch.load(f"{out}/ckpt.pt", weights_only=True)
+    del ck["args"]["net"]                                       # as written before the merge
+    torch.save(ck, f"{out}/ckpt.pt")
+    args = vpfb.resolve_args(vpfb.build_parser().parse_args(SMALL + ["--out-dir", out]))
+    net, a, _ = vpfb.load_for_eval(args, torch.device("cpu"))
+    assert a.net == "ours" and a.recipe == "authors" and not net.mid[0].scale_shift
+    err = refused(capsys, lambda: vpfb.main(SMALL + flags + ["--steps", "2", "--resume"]))
+    assert "--net 'authors' (checkpoint: 'ours')" in err
