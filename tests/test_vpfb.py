@@ -325,47 +325,52 @@ def test_sgld_reaches_boltzmann_variance():
 
 
 # ----------------------------------------------------------------------------- networks and training
-TINY = ["--dataset", "fake", "--image-size", "8", "--fake-size", "32", "--model-size", "8", "--num-res-blocks", "1",
-        "--channel-mult", "1,2", "--attn-res", "4", "--num-workers", "0", "--batch-size", "8", "--eval-batch", "8",
-        "--ode-steps", "3", "--num-samples", "4", "--log-every", "1", "--sample-every", "0", "--wrn-depth", "10"]
+TINY = ["--dataset", "fake", "--image-size", "8", "--fake-size", "32", "--model-size", "8",
+        "--res-blocks", "1", "--ch-mult", "1,2", "--attn-res", "4", "--workers", "0", "--batch-size", "8",
+        "--sample-batch", "8", "--ode-steps", "3", "--num-samples", "4", "--log-every", "1",
+        "--sample-every", "0", "--wrn-depth", "10", "--threads", "1"]
 
 
 def _fake_batch(n=16, size=8, seed=0):
-    ds = vpfb.get_dataset("fake", "data", True, size, fake_size=n)
-    return vpfb.first_images(ds, n)
+    args = vpfb.build_parser().parse_args(["--dataset", "fake", "--fake-size", str(n)])
+    args.channels, args.image_size = 3, size
+    return vpfb.first_images(vpfb.build_dataset(args), n)
 
 
 @pytest.mark.parametrize("kind", ["unet", "wrn"])
 def test_training_steps_lower_the_loss(kind):
-    """A few Adam steps on one FakeData batch (fixed noise and times) lower the loss, for both models."""
+    """Adam on one fixed FakeData batch (fixed noise and times, no dropout: a deterministic objective)
+    lowers the loss: the mean of the last 3 of 10 steps is clearly below the mean of the first 3."""
     torch.manual_seed(8)
-    args = vpfb.check_args(vpfb.build_parser().parse_args(TINY + ["--model", kind, "--out-dir", "/tmp/_vpfb_unused"]))
-    net = vpfb.build_network(args, 3, 10)
+    args = vpfb.resolve_args(vpfb.build_parser().parse_args(
+        TINY + ["--model", kind, "--dropout", "0", "--out-dir", "/tmp/_vpfb_unused"]))
+    net = vpfb.build_network(args, 10)
     model = vpfb.make_vpfb(net, args)
     assert model.autonomous == (kind == "wrn")
-    x = _fake_batch(8)
+    x = _fake_batch(16)
     eps, t = torch.randn_like(x), torch.rand(x.shape[0])
     out = net(x, t)
     assert out.shape == (x.shape[0],)
     if kind == "unet":
         assert (out >= 0).all()                                    # Phi = 1/2 |x - UNet|^2 >= 0
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     losses = []
-    for _ in range(5):
+    for _ in range(10):
         loss, st = model.loss(x, eps=eps, t=t)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < losses[0] - 1e-3 * abs(losses[0]), losses
+    first, last = np.mean(losses[:3]), np.mean(losses[-3:])
+    assert last < first - 0.05 * (abs(first) + 1), losses
 
 
 def test_bf16_trunk_and_channels_last_match_fp32():
     """The fast paths give the same loss: channels-last exactly (up to float round-off), the bf16 trunk
     within bf16 precision (the scalar head and the loss stay fp32)."""
     torch.manual_seed(12)
-    args = vpfb.check_args(vpfb.build_parser().parse_args(TINY + ["--out-dir", "/tmp/_vpfb_unused", "--dropout", "0"]))
-    net = vpfb.build_network(args, 3, 10)
+    args = vpfb.resolve_args(vpfb.build_parser().parse_args(TINY + ["--out-dir", "/tmp/_vpfb_unused", "--dropout", "0"]))
+    net = vpfb.build_network(args, 10)
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -389,9 +394,9 @@ def test_class_conditional_and_composition(kind):
     """Phi(x, t, c) depends on c, y=None is the null-class Phi(x, t), and the compositional potential is
     the average of the conditional energies (Sec. 4.3)."""
     torch.manual_seed(13)
-    args = vpfb.check_args(vpfb.build_parser().parse_args(TINY + ["--out-dir", "/tmp/_vpfb_unused", "--model", kind,
+    args = vpfb.resolve_args(vpfb.build_parser().parse_args(TINY + ["--out-dir", "/tmp/_vpfb_unused", "--model", kind,
                                                                    "--class-cond"]))
-    net = vpfb.build_network(args, 3, 10).eval()
+    net = vpfb.build_network(args, 10).eval()
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -406,15 +411,15 @@ def test_class_conditional_and_composition(kind):
 
 def test_unet_is_time_dependent_and_wrn_is_not():
     torch.manual_seed(9)
-    args = vpfb.check_args(vpfb.build_parser().parse_args(TINY + ["--out-dir", "/tmp/_vpfb_unused"]))
+    args = vpfb.resolve_args(vpfb.build_parser().parse_args(TINY + ["--out-dir", "/tmp/_vpfb_unused"]))
     x = _fake_batch(4)
-    u = vpfb.build_network(args, 3, 10).eval()
+    u = vpfb.build_network(args, 10).eval()
     with torch.no_grad():                      # the residual branches start at zero; wake them up
         for p in u.parameters():
             p.add_(0.05 * torch.randn_like(p))
     assert not torch.allclose(u(x, torch.zeros(4)), u(x, torch.ones(4) * 0.7))
     args.model = "wrn"
-    w = vpfb.build_network(args, 3, 10).eval()
+    w = vpfb.build_network(args, 10).eval()
     assert torch.allclose(w(x, torch.zeros(4)), w(x, torch.ones(4) * 0.7))
 
 
@@ -442,14 +447,14 @@ def test_slerp_keeps_norms():
 
 
 def test_checkpoint_round_trip_and_bad_files(tmp_path, capsys):
-    args = vpfb.check_args(vpfb.build_parser().parse_args(TINY + ["--out-dir", str(tmp_path)]))
-    net = vpfb.build_network(args, 3, 10)
+    args = vpfb.resolve_args(vpfb.build_parser().parse_args(TINY + ["--out-dir", str(tmp_path)]))
+    net = vpfb.build_network(args, 10)
     opt = torch.optim.Adam(net.parameters())
     path = str(tmp_path / "ckpt.pt")
     vpfb.save_checkpoint(path, net, net, opt, 7, args)
     st = torch.load(path, weights_only=True)                        # plain types only
     assert st["format"] == "vpfb/v1" and st["step"] == 7 and st["args"]["model_size"] == 8
-    net2 = vpfb.build_network(args, 3, 10)
+    net2 = vpfb.build_network(args, 10)
     net2.load_state_dict(vpfb.load_checkpoint(path)["ema"])
     for a, b in zip(net.state_dict().values(), net2.state_dict().values()):
         assert torch.equal(a, b)
@@ -475,7 +480,9 @@ def test_celeba_attribute_classes(tmp_path):
         Image.new("RGB", (20, 24), (i * 80, 10, 10)).save(d / f"{i:06d}.jpg")
     (tmp_path / "celeba64" / "list_attr_celeba.txt").write_text(
         "3\nBald Male Smiling Young\n000000.jpg -1 1 -1 -1\n000001.jpg 1 -1 -1 -1\n000002.jpg -1 -1 1 1\n")
-    ds = vpfb.get_dataset("celeba64", str(tmp_path), True, 8, class_cond=True)
+    args = vpfb.build_parser().parse_args(["--dataset", "celeba64", "--data-dir", str(tmp_path), "--class-cond"])
+    args.channels, args.image_size = 3, 8
+    ds = vpfb.build_dataset(args)
     assert vpfb.num_classes_of(ds) == 4
     x, y = ds[0]
     assert x.shape == (3, 8, 8) and x.min() >= -1 and x.max() <= 1
@@ -501,6 +508,15 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys):
         ["--mode", "sample", "--dataset", "fake", "--ckpt", str(f), "--out-dir", str(tmp_path)],    # corrupt ckpt
         ["--mode", "dance", "--dataset", "fake", "--out-dir", str(tmp_path)],                      # unknown mode
         ["--dataset", "fake", "--cov-form", "nope", "--out-dir", str(tmp_path)],                   # unknown form
+        # issue 11 items 3 and 5: NaN / out-of-range numbers are argparse errors, one line each
+        *[TINY + [flag, val, "--out-dir", str(tmp_path)] for flag, val in [
+            ("--lr", "nan"), ("--lr", "-1"), ("--ema-decay", "nan"), ("--sgld-step", "nan"),
+            ("--sample-batch", "0"), ("--t-max", "inf"), ("--kappa", "nan"), ("--threads", "-1")]],
+        TINY[:-2] + ["--mode", "sample", "--sampler", "sgld", "--sgld-step", "nan", "--out-dir", str(tmp_path)],
+        TINY + ["--image-size", "5", "--out-dir", str(tmp_path)],                       # U-Net halves it
+        TINY + ["--resume", "--ckpt", str(tmp_path / "missing.pt"), "--out-dir", str(tmp_path)],
+        ["--dataset", "npz", "--data-dir", str(tmp_path / "none.npz"), "--out-dir", str(tmp_path)],
+        ["--dataset", "npz", "--data-dir", str(f), "--out-dir", str(tmp_path)],              # not an npz
     ]
     for argv in cases:
         code, err = _main_exit(argv, capsys)
@@ -510,37 +526,284 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys):
 
 
 def test_nan_guard_stops_with_one_line(tmp_path, capsys):
-    """A diverging run (lr 1e30) skips non-finite steps and stops after 10 with a checkpoint and one line."""
-    code, err = _main_exit(TINY + ["--steps", "30", "--lr", "1e30", "--warmup", "1", "--grad-clip", "0", "--batch-size", "2",
-                                   "--out-dir", str(tmp_path)], capsys)
-    assert code == 2 and "NaN/inf" in err and err.count("\n") == 1
-    assert (tmp_path / "ckpt_nan.pt").exists()
+    """A diverging run (lr 1e30) skips its non-finite steps (no update), stops after 10 in a row with
+    one line and exit 3, and leaves the last good checkpoint as it was."""
+    out = str(tmp_path)
+    vpfb.main(TINY + ["--steps", "2", "--out-dir", out])
+    before = vpfb.load_checkpoint(f"{out}/ckpt.pt")
+    code, err = _main_exit(TINY + ["--steps", "30", "--lr", "1e30", "--warmup", "1", "--grad-clip", "0",
+                                   "--batch-size", "2", "--resume", "--out-dir", out], capsys)
+    assert code == 3 and "non-finite" in err and err.count("\n") == 1 and "ckpt.pt" in err
+    after = vpfb.load_checkpoint(f"{out}/ckpt.pt")
+    assert after["step"] == 2 and torch.equal(after["model"]["inp.weight"], before["model"]["inp.weight"])
 
 
-def test_cli_smoke_train_resume_sample(tmp_path):
-    """CleanRL-style: the real script in a subprocess for 2 steps, then resume to 3 and sample in-process."""
-    import subprocess
-    import sys
+def test_cli_smoke_train_sample(tmp_path, capsys):
+    """Train 2 steps (progress lines with ms/it, img/s), then sample: samples.npz (uint8 NHWC) for eval_fid.
+    The real script in a subprocess runs in test_sigterm_saves_and_resume_reaches_the_same_weights."""
     out = str(tmp_path / "run")
-    env = dict(vpfb.os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "vpfb.py", *TINY, "--steps", "2", "--out-dir", out], env=env,
-                       cwd=vpfb.os.path.dirname(vpfb.__file__), capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "ms/it" in r.stdout and "img/s" in r.stdout
+    vpfb.main(TINY + ["--steps", "2", "--out-dir", out])
+    log = capsys.readouterr().out
+    assert "ms/it" in log and "img/s" in log and "ETA" in log
     assert vpfb.load_checkpoint(f"{out}/ckpt.pt")["step"] == 2
-    vpfb.main(TINY + ["--steps", "3", "--resume", "--out-dir", out])
-    assert vpfb.load_checkpoint(f"{out}/ckpt.pt")["step"] == 3
-    assert len(open(f"{out}/metrics.jsonl").read().splitlines()) == 3
+    assert len(vpfb.read_metrics(f"{out}/metrics.jsonl")) == 2
     vpfb.main(TINY + ["--mode", "sample", "--sampler", "euler", "--out-dir", out])
     imgs = np.load(f"{out}/samples.npz")["images"]
     assert imgs.shape == (4, 8, 8, 3) and imgs.dtype == np.uint8
 
 
 def test_benchmark_mode_runs_on_cpu(tmp_path):
-    vpfb.main(TINY + ["--mode", "benchmark", "--bench-steps", "1", "--bench-warmup", "1", "--batch-size", "2", "--rtol", "0.1", "--atol", "0.1",
-                      "--out-dir", str(tmp_path)])
+    vpfb.main(TINY + ["--mode", "benchmark", "--bench-steps", "2", "--bench-warmup", "1", "--batch-size", "2",
+                      "--rtol", "0.1", "--atol", "0.1", "--channels-last", "--out-dir", str(tmp_path)])
     import json
     res = json.load(open(tmp_path / "benchmark.json"))
     assert set(res["configs"]) == {"ours", "authors_fp32"}
     assert res["configs"]["ours"]["images_per_s"] > 0 and res["configs"]["ours"]["ode_nfe"] > 0
-    assert res["max_abs_loss_diff"] >= 0
+    # on CPU "ours" and the authors' fp32 differ only in memory layout: the same losses up to round-off
+    # (amplified a little by Adam's normalised steps)
+    assert res["max_rel_loss_diff"] < 1e-2, res["max_rel_loss_diff"]
+
+
+# ----------------------------------------------------------------------------- reliability (issue 11)
+def _weights(path, key="model"):
+    return vpfb.load_checkpoint(path)[key]
+
+
+def _same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _losses(out):
+    return {r["step"]: r["loss"] for r in vpfb.read_metrics(f"{out}/metrics.jsonl")}
+
+
+def test_resume_reads_ckpt_writes_out_dir_and_matches_a_straight_run(tmp_path):
+    """Items 1, 6, 12: --resume --ckpt A/ckpt.pt --out-dir B reads A, leaves A untouched, writes B; and
+    the resumed run is bit-identical to an uninterrupted one (same losses after the resume, same final
+    weights and EMA): per-step RNG from (seed, step, rank), data order from (seed, step)."""
+    a, b, c = (str(tmp_path / n) for n in "abc")
+    vpfb.main(TINY + ["--steps", "3", "--out-dir", a])
+    src = open(f"{a}/ckpt.pt", "rb").read()
+    vpfb.main(TINY + ["--steps", "6", "--resume", "--ckpt", f"{a}/ckpt.pt", "--out-dir", b])
+    assert open(f"{a}/ckpt.pt", "rb").read() == src                          # the source is not clobbered
+    vpfb.main(TINY + ["--steps", "6", "--out-dir", c])                          # uninterrupted
+    assert vpfb.load_checkpoint(f"{b}/ckpt.pt")["step"] == 6
+    lb, lc = _losses(b), _losses(c)
+    assert sorted(lb) == [4, 5, 6] and all(lb[s] == lc[s] for s in lb)
+    for key in ("model", "ema"):
+        assert _same_weights(_weights(f"{b}/ckpt.pt", key), _weights(f"{c}/ckpt.pt", key))
+
+
+def test_resume_drops_stale_metrics_and_temp_files(tmp_path):
+    """Items 7, 8: a crash after the last save leaves metrics past the checkpoint's step and a temp file;
+    the resume drops both, and the loss plot is drawn from the whole run."""
+    out = str(tmp_path)
+    vpfb.main(TINY + ["--steps", "3", "--out-dir", out])
+    with open(f"{out}/metrics.jsonl", "a") as f:                        # steps 4, 5 of a lost run
+        f.write('{"step": 4, "loss": 1e9}\n{"step": 5, "loss": 1e9}\n')
+    (tmp_path / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")
+    vpfb.main(TINY + ["--steps", "5", "--resume", "--out-dir", out])
+    recs = vpfb.read_metrics(f"{out}/metrics.jsonl")
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5] and recs[3]["loss"] != 1e9
+    assert not any(".tmp" in p.name for p in tmp_path.iterdir())
+    assert (tmp_path / "loss.png").stat().st_size > 0
+
+
+def test_sigterm_saves_and_resume_reaches_the_same_weights(tmp_path):
+    """Item 4: SIGTERM to the whole process group (a preempted job; Ctrl-C reaches a terminal's group the
+    same way), with DataLoader workers, finishes the step, saves, prints one line, exits 143; resuming
+    reaches the same final weights as an uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+    a, c = str(tmp_path / "a"), str(tmp_path / "c")
+    env = dict(vpfb.os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, "vpfb.py", *TINY, "--steps", "100000", "--save-every", "100000",
+                          "--workers", "2", "--out-dir", a], env=env, cwd=vpfb.os.path.dirname(vpfb.__file__),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in p.stdout:
+        if line.startswith("step 2/"):
+            vpfb.os.killpg(p.pid, signal.SIGTERM)                    # the main process and its workers
+            break
+    rest, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err[-2000:]
+    last = rest.strip().splitlines()[-1]
+    assert last.startswith("stopped at step ") and "by SIGTERM" in last and "--resume" in last
+    n = vpfb.load_checkpoint(f"{a}/ckpt.pt")["step"]
+    assert last.startswith(f"stopped at step {n} ") and n >= 2
+    vpfb.main(TINY + ["--steps", str(n + 2), "--resume", "--out-dir", a])
+    vpfb.main(TINY + ["--steps", str(n + 2), "--out-dir", c])
+    assert _same_weights(_weights(f"{a}/ckpt.pt"), _weights(f"{c}/ckpt.pt"))
+
+
+def test_wrong_architecture_resume_names_the_flags(tmp_path, capsys):
+    """Item 5: resuming with another --model-size is one line naming the flag and both values."""
+    out = str(tmp_path)
+    vpfb.main(TINY + ["--steps", "1", "--out-dir", out])
+    code, err = _main_exit(TINY + ["--steps", "2", "--resume", "--ckpt", f"{out}/ckpt.pt", "--model-size", "16",
+                                   "--out-dir", str(tmp_path / "b")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--model-size 16 (checkpoint: 8)" in err
+
+
+def test_sample_refuses_non_finite_output(tmp_path, capsys):
+    """Item 3: a checkpoint whose weights are NaN samples garbage: exit 3, one line, nothing written."""
+    out = str(tmp_path)
+    vpfb.main(TINY + ["--steps", "1", "--out-dir", out])
+    st = vpfb.load_checkpoint(f"{out}/ckpt.pt")
+    st["ema"]["inp.weight"].fill_(float("nan"))
+    torch.save(st, f"{out}/ckpt.pt")
+    code, err = _main_exit(TINY + ["--mode", "sample", "--sampler", "euler", "--out-dir", out], capsys)
+    assert code == 3 and err.startswith("error: ") and err.count("\n") == 1
+    assert not (tmp_path / "samples.npz").exists() and not (tmp_path / "samples.png").exists()
+    vpfb.main(TINY + ["--mode", "sample", "--sampler", "euler", "--no-ema", "--out-dir", out])   # raw weights
+    assert (tmp_path / "samples.npz").exists()
+
+
+def test_threads_flag(tmp_path):
+    """Item 10: --threads N sets torch's CPU threads; 0 = the cores this process may use."""
+    vpfb.main(TINY[:-2] + ["--threads", "1", "--steps", "0", "--out-dir", str(tmp_path)])
+    assert torch.get_num_threads() == 1
+    vpfb.resolve_args(vpfb.build_parser().parse_args(TINY[:-2] + ["--out-dir", str(tmp_path)]))
+    assert torch.get_num_threads() == len(vpfb.os.sched_getaffinity(0))
+
+
+# ----------------------------------------------------------------------------- faithful defaults (issue 10)
+def test_authors_corr_divides_by_a_detached_std():
+    """--cov-form corr is the authors' Cov[Phi, Gamma] / (std(Gamma) std(Phi).detach()): scaling Phi -> c Phi
+    still moves the term (d/dc = the correlation), where a full Pearson correlation would be flat in c."""
+    torch.manual_seed(14)
+    xbar, eps, t = torch.randn(256, 3, dtype=DT), torch.randn(256, 3, dtype=DT), torch.rand(256, dtype=DT)
+    c = torch.ones((), dtype=DT, requires_grad=True)
+    phi = lambda x, tt: c * (x ** 2).sum(1)
+    model = vpfb.VPFB(phi, cov_form="corr", lam_cos=0, lam_gx=0, lam_gt=0, eta=0)
+    loss, _ = model.loss(xbar, eps=eps, t=t)
+    (dc,) = torch.autograd.grad(loss, c)
+    assert abs(dc.item() - loss.item()) < 1e-9 and abs(dc.item()) > 0.05
+
+
+def test_authors_recipe_puts_no_time_weight_on_the_gradient_norm():
+    """The authors' std_power_norm = 0: under --recipe authors E|grad Phi|^2 (averaged over dims) has no
+    (1 - t)^kappa weight; ours weights it like the covariance."""
+    torch.manual_seed(15)
+    xbar, eps, t = torch.randn(64, 4, dtype=DT), torch.randn(64, 4, dtype=DT), torch.rand(64, dtype=DT)
+    phi = lambda x, tt: 1.5 * (x ** 2).sum(1)                       # grad = 3 x
+    x = t[:, None] * xbar + (1 - t[:, None]) * eps
+    g2 = (9 * x ** 2).sum(1)
+    P = vpfb.build_parser()
+    authors = vpfb.loss_kwargs(P.parse_args(["--recipe", "authors"]))
+    st = vpfb.VPFB(phi, **authors).loss(xbar, eps=eps, t=t)[1]
+    assert st["grad_x2"] == pytest.approx((g2 / 4).mean().item(), rel=1e-9)
+    ours = vpfb.loss_kwargs(P.parse_args([]))
+    st = vpfb.VPFB(phi, **ours).loss(xbar, eps=eps, t=t)[1]
+    assert st["grad_x2"] == pytest.approx(((1 - t) * g2).mean().item(), rel=1e-9)
+
+
+def test_authors_recipe_optimiser_settings():
+    """--recipe authors: grad clip mode `std` with bound 3 and p_uncond 0.2 (their CIFAR-10 config);
+    ours: global-norm clip 1 and p_uncond 0.1; explicit flags win over the recipe."""
+    P = vpfb.build_parser()
+    a = vpfb.resolve_args(P.parse_args(TINY + ["--recipe", "authors", "--out-dir", "/tmp/_vpfb_unused"]))
+    assert (a.clip_mode, a.grad_clip, a.p_uncond) == ("std", 3.0, 0.2)
+    o = vpfb.resolve_args(P.parse_args(TINY + ["--out-dir", "/tmp/_vpfb_unused"]))
+    assert (o.clip_mode, o.grad_clip, o.p_uncond) == ("norm", 1.0, 0.1)
+    e = vpfb.resolve_args(P.parse_args(TINY + ["--recipe", "authors", "--grad-clip", "0", "--out-dir",
+                                               "/tmp/_vpfb_unused"]))
+    assert (e.clip_mode, e.grad_clip) == ("std", 0.0)
+
+
+def test_clip_std_is_elementwise_at_bound_times_adam_rms():
+    """The authors' clip mode `std`: each gradient element is clipped to +-(3 sqrt(v_hat) + 0.1), v_hat
+    Adam's bias-corrected second moment from the earlier steps; nothing is clipped before the first step."""
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = torch.optim.Adam([p], lr=1e-3, betas=(0.9, 0.999))
+    p.grad = torch.tensor([100.0, -100.0, 0.5, 0.0])
+    vpfb.clip_std_(opt, 3.0)                                             # no Adam state yet: unchanged
+    assert p.grad.tolist() == [100.0, -100.0, 0.5, 0.0]
+    p.grad = torch.tensor([1.0, 2.0, -0.5, 0.0])
+    opt.step()                                                           # v_hat = g^2 after one step
+    p.grad = torch.tensor([100.0, -100.0, 0.5, -50.0])
+    vpfb.clip_std_(opt, 3.0)
+    assert torch.allclose(p.grad, torch.tensor([3.1, -6.1, 0.5, -0.1]), atol=1e-5)
+
+
+def test_ema_warmup_follows_the_trained_weights(tmp_path):
+    """After 200 steps on FakeData the (warmed-up) EMA is nearer the trained weights than the
+    initialisation; the constant decay 0.9999 (authors, --no-ema-warmup) would still be 98 % init."""
+    out, small = str(tmp_path), TINY + ["--model", "wrn", "--model-size", "4"]   # the cheapest network
+    vpfb.main(small + ["--steps", "200", "--batch-size", "2", "--log-every", "100", "--lr", "1e-3",
+                       "--warmup", "10", "--out-dir", out])
+    args = vpfb.resolve_args(vpfb.build_parser().parse_args(small + ["--out-dir", out]))
+    torch.manual_seed(args.seed)
+    init = vpfb.build_network(args, 10).state_dict()                    # train()'s initialisation
+    st = vpfb.load_checkpoint(f"{out}/ckpt.pt")
+    dist = lambda a, b: sum((a[k].float() - b[k].float()).pow(2).sum() for k in a).sqrt().item()
+    assert dist(st["ema"], st["model"]) < dist(st["ema"], init) and st["ema_updates"] == 200
+    # the update rule itself: decay_n = min(decay, (1 + n) / (10 + n)), or decay without warm-up
+    net, ema = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+    for warm, n, expect in [(True, 0, 0.1), (True, 10**6, 0.9999), (False, 0, 0.9999)]:
+        net.weight.data.fill_(1.0)
+        ema.weight.data.fill_(0.0)
+        vpfb.ema_update(ema, net, 0.9999, n, warmup=warm)
+        assert ema.weight.item() == pytest.approx(1 - expect, rel=1e-6)
+
+
+def test_npz_dataset_round_trip(tmp_path):
+    """--dataset npz trains on any uint8 N x H x W x C array (channels and size from the file) and its
+    samples.npz has the same layout, so it can be trained on again."""
+    rng = np.random.default_rng(0)
+    f = tmp_path / "digits.npz"
+    np.savez(f, images=rng.integers(0, 256, (20, 6, 6, 1), dtype=np.uint8), labels=np.arange(20) % 3)
+    args = TINY[4:]                                                     # no --dataset, --image-size
+    assert "--dataset" not in args and "--image-size" not in args
+    out = str(tmp_path / "run")
+    vpfb.main(args + ["--dataset", "npz", "--data-dir", str(f), "--steps", "2", "--out-dir", out])
+    saved = vpfb.load_checkpoint(f"{out}/ckpt.pt")["args"]
+    assert (saved["channels"], saved["image_size"]) == (1, 6)
+    vpfb.main(args + ["--dataset", "npz", "--data-dir", str(f), "--mode", "sample", "--sampler", "euler",
+                      "--out-dir", out])
+    imgs = np.load(f"{out}/samples.npz")["images"]
+    assert imgs.shape == (4, 6, 6, 1) and imgs.dtype == np.uint8
+    ds = vpfb.NpzImages(f"{out}/samples.npz")
+    assert ds[0][0].shape == (1, 6, 6) and -1 <= ds[0][0].min() and ds[0][0].max() <= 1
+
+
+# ----------------------------------------------------------------------------- layout (issue 9)
+def test_file_layout_follows_the_spec():
+    """Method first: the banners in order, class VPFB in the first 300 lines, a short docstring, lines of
+    at most 100 characters, no ';'-joined statements, no reference to files outside the repository."""
+    import io
+    import tokenize
+    src = open(vpfb.__file__).read()
+    lines = src.splitlines()
+    banners = ["# ==== 1. The method ====", "# ==== 2. Networks ====",
+               "# ==== ENGINEERING: nothing below this line is in the paper ====", "# ==== 3. Data ====",
+               "# ==== 4. Training loop ====", "# ==== 5. Checkpoints ====",
+               "# ==== 6. Experiment modes ====", "# ==== 7. Arguments and main ===="]
+    at = [lines.index(b) for b in banners]
+    assert at == sorted(at)
+    assert lines.index(next(ln for ln in lines if ln.startswith("class VPFB"))) < 300
+    assert lines.index(next(ln for ln in lines[1:] if ln.startswith('"""'))) <= 26     # docstring
+    assert max(len(ln) for ln in lines) <= 100
+    toks = tokenize.generate_tokens(io.StringIO(src).readline)
+    assert not any(t.type == tokenize.OP and t.string == ";" for t in toks)
+    for ref in ("REFERENCE_NOTES", "API.md", "papers/"):
+        assert ref not in src
+    P = vpfb.build_parser()
+    for flag in ("--workers", "--ch-mult", "--res-blocks", "--sample-batch", "--threads", "--amp"):
+        assert flag in P._option_string_actions
+    assert P.parse_args([]).amp == "auto"
+
+
+def test_checkpoint_of_the_old_flag_names_still_loads(tmp_path):
+    """Checkpoints written before the twin renames (channel_mult, num_res_blocks, no channels) still
+    sample: load_checkpoint maps the old names."""
+    out = str(tmp_path)
+    vpfb.main(TINY + ["--steps", "1", "--out-dir", out])
+    st = vpfb.load_checkpoint(f"{out}/ckpt.pt")
+    a = st["args"]
+    a["channel_mult"], a["num_res_blocks"] = a.pop("ch_mult"), a.pop("res_blocks")
+    del a["channels"]
+    torch.save(st, f"{out}/ckpt.pt")
+    vpfb.main(["--mode", "sample", "--dataset", "fake", "--sampler", "euler", "--ode-steps", "2",
+               "--num-samples", "2", "--threads", "1", "--out-dir", out])
+    assert np.load(f"{out}/samples.npz")["images"].shape == (2, 8, 8, 3)
