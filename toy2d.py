@@ -92,7 +92,7 @@ def build_parser():
     g.add_argument("--method", default="em", choices=METHODS,
                    help="em = Energy Matching, vpfb = Variational Potential Flow Bayes, otcfm = OT "
                         "conditional flow matching baseline, cd = contrastive-divergence EBM "
-                        "baseline, all = every method, then a markdown table")
+                        "baseline, all = every method and a markdown table")
     g.add_argument("--recipe", default="ours", choices=sorted(RECIPES),
                    help="ours = sized for a laptop CPU (values below); authors = the EM authors' "
                         "2-D notebook run (22000 steps, MLP 256x4, 200-step chains on their clock, "
