@@ -67,8 +67,9 @@ TARGETS = ["moons", "8gauss", "circles", "checkerboard"]
 DEFAULT_SOURCE = {"em": "8gauss", "otcfm": "8gauss", "cd": "8gauss", "vpfb": "gauss"}
 AUTHORS_BATCH = 1024    # the EM authors' notebook samples 1024 points; its path length is of them
 
-# `--recipe authors`: the EM authors' 2-D run (experiments/toy2d in their repository: the notebook
-# and utils_2D.py). Flags given on the command line still win over these values.
+# `--recipe authors`: the EM authors' 2-D run, read from the notebook and utils_2D.py under
+# experiments/toy2d of https://github.com/m1balcerak/EnergyMatching. Sampler: Euler until the
+# path length reaches 500 (tau_s = 5 is only the cap). Flags on the command line win over these.
 RECIPES = {
     "ours": {},
     "authors": dict(steps=22000, cd_share=2000 / 22000, batch_size=128, lr=1e-4, hidden=256, depth=4,
