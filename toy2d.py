@@ -72,8 +72,8 @@ AUTHORS_BATCH = 1024    # the EM authors' notebook samples 1024 points; its path
 # path length reaches 500 (tau_s = 5 is only the cap). Flags on the command line win over these.
 RECIPES = {
     "ours": {},
-    "authors": dict(steps=22000, cd_share=2000 / 22000, batch_size=128, lr=1e-4, hidden=256, depth=4,
-                    first_act="relu", n_langevin=200, chain_dt=0.01, chain_clock="authors",
+    "authors": dict(steps=22000, cd_share=2000 / 22000, batch_size=128, lr=1e-4, hidden=256,
+                    depth=4, first_act="relu", n_langevin=200, chain_dt=0.01, chain_clock="authors",
                     lambda_cd=2.0, tau_star=0.8, eps_max=0.15, cd_trim=0.0, cd_neg_clamp=0.0,
                     flow_weighting=True, sigma=0.1, fresh_cd_batch=True, em_sampler="euler",
                     dt=0.01, max_length=500.0, tau_s=5.0),
