@@ -18,7 +18,8 @@ import toy2d
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "toy2d.py")
 TINY = ["--hidden", "16", "--depth", "2", "--batch-size", "32", "--n-langevin", "3",
-        "--tau-s", "0.1", "--ode-steps", "10", "--n-eval", "200", "--grid-n", "30", "--langevin-steps", "5"]
+        "--tau-s", "0.1", "--ode-steps", "10", "--n-eval", "200", "--grid-n", "30",
+        "--langevin-steps", "5"]
 
 
 def run_cli(args, **kw):
