@@ -67,12 +67,13 @@ TARGETS = ["moons", "8gauss", "circles", "checkerboard"]
 DEFAULT_SOURCE = {"em": "8gauss", "otcfm": "8gauss", "cd": "8gauss", "vpfb": "gauss"}
 AUTHORS_BATCH = 1024    # the EM authors' notebook samples 1024 points; its path length is of them
 
-# `--recipe authors`: the EM authors' 2-D run (experiments/toy2d in their repository: the notebook
-# and utils_2D.py). Flags given on the command line still win over these values.
+# `--recipe authors`: the EM authors' 2-D run, read from the notebook and utils_2D.py under
+# experiments/toy2d of https://github.com/m1balcerak/EnergyMatching. Sampler: Euler until the
+# path length reaches 500 (tau_s = 5 is only the cap). Flags on the command line win over these.
 RECIPES = {
     "ours": {},
-    "authors": dict(steps=22000, cd_share=2000 / 22000, batch_size=128, lr=1e-4, hidden=256, depth=4,
-                    first_act="relu", n_langevin=200, chain_dt=0.01, chain_clock="authors",
+    "authors": dict(steps=22000, cd_share=2000 / 22000, batch_size=128, lr=1e-4, hidden=256,
+                    depth=4, first_act="relu", n_langevin=200, chain_dt=0.01, chain_clock="authors",
                     lambda_cd=2.0, tau_star=0.8, eps_max=0.15, cd_trim=0.0, cd_neg_clamp=0.0,
                     flow_weighting=True, sigma=0.1, fresh_cd_batch=True, em_sampler="euler",
                     dt=0.01, max_length=500.0, tau_s=5.0),
@@ -92,7 +93,7 @@ def build_parser():
     g.add_argument("--method", default="em", choices=METHODS,
                    help="em = Energy Matching, vpfb = Variational Potential Flow Bayes, otcfm = OT "
                         "conditional flow matching baseline, cd = contrastive-divergence EBM "
-                        "baseline, all = every method, then a markdown table")
+                        "baseline, all = every method and a markdown table")
     g.add_argument("--recipe", default="ours", choices=sorted(RECIPES),
                    help="ours = sized for a laptop CPU (values below); authors = the EM authors' "
                         "2-D notebook run (22000 steps, MLP 256x4, 200-step chains on their clock, "

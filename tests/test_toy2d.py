@@ -18,7 +18,8 @@ import toy2d
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "toy2d.py")
 TINY = ["--hidden", "16", "--depth", "2", "--batch-size", "32", "--n-langevin", "3",
-        "--tau-s", "0.1", "--ode-steps", "10", "--n-eval", "200", "--grid-n", "30", "--langevin-steps", "5"]
+        "--tau-s", "0.1", "--ode-steps", "10", "--n-eval", "200", "--grid-n", "30",
+        "--langevin-steps", "5"]
 
 
 def run_cli(args, **kw):
@@ -223,7 +224,7 @@ def test_sigma_defaults_otcfm_tube_and_em():
         return torch.zeros_like(x)
 
     m.net = net
-    x = torch.zeros(4000, 2)                                      # x0 = x1: x_t = sigma * noise
+    x = torch.zeros(1000, 2)                                      # x0 = x1: x_t = sigma * noise
     m.loss(x, x.clone(), 0)
     assert seen["x"].std().item() == pytest.approx(0.1, rel=0.05)
 
@@ -250,7 +251,8 @@ def test_path_length_stop_of_the_authors_sampler():
     assert toy2d.path_length_stop(traj, 3.0) == 3
     assert toy2d.path_length_stop(traj, 11.0) is None
     # EMToy cuts the trajectory there, and the sample is its last state
-    a = _args(["--method", "em", "--recipe", "authors", "--max-length", "40", "--tau-s", "2"])
+    a = _args(["--method", "em", "--recipe", "authors", "--max-length", "40", "--tau-s", "2",
+               "--hidden", "16", "--depth", "2"])
     a.source = "8gauss"
     m = toy2d.EMToy(a)
     x0 = toy2d.sample_data("8gauss", 1200, torch.Generator().manual_seed(0))
