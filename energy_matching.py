@@ -1084,6 +1084,263 @@ def remove_stale_tmp(out_dir):
             os.remove(os.path.join(out_dir, name))
 
 
+# ---- The authors' released weights (https://github.com/m1balcerak/EnergyMatching) ----
+# Their training script saves torch.save dicts {"net_model", "ema_model", "sched", "optim", "step"};
+# both model entries are state dicts of their EBViTModelWrapper: torchcfm's UNetModelWrapper (the
+# guided-diffusion UNet, with a time embedding) run at a fixed dummy t = 0.5, then PatchEmbed(4) +
+# nn.TransformerEncoder (post-LN, GELU, 4 heads) + mean-pool + final_linear, times output_scale.
+# Same layers in the same order as UNetViTPotential (UNet attention: 64 channels per head, heads
+# split before q/k/v; stride-2 conv down, nearest + conv up; GroupNorm 32): only the names differ,
+# and the time layers are gone (folded, see fold_time_bias).
+AUTHORS_T = 0.5                  # the dummy time their potential(x, t) always feeds the UNet
+AUTHORS_OUTPUT_SCALE = 1000.0    # not in their files; 1000 in their CIFAR-10 and ImageNet32 configs
+_AUTHORS_RES = {"n1": "in_layers.0", "c1": "in_layers.2", "n2": "out_layers.0",
+                "c2": "out_layers.3", "skip": "skip_connection"}
+_AUTHORS_ATTN = {"norm": "norm", "qkv": "qkv", "proj": "proj_out"}
+_AUTHORS_VIT = {"qkv.weight": "self_attn.in_proj_weight", "qkv.bias": "self_attn.in_proj_bias",
+                "out.weight": "self_attn.out_proj.weight", "out.bias": "self_attn.out_proj.bias",
+                "ln1.weight": "norm1.weight", "ln1.bias": "norm1.bias",
+                "ln2.weight": "norm2.weight", "ln2.bias": "norm2.bias",
+                "ff.0.weight": "linear1.weight", "ff.0.bias": "linear1.bias",
+                "ff.3.weight": "linear2.weight", "ff.3.bias": "linear2.bias"}
+
+
+def _short(keys, n=8):
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def strip_prefixes(sd):
+    """Keys without DataParallel/DDP "module." and torch.compile "_orig_mod." prefixes."""
+    out = {}
+    for k, v in sd.items():
+        k = k.replace("_orig_mod.", "")
+        while k.startswith("module."):
+            k = k[len("module."):]
+        out[k] = v
+    return out
+
+
+def is_authors_checkpoint(ck):
+    """The authors' training-file layout: a dict whose "net_model" and "ema_model" are state dicts.
+    (Ours carries "format"; VPFB's authors' files carry "model"/"ema"/"sigma_max".)"""
+    return (isinstance(ck, dict) and "format" not in ck
+            and isinstance(ck.get("net_model"), dict) and isinstance(ck.get("ema_model"), dict))
+
+
+def sinusoidal_embedding(t, dim, max_period=10000.0):
+    """guided-diffusion's timestep features [cos(t f_i), sin(t f_i)], f_i = max_period^(-i/half)."""
+    half = dim // 2
+    f = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64) / half)
+    e = torch.cat([torch.cos(t * f), torch.sin(t * f)])
+    return torch.cat([e, e.new_zeros(dim % 2)])                          # (dim,)
+
+
+def authors_time_embedding(sd, t=AUTHORS_T):
+    """emb = time_embed(sinusoid(t)) = Linear(SiLU(Linear(.))), (4 ch,): input of every ResBlock."""
+    w0, b0 = sd["time_embed.0.weight"].double(), sd["time_embed.0.bias"].double()
+    w2, b2 = sd["time_embed.2.weight"].double(), sd["time_embed.2.bias"].double()
+    e = sinusoidal_embedding(t, w0.shape[1]).to(w0.device)
+    return F.linear(F.silu(F.linear(e, w0, b0)), w2, b2)
+
+
+def fold_time_bias(sd, prefix, emb):
+    """conv1's bias of the authors' ResBlock `prefix` with the time term folded in.
+
+    Their ResBlock adds emb_layers(emb) = Linear(SiLU(emb)), one value per channel, right after
+    its first conv. With t fixed at 0.5 that vector is a constant c, so moving it into the conv's
+    bias is exact (float32 rounding aside): conv(x) + b + c = conv(x) + (b + c). This is why our
+    network has no time layers and 47.1M parameters where theirs has 50.0M (time_embed 0.33M +
+    the ResBlocks' emb_layers 2.56M). Computed in float64, stored in the checkpoint's dtype."""
+    w, b = sd[f"{prefix}.emb_layers.1.weight"].double(), sd[f"{prefix}.emb_layers.1.bias"].double()
+    bias = sd[f"{prefix}.in_layers.2.bias"]
+    c = F.linear(F.silu(emb), w, b)
+    if c.shape != bias.shape:    # 2 x channels: scale-shift norm (FiLM after GroupNorm), not a bias
+        die(f"authors' ResBlock {prefix} uses scale-shift time conditioning (emb_layers gives "
+            f"{c.shape[0]} values for {bias.shape[0]} channels); only the additive form folds")
+    return (bias.double() + c).to(bias.dtype)
+
+
+def authors_arch(sd):
+    """UNetViTPotential keywords for an EBViTModelWrapper state dict, from key names and shapes."""
+    ch, C = sd["input_blocks.0.0.weight"].shape[:2]
+    dim, _, patch, _ = sd["patch_embed.patch_embed.weight"].shape
+    side = math.isqrt(sd["patch_embed.pos_embed"].shape[1]) * patch   # square: N = (H / patch)^2
+    n_in = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("input_blocks."))
+    downs = [i for i in range(n_in) if f"input_blocks.{i}.0.op.weight" in sd]
+    levels = len(downs) + 1
+    res_blocks = (n_in - 1 - len(downs)) // levels
+    mult, attn, res = [], [], side
+    for lvl in range(levels):
+        first = 1 + lvl * (res_blocks + 1)                       # first ResBlock of the level
+        mult.append(sd[f"input_blocks.{first}.0.in_layers.2.weight"].shape[0] // ch)
+        if f"input_blocks.{first}.1.qkv.weight" in sd:
+            attn.append(res)
+        res //= 2
+    depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer_encoder.layers."))
+    return dict(shape=(C, side, side), size=ch / 128, res_blocks=res_blocks, vit_depth=depth,
+                dropout=0.1, output_scale=AUTHORS_OUTPUT_SCALE, ch_mult=tuple(mult),
+                attn_res=tuple(attn), patch=patch)
+
+
+def authors_names(model):
+    """{our state-dict key: the authors' key} for every tensor of a UNetViTPotential, and the
+    authors' prefixes of its ResBlocks (whose time layers get folded)."""
+    names, resblocks = {}, []
+
+    def leaf(mod, ours, theirs, table=None):
+        if isinstance(mod, ResBlock):
+            resblocks.append(theirs)
+            table = _AUTHORS_RES
+        elif isinstance(mod, SelfAttention2d):
+            table = _AUTHORS_ATTN
+        for n in mod.state_dict():
+            if table:
+                head, rest = n.split(".", 1)
+                names[f"{ours}.{n}"] = f"{theirs}.{table[head]}.{rest}"
+            else:
+                names[f"{ours}.{n}"] = f"{theirs}.{n}"
+
+    def seq(mods, ours, theirs):
+        j, after_upsample = 0, False   # our nn.Upsample + Conv2d is their single Upsample(.conv)
+        for i, m in enumerate(mods):
+            if isinstance(m, nn.Upsample):
+                after_upsample = True
+                continue
+            leaf(m, f"{ours}.{i}", f"{theirs}.{j}.conv" if after_upsample else f"{theirs}.{j}")
+            j, after_upsample = j + 1, False
+
+    leaf(model.inp, "inp", "input_blocks.0.0")
+    for i, m in enumerate(model.down):             # their input_blocks[0] is our inp, so index + 1
+        if isinstance(m, nn.Conv2d):
+            leaf(m, f"down.{i}", f"input_blocks.{i + 1}.0.op")        # Downsample(conv, stride 2)
+        else:
+            seq(m, f"down.{i}", f"input_blocks.{i + 1}")
+    seq(model.mid, "mid", "middle_block")
+    for i, m in enumerate(model.up):
+        seq(m, f"up.{i}", f"output_blocks.{i}")
+    seq(model.out, "out", "out")
+    leaf(model.patch, "patch", "patch_embed.patch_embed")
+    names["pos"] = "patch_embed.pos_embed"
+    for i, blk in enumerate(model.blocks):
+        for n in blk.state_dict():
+            names[f"blocks.{i}.{n}"] = f"transformer_encoder.layers.{i}.{_AUTHORS_VIT[n]}"
+    leaf(model.head, "head", "final_linear")
+    return names, resblocks
+
+
+def authors_to_ours(sd, model, name="checkpoint"):
+    """Our state dict for `model` from the authors' (prefix-free) state dict `sd`: every tensor
+    mapped by name, the dummy-time layers folded into conv biases. A key left over or missing
+    gives one line, exit 2."""
+    names, resblocks = authors_names(model)
+    ours_keys = set(model.state_dict())
+    assert ours_keys == set(names), f"unmapped keys of ours: {_short(ours_keys - set(names))}"
+    time_keys = {f"time_embed.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
+    time_keys |= {f"{r}.emb_layers.1.{p}" for r in resblocks for p in ("weight", "bias")}
+    expected = set(names.values()) | time_keys
+    extra, missing = set(sd) - expected, expected - set(sd)
+    if extra or missing:
+        die(f"{name}: the authors' weights do not map onto UNetViTPotential; unmatched keys in the "
+            f"file: [{_short(extra)}]; missing: [{_short(missing)}]")
+    out = {k: sd[v] for k, v in names.items()}
+    emb = authors_time_embedding(sd)
+    for ours, theirs in names.items():
+        if theirs.endswith(".in_layers.2.bias"):                      # ResBlock conv1 bias
+            out[ours] = fold_time_bias(sd, theirs[:-len(".in_layers.2.bias")], emb)
+    want = model.state_dict()
+    bad = [f"{k} {tuple(out[k].shape)} vs ours {tuple(want[k].shape)}" for k in want
+           if out[k].shape != want[k].shape]
+    if bad:
+        die(f"{name}: tensor shapes differ from the rebuilt UNetViTPotential: {_short(bad, 4)}")
+    return out
+
+
+def authors_state_dict(ck, key="ema_model", name="checkpoint"):
+    """The prefix-free EBViTModelWrapper state dict ck[key] of an authors' file; else one line."""
+    if not is_authors_checkpoint(ck):
+        if isinstance(ck, dict) and "format" in ck:
+            kind = f"this file's own format {ck['format']!r}; load it with load_checkpoint"
+        elif isinstance(ck, dict):
+            kind = f"a dict with keys {_short(map(str, ck), 6)}"
+        else:
+            kind = type(ck).__name__
+        die(f"{name} is not an authors' Energy Matching checkpoint (a dict with 'net_model' and "
+            f"'ema_model' state dicts); it is {kind}")
+    sd = strip_prefixes(ck[key])
+    if any(k.startswith("mlp.") for k in sd):
+        die(f"{name} holds the authors' MLP-head potential (EBMLPModelWrapper); only the UNet+ViT "
+            f"one (EBViTModelWrapper) maps onto UNetViTPotential")
+    need = ("input_blocks.0.0.weight", "time_embed.0.weight", "patch_embed.patch_embed.weight",
+            "patch_embed.pos_embed", "transformer_encoder.layers.0.self_attn.in_proj_weight",
+            "final_linear.weight")
+    if not all(k in sd for k in need):
+        die(f"{name}: '{key}' is not an EBViTModelWrapper state dict "
+            f"(missing {_short([k for k in need if k not in sd], 3)})")
+    return sd
+
+
+def authors_model(sd, name="checkpoint"):
+    """An (untrained) UNetViTPotential of the architecture of the authors' state dict sd."""
+    try:
+        kw = authors_arch(sd)
+        model = UNetViTPotential(**kw)
+    except (KeyError, ValueError, IndexError, ZeroDivisionError, RuntimeError) as e:
+        die(f"{name}: cannot rebuild the authors' architecture from its keys "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+    widths = (sd["input_blocks.0.0.weight"].shape[0], sd["patch_embed.pos_embed"].shape[2])
+    if (model.inp.out_channels, model.patch.out_channels) != widths:
+        die(f"{name}: UNet width {widths[0]} with ViT width {widths[1]}: UNetViTPotential ties "
+            f"them (128 s, 384 s)")
+    model.arch_kwargs = kw               # so callers can rebuild the run's shape/model flags
+    return model
+
+
+def authors_potential(ck, use_ema=True, device="cpu", name="checkpoint"):
+    """UNetViTPotential (eval mode) from an authors' checkpoint dict already read by torch.load."""
+    sd = authors_state_dict(ck, "ema_model" if use_ema else "net_model", name)
+    model = authors_model(sd, name)
+    model.load_state_dict(authors_to_ours(sd, model, name))
+    return model.to(device).eval()
+
+
+def authors_checkpoint_as_ours(ck, name="checkpoint"):
+    """An authors' training file as this file's own checkpoint dict, so that load_checkpoint can
+    hand it to every mode: "model"/"ema" from their "net_model"/"ema_model", "args" from the
+    parser's defaults (authors' recipe: tau* 1, eps_max 0.01, dt 0.01) plus the architecture read
+    from the keys. "opt" is None: their Adam state is indexed by their parameter list (time
+    layers included), so --phase main from their warm-up file starts a fresh Adam."""
+    sd_ema = authors_state_dict(ck, "ema_model", name)
+    model = authors_model(sd_ema, name)
+    kw = model.arch_kwargs
+    if kw["shape"][0] != 3 or kw["attn_res"] != (16,) or kw["patch"] != 4:
+        die(f"{name}: an authors' network with {kw['shape'][0]} channels, attention at "
+            f"{kw['attn_res']}, patch {kw['patch']} has no flags here (3, (16,), 4)")
+    flags = ["--recipe", "authors", "--dataset", "cifar10", "--image-size", str(kw["shape"][1]),
+             "--model-size", str(kw["size"]), "--ch-mult", ",".join(map(str, kw["ch_mult"])),
+             "--res-blocks", str(kw["res_blocks"]), "--vit-depth", str(kw["vit_depth"]),
+             "--dropout", str(kw["dropout"]), "--output-scale", str(kw["output_scale"])]
+    args = resolve_args(build_parser().parse_args(flags))
+    net = authors_to_ours(authors_state_dict(ck, "net_model", name), model, name)
+    ema = authors_to_ours(sd_ema, model, name)
+    step = int(ck.get("step") or 0)
+    return {"format": CKPT_FORMAT, "model": net, "ema": ema, "opt": None, "step": step,
+            "phase": "authors", "phase_start": step, "args": args_to_dict(args)}
+
+
+def load_authors_checkpoint(path, use_ema=True, device="cpu"):
+    """Our UNetViTPotential (eval mode) from one of the authors' CIFAR-10 training files (e.g. their
+    cifar10_main_training_147000.pt): V(x) equals their potential(x, t), any t, to float32 rounding.
+    use_ema picks "ema_model" (their sampler's default) or "net_model". weights_only=True."""
+    if not os.path.isfile(path):
+        die(f"checkpoint not found: {path}")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        die(f"cannot read checkpoint {path} with weights_only=True ({type(e).__name__})")
+    return authors_potential(ck, use_ema, device, name=path)
+
+
 def load_checkpoint(path, map_location="cpu"):
     """Load and check a checkpoint; a corrupt, foreign or missing file is one line and exit code
     2."""
@@ -1093,6 +1350,8 @@ def load_checkpoint(path, map_location="cpu"):
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         die(f"cannot read checkpoint {path}: corrupt or not a PyTorch file ({type(e).__name__})")
+    if is_authors_checkpoint(obj):                  # the authors' released training files
+        return authors_checkpoint_as_ours(obj, path)
     if not isinstance(obj, dict) or obj.get("format") != CKPT_FORMAT:
         fmt = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         die(f"{path} is not an Energy Matching checkpoint (format {fmt!r}, not {CKPT_FORMAT!r})")
@@ -1149,7 +1408,9 @@ def eval_setup(args):
         args.tau_s = 3.0                                              # unused by LID
     if args.tau_s is None:
         args.tau_s = 1.0 if ck.get("phase") == "warmup" else 3.0
-        why = "phase-1 checkpoint: past t = 1 it only extrapolates" if args.tau_s == 1 else "paper"
+        why = ("phase-1 checkpoint: past t = 1 it only extrapolates" if args.tau_s == 1 else
+               "paper" + ("; the authors' README samples their files at 3.25"
+                          if ck.get("phase") == "authors" else ""))
         print(f"tau_s = {args.tau_s:g} ({why}; pass --tau-s to change)", flush=True)
     for k in ("tau_s", "dt", "sampler", "sample_batch", "num_samples"):
         if getattr(args, k) is not None:
