@@ -15,14 +15,14 @@ How to run (`python energy_matching.py --help` lists every flag with its default
     python energy_matching.py --mode inpaint --dataset celeba64      # Alg. 3, with vs without W
     python energy_matching.py --mode lid --dataset mnist             # Hessian LID vs PNG size
     python energy_matching.py --dataset npz --data-dir digits.npz    # any uint8 N x H x W x C array
---recipe authors (default) follows the authors' CIFAR-10 code, --recipe paper the paper's App. C;
-each difference between the two is a flag (README, "Paper vs code").
+    python energy_matching.py --mode sample --ckpt cifar10_main_training_147000.pt --tau-s 3.25
+--ckpt also reads the authors' released training files. --recipe authors (default) follows their
+CIFAR-10 code, --recipe paper the paper's App. C; each difference is a flag ("Paper vs code").
 
 Where the maths lives (section 1): Eq. 3 `temperature`; Alg. 1 `EnergyMatching.flow_loss` with
 `ot_pair` (Eq. 2); Alg. 2 `negatives`, `cd_loss`, `loss`; Eq. 6 / Alg. 2 line 8 `langevin`; the
 sampler `sde_sample`; Alg. 3 / Eqs. 7-8 `inverse_langevin`; Sec. 3.3 / App. B `lid_exact`,
-`lid_slq`. Section 2: the networks (Fig. 5 UNet + ViT, App. C CNN). Below the ENGINEERING line
-nothing is in the paper.
+`lid_slq`. Section 2: the networks (Fig. 5 UNet + ViT, App. C CNN). Below: engineering only.
 """
 import argparse
 import contextlib
@@ -566,10 +566,11 @@ class CNNPotential(nn.Module):
 
 # ==== 3. Data ====
 # Images live in [-1, 1] as float NCHW; files on disk are uint8 NHWC (samples.npz, --dataset npz).
-def die(msg):
-    """Bad input: one line "error: ..." on stderr and exit code 2 (never a traceback)."""
+def die(msg, code=2):
+    """Bad input: one line "error: ..." on stderr and exit code 2 (never a traceback); code 3:
+    non-finite numbers."""
     print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
 
 
 def load_npz(path):
@@ -1000,9 +1001,8 @@ def cmd_train(args):
                     f"{logs['grad_norm']:.4g}); skipped ({n_bad} in a row)")
                 if n_bad >= 10:
                     kept = ckpt_path if os.path.exists(ckpt_path) else "none written yet"
-                    print(f"error: {n_bad} non-finite steps in a row at step {done}; stopped; "
-                          f"last good checkpoint: {kept}", file=sys.stderr)
-                    sys.exit(3)
+                    die(f"{n_bad} non-finite steps in a row at step {done}; stopped; last good "
+                        f"checkpoint: {kept}", 3)
             rec = {"step": done, "phase": phase, **{k: round(v, 6) for k, v in logs.items()}}
             if args.log_every and (done % args.log_every == 0 or done == end_step):
                 if device.type == "cuda":
@@ -1408,9 +1408,7 @@ def eval_images(args, cargs, n, device):
 def refuse_non_finite(x, what):
     """Sample modes never write garbage: non-finite output is one line, exit 3, nothing written."""
     if not torch.isfinite(x).all():
-        print(f"error: {what} contain NaN/Inf (non-finite weights?); nothing written",
-              file=sys.stderr)
-        sys.exit(3)
+        die(f"{what} contain NaN/Inf (non-finite weights?); nothing written", 3)
 
 
 def save_npz_atomic(path, **arrays):

@@ -375,7 +375,7 @@ def test_unmatched_keys_are_listed(tmp_path, capsys, refs):
     assert "label_emb.weight" in err and "output_blocks.0.0.skip_connection.weight" in err
 
 
-# ---- the dispatch the lead wires into load_checkpoint: an authors' file as our checkpoint dict ----
+# ---- load_checkpoint's dispatch: an authors' file as our checkpoint dict, and --mode sample ----
 def test_as_our_checkpoint_feeds_model_from_checkpoint(tmp_path):
     torch.manual_seed(0)
     kw = dict(C=3, side=32, ch=32, mult=(1, 2), nres=1, attn_ds=(2,), dim=96, depth=1)  # size 0.25
