@@ -1156,6 +1156,9 @@ _AUTHORS_VIT = {"qkv.weight": "self_attn.in_proj_weight", "qkv.bias": "self_attn
 _AUTHORS_VIT.update({f"{o}.{p}": f"{t}.{p}" for p in ("weight", "bias") for o, t in (
     ("out", "self_attn.out_proj"), ("ln1", "norm1"), ("ln2", "norm2"), ("ff.0", "linear1"),
     ("ff.3", "linear2"))})
+_AUTHORS_NEED = ("input_blocks.0.0.weight", "time_embed.0.weight", "patch_embed.patch_embed.weight",
+                 "patch_embed.pos_embed", "transformer_encoder.layers.0.self_attn.in_proj_weight",
+                 "final_linear.weight")
 
 
 def _short(keys, n=8):
@@ -1169,8 +1172,7 @@ def strip_prefixes(sd):
 
 
 def is_authors_checkpoint(ck):
-    """The authors' training-file layout: a dict whose "net_model" and "ema_model" are state dicts.
-    (Ours carries "format"; VPFB's authors' files carry "model"/"ema"/"sigma_max".)"""
+    """Their layout: "net_model" and "ema_model" state dicts (ours has "format", VPFB's "model")."""
     return (isinstance(ck, dict) and "format" not in ck
             and isinstance(ck.get("net_model"), dict) and isinstance(ck.get("ema_model"), dict))
 
@@ -1185,20 +1187,19 @@ def sinusoidal_embedding(t, dim, max_period=10000.0):
 
 def authors_time_embedding(sd, t=AUTHORS_T):
     """emb = time_embed(sinusoid(t)) = Linear(SiLU(Linear(.))), (4 ch,): input of every ResBlock."""
-    w0, b0 = sd["time_embed.0.weight"].double(), sd["time_embed.0.bias"].double()
-    w2, b2 = sd["time_embed.2.weight"].double(), sd["time_embed.2.bias"].double()
+    w0, b0, w2, b2 = (sd[f"time_embed.{k}"].double() for k in ("0.weight", "0.bias", "2.weight",
+                                                                "2.bias"))
     e = sinusoidal_embedding(t, w0.shape[1]).to(w0.device)
     return F.linear(F.silu(F.linear(e, w0, b0)), w2, b2)
 
 
 def fold_time_bias(sd, prefix, emb):
-    """conv1's bias of the authors' ResBlock `prefix` with the time term folded in.
-
-    Their ResBlock adds emb_layers(emb) = Linear(SiLU(emb)), one value per channel, right after
-    its first conv. With t fixed at 0.5 that vector is a constant c, so moving it into the conv's
-    bias is exact (float32 rounding aside): conv(x) + b + c = conv(x) + (b + c). This is why our
-    network has no time layers and 47.1M parameters where theirs has 50.0M (time_embed 0.33M +
-    the ResBlocks' emb_layers 2.56M). Computed in float64, stored in the checkpoint's dtype."""
+    """conv1's bias of the authors' ResBlock `prefix` with the time term folded in."""
+    # Their ResBlock adds emb_layers(emb) = Linear(SiLU(emb)), one value per channel, right after
+    # its first conv. With t fixed at 0.5 that vector is a constant c, so moving it into the conv's
+    # bias is exact (float32 rounding aside): conv(x) + b + c = conv(x) + (b + c). This is why our
+    # network has no time layers and 47.1M parameters where theirs has 50.0M (time_embed 0.33M +
+    # the ResBlocks' emb_layers 2.56M). Computed in float64, stored in the checkpoint's dtype.
     w, b = sd[f"{prefix}.emb_layers.1.weight"].double(), sd[f"{prefix}.emb_layers.1.bias"].double()
     bias = sd[f"{prefix}.in_layers.2.bias"]
     c = F.linear(F.silu(emb), w, b)
@@ -1214,16 +1215,14 @@ def authors_arch(sd):
     dim, _, patch, _ = sd["patch_embed.patch_embed.weight"].shape
     side = math.isqrt(sd["patch_embed.pos_embed"].shape[1]) * patch   # square: N = (H / patch)^2
     n_in = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("input_blocks."))
-    downs = [i for i in range(n_in) if f"input_blocks.{i}.0.op.weight" in sd]
-    levels = len(downs) + 1
-    res_blocks = (n_in - 1 - len(downs)) // levels
-    mult, attn, res = [], [], side
-    for lvl in range(levels):
+    n_down = sum(f"input_blocks.{i}.0.op.weight" in sd for i in range(n_in))
+    res_blocks = (n_in - 1 - n_down) // (n_down + 1)
+    mult, attn = [], []
+    for lvl in range(n_down + 1):
         first = 1 + lvl * (res_blocks + 1)                       # first ResBlock of the level
         mult.append(sd[f"input_blocks.{first}.0.in_layers.2.weight"].shape[0] // ch)
         if f"input_blocks.{first}.1.qkv.weight" in sd:
-            attn.append(res)
-        res //= 2
+            attn.append(side // 2 ** lvl)
     depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer_encoder.layers."))
     return dict(shape=(C, side, side), size=ch / 128, res_blocks=res_blocks, vit_depth=depth,
                 dropout=0.1, output_scale=AUTHORS_OUTPUT_SCALE, ch_mult=tuple(mult),
@@ -1231,8 +1230,7 @@ def authors_arch(sd):
 
 
 def authors_names(model):
-    """{our state-dict key: the authors' key} for every tensor of a UNetViTPotential, and the
-    authors' prefixes of its ResBlocks (whose time layers get folded)."""
+    """({our key: the authors' key} for every tensor of a UNetViTPotential, authors' ResBlocks)."""
     names, resblocks = {}, []
 
     def leaf(mod, ours, theirs, table=None):
@@ -1274,24 +1272,19 @@ def authors_names(model):
 
 
 def authors_to_ours(sd, model, name="checkpoint"):
-    """Our state dict for `model` from the authors' (prefix-free) state dict `sd`: every tensor
-    mapped by name, the dummy-time layers folded into conv biases. A key left over or missing
-    gives one line, exit 2."""
+    """Our state dict for `model` from the authors' prefix-free `sd`, time layers folded."""
     names, resblocks = authors_names(model)
     ours_keys = set(model.state_dict())
     assert ours_keys == set(names), f"unmapped keys of ours: {_short(ours_keys - set(names))}"
-    time_keys = {f"time_embed.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
-    time_keys |= {f"{r}.emb_layers.1.{p}" for r in resblocks for p in ("weight", "bias")}
-    expected = set(names.values()) | time_keys
+    time_keys = [f"time_embed.{i}" for i in (0, 2)] + [f"{r}.emb_layers.1" for r in resblocks]
+    expected = set(names.values()) | {f"{k}.{p}" for k in time_keys for p in ("weight", "bias")}
     extra, missing = set(sd) - expected, expected - set(sd)
     if extra or missing:
         die(f"{name}: the authors' weights do not map onto UNetViTPotential; unmatched keys in the "
             f"file: [{_short(extra)}]; missing: [{_short(missing)}]")
-    out = {k: sd[v] for k, v in names.items()}
     emb = authors_time_embedding(sd)
-    for ours, theirs in names.items():
-        if theirs.endswith(".in_layers.2.bias"):                      # ResBlock conv1 bias
-            out[ours] = fold_time_bias(sd, theirs[:-len(".in_layers.2.bias")], emb)
+    out = {k: fold_time_bias(sd, v[:-len(".in_layers.2.bias")], emb)     # ResBlock conv1 bias
+           if v.endswith(".in_layers.2.bias") else sd[v] for k, v in names.items()}
     want = model.state_dict()
     bad = [f"{k} {tuple(out[k].shape)} vs ours {tuple(want[k].shape)}" for k in want
            if out[k].shape != want[k].shape]
@@ -1313,12 +1306,9 @@ def authors_state_dict(ck, key="ema_model", name="checkpoint"):
     if any(k.startswith("mlp.") for k in sd):
         die(f"{name} holds the authors' MLP-head potential (EBMLPModelWrapper); only the UNet+ViT "
             f"one (EBViTModelWrapper) maps onto UNetViTPotential")
-    need = ("input_blocks.0.0.weight", "time_embed.0.weight", "patch_embed.patch_embed.weight",
-            "patch_embed.pos_embed", "transformer_encoder.layers.0.self_attn.in_proj_weight",
-            "final_linear.weight")
-    if not all(k in sd for k in need):
+    if not all(k in sd for k in _AUTHORS_NEED):
         die(f"{name}: '{key}' is not an EBViTModelWrapper state dict "
-            f"(missing {_short([k for k in need if k not in sd], 3)})")
+            f"(missing {_short([k for k in _AUTHORS_NEED if k not in sd], 3)})")
     return sd
 
 
@@ -1339,9 +1329,8 @@ def authors_model(sd, name="checkpoint"):
 
 
 def load_authors_checkpoint(path, use_ema=True, device="cpu"):
-    """Our UNetViTPotential (eval mode) from one of the authors' CIFAR-10 training files (e.g. their
-    cifar10_main_training_147000.pt): V(x) equals their potential(x, t), any t, to float32 rounding.
-    use_ema picks "ema_model" (their sampler's default) or "net_model". weights_only=True."""
+    """Our UNetViTPotential (eval) from an authors' CIFAR-10 training file: V(x) = their
+    potential(x, t), any t, to float32 rounding; use_ema: "ema_model", else "net_model"."""
     sd = authors_state_dict(read_checkpoint(path), "ema_model" if use_ema else "net_model", path)
     model = authors_model(sd, path)
     model.load_state_dict(authors_to_ours(sd, model, path))
@@ -1349,22 +1338,20 @@ def load_authors_checkpoint(path, use_ema=True, device="cpu"):
 
 
 def authors_checkpoint_as_ours(ck, name="checkpoint"):
-    """An authors' training file as this file's own checkpoint dict, so that load_checkpoint can
-    hand it to every mode: "model"/"ema" from their "net_model"/"ema_model", "args" from the
-    parser's defaults (--recipe authors: tau* 1, eps_max 0.01, dt 0.01) plus the architecture read
-    from the keys. "opt" is None: their Adam state is indexed by their parameter list (time
-    layers included), so --phase main from their warm-up file starts a fresh Adam."""
+    """An authors' file as our checkpoint dict: args = --recipe authors defaults + the arch read
+    from the keys; "opt" None (their Adam state indexes their parameter list: fresh Adam)."""
     sd_ema = authors_state_dict(ck, "ema_model", name)
     model = authors_model(sd_ema, name)
     kw = model.arch_kwargs
     if kw["shape"][0] != 3 or kw["attn_res"] != (16,) or kw["patch"] != 4:
         die(f"{name}: an authors' network with {kw['shape'][0]} channels, attention at "
             f"{kw['attn_res']}, patch {kw['patch']} has no flags here (3, (16,), 4)")
-    flags = ["--recipe", "authors", "--dataset", "cifar10", "--image-size", str(kw["shape"][1]),
-             "--model-size", str(kw["size"]), "--ch-mult", ",".join(map(str, kw["ch_mult"])),
-             "--res-blocks", str(kw["res_blocks"]), "--vit-depth", str(kw["vit_depth"]),
-             "--dropout", str(kw["dropout"]), "--output-scale", str(kw["output_scale"])]
-    args = resolve_args(build_parser().parse_args(flags))
+    flags = {"recipe": "authors", "dataset": "cifar10", "image-size": kw["shape"][1],
+             "model-size": kw["size"], "ch-mult": ",".join(map(str, kw["ch_mult"])),
+             "res-blocks": kw["res_blocks"], "vit-depth": kw["vit_depth"],
+             "dropout": kw["dropout"], "output-scale": kw["output_scale"]}
+    argv = [s for k, v in flags.items() for s in (f"--{k}", str(v))]
+    args = resolve_args(build_parser().parse_args(argv))
     net = authors_to_ours(authors_state_dict(ck, "net_model", name), model, name)
     step = int(ck.get("step") or 0)
     return {"format": CKPT_FORMAT, "model": net, "ema": authors_to_ours(sd_ema, model, name),
