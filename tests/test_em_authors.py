@@ -6,9 +6,6 @@ and the refusal of files of the wrong kind. CPU, small widths, no download."""
 import argparse
 import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,8 +18,6 @@ from energy_matching import (authors_arch, authors_checkpoint_as_ours, authors_n
                              authors_time_embedding, fold_time_bias, is_authors_checkpoint,
                              load_authors_checkpoint, sinusoidal_embedding)
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                      "energy_matching.py")
 
 
 @pytest.fixture(autouse=True)
@@ -408,12 +403,10 @@ def test_sample_mode_reads_an_authors_file_end_to_end(tmp_path):
     path = str(tmp_path / "cifar10_main_training_147000.pt")
     torch.save({"net_model": raw.state_dict(), "ema_model": ema.state_dict(), "step": 147000}, path)
     out = tmp_path / "out"
-    cmd = [sys.executable, SCRIPT, "--mode", "sample", "--ckpt", path, "--dataset", "fake",
-           "--num-samples", "3", "--tau-s", "0.05", "--dt", "0.01", "--device", "cpu",
-           "--threads", "1", "--out-dir", str(out)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr
+    # in-process main() (a subprocess would spend ~8 s importing torch): the command line's path
+    em.main(["--mode", "sample", "--ckpt", path, "--dataset", "fake", "--num-samples", "3",
+             "--tau-s", "0.05", "--dt", "0.01", "--device", "cpu", "--threads", "1",
+             "--out-dir", str(out)])
     images = np.load(out / "samples.npz")["images"]
     assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8
     meta = json.loads((out / "samples.json").read_text())
