@@ -567,15 +567,13 @@ class CNNPotential(nn.Module):
 # ==== 3. Data ====
 # Images live in [-1, 1] as float NCHW; files on disk are uint8 NHWC (samples.npz, --dataset npz).
 def die(msg, code=2):
-    """Bad input: one line "error: ..." on stderr and exit code 2 (never a traceback); code 3:
-    non-finite numbers."""
+    """One line "error: ..." on stderr, no traceback; exit 2: bad input, 3: non-finite numbers."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(code)
 
 
 def load_npz(path):
-    """--dataset npz: `images` uint8 N x H x W x C (the layout --mode sample writes), optional
-    `labels`, as a TensorDataset of float [-1, 1] NCHW images."""
+    """--dataset npz (`images` uint8 NHWC, optional `labels`) as float [-1, 1] NCHW tensors."""
     if not os.path.isfile(path):
         die(f"--dataset npz: --data-dir must be a .npz file; {os.path.abspath(path)} is not one")
     try:
@@ -736,8 +734,7 @@ def build_model(args, device=None):
 
 
 def engineer(model, device, amp, channels_last=False):
-    """On `device`, with the network's engineering attributes: bf16 trunk (`amp`, see section 2)
-    and channels-last memory."""
+    """On `device`, with the network's bf16-trunk (`amp`, section 2) and channels-last settings."""
     model = model.to(device)
     model.amp = amp == "bf16" or (amp == "auto" and device.type == "cuda")
     if channels_last:
@@ -1091,8 +1088,7 @@ def read_checkpoint(path, map_location="cpu"):
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """Our checkpoint dict from one of ours or one of the authors' training files (converted);
-    anything else is one line and exit code 2."""
+    """Our checkpoint dict from ours or an authors' training file (converted); else exit 2."""
     obj = read_checkpoint(path, map_location)
     if is_authors_checkpoint(obj):
         return authors_checkpoint_as_ours(obj, path)
@@ -1398,15 +1394,8 @@ def refuse_non_finite(x, what):
         die(f"{what} contain NaN/Inf (non-finite weights?); nothing written", 3)
 
 
-def save_npz_atomic(path, **arrays):
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-
-
 def cmd_sample(args):
-    """--num-samples images by the Heun (or Euler-Maruyama) SDE sampler -> samples.npz (uint8 NHWC,
-    key "images", for eval_fid.py) and samples.png."""
+    """--num-samples SDE samples -> samples.npz ("images" uint8 NHWC, eval_fid.py), samples.png."""
     prepare_out_dir(args.out_dir)
     device, V, cargs, path = eval_setup(args)
     shape = data_shape(cargs)
@@ -1421,7 +1410,8 @@ def cmd_sample(args):
               f"{(args.num_samples - done) * el / done / 60:.1f} min", flush=True)
     images = np.concatenate(imgs) if imgs else np.zeros((0, shape[1], shape[2], shape[0]), np.uint8)
     out = os.path.join(args.out_dir, "samples.npz")
-    save_npz_atomic(out, images=images)
+    np.savez(out + ".tmp.npz", images=images)                   # atomic: a temp name, then replace
+    os.replace(out + ".tmp.npz", out)
     if len(images):
         save_grid(torch.from_numpy(images[:64]).permute(0, 3, 1, 2).float() / 127.5 - 1,
                   os.path.join(args.out_dir, "samples.png"))
@@ -1445,8 +1435,7 @@ def center_mask(shape, frac, device):
 
 def cmd_inpaint(args):
     """Alg. 3 on data images with a centred hole: M chains per image without and with the repulsive
-    interaction (same starting noise) -> inpaint.png (the paper's "with vs without" figure) and
-    inpaint.json."""
+    interaction (same noise) -> inpaint.png (the paper's "with vs without" figure), inpaint.json."""
     prepare_out_dir(args.out_dir)
     device, V, cargs, path = eval_setup(args)
     torch.manual_seed(args.seed)
@@ -1529,9 +1518,8 @@ def cmd_lid(args):
 
 
 def cmd_benchmark(args):
-    """Ours vs the authors' recipe (fp32, math attention everywhere) from the same seed, weights and
-    batches: phase-1/2 images/s, sampler images/s (K Heun steps), peak memory (CUDA), and the max
-    |difference| of the two phase-1 loss curves."""
+    """Ours vs the authors' recipe (fp32, math attention) from the same seed, weights and batches:
+    phase-1/2 and sampler images/s, peak memory (CUDA), max |difference| of the loss curves."""
     device = pick_device(args.device)
     cuda, shape, B, N = device.type == "cuda", data_shape(args), args.batch_size, args.bench_steps
     K = args.bench_sample_steps
@@ -1667,10 +1655,8 @@ def build_parser():
                "inpaint, LID, benchmark.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a, bool_opt = p.add_argument, argparse.BooleanOptionalAction
     a("--mode", default="train", choices=MODES, help="what to do")
-    a("--phase", default="warmup", choices=("warmup", "main"),
-      help="train: warmup = Alg. 1 (flow loss), main = Alg. 2 (flow + lambda_CD CD)")
-    a("--recipe", default="authors", choices=("authors", "paper"),
-      help="defaults: the authors' CIFAR-10 code or the paper's Appendix C (any flag overrides)")
+    a("--phase", default="warmup", choices=("warmup", "main"), help="Alg. 1 or Alg. 2 (+ CD)")
+    a("--recipe", default="authors", choices=RECIPES, help="authors' CIFAR code or App. C")
     # data
     a("--dataset", default="cifar10", choices=DATASETS, help="training / evaluation images")
     a("--data-dir", default="data", help="dataset folder (npz: the .npz file)")
@@ -1690,19 +1676,16 @@ def build_parser():
     a("--warmup", type=nonneg_int, help="linear learning-rate warm-up steps (10k)")
     a("--grad-clip", type=nonneg_float, default=1.0, help="gradient-norm clipping (0 = off)")
     a("--ema-decay", type=unit_float, help="EMA decay (0.9999; authors' phase 2: 0.99)")
-    a("--ema-warmup", action=bool_opt, default=True,
-      help="EMA warm-up decay_n = min(decay, (1+n)/(10+n)); --no-ema-warmup = constant (authors)")
+    a("--ema-warmup", action=bool_opt, default=True, help="min(decay, (1+n)/(10+n)); no: authors")
     a("--no-ema", action="store_true", help="grids / sampling with the raw weights, not the EMA")
     # model
-    a("--arch", default="auto", choices=("auto", "unetvit", "cnn"),
-      help="potential: UNet+ViT (CIFAR-10/CelebA) or CNN+MLP (MNIST); auto picks by dataset")
+    a("--arch", default="auto", choices=("auto", "unetvit", "cnn"), help="auto: cnn for MNIST")
     a("--model-size", type=pos_float, help="width multiplier (1.0 = the ~50M CIFAR net)")
     a("--res-blocks", type=pos_int, default=2, help="UNet residual blocks per level")
     a("--ch-mult", default="1,2,2,2", help="UNet channel multipliers per resolution level")
     a("--vit-depth", type=pos_int, default=8, help="ViT head layers")
     a("--dropout", type=unit_float, default=0.1, help="dropout in UNet and ViT (authors' code)")
-    a("--attn-dropout", type=unit_float,
-      help="dropout of ViT attention probabilities (default: --dropout, as the authors' layers)")
+    a("--attn-dropout", type=unit_float, help="ViT attention dropout (default: --dropout)")
     a("--output-scale", type=pos_float, default=1000.0, help="V = this * head (authors' code)")
     # method (Eq. 3, Alg. 2)
     a("--tau-star", type=nonneg_float, help="tau*, Eq. 3 (authors 1, paper 0.9)")
@@ -1710,25 +1693,19 @@ def build_parser():
     a("--lambda-cd", type=nonneg_float, help="CD weight (authors 1e-3, paper 2e-4)")
     a("--n-langevin", type=nonneg_int, help="Langevin steps per negative chain (M)")
     a("--dt", type=pos_float, help="time step of the chains and of the sampler")
-    a("--cd-neg-clamp", type=nonneg_float,
-      help="clamp lambda_CD*CD from below at -this (authors 0.02, paper 0 = off)")
-    a("--cd-trim", type=unit_float,
-      help="drop this fraction of the highest negative energies (authors 0.1, paper 0)")
+    a("--cd-neg-clamp", type=nonneg_float, help="lambda_CD CD >= -this (authors 0.02, paper 0)")
+    a("--cd-trim", type=unit_float, help="drop the top fraction of V(negatives) (authors 0.1)")
     a("--neg-data-frac", type=frac_float, default=0.5, help="share of negatives started at data")
-    a("--same-temperature", action=bool_opt,
-      help="data-started negatives follow eps(t) too (authors), not eps_max (paper Alg. 2 line 10)")
-    a("--cd-separate-batch", action=bool_opt,
-      help="a second data batch for CD (authors' code) instead of the flow batch (paper)")
-    a("--flow-reduction", default="mean", choices=("mean", "sum"),
-      help="flow loss per sample: mean over pixels (code) or sum = ||.||^2 (paper Alg. 1)")
+    a("--same-temperature", action=bool_opt, help="data chains at eps(t) (authors), not eps_max")
+    a("--cd-separate-batch", action=bool_opt, help="a second data batch for CD (authors' code)")
+    a("--flow-reduction", default="mean", choices=("mean", "sum"), help="sum: ||.||^2 (Alg. 1)")
     a("--flow-weighting", choices=("off", "main", "both"),
       help="fade the flow loss to 0 between tau* and 1 in phase 2 (authors' 2-D code), both "
            "phases (authors' CIFAR code; --recipe authors) or off (paper)")
     a("--no-ot", action="store_true", help="random instead of exact-OT pairs (ablation)")
     a("--from-scratch", action="store_true", help="phase main without a warmup checkpoint (MNIST)")
     # engineering
-    a("--amp", default="auto", choices=("auto", "bf16", "none"),
-      help="bf16 autocast of the network trunk on CUDA (auto: bf16 on CUDA, none on CPU)")
+    a("--amp", default="auto", choices=("auto", "bf16", "none"), help="bf16 trunk (auto: on CUDA)")
     a("--compile", action="store_true", help="torch.compile the potential for sampling only")
     a("--channels-last", action="store_true", help="channels_last memory (faster convs on GPU)")
     a("--resume", action="store_true", help="resume from --ckpt, else <out-dir>/ckpt_<phase>.pt")
@@ -1738,8 +1715,7 @@ def build_parser():
     a("--sample-every", type=nonneg_int, default=0, help="sample grid every N steps (0 = at end)")
     a("--num-samples", type=nonneg_int, default=64, help="samples to draw (50000 for FID)")
     # sampler
-    a("--tau-s", type=pos_float,
-      help="sampling time tau_s, K = tau_s/dt steps (3.0 after phase 2; 1.0 after phase 1 alone)")
+    a("--tau-s", type=pos_float, help="sampling time, K = tau_s/dt (3; 1 after phase 1 alone)")
     a("--sampler", default="heun", choices=("heun", "euler"), help="SDE integrator")
     a("--sample-batch", type=pos_int, default=256, help="batch size when sampling")
     # inverse problems (Alg. 3)
@@ -1750,8 +1726,7 @@ def build_parser():
     a("--chains", type=pos_int, default=2, help="inpaint: chains M per image")
     # LID
     a("--lid-tau", type=pos_float, help="LID: |lambda| < tau (paper: 10 MNIST, 2 CIFAR)")
-    a("--lid-method", default="auto", choices=("auto", "exact", "slq"),
-      help="exact Hessian or stochastic Lanczos quadrature (auto: exact if d <= 1024)")
+    a("--lid-method", default="auto", choices=("auto", "exact", "slq"), help="auto: d <= 1024")
     a("--lid-probes", type=pos_int, default=8, help="SLQ: Rademacher probe vectors")
     a("--lid-lanczos", type=pos_int, default=60, help="SLQ: Lanczos steps per probe")
     # benchmark
