@@ -597,14 +597,13 @@ def build_dataset(args, train=True):
     c = 1 if args.dataset == "mnist" else (args.channels if args.dataset == "fake" else 3)
     norm = T.Normalize([0.5] * c, [0.5] * c)                           # [0, 1] -> [-1, 1]
     flip = [T.RandomHorizontalFlip()] if train else []
+    s = args.image_size
     if args.dataset == "fake":
-        s = args.image_size
         return datasets.FakeData(size=args.fake_size, image_size=(c, s, s),
                                  transform=T.Compose([T.ToTensor(), norm]),
                                  random_offset=0 if train else 10_000)
     if args.dataset in ("celeba64", "folder"):
         path = os.path.join(root, "celeba64") if args.dataset == "celeba64" else root
-        s = args.image_size
         tf = T.Compose([T.Resize(s), T.CenterCrop(s)] + flip + [T.ToTensor(), norm])
         try:
             return datasets.ImageFolder(path, transform=tf)
@@ -1700,8 +1699,7 @@ def build_parser():
     a("--cd-separate-batch", action=bool_opt, help="a second data batch for CD (authors' code)")
     a("--flow-reduction", default="mean", choices=("mean", "sum"), help="sum: ||.||^2 (Alg. 1)")
     a("--flow-weighting", choices=("off", "main", "both"),
-      help="fade the flow loss to 0 between tau* and 1 in phase 2 (authors' 2-D code), both "
-           "phases (authors' CIFAR code; --recipe authors) or off (paper)")
+      help="fade the flow loss to 0 from tau* to 1: phase 2 (authors' 2-D), both (CIFAR), off")
     a("--no-ot", action="store_true", help="random instead of exact-OT pairs (ablation)")
     a("--from-scratch", action="store_true", help="phase main without a warmup checkpoint (MNIST)")
     # engineering
