@@ -15,14 +15,14 @@ How to run (`python energy_matching.py --help` lists every flag with its default
     python energy_matching.py --mode inpaint --dataset celeba64      # Alg. 3, with vs without W
     python energy_matching.py --mode lid --dataset mnist             # Hessian LID vs PNG size
     python energy_matching.py --dataset npz --data-dir digits.npz    # any uint8 N x H x W x C array
---recipe authors (default) follows the authors' CIFAR-10 code, --recipe paper the paper's App. C;
-each difference between the two is a flag (README, "Paper vs code").
+    python energy_matching.py --mode sample --ckpt cifar10_main_training_147000.pt --tau-s 3.25
+--ckpt also reads the authors' released training files. --recipe authors (default) follows their
+CIFAR-10 code, --recipe paper the paper's App. C; each difference is a flag ("Paper vs code").
 
 Where the maths lives (section 1): Eq. 3 `temperature`; Alg. 1 `EnergyMatching.flow_loss` with
 `ot_pair` (Eq. 2); Alg. 2 `negatives`, `cd_loss`, `loss`; Eq. 6 / Alg. 2 line 8 `langevin`; the
 sampler `sde_sample`; Alg. 3 / Eqs. 7-8 `inverse_langevin`; Sec. 3.3 / App. B `lid_exact`,
-`lid_slq`. Section 2: the networks (Fig. 5 UNet + ViT, App. C CNN). Below the ENGINEERING line
-nothing is in the paper.
+`lid_slq`. Section 2: the networks (Fig. 5 UNet + ViT, App. C CNN). Below: engineering only.
 """
 import argparse
 import contextlib
@@ -31,12 +31,14 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -197,8 +199,7 @@ class EnergyMatching:
 
     def cd_loss(self, x1, x0):
         """L_CD = E_data[V] - E_neg[V(sg(x~))] (Alg. 2 lines 13-15). The paper divides both by
-        eps_max; the code does not (lambda_CD absorbs it): we follow the code. Trimmed negative mean
-        (code)."""
+        eps_max; the code does not (lambda_CD absorbs it): we follow the code, and its trimming."""
         x_neg, _ = self.negatives(x1, x0)     # the network stays in train mode, as in the code
         e_pos = self.energy(x1)                                       # Alg. 2 line 14
         e_neg = self.energy(x_neg)                                    # Alg. 2 line 13
@@ -420,8 +421,7 @@ class ResBlock(nn.Module):
 
 
 class SelfAttention2d(nn.Module):
-    """Multi-head self-attention over the H*W positions (guided-diffusion AttentionBlock), via
-    SDPA."""
+    """Multi-head self-attention over the H*W positions (guided-diffusion AttentionBlock)."""
 
     def __init__(self, ch, head_ch=64):
         super().__init__()
@@ -444,8 +444,7 @@ class SelfAttention2d(nn.Module):
 
 class TransformerBlock(nn.Module):
     """Post-LN encoder layer, as nn.TransformerEncoderLayer(gelu, 4x MLP) of the authors, written
-    out to control the SDPA kernel. attn_dropout drops attention probabilities (theirs: dropout
-    0.1)."""
+    out to control the SDPA kernel. attn_dropout: on attention probabilities (theirs: 0.1)."""
 
     def __init__(self, dim, heads, dropout, attn_dropout=0.0):
         super().__init__()
@@ -540,8 +539,7 @@ class UNetViTPotential(nn.Module):
 
 
 class CNNPotential(nn.Module):
-    """The MNIST potential (App. C): a two-stage CNN then a two-layer MLP, ~2M parameters at size
-    1."""
+    """The MNIST potential (App. C): a two-stage CNN, then a two-layer MLP (~2M at size 1)."""
 
     def __init__(self, shape=(1, 28, 28), size=1.0):
         super().__init__()
@@ -568,15 +566,14 @@ class CNNPotential(nn.Module):
 
 # ==== 3. Data ====
 # Images live in [-1, 1] as float NCHW; files on disk are uint8 NHWC (samples.npz, --dataset npz).
-def die(msg):
-    """Bad input: one line "error: ..." on stderr and exit code 2 (never a traceback)."""
+def die(msg, code=2):
+    """One line "error: ..." on stderr, no traceback; exit 2: bad input, 3: non-finite numbers."""
     print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
 
 
 def load_npz(path):
-    """--dataset npz: `images` uint8 N x H x W x C (the layout --mode sample writes), optional
-    `labels`, as a TensorDataset of float [-1, 1] NCHW images."""
+    """--dataset npz (`images` uint8 NHWC, optional `labels`) as float [-1, 1] NCHW tensors."""
     if not os.path.isfile(path):
         die(f"--dataset npz: --data-dir must be a .npz file; {os.path.abspath(path)} is not one")
     try:
@@ -600,14 +597,13 @@ def build_dataset(args, train=True):
     c = 1 if args.dataset == "mnist" else (args.channels if args.dataset == "fake" else 3)
     norm = T.Normalize([0.5] * c, [0.5] * c)                           # [0, 1] -> [-1, 1]
     flip = [T.RandomHorizontalFlip()] if train else []
+    s = args.image_size
     if args.dataset == "fake":
-        s = args.image_size
         return datasets.FakeData(size=args.fake_size, image_size=(c, s, s),
                                  transform=T.Compose([T.ToTensor(), norm]),
                                  random_offset=0 if train else 10_000)
     if args.dataset in ("celeba64", "folder"):
         path = os.path.join(root, "celeba64") if args.dataset == "celeba64" else root
-        s = args.image_size
         tf = T.Compose([T.Resize(s), T.CenterCrop(s)] + flip + [T.ToTensor(), norm])
         try:
             return datasets.ImageFolder(path, transform=tf)
@@ -630,8 +626,7 @@ def build_dataset(args, train=True):
 
 class StepBatches(torch.utils.data.Sampler):
     """Index batches as a pure function of (seed, rank, step): epoch e is a permutation seeded by
-    seed + e, split between ranks. Starting at any step gives the batches an uninterrupted run saw:
-    exact resume."""
+    seed + e, split between ranks. From any step: the batches a straight run saw (exact resume)."""
 
     def __init__(self, n, batch, seed, rank=0, world=1, start_step=0):
         self.n, self.batch, self.seed, self.rank, self.world = n, batch, seed, rank, world
@@ -653,8 +648,7 @@ class StepBatches(torch.utils.data.Sampler):
 
 def batch_iterator(dataset, args, batch, rank=0, world=1, start_step=0, pin=False):
     sampler = StepBatches(len(dataset), batch, args.seed, rank, world, start_step)
-    # its own generator: making the iterator must not consume the global RNG (resume would shift
-    # noise)
+    # own generator: making the iterator must not consume the global RNG (resume would shift noise)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
                                          pin_memory=pin, persistent_workers=args.workers > 0,
                                          generator=torch.Generator().manual_seed(args.seed + rank))
@@ -698,7 +692,6 @@ def setup_distributed(args):
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     device = pick_device(args.device)
     if world > 1:
-        import torch.distributed as dist
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
@@ -710,15 +703,13 @@ def all_max(value, device, world):
     """The max of a number over all ranks (everyone agrees on skip / stop)."""
     if world == 1:
         return value
-    import torch.distributed as dist
     t = torch.tensor([float(value)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
 
 
 def build_model(args, device=None):
-    """The potential for --arch (auto: CNN for MNIST, UNet+ViT otherwise), with the engineering
-    knobs."""
+    """The potential for --arch (auto: CNN for MNIST, UNet+ViT otherwise), engineering set."""
     shape = data_shape(args)
     arch = args.arch if args.arch != "auto" else ("cnn" if args.dataset == "mnist" else "unetvit")
     if arch == "cnn":
@@ -736,12 +727,18 @@ def build_model(args, device=None):
         model = UNetViTPotential(shape, args.model_size, args.res_blocks, args.vit_depth,
                                  args.dropout, args.output_scale, ch_mult=mult,
                                  attn_dropout=args.dropout if p_att is None else p_att)
-    if device is not None:
-        model = model.to(device)
-        model.amp = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
-        if getattr(args, "channels_last", False):
-            model = model.to(memory_format=torch.channels_last)
-            model.channels_last = True
+    if device is None:
+        return model
+    return engineer(model, device, args.amp, getattr(args, "channels_last", False))
+
+
+def engineer(model, device, amp, channels_last=False):
+    """On `device`, with the network's bf16-trunk (`amp`, section 2) and channels-last settings."""
+    model = model.to(device)
+    model.amp = amp == "bf16" or (amp == "auto" and device.type == "cuda")
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        model.channels_last = True
     return model
 
 
@@ -775,7 +772,6 @@ def ema_update(ema, model, decay):
 
 def allreduce_grads(model, world):
     """Average the gradients of all ranks (what DDP does), in one flat buffer."""
-    import torch.distributed as dist
     params = list(model.parameters())
     for p in params:
         if p.grad is None:                   # e.g. the head bias: grad_x V does not depend on it
@@ -835,8 +831,7 @@ class Logger:
                 f.write(json.dumps(rec) + "\n")
 
     def truncate_metrics(self, upto):
-        """On (re)start at step `upto`: drop records past it, so a resumed run has no duplicate
-        steps."""
+        """On (re)start at step `upto`: drop records past it (no duplicate steps on resume)."""
         if not self.active or not os.path.exists(self.metrics_path):
             return
         with open(self.metrics_path) as f:
@@ -861,6 +856,11 @@ def prepare_out_dir(path):
         os.remove(probe)
     except OSError as e:
         die(f"cannot write to output folder {os.path.abspath(path)} ({e.strerror or e})")
+
+
+def write_json(out_dir, name, obj):
+    with open(os.path.join(out_dir, name), "w") as f:
+        json.dump(obj, f, indent=1)
 
 
 def to_uint8(x):
@@ -918,8 +918,7 @@ def write_grid(model, ema, args, step, shape, device, log, ema_n):
 def cmd_train(args):
     """Phase 1 (Alg. 1) or phase 2 (Alg. 2) on --dataset; resumable, NaN-guarded, signal-safe."""
     rank, world, device = setup_distributed(args)
-    main_rank = rank == 0
-    phase = args.phase
+    phase, main_rank = args.phase, rank == 0
     ckpt_path = os.path.join(args.out_dir, f"ckpt_{phase}.pt")
     if main_rank:
         prepare_out_dir(args.out_dir)
@@ -953,7 +952,6 @@ def cmd_train(args):
         log(f"{'resumed' if resumed else 'phase main'} from {src} at step {start_step}")
     end_step = phase_start + args.steps
     if world > 1:                                                     # identical weights everywhere
-        import torch.distributed as dist
         for t in list(model.state_dict().values()) + list(ema.state_dict().values()):
             dist.broadcast(t, 0)
     log.truncate_metrics(start_step)
@@ -999,9 +997,8 @@ def cmd_train(args):
                     f"{logs['grad_norm']:.4g}); skipped ({n_bad} in a row)")
                 if n_bad >= 10:
                     kept = ckpt_path if os.path.exists(ckpt_path) else "none written yet"
-                    print(f"error: {n_bad} non-finite steps in a row at step {done}; stopped; "
-                          f"last good checkpoint: {kept}", file=sys.stderr)
-                    sys.exit(3)
+                    die(f"{n_bad} non-finite steps in a row at step {done}; stopped; last good "
+                        f"checkpoint: {kept}", 3)
             rec = {"step": done, "phase": phase, **{k: round(v, 6) for k, v in logs.items()}}
             if args.log_every and (done % args.log_every == 0 or done == end_step):
                 if device.type == "cuda":
@@ -1029,7 +1026,6 @@ def cmd_train(args):
                 write_grid(model, ema, args, done, shape, device, log, ema_n)
     except SystemExit:
         if world > 1:
-            import torch.distributed as dist
             dist.destroy_process_group()
         raise
     finally:
@@ -1047,11 +1043,9 @@ def cmd_train(args):
                    "final": records[-1] if records else None}
         if device.type == "cuda":
             summary["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3)
-        with open(os.path.join(args.out_dir, f"summary_{phase}.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+        write_json(args.out_dir, f"summary_{phase}.json", summary)
         log(f"saved {ckpt_path}")
     if world > 1:
-        import torch.distributed as dist
         dist.barrier()
         dist.destroy_process_group()
     ran = end_step - start_step
@@ -1061,8 +1055,7 @@ def cmd_train(args):
 # ==== 5. Checkpoints ====
 # A plain dict readable with torch.load(weights_only=True): {"format", "model", "ema", "opt",
 # "step", "phase", "phase_start", "ema_n", "args"}. Written to ONE temp name <path>.tmp, then
-# os.replace'd: a crash mid-write never leaves a half checkpoint; a stale .tmp is removed at the
-# next start.
+# os.replace'd: a crash mid-write never leaves a half checkpoint; a stale .tmp is removed at start.
 CKPT_FORMAT = "energy_matching/v1"
 ARCH_FLAGS = ("dataset", "arch", "model_size", "res_blocks", "ch_mult", "vit_depth", "output_scale",
               "image_size", "channels")
@@ -1072,9 +1065,8 @@ def save_checkpoint(path, model, ema, opt, step, args, **extra):
     obj = {"format": CKPT_FORMAT, "model": model.state_dict(), "ema": ema.state_dict(),
            "opt": opt.state_dict() if opt is not None else None, "step": int(step),
            "args": args_to_dict(args), **extra}
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 def remove_stale_tmp(out_dir):
@@ -1084,15 +1076,21 @@ def remove_stale_tmp(out_dir):
             os.remove(os.path.join(out_dir, name))
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Load and check a checkpoint; a corrupt, foreign or missing file is one line and exit code
-    2."""
+def read_checkpoint(path, map_location="cpu"):
+    """torch.load(weights_only=True); a missing or corrupt file is one line and exit code 2."""
     if not os.path.isfile(path):
         die(f"checkpoint not found: {path}")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         die(f"cannot read checkpoint {path}: corrupt or not a PyTorch file ({type(e).__name__})")
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Our checkpoint dict from ours or an authors' training file (converted); else exit 2."""
+    obj = read_checkpoint(path, map_location)
+    if is_authors_checkpoint(obj):
+        return authors_checkpoint_as_ours(obj, path)
     if not isinstance(obj, dict) or obj.get("format") != CKPT_FORMAT:
         fmt = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         die(f"{path} is not an Energy Matching checkpoint (format {fmt!r}, not {CKPT_FORMAT!r})")
@@ -1136,20 +1134,241 @@ def default_ckpt(args):
     die(f"no checkpoint in {args.out_dir} (train first or pass --ckpt)")
 
 
+# ---- The authors' released weights (https://github.com/m1balcerak/EnergyMatching) ----
+# Their training script saves torch.save dicts {"net_model", "ema_model", "sched", "optim", "step"};
+# both model entries are state dicts of their EBViTModelWrapper: torchcfm's UNetModelWrapper (the
+# guided-diffusion UNet, with a time embedding) run at a fixed dummy t = 0.5, then PatchEmbed(4) +
+# nn.TransformerEncoder (post-LN, GELU, 4 heads) + mean-pool + final_linear, times output_scale.
+# Same layers in the same order as UNetViTPotential (UNet attention: 64 channels per head, heads
+# split before q/k/v; stride-2 conv down, nearest + conv up; GroupNorm 32): only the names differ,
+# and the time layers are gone (folded, see fold_time_bias).
+AUTHORS_T = 0.5                  # the dummy time their potential(x, t) always feeds the UNet
+AUTHORS_OUTPUT_SCALE = 1000.0    # not in their files; 1000 in their CIFAR-10 and ImageNet32 configs
+_AUTHORS_RES = {"n1": "in_layers.0", "c1": "in_layers.2", "n2": "out_layers.0",
+                "c2": "out_layers.3", "skip": "skip_connection"}
+_AUTHORS_ATTN = {"norm": "norm", "qkv": "qkv", "proj": "proj_out"}
+_AUTHORS_VIT = {"qkv.weight": "self_attn.in_proj_weight", "qkv.bias": "self_attn.in_proj_bias"}
+_AUTHORS_VIT.update({f"{o}.{p}": f"{t}.{p}" for p in ("weight", "bias") for o, t in (
+    ("out", "self_attn.out_proj"), ("ln1", "norm1"), ("ln2", "norm2"), ("ff.0", "linear1"),
+    ("ff.3", "linear2"))})
+_AUTHORS_NEED = ("input_blocks.0.0.weight", "time_embed.0.weight", "patch_embed.patch_embed.weight",
+                 "patch_embed.pos_embed", "transformer_encoder.layers.0.self_attn.in_proj_weight",
+                 "final_linear.weight")
+
+
+def _short(keys, n=8):
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def strip_prefixes(sd):
+    """Keys without DataParallel/DDP "module." and torch.compile "_orig_mod." prefixes."""
+    return {re.sub(r"^(module\.)+", "", k.replace("_orig_mod.", "")): v for k, v in sd.items()}
+
+
+def is_authors_checkpoint(ck):
+    """Their layout: "net_model" and "ema_model" state dicts (ours has "format", VPFB's "model")."""
+    return (isinstance(ck, dict) and "format" not in ck
+            and isinstance(ck.get("net_model"), dict) and isinstance(ck.get("ema_model"), dict))
+
+
+def sinusoidal_embedding(t, dim, max_period=10000.0):
+    """guided-diffusion's timestep features [cos(t f_i), sin(t f_i)], f_i = max_period^(-i/half)."""
+    half = dim // 2
+    f = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64) / half)
+    e = torch.cat([torch.cos(t * f), torch.sin(t * f)])
+    return torch.cat([e, e.new_zeros(dim % 2)])                          # (dim,)
+
+
+def authors_time_embedding(sd, t=AUTHORS_T):
+    """emb = time_embed(sinusoid(t)) = Linear(SiLU(Linear(.))), (4 ch,): input of every ResBlock."""
+    w0, b0, w2, b2 = (sd[f"time_embed.{k}"].double() for k in ("0.weight", "0.bias", "2.weight",
+                                                                "2.bias"))
+    e = sinusoidal_embedding(t, w0.shape[1]).to(w0.device)
+    return F.linear(F.silu(F.linear(e, w0, b0)), w2, b2)
+
+
+def fold_time_bias(sd, prefix, emb):
+    """conv1's bias of the authors' ResBlock `prefix` with the time term folded in."""
+    # Their ResBlock adds emb_layers(emb) = Linear(SiLU(emb)), one value per channel, right after
+    # its first conv. With t fixed at 0.5 that vector is a constant c, so moving it into the conv's
+    # bias is exact (float32 rounding aside): conv(x) + b + c = conv(x) + (b + c). This is why our
+    # network has no time layers and 47.1M parameters where theirs has 50.0M (time_embed 0.33M +
+    # the ResBlocks' emb_layers 2.56M). Computed in float64, stored in the checkpoint's dtype.
+    w, b = sd[f"{prefix}.emb_layers.1.weight"].double(), sd[f"{prefix}.emb_layers.1.bias"].double()
+    bias = sd[f"{prefix}.in_layers.2.bias"]
+    c = F.linear(F.silu(emb), w, b)
+    if c.shape != bias.shape:    # 2 x channels: scale-shift norm (FiLM after GroupNorm), not a bias
+        die(f"authors' ResBlock {prefix} uses scale-shift time conditioning (emb_layers gives "
+            f"{c.shape[0]} values for {bias.shape[0]} channels); only the additive form folds")
+    return (bias.double() + c).to(bias.dtype)
+
+
+def authors_arch(sd):
+    """UNetViTPotential keywords for an EBViTModelWrapper state dict, from key names and shapes."""
+    ch, C = sd["input_blocks.0.0.weight"].shape[:2]
+    dim, _, patch, _ = sd["patch_embed.patch_embed.weight"].shape
+    side = math.isqrt(sd["patch_embed.pos_embed"].shape[1]) * patch   # square: N = (H / patch)^2
+    n_in = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("input_blocks."))
+    n_down = sum(f"input_blocks.{i}.0.op.weight" in sd for i in range(n_in))
+    res_blocks = (n_in - 1 - n_down) // (n_down + 1)
+    mult, attn = [], []
+    for lvl in range(n_down + 1):
+        first = 1 + lvl * (res_blocks + 1)                       # first ResBlock of the level
+        mult.append(sd[f"input_blocks.{first}.0.in_layers.2.weight"].shape[0] // ch)
+        if f"input_blocks.{first}.1.qkv.weight" in sd:
+            attn.append(side // 2 ** lvl)
+    depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer_encoder.layers."))
+    return dict(shape=(C, side, side), size=ch / 128, res_blocks=res_blocks, vit_depth=depth,
+                dropout=0.1, output_scale=AUTHORS_OUTPUT_SCALE, ch_mult=tuple(mult),
+                attn_res=tuple(attn), patch=patch)
+
+
+def authors_names(model):
+    """({our key: the authors' key} for every tensor of a UNetViTPotential, authors' ResBlocks)."""
+    names, resblocks = {}, []
+
+    def leaf(mod, ours, theirs, table=None):
+        if isinstance(mod, ResBlock):
+            resblocks.append(theirs)
+            table = _AUTHORS_RES
+        elif isinstance(mod, SelfAttention2d):
+            table = _AUTHORS_ATTN
+        for n in mod.state_dict():
+            head, _, rest = n.partition(".")
+            names[f"{ours}.{n}"] = f"{theirs}.{table[head]}.{rest}" if table else f"{theirs}.{n}"
+
+    def seq(mods, ours, theirs):
+        j, after_upsample = 0, False   # our nn.Upsample + Conv2d is their single Upsample(.conv)
+        for i, m in enumerate(mods):
+            if isinstance(m, nn.Upsample):
+                after_upsample = True
+                continue
+            leaf(m, f"{ours}.{i}", f"{theirs}.{j}.conv" if after_upsample else f"{theirs}.{j}")
+            j, after_upsample = j + 1, False
+
+    leaf(model.inp, "inp", "input_blocks.0.0")
+    for i, m in enumerate(model.down):             # their input_blocks[0] is our inp, so index + 1
+        if isinstance(m, nn.Conv2d):
+            leaf(m, f"down.{i}", f"input_blocks.{i + 1}.0.op")        # Downsample(conv, stride 2)
+        else:
+            seq(m, f"down.{i}", f"input_blocks.{i + 1}")
+    seq(model.mid, "mid", "middle_block")
+    for i, m in enumerate(model.up):
+        seq(m, f"up.{i}", f"output_blocks.{i}")
+    seq(model.out, "out", "out")
+    leaf(model.patch, "patch", "patch_embed.patch_embed")
+    names["pos"] = "patch_embed.pos_embed"
+    for i, blk in enumerate(model.blocks):
+        for n in blk.state_dict():
+            names[f"blocks.{i}.{n}"] = f"transformer_encoder.layers.{i}.{_AUTHORS_VIT[n]}"
+    leaf(model.head, "head", "final_linear")
+    return names, resblocks
+
+
+def authors_to_ours(sd, model, name="checkpoint"):
+    """Our state dict for `model` from the authors' prefix-free `sd`, time layers folded."""
+    names, resblocks = authors_names(model)
+    ours_keys = set(model.state_dict())
+    assert ours_keys == set(names), f"unmapped keys of ours: {_short(ours_keys - set(names))}"
+    time_keys = [f"time_embed.{i}" for i in (0, 2)] + [f"{r}.emb_layers.1" for r in resblocks]
+    expected = set(names.values()) | {f"{k}.{p}" for k in time_keys for p in ("weight", "bias")}
+    extra, missing = set(sd) - expected, expected - set(sd)
+    if extra or missing:
+        die(f"{name}: the authors' weights do not map onto UNetViTPotential; unmatched keys in the "
+            f"file: [{_short(extra)}]; missing: [{_short(missing)}]")
+    emb = authors_time_embedding(sd)
+    out = {k: fold_time_bias(sd, v[:-len(".in_layers.2.bias")], emb)     # ResBlock conv1 bias
+           if v.endswith(".in_layers.2.bias") else sd[v] for k, v in names.items()}
+    want = model.state_dict()
+    bad = [f"{k} {tuple(out[k].shape)} vs ours {tuple(want[k].shape)}" for k in want
+           if out[k].shape != want[k].shape]
+    if bad:
+        die(f"{name}: tensor shapes differ from the rebuilt UNetViTPotential: {_short(bad, 4)}")
+    return out
+
+
+def authors_state_dict(ck, key="ema_model", name="checkpoint"):
+    """The prefix-free EBViTModelWrapper state dict ck[key] of an authors' file; else one line."""
+    if not is_authors_checkpoint(ck):
+        kind = (f"this file's own format {ck['format']!r}; load it with load_checkpoint"
+                if isinstance(ck, dict) and "format" in ck else
+                f"a dict with keys {_short(map(str, ck), 6)}" if isinstance(ck, dict) else
+                type(ck).__name__)
+        die(f"{name} is not an authors' Energy Matching checkpoint (a dict with 'net_model' and "
+            f"'ema_model' state dicts); it is {kind}")
+    sd = strip_prefixes(ck[key])
+    if any(k.startswith("mlp.") for k in sd):
+        die(f"{name} holds the authors' MLP-head potential (EBMLPModelWrapper); only the UNet+ViT "
+            f"one (EBViTModelWrapper) maps onto UNetViTPotential")
+    if not all(k in sd for k in _AUTHORS_NEED):
+        die(f"{name}: '{key}' is not an EBViTModelWrapper state dict "
+            f"(missing {_short([k for k in _AUTHORS_NEED if k not in sd], 3)})")
+    return sd
+
+
+def authors_model(sd, name="checkpoint"):
+    """An (untrained) UNetViTPotential of the architecture of the authors' state dict sd."""
+    try:
+        kw = authors_arch(sd)
+        model = UNetViTPotential(**kw)
+    except (KeyError, ValueError, IndexError, ZeroDivisionError, RuntimeError) as e:
+        die(f"{name}: cannot rebuild the authors' architecture from its keys "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+    widths = (sd["input_blocks.0.0.weight"].shape[0], sd["patch_embed.pos_embed"].shape[2])
+    if (model.inp.out_channels, model.patch.out_channels) != widths:
+        die(f"{name}: UNet width {widths[0]} with ViT width {widths[1]}: UNetViTPotential ties "
+            f"them (128 s, 384 s)")
+    model.arch_kwargs = kw               # so callers can rebuild the run's shape/model flags
+    return model
+
+
+def load_authors_checkpoint(path, use_ema=True, device="cpu"):
+    """Our UNetViTPotential (eval) from an authors' CIFAR-10 training file: V(x) = their
+    potential(x, t), any t, to float32 rounding; use_ema: "ema_model", else "net_model"."""
+    sd = authors_state_dict(read_checkpoint(path), "ema_model" if use_ema else "net_model", path)
+    model = authors_model(sd, path)
+    model.load_state_dict(authors_to_ours(sd, model, path))
+    return model.to(device).eval()
+
+
+def authors_checkpoint_as_ours(ck, name="checkpoint"):
+    """An authors' file as our checkpoint dict: args = --recipe authors defaults + the arch read
+    from the keys; "opt" None (their Adam state indexes their parameter list: fresh Adam)."""
+    sd_ema = authors_state_dict(ck, "ema_model", name)
+    model = authors_model(sd_ema, name)
+    kw = model.arch_kwargs
+    if kw["shape"][0] != 3 or kw["attn_res"] != (16,) or kw["patch"] != 4:
+        die(f"{name}: an authors' network with {kw['shape'][0]} channels, attention at "
+            f"{kw['attn_res']}, patch {kw['patch']} has no flags here (3, (16,), 4)")
+    flags = {"recipe": "authors", "dataset": "cifar10", "image-size": kw["shape"][1],
+             "model-size": kw["size"], "ch-mult": ",".join(map(str, kw["ch_mult"])),
+             "res-blocks": kw["res_blocks"], "vit-depth": kw["vit_depth"],
+             "dropout": kw["dropout"], "output-scale": kw["output_scale"]}
+    argv = [s for k, v in flags.items() for s in (f"--{k}", str(v))]
+    args = resolve_args(build_parser().parse_args(argv))
+    net = authors_to_ours(authors_state_dict(ck, "net_model", name), model, name)
+    step = int(ck.get("step") or 0)
+    return {"format": CKPT_FORMAT, "model": net, "ema": authors_to_ours(sd_ema, model, name),
+            "opt": None, "step": step, "phase": "authors", "phase_start": step,
+            "args": args_to_dict(args)}
+
+
 # ==== 6. Experiment modes ====
 def eval_setup(args):
     """Device, the (EMA) potential of the checkpoint, and its args with this command's sampler
-    settings. tau_s defaults to 1 for a phase-1 checkpoint (no Boltzmann well yet) and to 3 after
-    phase 2."""
+    settings. tau_s defaults to 1 for a phase-1 checkpoint (no Boltzmann well yet), else 3."""
     device = pick_device(args.device)
     path = args.ckpt or default_ckpt(args)
     V, cargs, ck = model_from_checkpoint(path, device, use_ema=not args.no_ema)
-    V.amp = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
+    V = engineer(V, device, args.amp)
     if args.tau_s is None and args.mode == "lid":
         args.tau_s = 3.0                                              # unused by LID
     if args.tau_s is None:
         args.tau_s = 1.0 if ck.get("phase") == "warmup" else 3.0
-        why = "phase-1 checkpoint: past t = 1 it only extrapolates" if args.tau_s == 1 else "paper"
+        why = ("phase-1 checkpoint: past t = 1 it only extrapolates" if args.tau_s == 1 else
+               "paper" + ("; the authors' README samples their files at 3.25"
+                          if ck.get("phase") == "authors" else ""))
         print(f"tau_s = {args.tau_s:g} ({why}; pass --tau-s to change)", flush=True)
     for k in ("tau_s", "dt", "sampler", "sample_batch", "num_samples"):
         if getattr(args, k) is not None:
@@ -1169,23 +1388,13 @@ def eval_images(args, cargs, n, device):
 
 
 def refuse_non_finite(x, what):
-    """Sample modes never write garbage: non-finite output is one line, exit code 3, nothing
-    written."""
+    """Sample modes never write garbage: non-finite output is one line, exit 3, nothing written."""
     if not torch.isfinite(x).all():
-        print(f"error: {what} contain NaN/Inf (non-finite weights?); nothing written",
-              file=sys.stderr)
-        sys.exit(3)
-
-
-def save_npz_atomic(path, **arrays):
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+        die(f"{what} contain NaN/Inf (non-finite weights?); nothing written", 3)
 
 
 def cmd_sample(args):
-    """--num-samples images by the Heun (or Euler-Maruyama) SDE sampler -> samples.npz (uint8 NHWC,
-    key "images", for eval_fid.py) and samples.png."""
+    """--num-samples SDE samples -> samples.npz ("images" uint8 NHWC, eval_fid.py), samples.png."""
     prepare_out_dir(args.out_dir)
     device, V, cargs, path = eval_setup(args)
     shape = data_shape(cargs)
@@ -1200,22 +1409,21 @@ def cmd_sample(args):
               f"{(args.num_samples - done) * el / done / 60:.1f} min", flush=True)
     images = np.concatenate(imgs) if imgs else np.zeros((0, shape[1], shape[2], shape[0]), np.uint8)
     out = os.path.join(args.out_dir, "samples.npz")
-    save_npz_atomic(out, images=images)
+    np.savez(out + ".tmp.npz", images=images)                   # atomic: a temp name, then replace
+    os.replace(out + ".tmp.npz", out)
     if len(images):
         save_grid(torch.from_numpy(images[:64]).permute(0, 3, 1, 2).float() / 127.5 - 1,
                   os.path.join(args.out_dir, "samples.png"))
     meta = {"ckpt": path, "n": int(len(images)), "tau_s": cargs.tau_s, "dt": cargs.dt,
             "sampler": cargs.sampler, "weights": "raw" if args.no_ema else "ema",
             "seconds": round(time.time() - t0, 2)}
-    with open(os.path.join(args.out_dir, "samples.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+    write_json(args.out_dir, "samples.json", meta)
     print(f"wrote {out} ({images.shape})")
     return images
 
 
 def center_mask(shape, frac, device):
-    """(C, H, W) 0/1 measurement mask A: ones outside a centred square of side frac * H (the
-    hole)."""
+    """(C, H, W) 0/1 measurement mask A: ones outside the hole, a centred square of side frac H."""
     C, H, W = shape
     s = max(1, int(round(frac * H)))
     a = torch.ones(shape, device=device)
@@ -1226,8 +1434,7 @@ def center_mask(shape, frac, device):
 
 def cmd_inpaint(args):
     """Alg. 3 on data images with a centred hole: M chains per image without and with the repulsive
-    interaction (same starting noise) -> inpaint.png (the paper's "with vs without" figure) and
-    inpaint.json."""
+    interaction (same noise) -> inpaint.png (the paper's "with vs without" figure), inpaint.json."""
     prepare_out_dir(args.out_dir)
     device, V, cargs, path = eval_setup(args)
     torch.manual_seed(args.seed)
@@ -1258,8 +1465,7 @@ def cmd_inpaint(args):
     rows = [torch.stack([x[r], y[r], *plain[r], *inter[r]]) for r in range(x.shape[0])]
     path_png = os.path.join(args.out_dir, "inpaint.png")
     save_image((torch.cat(rows).cpu().clamp(-1, 1) + 1) / 2, path_png, nrow=2 + 2 * args.chains)
-    with open(os.path.join(args.out_dir, "inpaint.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    write_json(args.out_dir, "inpaint.json", res)
     print(json.dumps(res))
     return res
 
@@ -1275,8 +1481,7 @@ def png_size(img_uint8):
 
 def cmd_lid(args):
     """LID of --num-images data images from the Hessian of V (exact or SLQ), Spearman vs PNG size
-    (Table 2). When every LID is equal, Spearman is undefined: one line says so and which way to
-    move tau."""
+    (Table 2). If every LID is equal, Spearman is undefined: one line says which way to move tau."""
     from scipy.stats import spearmanr
     prepare_out_dir(args.out_dir)
     device, V, cargs, path = eval_setup(args)
@@ -1299,8 +1504,7 @@ def cmd_lid(args):
            "spearman_lid_vs_png": rho, "lid": [float(v) for v in lids], "png_bytes": sizes,
            "seconds": round(time.time() - t0, 2)}
     head = f"LID ({method}, tau={args.lid_tau}) on {n} images:"
-    with open(os.path.join(args.out_dir, "lid.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    write_json(args.out_dir, "lid.json", res)
     if rho is not None:
         print(f"{head} Spearman vs PNG size = {rho:.3f}")
     elif len(distinct) == 1:
@@ -1313,39 +1517,36 @@ def cmd_lid(args):
 
 
 def cmd_benchmark(args):
-    """Ours vs the authors' recipe (fp32, math attention everywhere) from the same seed, weights and
-    batches: phase-1/2 images/s, sampler images/s (K Heun steps), peak memory (CUDA), and the max
-    |difference| of the two phase-1 loss curves."""
+    """Ours vs the authors' recipe (fp32, math attention) from the same seed, weights and batches:
+    phase-1/2 and sampler images/s, peak memory (CUDA), max |difference| of the loss curves."""
     device = pick_device(args.device)
-    shape, B, K = data_shape(args), args.batch_size, args.bench_sample_steps
+    cuda, shape, B, N = device.type == "cuda", data_shape(args), args.batch_size, args.bench_steps
+    K = args.bench_sample_steps
     gen = torch.Generator().manual_seed(args.seed)
     batches = [torch.rand(B, *shape, generator=gen) * 2 - 1 for _ in range(4)]  # any pixels do
     torch.manual_seed(args.seed)
     ref = build_model(args)
-    fast = args.channels_last or device.type == "cuda"
-    configs = {"authors_fp32_math": dict(amp="none", math=True, channels_last=False, compile=False),
-               "ours": dict(amp=args.amp, math=False, channels_last=fast, compile=args.compile)}
+    configs = {"authors_fp32_math": dict(amp="none", channels_last=False, compile=False,
+                                         math_everywhere=True),
+               "ours": dict(amp=args.amp, channels_last=args.channels_last or cuda,
+                            compile=args.compile, math_everywhere=False)}
 
-    def timed(fn, n, warm):
+    def timed(fn, n, warm):          # (outputs, calls/s, peak GB on CUDA) of n calls after `warm`
         for i in range(warm):
             fn(i)
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         t = time.time()
         out = [fn(warm + i) for i in range(n)]
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize(device)
-        mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
-        return out, n / (time.time() - t), mem
+        rate = n / (time.time() - t)
+        return out, rate, torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None
 
     results = {}
     for name, cfg in configs.items():
-        model = copy.deepcopy(ref).to(device)
-        model.amp = cfg["amp"] == "bf16" or (cfg["amp"] == "auto" and device.type == "cuda")
-        if cfg["channels_last"]:
-            model = model.to(memory_format=torch.channels_last)
-            model.channels_last = True
+        model = engineer(copy.deepcopy(ref), device, cfg["amp"], cfg["channels_last"])
         opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=tuple(args.betas))
         em = build_em(model, args)
         V_s = torch.compile(model) if cfg["compile"] else model
@@ -1362,11 +1563,9 @@ def cmd_benchmark(args):
             x0 = torch.randn(B, *shape, device=device)
             return sde_sample(V_s, x0, em.eps, K * args.dt, args.dt, "heun", clamp=(-1, 1))
 
-        r = {"amp": cfg["amp"], "channels_last": cfg["channels_last"], "compile": cfg["compile"],
-             "math_everywhere": cfg["math"]}
-        with math_sdpa() if cfg["math"] else contextlib.nullcontext():
-            r["phase1_losses"], it1, r["phase1_peak_gb"] = timed(step("warmup"), args.bench_steps,
-                                                                 3)
+        r = dict(cfg)
+        with math_sdpa() if cfg["math_everywhere"] else contextlib.nullcontext():
+            r["phase1_losses"], it1, r["phase1_peak_gb"] = timed(step("warmup"), N, 3)
             _, it2, r["phase2_peak_gb"] = timed(step("main"), args.bench_steps_main, 1)
             model.eval()
             _, it3, r["sampler_peak_gb"] = timed(samp, 1, 1 if cfg["compile"] else 0)
@@ -1378,23 +1577,19 @@ def cmd_benchmark(args):
               f"{r['phase1_peak_gb']}/{r['phase2_peak_gb']}/{r['sampler_peak_gb']}", flush=True)
     a, o = results["authors_fp32_math"], results["ours"]
     diff = [abs(x - y) for x, y in zip(a["phase1_losses"], o["phase1_losses"])]
-    dev = str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
     rel = max(d / max(abs(x), 1e-12) for d, x in zip(diff, a["phase1_losses"]))
-    summary = {"device": dev,
-               "batch": B, "params": count_params(ref), "shape": list(shape),
-               "measured_phase1_steps": args.bench_steps, "command": " ".join(sys.argv),
-               "loss_max_abs_diff": max(diff),
-               "loss_max_rel_diff": rel,
-               "configs": results}
+    s = {"device": torch.cuda.get_device_name(device) if cuda else str(device), "batch": B,
+         "params": count_params(ref), "shape": list(shape), "measured_phase1_steps": N,
+         "command": " ".join(sys.argv), "loss_max_abs_diff": max(diff), "loss_max_rel_diff": rel,
+         "configs": results}
     for k in ("phase1", "phase2", "sampler"):
-        summary[f"speedup_{k}"] = o[f"{k}_img_s"] / a[f"{k}_img_s"]
-    print("speed-up ours/authors: " + ", ".join(f"{k} x{summary[f'speedup_{k}']:.2f}" for k in
-          ("phase1", "phase2", "sampler")) + f" | loss curves: max |diff| {max(diff):.3g} (rel "
-          f"{summary['loss_max_rel_diff']:.3g}) over {args.bench_steps} steps")
+        s[f"speedup_{k}"] = o[f"{k}_img_s"] / a[f"{k}_img_s"]
+    print("speed-up ours/authors: " + ", ".join(f"{k[8:]} x{v:.2f}" for k, v in s.items()
+          if k.startswith("speedup_")) + f" | loss curves: max |diff| {max(diff):.3g} (rel "
+          f"{rel:.3g}) over {N} steps")
     prepare_out_dir(args.out_dir)
-    with open(os.path.join(args.out_dir, "benchmark.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    return summary
+    write_json(args.out_dir, "benchmark.json", s)
+    return s
 
 
 # ==== 7. Arguments and main ====
@@ -1457,118 +1652,85 @@ class Parser(argparse.ArgumentParser):
 def build_parser():
     p = Parser(description="Energy Matching (Balcerak et al., arXiv:2504.10612): train, sample, "
                "inpaint, LID, benchmark.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
-    bool_opt = argparse.BooleanOptionalAction
+    a, bool_opt = p.add_argument, argparse.BooleanOptionalAction
     a("--mode", default="train", choices=MODES, help="what to do")
-    a("--phase", default="warmup", choices=("warmup", "main"),
-      help="train: warmup = Alg. 1 (flow loss), main = Alg. 2 (flow + lambda_CD CD)")
-    a("--recipe", default="authors", choices=("authors", "paper"),
-      help="defaults: the authors' CIFAR-10 code or the paper's Appendix C (any flag overrides)")
+    a("--phase", default="warmup", choices=("warmup", "main"), help="Alg. 1 or Alg. 2 (+ CD)")
+    a("--recipe", default="authors", choices=RECIPES, help="authors' CIFAR code or App. C")
     # data
     a("--dataset", default="cifar10", choices=DATASETS, help="training / evaluation images")
     a("--data-dir", default="data", help="dataset folder (npz: the .npz file)")
-    a("--image-size", type=pos_int, default=None,
-      help="image side for folder/fake (default 32; celeba64 64)")
+    a("--image-size", type=pos_int, help="image side for folder/fake (default 32; celeba64 64)")
     a("--channels", type=pos_int, default=3, help="channels of fake data")
     a("--fake-size", type=pos_int, default=256, help="number of FakeData images")
-    a("--workers", type=nonneg_int, default=4,
-      help="DataLoader worker processes (0 = main process)")
+    a("--workers", type=nonneg_int, default=4, help="DataLoader processes (0 = main process)")
     # run
-    a("--out-dir", default=None,
-      help="output folder (default runs/em_<dataset>); always written to")
+    a("--out-dir", help="output folder (default runs/em_<dataset>); always written to")
     a("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    a("--threads", type=nonneg_int, default=0,
-      help="CPU threads (0 = the cores this process may use)")
+    a("--threads", type=nonneg_int, default=0, help="CPU threads (0 = the cores this process has)")
     a("--seed", type=nonneg_int, default=0, help="random seed (each step and rank derives its own)")
-    a("--batch-size", type=pos_int, default=None, help="per-process batch size (recipe: 128)")
-    a("--steps", type=nonneg_int, default=None, help="steps of this phase (authors 145k + 2k)")
-    a("--lr", type=pos_float, default=None, help="Adam learning rate (authors 1.2e-3, paper 8e-4)")
+    a("--batch-size", type=pos_int, help="per-process batch size (recipe: 128)")
+    a("--steps", type=nonneg_int, help="steps of this phase (authors 145k + 2k)")
+    a("--lr", type=pos_float, help="Adam learning rate (authors 1.2e-3, paper 8e-4)")
     a("--betas", type=unit_float, nargs=2, default=(0.9, 0.95), help="Adam betas (authors' code)")
-    a("--warmup", type=nonneg_int, default=None, help="linear learning-rate warm-up steps (10k)")
+    a("--warmup", type=nonneg_int, help="linear learning-rate warm-up steps (10k)")
     a("--grad-clip", type=nonneg_float, default=1.0, help="gradient-norm clipping (0 = off)")
-    a("--ema-decay", type=unit_float, default=None,
-      help="EMA decay (authors: 0.9999 in phase 1, 0.99 in phase 2; paper 0.9999)")
-    a("--ema-warmup", action=bool_opt, default=True,
-      help="EMA warm-up decay_n = min(decay, (1+n)/(10+n)); --no-ema-warmup = constant (authors)")
-    a("--no-ema", action="store_true",
-      help="grids / sampling with the raw weights instead of the EMA")
+    a("--ema-decay", type=unit_float, help="EMA decay (0.9999; authors' phase 2: 0.99)")
+    a("--ema-warmup", action=bool_opt, default=True, help="min(decay, (1+n)/(10+n)); no: authors")
+    a("--no-ema", action="store_true", help="grids / sampling with the raw weights, not the EMA")
     # model
-    a("--arch", default="auto", choices=("auto", "unetvit", "cnn"),
-      help="potential: UNet+ViT (CIFAR-10/CelebA) or CNN+MLP (MNIST); auto picks by dataset")
-    a("--model-size", type=pos_float, default=None,
-      help="width multiplier (1.0 = the ~50M CIFAR net)")
+    a("--arch", default="auto", choices=("auto", "unetvit", "cnn"), help="auto: cnn for MNIST")
+    a("--model-size", type=pos_float, help="width multiplier (1.0 = the ~50M CIFAR net)")
     a("--res-blocks", type=pos_int, default=2, help="UNet residual blocks per level")
     a("--ch-mult", default="1,2,2,2", help="UNet channel multipliers per resolution level")
     a("--vit-depth", type=pos_int, default=8, help="ViT head layers")
     a("--dropout", type=unit_float, default=0.1, help="dropout in UNet and ViT (authors' code)")
-    a("--attn-dropout", type=unit_float, default=None,
-      help="dropout of ViT attention probabilities (default: --dropout, as the authors' layers)")
+    a("--attn-dropout", type=unit_float, help="ViT attention dropout (default: --dropout)")
     a("--output-scale", type=pos_float, default=1000.0, help="V = this * head (authors' code)")
     # method (Eq. 3, Alg. 2)
-    a("--tau-star", type=nonneg_float, default=None, help="tau*, Eq. 3 (authors 1, paper 0.9)")
-    a("--eps-max", type=nonneg_float, default=None, help="eps_max: p ∝ exp(-V/eps_max) (0.01)")
-    a("--lambda-cd", type=nonneg_float, default=None, help="CD weight (authors 1e-3, paper 2e-4)")
-    a("--n-langevin", type=nonneg_int, default=None, help="Langevin steps per negative chain (M)")
-    a("--dt", type=pos_float, default=None, help="time step of the chains and of the sampler")
-    a("--cd-neg-clamp", type=nonneg_float, default=None,
-      help="clamp lambda_CD*CD from below at -this (authors 0.02, paper 0 = off)")
-    a("--cd-trim", type=unit_float, default=None,
-      help="drop this fraction of the highest negative energies (authors 0.1, paper 0)")
+    a("--tau-star", type=nonneg_float, help="tau*, Eq. 3 (authors 1, paper 0.9)")
+    a("--eps-max", type=nonneg_float, help="eps_max: p ∝ exp(-V/eps_max) (0.01)")
+    a("--lambda-cd", type=nonneg_float, help="CD weight (authors 1e-3, paper 2e-4)")
+    a("--n-langevin", type=nonneg_int, help="Langevin steps per negative chain (M)")
+    a("--dt", type=pos_float, help="time step of the chains and of the sampler")
+    a("--cd-neg-clamp", type=nonneg_float, help="lambda_CD CD >= -this (authors 0.02, paper 0)")
+    a("--cd-trim", type=unit_float, help="drop the top fraction of V(negatives) (authors 0.1)")
     a("--neg-data-frac", type=frac_float, default=0.5, help="share of negatives started at data")
-    a("--same-temperature", action=bool_opt, default=None,
-      help="data-started negatives follow eps(t) too (authors), not eps_max (paper Alg. 2 line 10)")
-    a("--cd-separate-batch", action=bool_opt, default=None,
-      help="a second data batch for CD (authors' code) instead of the flow batch (paper)")
-    a("--flow-reduction", default="mean", choices=("mean", "sum"),
-      help="flow loss per sample: mean over pixels (code) or sum = ||.||^2 (paper Alg. 1)")
-    a("--flow-weighting", default=None, choices=("off", "main", "both"),
-      help="fade the flow loss to 0 between tau* and 1 in phase 2 (authors' 2-D code), both "
-           "phases (authors' CIFAR code; --recipe authors) or off (paper)")
+    a("--same-temperature", action=bool_opt, help="data chains at eps(t) (authors), not eps_max")
+    a("--cd-separate-batch", action=bool_opt, help="a second data batch for CD (authors' code)")
+    a("--flow-reduction", default="mean", choices=("mean", "sum"), help="sum: ||.||^2 (Alg. 1)")
+    a("--flow-weighting", choices=("off", "main", "both"),
+      help="fade the flow loss to 0 from tau* to 1: phase 2 (authors' 2-D), both (CIFAR), off")
     a("--no-ot", action="store_true", help="random instead of exact-OT pairs (ablation)")
     a("--from-scratch", action="store_true", help="phase main without a warmup checkpoint (MNIST)")
     # engineering
-    a("--amp", default="auto", choices=("auto", "bf16", "none"),
-      help="bf16 autocast of the network trunk on CUDA (auto: bf16 on CUDA, none on CPU)")
-    a("--compile", action="store_true",
-      help="torch.compile the potential for sampling (not training)")
-    a("--channels-last", action="store_true",
-      help="channels_last memory format (faster convs on GPU)")
+    a("--amp", default="auto", choices=("auto", "bf16", "none"), help="bf16 trunk (auto: on CUDA)")
+    a("--compile", action="store_true", help="torch.compile the potential for sampling only")
+    a("--channels-last", action="store_true", help="channels_last memory (faster convs on GPU)")
     a("--resume", action="store_true", help="resume from --ckpt, else <out-dir>/ckpt_<phase>.pt")
-    a("--ckpt", default=None,
-      help="checkpoint to read (wins over <out-dir>); outputs go to --out-dir")
+    a("--ckpt", help="checkpoint to read (ours or the authors'); outputs go to --out-dir")
     a("--log-every", type=nonneg_int, default=100, help="log every N steps (0 = off)")
-    a("--save-every", type=nonneg_int, default=5000,
-      help="checkpoint every N steps (0 = at the end)")
-    a("--sample-every", type=nonneg_int, default=0,
-      help="sample grid every N steps (0 = at the end)")
+    a("--save-every", type=nonneg_int, default=5000, help="checkpoint every N steps (0 = at end)")
+    a("--sample-every", type=nonneg_int, default=0, help="sample grid every N steps (0 = at end)")
     a("--num-samples", type=nonneg_int, default=64, help="samples to draw (50000 for FID)")
     # sampler
-    a("--tau-s", type=pos_float, default=None,
-      help="sampling time tau_s, K = tau_s/dt steps (3.0 after phase 2; 1.0 after phase 1 alone)")
+    a("--tau-s", type=pos_float, help="sampling time, K = tau_s/dt (3; 1 after phase 1 alone)")
     a("--sampler", default="heun", choices=("heun", "euler"), help="SDE integrator")
     a("--sample-batch", type=pos_int, default=256, help="batch size when sampling")
     # inverse problems (Alg. 3)
-    a("--num-images", type=pos_int, default=None,
-      help="inpaint: images (4); lid: images (4096, paper)")
-    a("--hole", type=frac_float, default=0.5,
-      help="inpaint: side of the masked centre square / side")
+    a("--num-images", type=pos_int, help="inpaint: images (4); lid: images (4096, paper)")
+    a("--hole", type=frac_float, default=0.5, help="inpaint: side of the masked centre / side")
     a("--zeta", type=pos_float, default=0.1, help="inpaint: data-fidelity scale zeta (Eq. 8)")
-    a("--sigma-int", type=pos_float, default=1.0,
-      help="inpaint: interaction strength sigma (Sec. 3.2)")
+    a("--sigma-int", type=pos_float, default=1.0, help="inpaint: interaction sigma (Sec. 3.2)")
     a("--chains", type=pos_int, default=2, help="inpaint: chains M per image")
     # LID
-    a("--lid-tau", type=pos_float, default=None,
-      help="LID: |lambda| < tau (paper: 10 MNIST, 2 CIFAR)")
-    a("--lid-method", default="auto", choices=("auto", "exact", "slq"),
-      help="exact Hessian or stochastic Lanczos quadrature (auto: exact if d <= 1024)")
+    a("--lid-tau", type=pos_float, help="LID: |lambda| < tau (paper: 10 MNIST, 2 CIFAR)")
+    a("--lid-method", default="auto", choices=("auto", "exact", "slq"), help="auto: d <= 1024")
     a("--lid-probes", type=pos_int, default=8, help="SLQ: Rademacher probe vectors")
     a("--lid-lanczos", type=pos_int, default=60, help="SLQ: Lanczos steps per probe")
     # benchmark
-    a("--bench-steps", type=pos_int, default=20,
-      help="benchmark: measured phase-1 steps per config")
+    a("--bench-steps", type=pos_int, default=20, help="benchmark: measured phase-1 steps")
     a("--bench-steps-main", type=pos_int, default=5, help="benchmark: measured phase-2 steps")
-    a("--bench-sample-steps", type=pos_int, default=300,
-      help="benchmark: Heun steps of the sampler")
+    a("--bench-sample-steps", type=pos_int, default=300, help="benchmark: sampler Heun steps")
     return p
 
 
@@ -1600,8 +1762,7 @@ def resolve_args(args):
 
 
 def args_to_dict(args):
-    """A plain dict of str/int/float/bool/None/list for the checkpoint (weights_only=True loads
-    it)."""
+    """A plain dict of str/int/float/bool/None/list for the checkpoint (weights_only loads it)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()
             if not k.endswith("_")}
 

@@ -1,9 +1,11 @@
-"""Tests for energy_matching.py: closed forms on Gaussians, the OT plan, the integrators, the losses' signs and the
-authors'-code choices, the image pipeline (shapes, training lowers the loss, checkpoints/resume, torchrun with
-gloo, NaN guard, bad input), Algorithm 3 on a Gaussian prior, LID on a potential with a known flat subspace."""
+"""Tests for energy_matching.py: closed forms on Gaussians, the OT plan, the integrators, the
+losses' signs and the authors'-code choices, the image pipeline (shapes, training lowers the loss,
+checkpoints/resume, torchrun with gloo, NaN guard, bad input), Algorithm 3 on a Gaussian prior, LID
+on a potential with a known flat subspace."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -16,20 +18,38 @@ import energy_matching as em
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "energy_matching.py")
 # a < 100k-parameter UNet+ViT potential on 8x8 FakeData
-TINY = ["--dataset", "fake", "--image-size", "8", "--fake-size", "32", "--batch-size", "8", "--model-size", "0.0625",
-        "--vit-depth", "1", "--res-blocks", "1", "--ch-mult", "1,2", "--workers", "0", "--n-langevin", "4",
-        "--dt", "0.05", "--tau-s", "0.2", "--log-every", "0", "--num-samples", "0", "--warmup", "1",
-        "--lr", "1e-3", "--device", "cpu", "--amp", "none", "--threads", "1"]
+TINY = ["--dataset", "fake", "--image-size", "8", "--fake-size", "32", "--batch-size", "8",
+        "--model-size", "0.0625", "--vit-depth", "1", "--res-blocks", "1", "--ch-mult", "1,2",
+        "--workers", "0", "--n-langevin", "4", "--dt", "0.05", "--tau-s", "0.2", "--log-every", "0",
+        "--num-samples", "0", "--warmup", "1", "--lr", "1e-3", "--device", "cpu", "--amp", "none",
+        "--threads", "1"]
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    """One intra-op thread for these tiny networks: on a shared 2-core machine, two OpenMP threads spin-waiting
-    on each other made a tiny double backward ~100x slower (7 s vs 0.05 s) in our measurements."""
+    """One intra-op thread for these tiny networks: on a shared 2-core machine, two OpenMP threads
+    spin-waiting on each other made a tiny double backward ~100x slower (7 s vs 0.05 s) in our
+    measurements."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def one_step_run(tmp_path_factory):
+    """A folder with one TINY training step (checkpoint, logs), trained once for the tests that
+    start from it; each copies it (copy_run) instead of training its own."""
+    n = torch.get_num_threads()
+    out = str(tmp_path_factory.mktemp("one_step"))
+    em.main(TINY + ["--steps", "1", "--out-dir", out])
+    torch.set_num_threads(n)
+    return out
+
+
+def copy_run(src, dst):
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    return str(dst)
 
 
 def tiny_args(*extra):
@@ -41,9 +61,9 @@ def env_1thread():
     return env
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Section 4: temperature, OT pairing, losses
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_temperature_eq3_values_and_boundaries():
     f = lambda t: em.temperature(t, 0.8, 0.1)  # noqa: E731
     assert f(0.0) == 0.0 and f(0.5) == 0.0 and f(0.7999) == 0.0
@@ -57,7 +77,8 @@ def test_temperature_eq3_values_and_boundaries():
     assert torch.allclose(out, torch.tensor([0.0, 0.0, 0.05, 0.1, 0.1]))
     # tau* = 1 (authors' code): a step at t = 1
     assert em.temperature(0.999, 1.0, 0.01) == 0.0 and em.temperature(1.0, 1.0, 0.01) == 0.01
-    assert torch.equal(em.temperature(torch.tensor([0.99, 1.0]), 1.0, 0.01), torch.tensor([0.0, 0.01]))
+    assert torch.equal(em.temperature(torch.tensor([0.99, 1.0]), 1.0, 0.01),
+                       torch.tensor([0.0, 0.01]))
 
 
 def test_ot_pair_is_a_permutation_and_beats_random_pairings():
@@ -79,8 +100,9 @@ def test_ot_pair_is_a_permutation_and_beats_random_pairings():
 
 
 def test_flow_loss_sign_reduction_and_ot_recovers_translation():
-    """V(x) = -<u, x> has -grad V = u: zero loss when every pair moves by u (the OT map of a translation), even
-    if x0 arrives shuffled. V = +<u, x> gives ||2u||^2 per sample (sum) and its mean over the d dims (mean)."""
+    """V(x) = -<u, x> has -grad V = u: zero loss when every pair moves by u (the OT map of a
+    translation), even if x0 arrives shuffled. V = +<u, x> gives ||2u||^2 per sample (sum) and its
+    mean over the d dims (mean)."""
     torch.manual_seed(1)
     u = torch.tensor([1.5, -0.5])
     x0 = torch.randn(64, 2)
@@ -90,16 +112,18 @@ def test_flow_loss_sign_reduction_and_ot_recovers_translation():
     assert good.flow_loss(x1, shuffled).item() < 1e-10
     bad_sum = em.EnergyMatching(lambda x: (x * u).sum(1), flow_reduction="sum")
     bad_mean = em.EnergyMatching(lambda x: (x * u).sum(1))
-    assert bad_sum.flow_loss(x1, shuffled).item() == pytest.approx(4 * u.pow(2).sum().item(), rel=1e-5)
-    assert bad_mean.flow_loss(x1, shuffled).item() == pytest.approx(2 * u.pow(2).sum().item(), rel=1e-5)
+    u2 = u.pow(2).sum().item()
+    assert bad_sum.flow_loss(x1, shuffled).item() == pytest.approx(4 * u2, rel=1e-5)
+    assert bad_mean.flow_loss(x1, shuffled).item() == pytest.approx(2 * u2, rel=1e-5)
     # without OT the shuffled pairs do not all move by u: the loss is not zero
-    assert em.EnergyMatching(lambda x: -(x * u).sum(1), use_ot=False).flow_loss(x1, shuffled).item() > 0.1
+    no_ot = em.EnergyMatching(lambda x: -(x * u).sum(1), use_ot=False)
+    assert no_ot.flow_loss(x1, shuffled).item() > 0.1
 
 
 def test_cd_loss_trimmed_mean_clamp_and_stop_gradient():
-    """n_langevin = 0: negatives are their starting points (half data, half noise). CD = mean V(data) - mean of the
-    90 % lowest V(negatives) (authors' trim); lambda*CD is clamped below at -cd_neg_clamp; no gradient reaches
-    the chain (the negatives are detached)."""
+    """n_langevin = 0: negatives are their starting points (half data, half noise). CD = mean
+    V(data) - mean of the 90 % lowest V(negatives) (authors' trim); lambda*CD is clamped below at
+    -cd_neg_clamp; no gradient reaches the chain (the negatives are detached)."""
     torch.manual_seed(2)
     w = torch.nn.Parameter(torch.tensor([0.7, -0.3]))
     V = lambda x: (x * w).sum(1) + 0.5 * x.pow(2).sum(1)  # noqa: E731
@@ -114,7 +138,7 @@ def test_cd_loss_trimmed_mean_clamp_and_stop_gradient():
     # with lambda large and negatives of higher energy the clamp bites: cd_term >= -0.5
     m2 = em.EnergyMatching(V, n_langevin=0, lambda_cd=100.0, cd_neg_clamp=0.5, neg_data_frac=0.0)
     _, logs = m2.loss(x1, x1 + 5.0, phase="main")
-    assert logs["cd_term"] == -0.5                                # the clamp bites: exactly -cd_neg_clamp
+    assert logs["cd_term"] == -0.5                    # the clamp bites: exactly -cd_neg_clamp
     m2.cd_neg_clamp = 0
     _, logs_off = m2.loss(x1, x1 + 5.0, phase="main")
     assert logs_off["cd_term"] < -10.0                            # unclamped, the term runs away
@@ -124,12 +148,14 @@ def test_cd_loss_trimmed_mean_clamp_and_stop_gradient():
 
 
 def test_loss_main_noise_chains_start_at_x0_or_x0_cd():
-    """Alg. 2: the noise-started negatives start at the step's noise x0; x0_cd overrides the starts (a
-    non-Gaussian source, as in the 2-D figure). n_langevin = 0 makes the negatives their starting points."""
+    """Alg. 2: the noise-started negatives start at the step's noise x0; x0_cd overrides the starts
+    (a non-Gaussian source, as in the 2-D figure). n_langevin = 0 makes the negatives their starting
+    points."""
     w = torch.tensor([0.7, -0.3])
     V = lambda x: (x * w).sum(1)  # noqa: E731
     x1, x0, x0_cd = torch.randn(16, 2) + 2, torch.randn(16, 2), torch.randn(16, 2) * 3 - 4
-    m = em.EnergyMatching(V, n_langevin=0, cd_trim=0.0, neg_data_frac=0.0, lambda_cd=1.0, cd_neg_clamp=0)
+    m = em.EnergyMatching(V, n_langevin=0, cd_trim=0.0, neg_data_frac=0.0, lambda_cd=1.0,
+                          cd_neg_clamp=0)
     _, logs = m.loss(x1, x0, phase="main")
     assert logs["e_neg"] == pytest.approx(V(x0).mean().item(), rel=1e-5)
     _, logs = m.loss(x1, x0, phase="main", x0_cd=x0_cd)
@@ -137,15 +163,16 @@ def test_loss_main_noise_chains_start_at_x0_or_x0_cd():
 
 
 def test_flow_weighting_phase2_only_and_exact():
-    """The authors' 2-D phase 2 weights the flow residual by w(t) = 1 (t < tau*), (1 - t)/(1 - tau*) after.
-    With V = 0 the residual is ||x1 - x0||^2 whatever t, so the weighted loss is mean_i w(t_i) ||u||^2 with the
-    t_i the loss draws (reproduced from the seed); phase 1 ignores the weighting."""
+    """The authors' 2-D phase 2 weights the flow residual by w(t) = 1 (t < tau*), (1 - t)/(1 - tau*)
+    after. With V = 0 the residual is ||x1 - x0||^2 whatever t, so the weighted loss is mean_i
+    w(t_i) ||u||^2 with the t_i the loss draws (reproduced from the seed); phase 1 ignores the
+    weighting."""
     V = lambda x: (0.0 * x).sum(1)  # noqa: E731
     m = em.EnergyMatching(V, tau_star=0.8, lambda_cd=0.0, use_ot=False, flow_weighting=True)
     t = torch.tensor([0.0, 0.5, 0.8, 0.9, 1.0])
     assert torch.allclose(m.flow_weight(t), torch.tensor([1.0, 1.0, 1.0, 0.5, 0.0]))
     x0 = torch.zeros(512, 2)
-    x1 = x0 + torch.tensor([3.0, 4.0])                            # u = x1 - x0, ||u||^2 / 2 dims = 12.5
+    x1 = x0 + torch.tensor([3.0, 4.0])                # u = x1 - x0, ||u||^2 / 2 dims = 12.5
     torch.manual_seed(5)
     loss_main, _ = m.loss(x1, x0, phase="main")
     torch.manual_seed(5)
@@ -159,9 +186,9 @@ def test_flow_weighting_phase2_only_and_exact():
 
 
 def test_negatives_data_chains_hot_noise_chains_on_schedule():
-    """Alg. 2 lines 5-11: data-started chains run at eps_max from the first step; noise-started chains follow
-    eps(t), which is 0 before tau* -- so on V = a/2 ||x||^2 they are the exact deterministic recursion
-    x <- (1 - a dt) x for t < tau*, while data-started chains are noisy."""
+    """Alg. 2 lines 5-11: data-started chains run at eps_max from the first step; noise-started
+    chains follow eps(t), which is 0 before tau* -- so on V = a/2 ||x||^2 they are the exact
+    deterministic recursion x <- (1 - a dt) x for t < tau*, while data-started chains are noisy."""
     torch.manual_seed(9)
     a, dt, n = 2.0, 0.01, 50                                        # chain time 0.5 < tau* = 1
     V = lambda x: 0.5 * a * x.pow(2).sum(1)  # noqa: E731
@@ -170,7 +197,8 @@ def test_negatives_data_chains_hot_noise_chains_on_schedule():
     x_neg, at_data = m.negatives(x1, x0)
     assert at_data[:200].all() and not at_data[200:].any()
     assert torch.allclose(x_neg[200:], x0[200:] * (1 - a * dt) ** n, atol=1e-5)
-    # data chains: x_n = (1 - a dt)^n x1 + noise of variance eps_max/a (1 - (1 - a dt)^(2n)) / (1 - a dt / 2)
+    # data chains: x_n = (1 - a dt)^n x1 + noise of variance
+    # eps_max/a (1 - (1 - a dt)^(2n)) / (1 - a dt / 2)
     resid = x_neg[:200] - x1[:200] * (1 - a * dt) ** n
     var = 0.5 / a * (1 - (1 - a * dt) ** (2 * n)) / (1 - a * dt / 2)
     assert resid.var().item() == pytest.approx(var, rel=0.15)
@@ -179,7 +207,8 @@ def test_negatives_data_chains_hot_noise_chains_on_schedule():
 def test_api_on_2d_points():
     torch.manual_seed(3)
     net = torch.nn.Sequential(torch.nn.Linear(2, 32), torch.nn.SiLU(), torch.nn.Linear(32, 1))
-    model = em.EnergyMatching(lambda x: net(x).squeeze(-1), tau_star=0.8, eps_max=0.1, n_langevin=5, dt=0.05)
+    model = em.EnergyMatching(lambda x: net(x).squeeze(-1), tau_star=0.8, eps_max=0.1,
+                              n_langevin=5, dt=0.05)
     x1, x0 = torch.randn(16, 2) + 3, torch.randn(16, 2)
     for phase in ("warmup", "main"):
         loss, logs = model.loss(x1, x0, phase=phase)
@@ -190,12 +219,12 @@ def test_api_on_2d_points():
     assert torch.equal(traj[0], x0) and torch.equal(traj[-1], x)
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Section 5: Langevin, Heun/Euler, Algorithm 3
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_langevin_reaches_boltzmann_mean_and_variance():
-    """V = a/2 ||x - m||^2, p ∝ exp(-V/eps) = N(m, eps/a). ULA's exact stationary variance on this OU process is
-    eps / (a (1 - a dt / 2)); the mean is unbiased."""
+    """V = a/2 ||x - m||^2, p ∝ exp(-V/eps) = N(m, eps/a). ULA's exact stationary variance on this
+    OU process is eps / (a (1 - a dt / 2)); the mean is unbiased."""
     torch.manual_seed(4)
     a, eps, dt = 2.0, 0.5, 0.01
     m = torch.tensor([1.0, -2.0])
@@ -217,7 +246,7 @@ def test_heun_beats_euler_on_known_field():
     exact = x0 * math.exp(-1.0)
     err = {meth: (model.sample(x0, tau_s=1.0, dt=0.1, method=meth) - exact).abs().max().item()
            for meth in ("heun", "euler")}
-    assert err["euler"] > 1e-3                                      # Euler's O(dt) error is visible at dt = 0.1
+    assert err["euler"] > 1e-3                      # Euler's O(dt) error is visible at dt = 0.1
     assert err["heun"] < err["euler"] / 10
     # halving dt: Euler error halves, Heun error quarters
     e2 = {meth: (model.sample(x0, tau_s=1.0, dt=0.05, method=meth) - exact).abs().max().item()
@@ -226,9 +255,9 @@ def test_heun_beats_euler_on_known_field():
 
 
 def test_inpainting_recovers_gaussian_posterior_mean():
-    """Alg. 3 with interaction off on V = ||x - m||^2 / (2 s^2) (so E = V/eps_max): per observed pixel the
-    posterior exp(-(y - x)^2/zeta^2 - (x - m)^2/(2 eps s^2)) has mean (m/(eps s^2) + 2y/zeta^2) / (1/(eps s^2)
-    + 2/zeta^2); unobserved pixels keep the prior N(m, eps s^2)."""
+    """Alg. 3 with interaction off on V = ||x - m||^2 / (2 s^2) (so E = V/eps_max): per observed
+    pixel the posterior exp(-(y - x)^2/zeta^2 - (x - m)^2/(2 eps s^2)) has mean (m/(eps s^2) +
+    2y/zeta^2) / (1/(eps s^2) + 2/zeta^2); unobserved pixels keep the prior N(m, eps s^2)."""
     torch.manual_seed(5)
     eps_max, s, zeta, d = 0.5, 1.0, 1.0, 6
     m = torch.linspace(-0.5, 0.5, d)
@@ -262,13 +291,14 @@ def test_interaction_energy_spreads_chains_inside_region_only():
     assert torch.allclose(inter[0, :, :2].mean(0), plain[0, :, :2].mean(0), atol=0.05)
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Section 8: LID
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def _quadratic_with_flat_subspace(d, k, seed):
     g = torch.Generator().manual_seed(seed)
     Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
-    lam = torch.cat([torch.zeros(k, dtype=torch.float64), 5 + 45 * torch.rand(d - k, generator=g, dtype=torch.float64)])
+    lam = torch.cat([torch.zeros(k, dtype=torch.float64),
+                     5 + 45 * torch.rand(d - k, generator=g, dtype=torch.float64)])
     H = (Q * lam) @ Q.T
     Hf = H.float()
     return (lambda x: 0.5 * ((x.flatten(1) @ Hf) * x.flatten(1)).sum(1)), H
@@ -279,7 +309,8 @@ def test_lid_exact_counts_flat_directions():
     xs = torch.randn(3, 2, 3, 4)                                    # "images" of d = 24
     lids, spectra = em.lid_exact(V, xs, tau=1.0)
     assert lids == [7, 7, 7]
-    assert torch.allclose(spectra[0].sort().values, torch.linalg.eigvalsh(H).sort().values, atol=1e-3)
+    assert torch.allclose(spectra[0].sort().values, torch.linalg.eigvalsh(H).sort().values,
+                          atol=1e-3)
 
 
 def test_lid_slq_partial_spectrum_estimates_dimension():
@@ -288,13 +319,13 @@ def test_lid_slq_partial_spectrum_estimates_dimension():
     assert all(abs(e - 100) < 15 for e in est), est
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Networks and the image pipeline
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_potential_shapes_and_gradients():
     torch.manual_seed(7)
     a = tiny_args("--image-size", "16")
-    net = em.build_model(a)                                         # attention at 16x16 is active here
+    net = em.build_model(a)                             # attention at 16x16 is active here
     assert em.count_params(net) < 100_000
     assert any(isinstance(mod, em.SelfAttention2d) for mod in net.modules())
     x = torch.randn(4, 3, 16, 16)
@@ -302,14 +333,15 @@ def test_potential_shapes_and_gradients():
     g = em.grad_V(net, x)
     assert g.shape == x.shape and not g.requires_grad
     # the flow loss differentiates grad V again (double backward through attention: math kernel)
-    for p in net.parameters():                                      # make grad V non-zero from the start
+    for p in net.parameters():                          # make grad V non-zero from the start
         if p.dim() > 1:
             torch.nn.init.normal_(p, std=0.05)
     model = em.EnergyMatching(net)
     loss = model.flow_loss(x, torch.randn_like(x))
     loss.backward()
     grads = [p.grad for p in net.parameters() if p.grad is not None]
-    assert len(grads) > 0.9 * len(list(net.parameters())) and all(torch.isfinite(q).all() for q in grads)
+    assert len(grads) > 0.9 * len(list(net.parameters()))
+    assert all(torch.isfinite(q).all() for q in grads)
     # net.amp (bf16 trunk, CUDA only) is an attribute of the network, not a keyword of the method
     net.amp = True
     assert em.EnergyMatching(net).energy(x).dtype == torch.float32
@@ -326,8 +358,9 @@ def _loss_at_seed(model, x1, phase, seed=11):
 
 @pytest.mark.parametrize("phase", ["warmup", "main"])
 def test_training_steps_lower_the_loss_on_fakedata(phase):
-    """A few Adam steps on one FakeData batch, with the randomness (x0, t, Langevin noise) held fixed by a seed,
-    so the objective is one deterministic function of theta: it must go down clearly."""
+    """A few Adam steps on one FakeData batch, with the randomness (x0, t, Langevin noise) held
+    fixed by a seed, so the objective is one deterministic function of theta: it must go down
+    clearly."""
     a = tiny_args("--lr", "1e-3")
     torch.manual_seed(8)
     data = em.build_dataset(a)
@@ -338,7 +371,7 @@ def test_training_steps_lower_the_loss_on_fakedata(phase):
     before = _loss_at_seed(model, x1, phase)
     for _ in range(8):
         torch.manual_seed(11)
-        logs, applied = em.train_step(model, net, opt, x1, phase, a, 1, step=10_000)   # past warm-up
+        logs, applied = em.train_step(model, net, opt, x1, phase, a, 1, step=10_000)  # past warm-up
         assert applied
         assert math.isfinite(logs["loss"]) and (("cd" in logs) == (phase == "main"))
     after = _loss_at_seed(model, x1, phase)
@@ -349,9 +382,10 @@ def test_checkpoint_round_trip_and_resume_give_same_next_loss(tmp_path, capsys):
     common = TINY + ["--steps", "3", "--save-every", "2"]
     straight = em.main(common + ["--out-dir", str(tmp_path / "a")])
     ck = em.load_checkpoint(str(tmp_path / "a" / "ckpt_warmup.pt"))
-    assert ck["format"] == "energy_matching/v1" and ck["step"] == 3 and ck["args"]["dataset"] == "fake"
+    assert ck["format"] == "energy_matching/v1" and ck["step"] == 3
+    assert ck["args"]["dataset"] == "fake"
     assert set(ck) >= {"model", "ema", "opt", "step", "args"}
-    em.main(TINY + ["--steps", "2", "--out-dir", str(tmp_path / "b")])           # stop after 2 steps
+    em.main(TINY + ["--steps", "2", "--out-dir", str(tmp_path / "b")])    # stop after 2 steps
     resumed = em.main(TINY + ["--steps", "3", "--resume", "--out-dir", str(tmp_path / "b")])
     assert len(resumed) == 1 and resumed[0]["step"] == 3
     assert resumed[0]["loss"] == pytest.approx(straight[-1]["loss"], rel=1e-6, abs=1e-7)
@@ -366,13 +400,16 @@ def test_checkpoint_round_trip_and_resume_give_same_next_loss(tmp_path, capsys):
                            "--out-dir", str(tmp_path / "a")])
     z = np.load(tmp_path / "a" / "samples.npz")["images"]
     assert z.shape == (5, 8, 8, 3) and z.dtype == np.uint8 and np.array_equal(z, imgs)
-    # the evaluation commands run on the same checkpoint: Alg. 3 figure, and LID (tau = huge: every direction
-    # counts as flat, so SLQ must return d = 192 exactly -- its quadrature weights sum to one)
-    res = em.main(TINY + ["--mode", "inpaint", "--num-images", "2", "--out-dir", str(tmp_path / "a")])
+    # the evaluation commands run on the same checkpoint: Alg. 3 figure, and LID (tau = huge: every
+    # direction counts as flat, so SLQ must return d = 192 exactly: its quadrature weights sum to 1)
+    res = em.main(TINY + ["--mode", "inpaint", "--num-images", "2",
+                          "--out-dir", str(tmp_path / "a")])
     assert (tmp_path / "a" / "inpaint.png").exists() and res["spread_with"] >= 0
-    lid = em.main(TINY + ["--mode", "lid", "--num-images", "3", "--lid-method", "slq", "--lid-lanczos", "5",
-                          "--lid-probes", "1", "--lid-tau", "1e12", "--out-dir", str(tmp_path / "a")])
-    assert lid["d"] == 192 and all(abs(v - 192) < 1e-6 for v in lid["lid"]) and len(lid["png_bytes"]) == 3
+    lid = em.main(TINY + ["--mode", "lid", "--num-images", "3", "--lid-method", "slq",
+                          "--lid-lanczos", "5", "--lid-probes", "1", "--lid-tau", "1e12",
+                          "--out-dir", str(tmp_path / "a")])
+    assert lid["d"] == 192 and all(abs(v - 192) < 1e-6 for v in lid["lid"])
+    assert len(lid["png_bytes"]) == 3
     # every LID equal: no "Spearman = nan" but one line that says so (and which way to move tau)
     said = capsys.readouterr().out.strip().splitlines()[-1]
     assert lid["spearman_lid_vs_png"] is None and "nan" not in said and "all LIDs equal 192" in said
@@ -383,7 +420,8 @@ def test_folder_dataset_in_minus_one_one(tmp_path):
     from PIL import Image
     os.makedirs(tmp_path / "imgs" / "any")
     for i in range(3):
-        Image.fromarray(np.full((20, 24, 3), 60 * i, np.uint8)).save(tmp_path / "imgs" / "any" / f"{i}.png")
+        img = Image.fromarray(np.full((20, 24, 3), 60 * i, np.uint8))
+        img.save(tmp_path / "imgs" / "any" / f"{i}.png")
     a = tiny_args("--dataset", "folder", "--data-dir", str(tmp_path / "imgs"), "--image-size", "16")
     data = em.build_dataset(a, train=False)
     x = torch.stack([data[i][0] for i in range(3)])
@@ -396,7 +434,7 @@ REAL_FLOW_LOSS = em.EnergyMatching.flow_loss
 
 
 def _nan_flow_on(calls):
-    """A flow_loss that returns NaN on the listed call numbers (1-based), the real loss otherwise."""
+    """A flow_loss that is NaN on the listed call numbers (1-based), the real loss otherwise."""
     real = REAL_FLOW_LOSS
     count = [0]
 
@@ -407,11 +445,10 @@ def _nan_flow_on(calls):
     return flow_loss
 
 
-def test_nan_guard_skips_steps_and_stops_after_ten(tmp_path, capsys, monkeypatch):
-    """SPEC NaN guard: a non-finite step is skipped (no update); 10 in a row -> one line, exit 3, the last
-    good checkpoint kept. A stale <ckpt>.tmp of an interrupted save is removed at start."""
-    out = str(tmp_path / "n")
-    em.main(TINY + ["--steps", "1", "--out-dir", out])
+def test_nan_guard_skips_steps_and_stops_after_ten(tmp_path, capsys, monkeypatch, one_step_run):
+    """SPEC NaN guard: a non-finite step is skipped (no update); 10 in a row -> one line, exit 3,
+    the last good checkpoint kept. A stale <ckpt>.tmp of an interrupted save is removed at start."""
+    out = copy_run(one_step_run, tmp_path / "n")
     before = em.load_checkpoint(os.path.join(out, "ckpt_warmup.pt"))
     stale = os.path.join(out, "ckpt_warmup.pt.tmp")
     open(stale, "wb").write(b"half a checkpoint")
@@ -422,8 +459,9 @@ def test_nan_guard_skips_steps_and_stops_after_ten(tmp_path, capsys, monkeypatch
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "10 non-finite steps in a row" in err[0] and "ckpt_warmup.pt" in err[0]
     after = em.load_checkpoint(os.path.join(out, "ckpt_warmup.pt"))
-    assert after["step"] == 1 and all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
-    # one bad step in the middle: skipped (weights unchanged by it), the run goes on and ends normally
+    assert after["step"] == 1
+    assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+    # one bad step in the middle: skipped (weights unchanged by it), the run goes on, ends normally
     monkeypatch.setattr(em.EnergyMatching, "flow_loss", _nan_flow_on({2}))
     rec = em.main(TINY + ["--steps", "3", "--out-dir", str(tmp_path / "one")])
     assert [r["step"] for r in rec] == [1, 2, 3]
@@ -437,16 +475,17 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, capsys):
     bad.write_bytes(b"\x00not a checkpoint" * 10)
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {}}, foreign)
-    for argv, needle in [(["--mode", "sample", "--ckpt", str(bad)], "corrupt"),
-                         (["--mode", "sample", "--ckpt", str(foreign)], "not an Energy Matching checkpoint"),
-                         (["--steps", "-1"], "expected an integer >= 0"),
-                         (["--lr", "nan"], "--lr"), (["--lr", "-1"], "--lr"),
-                         (["--ema-decay", "nan"], "--ema-decay"), (["--tau-s", "-1"], "--tau-s"),
-                         (["--mode", "sample", "--sample-batch", "0"], "--sample-batch"),
-                         (["--dataset", "npz", "--data-dir", str(tmp_path / "none.npz")], "none.npz"),
-                         (["--phase", "main", "--out-dir", str(tmp_path / "empty")], "phase-1 checkpoint"),
-                         (["--dataset", "celeba64", "--data-dir", str(tmp_path / "nodata"), "--out-dir",
-                           str(tmp_path / "o")], os.path.join("nodata", "celeba64"))]:
+    cases = [(["--mode", "sample", "--ckpt", str(bad)], "corrupt"),
+             (["--mode", "sample", "--ckpt", str(foreign)], "not an Energy Matching checkpoint"),
+             (["--steps", "-1"], "expected an integer >= 0"),
+             (["--lr", "nan"], "--lr"), (["--lr", "-1"], "--lr"),
+             (["--ema-decay", "nan"], "--ema-decay"), (["--tau-s", "-1"], "--tau-s"),
+             (["--mode", "sample", "--sample-batch", "0"], "--sample-batch"),
+             (["--dataset", "npz", "--data-dir", str(tmp_path / "none.npz")], "none.npz"),
+             (["--phase", "main", "--out-dir", str(tmp_path / "empty")], "phase-1 checkpoint"),
+             (["--dataset", "celeba64", "--data-dir", str(tmp_path / "nodata"), "--out-dir",
+               str(tmp_path / "o")], os.path.join("nodata", "celeba64"))]
+    for argv, needle in cases:
         with pytest.raises(SystemExit) as e:
             em.main(TINY + argv)
         assert e.value.code == 2
@@ -455,9 +494,10 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit):
         em.main(["--dataset", "imagenet"])
     # the real CLI: one stderr line, exit 2, no traceback
-    r = subprocess.run([sys.executable, SCRIPT, "--mode", "sample", "--device", "cpu", "--ckpt", str(bad)],
-                       capture_output=True, text=True, env=env_1thread(), timeout=120)
-    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = subprocess.run([sys.executable, SCRIPT, "--mode", "sample", "--device", "cpu", "--ckpt",
+                        str(bad)], capture_output=True, text=True, env=env_1thread(), timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_recipe_defaults_follow_authors_or_paper():
@@ -467,14 +507,21 @@ def test_recipe_defaults_follow_authors_or_paper():
     assert (paper.tau_star, paper.lambda_cd, paper.lr, paper.steps) == (0.9, 2e-4, 8e-4, 200_000)
     mnist = em.resolve_args(em.build_parser().parse_args(["--dataset", "mnist", "--phase", "main"]))
     assert (mnist.lambda_cd, mnist.dt, mnist.n_langevin) == (0.25, 0.05, 50)
-    assert em.resolve_args(em.build_parser().parse_args(["--recipe", "paper", "--tau-star", "0.5"])).tau_star == 0.5
+    argv = ["--recipe", "paper", "--tau-star", "0.5"]
+    assert em.resolve_args(em.build_parser().parse_args(argv)).tau_star == 0.5
 
 
 def test_torchrun_two_processes_gloo(tmp_path):
     out = str(tmp_path / "ddp")
+    # an npz dataset and --no-ot: each rank skips importing torchvision and POT (~5 s of CPU a
+    # rank), neither of which is what is tested here
+    data = str(tmp_path / "data.npz")
+    np.savez(data, images=np.random.default_rng(0).integers(0, 256, (32, 8, 8, 3), np.uint8))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           SCRIPT] + TINY + ["--steps", "2", "--log-every", "1", "--out-dir", out]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env_1thread(), timeout=180, cwd=str(tmp_path))
+           SCRIPT] + TINY + ["--dataset", "npz", "--data-dir", data, "--no-ot", "--steps", "2",
+                             "--log-every", "1", "--out-dir", out]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env_1thread(), timeout=180,
+                       cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "x 2" in r.stdout
     ck = em.load_checkpoint(os.path.join(out, "ckpt_warmup.pt"))
@@ -484,22 +531,24 @@ def test_torchrun_two_processes_gloo(tmp_path):
 
 
 def test_benchmark_mode_runs_on_cpu(tmp_path, capsys):
-    """Ours (bf16 autocast, channels_last, fast attention outside the double backward) vs the authors' recipe
-    (fp32, math attention) from the same seed: both run, and their loss curves agree (same noise in both
-    memory formats, bf16 only in the network passes)."""
+    """Ours (bf16 autocast, channels_last, fast attention outside the double backward) vs the
+    authors' recipe (fp32, math attention) from the same seed: both run, and their loss curves agree
+    (same noise in both memory formats, bf16 only in the network passes)."""
     s = em.main(TINY + ["--mode", "benchmark", "--bench-steps", "3", "--bench-steps-main", "1",
-                        "--bench-sample-steps", "3", "--amp", "bf16", "--channels-last", "--out-dir", str(tmp_path)])
+                        "--bench-sample-steps", "3", "--amp", "bf16", "--channels-last",
+                        "--out-dir", str(tmp_path)])
     ours, auth = s["configs"]["ours"], s["configs"]["authors_fp32_math"]
-    assert ours["amp"] == "bf16" and ours["channels_last"] and auth["amp"] == "none" and auth["math_everywhere"]
+    assert ours["amp"] == "bf16" and ours["channels_last"]
+    assert auth["amp"] == "none" and auth["math_everywhere"]
     assert ours["phase1_img_s"] > 0 and auth["sampler_img_s"] > 0
     assert s["loss_max_rel_diff"] < 1e-2
     assert "speed-up" in capsys.readouterr().out
     assert json.load(open(tmp_path / "benchmark.json"))["batch"] == 8
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Cross-helper keywords (same_temperature, chain_clock, ot_sigma) and the authors' recipe (issue 10)
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def _quadratic_chains(**kw):
     torch.manual_seed(9)
     a, dt, n = 2.0, 0.01, 50
@@ -512,16 +561,18 @@ def _quadratic_chains(**kw):
 
 
 def test_same_temperature_data_chains_follow_the_schedule():
-    """Authors' --same_temperature_scheduler: data-started chains also follow eps(t) (= 0 before tau* = 1),
-    so on V = a/2 ||x||^2 with chain time 0.5 they are the noiseless recursion, like the noise chains."""
+    """Authors' --same_temperature_scheduler: data-started chains also follow eps(t) (= 0 before
+    tau* = 1), so on V = a/2 ||x||^2 with chain time 0.5 they are the noiseless recursion, like the
+    noise chains."""
     x_neg, x1s, x0s, _ = _quadratic_chains(same_temperature=True)
     assert torch.allclose(x_neg[:200], x1s[:200], atol=1e-5)
     assert torch.allclose(x_neg[200:], x0s[200:], atol=1e-5)
 
 
 def test_chain_clock_sets_the_chain_time():
-    """chain_clock m -> t: a clock past t = 1 makes the noise-started chains hot from the first step (their
-    residual has the ULA variance), a clock stuck at 0 keeps even data chains cold with same_temperature."""
+    """chain_clock m -> t: a clock past t = 1 makes the noise-started chains hot from the first step
+    (their residual has the ULA variance), a clock stuck at 0 keeps even data chains cold with
+    same_temperature."""
     x_neg, _, x0s, var = _quadratic_chains(chain_clock=lambda m: 1.0 + m)
     assert (x_neg[200:] - x0s[200:]).var().item() == pytest.approx(var, rel=0.15)
     x_cold, x1s, _, _ = _quadratic_chains(chain_clock=lambda m: 0.0, same_temperature=True)
@@ -529,8 +580,8 @@ def test_chain_clock_sets_the_chain_time():
 
 
 def test_ot_sigma_adds_gaussian_noise_around_the_path():
-    """V = 1/2 ||x||^2 and x0 = x1 = 0: the residual is grad V(x_t) = x_t = sigma * N(0, I), so the flow
-    loss (mean over dims) is sigma^2 on average, and exactly 0 without sigma."""
+    """V = 1/2 ||x||^2 and x0 = x1 = 0: the residual is grad V(x_t) = x_t = sigma * N(0, I), so the
+    flow loss (mean over dims) is sigma^2 on average, and exactly 0 without sigma."""
     V = lambda x: 0.5 * x.pow(2).sum(1)  # noqa: E731
     z = torch.zeros(4096, 2)
     torch.manual_seed(0)
@@ -540,8 +591,8 @@ def test_ot_sigma_adds_gaussian_noise_around_the_path():
 
 
 def test_flow_weighting_both_phases_as_the_authors_cifar_code():
-    """flow_weighting="both" (authors' CIFAR-10 code) fades the flow loss in phase 1 too; "main" (authors'
-    2-D code) only in phase 2."""
+    """flow_weighting="both" (authors' CIFAR-10 code) fades the flow loss in phase 1 too; "main"
+    (authors' 2-D code) only in phase 2."""
     V = lambda x: (0.0 * x).sum(1)  # noqa: E731
     x0 = torch.zeros(512, 2)
     x1 = x0 + torch.tensor([3.0, 4.0])
@@ -556,8 +607,9 @@ def test_flow_weighting_both_phases_as_the_authors_cifar_code():
 
 
 def test_vit_blocks_drop_attention_probabilities():
-    """nn.TransformerEncoderLayer(dropout=0.1) of the authors also drops attention weights: with every other
-    dropout off, two train-mode passes differ only through attn_dropout; eval mode is deterministic."""
+    """nn.TransformerEncoderLayer(dropout=0.1) of the authors also drops attention weights: with
+    every other dropout off, two train-mode passes differ only through attn_dropout; eval mode is
+    deterministic."""
     torch.manual_seed(0)
     blk = em.TransformerBlock(16, 4, dropout=0.0, attn_dropout=0.5).train()
     x = torch.randn(2, 5, 16)
@@ -565,18 +617,19 @@ def test_vit_blocks_drop_attention_probabilities():
     blk.eval()
     assert torch.equal(blk(x), blk(x))
     assert not torch.allclose(em.TransformerBlock(16, 4, 0.0, 0.0).train()(x), blk.train()(x))
-    net = em.build_model(tiny_args())                               # --attn-dropout defaults to --dropout
+    net = em.build_model(tiny_args())                   # --attn-dropout defaults to --dropout
     assert all(b.attn_dropout == 0.1 for b in net.blocks)
 
 
 def test_recipe_authors_phase2_settings_and_paper():
-    """Under --recipe authors phase 2 runs as the authors' README command: EMA 0.99 (0.9999 in phase 1),
-    CD clamp 0.02, same temperature schedule for all negatives, flow fade in both phases."""
+    """Under --recipe authors phase 2 runs as the authors' README command: EMA 0.99 (0.9999 in phase
+    1), CD clamp 0.02, same temperature schedule for all negatives, flow fade in both phases."""
     p = em.build_parser()
     w = em.resolve_args(p.parse_args([]))
     m = em.resolve_args(p.parse_args(["--phase", "main"]))
     assert (w.ema_decay, m.ema_decay) == (0.9999, 0.99)
-    assert (m.cd_neg_clamp, m.cd_trim, m.same_temperature, m.flow_weighting) == (0.02, 0.1, True, "both")
+    assert (m.cd_neg_clamp, m.cd_trim, m.same_temperature, m.flow_weighting) == (
+        0.02, 0.1, True, "both")
     assert m.cd_separate_batch                                      # their x_real_cd batch
     model = em.build_em(lambda x: x.flatten(1).sum(1), m)
     assert model.cd_neg_clamp == 0.02 and model.same_temperature and model.flow_weighting == "both"
@@ -584,32 +637,35 @@ def test_recipe_authors_phase2_settings_and_paper():
     assert (pm.ema_decay, pm.cd_neg_clamp, pm.cd_trim, pm.same_temperature, pm.flow_weighting) == \
         (0.9999, 0.0, 0.0, False, "off")
     assert pm.cd_separate_batch is False
-    assert em.resolve_args(p.parse_args(["--phase", "main", "--no-same-temperature"])).same_temperature is False
+    argv = ["--phase", "main", "--no-same-temperature"]
+    assert em.resolve_args(p.parse_args(argv)).same_temperature is False
     assert em.resolve_args(p.parse_args(["--phase", "main", "--ema-decay", "0.5"])).ema_decay == 0.5
 
 
-def test_ema_warmup_follows_training_after_200_steps(tmp_path):
-    """decay_n = min(decay, (1 + n)/(10 + n)): after 200 FakeData steps the EMA is nearer the trained
-    weights than the initialisation (with a constant 0.9999 it would still be 98 % initialisation)."""
+def test_ema_warmup_follows_training_after_100_steps(tmp_path):
+    """decay_n = min(decay, (1 + n)/(10 + n)): after 100 FakeData steps the EMA is nearer the
+    trained weights than the initialisation (with a constant 0.9999 it would still be 99 %
+    initialisation)."""
     assert em.ema_decay_at(0.9999, 0) == 0.1 and em.ema_decay_at(0.9999, 10 ** 6) == 0.9999
     assert em.ema_decay_at(0.9999, 0, warmup=False) == 0.9999
-    argv = ["--dataset", "fake", "--image-size", "4", "--fake-size", "4", "--batch-size", "2", "--arch", "cnn",
-            "--model-size", "0.125", "--workers", "0", "--log-every", "0", "--num-samples", "0", "--warmup",
-            "1", "--lr", "1e-3", "--device", "cpu", "--threads", "1", "--steps", "200", "--save-every", "0",
-            "--out-dir", str(tmp_path)]
+    argv = ["--dataset", "fake", "--image-size", "4", "--fake-size", "4", "--batch-size", "2",
+            "--arch", "cnn", "--model-size", "0.125", "--workers", "0", "--log-every", "0",
+            "--num-samples", "0", "--warmup", "1", "--lr", "1e-3", "--device", "cpu",
+            "--threads", "1", "--steps", "100", "--save-every", "0", "--out-dir", str(tmp_path)]
     em.main(argv)
     a = em.resolve_args(em.build_parser().parse_args(argv))
     torch.manual_seed(a.seed)
     init = em.build_model(a).state_dict()
     ck = em.load_checkpoint(str(tmp_path / "ckpt_warmup.pt"))
     dist = lambda p, q: sum((p[k] - q[k]).pow(2).sum() for k in p).sqrt().item()  # noqa: E731
-    assert ck["ema_n"] == 200
+    assert ck["ema_n"] == 100
     assert dist(ck["ema"], ck["model"]) < 0.5 * dist(ck["ema"], init)
 
 
 def test_phase1_sampling_defaults_to_tau_1_and_says_so(tmp_path, capsys):
-    """After phase 1 alone grad V has no well at the data: grids and --mode sample default to tau_s = 1 and
-    say so; after phase 2 the default is the paper's 3. Grid names say which weights they show."""
+    """After phase 1 alone grad V has no well at the data: grids and --mode sample default to tau_s
+    = 1 and say so; after phase 2 the default is the paper's 3. Grid names say which weights they
+    show."""
     tiny = [v for v in TINY if v not in ("--tau-s", "0.2")]
     out = str(tmp_path)
     em.main(tiny + ["--steps", "1", "--num-samples", "4", "--sample-batch", "4", "--out-dir", out])
@@ -621,8 +677,8 @@ def test_phase1_sampling_defaults_to_tau_1_and_says_so(tmp_path, capsys):
 
 
 def test_npz_dataset_round_trip(tmp_path):
-    """--dataset npz reads uint8 N x H x W x C (the layout --mode sample writes); channels and size come from
-    the file; a sample run's samples.npz can be trained on again."""
+    """--dataset npz reads uint8 N x H x W x C (the layout --mode sample writes); channels and size
+    come from the file; a sample run's samples.npz can be trained on again."""
     rng = np.random.default_rng(0)
     path = str(tmp_path / "digits.npz")
     np.savez(path, images=rng.integers(0, 256, (16, 8, 8, 1), dtype=np.uint8), labels=np.arange(16))
@@ -632,24 +688,25 @@ def test_npz_dataset_round_trip(tmp_path):
     assert x.shape == (1, 8, 8) and -1 <= x.min() and x.max() <= 1 and int(y) == 3
     out = str(tmp_path / "o")
     em.main(TINY + ["--dataset", "npz", "--data-dir", path, "--steps", "1", "--out-dir", out])
-    imgs = em.main(TINY + ["--mode", "sample", "--num-samples", "8", "--sample-batch", "8", "--out-dir", out])
+    imgs = em.main(TINY + ["--mode", "sample", "--num-samples", "8", "--sample-batch", "8",
+                           "--out-dir", out])
     assert imgs.shape == (8, 8, 8, 1) and imgs.dtype == np.uint8
-    em.main(TINY + ["--dataset", "npz", "--data-dir", os.path.join(out, "samples.npz"), "--steps", "1",
-                    "--out-dir", str(tmp_path / "again")])
+    em.main(TINY + ["--dataset", "npz", "--data-dir", os.path.join(out, "samples.npz"),
+                    "--steps", "1", "--out-dir", str(tmp_path / "again")])
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Reliability (issue 11)
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_resume_reads_ckpt_and_writes_out_dir(tmp_path, capsys):
-    """--resume --ckpt A wins over <out-dir>/ckpt_warmup.pt, and the run writes into --out-dir, never A."""
+    """--resume --ckpt A wins over <out-dir>/ckpt_warmup.pt; the run writes to --out-dir, not A."""
     A, B = str(tmp_path / "A"), str(tmp_path / "B")
     em.main(TINY + ["--steps", "2", "--out-dir", A])
     em.main(TINY + ["--steps", "3", "--out-dir", B])
     capsys.readouterr()
     rec = em.main(TINY + ["--steps", "4", "--resume", "--ckpt", os.path.join(A, "ckpt_warmup.pt"),
                           "--out-dir", B])
-    assert [r["step"] for r in rec] == [3, 4]                       # resumed at A's step 2, not B's 3
+    assert [r["step"] for r in rec] == [3, 4]           # resumed at A's step 2, not B's 3
     assert "resumed from " + os.path.join(A, "ckpt_warmup.pt") in capsys.readouterr().out
     assert em.load_checkpoint(os.path.join(A, "ckpt_warmup.pt"))["step"] == 2
     assert em.load_checkpoint(os.path.join(B, "ckpt_warmup.pt"))["step"] == 4
@@ -658,7 +715,7 @@ def test_resume_reads_ckpt_and_writes_out_dir(tmp_path, capsys):
 def test_metrics_deduplicated_on_resume_and_plot_covers_whole_run(tmp_path, monkeypatch):
     out = str(tmp_path)
     em.main(TINY + ["--steps", "2", "--out-dir", out])
-    with open(os.path.join(out, "metrics.jsonl"), "a") as f:          # a step logged, then killed before save
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:  # a step logged, killed before save
         f.write(json.dumps({"step": 3, "phase": "warmup", "flow": 1.0, "loss": 1.0}) + "\n")
     plotted = []
     monkeypatch.setattr(em, "plot_losses", lambda recs, path, title: plotted.append(recs))
@@ -673,9 +730,8 @@ def test_threads_flag_sets_torch_threads(tmp_path):
     assert torch.get_num_threads() == 2
 
 
-def test_wrong_architecture_names_the_differing_flags(tmp_path, capsys):
-    out = str(tmp_path)
-    em.main(TINY + ["--steps", "1", "--out-dir", out])
+def test_wrong_architecture_names_the_differing_flags(tmp_path, capsys, one_step_run):
+    out = copy_run(one_step_run, tmp_path)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         em.main(TINY + ["--steps", "2", "--resume", "--model-size", "0.125", "--out-dir", out])
@@ -684,10 +740,9 @@ def test_wrong_architecture_names_the_differing_flags(tmp_path, capsys):
     assert "--model-size 0.125 (checkpoint 0.0625)" in err
 
 
-def test_sample_modes_refuse_non_finite_weights(tmp_path, capsys):
-    """A NaN EMA must not become an all-zero samples.npz with exit 0: one line, exit 3, nothing written."""
-    out = str(tmp_path)
-    em.main(TINY + ["--steps", "1", "--out-dir", out])
+def test_sample_modes_refuse_non_finite_weights(tmp_path, capsys, one_step_run):
+    """A NaN EMA must not become an all-zero samples.npz with exit 0: one line, exit 3, no file."""
+    out = copy_run(one_step_run, tmp_path)
     path = os.path.join(out, "ckpt_warmup.pt")
     ck = torch.load(path, weights_only=True)
     ck["ema"] = {k: v * float("nan") if v.is_floating_point() else v for k, v in ck["ema"].items()}
@@ -699,29 +754,35 @@ def test_sample_modes_refuse_non_finite_weights(tmp_path, capsys):
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
-def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path):
-    """SIGTERM during training: the step finishes, the checkpoint is saved, one line, exit 143; resuming
-    reaches bit-identical final weights (and EMA) to an uninterrupted run."""
+def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path, capsys, monkeypatch):
+    """SIGTERM during training: the step finishes, the checkpoint is saved, one line, exit 143;
+    resuming reaches bit-identical final weights (and EMA) to an uninterrupted run. The signal is
+    a real SIGTERM (os.kill) sent to this process once step 2's metrics are written: the handler
+    path of a separate process without its ~10 s of imports, and at a known step."""
     import signal
-    import time
-    n = 12
+    n = 6
     args = TINY + ["--steps", str(n), "--log-every", "1", "--save-every", "0"]
     straight = str(tmp_path / "straight")
     em.main(args + ["--out-dir", straight])
     cut = str(tmp_path / "cut")
-    proc = subprocess.Popen([sys.executable, SCRIPT] + args + ["--out-dir", cut], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env_1thread())
-    metrics = os.path.join(cut, "metrics.jsonl")
-    deadline = time.time() + 150
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(metrics) and len(open(metrics).readlines()) >= 2:
-            break
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-2000:]
-    last = out.strip().splitlines()[-1]
-    assert last.startswith("stopped at step ") and "by SIGTERM" in last and last.endswith("--resume")
+    real_metrics = em.Logger.metrics
+
+    def metrics_then_kill(self, rec):
+        real_metrics(self, rec)
+        if rec["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(em.Logger, "metrics", metrics_then_kill)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        em.main(args + ["--out-dir", cut])
+    monkeypatch.undo()
+    assert e.value.code == 143
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("stopped at step ") and "by SIGTERM" in last
+    assert last.endswith("--resume")
+    assert signal.getsignal(signal.SIGTERM) == handler             # the handler is given back
     stopped = em.load_checkpoint(os.path.join(cut, "ckpt_warmup.pt"))["step"]
     assert 2 <= stopped < n
     em.main(args + ["--out-dir", cut, "--resume"])
@@ -732,11 +793,11 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
 
 
-def test_crash_during_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+def test_crash_during_save_keeps_the_old_checkpoint(tmp_path, monkeypatch, one_step_run):
     """A save killed half-way (here: torch.save writes half a file, then dies) leaves the previous
-    checkpoint intact (write to <path>.tmp, then os.replace); the next start removes the stale .tmp."""
-    out = str(tmp_path)
-    em.main(TINY + ["--steps", "1", "--out-dir", out])
+    checkpoint intact (write to <path>.tmp, then os.replace); the next start removes the stale
+    .tmp."""
+    out = copy_run(one_step_run, tmp_path)
     path = os.path.join(out, "ckpt_warmup.pt")
     ck = em.load_checkpoint(path)
 
@@ -750,6 +811,7 @@ def test_crash_during_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
                            tiny_args())
     monkeypatch.undo()
     assert em.load_checkpoint(path)["step"] == 1 and os.path.exists(path + ".tmp")
-    assert all(torch.equal(ck["model"][k], em.load_checkpoint(path)["model"][k]) for k in ck["model"])
+    kept = em.load_checkpoint(path)["model"]                      # one load, not one per tensor
+    assert all(torch.equal(ck["model"][k], kept[k]) for k in ck["model"])
     em.main(TINY + ["--steps", "2", "--resume", "--out-dir", out])
     assert not os.path.exists(path + ".tmp") and em.load_checkpoint(path)["step"] == 2
