@@ -365,9 +365,10 @@ def test_training_steps_lower_the_loss(kind):
     assert last < first - 0.05 * (abs(first) + 1), losses
 
 
-def test_bf16_trunk_and_channels_last_match_fp32():
+def test_bf16_trunk_and_channels_last_match_fp32(monkeypatch):
     """The fast paths give the same loss: channels-last exactly (up to float round-off), the bf16 trunk
-    within bf16 precision (the scalar head and the loss stay fp32)."""
+    within bf16 precision (the scalar head and the loss stay fp32). net.amp is CUDA only; on CPU the
+    test runs the same trunk autocast with the CPU's bf16."""
     torch.manual_seed(12)
     args = vpfb.resolve_args(vpfb.build_parser().parse_args(TINY + ["--out-dir", "/tmp/_vpfb_unused", "--dropout", "0"]))
     net = vpfb.build_network(args, 10)
@@ -382,7 +383,11 @@ def test_bf16_trunk_and_channels_last_match_fp32():
     cl, _ = vpfb.make_vpfb(net_cl, args).loss(x.contiguous(memory_format=torch.channels_last),
                                               eps=eps.contiguous(memory_format=torch.channels_last), t=t)
     assert abs(cl.item() - ref.item()) <= 1e-4 * (abs(ref.item()) + st["phi2"] ** 0.5)
-    net.amp_dtype = torch.bfloat16
+    net.amp = True
+    same, _ = model.loss(x, eps=eps, t=t)                                # CPU input: no autocast
+    assert abs(same.item() - ref.item()) <= 1e-4 * (abs(ref.item()) + st["phi2"] ** 0.5)
+    monkeypatch.setattr(vpfb, "_trunk_autocast", lambda m, x: torch.autocast(
+        "cpu", dtype=torch.bfloat16, enabled=m.amp))
     lb, sb = model.loss(x, eps=eps, t=t)
     lb.backward()
     assert math.isfinite(lb.item()) and sb["phi2"] == pytest.approx(st["phi2"], rel=0.05)
