@@ -824,22 +824,26 @@ def allreduce_grads(params, world):
             p.grad /= world
 
 
-def any_rank(flag, world, device):
-    """True on every rank when it is true on one (stop signals, NaN guard)."""
+def all_max(value, device, world):
+    """The max of a number over all ranks (everyone agrees on skip / stop)."""
     if world == 1:
-        return bool(flag)
-    f = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(f, op=dist.ReduceOp.MAX)
-    return f.item() > 0
+        return value
+    t = torch.tensor([float(value)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def ema_decay_at(decay, n, warmup=True):
+    """Decay of EMA update number n: min(decay, (1 + n) / (10 + n)) with warm-up (short runs sample
+    trained weights), else constant (authors' code)."""
+    return min(decay, (1.0 + n) / (10.0 + n)) if warmup else decay
 
 
 @torch.no_grad()
-def ema_update(ema, net, decay, n, warmup=True):
-    """ema <- d ema + (1 - d) theta with d = min(decay, (1 + n) / (10 + n)) after n updates
-    (warm-up, so short runs sample trained weights); warmup=False: d = decay (authors' code)."""
-    d = min(decay, (1 + n) / (10 + n)) if warmup else decay
+def ema_update(ema, net, decay):
+    """theta_ema <- decay theta_ema + (1 - decay) theta."""
     for pe, p in zip(ema.parameters(), net.parameters()):
-        pe.lerp_(p, 1.0 - d)
+        pe.lerp_(p, 1.0 - decay)
     for be, b in zip(ema.buffers(), net.buffers()):
         be.copy_(b)
 
@@ -863,26 +867,31 @@ def step_seed(seed, step, rank):
     return (seed * 1_000_003 + step * 4099 + rank * 7) % (2 ** 62)
 
 
-def build_network(args, num_classes):
-    """Phi from the flags; --net authors (the default of --recipe authors): their U-Net."""
+def build_model(args, num_classes, device=None):
+    """Phi from the flags (--net authors, the default of --recipe authors: their U-Net); with a
+    device: on it, engineering set (engineer)."""
     nc = num_classes if args.class_cond else 0
     if args.model == "unet":
-        return UNetPhi(args.channels, args.model_size, args.ch_mult_t, args.res_blocks,
-                       args.attn_res_t, args.dropout, args.image_size, nc,
-                       **(AUTHORS_UNET if args.net == "authors" else {}))
-    return WRNPhi(args.channels, args.model_size, args.wrn_depth, 0.0, nc)
+        net = UNetPhi(args.channels, args.model_size, args.ch_mult_t, args.res_blocks,
+                      args.attn_res_t, args.dropout, args.image_size, nc,
+                      **(AUTHORS_UNET if args.net == "authors" else {}))
+    else:
+        net = WRNPhi(args.channels, args.model_size, args.wrn_depth, 0.0, nc)
+    if device is None:
+        return net
+    return engineer(net, device, args.amp, args.channels_last)
 
 
-def make_network(args, device, num_classes, net=None):
-    """build_network (or the given net) on the device with the bf16 / channels-last switches."""
-    net = (build_network(args, num_classes) if net is None else net).to(device)
-    net.amp = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")  # CUDA only
-    if args.channels_last:
+def engineer(net, device, amp, channels_last=False):
+    """On `device`, with the network's bf16-trunk (`amp`, section 2) and channels-last settings."""
+    net = net.to(device)
+    net.amp = amp == "bf16" or (amp == "auto" and device.type == "cuda")      # CUDA only
+    if channels_last:
         net = net.to(memory_format=torch.channels_last)
     return net
 
 
-def make_vpfb(phi, args):
+def build_vpfb(phi, args):
     return VPFB(phi, autonomous=(args.model == "wrn"), **loss_kwargs(args))
 
 
@@ -977,7 +986,7 @@ def cmd_train(args):
         torch.backends.cudnn.benchmark = True
     ds = build_dataset(args, train=True)
     ncls = num_classes_of(ds)
-    net = make_network(args, device, ncls)
+    net = build_model(args, ncls, device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")              # always WRITE into --out-dir
@@ -1008,9 +1017,9 @@ def cmd_train(args):
         kept = read_metrics(log_path, upto=step) if step else []
         with open(log_path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
-        _dump(args, "args.json", plain_args(args), echo=False)
+        _dump(args, "args.json", args_to_dict(args), echo=False)
     cond = Conditioned(net)
-    model = make_vpfb(cond, args)
+    model = build_vpfb(cond, args)
     batches = batch_iterator(ds, args, rank, world, step)
     if rank == 0:
         n_params = sum(p.numel() for p in net.parameters())
@@ -1036,8 +1045,8 @@ def cmd_train(args):
             net.train()
             stats = train_step(model, net, opt, x, args, world)
             step += 1
-            bad = any_rank(not (math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])),
-                           world, device)
+            bad = all_max(not (math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])),
+                          device, world) > 0
             n_bad = n_bad + 1 if bad else 0                      # NaN guard: the step was skipped
             if bad and rank == 0:
                 print(f"step {step}: non-finite loss or gradient ({stats['loss']:.4g}, "
@@ -1048,7 +1057,7 @@ def cmd_train(args):
                 die(f"{n_bad} non-finite steps in a row at step {step}; stopped; last good "
                     f"checkpoint: {kept}", 3)
             if not bad:
-                ema_update(ema, net, args.ema_decay, n_ema, args.ema_warmup)
+                ema_update(ema, net, ema_decay_at(args.ema_decay, n_ema, args.ema_warmup))
                 n_ema += 1
             if rank == 0 and (step % args.log_every == 0 or step == args.steps):
                 if device.type == "cuda":
@@ -1064,7 +1073,7 @@ def cmd_train(args):
                       f"{stats['poincare_ratio']:.4g} | {1000 * dt:.1f} ms/it | "
                       f"{stats['images_per_s']:.1f} img/s | ETA {(args.steps - step) * dt / 60:.1f}"
                       " min", flush=True)
-            stopping = any_rank(stop.signum is not None, world, device)
+            stopping = all_max(stop.signum is not None, device, world) > 0
             if rank == 0 and (stopping or step % args.save_every == 0 or step == args.steps):
                 save_checkpoint(ckpt_path, net, ema, opt, step, args, ema_updates=n_ema)
             if rank == 0 and (stopping or step == args.steps):        # the whole run's curves
@@ -1101,16 +1110,10 @@ ARCH_KEYS = ["model", "model_size", "ch_mult", "res_blocks", "attn_res", "dropou
              "class_cond", "image_size", "channels", "recipe", "net"]
 
 
-def plain_args(args):
-    """args as a plain dict of str/int/float/bool/None/list (safe for weights_only loading)."""
-    return {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in vars(args).items()
-            if isinstance(v, (str, int, float, bool, type(None), list, tuple))}
-
-
 def save_checkpoint(path, net, ema, opt, step, args, **extra):
     state = {"format": FORMAT, "model": net.state_dict(), "ema": ema.state_dict(),
              "opt": opt.state_dict() if opt is not None else {}, "step": int(step),
-             "args": plain_args(args), **extra}
+             "args": args_to_dict(args), **extra}
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
 
@@ -1318,7 +1321,7 @@ def load_for_eval(args, device):
         parse_lists(a)
         net = authors_network(state, not args.no_ema, args.image_size, name=path)
         ncls = net.num_classes or 10
-        return maybe_compile(make_network(a, device, ncls, net), args), a, ncls
+        return maybe_compile(engineer(net, device, a.amp, a.channels_last), args), a, ncls
     saved = state["args"]
     a = argparse.Namespace(**{**vars(args), **{k: saved[k] for k in ARCH_KEYS + ["dataset"]
                                                if k in saved}})
@@ -1328,7 +1331,7 @@ def load_for_eval(args, device):
     for key in ("cemb.weight", "head.weight"):
         if a.class_cond and key in weights:
             ncls = weights[key].shape[0] - 1                        # minus the null class
-    net = make_network(a, device, ncls)
+    net = build_model(a, ncls, device)
     try:
         net.load_state_dict(weights)
     except RuntimeError as e:
@@ -1370,7 +1373,7 @@ def generate(phi, args, device, n, shape, method=None, x0=None, n_classes=10, st
     """Draw n images with the ODE (euler / rk45) or SGLD on Phi_B. Returns (images, stats).
     strict: non-finite images are one line and exit 3 (a training grid only warns)."""
     method = method or args.sampler
-    model = make_vpfb(phi, args)
+    model = build_vpfb(phi, args)
     outs, nfes, t_start = [], [], time.time()
     for i in range(0, n, args.sample_batch):
         b = min(args.sample_batch, n - i)
@@ -1462,7 +1465,7 @@ def cmd_nn(args, rows=8):
 @torch.no_grad()
 def energies(net, args, ds, device, n):
     """Phi_B (Eq. 22) and the authors' OOD score 4 Phi(x, t_max) - ||x||^2 of the first n images."""
-    model = make_vpfb(Conditioned(net), args)
+    model = build_vpfb(Conditioned(net), args)
     pb, auth = [], []
     for i, x in enumerate(torch.split(first_images(ds, n), args.sample_batch)):
         x = x.to(device)
@@ -1527,7 +1530,7 @@ def cmd_longrun(args):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     device, net, a, ncls, shape = eval_setup(args)
-    model = make_vpfb(Conditioned(net), a)
+    model = build_vpfb(Conditioned(net), a)
     z = torch.randn(min(args.num_samples, args.sample_batch), *shape, device=device)
     curves = {"ode": {"t": [], "grad2": [], "phi2": []}, "sgld": {"t": [], "grad2": [], "phi2": []}}
 
@@ -1600,7 +1603,7 @@ def cmd_benchmark(args):
     sampler's NFE and images/s, and the largest loss difference over the measured steps."""
     device, S, C, B = pick_device(args.device), args.image_size, args.channels, args.batch_size
     torch.manual_seed(args.seed)
-    base_net, g = build_network(args, 10), torch.Generator().manual_seed(args.seed)
+    base_net, g = build_model(args, 10), torch.Generator().manual_seed(args.seed)
     n_warm = max(1, args.bench_warmup)
     data = [(torch.rand(B, C, S, S, generator=g) * 2 - 1, torch.randn(B, C, S, S, generator=g),
              torch.rand(B, generator=g) * args.t_end) for _ in range(args.bench_steps + n_warm)]
@@ -1616,7 +1619,7 @@ def cmd_benchmark(args):
             torch.backends.cuda.matmul.allow_tf32 = fast
             torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.benchmark = True
             torch.cuda.reset_peak_memory_stats()
-        opt, model = torch.optim.Adam(net.parameters(), lr=args.lr), make_vpfb(net, args)
+        opt, model = torch.optim.Adam(net.parameters(), lr=args.lr), build_vpfb(net, args)
         losses = []
         torch.manual_seed(args.seed)
         for i, (xb, eb, tb) in enumerate(data):
@@ -1850,6 +1853,12 @@ def resolve_args(args, argv=None):
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(args.threads or cores or 1)
     return args
+
+
+def args_to_dict(args):
+    """args as a plain dict of str/int/float/bool/None/list (safe for weights_only loading)."""
+    return {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in vars(args).items()
+            if isinstance(v, (str, int, float, bool, type(None), list, tuple))}
 
 
 def main(argv=None):

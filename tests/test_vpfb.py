@@ -346,8 +346,8 @@ def test_training_steps_lower_the_loss(kind):
     torch.manual_seed(8)
     args = vpfb.resolve_args(vpfb.build_parser().parse_args(
         TINY + ["--model", kind, "--dropout", "0", "--out-dir", "/tmp/_vpfb_unused"]))
-    net = vpfb.build_network(args, 10)
-    model = vpfb.make_vpfb(net, args)
+    net = vpfb.build_model(args, 10)
+    model = vpfb.build_vpfb(net, args)
     assert model.autonomous == (kind == "wrn")
     x = _fake_batch(16)
     eps, t = torch.randn_like(x), torch.rand(x.shape[0])
@@ -373,16 +373,16 @@ def test_bf16_trunk_and_channels_last_match_fp32(monkeypatch):
     test runs the same trunk autocast with the CPU's bf16."""
     torch.manual_seed(12)
     args = vpfb.resolve_args(vpfb.build_parser().parse_args(TINY + ["--out-dir", "/tmp/_vpfb_unused", "--dropout", "0"]))
-    net = vpfb.build_network(args, 10)
+    net = vpfb.build_model(args, 10)
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))
     x = _fake_batch()
     eps, t = torch.randn_like(x), torch.rand(x.shape[0])
-    model = vpfb.make_vpfb(net, args)
+    model = vpfb.build_vpfb(net, args)
     ref, st = model.loss(x, eps=eps, t=t)
     net_cl = net.to(memory_format=torch.channels_last)
-    cl, _ = vpfb.make_vpfb(net_cl, args).loss(x.contiguous(memory_format=torch.channels_last),
+    cl, _ = vpfb.build_vpfb(net_cl, args).loss(x.contiguous(memory_format=torch.channels_last),
                                               eps=eps.contiguous(memory_format=torch.channels_last), t=t)
     assert abs(cl.item() - ref.item()) <= 1e-4 * (abs(ref.item()) + st["phi2"] ** 0.5)
     net.amp = True
@@ -403,7 +403,7 @@ def test_class_conditional_and_composition(kind):
     torch.manual_seed(13)
     args = vpfb.resolve_args(vpfb.build_parser().parse_args(TINY + ["--out-dir", "/tmp/_vpfb_unused", "--model", kind,
                                                                    "--class-cond"]))
-    net = vpfb.build_network(args, 10).eval()
+    net = vpfb.build_model(args, 10).eval()
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -420,13 +420,13 @@ def test_unet_is_time_dependent_and_wrn_is_not():
     torch.manual_seed(9)
     args = vpfb.resolve_args(vpfb.build_parser().parse_args(TINY + ["--out-dir", "/tmp/_vpfb_unused"]))
     x = _fake_batch(4)
-    u = vpfb.build_network(args, 10).eval()
+    u = vpfb.build_model(args, 10).eval()
     with torch.no_grad():                      # the residual branches start at zero; wake them up
         for p in u.parameters():
             p.add_(0.05 * torch.randn_like(p))
     assert not torch.allclose(u(x, torch.zeros(4)), u(x, torch.ones(4) * 0.7))
     args.model = "wrn"
-    w = vpfb.build_network(args, 10).eval()
+    w = vpfb.build_model(args, 10).eval()
     assert torch.allclose(w(x, torch.zeros(4)), w(x, torch.ones(4) * 0.7))
 
 
@@ -455,13 +455,13 @@ def test_slerp_keeps_norms():
 
 def test_checkpoint_round_trip_and_bad_files(tmp_path, capsys):
     args = vpfb.resolve_args(vpfb.build_parser().parse_args(TINY + ["--out-dir", str(tmp_path)]))
-    net = vpfb.build_network(args, 10)
+    net = vpfb.build_model(args, 10)
     opt = torch.optim.Adam(net.parameters())
     path = str(tmp_path / "ckpt.pt")
     vpfb.save_checkpoint(path, net, net, opt, 7, args)
     st = torch.load(path, weights_only=True)                        # plain types only
     assert st["format"] == "vpfb/v1" and st["step"] == 7 and st["args"]["model_size"] == 8
-    net2 = vpfb.build_network(args, 10)
+    net2 = vpfb.build_model(args, 10)
     net2.load_state_dict(vpfb.load_checkpoint(path)["ema"])
     for a, b in zip(net.state_dict().values(), net2.state_dict().values()):
         assert torch.equal(a, b)
@@ -756,7 +756,7 @@ def test_ema_warmup_follows_the_trained_weights(tmp_path):
                        "--warmup", "10", "--out-dir", out])
     args = vpfb.resolve_args(vpfb.build_parser().parse_args(small + ["--out-dir", out]))
     torch.manual_seed(args.seed)
-    init = vpfb.build_network(args, 10).state_dict()                    # train()'s initialisation
+    init = vpfb.build_model(args, 10).state_dict()                    # cmd_train()'s initialisation
     st = vpfb.load_checkpoint(f"{out}/ckpt.pt")
     dist = lambda a, b: sum((a[k].float() - b[k].float()).pow(2).sum() for k in a).sqrt().item()
     assert dist(st["ema"], st["model"]) < dist(st["ema"], init) and st["ema_updates"] == 60
@@ -765,7 +765,7 @@ def test_ema_warmup_follows_the_trained_weights(tmp_path):
     for warm, n, expect in [(True, 0, 0.1), (True, 10**6, 0.9999), (False, 0, 0.9999)]:
         net.weight.data.fill_(1.0)
         ema.weight.data.fill_(0.0)
-        vpfb.ema_update(ema, net, 0.9999, n, warmup=warm)
+        vpfb.ema_update(ema, net, vpfb.ema_decay_at(0.9999, n, warmup=warm))
         assert ema.weight.item() == pytest.approx(1 - expect, rel=1e-6)
 
 
