@@ -790,6 +790,29 @@ def first_images(ds, n, batch=256):
 
 
 # ==== 4. Training loop ====
+# bf16 (--amp): the network trunk runs under autocast on CUDA (set by `net.amp`); the output Phi,
+# the loss arithmetic, the samplers, parameters, Adam and EMA stay fp32. DDP: the loss
+# differentiates grad_x Phi (a double backward), which DistributedDataParallel does not support, so
+# each process keeps a plain module and allreduce_grads averages the gradients after backward.
+class StopSignals:
+    """SIGINT / SIGTERM only set a flag; the loop finishes its step, saves and exits 130 / 143."""
+
+    def __init__(self):
+        self.signum, self.old = None, {}
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.old[s] = signal.signal(s, self.handle)
+            except ValueError:                      # not the main thread: no handler
+                pass
+
+    def handle(self, signum, frame):
+        self.signum = signum
+
+    def restore(self):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+
 def pick_device(spec):
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -813,17 +836,6 @@ def setup_distributed():
     return rank, world, local
 
 
-def allreduce_grads(params, world):
-    """Average gradients over processes, by hand: the loss differentiates grad_x Phi (a double
-    backward), which DDP's reducer does not support."""
-    if world == 1:
-        return
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= world
-
-
 def all_max(value, device, world):
     """The max of a number over all ranks (everyone agrees on skip / stop)."""
     if world == 1:
@@ -831,40 +843,6 @@ def all_max(value, device, world):
     t = torch.tensor([float(value)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
-
-
-def ema_decay_at(decay, n, warmup=True):
-    """Decay of EMA update number n: min(decay, (1 + n) / (10 + n)) with warm-up (short runs sample
-    trained weights), else constant (authors' code)."""
-    return min(decay, (1.0 + n) / (10.0 + n)) if warmup else decay
-
-
-@torch.no_grad()
-def ema_update(ema, net, decay):
-    """theta_ema <- decay theta_ema + (1 - decay) theta."""
-    for pe, p in zip(ema.parameters(), net.parameters()):
-        pe.lerp_(p, 1.0 - decay)
-    for be, b in zip(ema.buffers(), net.buffers()):
-        be.copy_(b)
-
-
-@torch.no_grad()
-def clip_std_(opt, bound):
-    """The authors' clip mode `std`: every gradient element is clipped to +-(bound * RMS + 0.1), the
-    RMS being Adam's bias-corrected running sqrt(v_hat) from the steps before (none at step 1)."""
-    for group in opt.param_groups:
-        beta2 = group["betas"][1]
-        for p in group["params"]:
-            st = opt.state.get(p, {})
-            if p.grad is None or float(st.get("step", 0)) < 1:
-                continue
-            lim = bound * torch.sqrt(st["exp_avg_sq"] / (1 - beta2 ** float(st["step"]))) + 0.1
-            p.grad.copy_(torch.maximum(torch.minimum(p.grad, lim), -lim))
-
-
-def step_seed(seed, step, rank):
-    """Every (step, rank) has its own seed: a resumed run draws the numbers a straight run draws."""
-    return (seed * 1_000_003 + step * 4099 + rank * 7) % (2 ** 62)
 
 
 def build_model(args, num_classes, device=None):
@@ -895,27 +873,53 @@ def build_vpfb(phi, args):
     return VPFB(phi, autonomous=(args.model == "wrn"), **loss_kwargs(args))
 
 
+def ema_decay_at(decay, n, warmup=True):
+    """Decay of EMA update number n: min(decay, (1 + n) / (10 + n)) with warm-up (short runs sample
+    trained weights), else constant (authors' code)."""
+    return min(decay, (1.0 + n) / (10.0 + n)) if warmup else decay
+
+
+@torch.no_grad()
+def ema_update(ema, net, decay):
+    """theta_ema <- decay theta_ema + (1 - decay) theta."""
+    for pe, p in zip(ema.parameters(), net.parameters()):
+        pe.lerp_(p, 1.0 - decay)
+    for be, b in zip(ema.buffers(), net.buffers()):
+        be.copy_(b)
+
+
+def allreduce_grads(params, world):
+    """Average gradients over processes, by hand: the loss differentiates grad_x Phi (a double
+    backward), which DDP's reducer does not support."""
+    if world == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+
+@torch.no_grad()
+def clip_std_(opt, bound):
+    """The authors' clip mode `std`: every gradient element is clipped to +-(bound * RMS + 0.1), the
+    RMS being Adam's bias-corrected running sqrt(v_hat) from the steps before (none at step 1)."""
+    for group in opt.param_groups:
+        beta2 = group["betas"][1]
+        for p in group["params"]:
+            st = opt.state.get(p, {})
+            if p.grad is None or float(st.get("step", 0)) < 1:
+                continue
+            lim = bound * torch.sqrt(st["exp_avg_sq"] / (1 - beta2 ** float(st["step"]))) + 0.1
+            p.grad.copy_(torch.maximum(torch.minimum(p.grad, lim), -lim))
+
+
+def step_seed(seed, step, rank):
+    """Every (step, rank) has its own seed: a resumed run draws the numbers a straight run draws."""
+    return (seed * 1_000_003 + step * 4099 + rank * 7) % (2 ** 62)
+
+
 def lr_at(step, args):
     return args.lr * min(1.0, (step + 1) / max(1, args.warmup))    # linear warm-up (authors)
-
-
-class StopSignals:
-    """SIGINT / SIGTERM only set a flag; the loop finishes its step, saves and exits 130 / 143."""
-
-    def __init__(self):
-        self.signum, self.old = None, {}
-        for s in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self.old[s] = signal.signal(s, self.handle)
-            except ValueError:                      # not the main thread: no handler
-                pass
-
-    def handle(self, signum, frame):
-        self.signum = signum
-
-    def restore(self):
-        for s, h in self.old.items():
-            signal.signal(s, h)
 
 
 def train_step(model, net, opt, x, args, world):
