@@ -23,6 +23,7 @@ How to run (every mode writes into --out-dir, default runs/vpfb_<dataset>):
 Other modes: interp, nn, hist, ood, longrun, compose, benchmark (see --help).
 """
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -372,6 +373,11 @@ def _groups(ch):
     return math.gcd(32, max(1, ch // 4))
 
 
+def _trunk_autocast(net, x):
+    on = getattr(net, "amp", False) and x.is_cuda
+    return torch.autocast("cuda", dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+
 def _norm(ch, groups=None):
     """GroupNorm with `groups` groups (the authors' nets: always 32), else the _groups rule."""
     return nn.GroupNorm(groups or _groups(ch), ch)
@@ -461,14 +467,14 @@ class UNetPhi(nn.Module):
       stem_mult      the input conv gives base * mult[0] channels (authors) instead of base
       norm_groups    GroupNorm groups everywhere (authors: 32); None = _groups(ch)
       zero_out       zero-initialise the output conv, so Phi = 1/2 |x|^2 at start (authors)
-    The trunk may run in bf16 (self.amp_dtype); the head and everything after it stay fp32."""
+    `amp` (set by engineering): the trunk runs in bf16 on CUDA; the head and after stay fp32."""
 
     def __init__(self, in_ch=3, base=128, mult=(2, 2, 2), num_res=4, attn_res=(16,), dropout=0.3,
                  image_size=32, num_classes=0, *, scale_shift=False, attn_heads=None, head_dim=64,
                  attn_order="new", conv_resample=True, t_scale=1000.0, stem_mult=False,
                  norm_groups=None, zero_out=False):
         super().__init__()
-        self.amp_dtype = None
+        self.amp = False
         emb = base * 4
         self.base, self.t_scale = base, t_scale
         self.temb = nn.Sequential(nn.Linear(base, emb), nn.SiLU(), nn.Linear(emb, emb))
@@ -543,8 +549,7 @@ class UNetPhi(nn.Module):
         return self.out(h)
 
     def forward(self, x, t, y=None):
-        with torch.autocast(x.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
+        with _trunk_autocast(self, x):
             u = self.unet(x, t, y)
         return 0.5 * (x - u.float()).flatten(1).pow(2).sum(1)       # Phi = 1/2 ||x - UNet(x, t)||^2
 
@@ -578,7 +583,7 @@ class WRNPhi(nn.Module):
 
     def __init__(self, in_ch=3, width=128, depth=16, dropout=0.0, num_classes=0):
         super().__init__()
-        self.amp_dtype = None
+        self.amp = False
         n = (depth - 4) // 6
         layers, ch = [nn.Conv2d(in_ch, width // 2, 3, padding=1)], width // 2
         for i, w in enumerate([width, 2 * width, 4 * width]):
@@ -590,8 +595,7 @@ class WRNPhi(nn.Module):
         self.head = nn.Linear(ch, num_classes + 1 if num_classes else 1)   # + a "null" read-out
 
     def forward(self, x, t=None, y=None):
-        with torch.autocast(x.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
+        with _trunk_autocast(self, x):
             h = self.body(x).mean((2, 3))
         out = self.head(h.float())                                      # (B, classes + 1) or (B, 1)
         if out.shape[1] == 1:
@@ -619,6 +623,12 @@ class Conditioned(nn.Module):
 # ==== 3. Data ====
 # Images live in [-1, 1]. Real sets are read through torchvision with download=True, so a machine
 # with internet fetches them into --data-dir; offline, a missing set is one clear line.
+def die(msg, code=2):
+    """One line "error: ..." on stderr, no traceback; exit 2: bad input, 3: non-finite numbers."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
 DATASETS = ["cifar10", "celeba64", "mnist", "folder", "npz", "fake"]    # training sets
 OOD_SETS = ["svhn", "cifar100", "celeba", "interp"]                   # OOD sets (+ the test split)
 FLIP_SETS = ("cifar10", "celeba64", "folder")                         # random horizontal flips
@@ -780,6 +790,41 @@ def first_images(ds, n, batch=256):
 
 
 # ==== 4. Training loop ====
+# bf16 (--amp): the network trunk runs under autocast on CUDA (set by `net.amp`); the output Phi,
+# the loss arithmetic, the samplers, parameters, Adam and EMA stay fp32. DDP: the loss
+# differentiates grad_x Phi (a double backward), which DistributedDataParallel does not support, so
+# each process keeps a plain module and allreduce_grads averages the gradients after backward.
+class StopSignals:
+    """SIGINT / SIGTERM only set a flag; the loop finishes its step, saves and exits 130 / 143."""
+
+    def __init__(self):
+        self.signum, self.old = None, {}
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.old[s] = signal.signal(s, self.handle)
+            except ValueError:                      # not the main thread: no handler
+                pass
+
+    def handle(self, signum, frame):
+        self.signum = signum
+
+    def restore(self):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+
+def pick_device(spec):
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        die(f"unknown device {spec!r} (use auto, cpu, cuda or cuda:N)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        die(f"device {spec} requested but CUDA is not available (use --device cpu)")
+    return dev
+
+
 def setup_distributed():
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python vpfb.py` is one process."""
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -791,6 +836,58 @@ def setup_distributed():
     return rank, world, local
 
 
+def all_max(value, device, world):
+    """The max of a number over all ranks (everyone agrees on skip / stop)."""
+    if world == 1:
+        return value
+    t = torch.tensor([float(value)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def build_model(args, num_classes, device=None):
+    """Phi from the flags (--net authors, the default of --recipe authors: their U-Net); with a
+    device: on it, engineering set (engineer)."""
+    nc = num_classes if args.class_cond else 0
+    if args.model == "unet":
+        net = UNetPhi(args.channels, args.model_size, args.ch_mult_t, args.res_blocks,
+                      args.attn_res_t, args.dropout, args.image_size, nc,
+                      **(AUTHORS_UNET if args.net == "authors" else {}))
+    else:
+        net = WRNPhi(args.channels, args.model_size, args.wrn_depth, 0.0, nc)
+    if device is None:
+        return net
+    return engineer(net, device, args.amp, args.channels_last)
+
+
+def engineer(net, device, amp, channels_last=False):
+    """On `device`, with the network's bf16-trunk (`amp`, section 2) and channels-last settings."""
+    net = net.to(device)
+    net.amp = amp == "bf16" or (amp == "auto" and device.type == "cuda")      # CUDA only
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return net
+
+
+def build_vpfb(phi, args):
+    return VPFB(phi, autonomous=(args.model == "wrn"), **loss_kwargs(args))
+
+
+def ema_decay_at(decay, n, warmup=True):
+    """Decay of EMA update number n: min(decay, (1 + n) / (10 + n)) with warm-up (short runs sample
+    trained weights), else constant (authors' code)."""
+    return min(decay, (1.0 + n) / (10.0 + n)) if warmup else decay
+
+
+@torch.no_grad()
+def ema_update(ema, net, decay):
+    """theta_ema <- decay theta_ema + (1 - decay) theta."""
+    for pe, p in zip(ema.parameters(), net.parameters()):
+        pe.lerp_(p, 1.0 - decay)
+    for be, b in zip(ema.buffers(), net.buffers()):
+        be.copy_(b)
+
+
 def allreduce_grads(params, world):
     """Average gradients over processes, by hand: the loss differentiates grad_x Phi (a double
     backward), which DDP's reducer does not support."""
@@ -800,26 +897,6 @@ def allreduce_grads(params, world):
         if p.grad is not None:
             dist.all_reduce(p.grad)
             p.grad /= world
-
-
-def any_rank(flag, world, device):
-    """True on every rank when it is true on one (stop signals, NaN guard)."""
-    if world == 1:
-        return bool(flag)
-    f = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(f, op=dist.ReduceOp.MAX)
-    return f.item() > 0
-
-
-@torch.no_grad()
-def ema_update(ema, net, decay, n, warmup=True):
-    """ema <- d ema + (1 - d) theta with d = min(decay, (1 + n) / (10 + n)) after n updates
-    (warm-up, so short runs sample trained weights); warmup=False: d = decay (authors' code)."""
-    d = min(decay, (1 + n) / (10 + n)) if warmup else decay
-    for pe, p in zip(ema.parameters(), net.parameters()):
-        pe.lerp_(p, 1.0 - d)
-    for be, b in zip(ema.buffers(), net.buffers()):
-        be.copy_(b)
 
 
 @torch.no_grad()
@@ -841,51 +918,8 @@ def step_seed(seed, step, rank):
     return (seed * 1_000_003 + step * 4099 + rank * 7) % (2 ** 62)
 
 
-def build_network(args, num_classes):
-    """Phi from the flags; --net authors (the default of --recipe authors): their U-Net."""
-    nc = num_classes if args.class_cond else 0
-    if args.model == "unet":
-        return UNetPhi(args.channels, args.model_size, args.ch_mult_t, args.res_blocks,
-                       args.attn_res_t, args.dropout, args.image_size, nc,
-                       **(AUTHORS_UNET if args.net == "authors" else {}))
-    return WRNPhi(args.channels, args.model_size, args.wrn_depth, 0.0, nc)
-
-
-def make_network(args, device, num_classes, net=None):
-    """build_network (or the given net) on the device with the bf16 / channels-last switches."""
-    net = (build_network(args, num_classes) if net is None else net).to(device)
-    amp = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
-    net.amp_dtype = torch.bfloat16 if (amp and device.type == "cuda") else None   # bf16 trunk only
-    if args.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    return net
-
-
-def make_vpfb(phi, args):
-    return VPFB(phi, autonomous=(args.model == "wrn"), **loss_kwargs(args))
-
-
 def lr_at(step, args):
     return args.lr * min(1.0, (step + 1) / max(1, args.warmup))    # linear warm-up (authors)
-
-
-class StopSignals:
-    """SIGINT / SIGTERM only set a flag; the loop finishes its step, saves and exits 130 / 143."""
-
-    def __init__(self):
-        self.signum, self.old = None, {}
-        for s in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self.old[s] = signal.signal(s, self.handle)
-            except ValueError:                      # not the main thread: no handler
-                pass
-
-    def handle(self, signum, frame):
-        self.signum = signum
-
-    def restore(self):
-        for s, h in self.old.items():
-            signal.signal(s, h)
 
 
 def train_step(model, net, opt, x, args, world):
@@ -912,7 +946,41 @@ def read_metrics(path, upto=None):
     return [r for r in recs if upto is None or r["step"] <= upto]
 
 
-def train(args):
+def to_uint8(x):
+    """[-1, 1] NCHW float -> uint8 NHWC (the .npz layout eval_fid.py reads)."""
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(x, path, nrow=8):
+    import torchvision.utils as vu
+    vu.save_image((x.float().clamp(-1, 1) + 1) / 2, path, nrow=nrow)
+
+
+def plot_losses(records, path):
+    """Loss curve of the whole run and the Poincare ratio E|grad Phi|^2 / E Phi^2 (Fig. 10)."""
+    if not records:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    s = [h["step"] for h in records]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    for key, sign in (("loss", 1), ("cov", 1), ("cos", -1)):
+        ax[0].plot(s, [sign * h[key] for h in records], label=("-" if sign < 0 else "") + key)
+    ax[0].set_xlabel("step")
+    ax[0].legend()
+    ax[0].set_title("VPFB loss, Eq. (27)")
+    ax[1].semilogy(s, [max(h["poincare_ratio"], 1e-12) for h in records])
+    ax[1].set_xlabel("step")
+    ax[1].set_title("Poincare ratio E|grad Phi|^2 / E Phi^2")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def cmd_train(args):
+    """Eq. (27) on --dataset; resumable, NaN-guarded, signal-safe, DDP under torchrun."""
     rank, world, local = setup_distributed()
     device = (torch.device(f"cuda:{local}") if (world > 1 and torch.cuda.is_available())
               else pick_device(args.device))
@@ -922,7 +990,7 @@ def train(args):
         torch.backends.cudnn.benchmark = True
     ds = build_dataset(args, train=True)
     ncls = num_classes_of(ds)
-    net = make_network(args, device, ncls)
+    net = build_model(args, ncls, device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")              # always WRITE into --out-dir
@@ -953,9 +1021,9 @@ def train(args):
         kept = read_metrics(log_path, upto=step) if step else []
         with open(log_path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
-        _dump(args, "args.json", plain_args(args), echo=False)
+        _dump(args, "args.json", args_to_dict(args), echo=False)
     cond = Conditioned(net)
-    model = make_vpfb(cond, args)
+    model = build_vpfb(cond, args)
     batches = batch_iterator(ds, args, rank, world, step)
     if rank == 0:
         n_params = sum(p.numel() for p in net.parameters())
@@ -981,18 +1049,19 @@ def train(args):
             net.train()
             stats = train_step(model, net, opt, x, args, world)
             step += 1
-            bad = any_rank(not (math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])),
-                           world, device)
+            bad = all_max(not (math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])),
+                          device, world) > 0
             n_bad = n_bad + 1 if bad else 0                      # NaN guard: the step was skipped
+            if bad and rank == 0:
+                print(f"step {step}: non-finite loss or gradient ({stats['loss']:.4g}, "
+                      f"{stats['grad_norm']:.4g}); skipped ({n_bad} in a row)", flush=True)
             if n_bad >= 10:
-                last = src if (args.resume and os.path.isfile(src)) else "none"
-                last = ckpt_path if os.path.isfile(ckpt_path) else last
-                print(f"error: loss or gradient non-finite for 10 steps in a row (step {step}); "
-                      f"stopped; last good checkpoint: {last} (lower --lr or set --grad-clip)",
-                      file=sys.stderr)
-                sys.exit(3)
+                kept = src if (args.resume and os.path.isfile(src)) else "none written yet"
+                kept = ckpt_path if os.path.isfile(ckpt_path) else kept
+                die(f"{n_bad} non-finite steps in a row at step {step}; stopped; last good "
+                    f"checkpoint: {kept}", 3)
             if not bad:
-                ema_update(ema, net, args.ema_decay, n_ema, not args.no_ema_warmup)
+                ema_update(ema, net, ema_decay_at(args.ema_decay, n_ema, args.ema_warmup))
                 n_ema += 1
             if rank == 0 and (step % args.log_every == 0 or step == args.steps):
                 if device.type == "cuda":
@@ -1003,16 +1072,16 @@ def train(args):
                              images_per_s=args.batch_size * world / dt, skipped=int(bad))
                 with open(log_path, "a") as f:
                     f.write(json.dumps(stats) + "\n")
-                print(f"step {step}/{args.steps} loss {stats['loss']:.4f} cov {stats['cov']:.4f} "
-                      f"cos {stats['cos']:.3f} |gPhi|^2 {stats['grad_x2']:.3g} poincare "
-                      f"{stats['poincare_ratio']:.3g} | {1000 * dt:.1f} ms/it "
-                      f"{stats['images_per_s']:.1f} img/s ETA {(args.steps - step) * dt / 60:.1f}"
+                print(f"step {step}/{args.steps} | loss {stats['loss']:.4g} cov {stats['cov']:.4g} "
+                      f"cos {stats['cos']:.4g} |gPhi|^2 {stats['grad_x2']:.4g} poincare "
+                      f"{stats['poincare_ratio']:.4g} | {1000 * dt:.1f} ms/it | "
+                      f"{stats['images_per_s']:.1f} img/s | ETA {(args.steps - step) * dt / 60:.1f}"
                       " min", flush=True)
-            stopping = any_rank(stop.signum is not None, world, device)
+            stopping = all_max(stop.signum is not None, device, world) > 0
             if rank == 0 and (stopping or step % args.save_every == 0 or step == args.steps):
                 save_checkpoint(ckpt_path, net, ema, opt, step, args, ema_updates=n_ema)
             if rank == 0 and (stopping or step == args.steps):        # the whole run's curves
-                plot_history(read_metrics(log_path), os.path.join(args.out_dir, "loss.png"))
+                plot_losses(read_metrics(log_path), os.path.join(args.out_dir, "loss.png"))
             if rank == 0 and args.sample_every and not stopping and (
                     step % args.sample_every == 0 or step == args.steps):
                 which = "raw" if args.no_ema else "ema"
@@ -1036,28 +1105,6 @@ def train(args):
     return net, ema
 
 
-def plot_history(history, path):
-    """Loss curve of the whole run and the Poincare ratio E|grad Phi|^2 / E Phi^2 (Fig. 10)."""
-    if not history:
-        return
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    s = [h["step"] for h in history]
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
-    for key, sign in (("loss", 1), ("cov", 1), ("cos", -1)):
-        ax[0].plot(s, [sign * h[key] for h in history], label=("-" if sign < 0 else "") + key)
-    ax[0].set_xlabel("step")
-    ax[0].legend()
-    ax[0].set_title("VPFB loss, Eq. (27)")
-    ax[1].semilogy(s, [max(h["poincare_ratio"], 1e-12) for h in history])
-    ax[1].set_xlabel("step")
-    ax[1].set_title("Poincare ratio E|grad Phi|^2 / E Phi^2")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 # ==== 5. Checkpoints ====
 # A plain dict {"format", "model", "ema", "opt", "step", "ema_updates", "args"}, loadable with
 # torch.load(weights_only=True); written to <path>.tmp, then os.replace'd (a crash never leaves half
@@ -1067,21 +1114,15 @@ ARCH_KEYS = ["model", "model_size", "ch_mult", "res_blocks", "attn_res", "dropou
              "class_cond", "image_size", "channels", "recipe", "net"]
 
 
-def plain_args(args):
-    """args as a plain dict of str/int/float/bool/None/list (safe for weights_only loading)."""
-    return {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in vars(args).items()
-            if isinstance(v, (str, int, float, bool, type(None), list, tuple))}
-
-
 def save_checkpoint(path, net, ema, opt, step, args, **extra):
     state = {"format": FORMAT, "model": net.state_dict(), "ema": ema.state_dict(),
              "opt": opt.state_dict() if opt is not None else {}, "step": int(step),
-             "args": plain_args(args), **extra}
+             "args": args_to_dict(args), **extra}
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
-def read_torch_file(path):
+def read_checkpoint(path):
     if not os.path.isfile(path):
         die(f"checkpoint {path!r} not found (train first, or pass --ckpt PATH)")
     try:
@@ -1092,7 +1133,7 @@ def read_torch_file(path):
 
 def load_checkpoint(path):
     """Our checkpoint (old flag names mapped), or an authors' one as it is."""
-    state = read_torch_file(path)
+    state = read_checkpoint(path)
     if is_authors_checkpoint(state):
         return state
     if not isinstance(state, dict) or state.get("format") != FORMAT:
@@ -1271,7 +1312,7 @@ def load_authors_checkpoint(path, use_ema=True, image_size=32):
     """The authors' released Phi (Google Drive folders homotopy_cifar10 / homotopy_celeba,
     checkpoints/checkpoint_*.pth) as our time-varying UNetPhi in eval mode: net(x, t) is their
     potential at every t in [0, 1], x in [-1, 1] NCHW. EMA weights unless use_ema=False."""
-    return authors_network(read_torch_file(path), use_ema, image_size, name=path)
+    return authors_network(read_checkpoint(path), use_ema, image_size, name=path)
 
 
 def load_for_eval(args, device):
@@ -1284,7 +1325,7 @@ def load_for_eval(args, device):
         parse_lists(a)
         net = authors_network(state, not args.no_ema, args.image_size, name=path)
         ncls = net.num_classes or 10
-        return maybe_compile(make_network(a, device, ncls, net), args), a, ncls
+        return maybe_compile(engineer(net, device, a.amp, a.channels_last), args), a, ncls
     saved = state["args"]
     a = argparse.Namespace(**{**vars(args), **{k: saved[k] for k in ARCH_KEYS + ["dataset"]
                                                if k in saved}})
@@ -1294,7 +1335,7 @@ def load_for_eval(args, device):
     for key in ("cemb.weight", "head.weight"):
         if a.class_cond and key in weights:
             ncls = weights[key].shape[0] - 1                        # minus the null class
-    net = make_network(a, device, ncls)
+    net = build_model(a, ncls, device)
     try:
         net.load_state_dict(weights)
     except RuntimeError as e:
@@ -1309,17 +1350,6 @@ def maybe_compile(net, args):
 
 
 # ==== 6. Experiment modes ====
-
-def save_grid(x, path, nrow=8):
-    import torchvision.utils as vu
-    vu.save_image((x.float().clamp(-1, 1) + 1) / 2, path, nrow=nrow)
-
-
-def to_uint8(x):
-    """[-1, 1] NCHW float -> uint8 NHWC (the .npz layout eval_fid.py reads)."""
-    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
-
 
 def slerp(z0, z1, alpha):
     """Spherical interpolation between noises (Sec. 4.3), per sample on the flattened vectors:
@@ -1347,7 +1377,7 @@ def generate(phi, args, device, n, shape, method=None, x0=None, n_classes=10, st
     """Draw n images with the ODE (euler / rk45) or SGLD on Phi_B. Returns (images, stats).
     strict: non-finite images are one line and exit 3 (a training grid only warns)."""
     method = method or args.sampler
-    model = make_vpfb(phi, args)
+    model = build_vpfb(phi, args)
     outs, nfes, t_start = [], [], time.time()
     for i in range(0, n, args.sample_batch):
         b = min(args.sample_batch, n - i)
@@ -1439,7 +1469,7 @@ def cmd_nn(args, rows=8):
 @torch.no_grad()
 def energies(net, args, ds, device, n):
     """Phi_B (Eq. 22) and the authors' OOD score 4 Phi(x, t_max) - ||x||^2 of the first n images."""
-    model = make_vpfb(Conditioned(net), args)
+    model = build_vpfb(Conditioned(net), args)
     pb, auth = [], []
     for i, x in enumerate(torch.split(first_images(ds, n), args.sample_batch)):
         x = x.to(device)
@@ -1504,7 +1534,7 @@ def cmd_longrun(args):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     device, net, a, ncls, shape = eval_setup(args)
-    model = make_vpfb(Conditioned(net), a)
+    model = build_vpfb(Conditioned(net), a)
     z = torch.randn(min(args.num_samples, args.sample_batch), *shape, device=device)
     curves = {"ode": {"t": [], "grad2": [], "phi2": []}, "sgld": {"t": [], "grad2": [], "phi2": []}}
 
@@ -1577,7 +1607,7 @@ def cmd_benchmark(args):
     sampler's NFE and images/s, and the largest loss difference over the measured steps."""
     device, S, C, B = pick_device(args.device), args.image_size, args.channels, args.batch_size
     torch.manual_seed(args.seed)
-    base_net, g = build_network(args, 10), torch.Generator().manual_seed(args.seed)
+    base_net, g = build_model(args, 10), torch.Generator().manual_seed(args.seed)
     n_warm = max(1, args.bench_warmup)
     data = [(torch.rand(B, C, S, S, generator=g) * 2 - 1, torch.randn(B, C, S, S, generator=g),
              torch.rand(B, generator=g) * args.t_end) for _ in range(args.bench_steps + n_warm)]
@@ -1588,12 +1618,12 @@ def cmd_benchmark(args):
         fmt = (torch.channels_last if fast and (args.channels_last or cuda)
                else torch.contiguous_format)
         net = copy.deepcopy(base_net).to(device, memory_format=fmt)
-        net.amp_dtype = torch.bfloat16 if (fast and args.amp != "none" and cuda) else None
+        net.amp = fast and args.amp != "none" and cuda
         if cuda:            # ours: TF32 everywhere; authors: PyTorch's defaults (cuDNN convs only)
             torch.backends.cuda.matmul.allow_tf32 = fast
             torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.benchmark = True
             torch.cuda.reset_peak_memory_stats()
-        opt, model = torch.optim.Adam(net.parameters(), lr=args.lr), make_vpfb(net, args)
+        opt, model = torch.optim.Adam(net.parameters(), lr=args.lr), build_vpfb(net, args)
         losses = []
         torch.manual_seed(args.seed)
         for i, (xb, eb, tb) in enumerate(data):
@@ -1639,12 +1669,6 @@ def cmd_benchmark(args):
 MODES = ["train", "sample", "interp", "nn", "hist", "ood", "longrun", "compose", "benchmark"]
 
 
-def die(msg):
-    """Bad input: one clear line on stderr, exit code 2, never a traceback."""
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
 def _number(kind, test, what):
     """An argparse type: parse with `kind`, reject NaN / inf and values failing `test`."""
     def parse(s):
@@ -1677,35 +1701,35 @@ class Parser(argparse.ArgumentParser):
 def build_parser():
     p = Parser(description="VPFB: Variational Potential Flow Bayes (train, sample, evaluate).",
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
+    a, bool_opt = p.add_argument, argparse.BooleanOptionalAction
     a("--mode", default="train", choices=MODES, help="what to do")
     # data / run
     a("--dataset", default="cifar10", choices=DATASETS + ["svhn", "cifar100"],
       help="training set; npz: --data-dir is a .npz with uint8 `images` N x H x W x C")
-    a("--data-dir", default="data", help="root of the datasets; folder: an ImageFolder; npz: file")
-    a("--image-size", type=pos_int, default=None, help="image side [32; celeba64 64; npz: its]")
-    a("--fake-size", type=pos_int, default=512, help="number of FakeData images (--dataset fake)")
-    a("--out-dir", default=None, help="output folder (default runs/vpfb_<dataset>)")
-    a("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
-    a("--seed", type=int, default=0, help="random seed")
-    a("--workers", type=nonneg_int, default=4, help="DataLoader workers")
-    a("--threads", type=nonneg_int, default=0, help="torch CPU threads (0 = this process' cores)")
+    a("--data-dir", default="data", help="dataset folder (npz: the .npz file)")
+    a("--image-size", type=pos_int, help="image side (default 32; celeba64 64; npz: the file's)")
+    a("--fake-size", type=pos_int, default=512, help="number of FakeData images")
+    a("--out-dir", help="output folder (default runs/vpfb_<dataset>); always written to")
+    a("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    a("--seed", type=int, default=0, help="random seed (each step and rank derives its own)")
+    a("--workers", type=nonneg_int, default=4, help="DataLoader processes (0 = main process)")
+    a("--threads", type=nonneg_int, default=0, help="CPU threads (0 = the cores this process has)")
     # optimisation (authors: Adam lr 1e-4, warm-up 5k, EMA 0.9999, fp32, batch 64)
-    a("--batch-size", type=pos_int, default=128, help="batch size per process")
+    a("--batch-size", type=pos_int, default=128, help="per-process batch size")
     a("--steps", type=nonneg_int, default=400_000, help="training steps")
     a("--lr", type=pos_float, default=1e-4, help="Adam learning rate")
     a("--warmup", type=nonneg_int, default=5000, help="linear learning-rate warm-up steps")
-    a("--grad-clip", type=nonneg_float, default=None, help="clip (0 = off) [ours 1; authors 3]")
+    a("--grad-clip", type=nonneg_float, help="gradient clipping (0 = off) [ours 1; authors 3]")
     a("--clip-mode", default=None, choices=["norm", "std"], help="norm: global norm [ours]; std: "
       "each element to +-(clip * Adam's RMS + 0.1) [authors]")
-    a("--ema-decay", type=unit_float, default=0.9999, help="EMA decay of the sampling weights")
-    a("--no-ema-warmup", action="store_true", help="constant EMA decay, no (1+n)/(10+n) warm-up")
-    a("--no-ema", action="store_true", help="sample (grids, sample modes) with the raw weights")
+    a("--ema-decay", type=unit_float, default=0.9999, help="EMA decay")
+    a("--ema-warmup", action=bool_opt, default=True, help="min(decay, (1+n)/(10+n)); no: authors")
+    a("--no-ema", action="store_true", help="grids / sampling with the raw weights, not the EMA")
     # network
     a("--model", default="unet", choices=["unet", "wrn"], help="Phi(x, t) U-Net; WideResNet Phi(x)")
     a("--model-size", type=pos_int, default=128, help="base channels (unet 128 = paper's net)")
-    a("--ch-mult", default="2,2,2", help="unet channel multipliers per resolution (authors 2,2,2)")
-    a("--res-blocks", type=pos_int, default=4, help="unet residual blocks per resolution (4)")
+    a("--ch-mult", default="2,2,2", help="UNet channel multipliers per resolution level")
+    a("--res-blocks", type=pos_int, default=4, help="UNet residual blocks per level")
     a("--net", default=None, choices=["ours", "authors"], help="unet variant [the recipe's]")
     a("--attn-res", default=None, help="unet resolutions with attention (and the middle) [16; "
       "--net authors: image size // 2]")
@@ -1744,22 +1768,22 @@ def build_parser():
     a("--clamp", action="store_true", help="clamp samples to [-1, 1] at the end")
     # engineering
     a("--amp", default="auto", choices=["auto", "bf16", "none"], help="bf16 trunk (auto: on CUDA)")
-    a("--compile", action="store_true", help="torch.compile for sampling (not training: 2nd order)")
-    a("--channels-last", action="store_true", help="NHWC memory format for the convolutions")
+    a("--compile", action="store_true", help="torch.compile the potential for sampling only")
+    a("--channels-last", action="store_true", help="channels_last memory (faster convs on GPU)")
     a("--resume", action="store_true", help="resume from --ckpt, else <out-dir>/ckpt.pt")
-    a("--ckpt", default=None, help="checkpoint to read [<out-dir>/ckpt.pt], ours or the authors'")
-    a("--log-every", type=pos_int, default=100, help="progress line every N steps")
+    a("--ckpt", help="checkpoint to read (ours or the authors'); outputs go to --out-dir")
+    a("--log-every", type=pos_int, default=100, help="log every N steps")
     a("--save-every", type=pos_int, default=5000, help="checkpoint every N steps")
     a("--sample-every", type=nonneg_int, default=5000, help="sample grid every N steps (0 = off)")
-    a("--num-samples", type=pos_int, default=64, help="samples to draw (sample: samples.npz)")
-    a("--sample-batch", type=pos_int, default=256, help="batch size of the sampling modes")
+    a("--num-samples", type=pos_int, default=64, help="samples to draw (50000 for FID)")
+    a("--sample-batch", type=pos_int, default=256, help="batch size when sampling")
     # experiments
     a("--ood-sets", default="svhn,cifar100,celeba,interp", help=f"comma list from {OOD_SETS}")
     a("--ood-max", type=pos_int, default=10000, help="at most this many images per set")
     a("--nn-k", type=pos_int, default=5, help="nearest neighbours per sample (mode nn)")
     a("--compose", default="0,1", help="classes whose energies are averaged, e.g. '0,1;0,2'")
-    a("--bench-steps", type=pos_int, default=20, help="timed steps per config (benchmark)")
-    a("--bench-warmup", type=nonneg_int, default=3, help="untimed warm-up steps per config")
+    a("--bench-steps", type=pos_int, default=20, help="benchmark: timed steps per config")
+    a("--bench-warmup", type=nonneg_int, default=3, help="benchmark: untimed steps per config")
     return p
 
 
@@ -1835,21 +1859,15 @@ def resolve_args(args, argv=None):
     return args
 
 
-def pick_device(spec):
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError:
-        die(f"unknown --device {spec!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        die("--device cuda asked for but no CUDA GPU is visible")
-    return dev
+def args_to_dict(args):
+    """args as a plain dict of str/int/float/bool/None/list (safe for weights_only loading)."""
+    return {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in vars(args).items()
+            if isinstance(v, (str, int, float, bool, type(None), list, tuple))}
 
 
 def main(argv=None):
     args = resolve_args(build_parser().parse_args(argv), argv)
-    cmds = {"train": train, "sample": cmd_sample, "interp": cmd_interp, "nn": cmd_nn,
+    cmds = {"train": cmd_train, "sample": cmd_sample, "interp": cmd_interp, "nn": cmd_nn,
             "hist": cmd_hist, "ood": cmd_ood, "longrun": cmd_longrun, "compose": cmd_compose,
             "benchmark": cmd_benchmark}
     return cmds[args.mode](args)

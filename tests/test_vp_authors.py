@@ -308,7 +308,7 @@ def test_recipe_authors_builds_their_net_and_checkpoints_keep_it(tmp_path, capsy
     args = vpfb.resolve_args(vpfb.build_parser().parse_args(
         SMALL + flags + ["--recipe", "authors", "--out-dir", out]))
     assert args.attn_res == "4"                                 # their attention_resolutions [2]
-    net = vpfb.build_network(args, 10)
+    net = vpfb.build_model(args, 10)
     assert net.t_scale == 1.0 and net.mid[0].scale_shift and net.mid[1].heads == 1
     vpfb.main(SMALL + flags + ["--recipe", "authors", "--out-dir", out])
     args = vpfb.resolve_args(vpfb.build_parser().parse_args(SMALL + ["--out-dir", out]))

@@ -7,6 +7,7 @@ S_t^2 = t^2 s^2 + (1 - t)^2, and the marginal velocity is a gradient:
     Phi*(x, t) = m x + k(t) (x - t m)^2 / 2      (grad Phi* = v).
 """
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -316,12 +317,13 @@ def test_sgld_reaches_boltzmann_variance():
     xr = torch.randn(5, 2, dtype=DT).requires_grad_(True)
     assert torch.allclose(model.boltzmann_energy(xr), -(xr ** 2).sum(1) / (2 * s ** 2))
     for lam in [1.0, 0.5]:
-        x = model.langevin(torch.zeros(4000, 2, dtype=DT) + 3.0, n_steps=1500, step_size=0.01, temperature=lam)
+        # the mean contracts by 1 - step / s^2 per step: after 600 steps 3.0 -> < 1e-3 (stationary)
+        x = model.langevin(torch.zeros(4000, 2, dtype=DT) + 3.0, n_steps=600, step_size=0.01, temperature=lam)
         var = x.var(0).mean().item()
         # the Euler-Maruyama chain has variance lam^2 s^2 / (1 - step / (2 s^2)): within 1.5 %
         assert abs(var / (lam ** 2 * s ** 2) - 1) < 0.05, (lam, var)
         assert abs(x.mean().item()) < 0.05
-    assert model.last_nfe == 1500
+    assert model.last_nfe == 600
 
 
 # ----------------------------------------------------------------------------- networks and training
@@ -344,8 +346,8 @@ def test_training_steps_lower_the_loss(kind):
     torch.manual_seed(8)
     args = vpfb.resolve_args(vpfb.build_parser().parse_args(
         TINY + ["--model", kind, "--dropout", "0", "--out-dir", "/tmp/_vpfb_unused"]))
-    net = vpfb.build_network(args, 10)
-    model = vpfb.make_vpfb(net, args)
+    net = vpfb.build_model(args, 10)
+    model = vpfb.build_vpfb(net, args)
     assert model.autonomous == (kind == "wrn")
     x = _fake_batch(16)
     eps, t = torch.randn_like(x), torch.rand(x.shape[0])
@@ -365,24 +367,29 @@ def test_training_steps_lower_the_loss(kind):
     assert last < first - 0.05 * (abs(first) + 1), losses
 
 
-def test_bf16_trunk_and_channels_last_match_fp32():
+def test_bf16_trunk_and_channels_last_match_fp32(monkeypatch):
     """The fast paths give the same loss: channels-last exactly (up to float round-off), the bf16 trunk
-    within bf16 precision (the scalar head and the loss stay fp32)."""
+    within bf16 precision (the scalar head and the loss stay fp32). net.amp is CUDA only; on CPU the
+    test runs the same trunk autocast with the CPU's bf16."""
     torch.manual_seed(12)
     args = vpfb.resolve_args(vpfb.build_parser().parse_args(TINY + ["--out-dir", "/tmp/_vpfb_unused", "--dropout", "0"]))
-    net = vpfb.build_network(args, 10)
+    net = vpfb.build_model(args, 10)
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))
     x = _fake_batch()
     eps, t = torch.randn_like(x), torch.rand(x.shape[0])
-    model = vpfb.make_vpfb(net, args)
+    model = vpfb.build_vpfb(net, args)
     ref, st = model.loss(x, eps=eps, t=t)
     net_cl = net.to(memory_format=torch.channels_last)
-    cl, _ = vpfb.make_vpfb(net_cl, args).loss(x.contiguous(memory_format=torch.channels_last),
+    cl, _ = vpfb.build_vpfb(net_cl, args).loss(x.contiguous(memory_format=torch.channels_last),
                                               eps=eps.contiguous(memory_format=torch.channels_last), t=t)
     assert abs(cl.item() - ref.item()) <= 1e-4 * (abs(ref.item()) + st["phi2"] ** 0.5)
-    net.amp_dtype = torch.bfloat16
+    net.amp = True
+    same, _ = model.loss(x, eps=eps, t=t)                                # CPU input: no autocast
+    assert abs(same.item() - ref.item()) <= 1e-4 * (abs(ref.item()) + st["phi2"] ** 0.5)
+    monkeypatch.setattr(vpfb, "_trunk_autocast", lambda m, x: torch.autocast(
+        "cpu", dtype=torch.bfloat16, enabled=m.amp))
     lb, sb = model.loss(x, eps=eps, t=t)
     lb.backward()
     assert math.isfinite(lb.item()) and sb["phi2"] == pytest.approx(st["phi2"], rel=0.05)
@@ -396,7 +403,7 @@ def test_class_conditional_and_composition(kind):
     torch.manual_seed(13)
     args = vpfb.resolve_args(vpfb.build_parser().parse_args(TINY + ["--out-dir", "/tmp/_vpfb_unused", "--model", kind,
                                                                    "--class-cond"]))
-    net = vpfb.build_network(args, 10).eval()
+    net = vpfb.build_model(args, 10).eval()
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -413,13 +420,13 @@ def test_unet_is_time_dependent_and_wrn_is_not():
     torch.manual_seed(9)
     args = vpfb.resolve_args(vpfb.build_parser().parse_args(TINY + ["--out-dir", "/tmp/_vpfb_unused"]))
     x = _fake_batch(4)
-    u = vpfb.build_network(args, 10).eval()
+    u = vpfb.build_model(args, 10).eval()
     with torch.no_grad():                      # the residual branches start at zero; wake them up
         for p in u.parameters():
             p.add_(0.05 * torch.randn_like(p))
     assert not torch.allclose(u(x, torch.zeros(4)), u(x, torch.ones(4) * 0.7))
     args.model = "wrn"
-    w = vpfb.build_network(args, 10).eval()
+    w = vpfb.build_model(args, 10).eval()
     assert torch.allclose(w(x, torch.zeros(4)), w(x, torch.ones(4) * 0.7))
 
 
@@ -448,13 +455,13 @@ def test_slerp_keeps_norms():
 
 def test_checkpoint_round_trip_and_bad_files(tmp_path, capsys):
     args = vpfb.resolve_args(vpfb.build_parser().parse_args(TINY + ["--out-dir", str(tmp_path)]))
-    net = vpfb.build_network(args, 10)
+    net = vpfb.build_model(args, 10)
     opt = torch.optim.Adam(net.parameters())
     path = str(tmp_path / "ckpt.pt")
     vpfb.save_checkpoint(path, net, net, opt, 7, args)
     st = torch.load(path, weights_only=True)                        # plain types only
     assert st["format"] == "vpfb/v1" and st["step"] == 7 and st["args"]["model_size"] == 8
-    net2 = vpfb.build_network(args, 10)
+    net2 = vpfb.build_model(args, 10)
     net2.load_state_dict(vpfb.load_checkpoint(path)["ema"])
     for a, b in zip(net.state_dict().values(), net2.state_dict().values()):
         assert torch.equal(a, b)
@@ -525,17 +532,16 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys):
     assert str(tmp_path / "nope") in err                           # says where to put the data
 
 
-def test_nan_guard_stops_with_one_line(tmp_path, capsys):
+def test_nan_guard_stops_with_one_line(tmp_path, capsys, runs):
     """A diverging run (lr 1e30) skips its non-finite steps (no update), stops after 10 in a row with
     one line and exit 3, and leaves the last good checkpoint as it was."""
-    out = str(tmp_path)
-    vpfb.main(TINY + ["--steps", "2", "--out-dir", out])
+    out = _copy_run(runs, 3, tmp_path / "run")
     before = vpfb.load_checkpoint(f"{out}/ckpt.pt")
     code, err = _main_exit(TINY + ["--steps", "30", "--lr", "1e30", "--warmup", "1", "--grad-clip", "0",
                                    "--batch-size", "2", "--resume", "--out-dir", out], capsys)
     assert code == 3 and "non-finite" in err and err.count("\n") == 1 and "ckpt.pt" in err
     after = vpfb.load_checkpoint(f"{out}/ckpt.pt")
-    assert after["step"] == 2 and torch.equal(after["model"]["inp.weight"], before["model"]["inp.weight"])
+    assert after["step"] == 3 and torch.equal(after["model"]["inp.weight"], before["model"]["inp.weight"])
 
 
 def test_cli_smoke_train_sample(tmp_path, capsys):
@@ -577,39 +583,51 @@ def _losses(out):
     return {r["step"]: r["loss"] for r in vpfb.read_metrics(f"{out}/metrics.jsonl")}
 
 
-def test_resume_reads_ckpt_writes_out_dir_and_matches_a_straight_run(tmp_path):
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two straight TINY runs shared by the tests below (read-only; copy before writing): 3 and 8 steps."""
+    d = tmp_path_factory.mktemp("vpfb_runs")
+    for n in (3, 8):
+        vpfb.main(TINY + ["--steps", str(n), "--out-dir", str(d / f"s{n}")])
+    return d
+
+
+def _copy_run(runs, n, dst):
+    shutil.copytree(runs / f"s{n}", dst)
+    return str(dst)
+
+
+def test_resume_reads_ckpt_writes_out_dir_and_matches_a_straight_run(tmp_path, runs):
     """Items 1, 6, 12: --resume --ckpt A/ckpt.pt --out-dir B reads A, leaves A untouched, writes B; and
     the resumed run is bit-identical to an uninterrupted one (same losses after the resume, same final
     weights and EMA): per-step RNG from (seed, step, rank), data order from (seed, step)."""
-    a, b, c = (str(tmp_path / n) for n in "abc")
-    vpfb.main(TINY + ["--steps", "3", "--out-dir", a])
+    a, b, c = _copy_run(runs, 3, tmp_path / "a"), str(tmp_path / "b"), str(runs / "s8")
     src = open(f"{a}/ckpt.pt", "rb").read()
-    vpfb.main(TINY + ["--steps", "6", "--resume", "--ckpt", f"{a}/ckpt.pt", "--out-dir", b])
+    vpfb.main(TINY + ["--steps", "8", "--resume", "--ckpt", f"{a}/ckpt.pt", "--out-dir", b])
     assert open(f"{a}/ckpt.pt", "rb").read() == src                          # the source is not clobbered
-    vpfb.main(TINY + ["--steps", "6", "--out-dir", c])                          # uninterrupted
-    assert vpfb.load_checkpoint(f"{b}/ckpt.pt")["step"] == 6
+    assert vpfb.load_checkpoint(f"{b}/ckpt.pt")["step"] == 8                 # c: uninterrupted
     lb, lc = _losses(b), _losses(c)
-    assert sorted(lb) == [4, 5, 6] and all(lb[s] == lc[s] for s in lb)
+    assert sorted(lb) == [4, 5, 6, 7, 8] and all(lb[s] == lc[s] for s in lb)
     for key in ("model", "ema"):
         assert _same_weights(_weights(f"{b}/ckpt.pt", key), _weights(f"{c}/ckpt.pt", key))
 
 
-def test_resume_drops_stale_metrics_and_temp_files(tmp_path):
+def test_resume_drops_stale_metrics_and_temp_files(tmp_path, runs):
     """Items 7, 8: a crash after the last save leaves metrics past the checkpoint's step and a temp file;
     the resume drops both, and the loss plot is drawn from the whole run."""
-    out = str(tmp_path)
-    vpfb.main(TINY + ["--steps", "3", "--out-dir", out])
+    out = _copy_run(runs, 3, tmp_path / "run")
+    (tmp_path / "run" / "loss.png").unlink()                         # to be drawn by the resume
     with open(f"{out}/metrics.jsonl", "a") as f:                        # steps 4, 5 of a lost run
         f.write('{"step": 4, "loss": 1e9}\n{"step": 5, "loss": 1e9}\n')
-    (tmp_path / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / "run" / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")
     vpfb.main(TINY + ["--steps", "5", "--resume", "--out-dir", out])
     recs = vpfb.read_metrics(f"{out}/metrics.jsonl")
     assert [r["step"] for r in recs] == [1, 2, 3, 4, 5] and recs[3]["loss"] != 1e9
-    assert not any(".tmp" in p.name for p in tmp_path.iterdir())
-    assert (tmp_path / "loss.png").stat().st_size > 0
+    assert not any(".tmp" in p.name for p in (tmp_path / "run").iterdir())
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 0
 
 
-def test_sigterm_saves_and_resume_reaches_the_same_weights(tmp_path):
+def test_sigterm_saves_and_resume_reaches_the_same_weights(tmp_path, runs):
     """Item 4: SIGTERM to the whole process group (a preempted job; Ctrl-C reaches a terminal's group the
     same way), with DataLoader workers, finishes the step, saves, prints one line, exits 143; resuming
     reaches the same final weights as an uninterrupted run."""
@@ -631,24 +649,27 @@ def test_sigterm_saves_and_resume_reaches_the_same_weights(tmp_path):
     assert last.startswith("stopped at step ") and "by SIGTERM" in last and "--resume" in last
     n = vpfb.load_checkpoint(f"{a}/ckpt.pt")["step"]
     assert last.startswith(f"stopped at step {n} ") and n >= 2
-    vpfb.main(TINY + ["--steps", str(n + 2), "--resume", "--out-dir", a])
-    vpfb.main(TINY + ["--steps", str(n + 2), "--out-dir", c])
+    end = 8 if n <= 6 else n + 2                           # at least 2 resumed steps; 8: the shared run
+    vpfb.main(TINY + ["--steps", str(end), "--resume", "--out-dir", a])
+    if end == 8:
+        c = str(runs / "s8")
+    else:
+        vpfb.main(TINY + ["--steps", str(end), "--out-dir", c])
     assert _same_weights(_weights(f"{a}/ckpt.pt"), _weights(f"{c}/ckpt.pt"))
 
 
-def test_wrong_architecture_resume_names_the_flags(tmp_path, capsys):
+def test_wrong_architecture_resume_names_the_flags(tmp_path, capsys, runs):
     """Item 5: resuming with another --model-size is one line naming the flag and both values."""
-    out = str(tmp_path)
-    vpfb.main(TINY + ["--steps", "1", "--out-dir", out])
+    out = str(runs / "s3")
     code, err = _main_exit(TINY + ["--steps", "2", "--resume", "--ckpt", f"{out}/ckpt.pt", "--model-size", "16",
                                    "--out-dir", str(tmp_path / "b")], capsys)
     assert code == 2 and err.count("\n") == 1 and "--model-size 16 (checkpoint: 8)" in err
 
 
-def test_sample_refuses_non_finite_output(tmp_path, capsys):
+def test_sample_refuses_non_finite_output(tmp_path, capsys, runs):
     """Item 3: a checkpoint whose weights are NaN samples garbage: exit 3, one line, nothing written."""
     out = str(tmp_path)
-    vpfb.main(TINY + ["--steps", "1", "--out-dir", out])
+    shutil.copy(runs / "s3" / "ckpt.pt", tmp_path / "ckpt.pt")
     st = vpfb.load_checkpoint(f"{out}/ckpt.pt")
     st["ema"]["inp.weight"].fill_(float("nan"))
     torch.save(st, f"{out}/ckpt.pt")
@@ -727,23 +748,24 @@ def test_clip_std_is_elementwise_at_bound_times_adam_rms():
 
 
 def test_ema_warmup_follows_the_trained_weights(tmp_path):
-    """After 200 steps on FakeData the (warmed-up) EMA is nearer the trained weights than the
-    initialisation; the constant decay 0.9999 (authors, --no-ema-warmup) would still be 98 % init."""
-    out, small = str(tmp_path), TINY + ["--model", "wrn", "--model-size", "4"]   # the cheapest network
-    vpfb.main(small + ["--steps", "200", "--batch-size", "2", "--log-every", "100", "--lr", "1e-3",
+    """After 60 steps on FakeData the (warmed-up) EMA is nearer the trained weights than the
+    initialisation; the constant decay 0.9999 (authors, --no-ema-warmup) would still be 99.4 % init."""
+    out = str(tmp_path)
+    small = TINY + ["--model", "wrn", "--model-size", "4", "--image-size", "4"]   # the cheapest network
+    vpfb.main(small + ["--steps", "60", "--batch-size", "2", "--log-every", "100", "--lr", "1e-3",
                        "--warmup", "10", "--out-dir", out])
     args = vpfb.resolve_args(vpfb.build_parser().parse_args(small + ["--out-dir", out]))
     torch.manual_seed(args.seed)
-    init = vpfb.build_network(args, 10).state_dict()                    # train()'s initialisation
+    init = vpfb.build_model(args, 10).state_dict()                    # cmd_train()'s initialisation
     st = vpfb.load_checkpoint(f"{out}/ckpt.pt")
     dist = lambda a, b: sum((a[k].float() - b[k].float()).pow(2).sum() for k in a).sqrt().item()
-    assert dist(st["ema"], st["model"]) < dist(st["ema"], init) and st["ema_updates"] == 200
+    assert dist(st["ema"], st["model"]) < dist(st["ema"], init) and st["ema_updates"] == 60
     # the update rule itself: decay_n = min(decay, (1 + n) / (10 + n)), or decay without warm-up
     net, ema = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
     for warm, n, expect in [(True, 0, 0.1), (True, 10**6, 0.9999), (False, 0, 0.9999)]:
         net.weight.data.fill_(1.0)
         ema.weight.data.fill_(0.0)
-        vpfb.ema_update(ema, net, 0.9999, n, warmup=warm)
+        vpfb.ema_update(ema, net, vpfb.ema_decay_at(0.9999, n, warmup=warm))
         assert ema.weight.item() == pytest.approx(1 - expect, rel=1e-6)
 
 
