@@ -748,18 +748,18 @@ def test_clip_std_is_elementwise_at_bound_times_adam_rms():
 
 
 def test_ema_warmup_follows_the_trained_weights(tmp_path):
-    """After 60 steps on FakeData the (warmed-up) EMA is nearer the trained weights than the
-    initialisation; the constant decay 0.9999 (authors, --no-ema-warmup) would still be 99.4 % init."""
+    """After 200 steps on FakeData the (warmed-up) EMA is nearer the trained weights than the
+    initialisation; the constant decay 0.9999 (authors, --no-ema-warmup) would still be 98 % init."""
     out = str(tmp_path)
     small = TINY + ["--model", "wrn", "--model-size", "4", "--image-size", "4"]   # the cheapest network
-    vpfb.main(small + ["--steps", "60", "--batch-size", "2", "--log-every", "100", "--lr", "1e-3",
+    vpfb.main(small + ["--steps", "200", "--batch-size", "2", "--log-every", "100", "--lr", "1e-3",
                        "--warmup", "10", "--out-dir", out])
     args = vpfb.resolve_args(vpfb.build_parser().parse_args(small + ["--out-dir", out]))
     torch.manual_seed(args.seed)
     init = vpfb.build_model(args, 10).state_dict()                    # cmd_train()'s initialisation
     st = vpfb.load_checkpoint(f"{out}/ckpt.pt")
     dist = lambda a, b: sum((a[k].float() - b[k].float()).pow(2).sum() for k in a).sqrt().item()
-    assert dist(st["ema"], st["model"]) < dist(st["ema"], init) and st["ema_updates"] == 60
+    assert dist(st["ema"], st["model"]) < dist(st["ema"], init) and st["ema_updates"] == 200
     # the update rule itself: decay_n = min(decay, (1 + n) / (10 + n)), or decay without warm-up
     net, ema = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
     for warm, n, expect in [(True, 0, 0.1), (True, 10**6, 0.9999), (False, 0, 0.9999)]:
