@@ -29,6 +29,18 @@ def run_cli(args, **kw):
 
 
 # -------------------------------------------------------------------------------------------- data
+def _spy_cd_loss(m):
+    """Record the (x1, x0) that EnergyMatching.cd_loss receives from an EMToy's loss."""
+    seen, orig = {}, m.model.cd_loss
+
+    def spy(x1, x0):
+        seen.update(x1=x1, x0=x0)
+        return orig(x1, x0)
+
+    m.model.cd_loss = spy
+    return seen
+
+
 def test_data_moments():
     g = torch.Generator().manual_seed(0)
     moons = toy2d.sample_data("moons", 20000, g)
@@ -138,18 +150,10 @@ def test_otcfm_heun_integrates_a_constant_field_exactly():
 
 def test_em_phase2_negatives_start_at_the_source():
     # With an 8-Gaussians source toy2d hands EnergyMatching.loss fresh source points as x0_cd (the
-    # EM paper's
-    # 2-D setting: negatives start at the source). Check what cd_loss receives.
+    # EM paper's 2-D setting: negatives start at the source). Check what cd_loss receives.
     a = _args(["--method", "em", "--steps", "10", "--steps-cd", "5"])
     m = toy2d.EMToy(a)
-    seen = {}
-    orig = m.model.cd_loss
-
-    def spy(x1, x0):
-        seen["x0"] = x0
-        return orig(x1, x0)
-
-    m.model.cd_loss = spy
+    seen = _spy_cd_loss(m)
     g = torch.Generator().manual_seed(0)
     x1, x0 = toy2d.sample_data("moons", 256, g), toy2d.sample_data("8gauss", 256, g)
     loss, logs = m.loss(x1, x0, step=7)                           # 7 >= 5 warm-up steps: phase 2
@@ -266,14 +270,7 @@ def test_path_length_stop_of_the_authors_sampler():
 def test_fresh_cd_batch_draws_new_data_for_cd():
     a = _args(["--method", "em", "--steps", "10", "--steps-cd", "5", "--fresh-cd-batch"])
     m = toy2d.EMToy(a)
-    seen = {}
-    orig = m.model.cd_loss
-
-    def spy(x1, x0):
-        seen["x1"] = x1
-        return orig(x1, x0)
-
-    m.model.cd_loss = spy
+    seen = _spy_cd_loss(m)
     g = torch.Generator().manual_seed(0)
     x1, x0 = toy2d.sample_data("moons", 64, g), toy2d.sample_data("8gauss", 64, g)
     m.loss(x1, x0, step=7)
