@@ -28,7 +28,6 @@ def run_cli(args, **kw):
                           cwd=kw.get("cwd", ROOT), timeout=kw.get("timeout", 120))
 
 
-# -------------------------------------------------------------------------------------------- data
 def _spy_cd_loss(m):
     """Record the (x1, x0) that EnergyMatching.cd_loss receives from an EMToy's loss."""
     seen, orig = {}, m.model.cd_loss
@@ -41,6 +40,7 @@ def _spy_cd_loss(m):
     return seen
 
 
+# -------------------------------------------------------------------------------------------- data
 def test_data_moments():
     g = torch.Generator().manual_seed(0)
     moons = toy2d.sample_data("moons", 20000, g)
