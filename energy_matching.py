@@ -1622,14 +1622,16 @@ DATASET_OVERRIDES = {
 
 
 def _number(kind, ok, what):
+    """An argparse type: parse with `kind`, reject NaN / inf and values failing `ok`."""
     def parse(s):
         try:
             v = kind(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
         if not (math.isfinite(v) and ok(v)):
             raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
         return v
+    parse.__name__ = what
     return parse
 
 

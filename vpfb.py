@@ -1669,21 +1669,21 @@ def cmd_benchmark(args):
 MODES = ["train", "sample", "interp", "nn", "hist", "ood", "longrun", "compose", "benchmark"]
 
 
-def _number(kind, test, what):
-    """An argparse type: parse with `kind`, reject NaN / inf and values failing `test`."""
+def _number(kind, ok, what):
+    """An argparse type: parse with `kind`, reject NaN / inf and values failing `ok`."""
     def parse(s):
         try:
             v = kind(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-        if not math.isfinite(v) or not test(v):
-            raise argparse.ArgumentTypeError(f"{s!r} must be {what}")
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
+        if not (math.isfinite(v) and ok(v)):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
         return v
     parse.__name__ = what
     return parse
 
 
-pos_int = _number(int, lambda v: v > 0, "a positive integer")
+pos_int = _number(int, lambda v: v > 0, "an integer > 0")
 nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 pos_float = _number(float, lambda v: v > 0, "a finite number > 0")
 nonneg_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
@@ -1695,7 +1695,7 @@ class Parser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line on stderr and exit 2 (not the usage block)."""
 
     def error(self, message):
-        die(f"{message} (see python vpfb.py --help)")
+        die(f"{message} (see --help)")
 
 
 def build_parser():
