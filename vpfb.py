@@ -50,16 +50,13 @@ import torch.nn.functional as F
 # Everything works on tensors of any shape (B, ...), reducing over x.flatten(1), so the same code
 # runs on (B, 2) toy points and (B, C, H, W) images.
 
-
 def _bdim(t, x):
     """Reshape a per-sample (B,) time so it broadcasts against x of shape (B, ...)."""
     return t.reshape(-1, *([1] * (x.dim() - 1)))
 
-
 def _sqnorm(x):
     """Squared Euclidean norm of every sample: ||x||^2 summed over all non-batch dims -> (B,)."""
     return x.flatten(1).pow(2).sum(1)
-
 
 class Schedule:
     """A log-homotopy schedule alpha(t), beta(t) (Eq. 7) with prior / likelihood scales omega, nu.
@@ -128,7 +125,6 @@ class Schedule:
         D, n2 = xbar[0].numel(), _sqnorm(xbar)
         return ra * (mu ** 2 * n2 + D * sigma ** 2) + rb * ((1 - mu) ** 2 * n2 + D * sigma ** 2)
 
-
 def otfm_centered_innovation(eps, xbar, t):
     """gamma - gamma_bar for OT-FM in the noise eps of x = t xbar + (1 - t) eps  -> (B,):
         gamma - gamma_bar = 2 / (1 - t) * sum_i (eps_i^2 - xbar_i eps_i - 1)   (Eq. 12 - its mean)
@@ -138,10 +134,8 @@ def otfm_centered_innovation(eps, xbar, t):
     s = (eps * eps - xbar * eps - 1.0).flatten(1).sum(1)
     return 2.0 / (1.0 - t) * s
 
-
 def _center(v):
     return v - v.mean()
-
 
 class VPFB:
     """The method: a scalar potential Phi(x, t) whose gradient is the velocity dx/dt = grad_x Phi,
@@ -304,9 +298,7 @@ class VPFB:
                                       return_traj)
         return (x, traj) if return_traj else x
 
-
 # ---- samplers: plain functions of a gradient field, so tests can feed analytic fields
-
 
 def ode_solve(velocity, x0, method="euler", n_steps=100, t0=0.0, t1=1.0, rtol=1e-3, atol=1e-3,
               return_traj=False):
@@ -344,7 +336,6 @@ def ode_solve(velocity, x0, method="euler", n_steps=100, t0=0.0, t1=1.0, rtol=1e
     traj = xs.T.reshape(-1, *shape) if return_traj else None
     return x, traj, nfe[0]
 
-
 def sgld(grad_energy, x0, n_steps=100, step_size=1e-3, temperature=1.0, return_traj=False):
     """Stochastic gradient Langevin dynamics ascending an energy E (Sec. 4.6):
         x_{k+1} = x_k + Delta grad E(x_k) + sqrt(2 Delta) e,   e ~ N(0, lambda^2 I)
@@ -359,7 +350,6 @@ def sgld(grad_energy, x0, n_steps=100, step_size=1e-3, temperature=1.0, return_t
             traj.append(x)
     return x, (torch.stack(traj) if return_traj else None), n_steps
 
-
 # ==== 2. Networks ====
 # Both networks return ONE number per image, Phi (B,). The authors' time-varying Phi is a U-Net
 # read as a scalar through Phi(x, t) = 1/2 ||x - UNet(x, t)||^2 (>= 0); we use the same head. The
@@ -372,16 +362,13 @@ def _groups(ch):
     the norm would remove the per-channel time embedding added just before it (tiny test nets)."""
     return math.gcd(32, max(1, ch // 4))
 
-
 def _trunk_autocast(net, x):
     on = getattr(net, "amp", False) and x.is_cuda
     return torch.autocast("cuda", dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
-
 def _norm(ch, groups=None):
     """GroupNorm with `groups` groups (the authors' nets: always 32), else the _groups rule."""
     return nn.GroupNorm(groups or _groups(ch), ch)
-
 
 def timestep_embedding(t, dim, scale=1000.0):
     """Sinusoidal embedding of scale * t, (B,) -> (B, dim). scale = 1000 maps t in [0, 1] to the
@@ -391,7 +378,6 @@ def timestep_embedding(t, dim, scale=1000.0):
     freqs = torch.exp(-math.log(10000.0) * k / half)
     ang = scale * t.float()[:, None] * freqs[None]
     return torch.cat([ang.cos(), ang.sin()], 1)
-
 
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv, time conditioning, GroupNorm-SiLU-dropout-conv, plus a skip.
@@ -419,7 +405,6 @@ class ResBlock(nn.Module):
             h = self.n2(h + e)
         h = self.c2(self.drop(F.silu(h)))
         return self.skip(x) + h
-
 
 class AttnBlock(nn.Module):
     """Multi-head self-attention over pixels, written out with softmax: it has a double backward
@@ -449,7 +434,6 @@ class AttnBlock(nn.Module):
         att = torch.softmax(torch.einsum("bhcn,bhcm->bhnm", q, k) / math.sqrt(c), dim=-1)
         out = torch.einsum("bhnm,bhcm->bhcn", att, v).reshape(B, C, H, W)
         return x + self.proj(out)
-
 
 class UNetPhi(nn.Module):
     """Time-varying potential Phi(x, t [, y]) = 1/2 ||x - UNet(x, t [, y])||^2 (authors' head).
@@ -553,13 +537,11 @@ class UNetPhi(nn.Module):
             u = self.unet(x, t, y)
         return 0.5 * (x - u.float()).flatten(1).pow(2).sum(1)       # Phi = 1/2 ||x - UNet(x, t)||^2
 
-
 # The authors' network (https://github.com/ljun0004/VAPO, configs/homotopy/cifar10.py, celeba.py):
 # UNetPhi(3, 128, (2, 2, 2), 4, attn_res=(image_size // 2,), dropout=0.3, **AUTHORS_UNET) has their
 # 55,676,419 parameters (README: 55.7M); loaded with their weights it computes their potential.
 AUTHORS_UNET = dict(scale_shift=True, attn_heads=1, attn_order="new", conv_resample=False,
                     t_scale=1.0, stem_mult=True, norm_groups=32, zero_out=True)
-
 
 class WideBlock(nn.Module):
     def __init__(self, cin, cout, stride, dropout):
@@ -573,7 +555,6 @@ class WideBlock(nn.Module):
     def forward(self, x):
         h = self.c1(F.silu(self.n1(x)))
         return self.skip(x) + self.c2(self.drop(F.silu(self.n2(h))))
-
 
 class WRNPhi(nn.Module):
     """Autonomous potential Phi(x [, y]) (paper Sec. 4.2, Zagoruyko & Komodakis): a WideResNet with
@@ -602,7 +583,6 @@ class WRNPhi(nn.Module):
             return out[:, 0]
         return out[:, -1] if y is None else out.gather(1, y[:, None])[:, 0]
 
-
 class Conditioned(nn.Module):
     """phi(x, t) with the labels fixed (VPFB calls phi(x, t)); y=None -> unconditional.
     A list of labels gives the compositional energy: the mean of the conditional ones (Sec. 4.3)."""
@@ -618,7 +598,6 @@ class Conditioned(nn.Module):
         out = [self.net(x, t, y.expand(x.shape[0]) if y.dim() == 0 else y) for y in ys]
         return sum(out) / len(ys)
 
-
 # ==== ENGINEERING: nothing below this line is in the paper ====
 # ==== 3. Data ====
 # Images live in [-1, 1]. Real sets are read through torchvision with download=True, so a machine
@@ -628,12 +607,10 @@ def die(msg, code=2):
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(code)
 
-
 DATASETS = ["cifar10", "celeba64", "mnist", "folder", "npz", "fake"]    # training sets
 OOD_SETS = ["svhn", "cifar100", "celeba", "interp"]                   # OOD sets (+ the test split)
 FLIP_SETS = ("cifar10", "celeba64", "folder")                         # random horizontal flips
 CELEBA_ATTRS = ("Male", "Smiling", "Young")             # classes 0, 1, 2 of --class-cond (3 = none)
-
 
 class NpzImages(torch.utils.data.Dataset):
     """--dataset npz: `images` uint8 N x H x W x C (the layout --mode sample writes), optional
@@ -660,7 +637,6 @@ class NpzImages(torch.utils.data.Dataset):
     def __getitem__(self, i):
         x = torch.from_numpy(self.images[i]).permute(2, 0, 1).float() / 127.5 - 1
         return x, int(self.labels[i]) if self.labels is not None else 0
-
 
 def build_dataset(args, train=True, name=None):
     """A dataset of (image in [-1, 1], label) for args.dataset (or `name`, for the OOD sets).
@@ -708,7 +684,6 @@ def build_dataset(args, train=True, name=None):
         die(f"could not load {name} ({type(e).__name__}: {first}); "
             f"put {what} under {os.path.abspath(root)} or allow the download")
 
-
 def attach_celeba_attributes(ds, path):
     """Labels for the compositional CelebA experiment (Sec. 4.3) from list_attr_celeba.txt in
     <data-dir>/celeba64/: each draw picks one of the image's positive attributes among Male (0),
@@ -726,16 +701,13 @@ def attach_celeba_attributes(ds, path):
     ds.target_transform = celeba_label
     ds.classes = list(CELEBA_ATTRS) + ["none"]
 
-
 def celeba_label(attr):
     """A random positive attribute among Male, Smiling, Young (0, 1, 2), or 3 if none."""
     pos = [i for i, a in enumerate(attr) if a == 1]
     return pos[int(torch.randint(len(pos), ()))] if pos else 3
 
-
 def num_classes_of(ds):
     return max(1, len(getattr(ds, "classes", [])) or 10)
-
 
 class StepBatches(torch.utils.data.Sampler):
     """Index batches as a pure function of (seed, step, rank): epoch e is a fixed permutation seeded
@@ -758,13 +730,11 @@ class StepBatches(torch.utils.data.Sampler):
             yield cached[1][i * self.batch:(i + 1) * self.batch].tolist()
             step += 1
 
-
 def quiet_worker(_):
     """DataLoader workers ignore Ctrl-C / SIGTERM sent to the whole process group: the main process
     finishes its step and saves (section 4) instead of dying on a lost worker."""
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
-
 
 def batch_iterator(ds, args, rank=0, world=1, start_step=0):
     """Endless (x, y) batches in the order StepBatches fixes."""
@@ -777,7 +747,6 @@ def batch_iterator(ds, args, rank=0, world=1, start_step=0):
                                      generator=torch.Generator().manual_seed(args.seed + rank))
     return iter(dl)
 
-
 def first_images(ds, n, batch=256):
     """The first n images of a dataset as one tensor (for nn / hist / ood)."""
     xs, got = [], 0
@@ -787,7 +756,6 @@ def first_images(ds, n, batch=256):
         if got >= n:
             break
     return torch.cat(xs)[:n]
-
 
 # ==== 4. Training loop ====
 # bf16 (--amp): the network trunk runs under autocast on CUDA (set by `net.amp`); the output Phi,
@@ -812,7 +780,6 @@ class StopSignals:
         for s, h in self.old.items():
             signal.signal(s, h)
 
-
 def pick_device(spec):
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -824,7 +791,6 @@ def pick_device(spec):
         die(f"device {spec} requested but CUDA is not available (use --device cpu)")
     return dev
 
-
 def setup_distributed():
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python vpfb.py` is one process."""
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -835,7 +801,6 @@ def setup_distributed():
             torch.cuda.set_device(local)
     return rank, world, local
 
-
 def all_max(value, device, world):
     """The max of a number over all ranks (everyone agrees on skip / stop)."""
     if world == 1:
@@ -843,7 +808,6 @@ def all_max(value, device, world):
     t = torch.tensor([float(value)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
-
 
 def build_model(args, num_classes, device=None):
     """Phi from the flags (--net authors, the default of --recipe authors: their U-Net); with a
@@ -859,7 +823,6 @@ def build_model(args, num_classes, device=None):
         return net
     return engineer(net, device, args.amp, args.channels_last)
 
-
 def engineer(net, device, amp, channels_last=False):
     """On `device`, with the network's bf16-trunk (`amp`, section 2) and channels-last settings."""
     net = net.to(device)
@@ -868,16 +831,13 @@ def engineer(net, device, amp, channels_last=False):
         net = net.to(memory_format=torch.channels_last)
     return net
 
-
 def build_vpfb(phi, args):
     return VPFB(phi, autonomous=(args.model == "wrn"), **loss_kwargs(args))
-
 
 def ema_decay_at(decay, n, warmup=True):
     """Decay of EMA update number n: min(decay, (1 + n) / (10 + n)) with warm-up (short runs sample
     trained weights), else constant (authors' code)."""
     return min(decay, (1.0 + n) / (10.0 + n)) if warmup else decay
-
 
 @torch.no_grad()
 def ema_update(ema, net, decay):
@@ -886,7 +846,6 @@ def ema_update(ema, net, decay):
         pe.lerp_(p, 1.0 - decay)
     for be, b in zip(ema.buffers(), net.buffers()):
         be.copy_(b)
-
 
 def allreduce_grads(params, world):
     """Average gradients over processes, by hand: the loss differentiates grad_x Phi (a double
@@ -897,7 +856,6 @@ def allreduce_grads(params, world):
         if p.grad is not None:
             dist.all_reduce(p.grad)
             p.grad /= world
-
 
 @torch.no_grad()
 def clip_std_(opt, bound):
@@ -912,15 +870,12 @@ def clip_std_(opt, bound):
             lim = bound * torch.sqrt(st["exp_avg_sq"] / (1 - beta2 ** float(st["step"]))) + 0.1
             p.grad.copy_(torch.maximum(torch.minimum(p.grad, lim), -lim))
 
-
 def step_seed(seed, step, rank):
     """Every (step, rank) has its own seed: a resumed run draws the numbers a straight run draws."""
     return (seed * 1_000_003 + step * 4099 + rank * 7) % (2 ** 62)
 
-
 def lr_at(step, args):
     return args.lr * min(1.0, (step + 1) / max(1, args.warmup))    # linear warm-up (authors)
-
 
 def train_step(model, net, opt, x, args, world):
     """One step of Eq. (27); returns the logs. Non-finite loss or gradient: no update at all."""
@@ -936,7 +891,6 @@ def train_step(model, net, opt, x, args, world):
         opt.step()
     return stats
 
-
 def read_metrics(path, upto=None):
     """Records of metrics.jsonl (those with step <= upto)."""
     if not os.path.isfile(path):
@@ -945,17 +899,14 @@ def read_metrics(path, upto=None):
         recs = [json.loads(ln) for ln in f if ln.strip()]
     return [r for r in recs if upto is None or r["step"] <= upto]
 
-
 def to_uint8(x):
     """[-1, 1] NCHW float -> uint8 NHWC (the .npz layout eval_fid.py reads)."""
     x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
-
 def save_grid(x, path, nrow=8):
     import torchvision.utils as vu
     vu.save_image((x.float().clamp(-1, 1) + 1) / 2, path, nrow=nrow)
-
 
 def plot_losses(records, path):
     """Loss curve of the whole run and the Poincare ratio E|grad Phi|^2 / E Phi^2 (Fig. 10)."""
@@ -977,7 +928,6 @@ def plot_losses(records, path):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
 
 def cmd_train(args):
     """Eq. (27) on --dataset; resumable, NaN-guarded, signal-safe, DDP under torchrun."""
@@ -1104,7 +1054,6 @@ def cmd_train(args):
         dist.destroy_process_group()
     return net, ema
 
-
 # ==== 5. Checkpoints ====
 # A plain dict {"format", "model", "ema", "opt", "step", "ema_updates", "args"}, loadable with
 # torch.load(weights_only=True); written to <path>.tmp, then os.replace'd (a crash never leaves half
@@ -1113,14 +1062,12 @@ FORMAT = "vpfb/v1"
 ARCH_KEYS = ["model", "model_size", "ch_mult", "res_blocks", "attn_res", "dropout", "wrn_depth",
              "class_cond", "image_size", "channels", "recipe", "net"]
 
-
 def save_checkpoint(path, net, ema, opt, step, args, **extra):
     state = {"format": FORMAT, "model": net.state_dict(), "ema": ema.state_dict(),
              "opt": opt.state_dict() if opt is not None else {}, "step": int(step),
              "args": args_to_dict(args), **extra}
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
-
 
 def read_checkpoint(path):
     if not os.path.isfile(path):
@@ -1129,7 +1076,6 @@ def read_checkpoint(path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         die(f"checkpoint {path!r} is corrupt or not a torch checkpoint ({type(e).__name__})")
-
 
 def load_checkpoint(path):
     """Our checkpoint (old flag names mapped), or an authors' one as it is."""
@@ -1149,14 +1095,12 @@ def load_checkpoint(path):
         saved["image_size"] = 64 if saved.get("dataset") == "celeba64" else 32
     return state
 
-
 def check_arch(saved, args, path):
     """Resume onto the same architecture, or one line naming the flags that differ."""
     diff = [f"--{k.replace('_', '-')} {getattr(args, k)!r} (checkpoint: {saved[k]!r})"
             for k in ARCH_KEYS if k in saved and saved[k] != getattr(args, k, None)]
     if diff:
         die(f"{path} was trained with another architecture: {', '.join(diff)}")
-
 
 # ---- The authors' checkpoints (https://github.com/ljun0004/VAPO, README "Checkpoints") ----
 # Their main.py saves score_sde-style dicts: "model" = the state dict of nn.DataParallel(MyUnet),
@@ -1178,13 +1122,11 @@ _AUTHORS_TOP = {"temb": "time_embed", "cemb": "label_emb", "inp": "input_blocks.
 _AUTHORS_PREFIXES = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.",
                      "output_blocks.", "out.")
 
-
 def is_authors_checkpoint(ck):
     """True for a dict as the authors' code writes it (score_sde style), False for ours."""
     return (isinstance(ck, dict) and "format" not in ck and isinstance(ck.get("model"), dict)
             and isinstance(ck.get("ema"), dict)
             and isinstance(ck["ema"].get("shadow_params"), (list, tuple)) and "step" in ck)
-
 
 def _strip(key):
     """'module.model.out.2.weight' -> 'out.2.weight' (DataParallel, then their MyUnet wrapper)."""
@@ -1193,12 +1135,10 @@ def _strip(key):
             key = key[len(prefix):]
     return key
 
-
 def _listing(keys, n=6):
     keys = list(keys)
     more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
     return ", ".join(keys[:n]) + more
-
 
 def authors_names(net):
     """{our parameter name: the authors' name (no prefix)}, in our parameter order."""
@@ -1226,7 +1166,6 @@ def authors_names(net):
         names[key] = theirs
     return names
 
-
 def authors_arch(sd, image_size=32):
     """UNetPhi keyword arguments for the authors' net with (prefix-free) state dict sd.
     attn_res is in pixels for a nominal image_size: the net itself is fully convolutional."""
@@ -1253,7 +1192,6 @@ def authors_arch(sd, image_size=32):
     return dict(in_ch=stem.shape[1], base=base, mult=mult, num_res=num_res, attn_res=attn,
                 dropout=0.3, image_size=image_size, num_classes=ncls, **kw)
 
-
 def authors_args(ck, image_size=32):
     """vpfb.py's architecture flags that describe an authors' checkpoint (for load_for_eval)."""
     kw = authors_arch({_strip(k): v for k, v in ck["model"].items()}, image_size)
@@ -1262,7 +1200,6 @@ def authors_args(ck, image_size=32):
             "attn_res": ",".join(str(r) for r in kw["attn_res"]), "dropout": kw["dropout"],
             "class_cond": kw["num_classes"] > 0, "channels": kw["in_ch"],
             "image_size": image_size}
-
 
 def authors_network(ck, use_ema=True, image_size=32, name="checkpoint"):
     """Our UNetPhi (eval mode, frozen) holding the weights of an authors' checkpoint dict `ck`:
@@ -1307,13 +1244,11 @@ def authors_network(ck, use_ema=True, image_size=32, name="checkpoint"):
     net.load_state_dict(ours, strict=True)
     return net.eval().requires_grad_(False)
 
-
 def load_authors_checkpoint(path, use_ema=True, image_size=32):
     """The authors' released Phi (Google Drive folders homotopy_cifar10 / homotopy_celeba,
     checkpoints/checkpoint_*.pth) as our time-varying UNetPhi in eval mode: net(x, t) is their
     potential at every t in [0, 1], x in [-1, 1] NCHW. EMA weights unless use_ema=False."""
     return authors_network(read_checkpoint(path), use_ema, image_size, name=path)
-
 
 def load_for_eval(args, device):
     """Rebuild the network of a checkpoint (EMA weights, raw with --no-ema); its architecture flags
@@ -1342,12 +1277,10 @@ def load_for_eval(args, device):
         die(f"checkpoint weights do not fit the network it describes ({str(e).splitlines()[0]})")
     return maybe_compile(net.eval().requires_grad_(False), args), a, ncls
 
-
 def maybe_compile(net, args):
     if args.compile:
         net = torch.compile(net)                     # first-order gradients only: fine for sampling
     return net
-
 
 # ==== 6. Experiment modes ====
 
@@ -1362,7 +1295,6 @@ def slerp(z0, z1, alpha):
     out = (torch.sin((1 - alpha) * theta) * a0 + torch.sin(alpha * theta) * a1) / torch.sin(theta)
     return out.reshape(z0.shape)
 
-
 def auroc(pos, neg):
     """Area under the ROC curve, P(score_pos > score_neg) + 1/2 P(=), by ranks (Mann-Whitney U),
     ties averaged. pos: scores of in-distribution samples (should be higher)."""
@@ -1371,7 +1303,6 @@ def auroc(pos, neg):
     ranks = rankdata(np.concatenate([pos, neg]))                 # tied values: their mean rank
     n1, n0 = len(pos), len(neg)
     return float((ranks[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-
 
 def generate(phi, args, device, n, shape, method=None, x0=None, n_classes=10, strict=True):
     """Draw n images with the ODE (euler / rk45) or SGLD on Phi_B. Returns (images, stats).
@@ -1409,13 +1340,11 @@ def generate(phi, args, device, n, shape, method=None, x0=None, n_classes=10, st
     return x, {"sampler": method, "nfe_mean": float(np.mean(nfes)), "images_per_s": n / dt,
                "seconds": dt}
 
-
 def eval_setup(args):
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
     net, a, ncls = load_for_eval(args, device)
     return device, net, a, ncls, (a.channels, a.image_size, a.image_size)
-
 
 def _dump(args, name, obj, echo=True):
     """obj as <out-dir>/name (JSON), and on stdout unless echo=False."""
@@ -1423,7 +1352,6 @@ def _dump(args, name, obj, echo=True):
         json.dump(obj, f, indent=1)
     if echo:
         print(json.dumps(obj))
-
 
 def cmd_sample(args):
     device, net, a, ncls, shape = eval_setup(args)
@@ -1433,7 +1361,6 @@ def cmd_sample(args):
     os.replace(path + ".tmp.npz", path)
     save_grid(x[:64], os.path.join(args.out_dir, "samples.png"))
     _dump(args, "sample_stats.json", st)
-
 
 def cmd_interp(args, rows=8, cols=10):
     """Spherical interpolation between two noises, each point pushed through the ODE (Sec. 4.3)."""
@@ -1445,7 +1372,6 @@ def cmd_interp(args, rows=8, cols=10):
     x, st = generate(Conditioned(net), a, device, rows * cols, shape, x0=z, n_classes=ncls)
     save_grid(x, os.path.join(args.out_dir, "interp.png"), nrow=cols)
     _dump(args, "interp_stats.json", st)
-
 
 def cmd_nn(args, rows=8):
     """Generated samples and their k nearest training images in pixel (L2) distance (Fig. 5)."""
@@ -1465,7 +1391,6 @@ def cmd_nn(args, rows=8):
     save_grid(grid, os.path.join(args.out_dir, "nn.png"), nrow=args.nn_k + 1)
     _dump(args, "nn.json", {"nearest_pixel_l2": best_d.tolist()})
 
-
 @torch.no_grad()
 def energies(net, args, ds, device, n):
     """Phi_B (Eq. 22) and the authors' OOD score 4 Phi(x, t_max) - ||x||^2 of the first n images."""
@@ -1477,7 +1402,6 @@ def energies(net, args, ds, device, n):
         tt = torch.full((x.shape[0],), model.t_inf or model.t_max, device=device)
         auth.append((4 * model._phi(x, tt) - _sqnorm(x)).float().cpu())
     return torch.cat(pb).numpy(), torch.cat(auth).numpy()
-
 
 def cmd_hist(args):
     """Histogram of the Boltzmann energy on train vs test images (Fig. 11)."""
@@ -1498,7 +1422,6 @@ def cmd_hist(args):
     fig.savefig(os.path.join(args.out_dir, "hist.png"), dpi=100)
     plt.close(fig)
     _dump(args, "hist.json", res)
-
 
 def cmd_ood(args):
     """OOD AUROC (Table 2): in-distribution = the test split of the training set (positives, should
@@ -1524,7 +1447,6 @@ def cmd_ood(args):
                        "auroc_authors_score": auroc(pos_auth, neg_auth),
                        "n_in": int(len(pos)), "n_ood": int(len(neg))}
     _dump(args, "ood.json", table)
-
 
 def cmd_longrun(args):
     """Long-run sampling (Sec. 4.6, Figs. 12-18): the ODE over t in [0, longrun_t1] (past t_max it
@@ -1576,7 +1498,6 @@ def cmd_longrun(args):
     with open(os.path.join(args.out_dir, "longrun_curves.json"), "w") as f:
         json.dump(curves, f)
 
-
 def cmd_compose(args, n=8):
     """Compositional sampling (Sec. 4.3): sample with the average of the class-conditional energies
     Phi(x, t) = mean_c Phi(x, t, c). One row per single class of each group, then the composite."""
@@ -1599,7 +1520,6 @@ def cmd_compose(args, n=8):
             info["+".join(map(str, g)) if c is None else str(c)] = st
     save_grid(torch.cat(rows), os.path.join(args.out_dir, "compose.png"), nrow=n)
     _dump(args, "compose.json", info)
-
 
 def cmd_benchmark(args):
     """Training images/s, ms/iter and peak memory of our config (bf16 trunk, channels-last, TF32)
@@ -1664,10 +1584,8 @@ def cmd_benchmark(args):
     _dump(args, "benchmark.json", summary, echo=False)
     return summary
 
-
 # ==== 7. Arguments and main ====
 MODES = ["train", "sample", "interp", "nn", "hist", "ood", "longrun", "compose", "benchmark"]
-
 
 def _number(kind, ok, what):
     """An argparse type: parse with `kind`, reject NaN / inf and values failing `ok`."""
@@ -1682,7 +1600,6 @@ def _number(kind, ok, what):
     parse.__name__ = what
     return parse
 
-
 pos_int = _number(int, lambda v: v > 0, "an integer > 0")
 nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 pos_float = _number(float, lambda v: v > 0, "a finite number > 0")
@@ -1690,13 +1607,11 @@ nonneg_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
 finite_float = _number(float, lambda v: True, "a finite number")
 unit_float = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
-
 class Parser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line on stderr and exit 2 (not the usage block)."""
 
     def error(self, message):
         die(f"{message} (see --help)")
-
 
 def build_parser():
     p = Parser(description="VPFB: Variational Potential Flow Bayes (train, sample, evaluate).",
@@ -1786,7 +1701,6 @@ def build_parser():
     a("--bench-warmup", type=nonneg_int, default=3, help="benchmark: untimed steps per config")
     return p
 
-
 RECIPES = {  # loss presets (VPFB keywords); explicit flags win over the preset
     "ours": dict(kappa=1.0, eta=1e-4, lam_cos=1.0, lam_gx=1.0, lam_gt=0.01, cov_form="cov",
                  cos_form="paper", weight_on="ritz", grad_norm="sum", bfactor=2.0),
@@ -1801,7 +1715,6 @@ TRAIN_RECIPES = {  # optimiser presets
     "authors": dict(grad_clip=3.0, clip_mode="std", p_uncond=0.2),
 }
 
-
 def loss_kwargs(args):
     """The VPFB(...) keyword arguments: the recipe preset, overridden by any explicit flag."""
     kw = dict(RECIPES[args.recipe])
@@ -1811,7 +1724,6 @@ def loss_kwargs(args):
     kw.update(t_end=args.t_end, t_max=args.t_max, t_inf=getattr(args, "t_inf", None))
     return kw
 
-
 def parse_lists(args):
     try:
         args.ch_mult_t = tuple(int(c) for c in str(args.ch_mult).split(","))
@@ -1819,7 +1731,6 @@ def parse_lists(args):
     except ValueError:
         die(f"--ch-mult / --attn-res must be comma lists of integers, got {args.ch_mult!r}, "
             f"{args.attn_res!r}")
-
 
 def resolve_args(args, argv=None):
     """Fill the defaults that depend on other flags; bad combinations -> one line and exit 2."""
@@ -1858,12 +1769,10 @@ def resolve_args(args, argv=None):
     torch.set_num_threads(args.threads or cores or 1)
     return args
 
-
 def args_to_dict(args):
     """args as a plain dict of str/int/float/bool/None/list (safe for weights_only loading)."""
     return {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in vars(args).items()
             if isinstance(v, (str, int, float, bool, type(None), list, tuple))}
-
 
 def main(argv=None):
     args = resolve_args(build_parser().parse_args(argv), argv)
@@ -1871,7 +1780,6 @@ def main(argv=None):
             "hist": cmd_hist, "ood": cmd_ood, "longrun": cmd_longrun, "compose": cmd_compose,
             "benchmark": cmd_benchmark}
     return cmds[args.mode](args)
-
 
 if __name__ == "__main__":
     main()
