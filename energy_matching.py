@@ -642,10 +642,23 @@ def data_shape(args):
 # is fp64. No GradScaler: bf16 has fp32's exponent range. LID and inpainting run in fp32. DDP:
 # DistributedDataParallel does not support torch.autograd.grad, so each process keeps a plain module
 # and the gradients are averaged by one all_reduce after backward (what DDP does, no overlap).
-STOP = {"signal": None}          # set by SIGINT / SIGTERM; the loop finishes its step, saves, exits
+class StopSignals:
+    """SIGINT / SIGTERM only set a flag; the loop finishes its step, saves and exits 130 / 143."""
 
-def _on_signal(signum, frame):
-    STOP["signal"] = signum
+    def __init__(self):
+        self.signum, self.old = None, {}
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.old[s] = signal.signal(s, self.handle)
+            except ValueError:                      # not the main thread: no handler
+                pass
+
+    def handle(self, signum, frame):
+        self.signum = signum
+
+    def restore(self):
+        for s, h in self.old.items():
+            signal.signal(s, h)
 
 def pick_device(spec):
     if spec == "auto":
@@ -669,13 +682,14 @@ def setup_distributed(args):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
 
-def all_max(value, device, world):
-    """The max of a number over all ranks (everyone agrees on skip / stop)."""
+def all_max(values, device, world):
+    """The max over all ranks of each number in `values`, in one all-reduce (all agree on skip and
+    stop)."""
     if world == 1:
-        return value
-    t = torch.tensor([float(value)], device=device)
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
+    return t.tolist()
 
 def build_model(args, device=None):
     """The potential for --arch (auto: CNN for MNIST, UNet+ViT otherwise), engineering set."""
@@ -751,9 +765,10 @@ def step_seed(seed, step, rank):
     """Every (step, rank) has its own seed: a resumed run draws the numbers a straight run draws."""
     return (seed * 1_000_003 + step * 4099 + rank * 7) % (2 ** 62)
 
-def train_step(em, model, opt, x1, phase, args, world, step, x1_cd=None, device=None):
-    """One optimisation step. Returns (logs, applied): a step whose loss or gradient norm is
-    non-finite on any rank is skipped (no update). Learning rate: linear warm-up (authors' code)."""
+def train_step(em, model, opt, x1, phase, args, world, step, x1_cd=None, signum=0):
+    """One optimisation step; returns (logs, applied). A step whose loss or gradient norm is
+    non-finite on any rank is skipped. The same all-reduce gives every rank the largest stop
+    signal number `signum` of any rank: logs["signal"]. Learning rate: linear warm-up (code)."""
     lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
     for g in opt.param_groups:
         g["lr"] = lr
@@ -767,7 +782,7 @@ def train_step(em, model, opt, x1, phase, args, world, step, x1_cd=None, device=
     gn = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     logs["lr"], logs["grad_norm"] = lr, float(gn)
     bad = not (math.isfinite(logs["loss"]) and math.isfinite(logs["grad_norm"]))
-    bad = all_max(bad, device or x1.device, world) > 0
+    bad, logs["signal"] = all_max([bad, signum], x1.device, world)    # the step's one all-reduce
     if not bad:
         opt.step()
     return logs, not bad
@@ -799,12 +814,13 @@ class Logger:
         with open(self.metrics_path, "w") as f:
             f.writelines(keep)
 
-    def read_metrics(self, phase):
+    def read_metrics(self, phase=None):
+        """The records of `phase` (all of them when phase is None or a record has no phase)."""
         if not os.path.exists(self.metrics_path):
             return []
         with open(self.metrics_path) as f:
             recs = [json.loads(s) for s in f if s.strip()]
-        return [r for r in recs if r.get("phase", phase) == phase]
+        return [r for r in recs if phase is None or r.get("phase", phase) == phase]
 
 def prepare_out_dir(path):
     try:
@@ -928,17 +944,16 @@ def cmd_train(args):
         log(f"grids use tau_s = {args.tau_s}: after phase 1 there is no Boltzmann well to sample "
             f"past t = 1 (pass --tau-s to change)")
 
-    handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    STOP["signal"] = None
-    n_bad, t_last, s_last = 0, time.time(), start_step
+    stop, n_bad, t_last, s_last = StopSignals(), 0, time.time(), start_step
     model.train()
     try:
         for step in range(start_step, end_step):
             torch.manual_seed(step_seed(args.seed, step, rank))
             xb = next(batches).to(device, non_blocking=True).float()
             x1, x1_cd = xb.chunk(2) if two else (xb, None)
-            logs, applied = train_step(em, model, opt, x1, phase, args, world, step, x1_cd, device)
-            done = step + 1
+            logs, applied = train_step(em, model, opt, x1, phase, args, world, step, x1_cd,
+                                       stop.signum or 0)
+            signum, done = int(logs.pop("signal")), step + 1
             if applied:
                 n_bad = 0
                 ema_update(ema, model, ema_decay_at(args.ema_decay, ema_n, args.ema_warmup))
@@ -963,15 +978,14 @@ def cmd_train(args):
                     + f" | {ms:.1f} ms/it | {ips:.1f} img/s | ETA {eta:.1f} min")
                 t_last, s_last = time.time(), done
             log.metrics(rec)
-            stop = int(all_max(STOP["signal"] or 0, device, world))
-            if stop:
+            if signum:
                 if main_rank:
                     save(done)
                     cmd = " ".join(["python", os.path.basename(__file__)] + args.argv_)
-                    print(f"stopped at step {done} by {signal.Signals(stop).name}; checkpoint "
+                    print(f"stopped at step {done} by {signal.Signals(signum).name}; checkpoint "
                           f"{ckpt_path}; resume: {cmd}{'' if args.resume else ' --resume'}",
                           flush=True)
-                sys.exit(128 + stop)
+                sys.exit(128 + signum)
             if main_rank and args.save_every and done % args.save_every == 0 and done < end_step:
                 save(done)
             if main_rank and args.sample_every and done % args.sample_every == 0 < end_step - done:
@@ -981,8 +995,7 @@ def cmd_train(args):
             dist.destroy_process_group()
         raise
     finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
+        stop.restore()
 
     if main_rank:
         save(end_step)
@@ -1628,7 +1641,8 @@ def build_parser():
     a("--ckpt", help="checkpoint to read (ours or the authors'); outputs go to --out-dir")
     a("--log-every", type=nonneg_int, default=100, help="log every N steps (0 = off)")
     a("--save-every", type=nonneg_int, default=5000, help="checkpoint every N steps (0 = at end)")
-    a("--sample-every", type=nonneg_int, default=0, help="sample grid every N steps (0 = at end)")
+    a("--sample-every", type=nonneg_int, default=0,
+      help="sample grid every N steps (0 = only at the end)")
     a("--num-samples", type=nonneg_int, default=64, help="samples to draw (50000 for FID)")
     # sampler
     a("--tau-s", type=pos_float, help="sampling time, K = tau_s/dt (3; 1 after phase 1 alone)")
