@@ -32,6 +32,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import sys
 import time
@@ -45,10 +46,7 @@ import torch.nn.functional as F
 # ==== 1. The method ====
 def temperature(t, tau_star, eps_max):
     """Eq. (3): eps(t) = 0 for t < tau*, eps_max (t - tau*)/(1 - tau*) on [tau*, 1], eps_max after.
-
-    t: a python float (returns a float) or a tensor (returns a tensor of its shape). tau* = 1 (the
-    authors' CIFAR-10 code) is the limit of a step: 0 before t = 1, eps_max from t = 1 on.
-    """
+    t: a float or a tensor. tau* = 1 (authors' CIFAR code) is a step: eps_max from t = 1 on."""
     if torch.is_tensor(t):
         if tau_star >= 1.0:
             return torch.where(t < 1.0, torch.zeros_like(t), torch.full_like(t, eps_max))
@@ -63,12 +61,9 @@ def temperature(t, tau_star, eps_max):
 
 @torch.no_grad()
 def ot_pair(x0, x1):
-    """Exact minibatch OT (Alg. 1 line 5): x0 reordered so that (x0[perm][i], x1[i]) are OT pairs.
-
-    Cost M_ij = ||x0_i - x1_j||^2 (Eq. 2), uniform weights 1/B. For two uniform clouds of equal size
-    the network simplex `ot.emd` returns a permutation matrix / B (Birkhoff), one non-zero per
-    column. float64 on the CPU: the plan must not depend on the precision of |a|^2 + |b|^2 - 2ab.
-    """
+    """Exact minibatch OT (Alg. 1 line 5): x0 reordered so that (x0[i], x1[i]) are OT pairs. Equal
+    uniform weights: the plan is a permutation / B (Birkhoff). float64 on the CPU, so that the plan
+    does not depend on the precision of |a|^2 + |b|^2 - 2ab."""
     import ot
     if x0.shape[0] != x1.shape[0]:
         raise ValueError(f"ot_pair needs equal batch sizes, got {x0.shape[0]} and {x1.shape[0]}")
@@ -87,11 +82,8 @@ def math_sdpa():
     return sdpa_kernel([SDPBackend.MATH])
 
 def grad_V(V, x, create_graph=False):
-    """grad_x V(x) for a batch: autograd of sum_i V(x_i) (the samples are independent).
-
-    create_graph=True only for the flow loss, which differentiates grad V again w.r.t. theta (math
-    attention kernel). Chains and samplers detach the result: the stop-gradient sg(.) of Alg. 2.
-    """
+    """grad_x V(x) for a batch: autograd of sum_i V(x_i). create_graph=True only for the flow loss,
+    which differentiates it again w.r.t. theta; chains detach it (the sg(.) of Alg. 2)."""
     kern = math_sdpa() if create_graph else contextlib.nullcontext()
     with torch.enable_grad(), kern:
         if not x.requires_grad:
@@ -100,15 +92,11 @@ def grad_V(V, x, create_graph=False):
     return g.to(x.dtype)
 
 def _bcast(v, x):
-    """A per-sample (B,) tensor (or a 0-d one) shaped to broadcast against x (B, ...)."""
-    return v.reshape(-1, *([1] * (x.dim() - 1)))
+    return v.reshape(-1, *([1] * (x.dim() - 1)))                   # (B,) -> (B, 1, ..., 1)
 
 class EnergyMatching:
     """The method: a scalar potential V (any module x -> (B,)), its two losses and its sampler.
-
-    Samples move along -grad V; the learned Boltzmann density is p(x) ∝ exp(-V(x) / eps_max)
-    (Eq. 6). Keyword defaults: the authors' CIFAR-10 code (tau* = 1, eps_max 0.01, lambda_CD 1e-3,
-    200 Langevin steps of 0.01, CD clamp 0.02, 10 % trim). Paper-vs-code switches:
+    Keyword defaults: the authors' CIFAR-10 code. Paper-vs-code switches:
       flow_reduction    "mean" over pixels (code) | "sum" = ||.||^2 of Alg. 1 (paper)
       flow_weighting    False | "main" | "both": fade the flow loss to 0 between tau* and t = 1,
                         in phase 2 (authors' 2-D code; True = "main") or both phases (CIFAR code)
@@ -142,18 +130,15 @@ class EnergyMatching:
         self.ot_sigma = float(ot_sigma)
 
     def eps(self, t):
-        """eps(t) of Eq. (3) with this model's tau* and eps_max."""
-        return temperature(t, self.tau_star, self.eps_max)
+        return temperature(t, self.tau_star, self.eps_max)           # Eq. (3)
 
     def energy(self, x):
-        """V(x) as fp32 (B,)."""
-        return self.V(x).float()
+        return self.V(x).float()                                      # V(x), fp32 (B,)
 
     # --- the flow-like objective L_OT (Sec. 2.1.1, Alg. 1) ---
     def flow_weight(self, t):
-        """Authors' code, not the paper: w(t) = 1 for t < tau*, linear to 0 at t = 1. Near the data
-        the flow asks grad V = x0 - x1 != 0 while CD asks for minima there (grad V = 0); the fade
-        leaves it to CD."""
+        """Authors' code, not the paper: w(t) = 1 for t < tau*, linear to 0 at t = 1 (near the data
+        the flow asks grad V = x0 - x1 != 0 while CD asks for minima; the fade leaves it to CD)."""
         if self.tau_star >= 1.0:
             return torch.ones_like(t)
         return ((1.0 - t) / (1.0 - self.tau_star)).clamp(0.0, 1.0)
@@ -203,10 +188,8 @@ class EnergyMatching:
         return cd, {"cd": cd.item(), "e_pos": e_pos.mean().item(), "e_neg": e_neg.mean().item()}
 
     def loss(self, x1, x0, phase="warmup", x1_cd=None, x0_cd=None):
-        """"warmup": L_OT (Alg. 1). "main": L_OT + lambda_CD L_CD (Alg. 2 line 16), lambda_CD L_CD
-        clamped from below at -cd_neg_clamp (code). x1_cd: a second data batch for CD (code; default
-        x1). x0_cd: starts of the noise-started negatives (default x0; pass source samples when the
-        source is not N(0, I), as in the 2-D figure)."""
+        """"warmup": L_OT (Alg. 1). "main": L_OT + lambda_CD L_CD (Alg. 2 line 16). x1_cd: a second
+        data batch for CD (code; default x1); x0_cd: starts of the noise-started negatives."""
         if phase not in ("warmup", "main"):
             raise ValueError(f"phase must be 'warmup' or 'main', got {phase!r}")
         weighted = self.flow_weighting in ("both", phase if phase == "main" else "-")
@@ -233,12 +216,9 @@ class EnergyMatching:
                           return_traj=return_traj)
 
 def langevin(V, x, n_steps, dt, eps, clamp=None, clock=None):
-    """Unadjusted Langevin, Alg. 2 lines 6-12: x <- x - dt grad V(x) + sqrt(2 dt eps^(m)) eta.
-
-    Stationary law (dt -> 0, constant eps): p(x) ∝ exp(-V(x) / eps) (Eq. 6). eps: a float, a (B,)
-    tensor, or a callable t -> either, read at the chain time t = clock(m) (default m dt) of step m.
-    Detached (sg in Alg. 2). clamp=(lo, hi) clamps the final state only (authors' code).
-    """
+    """Unadjusted Langevin, Alg. 2 lines 6-12; stationary law p(x) ∝ exp(-V(x) / eps) (Eq. 6).
+    eps: a float, a (B,) tensor, or t -> either, read at t = clock(m) (default m dt). clamp=(lo, hi)
+    clamps the final state only (authors' code)."""
     x = x.detach().float()
     for m in range(n_steps):
         t = clock(m) if clock is not None else m * dt                 # chain time of step m
@@ -249,14 +229,8 @@ def langevin(V, x, n_steps, dt, eps, clamp=None, clock=None):
 
 def sde_sample(V, x0, eps, tau_s, dt, method="heun", clamp=None, return_traj=False):
     """dx = -grad V(x) dt + s(t) dW, s = sqrt(2 eps(t)), t: 0 -> tau_s in round(tau_s/dt) steps.
-
-    "euler": Euler-Maruyama, x' = x - dt grad V(x) + s(t) dW (= Alg. 2 line 8).
-    "heun":  stochastic Heun (torchsde's Stratonovich "heun", the authors' sampler), one dW a step:
-             x~ = x - dt grad V(x) + s(t) dW
-             x' = x - dt/2 (grad V(x) + grad V(x~)) + (s(t) + s(t+dt))/2 dW
-    The noise is additive, so Ito = Stratonovich; with eps = 0 these are the Heun / Euler ODE
-    solvers. clamp clamps the final state only. Returns x, or (x, traj) with traj (K+1, B, ...).
-    """
+    "euler": Euler-Maruyama (= Alg. 2 line 8). "heun": stochastic Heun (the authors' torchsde
+    sampler); additive noise, so Ito = Stratonovich. Returns x, or (x, traj (K+1, B, ...))."""
     if method not in ("heun", "euler"):
         raise ValueError(f"method must be 'heun' or 'euler', got {method!r}")
     K = max(1, int(round(float(tau_s) / float(dt))))
@@ -279,17 +253,11 @@ def sde_sample(V, x0, eps, tau_s, dt, method="heun", clamp=None, return_traj=Fal
 
 def inverse_langevin(V, y, A, n_chains, tau_s, dt, eps, zeta, sigma=None, Bmask=None, x_init=None,
                      clamp=None):
-    """Algorithm 3: posterior sampling for y = A x + w, learned prior, repulsive interaction.
-
-    y (N, ...) observations; A a 0/1 mask (...) or (N, ...) (diagonal operator); M = n_chains chains
-    per observation from N(0, I). Step n (t = n dt, e = eps(t) of Eq. 3), for every chain m:
+    """Algorithm 3 (Eqs. 7-8): posterior sampling for y = A x + w, learned prior, M chains each.
+    y (N, ...); A a 0/1 mask (...) or (N, ...). Step n (e = eps(n dt), Eq. 3), every chain m:
         U_m = e/zeta^2 ||y - A x_m||^2 + V(x_m) - e/sigma^2 sum_{k != m} ||B (x_m - x_k)||^2
-        x_m <- x_m - dt grad U_m + sqrt(2 e dt) eta
-    At eps_max this samples p(x | y) ∝ exp(-||y - Ax||^2 / zeta^2 - V(x) / eps_max) (Eqs. 7-8). Sec.
-    3.2 asks for p ∝ prod p(x_m | y) exp(+W), W = ||B(x_m - x_k)||^2 / sigma^2: repulsion. Alg. 3
-    prints "+ eps/sigma^2 sum W" (attraction, sigma^2 twice); we implement the text's repulsion,
-    sigma^2 once. sigma=None: no interaction. Returns x (N, M, ...).
-    """
+    Sec. 3.2's interaction is a repulsion; Alg. 3 prints "+ eps/sigma^2 sum W" (attraction, sigma^2
+    twice): we follow the text. sigma=None: no interaction. Returns x (N, M, ...)."""
     N, shape, M = y.shape[0], tuple(y.shape[1:]), n_chains
     y_r = y.float().unsqueeze(1)                                      # (N, 1, ...)
     A_r = A.float().unsqueeze(1) if A.dim() == y.dim() else A.float()
@@ -334,11 +302,8 @@ def lid_exact(V, xs, tau):
 
 def lid_slq(V, xs, tau, n_probe=8, n_lanczos=60, seed=0):
     """LID for large d by stochastic Lanczos quadrature (the partial-spectrum route of Sec. 4):
-
     #{|lambda| < tau} = tr 1(|H| < tau) ≈ d mean_v sum_j (e1^T u_j)^2 1(|theta_j| < tau), (theta_j,
-    u_j) the eigenpairs of the Lanczos tridiagonal matrix from a Rademacher start v / ||v||.
-    Hessian-vector products only (one double backward each), batched over images, full
-    re-orthogonalisation."""
+    u_j) the eigenpairs of the Lanczos matrix from a Rademacher v; full re-orthogonalisation."""
     x = xs.detach().float().clone().requires_grad_(True)
     B, d = x.shape[0], x[0].numel()
     with torch.enable_grad(), math_sdpa():
@@ -572,29 +537,25 @@ def build_dataset(args, train=True):
     root = args.data_dir
     if args.dataset == "npz":
         return load_npz(root)                                         # one file: no test split
-    c = 1 if args.dataset == "mnist" else (args.channels if args.dataset == "fake" else 3)
-    norm = T.Normalize([0.5] * c, [0.5] * c)                           # [0, 1] -> [-1, 1]
+    c, s, _ = data_shape(args)
+    norm = [T.ToTensor(), T.Normalize([0.5] * c, [0.5] * c)]         # [0, 1] -> [-1, 1]
     flip = [T.RandomHorizontalFlip()] if train else []
-    s = args.image_size
     if args.dataset == "fake":
         return datasets.FakeData(size=args.fake_size, image_size=(c, s, s),
-                                 transform=T.Compose([T.ToTensor(), norm]),
-                                 random_offset=0 if train else 10_000)
+                                 transform=T.Compose(norm), random_offset=0 if train else 10_000)
     if args.dataset in ("celeba64", "folder"):
         path = os.path.join(root, "celeba64") if args.dataset == "celeba64" else root
-        tf = T.Compose([T.Resize(s), T.CenterCrop(s)] + flip + [T.ToTensor(), norm])
         try:
+            tf = T.Compose([T.Resize(s), T.CenterCrop(s)] + flip + norm)
             return datasets.ImageFolder(path, transform=tf)
         except OSError:
-            what = ("CelebA images (e.g. img_align_celeba/*.jpg) in a sub-folder"
-                    if args.dataset == "celeba64" else "images in at least one sub-folder")
-            die(f"no image folder at {os.path.abspath(path)}; put {what} there")
+            die(f"no image folder at {os.path.abspath(path)}; put images in at least one "
+                f"sub-folder there (celeba64: e.g. img_align_celeba/*.jpg)")
     try:
         if args.dataset == "cifar10":
-            return datasets.CIFAR10(root, train=train, download=True,
-                                    transform=T.Compose(flip + [T.ToTensor(), norm]))
-        return datasets.MNIST(root, train=train, download=True,
-                              transform=T.Compose([T.ToTensor(), norm]))
+            return datasets.CIFAR10(root, train=train, transform=T.Compose(flip + norm),
+                                    download=True)
+        return datasets.MNIST(root, train=train, transform=T.Compose(norm), download=True)
     except Exception as e:  # no internet, bad archive, ...
         name = {"cifar10": "cifar-10-batches-py/", "mnist": "MNIST/raw/"}[args.dataset]
         first = str(e).splitlines()[0] if str(e) else ""
@@ -637,11 +598,10 @@ def data_shape(args):
     return (c, args.image_size, args.image_size)
 
 # ==== 4. Training loop ====
-# bf16 (--amp): the network trunk runs under autocast on CUDA (set by `net.amp`); the scalar head,
-# the loss arithmetic, every Langevin/sampler state, parameters, Adam and EMA stay fp32; the OT cost
-# is fp64. No GradScaler: bf16 has fp32's exponent range. LID and inpainting run in fp32. DDP:
-# DistributedDataParallel does not support torch.autograd.grad, so each process keeps a plain module
-# and the gradients are averaged by one all_reduce after backward (what DDP does, no overlap).
+# bf16 (--amp): the network trunk runs under autocast on CUDA (`net.amp`); the scalar head, the
+# loss, the chains, parameters, Adam and EMA stay fp32, the OT cost fp64; no GradScaler (bf16 has
+# fp32's exponent range). DDP does not support torch.autograd.grad: each process keeps a plain
+# module and allreduce_grads averages the gradients after backward.
 class StopSignals:
     """SIGINT / SIGTERM only set a flag; the loop finishes its step, saves and exits 130 / 143."""
 
@@ -698,14 +658,13 @@ def build_model(args, device=None):
     if arch == "cnn":
         model = CNNPotential(shape, args.model_size)
     else:
-        if shape[1] % 4 or shape[1] < 8:
-            die(f"the UNet+ViT potential needs an image side >= 8 divisible by 4, got {shape[1]}")
         try:
             mult = tuple(int(c) for c in str(args.ch_mult).split(","))
         except ValueError:
             die(f"--ch-mult must be comma-separated integers, got {args.ch_mult!r}")
-        if shape[1] % (2 ** (len(mult) - 1)):
-            die(f"image side {shape[1]} is not divisible by 2^{len(mult) - 1} (--ch-mult)")
+        if shape[1] < 8 or shape[1] % 4 or shape[1] % (2 ** (len(mult) - 1)):
+            die(f"the UNet+ViT potential needs an image side >= 8 divisible by 4 and by "
+                f"2^{len(mult) - 1} (--ch-mult), got {shape[1]}")
         p_att = getattr(args, "attn_dropout", None)
         model = UNetViTPotential(shape, args.model_size, args.res_blocks, args.vit_depth,
                                  args.dropout, args.output_scale, ch_mult=mult,
@@ -724,7 +683,6 @@ def engineer(model, device, amp, channels_last=False):
     return model
 
 def build_em(V, args, clamp=(-1.0, 1.0)):
-    """The EnergyMatching object with the hyper-parameters of the (resolved) command line."""
     return EnergyMatching(V, tau_star=args.tau_star, eps_max=args.eps_max, lambda_cd=args.lambda_cd,
                           n_langevin=args.n_langevin, dt=args.dt, cd_neg_clamp=args.cd_neg_clamp,
                           cd_trim=args.cd_trim, neg_data_frac=args.neg_data_frac,
@@ -747,19 +705,15 @@ def ema_update(ema, model, decay):
     for b_e, b in zip(ema.buffers(), model.buffers()):
         b_e.copy_(b)
 
-def allreduce_grads(model, world):
-    """Average the gradients of all ranks (what DDP does), in one flat buffer."""
-    params = list(model.parameters())
-    for p in params:
-        if p.grad is None:                   # e.g. the head bias: grad_x V does not depend on it
-            p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
+def allreduce_grads(params, world):
+    """Average the gradients of all ranks (what DDP does) in one flat all-reduce."""
+    grads = [p.grad for p in params if p.grad is not None]   # None: the same on every rank
+    if world == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
-    flat /= world
-    i = 0
-    for p in params:
-        p.grad.copy_(flat[i:i + p.numel()].view_as(p))
-        i += p.numel()
+    for g, f in zip(grads, flat.div_(world).split([g.numel() for g in grads])):
+        g.copy_(f.view_as(g))
 
 def step_seed(seed, step, rank):
     """Every (step, rank) has its own seed: a resumed run draws the numbers a straight run draws."""
@@ -776,8 +730,7 @@ def train_step(em, model, opt, x1, phase, args, world, step, x1_cd=None, signum=
     loss, logs = em.loss(x1, x0, phase=phase, x1_cd=x1_cd)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    if world > 1:
-        allreduce_grads(model, world)
+    allreduce_grads(model.parameters(), world)
     clip = args.grad_clip if args.grad_clip > 0 else float("inf")
     gn = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     logs["lr"], logs["grad_norm"] = lr, float(gn)
@@ -807,12 +760,10 @@ class Logger:
 
     def truncate_metrics(self, upto):
         """On (re)start at step `upto`: drop records past it (no duplicate steps on resume)."""
-        if not self.active or not os.path.exists(self.metrics_path):
-            return
-        with open(self.metrics_path) as f:
-            keep = [s for s in f if s.strip() and json.loads(s).get("step", 0) <= upto]
-        with open(self.metrics_path, "w") as f:
-            f.writelines(keep)
+        if self.active and os.path.exists(self.metrics_path):
+            keep = [r for r in self.read_metrics() if r.get("step", 0) <= upto]
+            with open(self.metrics_path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in keep)
 
     def read_metrics(self, phase=None):
         """The records of `phase` (all of them when phase is None or a record has no phase)."""
@@ -873,12 +824,11 @@ def draw_samples(V, args, n, shape, device, batch=None):
 
 def write_grid(model, ema, args, step, shape, device, log, ema_n):
     """A sample grid from the EMA (or, with --no-ema, the raw) weights; the name says which."""
-    which = "raw" if args.no_ema else "ema"
     net = model if args.no_ema else ema
     net.eval()
-    V = torch.compile(net) if args.compile else net
-    path = os.path.join(args.out_dir, f"samples_{which}_{step}.png")
-    save_grid(draw_samples(V, args, min(64, args.num_samples), shape, device), path)
+    path = os.path.join(args.out_dir, f"samples_{'raw' if args.no_ema else 'ema'}_{step}.png")
+    save_grid(draw_samples(torch.compile(net) if args.compile else net, args,
+                           min(64, args.num_samples), shape, device), path)
     model.train()
     how = "raw weights" if args.no_ema else f"EMA weights ({ema_n} updates)"
     log(f"grid at step {step}: {how}, tau_s {args.tau_s} -> {path}")
@@ -890,7 +840,9 @@ def cmd_train(args):
     ckpt_path = os.path.join(args.out_dir, f"ckpt_{phase}.pt")
     if main_rank:
         prepare_out_dir(args.out_dir)
-        remove_stale_tmp(args.out_dir)
+        for name in os.listdir(args.out_dir):    # temp files of an interrupted save are garbage
+            if name.endswith((".pt.tmp", ".tmp.npz")):
+                os.remove(os.path.join(args.out_dir, name))
     log = Logger(args.out_dir, main_rank)
     torch.manual_seed(args.seed)
     model = build_model(args, device)
@@ -954,18 +906,17 @@ def cmd_train(args):
             logs, applied = train_step(em, model, opt, x1, phase, args, world, step, x1_cd,
                                        stop.signum or 0)
             signum, done = int(logs.pop("signal")), step + 1
+            n_bad = 0 if applied else n_bad + 1
             if applied:
-                n_bad = 0
                 ema_update(ema, model, ema_decay_at(args.ema_decay, ema_n, args.ema_warmup))
                 ema_n += 1
             else:
-                n_bad += 1
                 log(f"step {done}: non-finite loss or gradient ({logs['loss']:.4g}, "
                     f"{logs['grad_norm']:.4g}); skipped ({n_bad} in a row)")
-                if n_bad >= 10:
-                    kept = ckpt_path if os.path.exists(ckpt_path) else "none written yet"
-                    die(f"{n_bad} non-finite steps in a row at step {done}; stopped; last good "
-                        f"checkpoint: {kept}", 3)
+            if n_bad >= 10:
+                kept = ckpt_path if os.path.exists(ckpt_path) else "none written yet"
+                die(f"{n_bad} non-finite steps in a row at step {done}; stopped; last good "
+                    f"checkpoint: {kept}", 3)
             rec = {"step": done, "phase": phase, **{k: round(v, 6) for k, v in logs.items()}}
             if args.log_every and (done % args.log_every == 0 or done == end_step):
                 if device.type == "cuda":
@@ -973,18 +924,18 @@ def cmd_train(args):
                 wall, n = time.time() - t_last, max(done - s_last, 1)
                 ms, ips = 1000 * wall / n, n * args.batch_size * world / max(wall, 1e-9)
                 rec.update(ms_per_iter=round(ms, 2), images_per_s=round(ips, 1))
-                eta = (end_step - done) * wall / n / 60
                 log(f"step {done}/{end_step} | " + " ".join(f"{k} {v:.4g}" for k, v in logs.items())
-                    + f" | {ms:.1f} ms/it | {ips:.1f} img/s | ETA {eta:.1f} min")
+                    + f" | {ms:.1f} ms/it | {ips:.1f} img/s | ETA "
+                    f"{(end_step - done) * wall / n / 60:.1f} min")
                 t_last, s_last = time.time(), done
             log.metrics(rec)
             if signum:
                 if main_rank:
                     save(done)
-                    cmd = " ".join(["python", os.path.basename(__file__)] + args.argv_)
+                    cmd = shlex.join(["python", os.path.basename(__file__)]
+                                     + [a for a in args.argv_ if a != "--resume"])
                     print(f"stopped at step {done} by {signal.Signals(signum).name}; checkpoint "
-                          f"{ckpt_path}; resume: {cmd}{'' if args.resume else ' --resume'}",
-                          flush=True)
+                          f"{ckpt_path}; resume: {cmd} --resume", flush=True)
                 sys.exit(128 + signum)
             if main_rank and args.save_every and done % args.save_every == 0 and done < end_step:
                 save(done)
@@ -997,9 +948,9 @@ def cmd_train(args):
     finally:
         stop.restore()
 
+    records = log.read_metrics(phase) if main_rank else []
     if main_rank:
         save(end_step)
-        records = log.read_metrics(phase)
         if records:
             plot_losses(records, os.path.join(args.out_dir, f"loss_{phase}.png"), f"EM, {phase}")
         if args.num_samples > 0 and end_step > start_step:
@@ -1014,7 +965,7 @@ def cmd_train(args):
         dist.barrier()
         dist.destroy_process_group()
     ran = end_step - start_step
-    return log.read_metrics(phase)[-ran:] if main_rank and ran > 0 else []
+    return records[-ran:] if main_rank and ran > 0 else []
 
 # ==== 5. Checkpoints ====
 # A plain dict readable with torch.load(weights_only=True): {"format", "model", "ema", "opt",
