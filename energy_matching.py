@@ -968,9 +968,9 @@ def cmd_train(args):
     return records[-ran:] if main_rank and ran > 0 else []
 
 # ==== 5. Checkpoints ====
-# A plain dict readable with torch.load(weights_only=True): {"format", "model", "ema", "opt",
-# "step", "phase", "phase_start", "ema_n", "args"}. Written to ONE temp name <path>.tmp, then
-# os.replace'd: a crash mid-write never leaves a half checkpoint; a stale .tmp is removed at start.
+# A plain dict for torch.load(weights_only=True): {"format", "model", "ema", "opt", "step", "phase",
+# "phase_start", "ema_n", "args"}, written to <path>.tmp and then os.replace'd: a crash mid-write
+# never leaves half a checkpoint.
 CKPT_FORMAT = "energy_matching/v1"
 ARCH_FLAGS = ("dataset", "arch", "model_size", "res_blocks", "ch_mult", "vit_depth", "output_scale",
               "image_size", "channels")
@@ -981,12 +981,6 @@ def save_checkpoint(path, model, ema, opt, step, args, **extra):
            "args": args_to_dict(args), **extra}
     torch.save(obj, path + ".tmp")
     os.replace(path + ".tmp", path)
-
-def remove_stale_tmp(out_dir):
-    """Temp files of an interrupted save (one name per target) are garbage at start."""
-    for name in os.listdir(out_dir):
-        if name.endswith(".pt.tmp") or name.endswith(".tmp.npz"):
-            os.remove(os.path.join(out_dir, name))
 
 def read_checkpoint(path, map_location="cpu"):
     """torch.load(weights_only=True); a missing or corrupt file is one line and exit code 2."""
@@ -1027,28 +1021,14 @@ def model_from_checkpoint(path, device, use_ema=True):
     ck = load_checkpoint(path, device)
     cargs = argparse.Namespace(**ck["args"])
     model = build_model(cargs).to(device)
-    try:
-        model.load_state_dict(ck["ema" if use_ema else "model"])
-    except (RuntimeError, KeyError) as e:
-        die(f"{path}: weights do not fit the recorded architecture ({type(e).__name__})")
-    model.eval().requires_grad_(False)
-    return model, cargs, ck
-
-def default_ckpt(args):
-    for name in ("ckpt_main.pt", "ckpt_warmup.pt"):
-        p = os.path.join(args.out_dir, name)
-        if os.path.exists(p):
-            return p
-    die(f"no checkpoint in {args.out_dir} (train first or pass --ckpt)")
+    load_states({"model": ck["ema" if use_ema else "model"]}, model, path=path)
+    return model.eval().requires_grad_(False), cargs, ck
 
 # ---- The authors' released weights (https://github.com/m1balcerak/EnergyMatching) ----
-# Their training script saves torch.save dicts {"net_model", "ema_model", "sched", "optim", "step"};
-# both model entries are state dicts of their EBViTModelWrapper: torchcfm's UNetModelWrapper (the
-# guided-diffusion UNet, with a time embedding) run at a fixed dummy t = 0.5, then PatchEmbed(4) +
-# nn.TransformerEncoder (post-LN, GELU, 4 heads) + mean-pool + final_linear, times output_scale.
-# Same layers in the same order as UNetViTPotential (UNet attention: 64 channels per head, heads
-# split before q/k/v; stride-2 conv down, nearest + conv up; GroupNorm 32): only the names differ,
-# and the time layers are gone (folded, see fold_time_bias).
+# Their files are {"net_model", "ema_model", "sched", "optim", "step"}; both models are state dicts
+# of EBViTModelWrapper: torchcfm's guided-diffusion UNet at a fixed dummy t = 0.5, PatchEmbed(4), a
+# post-LN nn.TransformerEncoder, mean-pool, final_linear, times output_scale: the layers of
+# UNetViTPotential in the same order. Only the names differ; the time layers fold into biases.
 AUTHORS_T = 0.5                  # the dummy time their potential(x, t) always feeds the UNet
 AUTHORS_OUTPUT_SCALE = 1000.0    # not in their files; 1000 in their CIFAR-10 and ImageNet32 configs
 _AUTHORS_RES = {"n1": "in_layers.0", "c1": "in_layers.2", "n2": "out_layers.0",
@@ -1092,10 +1072,8 @@ def authors_time_embedding(sd, t=AUTHORS_T):
 def fold_time_bias(sd, prefix, emb):
     """conv1's bias of the authors' ResBlock `prefix` with the time term folded in."""
     # Their ResBlock adds emb_layers(emb) = Linear(SiLU(emb)), one value per channel, right after
-    # its first conv. With t fixed at 0.5 that vector is a constant c, so moving it into the conv's
-    # bias is exact (float32 rounding aside): conv(x) + b + c = conv(x) + (b + c). This is why our
-    # network has no time layers and 47.1M parameters where theirs has 50.0M (time_embed 0.33M +
-    # the ResBlocks' emb_layers 2.56M). Computed in float64, stored in the checkpoint's dtype.
+    # conv1. With t fixed that is a constant c, and conv(x) + b + c = conv(x) + (b + c) exactly
+    # (float32 rounding aside): hence no time layers here. float64, stored in the file's dtype.
     w, b = sd[f"{prefix}.emb_layers.1.weight"].double(), sd[f"{prefix}.emb_layers.1.bias"].double()
     bias = sd[f"{prefix}.in_layers.2.bias"]
     c = F.linear(F.silu(emb), w, b)
@@ -1167,8 +1145,6 @@ def authors_names(model):
 def authors_to_ours(sd, model, name="checkpoint"):
     """Our state dict for `model` from the authors' prefix-free `sd`, time layers folded."""
     names, resblocks = authors_names(model)
-    ours_keys = set(model.state_dict())
-    assert ours_keys == set(names), f"unmapped keys of ours: {_short(ours_keys - set(names))}"
     time_keys = [f"time_embed.{i}" for i in (0, 2)] + [f"{r}.emb_layers.1" for r in resblocks]
     expected = set(names.values()) | {f"{k}.{p}" for k in time_keys for p in ("weight", "bias")}
     extra, missing = set(sd) - expected, expected - set(sd)
@@ -1185,15 +1161,13 @@ def authors_to_ours(sd, model, name="checkpoint"):
         die(f"{name}: tensor shapes differ from the rebuilt UNetViTPotential: {_short(bad, 4)}")
     return out
 
-def authors_state_dict(ck, key="ema_model", name="checkpoint"):
-    """The prefix-free EBViTModelWrapper state dict ck[key] of an authors' file; else one line."""
+def authors_model(ck, key="ema_model", name="checkpoint"):
+    """(an untrained UNetViTPotential of the architecture of ck[key], ck[key] without prefixes) for
+    an authors' file; anything else is one line and exit 2."""
     if not is_authors_checkpoint(ck):
-        kind = (f"this file's own format {ck['format']!r}; load it with load_checkpoint"
-                if isinstance(ck, dict) and "format" in ck else
-                f"a dict with keys {_short(map(str, ck), 6)}" if isinstance(ck, dict) else
-                type(ck).__name__)
+        own = isinstance(ck, dict) and "format" in ck
         die(f"{name} is not an authors' Energy Matching checkpoint (a dict with 'net_model' and "
-            f"'ema_model' state dicts); it is {kind}")
+            f"'ema_model' state dicts)" + ("; it is in this file's own format" if own else ""))
     sd = strip_prefixes(ck[key])
     if any(k.startswith("mlp.") for k in sd):
         die(f"{name} holds the authors' MLP-head potential (EBMLPModelWrapper); only the UNet+ViT "
@@ -1201,10 +1175,6 @@ def authors_state_dict(ck, key="ema_model", name="checkpoint"):
     if not all(k in sd for k in _AUTHORS_NEED):
         die(f"{name}: '{key}' is not an EBViTModelWrapper state dict "
             f"(missing {_short([k for k in _AUTHORS_NEED if k not in sd], 3)})")
-    return sd
-
-def authors_model(sd, name="checkpoint"):
-    """An (untrained) UNetViTPotential of the architecture of the authors' state dict sd."""
     try:
         kw = authors_arch(sd)
         model = UNetViTPotential(**kw)
@@ -1216,21 +1186,19 @@ def authors_model(sd, name="checkpoint"):
         die(f"{name}: UNet width {widths[0]} with ViT width {widths[1]}: UNetViTPotential ties "
             f"them (128 s, 384 s)")
     model.arch_kwargs = kw               # so callers can rebuild the run's shape/model flags
-    return model
+    return model, sd
 
 def load_authors_checkpoint(path, use_ema=True, device="cpu"):
     """Our UNetViTPotential (eval) from an authors' CIFAR-10 training file: V(x) = their
     potential(x, t), any t, to float32 rounding; use_ema: "ema_model", else "net_model"."""
-    sd = authors_state_dict(read_checkpoint(path), "ema_model" if use_ema else "net_model", path)
-    model = authors_model(sd, path)
+    model, sd = authors_model(read_checkpoint(path), "ema_model" if use_ema else "net_model", path)
     model.load_state_dict(authors_to_ours(sd, model, path))
     return model.to(device).eval()
 
 def authors_checkpoint_as_ours(ck, name="checkpoint"):
     """An authors' file as our checkpoint dict: args = --recipe authors defaults + the arch read
     from the keys; "opt" None (their Adam state indexes their parameter list: fresh Adam)."""
-    sd_ema = authors_state_dict(ck, "ema_model", name)
-    model = authors_model(sd_ema, name)
+    model, sd_ema = authors_model(ck, "ema_model", name)
     kw = model.arch_kwargs
     if kw["shape"][0] != 3 or kw["attn_res"] != (16,) or kw["patch"] != 4:
         die(f"{name}: an authors' network with {kw['shape'][0]} channels, attention at "
@@ -1239,25 +1207,27 @@ def authors_checkpoint_as_ours(ck, name="checkpoint"):
              "model-size": kw["size"], "ch-mult": ",".join(map(str, kw["ch_mult"])),
              "res-blocks": kw["res_blocks"], "vit-depth": kw["vit_depth"],
              "dropout": kw["dropout"], "output-scale": kw["output_scale"]}
-    argv = [s for k, v in flags.items() for s in (f"--{k}", str(v))]
-    args = resolve_args(build_parser().parse_args(argv))
-    net = authors_to_ours(authors_state_dict(ck, "net_model", name), model, name)
+    args = resolve_args(build_parser().parse_args([s for k, v in flags.items()
+                                                   for s in (f"--{k}", str(v))]))
     step = int(ck.get("step") or 0)
-    return {"format": CKPT_FORMAT, "model": net, "ema": authors_to_ours(sd_ema, model, name),
-            "opt": None, "step": step, "phase": "authors", "phase_start": step,
-            "args": args_to_dict(args)}
+    return {"format": CKPT_FORMAT, "model": authors_to_ours(strip_prefixes(ck["net_model"]),
+                                                            model, name),
+            "ema": authors_to_ours(sd_ema, model, name), "opt": None, "step": step,
+            "phase": "authors", "phase_start": step, "args": args_to_dict(args)}
 
 # ==== 6. Experiment modes ====
 def eval_setup(args):
-    """Device, the (EMA) potential of the checkpoint, and its args with this command's sampler
-    settings. tau_s defaults to 1 for a phase-1 checkpoint (no Boltzmann well yet), else 3."""
+    """Device, the (EMA) potential of --ckpt (else of <out-dir>/ckpt_main.pt or ckpt_warmup.pt),
+    and its args with this command's sampler settings."""
     device = pick_device(args.device)
-    path = args.ckpt or default_ckpt(args)
+    found = [p for p in (os.path.join(args.out_dir, f"ckpt_{ph}.pt") for ph in ("main", "warmup"))
+             if os.path.exists(p)]
+    if not (args.ckpt or found):
+        die(f"no checkpoint in {args.out_dir} (train first or pass --ckpt)")
+    path = args.ckpt or found[0]
     V, cargs, ck = model_from_checkpoint(path, device, use_ema=not args.no_ema)
     V = engineer(V, device, args.amp)
-    if args.tau_s is None and args.mode == "lid":
-        args.tau_s = 3.0                                              # unused by LID
-    if args.tau_s is None:
+    if args.tau_s is None and args.mode != "lid":                   # LID does not sample
         args.tau_s = 1.0 if ck.get("phase") == "warmup" else 3.0
         why = ("phase-1 checkpoint: past t = 1 it only extrapolates" if args.tau_s == 1 else
                "paper" + ("; the authors' README samples their files at 3.25"
@@ -1311,15 +1281,6 @@ def cmd_sample(args):
     print(f"wrote {out} ({images.shape})")
     return images
 
-def center_mask(shape, frac, device):
-    """(C, H, W) 0/1 measurement mask A: ones outside the hole, a centred square of side frac H."""
-    C, H, W = shape
-    s = max(1, int(round(frac * H)))
-    a = torch.ones(shape, device=device)
-    top, left = (H - s) // 2, (W - s) // 2
-    a[:, top:top + s, left:left + s] = 0
-    return a
-
 def cmd_inpaint(args):
     """Alg. 3 on data images with a centred hole: M chains per image without and with the repulsive
     interaction (same noise) -> inpaint.png (the paper's "with vs without" figure), inpaint.json."""
@@ -1327,8 +1288,10 @@ def cmd_inpaint(args):
     device, V, cargs, path = eval_setup(args)
     torch.manual_seed(args.seed)
     x = eval_images(args, cargs, args.num_images or 4, device)
-    A = center_mask(tuple(x.shape[1:]), args.hole, device)           # zeros inside the hole
-    Bmask = 1 - A  # interaction where nothing is seen
+    H, W = x.shape[2:]
+    s, A = max(1, int(round(args.hole * H))), torch.ones(x.shape[1:], device=device)
+    A[:, (H - s) // 2:(H - s) // 2 + s, (W - s) // 2:(W - s) // 2 + s] = 0   # 0 in a centred hole
+    Bmask = 1 - A                                                     # interaction where unseen
     y = A * x                                                         # y = A(x), noise-free
     x_init = torch.randn(x.shape[0], args.chains, *x.shape[1:], device=device)
     kw = dict(n_chains=args.chains, tau_s=cargs.tau_s, dt=cargs.dt, zeta=args.zeta, x_init=x_init,
@@ -1357,17 +1320,10 @@ def cmd_inpaint(args):
     print(json.dumps(res))
     return res
 
-def png_size(img_uint8):
-    """Bytes of the lossless PNG encoding (the paper's proxy for image complexity)."""
-    from PIL import Image
-    im = Image.fromarray(img_uint8.squeeze(-1) if img_uint8.shape[-1] == 1 else img_uint8)
-    buf = io.BytesIO()
-    im.save(buf, format="PNG", optimize=True)
-    return len(buf.getvalue())
-
 def cmd_lid(args):
     """LID of --num-images data images from the Hessian of V (exact or SLQ), Spearman vs PNG size
     (Table 2). If every LID is equal, Spearman is undefined: one line says which way to move tau."""
+    from PIL import Image
     from scipy.stats import spearmanr
     prepare_out_dir(args.out_dir)
     device, V, cargs, path = eval_setup(args)
@@ -1382,7 +1338,11 @@ def cmd_lid(args):
         for i in range(0, n, 16):
             lids += lid_slq(V, xs[i:i + 16], args.lid_tau, args.lid_probes, args.lid_lanczos,
                             args.seed)
-    sizes = [png_size(im) for im in to_uint8(xs)]
+    sizes = []                                    # lossless PNG bytes: the paper's complexity proxy
+    for im in to_uint8(xs):
+        buf = io.BytesIO()
+        Image.fromarray(im.squeeze(-1) if im.shape[-1] == 1 else im).save(buf, "PNG", optimize=True)
+        sizes.append(len(buf.getvalue()))
     distinct = set(round(float(v), 3) for v in lids)                 # SLQ estimates are floats
     varied = n > 2 and len(distinct) > 1 < len(set(sizes))
     rho = float(spearmanr(lids, sizes)[0]) if varied else None
