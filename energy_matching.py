@@ -21,7 +21,7 @@ CIFAR-10 code, --recipe paper the paper's App. C; each difference is a flag ("Pa
 
 Where the maths lives (section 1): Eq. 3 `temperature`; Alg. 1 `EnergyMatching.flow_loss` with
 `ot_pair` (Eq. 2); Alg. 2 `negatives`, `cd_loss`, `loss`; Eq. 6 / Alg. 2 line 8 `langevin`; the
-sampler `sde_sample`; Alg. 3 / Eqs. 7-8 `inverse_langevin`; Sec. 3.3 / App. B `lid_exact`,
+sampler `sample`; Alg. 3 / Eqs. 7-8 `inverse_langevin`; Sec. 3.3 / App. B `lid_exact`,
 `lid_slq`. Section 2: the networks (Fig. 5 UNet + ViT, App. C CNN). Below: engineering only.
 """
 import argparse
@@ -120,11 +120,10 @@ class EnergyMatching:
         self.flow_reduction = flow_reduction
         self.clamp_negatives = clamp_negatives        # (-1, 1) for images, as the authors' chains
         self.use_ot = use_ot
-        if flow_weighting is True:
-            flow_weighting = "main"
-        if flow_weighting not in (False, None, "off", "main", "both"):
+        fw = "main" if flow_weighting is True else flow_weighting          # True: phase 2 only
+        if fw not in (False, None, "off", "main", "both"):
             raise ValueError(f"flow_weighting: False, 'main' or 'both', not {flow_weighting!r}")
-        self.flow_weighting = flow_weighting if flow_weighting in ("main", "both") else False
+        self.flow_weighting = fw if fw in ("main", "both") else False
         self.same_temperature = bool(same_temperature)
         self.chain_clock = chain_clock
         self.ot_sigma = float(ot_sigma)
@@ -210,10 +209,29 @@ class EnergyMatching:
         return total, logs
 
     def sample(self, x0, tau_s=None, dt=None, method="heun", clamp=None, return_traj=False):
-        """Integrate dx = -grad V(x) dt + sqrt(2 eps(t)) dW from t = 0 to tau_s (`sde_sample`)."""
-        return sde_sample(self.V, x0, self.eps, self.tau_s if tau_s is None else tau_s,
-                          self.dt if dt is None else dt, method=method, clamp=clamp,
-                          return_traj=return_traj)
+        """dx = -grad V(x) dt + s(t) dW, s = sqrt(2 eps(t)), t: 0 -> tau_s in round(tau_s/dt) steps.
+        "euler": Euler-Maruyama (= Alg. 2 line 8). "heun": stochastic Heun (the authors' torchsde
+        sampler); additive noise, so Ito = Stratonovich. Returns x, or (x, traj (K+1, B, ...))."""
+        if method not in ("heun", "euler"):
+            raise ValueError(f"method must be 'heun' or 'euler', got {method!r}")
+        dt = self.dt if dt is None else float(dt)
+        K = max(1, int(round(float(self.tau_s if tau_s is None else tau_s) / dt)))
+        x = x0.detach().float()
+        traj = [x] if return_traj else None
+        for k in range(K):
+            s0 = math.sqrt(2.0 * float(self.eps(k * dt)))                 # s(t_k)
+            s1 = math.sqrt(2.0 * float(self.eps((k + 1) * dt)))           # s(t_k + dt)
+            dW = math.sqrt(dt) * torch.randn_like(x) if s0 + s1 > 0 else torch.zeros_like(x)
+            g = grad_V(self.V, x)
+            x_pred = x - dt * g + s0 * dW  # Euler-Maruyama = Heun predictor x~
+            if method == "heun":   # corrector: x - dt/2 (grad V(x) + grad V(x~)) + (s0 + s1)/2 dW
+                x_pred = x - 0.5 * dt * (g + grad_V(self.V, x_pred)) + 0.5 * (s0 + s1) * dW
+            x = x_pred.detach()
+            if return_traj:
+                traj.append(x)
+        if clamp is not None:
+            x = x.clamp(*clamp)
+        return (x, torch.stack(traj)) if return_traj else x
 
 def langevin(V, x, n_steps, dt, eps, clamp=None, clock=None):
     """Unadjusted Langevin, Alg. 2 lines 6-12; stationary law p(x) ∝ exp(-V(x) / eps) (Eq. 6).
@@ -227,29 +245,6 @@ def langevin(V, x, n_steps, dt, eps, clamp=None, clock=None):
         x = (x - dt * grad_V(V, x) + std * torch.randn_like(x)).detach()   # Alg. 2 line 8
     return x.clamp(*clamp) if clamp is not None else x
 
-def sde_sample(V, x0, eps, tau_s, dt, method="heun", clamp=None, return_traj=False):
-    """dx = -grad V(x) dt + s(t) dW, s = sqrt(2 eps(t)), t: 0 -> tau_s in round(tau_s/dt) steps.
-    "euler": Euler-Maruyama (= Alg. 2 line 8). "heun": stochastic Heun (the authors' torchsde
-    sampler); additive noise, so Ito = Stratonovich. Returns x, or (x, traj (K+1, B, ...))."""
-    if method not in ("heun", "euler"):
-        raise ValueError(f"method must be 'heun' or 'euler', got {method!r}")
-    K = max(1, int(round(float(tau_s) / float(dt))))
-    x = x0.detach().float()
-    traj = [x] if return_traj else None
-    for k in range(K):
-        s0 = math.sqrt(2.0 * float(eps(k * dt)))                      # s(t_k)
-        s1 = math.sqrt(2.0 * float(eps((k + 1) * dt)))                # s(t_k + dt)
-        dW = math.sqrt(dt) * torch.randn_like(x) if s0 + s1 > 0 else torch.zeros_like(x)
-        g = grad_V(V, x)
-        x_pred = x - dt * g + s0 * dW  # Euler-Maruyama = Heun predictor
-        if method == "heun":
-            x_pred = x - 0.5 * dt * (g + grad_V(V, x_pred)) + 0.5 * (s0 + s1) * dW   # corrector
-        x = x_pred.detach()
-        if return_traj:
-            traj.append(x)
-    if clamp is not None:
-        x = x.clamp(*clamp)
-    return (x, torch.stack(traj)) if return_traj else x
 
 def inverse_langevin(V, y, A, n_chains, tau_s, dt, eps, zeta, sigma=None, Bmask=None, x_init=None,
                      clamp=None):
@@ -279,23 +274,14 @@ def inverse_langevin(V, y, A, n_chains, tau_s, dt, eps, zeta, sigma=None, Bmask=
 
 # --- LID (Sec. 3.3, App. B): LID(x) = #{ |lambda_i(Hess V(x))| < tau }, the near-flat directions
 # ---
-def hessian_exact(V, x):
-    """The full Hessian d^2 V / dx^2 at one point x (any shape, d = x.numel()), (d, d) float64."""
-    shape = x.shape
-
-    def f(z):
-        return V(z.view(1, *shape)).float().sum()
-
-    with math_sdpa():
-        H = torch.autograd.functional.hessian(f, x.detach().float().reshape(-1), vectorize=True)
-    H = H.double()
-    return 0.5 * (H + H.T)                                            # symmetrise round-off
-
 def lid_exact(V, xs, tau):
-    """LID from the exact spectrum (d up to a few thousand). Returns (lids, spectra)."""
+    """LID from the exact spectrum of the Hessian (d up to a few thousand): (lids, spectra)."""
     lids, spectra = [], []
     for x in xs:
-        ev = torch.linalg.eigvalsh(hessian_exact(V, x))
+        with math_sdpa():
+            H = torch.autograd.functional.hessian(lambda z: V(z.view(1, *x.shape)).float().sum(),
+                                                  x.detach().float().reshape(-1), vectorize=True)
+        ev = torch.linalg.eigvalsh(0.5 * (H.double() + H.double().T))  # symmetrise round-off
         spectra.append(ev.cpu())
         lids.append(int((ev.abs() < tau).sum()))
     return lids, spectra
@@ -1181,10 +1167,6 @@ def authors_model(ck, key="ema_model", name="checkpoint"):
     except (KeyError, ValueError, IndexError, ZeroDivisionError, RuntimeError) as e:
         die(f"{name}: cannot rebuild the authors' architecture from its keys "
             f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
-    widths = (sd["input_blocks.0.0.weight"].shape[0], sd["patch_embed.pos_embed"].shape[2])
-    if (model.inp.out_channels, model.patch.out_channels) != widths:
-        die(f"{name}: UNet width {widths[0]} with ViT width {widths[1]}: UNetViTPotential ties "
-            f"them (128 s, 384 s)")
     model.arch_kwargs = kw               # so callers can rebuild the run's shape/model flags
     return model, sd
 
@@ -1375,17 +1357,17 @@ def cmd_benchmark(args):
                                          math_everywhere=True),
                "ours": dict(amp=args.amp, channels_last=args.channels_last or cuda,
                             compile=args.compile, math_everywhere=False)}
+    sync = torch.cuda.synchronize if cuda else (lambda device: None)
 
     def timed(fn, n, warm):          # (outputs, calls/s, peak GB on CUDA) of n calls after `warm`
         for i in range(warm):
             fn(i)
+        sync(device)
         if cuda:
-            torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         t = time.time()
         out = [fn(warm + i) for i in range(n)]
-        if cuda:
-            torch.cuda.synchronize(device)
+        sync(device)
         rate = n / (time.time() - t)
         return out, rate, torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None
 
@@ -1394,24 +1376,22 @@ def cmd_benchmark(args):
         model = engineer(copy.deepcopy(ref), device, cfg["amp"], cfg["channels_last"])
         opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=tuple(args.betas))
         em = build_em(model, args)
-        V_s = torch.compile(model) if cfg["compile"] else model
+        em_s = build_em(torch.compile(model) if cfg["compile"] else model, args)
 
-        def step(phase):
-            def f(i):
-                torch.manual_seed(step_seed(args.seed, i, 0))
-                x1 = batches[i % len(batches)].to(device)
-                return train_step(em, model, opt, x1, phase, args, 1, i)[0]["loss"]
-            return f
+        def step(i, phase="warmup"):
+            torch.manual_seed(step_seed(args.seed, i, 0))
+            x1 = batches[i % len(batches)].to(device)
+            return train_step(em, model, opt, x1, phase, args, 1, i)[0]["loss"]
 
         def samp(i):
             torch.manual_seed(i)
             x0 = torch.randn(B, *shape, device=device)
-            return sde_sample(V_s, x0, em.eps, K * args.dt, args.dt, "heun", clamp=(-1, 1))
+            return em_s.sample(x0, tau_s=K * args.dt, method="heun", clamp=(-1, 1))
 
         r = dict(cfg)
         with math_sdpa() if cfg["math_everywhere"] else contextlib.nullcontext():
-            r["phase1_losses"], it1, r["phase1_peak_gb"] = timed(step("warmup"), N, 3)
-            _, it2, r["phase2_peak_gb"] = timed(step("main"), args.bench_steps_main, 1)
+            r["phase1_losses"], it1, r["phase1_peak_gb"] = timed(step, N, 3)
+            _, it2, r["phase2_peak_gb"] = timed(lambda i: step(i, "main"), args.bench_steps_main, 1)
             model.eval()
             _, it3, r["sampler_peak_gb"] = timed(samp, 1, 1 if cfg["compile"] else 0)
         r.update(phase1_img_s=it1 * B, phase1_ms_iter=1000 / it1, phase2_img_s=it2 * B,
