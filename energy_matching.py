@@ -1218,8 +1218,7 @@ def eval_setup(args):
     for k in ("tau_s", "dt", "sampler", "sample_batch", "num_samples"):
         if getattr(args, k) is not None:
             setattr(cargs, k, getattr(args, k))
-    V = torch.compile(V) if args.compile else V
-    return device, V, cargs, path
+    return device, torch.compile(V) if args.compile else V, cargs, path
 
 def eval_images(args, cargs, n, device):
     """The first n held-out images of --dataset (test split where there is one), checked to fit."""
@@ -1478,14 +1477,12 @@ def build_parser():
     a("--mode", default="train", choices=MODES, help="what to do")
     a("--phase", default="warmup", choices=("warmup", "main"), help="Alg. 1 or Alg. 2 (+ CD)")
     a("--recipe", default="authors", choices=RECIPES, help="authors' CIFAR code or App. C")
-    # data
     a("--dataset", default="cifar10", choices=DATASETS, help="training / evaluation images")
     a("--data-dir", default="data", help="dataset folder (npz: the .npz file)")
     a("--image-size", type=pos_int, help="image side for folder/fake (default 32; celeba64 64)")
     a("--channels", type=pos_int, default=3, help="channels of fake data")
     a("--fake-size", type=pos_int, default=256, help="number of FakeData images")
     a("--workers", type=nonneg_int, default=4, help="DataLoader processes (0 = main process)")
-    # run
     a("--out-dir", help="output folder (default runs/em_<dataset>); always written to")
     a("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     a("--threads", type=nonneg_int, default=0, help="CPU threads (0 = the cores this process has)")
@@ -1499,7 +1496,6 @@ def build_parser():
     a("--ema-decay", type=unit_float, help="EMA decay (0.9999; authors' phase 2: 0.99)")
     a("--ema-warmup", action=bool_opt, default=True, help="min(decay, (1+n)/(10+n)); no: authors")
     a("--no-ema", action="store_true", help="grids / sampling with the raw weights, not the EMA")
-    # model
     a("--arch", default="auto", choices=("auto", "unetvit", "cnn"), help="auto: cnn for MNIST")
     a("--model-size", type=pos_float, help="width multiplier (1.0 = the ~50M CIFAR net)")
     a("--res-blocks", type=pos_int, default=2, help="UNet residual blocks per level")
@@ -1524,7 +1520,6 @@ def build_parser():
       help="fade the flow loss to 0 from tau* to 1: phase 2 (authors' 2-D), both (CIFAR), off")
     a("--no-ot", action="store_true", help="random instead of exact-OT pairs (ablation)")
     a("--from-scratch", action="store_true", help="phase main without a warmup checkpoint (MNIST)")
-    # engineering
     a("--amp", default="auto", choices=("auto", "bf16", "none"), help="bf16 trunk (auto: on CUDA)")
     a("--compile", action="store_true", help="torch.compile the potential for sampling only")
     a("--channels-last", action="store_true", help="channels_last memory (faster convs on GPU)")
@@ -1535,7 +1530,6 @@ def build_parser():
     a("--sample-every", type=nonneg_int, default=0,
       help="sample grid every N steps (0 = only at the end)")
     a("--num-samples", type=nonneg_int, default=64, help="samples to draw (50000 for FID)")
-    # sampler
     a("--tau-s", type=pos_float, help="sampling time, K = tau_s/dt (3; 1 after phase 1 alone)")
     a("--sampler", default="heun", choices=("heun", "euler"), help="SDE integrator")
     a("--sample-batch", type=pos_int, default=256, help="batch size when sampling")
@@ -1545,12 +1539,10 @@ def build_parser():
     a("--zeta", type=pos_float, default=0.1, help="inpaint: data-fidelity scale zeta (Eq. 8)")
     a("--sigma-int", type=pos_float, default=1.0, help="inpaint: interaction sigma (Sec. 3.2)")
     a("--chains", type=pos_int, default=2, help="inpaint: chains M per image")
-    # LID
     a("--lid-tau", type=pos_float, help="LID: |lambda| < tau (paper: 10 MNIST, 2 CIFAR)")
     a("--lid-method", default="auto", choices=("auto", "exact", "slq"), help="auto: d <= 1024")
     a("--lid-probes", type=pos_int, default=8, help="SLQ: Rademacher probe vectors")
     a("--lid-lanczos", type=pos_int, default=60, help="SLQ: Lanczos steps per probe")
-    # benchmark
     a("--bench-steps", type=pos_int, default=20, help="benchmark: measured phase-1 steps")
     a("--bench-steps-main", type=pos_int, default=5, help="benchmark: measured phase-2 steps")
     a("--bench-sample-steps", type=pos_int, default=300, help="benchmark: sampler Heun steps")
