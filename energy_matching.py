@@ -821,70 +821,71 @@ def write_grid(model, ema, args, step, shape, device, log, ema_n):
 
 def cmd_train(args):
     """Phase 1 (Alg. 1) or phase 2 (Alg. 2) on --dataset; resumable, NaN-guarded, signal-safe."""
-    rank, world, device = setup_distributed(args)
-    phase, main_rank = args.phase, rank == 0
-    ckpt_path = os.path.join(args.out_dir, f"ckpt_{phase}.pt")
-    if main_rank:
-        prepare_out_dir(args.out_dir)
-        for name in os.listdir(args.out_dir):    # temp files of an interrupted save are garbage
-            if name.endswith((".pt.tmp", ".tmp.npz")):
-                os.remove(os.path.join(args.out_dir, name))
-    log = Logger(args.out_dir, main_rank)
-    torch.manual_seed(args.seed)
-    model = build_model(args, device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=tuple(args.betas))
-
-    # weights: resume (--ckpt wins, else <out-dir>/ckpt_<phase>.pt) > phase-1 checkpoint > fresh
-    ck, src, resumed = None, None, False
-    if args.resume and (args.ckpt or os.path.exists(ckpt_path)):
-        src = args.ckpt or ckpt_path
-        ck = load_checkpoint(src, device)
-        resumed = ck.get("phase") == phase
-    elif args.resume:
-        log(f"--resume: no {ckpt_path}; starting phase {phase} afresh")
-    if ck is None and phase == "main" and not args.from_scratch:
-        src = args.ckpt or os.path.join(args.out_dir, "ckpt_warmup.pt")
-        if not os.path.exists(src):
-            die(f"phase main starts from a phase-1 checkpoint: {src} not found "
-                f"(run --phase warmup first, pass --ckpt, or --from-scratch)")
-        ck = load_checkpoint(src, device)
-    start_step = phase_start = ema_n = 0
-    if ck is not None:
-        load_states(ck, model, ema, opt, src, args)
-        start_step = int(ck["step"])
-        phase_start = int(ck.get("phase_start", 0)) if resumed else start_step
-        ema_n = int(ck.get("ema_n", start_step))
-        log(f"{'resumed' if resumed else 'phase main'} from {src} at step {start_step}")
-    end_step = phase_start + args.steps
-    if world > 1:                                                     # identical weights everywhere
-        for t in list(model.state_dict().values()) + list(ema.state_dict().values()):
-            dist.broadcast(t, 0)
-    log.truncate_metrics(start_step)
-
-    def save(step):
-        save_checkpoint(ckpt_path, model, ema, opt, step, args, phase=phase,
-                        phase_start=phase_start, ema_n=ema_n)
-
-    em = build_em(model, args)
-    dataset = build_dataset(args, train=True)
-    shape = tuple(dataset[0][0].shape)
-    two = args.cd_separate_batch and phase == "main"                  # a second data batch for CD
-    batches = batch_iterator(dataset, args, args.batch_size * (2 if two else 1), rank, world,
-                             start_step, pin=device.type == "cuda")
-    log(f"energy_matching | phase {phase} | recipe {args.recipe} | {args.dataset} {shape} | "
-        f"{count_params(model) / 1e6:.2f}M params | device {device} x {world} | "
-        f"{'bf16 trunk' if model.amp else 'fp32'} | threads {torch.get_num_threads()} | steps "
-        f"{start_step}->{end_step} | batch {args.batch_size}/rank | lr {args.lr} "
-        f"tau* {args.tau_star} eps_max {args.eps_max} lambda_CD {args.lambda_cd} | EMA "
-        f"{args.ema_decay}{' with warm-up' if args.ema_warmup else ''}")
-    if phase == "warmup" and args.tau_s_default:
-        log(f"grids use tau_s = {args.tau_s}: after phase 1 there is no Boltzmann well to sample "
-            f"past t = 1 (pass --tau-s to change)")
-
-    stop, n_bad, t_last, s_last = StopSignals(), 0, time.time(), start_step
-    model.train()
+    stop = StopSignals()
     try:
+        rank, world, device = setup_distributed(args)
+        phase, main_rank = args.phase, rank == 0
+        ckpt_path = os.path.join(args.out_dir, f"ckpt_{phase}.pt")
+        if main_rank:
+            prepare_out_dir(args.out_dir)
+            for name in os.listdir(args.out_dir):    # temp files of an interrupted save are garbage
+                if name.endswith((".pt.tmp", ".tmp.npz")):
+                    os.remove(os.path.join(args.out_dir, name))
+        log = Logger(args.out_dir, main_rank)
+        torch.manual_seed(args.seed)
+        model = build_model(args, device)
+        ema = copy.deepcopy(model).requires_grad_(False)
+        opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=tuple(args.betas))
+
+        # weights: resume (--ckpt wins, else <out-dir>/ckpt_<phase>.pt) > phase-1 checkpoint > fresh
+        ck, src, resumed = None, None, False
+        if args.resume and (args.ckpt or os.path.exists(ckpt_path)):
+            src = args.ckpt or ckpt_path
+            ck = load_checkpoint(src, device)
+            resumed = ck.get("phase") == phase
+        elif args.resume:
+            log(f"--resume: no {ckpt_path}; starting phase {phase} afresh")
+        if ck is None and phase == "main" and not args.from_scratch:
+            src = args.ckpt or os.path.join(args.out_dir, "ckpt_warmup.pt")
+            if not os.path.exists(src):
+                die(f"phase main starts from a phase-1 checkpoint: {src} not found "
+                    f"(run --phase warmup first, pass --ckpt, or --from-scratch)")
+            ck = load_checkpoint(src, device)
+        start_step = phase_start = ema_n = 0
+        if ck is not None:
+            load_states(ck, model, ema, opt, src, args)
+            start_step = int(ck["step"])
+            phase_start = int(ck.get("phase_start", 0)) if resumed else start_step
+            ema_n = int(ck.get("ema_n", start_step))
+            log(f"{'resumed' if resumed else 'phase main'} from {src} at step {start_step}")
+        end_step = phase_start + args.steps
+        if world > 1:                                                 # identical weights everywhere
+            for t in list(model.state_dict().values()) + list(ema.state_dict().values()):
+                dist.broadcast(t, 0)
+        log.truncate_metrics(start_step)
+
+        def save(step):
+            save_checkpoint(ckpt_path, model, ema, opt, step, args, phase=phase,
+                            phase_start=phase_start, ema_n=ema_n)
+
+        em = build_em(model, args)
+        dataset = build_dataset(args, train=True)
+        shape = tuple(dataset[0][0].shape)
+        two = args.cd_separate_batch and phase == "main"              # a second data batch for CD
+        batches = batch_iterator(dataset, args, args.batch_size * (2 if two else 1), rank, world,
+                                 start_step, pin=device.type == "cuda")
+        log(f"energy_matching | phase {phase} | recipe {args.recipe} | {args.dataset} {shape} | "
+            f"{count_params(model) / 1e6:.2f}M params | device {device} x {world} | "
+            f"{'bf16 trunk' if model.amp else 'fp32'} | threads {torch.get_num_threads()} | steps "
+            f"{start_step}->{end_step} | batch {args.batch_size}/rank | lr {args.lr} "
+            f"tau* {args.tau_star} eps_max {args.eps_max} lambda_CD {args.lambda_cd} | EMA "
+            f"{args.ema_decay}{' with warm-up' if args.ema_warmup else ''}")
+        if phase == "warmup" and args.tau_s_default:
+            log(f"grids use tau_s = {args.tau_s}: after phase 1 there is no Boltzmann well to "
+                f"sample past t = 1 (pass --tau-s to change)")
+
+        n_bad, t_last, s_last = 0, time.time(), start_step
+        model.train()
         for step in range(start_step, end_step):
             torch.manual_seed(step_seed(args.seed, step, rank))
             xb = next(batches).to(device, non_blocking=True).float()
@@ -928,7 +929,7 @@ def cmd_train(args):
             if main_rank and args.sample_every and done % args.sample_every == 0 < end_step - done:
                 write_grid(model, ema, args, done, shape, device, log, ema_n)
     except SystemExit:
-        if world > 1:
+        if dist.is_initialized():
             dist.destroy_process_group()
         raise
     finally:
