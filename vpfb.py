@@ -791,23 +791,24 @@ def pick_device(spec):
         die(f"device {spec} requested but CUDA is not available (use --device cpu)")
     return dev
 
-def setup_distributed():
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python vpfb.py` is one process."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+def setup_distributed(args):
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `python` run is a world of one."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    device = pick_device(args.device)
     if world > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local)
-    return rank, world, local
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
 
-def all_max(value, device, world):
-    """The max of a number over all ranks (everyone agrees on skip / stop)."""
+def all_max(values, device, world):
+    """The element-wise max of a few numbers over all ranks, in ONE all-reduce (all agree)."""
     if world == 1:
-        return value
-    t = torch.tensor([float(value)], device=device)
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
+    return t.tolist()
 
 def build_model(args, num_classes, device=None):
     """Phi from the flags (--net authors, the default of --recipe authors: their U-Net); with a
@@ -874,30 +875,65 @@ def step_seed(seed, step, rank):
     """Every (step, rank) has its own seed: a resumed run draws the numbers a straight run draws."""
     return (seed * 1_000_003 + step * 4099 + rank * 7) % (2 ** 62)
 
-def lr_at(step, args):
-    return args.lr * min(1.0, (step + 1) / max(1, args.warmup))    # linear warm-up (authors)
-
-def train_step(model, net, opt, x, args, world):
-    """One step of Eq. (27); returns the logs. Non-finite loss or gradient: no update at all."""
+def train_step(model, net, opt, x, args, world, step, stop):
+    """One step of Eq. (27) -> (logs, bad, signum). One all-reduce makes all ranks agree whether
+    the loss or gradient was non-finite anywhere (then nothing is updated) and a signal came."""
+    lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))      # linear warm-up (authors)
+    for g in opt.param_groups:
+        g["lr"] = lr
     loss, stats = model.loss(x)                                     # one Monte-Carlo batch
     opt.zero_grad(set_to_none=True)
     loss.backward()                      # even when NaN: every rank must join the all-reduce
     allreduce_grads(net.parameters(), world)
     clip = args.grad_clip if (args.grad_clip > 0 and args.clip_mode == "norm") else math.inf
     stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(net.parameters(), clip))
-    if math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"]):
+    stats["lr"] = lr
+    finite = math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])
+    bad, signum = all_max([not finite, stop.signum or 0], x.device, world)
+    if not bad:
         if args.clip_mode == "std" and args.grad_clip > 0:
             clip_std_(opt, args.grad_clip)
         opt.step()
-    return stats
+    return stats, bool(bad), int(signum)
 
-def read_metrics(path, upto=None):
-    """Records of metrics.jsonl (those with step <= upto)."""
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        recs = [json.loads(ln) for ln in f if ln.strip()]
-    return [r for r in recs if upto is None or r["step"] <= upto]
+class Logger:
+    """Plain-text log (stdout + <out>/train.log) and JSON-lines metrics, rank 0 only."""
+
+    def __init__(self, out_dir, active=True):
+        self.active, self.out_dir = active, out_dir
+        self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
+
+    def __call__(self, msg):
+        if self.active:
+            print(msg, flush=True)
+            with open(os.path.join(self.out_dir, "train.log"), "a") as f:
+                f.write(msg + "\n")
+
+    def metrics(self, rec):
+        if self.active:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def truncate_metrics(self, upto):
+        """On (re)start at step `upto`: drop records past it (no duplicate steps on resume)."""
+        if not self.active or not os.path.exists(self.metrics_path):
+            return
+        with open(self.metrics_path) as f:
+            keep = [s for s in f if s.strip() and json.loads(s).get("step", 0) <= upto]
+        with open(self.metrics_path, "w") as f:
+            f.writelines(keep)
+
+    def read_metrics(self, phase=None):
+        """The records of `phase` (all of them when phase is None or a record has no phase)."""
+        if not os.path.exists(self.metrics_path):
+            return []
+        with open(self.metrics_path) as f:
+            recs = [json.loads(s) for s in f if s.strip()]
+        return [r for r in recs if phase is None or r.get("phase", phase) == phase]
+
+def write_json(out_dir, name, obj):
+    with open(os.path.join(out_dir, name), "w") as f:
+        json.dump(obj, f, indent=1)
 
 def to_uint8(x):
     """[-1, 1] NCHW float -> uint8 NHWC (the .npz layout eval_fid.py reads)."""
@@ -931,125 +967,114 @@ def plot_losses(records, path):
 
 def cmd_train(args):
     """Eq. (27) on --dataset; resumable, NaN-guarded, signal-safe, DDP under torchrun."""
-    rank, world, local = setup_distributed()
-    device = (torch.device(f"cuda:{local}") if (world > 1 and torch.cuda.is_available())
-              else pick_device(args.device))
-    torch.manual_seed(args.seed)                     # the same initial weights on every process
-    if device.type == "cuda":                                       # TF32: safe for this loss
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    ds = build_dataset(args, train=True)
-    ncls = num_classes_of(ds)
-    net = build_model(args, ncls, device)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")              # always WRITE into --out-dir
-    if rank == 0 and os.path.exists(ckpt_path + ".tmp"):
-        os.remove(ckpt_path + ".tmp")                              # a save that crashed
-    step, n_ema, src = 0, 0, args.ckpt or ckpt_path                # READ from --ckpt if given
-    if args.resume and args.ckpt and not os.path.isfile(args.ckpt):
-        die(f"--resume --ckpt {args.ckpt}: no such file")
-    if args.resume and os.path.isfile(src):
-        st = load_checkpoint(src)
-        if is_authors_checkpoint(st):
-            die(f"{src} is an authors' checkpoint: their optimizer state does not resume here; "
-                f"use it with --mode sample/ood/... --ckpt {src}")
-        check_arch(st["args"], args, src)
-        net.load_state_dict(st["model"])
-        ema.load_state_dict(st["ema"])
-        opt.load_state_dict(st["opt"])
-        step, n_ema = st["step"], st.get("ema_updates", st["step"])
-        if rank == 0:
-            print(f"resumed from {src} at step {step}")
-    elif args.resume and rank == 0:
-        print(f"--resume: no checkpoint at {src}, starting from scratch")
-    if world > 1:                                    # rank 0's weights everywhere
-        for t_ in list(net.state_dict().values()) + list(ema.state_dict().values()):
-            dist.broadcast(t_, 0)
-    log_path = os.path.join(args.out_dir, "metrics.jsonl")
-    if rank == 0:                                    # drop records past the resumed step
-        kept = read_metrics(log_path, upto=step) if step else []
-        with open(log_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        _dump(args, "args.json", args_to_dict(args), echo=False)
-    cond = Conditioned(net)
-    model = build_vpfb(cond, args)
-    batches = batch_iterator(ds, args, rank, world, step)
-    if rank == 0:
-        n_params = sum(p.numel() for p in net.parameters())
-        print(f"vpfb: {args.model} Phi with {n_params / 1e6:.2f}M parameters on {device} x{world}, "
-              f"{len(ds)} images of {args.dataset}, recipe {args.recipe}, loss {loss_kwargs(args)}")
-    stop, n_bad, t_last, s_last = StopSignals(), 0, time.time(), step
+    stop, batches = StopSignals(), None
     try:
+        rank, world, device = setup_distributed(args)
+        main_rank = rank == 0
+        log = Logger(args.out_dir, main_rank)
+        ckpt_path = os.path.join(args.out_dir, "ckpt.pt")             # always WRITE into --out-dir
+        if main_rank and os.path.exists(ckpt_path + ".tmp"):
+            os.remove(ckpt_path + ".tmp")                             # a save that crashed
+        torch.manual_seed(args.seed)                  # the same initial weights on every process
+        if device.type == "cuda":                                     # TF32: safe for this loss
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
+        ds = build_dataset(args, train=True)
+        ncls = num_classes_of(ds)
+        net = build_model(args, ncls, device)
+        ema = copy.deepcopy(net).eval().requires_grad_(False)
+        opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+        step, n_ema, src = 0, 0, args.ckpt or ckpt_path               # READ from --ckpt if given
+        if args.resume and args.ckpt and not os.path.isfile(args.ckpt):
+            die(f"--resume --ckpt {args.ckpt}: no such file")
+        if args.resume and os.path.isfile(src):
+            st = load_checkpoint(src)
+            if is_authors_checkpoint(st):
+                die(f"{src} is an authors' checkpoint: their optimizer state does not resume "
+                    f"here; use it with --mode sample/ood/... --ckpt {src}")
+            check_arch(st["args"], args, src)
+            net.load_state_dict(st["model"])
+            ema.load_state_dict(st["ema"])
+            opt.load_state_dict(st["opt"])
+            step, n_ema = st["step"], st.get("ema_updates", st["step"])
+            log(f"resumed from {src} at step {step}")
+        elif args.resume:
+            log(f"--resume: no checkpoint at {src}, starting from scratch")
+        if world > 1:                                                 # rank 0's weights everywhere
+            for t in list(net.state_dict().values()) + list(ema.state_dict().values()):
+                dist.broadcast(t, 0)
+        log.truncate_metrics(step)
+        if main_rank:
+            write_json(args.out_dir, "args.json", args_to_dict(args))
+        cond = Conditioned(net)
+        model = build_vpfb(cond, args)
+        batches = batch_iterator(ds, args, rank, world, step)
+        n_params = sum(p.numel() for p in net.parameters())
+        log(f"vpfb: {args.model} Phi with {n_params / 1e6:.2f}M parameters on {device} x{world}, "
+            f"{len(ds)} images of {args.dataset}, recipe {args.recipe}, loss {loss_kwargs(args)}")
+        n_bad, t_last, s_last = 0, time.time(), step
         while step < args.steps:
-            torch.manual_seed(step_seed(args.seed, step, rank))   # noise, t, dropout, flips, labels
+            torch.manual_seed(step_seed(args.seed, step, rank))  # noise, t, dropout, flips, labels
             x, y = next(batches)
             x = x.to(device, non_blocking=True).float()
             if args.dataset in FLIP_SETS:
-                x = torch.where(torch.rand(x.shape[0], 1, 1, 1, device=device) < 0.5, x.flip(-1), x)
+                flip = torch.rand(x.shape[0], 1, 1, 1, device=device) < 0.5
+                x = torch.where(flip, x.flip(-1), x)
             if args.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             cond.y = None
-            if args.class_cond:                                  # labels, some replaced by "null"
+            if args.class_cond:                                 # labels, some replaced by "null"
                 y = y.to(device)
                 drop = torch.rand(y.shape[0], device=device) < args.p_uncond
                 cond.y = torch.where(drop, torch.full_like(y, ncls), y)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, args)
             net.train()
-            stats = train_step(model, net, opt, x, args, world)
+            stats, bad, signum = train_step(model, net, opt, x, args, world, step, stop)
             step += 1
-            bad = all_max(not (math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])),
-                          device, world) > 0
-            n_bad = n_bad + 1 if bad else 0                      # NaN guard: the step was skipped
-            if bad and rank == 0:
-                print(f"step {step}: non-finite loss or gradient ({stats['loss']:.4g}, "
-                      f"{stats['grad_norm']:.4g}); skipped ({n_bad} in a row)", flush=True)
-            if n_bad >= 10:
-                kept = src if (args.resume and os.path.isfile(src)) else "none written yet"
-                kept = ckpt_path if os.path.isfile(ckpt_path) else kept
-                die(f"{n_bad} non-finite steps in a row at step {step}; stopped; last good "
-                    f"checkpoint: {kept}", 3)
-            if not bad:
+            if bad:                                             # NaN guard: the step was skipped
+                n_bad += 1
+                log(f"step {step}: non-finite loss or gradient ({stats['loss']:.4g}, "
+                    f"{stats['grad_norm']:.4g}); skipped ({n_bad} in a row)")
+                if n_bad >= 10:
+                    kept = src if (args.resume and os.path.isfile(src)) else "none written yet"
+                    kept = ckpt_path if os.path.isfile(ckpt_path) else kept
+                    die(f"{n_bad} non-finite steps in a row at step {step}; stopped; last good "
+                        f"checkpoint: {kept}", 3)
+            else:
+                n_bad = 0
                 ema_update(ema, net, ema_decay_at(args.ema_decay, n_ema, args.ema_warmup))
                 n_ema += 1
-            if rank == 0 and (step % args.log_every == 0 or step == args.steps):
+            if step % args.log_every == 0 or step == args.steps:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                dt = (time.time() - t_last) / max(1, step - s_last)
+                wall, n = time.time() - t_last, max(step - s_last, 1)
+                ms, ips = 1000 * wall / n, n * args.batch_size * world / max(wall, 1e-9)
+                eta = (args.steps - step) * wall / n / 60
+                logs = " ".join(f"{k} {v:.4g}" for k, v in stats.items())
+                log(f"step {step}/{args.steps} | {logs} | {ms:.1f} ms/it | {ips:.1f} img/s | "
+                    f"ETA {eta:.1f} min")
                 t_last, s_last = time.time(), step
-                stats.update(step=step, lr=lr_at(step - 1, args), ms_per_iter=1000 * dt,
-                             images_per_s=args.batch_size * world / dt, skipped=int(bad))
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(stats) + "\n")
-                print(f"step {step}/{args.steps} | loss {stats['loss']:.4g} cov {stats['cov']:.4g} "
-                      f"cos {stats['cos']:.4g} |gPhi|^2 {stats['grad_x2']:.4g} poincare "
-                      f"{stats['poincare_ratio']:.4g} | {1000 * dt:.1f} ms/it | "
-                      f"{stats['images_per_s']:.1f} img/s | ETA {(args.steps - step) * dt / 60:.1f}"
-                      " min", flush=True)
-            stopping = all_max(stop.signum is not None, device, world) > 0
-            if rank == 0 and (stopping or step % args.save_every == 0 or step == args.steps):
+                log.metrics({"step": step, **stats, "ms_per_iter": ms, "images_per_s": ips,
+                             "skipped": int(bad)})
+            if main_rank and (signum or step % args.save_every == 0 or step == args.steps):
                 save_checkpoint(ckpt_path, net, ema, opt, step, args, ema_updates=n_ema)
-            if rank == 0 and (stopping or step == args.steps):        # the whole run's curves
-                plot_losses(read_metrics(log_path), os.path.join(args.out_dir, "loss.png"))
-            if rank == 0 and args.sample_every and not stopping and (
-                    step % args.sample_every == 0 or step == args.steps):
+            if main_rank and (signum or step == args.steps):       # the whole run's curves
+                plot_losses(log.read_metrics(), os.path.join(args.out_dir, "loss.png"))
+            if signum:
+                cmd = shlex.join(["python", "vpfb.py"] + [a for a in args.argv if a != "--resume"])
+                log(f"stopped at step {step} by {signal.Signals(signum).name}; checkpoint "
+                    f"{ckpt_path}; resume: {cmd} --resume")
+                sys.exit(128 + signum)
+            every = args.sample_every and step % args.sample_every == 0
+            if main_rank and (every or step == args.steps):        # 0: only at the end
                 which = "raw" if args.no_ema else "ema"
                 xs, _ = generate(Conditioned(net if args.no_ema else ema), args, device,
                                  min(64, args.num_samples), x.shape[1:], "euler", n_classes=ncls,
                                  strict=False)
                 save_grid(xs, os.path.join(args.out_dir, f"samples_{which}_{step:07d}.png"))
-                print(f"grid samples_{which}_{step:07d}.png: {which.upper()} weights, Euler ODE")
-            if stopping:
-                name = signal.Signals(stop.signum or signal.SIGTERM).name
-                cmd = shlex.join(["python", "vpfb.py"] + [a for a in args.argv if a != "--resume"])
-                if rank == 0:
-                    print(f"stopped at step {step} by {name}; checkpoint {ckpt_path}; "
-                          f"resume: {cmd} --resume", flush=True)
-                sys.exit(128 + int(stop.signum or signal.SIGTERM))
+                log(f"grid samples_{which}_{step:07d}.png: {which.upper()} weights, Euler ODE")
     finally:
         stop.restore()
-        getattr(batches, "_shutdown_workers", lambda: None)()    # workers ignore SIGTERM: stop them
+        getattr(batches, "_shutdown_workers", lambda: None)()   # workers ignore SIGTERM: stop them
     if world > 1:
         dist.destroy_process_group()
     return net, ema
@@ -1346,13 +1371,6 @@ def eval_setup(args):
     net, a, ncls = load_for_eval(args, device)
     return device, net, a, ncls, (a.channels, a.image_size, a.image_size)
 
-def _dump(args, name, obj, echo=True):
-    """obj as <out-dir>/name (JSON), and on stdout unless echo=False."""
-    with open(os.path.join(args.out_dir, name), "w") as f:
-        json.dump(obj, f, indent=1)
-    if echo:
-        print(json.dumps(obj))
-
 def cmd_sample(args):
     device, net, a, ncls, shape = eval_setup(args)
     x, st = generate(Conditioned(net), a, device, args.num_samples, shape, n_classes=ncls)
@@ -1360,7 +1378,8 @@ def cmd_sample(args):
     np.savez(path + ".tmp.npz", images=to_uint8(x))
     os.replace(path + ".tmp.npz", path)
     save_grid(x[:64], os.path.join(args.out_dir, "samples.png"))
-    _dump(args, "sample_stats.json", st)
+    write_json(args.out_dir, "sample_stats.json", st)
+    print(json.dumps(st))
 
 def cmd_interp(args, rows=8, cols=10):
     """Spherical interpolation between two noises, each point pushed through the ODE (Sec. 4.3)."""
@@ -1371,7 +1390,8 @@ def cmd_interp(args, rows=8, cols=10):
     z = z.reshape(rows * cols, *shape)
     x, st = generate(Conditioned(net), a, device, rows * cols, shape, x0=z, n_classes=ncls)
     save_grid(x, os.path.join(args.out_dir, "interp.png"), nrow=cols)
-    _dump(args, "interp_stats.json", st)
+    write_json(args.out_dir, "interp_stats.json", st)
+    print(json.dumps(st))
 
 def cmd_nn(args, rows=8):
     """Generated samples and their k nearest training images in pixel (L2) distance (Fig. 5)."""
@@ -1389,7 +1409,9 @@ def cmd_nn(args, rows=8):
         best_x = torch.stack([cand_x[r, idx[r]] for r in range(rows)])
     grid = torch.cat([x.cpu()[:, None], best_x], 1).reshape(-1, *shape)
     save_grid(grid, os.path.join(args.out_dir, "nn.png"), nrow=args.nn_k + 1)
-    _dump(args, "nn.json", {"nearest_pixel_l2": best_d.tolist()})
+    res = {"nearest_pixel_l2": best_d.tolist()}
+    write_json(args.out_dir, "nn.json", res)
+    print(json.dumps(res))
 
 @torch.no_grad()
 def energies(net, args, ds, device, n):
@@ -1421,7 +1443,8 @@ def cmd_hist(args):
     plt.tight_layout()
     fig.savefig(os.path.join(args.out_dir, "hist.png"), dpi=100)
     plt.close(fig)
-    _dump(args, "hist.json", res)
+    write_json(args.out_dir, "hist.json", res)
+    print(json.dumps(res))
 
 def cmd_ood(args):
     """OOD AUROC (Table 2): in-distribution = the test split of the training set (positives, should
@@ -1446,7 +1469,8 @@ def cmd_ood(args):
         table[name] = {"auroc_phi_b": auroc(pos, neg),
                        "auroc_authors_score": auroc(pos_auth, neg_auth),
                        "n_in": int(len(pos)), "n_ood": int(len(neg))}
-    _dump(args, "ood.json", table)
+    write_json(args.out_dir, "ood.json", table)
+    print(json.dumps(table))
 
 def cmd_longrun(args):
     """Long-run sampling (Sec. 4.6, Figs. 12-18): the ODE over t in [0, longrun_t1] (past t_max it
@@ -1493,10 +1517,10 @@ def cmd_longrun(args):
     fig.tight_layout()
     fig.savefig(os.path.join(args.out_dir, "longrun_norms.png"), dpi=100)
     plt.close(fig)
-    _dump(args, "longrun.json", {k: {kk: vv[-1] for kk, vv in v.items() if vv}
-                                 for k, v in curves.items()})
-    with open(os.path.join(args.out_dir, "longrun_curves.json"), "w") as f:
-        json.dump(curves, f)
+    last = {k: {kk: vv[-1] for kk, vv in v.items() if vv} for k, v in curves.items()}
+    write_json(args.out_dir, "longrun.json", last)
+    print(json.dumps(last))
+    write_json(args.out_dir, "longrun_curves.json", curves)
 
 def cmd_compose(args, n=8):
     """Compositional sampling (Sec. 4.3): sample with the average of the class-conditional energies
@@ -1519,7 +1543,8 @@ def cmd_compose(args, n=8):
             rows.append(x.cpu())
             info["+".join(map(str, g)) if c is None else str(c)] = st
     save_grid(torch.cat(rows), os.path.join(args.out_dir, "compose.png"), nrow=n)
-    _dump(args, "compose.json", info)
+    write_json(args.out_dir, "compose.json", info)
+    print(json.dumps(info))
 
 def cmd_benchmark(args):
     """Training images/s, ms/iter and peak memory of our config (bf16 trunk, channels-last, TF32)
@@ -1581,7 +1606,7 @@ def cmd_benchmark(args):
     print(f"speed-up {summary['speedup_images_per_s']:.2f}x, max |loss diff| "
           f"{summary['max_abs_loss_diff']:.3g} (relative {summary['max_rel_loss_diff']:.3g}) "
           f"over {args.bench_steps} steps")
-    _dump(args, "benchmark.json", summary, echo=False)
+    write_json(args.out_dir, "benchmark.json", summary)
     return summary
 
 # ==== 7. Arguments and main ====
@@ -1689,7 +1714,8 @@ def build_parser():
     a("--ckpt", help="checkpoint to read (ours or the authors'); outputs go to --out-dir")
     a("--log-every", type=pos_int, default=100, help="log every N steps")
     a("--save-every", type=pos_int, default=5000, help="checkpoint every N steps")
-    a("--sample-every", type=nonneg_int, default=5000, help="sample grid every N steps (0 = off)")
+    a("--sample-every", type=nonneg_int, default=5000,
+      help="sample grid every N steps (0 = only at the end)")
     a("--num-samples", type=pos_int, default=64, help="samples to draw (50000 for FID)")
     a("--sample-batch", type=pos_int, default=256, help="batch size when sampling")
     # experiments
