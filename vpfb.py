@@ -60,9 +60,8 @@ def _sqnorm(x):
 
 class Schedule:
     """A log-homotopy schedule alpha(t), beta(t) (Eq. 7) with prior / likelihood scales omega, nu.
-    Default: the OT flow-matching schedule of Sec. 3.5, alpha = omega^2 / (1 - t),
-    beta = nu^2 t / (1 - t)^2. Any other monotone pair can be passed as callables on tensors;
-    their time derivatives (for the innovation, Eq. 12) are then taken by autograd."""
+    Default: OT flow matching (Sec. 3.5); any other monotone pair of callables works, their time
+    derivatives (for the innovation, Eq. 12) then come from autograd."""
 
     def __init__(self, alpha=None, beta=None, omega=1.0, nu=1.0):
         self.omega, self.nu = float(omega), float(nu)
@@ -128,9 +127,9 @@ class Schedule:
 def otfm_centered_innovation(eps, xbar, t):
     """gamma - gamma_bar for OT-FM in the noise eps of x = t xbar + (1 - t) eps  -> (B,):
         gamma - gamma_bar = 2 / (1 - t) * sum_i (eps_i^2 - xbar_i eps_i - 1)   (Eq. 12 - its mean)
-    Identical to Schedule().gamma - Schedule().gamma_bar (tested) without cancelling two huge
-    numbers near t = 1. The authors use mean_i (eps_i^2 - xbar_i eps_i) (1 - t): this times
-    (1 - t)^2 / (2D) with the "-1" dropped."""
+    = Schedule().gamma - Schedule().gamma_bar (tested), without cancelling two huge numbers near
+    t = 1. The authors' mean_i (eps_i^2 - xbar_i eps_i) (1 - t) is this times (1 - t)^2 / (2D)
+    with the "-1" dropped."""
     s = (eps * eps - xbar * eps - 1.0).flatten(1).sum(1)
     return 2.0 / (1.0 - t) * s
 
@@ -139,27 +138,16 @@ def _center(v):
 
 class VPFB:
     """The method: a scalar potential Phi(x, t) whose gradient is the velocity dx/dt = grad_x Phi,
-    Eq. (13).
-
-    phi(x, t) takes x (B, ...) and t (B,) and returns (B,); an autonomous Phi(x) ignores t.
-    Defaults are ours; [paper / authors' code] where they differ (each has a test and a flag):
-      kappa      w(t) = (1 - t)^kappa, Sec. 3.5 [1; paper: > 1 (we use 2), authors: 2 in effect]
+    Eq. (13). phi(x, t) takes x (B, ...) and t (B,) and returns (B,); an autonomous Phi(x) ignores
+    t. Defaults are ours, [paper / authors' code] where they differ (README, "Paper vs code"):
+      kappa      w(t) = (1 - t)^kappa, Sec. 3.5 [1; paper > 1 (2 here), authors 2 in effect]
       t_end      t ~ U(0, t_end) (Eq. 26); t_max: t is clamped to t_max (stationarity) [1, 1-1e-5]
       eta        Poincare term eta E[Phi^2] of Eq. (27) [1e-4; authors 0: only logged]
       lam_cos, lam_gx, lam_gt   weights of -cos, E||grad_x Phi||^2, E(dPhi/dt)^2 [1, 1, 0.01;
-                 paper 1, 1, 1; authors 1, 0.5, 0.1]. lam_gx = 1 keeps the Deep Ritz minimiser the
-                 true potential; E(dPhi/dt)^2 is "quasi-static" and biases the flow, so it is small.
-      cov_form   "cov": Cov[Phi, w (gamma - gamma_bar)], the exact Deep Ritz form; "corr": the
-                 authors' Cov[Phi, Gamma] / (std(Gamma) std(Phi).detach()), Gamma = mean_pixels(
-                 (eps^2 - xbar eps)(1 - t)) (kappa = 2 in effect, one term dropped)
-      cos_form   "paper": -cos(grad Phi, v); "authors": -(grad Phi . v) / (|grad Phi||v|)^t / D
-      weight_on  "ritz": w(t) on BOTH halves of the pair Cov + E||grad Phi||^2, whose minimiser then
-                 stays the true potential at every t; "cov": w(t) on gamma only (paper as printed,
-                 minimiser w(t) Phi*, a flow w(t) times too slow; the authors' unweighted norm)
-      grad_norm  "sum": ||grad_x Phi||^2 summed over dims (paper); "mean": averaged (authors)
+                 paper 1, 1, 1; authors 1, 0.5, 0.1]: E(dPhi/dt)^2 biases the flow, so it is small
+      cov_form, cos_form, weight_on, grad_norm   the term's paper / authors' form (its method)
       bfactor    c in Phi_B = (c Phi + f ||x||^2) / g^2, Eq. (22) [2, from the ODE (19); paper 4]
-      t_inf      where Phi_B is read off [None = t_max]
-    """
+      t_inf      where Phi_B is read off [None = t_max]"""
 
     def __init__(self, phi, autonomous=False, kappa=1.0, t_end=1.0, t_max=1.0 - 1e-5, eta=1e-4,
                  lam_cos=1.0, lam_gx=1.0, lam_gt=0.01, cov_form="cov", cos_form="paper",
@@ -177,7 +165,7 @@ class VPFB:
         self.cov_form, self.cos_form = cov_form, cos_form
         self.weight_on, self.grad_norm = weight_on, grad_norm
         self.bfactor = float(bfactor)
-        self.t_inf = None if t_inf is None else float(t_inf)   # where Phi_B is read (None: t_max)
+        self.t_inf = None if t_inf is None else float(t_inf)
         self.schedule = schedule or Schedule()  # OT-FM: mu = t, sigma = 1 - t (Prop. 1, tested)
         self.last_nfe = 0
 
@@ -262,10 +250,9 @@ class VPFB:
     # ---------------------------------------------------------------- sampling and Eq. (22)
     def sample(self, x0, method="euler", n_steps=100, t0=0.0, t1=1.0, rtol=1e-3, atol=1e-3,
                return_traj=False):
-        """Potential-flow ODE dx/dt = +grad_x Phi(x, t) (Eq. 13) from prior noise x0 at t0 to t1.
-        method "euler" (n_steps steps) or "rk45" (scipy, adaptive; authors' rtol = atol = 1e-3).
-        Times beyond t_max use Phi(x, t_max), so t1 > 1 is long-run sampling (Sec. 4.6); the
-        number of grad-Phi calls lands in self.last_nfe. Returns x, or (x, traj (K, B, ...))."""
+        """Potential-flow ODE dx/dt = +grad_x Phi(x, t) (Eq. 13) from prior noise x0 at t0 to t1,
+        "euler" or "rk45" (ode_solve). Past t_max Phi(x, t_max) acts, so t1 > 1 is long-run
+        sampling (Sec. 4.6). NFE in self.last_nfe. Returns x, or (x, traj (K, B, ...))."""
         x, traj, self.last_nfe = ode_solve(self.grad_phi, x0, method, n_steps, t0, t1, rtol, atol,
                                            return_traj)
         return (x, traj) if return_traj else x
@@ -298,15 +285,12 @@ class VPFB:
                                       return_traj)
         return (x, traj) if return_traj else x
 
-# ---- samplers: plain functions of a gradient field, so tests can feed analytic fields
+# ---- samplers: plain functions of a gradient field (tests feed analytic fields)
 
 def ode_solve(velocity, x0, method="euler", n_steps=100, t0=0.0, t1=1.0, rtol=1e-3, atol=1e-3,
               return_traj=False):
-    """Integrate dx/dt = velocity(x, t) from t0 to t1. Returns (x, traj or None, nfe).
-
-    "euler": x_{k+1} = x_k + dt velocity(x_k, t_k), n_steps evaluations.
-    "rk45":  scipy.integrate.solve_ivp(method="RK45") (Dormand-Prince 5(4), adaptive steps) on
-             the flattened batch in float64; nfe = the number of velocity calls scipy made."""
+    """Integrate dx/dt = velocity(x, t) from t0 to t1 -> (x, traj or None, nfe). "euler": n_steps
+    steps; "rk45": scipy's adaptive Dormand-Prince 5(4) on the flat batch in float64."""
     if method not in ("euler", "rk45"):
         raise ValueError(f"method must be euler|rk45, got {method!r}")
     x = x0.detach()
@@ -408,16 +392,13 @@ class ResBlock(nn.Module):
 
 class AttnBlock(nn.Module):
     """Multi-head self-attention over pixels, written out with softmax: it has a double backward
-    (the flash / memory-efficient SDPA kernels do not), which the loss needs.
-    heads: a fixed number (the authors: 1), else ch // head_dim. order: how the 3 * ch channels
-    of the qkv conv split: "new" = q | k | v, then heads; "legacy" = per head, then q, k, v."""
+    (the flash / memory-efficient SDPA kernels do not), which the loss needs. heads: a fixed
+    number (the authors: 1), else ch // head_dim; the qkv channels split as q | k | v, then heads
+    (guided-diffusion's QKVAttention, as the authors' net)."""
 
-    def __init__(self, ch, head_dim=64, heads=None, order="new", groups=None):
+    def __init__(self, ch, head_dim=64, heads=None, groups=None):
         super().__init__()
-        if order not in ("new", "legacy"):
-            raise ValueError(f"attention order must be 'new' or 'legacy', got {order!r}")
         self.heads = heads or max(1, ch // head_dim)
-        self.order = order
         self.norm = _norm(ch, groups)
         self.qkv, self.proj = nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
         nn.init.zeros_(self.proj.weight)
@@ -426,37 +407,26 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         B, C, H, W = x.shape
         n, c = self.heads, C // self.heads
-        qkv = self.qkv(self.norm(x))
-        if self.order == "new":
-            q, k, v = qkv.reshape(B, 3, n, c, H * W).unbind(1)          # (B, heads, c, HW) each
-        else:
-            q, k, v = qkv.reshape(B, n, 3, c, H * W).unbind(2)
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, n, c, H * W).unbind(1)   # (B, n, c, HW)
         att = torch.softmax(torch.einsum("bhcn,bhcm->bhnm", q, k) / math.sqrt(c), dim=-1)
         out = torch.einsum("bhnm,bhcm->bhcn", att, v).reshape(B, C, H, W)
         return x + self.proj(out)
 
 class UNetPhi(nn.Module):
     """Time-varying potential Phi(x, t [, y]) = 1/2 ||x - UNet(x, t [, y])||^2 (authors' head).
-
-    A guided-diffusion style U-Net: per resolution `num_res` ResBlocks (attention at `attn_res`),
-    down-sampling, a ResBlock-Attention-ResBlock middle, and the mirror image going up with skip
-    connections. Paper size: base 128, mult (2,2,2), 4 blocks, attention at 16, dropout 0.3.
-    Keyword options (defaults = our network; AUTHORS_UNET = the authors' CIFAR-10/CelebA net):
-      scale_shift    FiLM time conditioning in every ResBlock (authors: True)
-      attn_heads     a fixed number of heads (authors: 1); None = ch // head_dim heads
-      attn_order     "new" (split q, k, v, then heads; ours and the authors') or "legacy"
-      conv_resample  strided conv down / nearest + conv up (ours); False: 2x2 average pool down,
-                     nearest up, no parameters (authors)
-      t_scale        the time embedding sees t_scale * t (ours 1000; authors the raw t: 1)
-      stem_mult      the input conv gives base * mult[0] channels (authors) instead of base
-      norm_groups    GroupNorm groups everywhere (authors: 32); None = _groups(ch)
-      zero_out       zero-initialise the output conv, so Phi = 1/2 |x|^2 at start (authors)
-    `amp` (set by engineering): the trunk runs in bf16 on CUDA; the head and after stay fp32."""
+    A guided-diffusion U-Net: per resolution `num_res` ResBlocks (attention at `attn_res`), a
+    ResBlock-Attention-ResBlock middle, the mirror image up with skips. Paper size: base 128,
+    mult (2,2,2), 4 blocks, attention at 16, dropout 0.3. Keywords (defaults = ours;
+    AUTHORS_UNET = the authors' CIFAR-10/CelebA net): scale_shift (FiLM time conditioning),
+    attn_heads (fixed heads, authors 1), conv_resample (strided conv down, nearest + conv up;
+    authors: average pool, nearest), t_scale (embed t_scale * t; authors the raw t), stem_mult
+    (stem gives base * mult[0] channels), norm_groups (authors 32), zero_out (output conv zero:
+    Phi = 1/2 |x|^2 at start). `amp`: the trunk runs in bf16 on CUDA; the head stays fp32."""
 
     def __init__(self, in_ch=3, base=128, mult=(2, 2, 2), num_res=4, attn_res=(16,), dropout=0.3,
                  image_size=32, num_classes=0, *, scale_shift=False, attn_heads=None, head_dim=64,
-                 attn_order="new", conv_resample=True, t_scale=1000.0, stem_mult=False,
-                 norm_groups=None, zero_out=False):
+                 conv_resample=True, t_scale=1000.0, stem_mult=False, norm_groups=None,
+                 zero_out=False):
         super().__init__()
         self.amp = False
         emb = base * 4
@@ -470,7 +440,7 @@ class UNetPhi(nn.Module):
             return ResBlock(cin, cout, emb, dropout, scale_shift, norm_groups)
 
         def attn(c):
-            return AttnBlock(c, head_dim, attn_heads, attn_order, norm_groups)
+            return AttnBlock(c, head_dim, attn_heads, norm_groups)
 
         ch = base * mult[0] if stem_mult else base
         self.inp = nn.Conv2d(in_ch, ch, 3, padding=1)
@@ -484,10 +454,7 @@ class UNetPhi(nn.Module):
                 self.down.append(blk)
                 chans.append(ch)
             if i < len(mult) - 1:                                    # halve the resolution
-                if conv_resample:
-                    pool = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
-                else:
-                    pool = nn.AvgPool2d(2)
+                pool = nn.Conv2d(ch, ch, 3, 2, 1) if conv_resample else nn.AvgPool2d(2)
                 self.down.append(nn.ModuleList([pool]))
                 chans.append(ch)
                 res_px //= 2
@@ -540,8 +507,8 @@ class UNetPhi(nn.Module):
 # The authors' network (https://github.com/ljun0004/VAPO, configs/homotopy/cifar10.py, celeba.py):
 # UNetPhi(3, 128, (2, 2, 2), 4, attn_res=(image_size // 2,), dropout=0.3, **AUTHORS_UNET) has their
 # 55,676,419 parameters (README: 55.7M); loaded with their weights it computes their potential.
-AUTHORS_UNET = dict(scale_shift=True, attn_heads=1, attn_order="new", conv_resample=False,
-                    t_scale=1.0, stem_mult=True, norm_groups=32, zero_out=True)
+AUTHORS_UNET = dict(scale_shift=True, attn_heads=1, conv_resample=False, t_scale=1.0,
+                    stem_mult=True, norm_groups=32, zero_out=True)
 
 class WideBlock(nn.Module):
     def __init__(self, cin, cout, stride, dropout):
@@ -557,10 +524,8 @@ class WideBlock(nn.Module):
         return self.skip(x) + self.c2(self.drop(F.silu(self.n2(h))))
 
 class WRNPhi(nn.Module):
-    """Autonomous potential Phi(x [, y]) (paper Sec. 4.2, Zagoruyko & Komodakis): a WideResNet with
-    three groups of (depth-4)/6 blocks of widths (w, 2w, 4w), GroupNorm + SiLU, global average
-    pooling and a linear read-out Phi = <a, pool(h)> + b (one per class with --class-cond).
-    t is ignored."""
+    """Autonomous potential Phi(x [, y]) (Sec. 4.2): a WideResNet, three groups of (depth-4)/6
+    blocks of widths (w, 2w, 4w), average pooling, a linear read-out per class (+ "null"); no t."""
 
     def __init__(self, in_ch=3, width=128, depth=16, dropout=0.0, num_classes=0):
         super().__init__()
@@ -600,8 +565,7 @@ class Conditioned(nn.Module):
 
 # ==== ENGINEERING: nothing below this line is in the paper ====
 # ==== 3. Data ====
-# Images live in [-1, 1]. Real sets are read through torchvision with download=True, so a machine
-# with internet fetches them into --data-dir; offline, a missing set is one clear line.
+# Images live in [-1, 1]; torchvision sets are downloaded into --data-dir (offline: one clear line).
 def die(msg, code=2):
     """One line "error: ..." on stderr, no traceback; exit 2: bad input, 3: non-finite numbers."""
     print(f"error: {msg}", file=sys.stderr)
@@ -639,11 +603,8 @@ class NpzImages(torch.utils.data.Dataset):
         return x, int(self.labels[i]) if self.labels is not None else 0
 
 def build_dataset(args, train=True, name=None):
-    """A dataset of (image in [-1, 1], label) for args.dataset (or `name`, for the OOD sets).
-    cifar10 / cifar100 / svhn / mnist: torchvision (download=True into --data-dir); celeba64 (and
-    celeba, the same images for OOD): an ImageFolder in <data-dir>/celeba64/; folder: any
-    ImageFolder at --data-dir; npz: the file --data-dir; fake: torchvision FakeData (tests).
-    Training flips are drawn in the training loop (reproducible per step), not here."""
+    """(image in [-1, 1], label) of args.dataset or `name` (the OOD sets). celeba64 and celeba:
+    <data-dir>/celeba64/. Training flips are drawn in the training loop (per step), not here."""
     import torchvision.datasets as D
     import torchvision.transforms as T
     name, root = name or args.dataset, args.data_dir
@@ -686,8 +647,7 @@ def build_dataset(args, train=True, name=None):
 
 def attach_celeba_attributes(ds, path):
     """Labels for the compositional CelebA experiment (Sec. 4.3) from list_attr_celeba.txt in
-    <data-dir>/celeba64/: each draw picks one of the image's positive attributes among Male (0),
-    Smiling (1), Young (2) at random; 3 = none of them."""
+    <data-dir>/celeba64/ (celeba_label draws them)."""
     f = os.path.join(path, "list_attr_celeba.txt")
     if not os.path.isfile(f):
         die(f"--class-cond on celeba64 needs CelebA's attribute file at {os.path.abspath(f)}")
@@ -710,15 +670,15 @@ def num_classes_of(ds):
     return max(1, len(getattr(ds, "classes", [])) or 10)
 
 class StepBatches(torch.utils.data.Sampler):
-    """Index batches as a pure function of (seed, step, rank): epoch e is a fixed permutation seeded
-    by (seed, e), split between ranks. Starting at any step gives the batches an uninterrupted run
-    would have seen, so --resume is exact (a DistributedSampler would restart its epoch)."""
+    """Index batches as a pure function of (seed, rank, step): epoch e is a permutation seeded by
+    seed + e, split between ranks. From any step: the batches a straight run saw (exact resume)."""
 
     def __init__(self, n, batch, seed, rank=0, world=1, start_step=0):
         self.n, self.batch, self.seed, self.rank, self.world = n, batch, seed, rank, world
-        self.start, self.per_epoch = start_step, (n // world) // batch
+        self.start = start_step
+        self.per_epoch = (n // world) // batch
         if self.per_epoch == 0:
-            die(f"the dataset has {n} images, fewer than one batch of {batch} x {world} processes")
+            die(f"dataset of {n} images is smaller than one batch ({batch} x {world} processes)")
 
     def __iter__(self):
         step, cached = self.start, (None, None)
@@ -730,16 +690,13 @@ class StepBatches(torch.utils.data.Sampler):
             yield cached[1][i * self.batch:(i + 1) * self.batch].tolist()
             step += 1
 
-def quiet_worker(_):
-    """DataLoader workers ignore Ctrl-C / SIGTERM sent to the whole process group: the main process
-    finishes its step and saves (section 4) instead of dying on a lost worker."""
+def quiet_worker(_):    # workers ignore a group's Ctrl-C / SIGTERM: the main process saves first
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
 
 def batch_iterator(ds, args, rank=0, world=1, start_step=0):
-    """Endless (x, y) batches in the order StepBatches fixes."""
     sampler = StepBatches(len(ds), args.batch_size, args.seed, rank, world, start_step)
-    # its own generator: making the iterator must not consume the global RNG
+    # own generator: making the iterator must not consume the global RNG (resume would shift noise)
     dl = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=args.workers,
                                      pin_memory=torch.cuda.is_available(),
                                      persistent_workers=args.workers > 0,
@@ -758,10 +715,9 @@ def first_images(ds, n, batch=256):
     return torch.cat(xs)[:n]
 
 # ==== 4. Training loop ====
-# bf16 (--amp): the network trunk runs under autocast on CUDA (set by `net.amp`); the output Phi,
-# the loss arithmetic, the samplers, parameters, Adam and EMA stay fp32. DDP: the loss
-# differentiates grad_x Phi (a double backward), which DistributedDataParallel does not support, so
-# each process keeps a plain module and allreduce_grads averages the gradients after backward.
+# bf16 (--amp): only the network trunk (`net.amp`, CUDA); Phi, the loss, samplers, Adam and EMA
+# stay fp32. DDP: DistributedDataParallel has no double backward (the loss differentiates grad_x
+# Phi), so each process keeps a plain module and allreduce_grads averages the gradients.
 class StopSignals:
     """SIGINT / SIGTERM only set a flag; the loop finishes its step, saves and exits 130 / 143."""
 
@@ -811,12 +767,11 @@ def all_max(values, device, world):
     return t.tolist()
 
 def build_model(args, num_classes, device=None):
-    """Phi from the flags (--net authors, the default of --recipe authors: their U-Net); with a
-    device: on it, engineering set (engineer)."""
+    """Phi from the flags (--net authors: their U-Net); with a device: on it, engineering set."""
     nc = num_classes if args.class_cond else 0
     if args.model == "unet":
-        net = UNetPhi(args.channels, args.model_size, args.ch_mult_t, args.res_blocks,
-                      args.attn_res_t, args.dropout, args.image_size, nc,
+        net = UNetPhi(args.channels, args.model_size, ints(args.ch_mult), args.res_blocks,
+                      ints(args.attn_res), args.dropout, args.image_size, nc,
                       **(AUTHORS_UNET if args.net == "authors" else {}))
     else:
         net = WRNPhi(args.channels, args.model_size, args.wrn_depth, 0.0, nc)
@@ -836,8 +791,7 @@ def build_vpfb(phi, args):
     return VPFB(phi, autonomous=(args.model == "wrn"), **loss_kwargs(args))
 
 def ema_decay_at(decay, n, warmup=True):
-    """Decay of EMA update number n: min(decay, (1 + n) / (10 + n)) with warm-up (short runs sample
-    trained weights), else constant (authors' code)."""
+    """Decay of EMA update number n: min(decay, (1 + n) / (10 + n)) with warm-up, else constant."""
     return min(decay, (1.0 + n) / (10.0 + n)) if warmup else decay
 
 @torch.no_grad()
@@ -849,8 +803,7 @@ def ema_update(ema, net, decay):
         be.copy_(b)
 
 def allreduce_grads(params, world):
-    """Average gradients over processes, by hand: the loss differentiates grad_x Phi (a double
-    backward), which DDP's reducer does not support."""
+    """Average the gradients of all ranks (what DDP does; see the note above)."""
     if world == 1:
         return
     for p in params:
@@ -955,12 +908,10 @@ def plot_losses(records, path):
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
     for key, sign in (("loss", 1), ("cov", 1), ("cos", -1)):
         ax[0].plot(s, [sign * h[key] for h in records], label=("-" if sign < 0 else "") + key)
-    ax[0].set_xlabel("step")
+    ax[0].set(xlabel="step", title="VPFB loss, Eq. (27)")
     ax[0].legend()
-    ax[0].set_title("VPFB loss, Eq. (27)")
     ax[1].semilogy(s, [max(h["poincare_ratio"], 1e-12) for h in records])
-    ax[1].set_xlabel("step")
-    ax[1].set_title("Poincare ratio E|grad Phi|^2 / E Phi^2")
+    ax[1].set(xlabel="step", title="Poincare ratio E|grad Phi|^2 / E Phi^2")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -985,14 +936,15 @@ def cmd_train(args):
         ema = copy.deepcopy(net).eval().requires_grad_(False)
         opt = torch.optim.Adam(net.parameters(), lr=args.lr)
         step, n_ema, src = 0, 0, args.ckpt or ckpt_path               # READ from --ckpt if given
-        if args.resume and args.ckpt and not os.path.isfile(args.ckpt):
-            die(f"--resume --ckpt {args.ckpt}: no such file")
-        if args.resume and os.path.isfile(src):
+        if args.resume and (args.ckpt or os.path.isfile(src)):
             st = load_checkpoint(src)
             if is_authors_checkpoint(st):
                 die(f"{src} is an authors' checkpoint: their optimizer state does not resume "
                     f"here; use it with --mode sample/ood/... --ckpt {src}")
-            check_arch(st["args"], args, src)
+            diff = [f"--{k.replace('_', '-')} {getattr(args, k)!r} (checkpoint: {st['args'][k]!r})"
+                    for k in ARCH_KEYS if st["args"].get(k, getattr(args, k)) != getattr(args, k)]
+            if diff:
+                die(f"{src} was trained with another architecture: {', '.join(diff)}")
             net.load_state_dict(st["model"])
             ema.load_state_dict(st["ema"])
             opt.load_state_dict(st["opt"])
@@ -1080,9 +1032,8 @@ def cmd_train(args):
     return net, ema
 
 # ==== 5. Checkpoints ====
-# A plain dict {"format", "model", "ema", "opt", "step", "ema_updates", "args"}, loadable with
-# torch.load(weights_only=True); written to <path>.tmp, then os.replace'd (a crash never leaves half
-# a checkpoint, and never more than one temp file).
+# A plain dict {"format", "model", "ema", "opt", "step", "ema_updates", "args"} (weights_only
+# loadable), written to <path>.tmp, then os.replace'd: a crash never leaves half a checkpoint.
 FORMAT = "vpfb/v1"
 ARCH_KEYS = ["model", "model_size", "ch_mult", "res_blocks", "attn_res", "dropout", "wrn_depth",
              "class_cond", "image_size", "channels", "recipe", "net"]
@@ -1120,25 +1071,15 @@ def load_checkpoint(path):
         saved["image_size"] = 64 if saved.get("dataset") == "celeba64" else 32
     return state
 
-def check_arch(saved, args, path):
-    """Resume onto the same architecture, or one line naming the flags that differ."""
-    diff = [f"--{k.replace('_', '-')} {getattr(args, k)!r} (checkpoint: {saved[k]!r})"
-            for k in ARCH_KEYS if k in saved and saved[k] != getattr(args, k, None)]
-    if diff:
-        die(f"{path} was trained with another architecture: {', '.join(diff)}")
-
 # ---- The authors' checkpoints (https://github.com/ljun0004/VAPO, README "Checkpoints") ----
-# Their main.py saves score_sde-style dicts: "model" = the state dict of nn.DataParallel(MyUnet),
-# keys "module.model.<guided-diffusion UNet key>"; "ema" = {"decay", "num_updates",
-# "shadow_params": EMA copies of model.parameters(), in that order}; "optimizer", "step",
-# "sigma_max". Their UNet is our UNetPhi built with AUTHORS_UNET, and the names map as
-#   time_embed.{0,2} -> temb.{0,2}   input_blocks.0.0 -> inp        label_emb -> cemb
-#   input_blocks.k.j -> down.(k-1).j middle_block.j -> mid.j        output_blocks.k.j -> up.k.j
-#   out.{0,2} -> out.{0,2}   inside the blocks: _RES_NAMES, _ATTN_NAMES (1-D convs -> 1x1 convs)
-# A resampling conv is "op" (down) or "conv" (up, where we keep nn.Upsample and the conv as two
-# layers); with their conv_resample=False (the released nets) there is none. Registration order
-# is the same in both nets: their parameters() order (of shadow_params) = our named_parameters().
-# They embed the raw t in [0, 1] (temb_type "time"); the third input column (1 - t) is unused.
+# score_sde-style dicts: "model" = the state dict of nn.DataParallel(MyUnet), keys "module.model."
+# + a guided-diffusion UNet key; "ema" = {"shadow_params": EMA copies of model.parameters() in
+# order, ...}; "optimizer", "step". Their UNet is our UNetPhi with AUTHORS_UNET; names map as
+#   time_embed -> temb, label_emb -> cemb, input_blocks.0.0 -> inp, input_blocks.k -> down.(k-1),
+#   middle_block -> mid, output_blocks -> up, out -> out; in the blocks _RES_NAMES, _ATTN_NAMES
+#   (their 1-D convs -> 1x1 convs); resampling convs are "op" (down) or "conv" (up; our
+#   nn.Upsample and conv are two layers), none in the released nets. Both nets register their
+#   parameters in the same order, so shadow_params[i] is our i-th parameter. They embed the raw t.
 
 _RES_NAMES = {"n1": "in_layers.0", "c1": "in_layers.2", "emb": "emb_layers.1",
               "n2": "out_layers.0", "c2": "out_layers.3", "skip": "skip_connection"}
@@ -1153,17 +1094,9 @@ def is_authors_checkpoint(ck):
             and isinstance(ck.get("ema"), dict)
             and isinstance(ck["ema"].get("shadow_params"), (list, tuple)) and "step" in ck)
 
-def _strip(key):
-    """'module.model.out.2.weight' -> 'out.2.weight' (DataParallel, then their MyUnet wrapper)."""
-    for prefix in ("module.", "model."):
-        if key.startswith(prefix):
-            key = key[len(prefix):]
-    return key
-
 def _listing(keys, n=6):
     keys = list(keys)
-    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 def authors_names(net):
     """{our parameter name: the authors' name (no prefix)}, in our parameter order."""
@@ -1171,24 +1104,23 @@ def authors_names(net):
     for key, _ in net.named_parameters():
         part = key.split(".")
         if part[0] in _AUTHORS_TOP:
-            theirs = ".".join([_AUTHORS_TOP[part[0]]] + part[1:])
+            names[key] = ".".join([_AUTHORS_TOP[part[0]]] + part[1:])
+            continue
+        if part[0] == "mid":
+            block, j, rest = "middle_block", int(part[1]), part[2:]
+            layer = net.mid[j]
         else:
-            if part[0] == "mid":
-                block, j, rest = "middle_block", int(part[1]), part[2:]
-                layer = net.mid[j]
-            else:
-                i, j, rest = int(part[1]), int(part[2]), part[3:]
-                layer = getattr(net, part[0])[i][j]
-                block = f"input_blocks.{i + 1}" if part[0] == "down" else f"output_blocks.{i}"
-            if isinstance(layer, ResBlock):
-                theirs = f"{block}.{j}.{_RES_NAMES[rest[0]]}.{rest[1]}"
-            elif isinstance(layer, AttnBlock):
-                theirs = f"{block}.{j}.{_ATTN_NAMES[rest[0]]}.{rest[1]}"
-            elif part[0] == "down":                       # strided conv: their Downsample.op
-                theirs = f"{block}.0.op.{rest[0]}"
-            else:                                         # conv after nn.Upsample: Upsample.conv
-                theirs = f"{block}.{j - 1}.conv.{rest[0]}"
-        names[key] = theirs
+            i, j, rest = int(part[1]), int(part[2]), part[3:]
+            layer = getattr(net, part[0])[i][j]
+            block = f"input_blocks.{i + 1}" if part[0] == "down" else f"output_blocks.{i}"
+        if isinstance(layer, ResBlock):
+            names[key] = f"{block}.{j}.{_RES_NAMES[rest[0]]}.{rest[1]}"
+        elif isinstance(layer, AttnBlock):
+            names[key] = f"{block}.{j}.{_ATTN_NAMES[rest[0]]}.{rest[1]}"
+        elif part[0] == "down":                           # strided conv: their Downsample.op
+            names[key] = f"{block}.0.op.{rest[0]}"
+        else:                                             # conv after nn.Upsample: Upsample.conv
+            names[key] = f"{block}.{j - 1}.conv.{rest[0]}"
     return names
 
 def authors_arch(sd, image_size=32):
@@ -1206,7 +1138,6 @@ def authors_arch(sd, image_size=32):
         raise ValueError("input blocks do not form a U-Net")
     first = [1 + lv * (num_res + 1) for lv in range(levels)]
     out_ch = [sd[f"input_blocks.{k}.0.in_layers.2.weight"].shape[0] for k in first]
-    mult = tuple(c // base for c in out_ch)
     emb_out = sd["input_blocks.1.0.emb_layers.1.weight"].shape[0]
     kw = dict(AUTHORS_UNET)
     kw.update(scale_shift=emb_out == 2 * out_ch[0], stem_mult=stem.shape[0] != base,
@@ -1214,50 +1145,36 @@ def authors_arch(sd, image_size=32):
     attn = tuple(image_size // 2 ** lv for lv, k in enumerate(first)
                  if f"input_blocks.{k}.1.qkv.weight" in sd)
     ncls = sd["label_emb.weight"].shape[0] - 1 if "label_emb.weight" in sd else 0
-    return dict(in_ch=stem.shape[1], base=base, mult=mult, num_res=num_res, attn_res=attn,
-                dropout=0.3, image_size=image_size, num_classes=ncls, **kw)
-
-def authors_args(ck, image_size=32):
-    """vpfb.py's architecture flags that describe an authors' checkpoint (for load_for_eval)."""
-    kw = authors_arch({_strip(k): v for k, v in ck["model"].items()}, image_size)
-    return {"model": "unet", "model_size": kw["base"], "recipe": "authors", "net": "authors",
-            "ch_mult": ",".join(str(m) for m in kw["mult"]), "res_blocks": kw["num_res"],
-            "attn_res": ",".join(str(r) for r in kw["attn_res"]), "dropout": kw["dropout"],
-            "class_cond": kw["num_classes"] > 0, "channels": kw["in_ch"],
-            "image_size": image_size}
+    return dict(in_ch=stem.shape[1], base=base, mult=tuple(c // base for c in out_ch),
+                num_res=num_res, attn_res=attn, dropout=0.3, image_size=image_size,
+                num_classes=ncls, **kw)
 
 def authors_network(ck, use_ema=True, image_size=32, name="checkpoint"):
     """Our UNetPhi (eval mode, frozen) holding the weights of an authors' checkpoint dict `ck`:
-    the EMA shadow_params (use_ema) or the raw model. Anything that does not fit: one line,
-    exit 2."""
+    the EMA shadow_params (use_ema) or the raw model. What does not fit: one line, exit 2."""
     if not is_authors_checkpoint(ck):
         found = _listing(sorted(ck)) if isinstance(ck, dict) else type(ck).__name__
         die(f"{name!r} is not an authors' VAPO checkpoint (expects model, ema.shadow_params, "
             f"step; found {found})")
-    sd = {_strip(k): v for k, v in ck["model"].items()}
+    sd = {k.removeprefix("module.").removeprefix("model."): v for k, v in ck["model"].items()}
     try:
-        kw = authors_arch(sd, image_size)
+        net = UNetPhi(**authors_arch(sd, image_size))
     except (KeyError, IndexError, ValueError, ZeroDivisionError, AttributeError):
         odd = [k for k in sd if not k.startswith(_AUTHORS_PREFIXES)] or list(sd)
         die(f"{name!r} is a score_sde-style checkpoint but not the authors' VAPO U-Net "
             f"(unmatched keys: {_listing(odd)})")
-    net = UNetPhi(**kw)
     names = authors_names(net)
-    known = set(names.values())
-    unmatched = [k for k in sd if k not in known]
+    unmatched = [k for k in sd if k not in set(names.values())]
     missing = [theirs for theirs in names.values() if theirs not in sd]
     if unmatched or missing:
         die(f"{name!r} does not fit the authors' U-Net it describes (unmatched keys: "
             f"{_listing(unmatched) or 'none'}; missing: {_listing(missing) or 'none'})")
     theirs = sd
-    if use_ema:
-        # shadow_params[i] is the EMA of their i-th parameter; their parameter order is the order
-        # of their state dict (no buffers) and, by construction, our named_parameters() order
+    if use_ema:                                   # shadow_params[i]: the EMA of parameter i
         shadow, order = list(ck["ema"]["shadow_params"]), list(names.values())
-        if len(shadow) != len(order):
-            die(f"{name!r}: {len(shadow)} EMA shadow_params for {len(order)} parameters")
-        if list(sd) != order:
-            die(f"{name!r}: the model's tensors are not in the authors' parameter order")
+        if len(shadow) != len(order) or list(sd) != order:
+            die(f"{name!r}: {len(shadow)} EMA shadow_params for {len(order)} parameters, or the "
+                f"model's tensors are not in the authors' parameter order")
         theirs = dict(zip(order, shadow))
     ours = {}
     for key, p in net.named_parameters():
@@ -1270,42 +1187,38 @@ def authors_network(ck, use_ema=True, image_size=32, name="checkpoint"):
     return net.eval().requires_grad_(False)
 
 def load_authors_checkpoint(path, use_ema=True, image_size=32):
-    """The authors' released Phi (Google Drive folders homotopy_cifar10 / homotopy_celeba,
-    checkpoints/checkpoint_*.pth) as our time-varying UNetPhi in eval mode: net(x, t) is their
-    potential at every t in [0, 1], x in [-1, 1] NCHW. EMA weights unless use_ema=False."""
+    """The authors' released Phi (their checkpoints/checkpoint_*.pth) as our UNetPhi in eval mode:
+    net(x, t) is their potential, x in [-1, 1] NCHW. EMA weights unless use_ema=False."""
     return authors_network(read_checkpoint(path), use_ema, image_size, name=path)
 
 def load_for_eval(args, device):
-    """Rebuild the network of a checkpoint (EMA weights, raw with --no-ema); its architecture flags
-    win over the command line. An authors' file gives their network and --recipe authors."""
+    """The network of a checkpoint (EMA weights, raw with --no-ema), its architecture flags winning
+    over the command line; an authors' file gives their network and --recipe authors."""
     path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
     state = load_checkpoint(path)
     if is_authors_checkpoint(state):               # their file says nothing of the data: --dataset
-        a = argparse.Namespace(**{**vars(args), **authors_args(state, args.image_size)})
-        parse_lists(a)
         net = authors_network(state, not args.no_ema, args.image_size, name=path)
+        a = argparse.Namespace(**{**vars(args), "model": "unet", "recipe": "authors",
+                                  "net": "authors", "class_cond": net.num_classes > 0,
+                                  "channels": net.inp.in_channels})
         ncls = net.num_classes or 10
-        return maybe_compile(engineer(net, device, a.amp, a.channels_last), args), a, ncls
-    saved = state["args"]
-    a = argparse.Namespace(**{**vars(args), **{k: saved[k] for k in ARCH_KEYS + ["dataset"]
-                                               if k in saved}})
-    parse_lists(a)
-    weights = state["model" if args.no_ema else "ema"]
-    ncls = 10
-    for key in ("cemb.weight", "head.weight"):
-        if a.class_cond and key in weights:
-            ncls = weights[key].shape[0] - 1                        # minus the null class
-    net = build_model(a, ncls, device)
-    try:
-        net.load_state_dict(weights)
-    except RuntimeError as e:
-        die(f"checkpoint weights do not fit the network it describes ({str(e).splitlines()[0]})")
-    return maybe_compile(net.eval().requires_grad_(False), args), a, ncls
-
-def maybe_compile(net, args):
+    else:
+        saved = state["args"]
+        a = argparse.Namespace(**{**vars(args), **{k: saved[k] for k in ARCH_KEYS + ["dataset"]
+                                                   if k in saved}})
+        weights = state["model" if args.no_ema else "ema"]
+        head = "cemb.weight" if a.model == "unet" else "head.weight"
+        ncls = weights[head].shape[0] - 1 if a.class_cond else 10     # minus the null class
+        net = build_model(a, ncls)
+        try:
+            net.load_state_dict(weights)
+        except RuntimeError as e:
+            die(f"checkpoint weights do not fit the network it describes "
+                f"({str(e).splitlines()[0]})")
+    net = engineer(net, device, a.amp, a.channels_last).eval().requires_grad_(False)
     if args.compile:
         net = torch.compile(net)                     # first-order gradients only: fine for sampling
-    return net
+    return net, a, ncls
 
 # ==== 6. Experiment modes ====
 
@@ -1631,6 +1544,7 @@ pos_float = _number(float, lambda v: v > 0, "a finite number > 0")
 nonneg_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
 finite_float = _number(float, lambda v: True, "a finite number")
 unit_float = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+time_float = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 class Parser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line on stderr and exit 2 (not the usage block)."""
@@ -1644,9 +1558,8 @@ def build_parser():
     a, bool_opt = p.add_argument, argparse.BooleanOptionalAction
     a("--mode", default="train", choices=MODES, help="what to do")
     # data / run
-    a("--dataset", default="cifar10", choices=DATASETS + ["svhn", "cifar100"],
-      help="training set; npz: --data-dir is a .npz with uint8 `images` N x H x W x C")
-    a("--data-dir", default="data", help="dataset folder (npz: the .npz file)")
+    a("--dataset", default="cifar10", choices=DATASETS + ["svhn", "cifar100"], help="images")
+    a("--data-dir", default="data", help="dataset folder (npz: the .npz file, uint8 NHWC)")
     a("--image-size", type=pos_int, help="image side (default 32; celeba64 64; npz: the file's)")
     a("--fake-size", type=pos_int, default=512, help="number of FakeData images")
     a("--out-dir", help="output folder (default runs/vpfb_<dataset>); always written to")
@@ -1660,8 +1573,8 @@ def build_parser():
     a("--lr", type=pos_float, default=1e-4, help="Adam learning rate")
     a("--warmup", type=nonneg_int, default=5000, help="linear learning-rate warm-up steps")
     a("--grad-clip", type=nonneg_float, help="gradient clipping (0 = off) [ours 1; authors 3]")
-    a("--clip-mode", default=None, choices=["norm", "std"], help="norm: global norm [ours]; std: "
-      "each element to +-(clip * Adam's RMS + 0.1) [authors]")
+    a("--clip-mode", choices=["norm", "std"], help="global norm [ours]; std [authors]: each "
+      "element to +-(clip * Adam's RMS + 0.1)")
     a("--ema-decay", type=unit_float, default=0.9999, help="EMA decay")
     a("--ema-warmup", action=bool_opt, default=True, help="min(decay, (1+n)/(10+n)); no: authors")
     a("--no-ema", action="store_true", help="grids / sampling with the raw weights, not the EMA")
@@ -1670,30 +1583,28 @@ def build_parser():
     a("--model-size", type=pos_int, default=128, help="base channels (unet 128 = paper's net)")
     a("--ch-mult", default="2,2,2", help="UNet channel multipliers per resolution level")
     a("--res-blocks", type=pos_int, default=4, help="UNet residual blocks per level")
-    a("--net", default=None, choices=["ours", "authors"], help="unet variant [the recipe's]")
-    a("--attn-res", default=None, help="unet resolutions with attention (and the middle) [16; "
-      "--net authors: image size // 2]")
+    a("--net", choices=["ours", "authors"], help="unet variant [the recipe's]")
+    a("--attn-res", help="unet attention resolutions [16; --net authors: image size // 2]")
     a("--dropout", type=unit_float, default=0.3, help="dropout in the res blocks (authors 0.3)")
     a("--wrn-depth", type=pos_int, default=16, help="WideResNet depth (6n + 4)")
     a("--class-cond", action="store_true", help="class-conditional Phi(x, c) (for --mode compose)")
-    a("--p-uncond", type=unit_float, default=None, help="with --class-cond: fraction of labels "
-      "replaced by a null class, so Phi(x) exists too [ours 0.1; authors 0.2]")
+    a("--p-uncond", type=unit_float, help="share of null labels [ours 0.1; authors 0.2]")
     # loss, Eq. (27): see the VPFB class for each choice
-    a("--recipe", default="ours", choices=["ours", "paper", "authors"], help="preset of the "
-      "loss and clip flags (explicit flags win); authors: also --net authors")
-    a("--kappa", type=finite_float, default=None, help="w(t) = (1 - t)^kappa [ours 1]")
+    a("--recipe", default="ours", choices=list(RECIPES), help="loss and clip presets (explicit "
+      "flags win); authors: also --net authors")
+    a("--kappa", type=finite_float, help="w(t) = (1 - t)^kappa [ours 1]")
     a("--t-end", type=pos_float, default=1.0, help="t ~ U(0, t_end)")
-    a("--t-max", type=pos_float, default=1.0 - 1e-5, help="stationarity: t clamped to t_max")
-    a("--t-inf", type=pos_float, default=None, help="time Phi_B (Eq. 22) is read at [t_max]")
-    a("--eta", type=nonneg_float, default=None, help="Poincare weight eta [ours 1e-4]")
-    a("--lam-cos", type=nonneg_float, default=None, help="weight of the cosine term [1]")
-    a("--lam-gx", type=nonneg_float, default=None, help="weight of E||grad_x Phi||^2 [1]")
-    a("--lam-gt", type=nonneg_float, default=None, help="weight of E(dPhi/dt)^2 [ours 0.01]")
-    a("--cov-form", default=None, choices=["cov", "corr"], help="cov (paper) or corr (authors)")
-    a("--cos-form", default=None, choices=["paper", "authors"], help="cos or cos^t / D (authors)")
-    a("--weight-on", default=None, choices=["ritz", "cov"], help="w(t) on cov + |grad|^2 or gamma")
-    a("--grad-norm", default=None, choices=["sum", "mean"], help="|grad Phi|^2 summed or averaged")
-    a("--bfactor", type=pos_float, default=None, help="c in Phi_B, Eq. (22) [ours 2; paper 4]")
+    a("--t-max", type=time_float, default=1.0 - 1e-5, help="stationarity: t clamped to t_max")
+    a("--t-inf", type=pos_float, help="time Phi_B (Eq. 22) is read at [t_max]")
+    a("--eta", type=nonneg_float, help="Poincare weight eta [ours 1e-4]")
+    a("--lam-cos", type=nonneg_float, help="weight of the cosine term [1]")
+    a("--lam-gx", type=nonneg_float, help="weight of E||grad_x Phi||^2 [1]")
+    a("--lam-gt", type=nonneg_float, help="weight of E(dPhi/dt)^2 [ours 0.01]")
+    a("--cov-form", choices=["cov", "corr"], help="cov (paper) or corr (authors)")
+    a("--cos-form", choices=["paper", "authors"], help="cos or cos^t / D (authors)")
+    a("--weight-on", choices=["ritz", "cov"], help="w(t) on cov + |grad|^2 or gamma")
+    a("--grad-norm", choices=["sum", "mean"], help="|grad Phi|^2 summed or averaged")
+    a("--bfactor", type=pos_float, help="c in Phi_B, Eq. (22) [ours 2; paper 4]")
     # samplers
     a("--sampler", default="rk45", choices=["euler", "rk45", "sgld"], help="sampler of the modes")
     a("--ode-steps", type=pos_int, default=100, help="Euler steps (and rk45 trajectory frames)")
@@ -1743,20 +1654,26 @@ TRAIN_RECIPES = {  # optimiser presets
 
 def loss_kwargs(args):
     """The VPFB(...) keyword arguments: the recipe preset, overridden by any explicit flag."""
-    kw = dict(RECIPES[args.recipe])
-    for k in kw:
-        if getattr(args, k, None) is not None:
-            kw[k] = getattr(args, k)
-    kw.update(t_end=args.t_end, t_max=args.t_max, t_inf=getattr(args, "t_inf", None))
-    return kw
+    kw = {k: v if getattr(args, k) is None else getattr(args, k)
+          for k, v in RECIPES[args.recipe].items()}
+    return dict(kw, t_end=args.t_end, t_max=args.t_max, t_inf=args.t_inf)
 
-def parse_lists(args):
+def ints(s):
+    """'2,2,2' -> (2, 2, 2); --ch-mult and --attn-res stay strings, as checkpoints store them."""
     try:
-        args.ch_mult_t = tuple(int(c) for c in str(args.ch_mult).split(","))
-        args.attn_res_t = tuple(int(c) for c in str(args.attn_res).split(",") if c.strip())
+        return tuple(int(c) for c in str(s).split(",") if c.strip())
     except ValueError:
-        die(f"--ch-mult / --attn-res must be comma lists of integers, got {args.ch_mult!r}, "
-            f"{args.attn_res!r}")
+        die(f"--ch-mult / --attn-res must be comma lists of integers, got {s!r}")
+
+def prepare_out_dir(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test_{os.getpid()}")        # one per DDP rank
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        die(f"cannot write to output folder {os.path.abspath(path)} ({e.strerror or e})")
 
 def resolve_args(args, argv=None):
     """Fill the defaults that depend on other flags; bad combinations -> one line and exit 2."""
@@ -1764,8 +1681,6 @@ def resolve_args(args, argv=None):
     for k, v in TRAIN_RECIPES[args.recipe].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if args.t_max > 1:
-        die(f"--t-max must be in (0, 1], got {args.t_max}")
     args.channels, size = (1 if args.dataset == "mnist" else 3), None
     if args.dataset == "npz":
         if not os.path.isfile(args.data_dir):
@@ -1776,21 +1691,15 @@ def resolve_args(args, argv=None):
     args.net = args.net or ("authors" if args.recipe == "authors" else "ours")
     if args.attn_res is None:
         args.attn_res = str(args.image_size // 2) if args.net == "authors" else "16"
-    parse_lists(args)
-    levels = 2 ** (len(args.ch_mult_t) - 1)
+    levels = 2 ** (len(ints(args.ch_mult)) - 1)
+    ints(args.attn_res)
     if args.model == "unet" and args.image_size % levels:
         die(f"--image-size {args.image_size} must be a multiple of {levels} (the U-Net halves it "
-            f"{len(args.ch_mult_t) - 1} times for --ch-mult {args.ch_mult})")
+            f"{len(ints(args.ch_mult)) - 1} times for --ch-mult {args.ch_mult})")
     if args.model == "wrn" and (args.wrn_depth - 4) % 6:
         die(f"--wrn-depth must be 6n + 4 (10, 16, 22, 28 ...), got {args.wrn_depth}")
     args.out_dir = args.out_dir or os.path.join("runs", f"vpfb_{args.dataset}")
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)
-        probe = os.path.join(args.out_dir, f".write_test_{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        die(f"cannot write to --out-dir {args.out_dir!r}: {e.strerror}")
+    prepare_out_dir(args.out_dir)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(args.threads or cores or 1)
     return args
