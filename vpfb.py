@@ -577,8 +577,7 @@ FLIP_SETS = ("cifar10", "celeba64", "folder")                         # random h
 CELEBA_ATTRS = ("Male", "Smiling", "Young")             # classes 0, 1, 2 of --class-cond (3 = none)
 
 class NpzImages(torch.utils.data.Dataset):
-    """--dataset npz: `images` uint8 N x H x W x C (the layout --mode sample writes), optional
-    `labels`; returns (image in [-1, 1] C x H x W, label)."""
+    """--dataset npz: `images` uint8 N x H x W x C (as --mode sample writes), optional `labels`."""
 
     def __init__(self, path):
         try:
@@ -627,8 +626,17 @@ def build_dataset(args, train=True, name=None):
                     if name != "folder" else "images in at least one sub-folder")
             die(f"no image folder at {os.path.abspath(path)} ({type(e).__name__}); "
                 f"put {what} there")
-        if name == "celeba64" and getattr(args, "class_cond", False):
-            attach_celeba_attributes(ds, path)
+        if name == "celeba64" and getattr(args, "class_cond", False):   # Sec. 4.3's attributes
+            attr_file = os.path.join(path, "list_attr_celeba.txt")
+            if not os.path.isfile(attr_file):
+                die(f"--class-cond on celeba64 needs CelebA's attribute file at "
+                    f"{os.path.abspath(attr_file)}")
+            with open(attr_file) as fh:
+                lines = fh.read().splitlines()
+            cols = [lines[1].split().index(a) for a in CELEBA_ATTRS]
+            attrs = {r[0]: [int(r[1 + c]) for c in cols] for r in map(str.split, lines[2:]) if r}
+            ds.samples = [(p, attrs.get(os.path.basename(p), [-1] * 3)) for p, _ in ds.samples]
+            ds.target_transform, ds.classes = celeba_label, list(CELEBA_ATTRS) + ["none"]
         return ds
     tf = T.Compose(resize + gray + norm)
     what = {"cifar10": "cifar-10-batches-py/ (from cifar-10-python.tar.gz)",
@@ -644,22 +652,6 @@ def build_dataset(args, train=True, name=None):
         first = str(e).splitlines()[0] if str(e) else ""
         die(f"could not load {name} ({type(e).__name__}: {first}); "
             f"put {what} under {os.path.abspath(root)} or allow the download")
-
-def attach_celeba_attributes(ds, path):
-    """Labels for the compositional CelebA experiment (Sec. 4.3) from list_attr_celeba.txt in
-    <data-dir>/celeba64/ (celeba_label draws them)."""
-    f = os.path.join(path, "list_attr_celeba.txt")
-    if not os.path.isfile(f):
-        die(f"--class-cond on celeba64 needs CelebA's attribute file at {os.path.abspath(f)}")
-    with open(f) as fh:
-        lines = fh.read().splitlines()
-    names = lines[1].split()
-    cols = [names.index(a) for a in CELEBA_ATTRS]
-    rows = [ln.split() for ln in lines[2:] if ln.strip()]
-    attrs = {r[0]: [int(r[1 + c]) for c in cols] for r in rows}
-    ds.samples = [(p, attrs.get(os.path.basename(p), [-1, -1, -1])) for p, _ in ds.samples]
-    ds.target_transform = celeba_label
-    ds.classes = list(CELEBA_ATTRS) + ["none"]
 
 def celeba_label(attr):
     """A random positive attribute among Male, Smiling, Young (0, 1, 2), or 3 if none."""
@@ -1247,34 +1239,32 @@ def generate(phi, args, device, n, shape, method=None, x0=None, n_classes=10, st
     strict: non-finite images are one line and exit 3 (a training grid only warns)."""
     method = method or args.sampler
     model = build_vpfb(phi, args)
+    random_classes = isinstance(phi, Conditioned) and args.class_cond and phi.y is None
     outs, nfes, t_start = [], [], time.time()
     for i in range(0, n, args.sample_batch):
         b = min(args.sample_batch, n - i)
         z = (x0[i:i + b] if x0 is not None else torch.randn(b, *shape)).to(device)
-        random_classes = isinstance(phi, Conditioned) and args.class_cond and phi.y is None
         if random_classes:
-            phi.y = torch.randint(n_classes, (b,), device=device)   # random classes
+            phi.y = torch.randint(n_classes, (b,), device=device)
         if method == "sgld":
             x = model.langevin(z, n_steps=args.sgld_steps, step_size=args.sgld_step,
                                temperature=args.sgld_temp)
         else:
             x = model.sample(z, method=method, n_steps=args.ode_steps, t0=args.t0, t1=args.t1,
                              rtol=args.rtol, atol=args.atol)
-        if random_classes:
-            phi.y = None
         nfes.append(model.last_nfe)
         outs.append(x.clamp(-1, 1) if args.clamp else x)
+    if random_classes:
+        phi.y = None
     if device.type == "cuda":
         torch.cuda.synchronize()
-    dt = time.time() - t_start
-    x = torch.cat(outs)
-    if not torch.isfinite(x).all():            # never hand garbage on (FID would take it as valid)
-        what = "error" if strict else "warning"
-        print(f"{what}: the {method} sampler produced non-finite values "
-              f"({int((~torch.isfinite(x)).sum())} of {x.numel()})"
-              f"{'; nothing written' if strict else ''}", file=sys.stderr)
-        if strict:
-            sys.exit(3)
+    dt, x = time.time() - t_start, torch.cat(outs)
+    n_bad = int((~torch.isfinite(x)).sum())
+    msg = f"the {method} sampler produced non-finite values ({n_bad} of {x.numel()})"
+    if n_bad and strict:                   # never hand garbage on (FID would take it as valid)
+        die(msg + "; nothing written", 3)
+    if n_bad:
+        print("warning: " + msg, file=sys.stderr)
     return x, {"sampler": method, "nfe_mean": float(np.mean(nfes)), "images_per_s": n / dt,
                "seconds": dt}
 
@@ -1298,10 +1288,9 @@ def cmd_interp(args, rows=8, cols=10):
     """Spherical interpolation between two noises, each point pushed through the ODE (Sec. 4.3)."""
     device, net, a, ncls, shape = eval_setup(args)
     z0, z1 = torch.randn(rows, *shape), torch.randn(rows, *shape)
-    al = torch.linspace(0, 1, cols)
-    z = torch.stack([slerp(z0, z1, torch.full((rows,), float(v))) for v in al], 1)
-    z = z.reshape(rows * cols, *shape)
-    x, st = generate(Conditioned(net), a, device, rows * cols, shape, x0=z, n_classes=ncls)
+    z = torch.stack([slerp(z0, z1, float(v)) for v in torch.linspace(0, 1, cols)], 1)
+    x, st = generate(Conditioned(net), a, device, rows * cols, shape, x0=z.flatten(0, 1),
+                     n_classes=ncls)
     save_grid(x, os.path.join(args.out_dir, "interp.png"), nrow=cols)
     write_json(args.out_dir, "interp_stats.json", st)
     print(json.dumps(st))
@@ -1310,11 +1299,10 @@ def cmd_nn(args, rows=8):
     """Generated samples and their k nearest training images in pixel (L2) distance (Fig. 5)."""
     device, net, a, ncls, shape = eval_setup(args)
     x, _ = generate(Conditioned(net), a, device, rows, shape, n_classes=ncls)
-    train_ds = build_dataset(a, train=True)
     best_d = torch.full((rows, args.nn_k), float("inf"))
     best_x = torch.zeros(rows, args.nn_k, *shape)
     xf = x.cpu().flatten(1)
-    for xb, _ in torch.utils.data.DataLoader(train_ds, batch_size=512):
+    for xb, _ in torch.utils.data.DataLoader(build_dataset(a, train=True), batch_size=512):
         d = torch.cdist(xf, xb.flatten(1))                           # (rows, batch) pixel distances
         cand_d = torch.cat([best_d, d], 1)
         cand_x = torch.cat([best_x, xb[None].expand(rows, *xb.shape)], 1)
@@ -1331,7 +1319,7 @@ def energies(net, args, ds, device, n):
     """Phi_B (Eq. 22) and the authors' OOD score 4 Phi(x, t_max) - ||x||^2 of the first n images."""
     model = build_vpfb(Conditioned(net), args)
     pb, auth = [], []
-    for i, x in enumerate(torch.split(first_images(ds, n), args.sample_batch)):
+    for x in torch.split(first_images(ds, n), args.sample_batch):
         x = x.to(device)
         pb.append(model.boltzmann_energy(x).float().cpu())
         tt = torch.full((x.shape[0],), model.t_inf or model.t_max, device=device)
@@ -1344,17 +1332,14 @@ def cmd_hist(args):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     device, net, a, ncls, shape = eval_setup(args)
-    res = {}
-    fig = plt.figure(figsize=(5, 3.5))
+    res, fig = {}, plt.figure(figsize=(5, 3.5))
     for split in ("train", "test"):
-        ds = build_dataset(a, train=split == "train")
-        e, _ = energies(net, a, ds, device, args.ood_max)
+        e, _ = energies(net, a, build_dataset(a, train=split == "train"), device, args.ood_max)
         res[split] = {"n": int(len(e)), "mean": float(e.mean()), "std": float(e.std())}
         plt.hist(e, bins=50, alpha=0.5, density=True, label=split)
     plt.xlabel("Boltzmann energy Phi_B (Eq. 22)")
     plt.legend()
-    plt.tight_layout()
-    fig.savefig(os.path.join(args.out_dir, "hist.png"), dpi=100)
+    fig.savefig(os.path.join(args.out_dir, "hist.png"), dpi=100, bbox_inches="tight")
     plt.close(fig)
     write_json(args.out_dir, "hist.json", res)
     print(json.dumps(res))
@@ -1387,8 +1372,7 @@ def cmd_ood(args):
 
 def cmd_longrun(args):
     """Long-run sampling (Sec. 4.6, Figs. 12-18): the ODE over t in [0, longrun_t1] (past t_max it
-    follows Phi(x, t_max)), then SGLD on Phi_B from the same noise; curves of E|grad|^2 and
-    E energy^2."""
+    follows Phi(x, t_max)), then SGLD on Phi_B from the same noise; E|grad|^2 and E energy^2."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1427,8 +1411,7 @@ def cmd_longrun(args):
         axi.semilogy(curves[key]["t"], curves[key]["phi2"], label="E energy^2")
         axi.set_xlabel(lab)
         axi.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.out_dir, "longrun_norms.png"), dpi=100)
+    fig.savefig(os.path.join(args.out_dir, "longrun_norms.png"), dpi=100, bbox_inches="tight")
     plt.close(fig)
     last = {k: {kk: vv[-1] for kk, vv in v.items() if vv} for k, v in curves.items()}
     write_json(args.out_dir, "longrun.json", last)
