@@ -751,7 +751,8 @@ def setup_distributed(args):
     return rank, world, device
 
 def all_max(values, device, world):
-    """The element-wise max of a few numbers over all ranks, in ONE all-reduce (all agree)."""
+    """The max over all ranks of each number in `values`, in one all-reduce (all agree on skip and
+    stop)."""
     if world == 1:
         return [float(v) for v in values]
     t = torch.tensor([float(v) for v in values], device=device)
@@ -771,13 +772,14 @@ def build_model(args, num_classes, device=None):
         return net
     return engineer(net, device, args.amp, args.channels_last)
 
-def engineer(net, device, amp, channels_last=False):
+def engineer(model, device, amp, channels_last=False):
     """On `device`, with the network's bf16-trunk (`amp`, section 2) and channels-last settings."""
-    net = net.to(device)
-    net.amp = amp == "bf16" or (amp == "auto" and device.type == "cuda")      # CUDA only
+    model = model.to(device)
+    model.amp = amp == "bf16" or (amp == "auto" and device.type == "cuda")
     if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    return net
+        model = model.to(memory_format=torch.channels_last)
+        model.channels_last = True
+    return model
 
 def build_vpfb(phi, args):
     return VPFB(phi, autonomous=(args.model == "wrn"), **loss_kwargs(args))
@@ -787,21 +789,21 @@ def ema_decay_at(decay, n, warmup=True):
     return min(decay, (1.0 + n) / (10.0 + n)) if warmup else decay
 
 @torch.no_grad()
-def ema_update(ema, net, decay):
-    """theta_ema <- decay theta_ema + (1 - decay) theta."""
-    for pe, p in zip(ema.parameters(), net.parameters()):
-        pe.lerp_(p, 1.0 - decay)
-    for be, b in zip(ema.buffers(), net.buffers()):
-        be.copy_(b)
+def ema_update(ema, model, decay):
+    """theta_ema <- decay theta_ema + (1 - decay) theta (one fused foreach op)."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+    for b_e, b in zip(ema.buffers(), model.buffers()):
+        b_e.copy_(b)
 
 def allreduce_grads(params, world):
-    """Average the gradients of all ranks (what DDP does; see the note above)."""
-    if world == 1:
+    """Average the gradients of all ranks (what DDP does) in one flat all-reduce."""
+    grads = [p.grad for p in params if p.grad is not None]   # None: the same on every rank
+    if world == 1 or not grads:
         return
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= world
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    for g, f in zip(grads, flat.div_(world).split([g.numel() for g in grads])):
+        g.copy_(f.view_as(g))
 
 @torch.no_grad()
 def clip_std_(opt, bound):
@@ -861,12 +863,10 @@ class Logger:
 
     def truncate_metrics(self, upto):
         """On (re)start at step `upto`: drop records past it (no duplicate steps on resume)."""
-        if not self.active or not os.path.exists(self.metrics_path):
-            return
-        with open(self.metrics_path) as f:
-            keep = [s for s in f if s.strip() and json.loads(s).get("step", 0) <= upto]
-        with open(self.metrics_path, "w") as f:
-            f.writelines(keep)
+        if self.active and os.path.exists(self.metrics_path):
+            keep = [r for r in self.read_metrics() if r.get("step", 0) <= upto]
+            with open(self.metrics_path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in keep)
 
     def read_metrics(self, phase=None):
         """The records of `phase` (all of them when phase is None or a record has no phase)."""
@@ -1037,13 +1037,14 @@ def save_checkpoint(path, net, ema, opt, step, args, **extra):
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
 
-def read_checkpoint(path):
+def read_checkpoint(path, map_location="cpu"):
+    """torch.load(weights_only=True); a missing or corrupt file is one line and exit code 2."""
     if not os.path.isfile(path):
-        die(f"checkpoint {path!r} not found (train first, or pass --ckpt PATH)")
+        die(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        die(f"checkpoint {path!r} is corrupt or not a torch checkpoint ({type(e).__name__})")
+        die(f"cannot read checkpoint {path}: corrupt or not a PyTorch file ({type(e).__name__})")
 
 def load_checkpoint(path):
     """Our checkpoint (old flag names mapped), or an authors' one as it is."""
@@ -1479,9 +1480,8 @@ def cmd_benchmark(args):
             losses.append(loss.item())
         sync()
         dt = (time.time() - t_start) / args.bench_steps
-        r = {"ms_per_iter": 1000 * dt, "images_per_s": B / dt, "losses": losses[n_warm:]}
-        if cuda:
-            r["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        r = {"ms_per_iter": 1000 * dt, "images_per_s": B / dt, "losses": losses[n_warm:],
+             "peak_mem_gb": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None}
         z = torch.randn(min(B, args.sample_batch), C, S, S, generator=g).to(device)
         t0 = time.time()
         model.sample(z, method="rk45", t0=args.t0, t1=args.t1, rtol=args.rtol, atol=args.atol)
@@ -1491,11 +1491,11 @@ def cmd_benchmark(args):
         print(f"{name:13s} train {r['ms_per_iter']:8.1f} ms/iter {r['images_per_s']:8.1f} img/s"
               + (f" peak {r['peak_mem_gb']:.2f} GiB" if cuda else "")
               + f" | rk45 NFE {model.last_nfe} {res[name]['ode_images_per_s']:.1f} img/s")
-    la, lb = np.array(res["ours"]["losses"]), np.array(res["authors_fp32"]["losses"])
+    ours, theirs = res["ours"], res["authors_fp32"]
+    la, lb = np.array(ours["losses"]), np.array(theirs["losses"])
     summary = {"device": str(device), "batch_size": B, "model": args.model,
                "params_M": sum(p.numel() for p in base_net.parameters()) / 1e6,
-               "speedup_images_per_s": (res["ours"]["images_per_s"]
-                                        / res["authors_fp32"]["images_per_s"]),
+               "speedup_images_per_s": ours["images_per_s"] / theirs["images_per_s"],
                "max_abs_loss_diff": float(np.abs(la - lb).max()),
                "max_rel_loss_diff": float((np.abs(la - lb) / np.maximum(np.abs(lb), 1e-12)).max()),
                "configs": res}
@@ -1530,7 +1530,7 @@ unit_float = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 time_float = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr and exit 2 (not the usage block)."""
+    """argparse whose errors are one line on stderr and exit code 2."""
 
     def error(self, message):
         die(f"{message} (see --help)")
