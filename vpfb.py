@@ -60,9 +60,8 @@ def _sqnorm(x):
 
 class Schedule:
     """A log-homotopy schedule alpha(t), beta(t) (Eq. 7) with prior / likelihood scales omega, nu.
-    Default: the OT flow-matching schedule of Sec. 3.5, alpha = omega^2 / (1 - t),
-    beta = nu^2 t / (1 - t)^2. Any other monotone pair can be passed as callables on tensors;
-    their time derivatives (for the innovation, Eq. 12) are then taken by autograd."""
+    Default: OT flow matching (Sec. 3.5); any other monotone pair of callables works, their time
+    derivatives (for the innovation, Eq. 12) then come from autograd."""
 
     def __init__(self, alpha=None, beta=None, omega=1.0, nu=1.0):
         self.omega, self.nu = float(omega), float(nu)
@@ -128,9 +127,9 @@ class Schedule:
 def otfm_centered_innovation(eps, xbar, t):
     """gamma - gamma_bar for OT-FM in the noise eps of x = t xbar + (1 - t) eps  -> (B,):
         gamma - gamma_bar = 2 / (1 - t) * sum_i (eps_i^2 - xbar_i eps_i - 1)   (Eq. 12 - its mean)
-    Identical to Schedule().gamma - Schedule().gamma_bar (tested) without cancelling two huge
-    numbers near t = 1. The authors use mean_i (eps_i^2 - xbar_i eps_i) (1 - t): this times
-    (1 - t)^2 / (2D) with the "-1" dropped."""
+    = Schedule().gamma - Schedule().gamma_bar (tested), without cancelling two huge numbers near
+    t = 1. The authors' mean_i (eps_i^2 - xbar_i eps_i) (1 - t) is this times (1 - t)^2 / (2D)
+    with the "-1" dropped."""
     s = (eps * eps - xbar * eps - 1.0).flatten(1).sum(1)
     return 2.0 / (1.0 - t) * s
 
@@ -139,27 +138,16 @@ def _center(v):
 
 class VPFB:
     """The method: a scalar potential Phi(x, t) whose gradient is the velocity dx/dt = grad_x Phi,
-    Eq. (13).
-
-    phi(x, t) takes x (B, ...) and t (B,) and returns (B,); an autonomous Phi(x) ignores t.
-    Defaults are ours; [paper / authors' code] where they differ (each has a test and a flag):
-      kappa      w(t) = (1 - t)^kappa, Sec. 3.5 [1; paper: > 1 (we use 2), authors: 2 in effect]
+    Eq. (13). phi(x, t) takes x (B, ...) and t (B,) and returns (B,); an autonomous Phi(x) ignores
+    t. Defaults are ours, [paper / authors' code] where they differ (README, "Paper vs code"):
+      kappa      w(t) = (1 - t)^kappa, Sec. 3.5 [1; paper > 1 (2 here), authors 2 in effect]
       t_end      t ~ U(0, t_end) (Eq. 26); t_max: t is clamped to t_max (stationarity) [1, 1-1e-5]
       eta        Poincare term eta E[Phi^2] of Eq. (27) [1e-4; authors 0: only logged]
       lam_cos, lam_gx, lam_gt   weights of -cos, E||grad_x Phi||^2, E(dPhi/dt)^2 [1, 1, 0.01;
-                 paper 1, 1, 1; authors 1, 0.5, 0.1]. lam_gx = 1 keeps the Deep Ritz minimiser the
-                 true potential; E(dPhi/dt)^2 is "quasi-static" and biases the flow, so it is small.
-      cov_form   "cov": Cov[Phi, w (gamma - gamma_bar)], the exact Deep Ritz form; "corr": the
-                 authors' Cov[Phi, Gamma] / (std(Gamma) std(Phi).detach()), Gamma = mean_pixels(
-                 (eps^2 - xbar eps)(1 - t)) (kappa = 2 in effect, one term dropped)
-      cos_form   "paper": -cos(grad Phi, v); "authors": -(grad Phi . v) / (|grad Phi||v|)^t / D
-      weight_on  "ritz": w(t) on BOTH halves of the pair Cov + E||grad Phi||^2, whose minimiser then
-                 stays the true potential at every t; "cov": w(t) on gamma only (paper as printed,
-                 minimiser w(t) Phi*, a flow w(t) times too slow; the authors' unweighted norm)
-      grad_norm  "sum": ||grad_x Phi||^2 summed over dims (paper); "mean": averaged (authors)
+                 paper 1, 1, 1; authors 1, 0.5, 0.1]: E(dPhi/dt)^2 biases the flow, so it is small
+      cov_form, cos_form, weight_on, grad_norm   the term's paper / authors' form (its method)
       bfactor    c in Phi_B = (c Phi + f ||x||^2) / g^2, Eq. (22) [2, from the ODE (19); paper 4]
-      t_inf      where Phi_B is read off [None = t_max]
-    """
+      t_inf      where Phi_B is read off [None = t_max]"""
 
     def __init__(self, phi, autonomous=False, kappa=1.0, t_end=1.0, t_max=1.0 - 1e-5, eta=1e-4,
                  lam_cos=1.0, lam_gx=1.0, lam_gt=0.01, cov_form="cov", cos_form="paper",
@@ -177,7 +165,7 @@ class VPFB:
         self.cov_form, self.cos_form = cov_form, cos_form
         self.weight_on, self.grad_norm = weight_on, grad_norm
         self.bfactor = float(bfactor)
-        self.t_inf = None if t_inf is None else float(t_inf)   # where Phi_B is read (None: t_max)
+        self.t_inf = None if t_inf is None else float(t_inf)
         self.schedule = schedule or Schedule()  # OT-FM: mu = t, sigma = 1 - t (Prop. 1, tested)
         self.last_nfe = 0
 
@@ -262,10 +250,9 @@ class VPFB:
     # ---------------------------------------------------------------- sampling and Eq. (22)
     def sample(self, x0, method="euler", n_steps=100, t0=0.0, t1=1.0, rtol=1e-3, atol=1e-3,
                return_traj=False):
-        """Potential-flow ODE dx/dt = +grad_x Phi(x, t) (Eq. 13) from prior noise x0 at t0 to t1.
-        method "euler" (n_steps steps) or "rk45" (scipy, adaptive; authors' rtol = atol = 1e-3).
-        Times beyond t_max use Phi(x, t_max), so t1 > 1 is long-run sampling (Sec. 4.6); the
-        number of grad-Phi calls lands in self.last_nfe. Returns x, or (x, traj (K, B, ...))."""
+        """Potential-flow ODE dx/dt = +grad_x Phi(x, t) (Eq. 13) from prior noise x0 at t0 to t1,
+        "euler" or "rk45" (ode_solve). Past t_max Phi(x, t_max) acts, so t1 > 1 is long-run
+        sampling (Sec. 4.6). NFE in self.last_nfe. Returns x, or (x, traj (K, B, ...))."""
         x, traj, self.last_nfe = ode_solve(self.grad_phi, x0, method, n_steps, t0, t1, rtol, atol,
                                            return_traj)
         return (x, traj) if return_traj else x
@@ -298,15 +285,12 @@ class VPFB:
                                       return_traj)
         return (x, traj) if return_traj else x
 
-# ---- samplers: plain functions of a gradient field, so tests can feed analytic fields
+# ---- samplers: plain functions of a gradient field (tests feed analytic fields)
 
 def ode_solve(velocity, x0, method="euler", n_steps=100, t0=0.0, t1=1.0, rtol=1e-3, atol=1e-3,
               return_traj=False):
-    """Integrate dx/dt = velocity(x, t) from t0 to t1. Returns (x, traj or None, nfe).
-
-    "euler": x_{k+1} = x_k + dt velocity(x_k, t_k), n_steps evaluations.
-    "rk45":  scipy.integrate.solve_ivp(method="RK45") (Dormand-Prince 5(4), adaptive steps) on
-             the flattened batch in float64; nfe = the number of velocity calls scipy made."""
+    """Integrate dx/dt = velocity(x, t) from t0 to t1 -> (x, traj or None, nfe). "euler": n_steps
+    steps; "rk45": scipy's adaptive Dormand-Prince 5(4) on the flat batch in float64."""
     if method not in ("euler", "rk45"):
         raise ValueError(f"method must be euler|rk45, got {method!r}")
     x = x0.detach()
@@ -408,16 +392,13 @@ class ResBlock(nn.Module):
 
 class AttnBlock(nn.Module):
     """Multi-head self-attention over pixels, written out with softmax: it has a double backward
-    (the flash / memory-efficient SDPA kernels do not), which the loss needs.
-    heads: a fixed number (the authors: 1), else ch // head_dim. order: how the 3 * ch channels
-    of the qkv conv split: "new" = q | k | v, then heads; "legacy" = per head, then q, k, v."""
+    (the flash / memory-efficient SDPA kernels do not), which the loss needs. heads: a fixed
+    number (the authors: 1), else ch // head_dim; the qkv channels split as q | k | v, then heads
+    (guided-diffusion's QKVAttention, as the authors' net)."""
 
-    def __init__(self, ch, head_dim=64, heads=None, order="new", groups=None):
+    def __init__(self, ch, head_dim=64, heads=None, groups=None):
         super().__init__()
-        if order not in ("new", "legacy"):
-            raise ValueError(f"attention order must be 'new' or 'legacy', got {order!r}")
         self.heads = heads or max(1, ch // head_dim)
-        self.order = order
         self.norm = _norm(ch, groups)
         self.qkv, self.proj = nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
         nn.init.zeros_(self.proj.weight)
@@ -426,37 +407,26 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         B, C, H, W = x.shape
         n, c = self.heads, C // self.heads
-        qkv = self.qkv(self.norm(x))
-        if self.order == "new":
-            q, k, v = qkv.reshape(B, 3, n, c, H * W).unbind(1)          # (B, heads, c, HW) each
-        else:
-            q, k, v = qkv.reshape(B, n, 3, c, H * W).unbind(2)
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, n, c, H * W).unbind(1)   # (B, n, c, HW)
         att = torch.softmax(torch.einsum("bhcn,bhcm->bhnm", q, k) / math.sqrt(c), dim=-1)
         out = torch.einsum("bhnm,bhcm->bhcn", att, v).reshape(B, C, H, W)
         return x + self.proj(out)
 
 class UNetPhi(nn.Module):
     """Time-varying potential Phi(x, t [, y]) = 1/2 ||x - UNet(x, t [, y])||^2 (authors' head).
-
-    A guided-diffusion style U-Net: per resolution `num_res` ResBlocks (attention at `attn_res`),
-    down-sampling, a ResBlock-Attention-ResBlock middle, and the mirror image going up with skip
-    connections. Paper size: base 128, mult (2,2,2), 4 blocks, attention at 16, dropout 0.3.
-    Keyword options (defaults = our network; AUTHORS_UNET = the authors' CIFAR-10/CelebA net):
-      scale_shift    FiLM time conditioning in every ResBlock (authors: True)
-      attn_heads     a fixed number of heads (authors: 1); None = ch // head_dim heads
-      attn_order     "new" (split q, k, v, then heads; ours and the authors') or "legacy"
-      conv_resample  strided conv down / nearest + conv up (ours); False: 2x2 average pool down,
-                     nearest up, no parameters (authors)
-      t_scale        the time embedding sees t_scale * t (ours 1000; authors the raw t: 1)
-      stem_mult      the input conv gives base * mult[0] channels (authors) instead of base
-      norm_groups    GroupNorm groups everywhere (authors: 32); None = _groups(ch)
-      zero_out       zero-initialise the output conv, so Phi = 1/2 |x|^2 at start (authors)
-    `amp` (set by engineering): the trunk runs in bf16 on CUDA; the head and after stay fp32."""
+    A guided-diffusion U-Net: per resolution `num_res` ResBlocks (attention at `attn_res`), a
+    ResBlock-Attention-ResBlock middle, the mirror image up with skips. Paper size: base 128,
+    mult (2,2,2), 4 blocks, attention at 16, dropout 0.3. Keywords (defaults = ours;
+    AUTHORS_UNET = the authors' CIFAR-10/CelebA net): scale_shift (FiLM time conditioning),
+    attn_heads (fixed heads, authors 1), conv_resample (strided conv down, nearest + conv up;
+    authors: average pool, nearest), t_scale (embed t_scale * t; authors the raw t), stem_mult
+    (stem gives base * mult[0] channels), norm_groups (authors 32), zero_out (output conv zero:
+    Phi = 1/2 |x|^2 at start). `amp`: the trunk runs in bf16 on CUDA; the head stays fp32."""
 
     def __init__(self, in_ch=3, base=128, mult=(2, 2, 2), num_res=4, attn_res=(16,), dropout=0.3,
                  image_size=32, num_classes=0, *, scale_shift=False, attn_heads=None, head_dim=64,
-                 attn_order="new", conv_resample=True, t_scale=1000.0, stem_mult=False,
-                 norm_groups=None, zero_out=False):
+                 conv_resample=True, t_scale=1000.0, stem_mult=False, norm_groups=None,
+                 zero_out=False):
         super().__init__()
         self.amp = False
         emb = base * 4
@@ -470,7 +440,7 @@ class UNetPhi(nn.Module):
             return ResBlock(cin, cout, emb, dropout, scale_shift, norm_groups)
 
         def attn(c):
-            return AttnBlock(c, head_dim, attn_heads, attn_order, norm_groups)
+            return AttnBlock(c, head_dim, attn_heads, norm_groups)
 
         ch = base * mult[0] if stem_mult else base
         self.inp = nn.Conv2d(in_ch, ch, 3, padding=1)
@@ -484,10 +454,7 @@ class UNetPhi(nn.Module):
                 self.down.append(blk)
                 chans.append(ch)
             if i < len(mult) - 1:                                    # halve the resolution
-                if conv_resample:
-                    pool = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
-                else:
-                    pool = nn.AvgPool2d(2)
+                pool = nn.Conv2d(ch, ch, 3, 2, 1) if conv_resample else nn.AvgPool2d(2)
                 self.down.append(nn.ModuleList([pool]))
                 chans.append(ch)
                 res_px //= 2
@@ -540,8 +507,8 @@ class UNetPhi(nn.Module):
 # The authors' network (https://github.com/ljun0004/VAPO, configs/homotopy/cifar10.py, celeba.py):
 # UNetPhi(3, 128, (2, 2, 2), 4, attn_res=(image_size // 2,), dropout=0.3, **AUTHORS_UNET) has their
 # 55,676,419 parameters (README: 55.7M); loaded with their weights it computes their potential.
-AUTHORS_UNET = dict(scale_shift=True, attn_heads=1, attn_order="new", conv_resample=False,
-                    t_scale=1.0, stem_mult=True, norm_groups=32, zero_out=True)
+AUTHORS_UNET = dict(scale_shift=True, attn_heads=1, conv_resample=False, t_scale=1.0,
+                    stem_mult=True, norm_groups=32, zero_out=True)
 
 class WideBlock(nn.Module):
     def __init__(self, cin, cout, stride, dropout):
@@ -557,10 +524,8 @@ class WideBlock(nn.Module):
         return self.skip(x) + self.c2(self.drop(F.silu(self.n2(h))))
 
 class WRNPhi(nn.Module):
-    """Autonomous potential Phi(x [, y]) (paper Sec. 4.2, Zagoruyko & Komodakis): a WideResNet with
-    three groups of (depth-4)/6 blocks of widths (w, 2w, 4w), GroupNorm + SiLU, global average
-    pooling and a linear read-out Phi = <a, pool(h)> + b (one per class with --class-cond).
-    t is ignored."""
+    """Autonomous potential Phi(x [, y]) (Sec. 4.2): a WideResNet, three groups of (depth-4)/6
+    blocks of widths (w, 2w, 4w), average pooling, a linear read-out per class (+ "null"); no t."""
 
     def __init__(self, in_ch=3, width=128, depth=16, dropout=0.0, num_classes=0):
         super().__init__()
@@ -600,8 +565,7 @@ class Conditioned(nn.Module):
 
 # ==== ENGINEERING: nothing below this line is in the paper ====
 # ==== 3. Data ====
-# Images live in [-1, 1]. Real sets are read through torchvision with download=True, so a machine
-# with internet fetches them into --data-dir; offline, a missing set is one clear line.
+# Images live in [-1, 1]; torchvision sets are downloaded into --data-dir (offline: one clear line).
 def die(msg, code=2):
     """One line "error: ..." on stderr, no traceback; exit 2: bad input, 3: non-finite numbers."""
     print(f"error: {msg}", file=sys.stderr)
@@ -613,8 +577,7 @@ FLIP_SETS = ("cifar10", "celeba64", "folder")                         # random h
 CELEBA_ATTRS = ("Male", "Smiling", "Young")             # classes 0, 1, 2 of --class-cond (3 = none)
 
 class NpzImages(torch.utils.data.Dataset):
-    """--dataset npz: `images` uint8 N x H x W x C (the layout --mode sample writes), optional
-    `labels`; returns (image in [-1, 1] C x H x W, label)."""
+    """--dataset npz: `images` uint8 N x H x W x C (as --mode sample writes), optional `labels`."""
 
     def __init__(self, path):
         try:
@@ -639,11 +602,8 @@ class NpzImages(torch.utils.data.Dataset):
         return x, int(self.labels[i]) if self.labels is not None else 0
 
 def build_dataset(args, train=True, name=None):
-    """A dataset of (image in [-1, 1], label) for args.dataset (or `name`, for the OOD sets).
-    cifar10 / cifar100 / svhn / mnist: torchvision (download=True into --data-dir); celeba64 (and
-    celeba, the same images for OOD): an ImageFolder in <data-dir>/celeba64/; folder: any
-    ImageFolder at --data-dir; npz: the file --data-dir; fake: torchvision FakeData (tests).
-    Training flips are drawn in the training loop (reproducible per step), not here."""
+    """(image in [-1, 1], label) of args.dataset or `name` (the OOD sets). celeba64 and celeba:
+    <data-dir>/celeba64/. Training flips are drawn in the training loop (per step), not here."""
     import torchvision.datasets as D
     import torchvision.transforms as T
     name, root = name or args.dataset, args.data_dir
@@ -666,8 +626,17 @@ def build_dataset(args, train=True, name=None):
                     if name != "folder" else "images in at least one sub-folder")
             die(f"no image folder at {os.path.abspath(path)} ({type(e).__name__}); "
                 f"put {what} there")
-        if name == "celeba64" and getattr(args, "class_cond", False):
-            attach_celeba_attributes(ds, path)
+        if name == "celeba64" and getattr(args, "class_cond", False):   # Sec. 4.3's attributes
+            attr_file = os.path.join(path, "list_attr_celeba.txt")
+            if not os.path.isfile(attr_file):
+                die(f"--class-cond on celeba64 needs CelebA's attribute file at "
+                    f"{os.path.abspath(attr_file)}")
+            with open(attr_file) as fh:
+                lines = fh.read().splitlines()
+            cols = [lines[1].split().index(a) for a in CELEBA_ATTRS]
+            attrs = {r[0]: [int(r[1 + c]) for c in cols] for r in map(str.split, lines[2:]) if r}
+            ds.samples = [(p, attrs.get(os.path.basename(p), [-1] * 3)) for p, _ in ds.samples]
+            ds.target_transform, ds.classes = celeba_label, list(CELEBA_ATTRS) + ["none"]
         return ds
     tf = T.Compose(resize + gray + norm)
     what = {"cifar10": "cifar-10-batches-py/ (from cifar-10-python.tar.gz)",
@@ -684,23 +653,6 @@ def build_dataset(args, train=True, name=None):
         die(f"could not load {name} ({type(e).__name__}: {first}); "
             f"put {what} under {os.path.abspath(root)} or allow the download")
 
-def attach_celeba_attributes(ds, path):
-    """Labels for the compositional CelebA experiment (Sec. 4.3) from list_attr_celeba.txt in
-    <data-dir>/celeba64/: each draw picks one of the image's positive attributes among Male (0),
-    Smiling (1), Young (2) at random; 3 = none of them."""
-    f = os.path.join(path, "list_attr_celeba.txt")
-    if not os.path.isfile(f):
-        die(f"--class-cond on celeba64 needs CelebA's attribute file at {os.path.abspath(f)}")
-    with open(f) as fh:
-        lines = fh.read().splitlines()
-    names = lines[1].split()
-    cols = [names.index(a) for a in CELEBA_ATTRS]
-    rows = [ln.split() for ln in lines[2:] if ln.strip()]
-    attrs = {r[0]: [int(r[1 + c]) for c in cols] for r in rows}
-    ds.samples = [(p, attrs.get(os.path.basename(p), [-1, -1, -1])) for p, _ in ds.samples]
-    ds.target_transform = celeba_label
-    ds.classes = list(CELEBA_ATTRS) + ["none"]
-
 def celeba_label(attr):
     """A random positive attribute among Male, Smiling, Young (0, 1, 2), or 3 if none."""
     pos = [i for i, a in enumerate(attr) if a == 1]
@@ -710,15 +662,15 @@ def num_classes_of(ds):
     return max(1, len(getattr(ds, "classes", [])) or 10)
 
 class StepBatches(torch.utils.data.Sampler):
-    """Index batches as a pure function of (seed, step, rank): epoch e is a fixed permutation seeded
-    by (seed, e), split between ranks. Starting at any step gives the batches an uninterrupted run
-    would have seen, so --resume is exact (a DistributedSampler would restart its epoch)."""
+    """Index batches as a pure function of (seed, rank, step): epoch e is a permutation seeded by
+    seed + e, split between ranks. From any step: the batches a straight run saw (exact resume)."""
 
     def __init__(self, n, batch, seed, rank=0, world=1, start_step=0):
         self.n, self.batch, self.seed, self.rank, self.world = n, batch, seed, rank, world
-        self.start, self.per_epoch = start_step, (n // world) // batch
+        self.start = start_step
+        self.per_epoch = (n // world) // batch
         if self.per_epoch == 0:
-            die(f"the dataset has {n} images, fewer than one batch of {batch} x {world} processes")
+            die(f"dataset of {n} images is smaller than one batch ({batch} x {world} processes)")
 
     def __iter__(self):
         step, cached = self.start, (None, None)
@@ -730,16 +682,13 @@ class StepBatches(torch.utils.data.Sampler):
             yield cached[1][i * self.batch:(i + 1) * self.batch].tolist()
             step += 1
 
-def quiet_worker(_):
-    """DataLoader workers ignore Ctrl-C / SIGTERM sent to the whole process group: the main process
-    finishes its step and saves (section 4) instead of dying on a lost worker."""
+def quiet_worker(_):    # workers ignore a group's Ctrl-C / SIGTERM: the main process saves first
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
 
 def batch_iterator(ds, args, rank=0, world=1, start_step=0):
-    """Endless (x, y) batches in the order StepBatches fixes."""
     sampler = StepBatches(len(ds), args.batch_size, args.seed, rank, world, start_step)
-    # its own generator: making the iterator must not consume the global RNG
+    # own generator: making the iterator must not consume the global RNG (resume would shift noise)
     dl = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=args.workers,
                                      pin_memory=torch.cuda.is_available(),
                                      persistent_workers=args.workers > 0,
@@ -758,10 +707,9 @@ def first_images(ds, n, batch=256):
     return torch.cat(xs)[:n]
 
 # ==== 4. Training loop ====
-# bf16 (--amp): the network trunk runs under autocast on CUDA (set by `net.amp`); the output Phi,
-# the loss arithmetic, the samplers, parameters, Adam and EMA stay fp32. DDP: the loss
-# differentiates grad_x Phi (a double backward), which DistributedDataParallel does not support, so
-# each process keeps a plain module and allreduce_grads averages the gradients after backward.
+# bf16 (--amp): only the network trunk (`net.amp`, CUDA); Phi, the loss, samplers, Adam and EMA
+# stay fp32. DDP: DistributedDataParallel has no double backward (the loss differentiates grad_x
+# Phi), so each process keeps a plain module and allreduce_grads averages the gradients.
 class StopSignals:
     """SIGINT / SIGTERM only set a flag; the loop finishes its step, saves and exits 130 / 143."""
 
@@ -791,31 +739,32 @@ def pick_device(spec):
         die(f"device {spec} requested but CUDA is not available (use --device cpu)")
     return dev
 
-def setup_distributed():
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python vpfb.py` is one process."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+def setup_distributed(args):
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `python` run is a world of one."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    device = pick_device(args.device)
     if world > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local)
-    return rank, world, local
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
 
-def all_max(value, device, world):
-    """The max of a number over all ranks (everyone agrees on skip / stop)."""
+def all_max(values, device, world):
+    """The max over all ranks of each number in `values`, in one all-reduce (all agree on skip and
+    stop)."""
     if world == 1:
-        return value
-    t = torch.tensor([float(value)], device=device)
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
+    return t.tolist()
 
 def build_model(args, num_classes, device=None):
-    """Phi from the flags (--net authors, the default of --recipe authors: their U-Net); with a
-    device: on it, engineering set (engineer)."""
+    """Phi from the flags (--net authors: their U-Net); with a device: on it, engineering set."""
     nc = num_classes if args.class_cond else 0
     if args.model == "unet":
-        net = UNetPhi(args.channels, args.model_size, args.ch_mult_t, args.res_blocks,
-                      args.attn_res_t, args.dropout, args.image_size, nc,
+        net = UNetPhi(args.channels, args.model_size, ints(args.ch_mult), args.res_blocks,
+                      ints(args.attn_res), args.dropout, args.image_size, nc,
                       **(AUTHORS_UNET if args.net == "authors" else {}))
     else:
         net = WRNPhi(args.channels, args.model_size, args.wrn_depth, 0.0, nc)
@@ -823,39 +772,38 @@ def build_model(args, num_classes, device=None):
         return net
     return engineer(net, device, args.amp, args.channels_last)
 
-def engineer(net, device, amp, channels_last=False):
+def engineer(model, device, amp, channels_last=False):
     """On `device`, with the network's bf16-trunk (`amp`, section 2) and channels-last settings."""
-    net = net.to(device)
-    net.amp = amp == "bf16" or (amp == "auto" and device.type == "cuda")      # CUDA only
+    model = model.to(device)
+    model.amp = amp == "bf16" or (amp == "auto" and device.type == "cuda")
     if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    return net
+        model = model.to(memory_format=torch.channels_last)
+        model.channels_last = True
+    return model
 
 def build_vpfb(phi, args):
     return VPFB(phi, autonomous=(args.model == "wrn"), **loss_kwargs(args))
 
 def ema_decay_at(decay, n, warmup=True):
-    """Decay of EMA update number n: min(decay, (1 + n) / (10 + n)) with warm-up (short runs sample
-    trained weights), else constant (authors' code)."""
+    """Decay of EMA update number n: min(decay, (1 + n) / (10 + n)) with warm-up, else constant."""
     return min(decay, (1.0 + n) / (10.0 + n)) if warmup else decay
 
 @torch.no_grad()
-def ema_update(ema, net, decay):
-    """theta_ema <- decay theta_ema + (1 - decay) theta."""
-    for pe, p in zip(ema.parameters(), net.parameters()):
-        pe.lerp_(p, 1.0 - decay)
-    for be, b in zip(ema.buffers(), net.buffers()):
-        be.copy_(b)
+def ema_update(ema, model, decay):
+    """theta_ema <- decay theta_ema + (1 - decay) theta (one fused foreach op)."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+    for b_e, b in zip(ema.buffers(), model.buffers()):
+        b_e.copy_(b)
 
 def allreduce_grads(params, world):
-    """Average gradients over processes, by hand: the loss differentiates grad_x Phi (a double
-    backward), which DDP's reducer does not support."""
-    if world == 1:
+    """Average the gradients of all ranks (what DDP does) in one flat all-reduce."""
+    grads = [p.grad for p in params if p.grad is not None]   # None: the same on every rank
+    if world == 1 or not grads:
         return
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= world
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    for g, f in zip(grads, flat.div_(world).split([g.numel() for g in grads])):
+        g.copy_(f.view_as(g))
 
 @torch.no_grad()
 def clip_std_(opt, bound):
@@ -874,30 +822,63 @@ def step_seed(seed, step, rank):
     """Every (step, rank) has its own seed: a resumed run draws the numbers a straight run draws."""
     return (seed * 1_000_003 + step * 4099 + rank * 7) % (2 ** 62)
 
-def lr_at(step, args):
-    return args.lr * min(1.0, (step + 1) / max(1, args.warmup))    # linear warm-up (authors)
-
-def train_step(model, net, opt, x, args, world):
-    """One step of Eq. (27); returns the logs. Non-finite loss or gradient: no update at all."""
+def train_step(model, net, opt, x, args, world, step, stop):
+    """One step of Eq. (27) -> (logs, bad, signum). One all-reduce makes all ranks agree whether
+    the loss or gradient was non-finite anywhere (then nothing is updated) and a signal came."""
+    lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))      # linear warm-up (authors)
+    for g in opt.param_groups:
+        g["lr"] = lr
     loss, stats = model.loss(x)                                     # one Monte-Carlo batch
     opt.zero_grad(set_to_none=True)
     loss.backward()                      # even when NaN: every rank must join the all-reduce
     allreduce_grads(net.parameters(), world)
     clip = args.grad_clip if (args.grad_clip > 0 and args.clip_mode == "norm") else math.inf
     stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(net.parameters(), clip))
-    if math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"]):
+    stats["lr"] = lr
+    finite = math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])
+    bad, signum = all_max([not finite, stop.signum or 0], x.device, world)
+    if not bad:
         if args.clip_mode == "std" and args.grad_clip > 0:
             clip_std_(opt, args.grad_clip)
         opt.step()
-    return stats
+    return stats, bool(bad), int(signum)
 
-def read_metrics(path, upto=None):
-    """Records of metrics.jsonl (those with step <= upto)."""
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        recs = [json.loads(ln) for ln in f if ln.strip()]
-    return [r for r in recs if upto is None or r["step"] <= upto]
+class Logger:
+    """Plain-text log (stdout + <out>/train.log) and JSON-lines metrics, rank 0 only."""
+
+    def __init__(self, out_dir, active=True):
+        self.active, self.out_dir = active, out_dir
+        self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
+
+    def __call__(self, msg):
+        if self.active:
+            print(msg, flush=True)
+            with open(os.path.join(self.out_dir, "train.log"), "a") as f:
+                f.write(msg + "\n")
+
+    def metrics(self, rec):
+        if self.active:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def truncate_metrics(self, upto):
+        """On (re)start at step `upto`: drop records past it (no duplicate steps on resume)."""
+        if self.active and os.path.exists(self.metrics_path):
+            keep = [r for r in self.read_metrics() if r.get("step", 0) <= upto]
+            with open(self.metrics_path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in keep)
+
+    def read_metrics(self, phase=None):
+        """The records of `phase` (all of them when phase is None or a record has no phase)."""
+        if not os.path.exists(self.metrics_path):
+            return []
+        with open(self.metrics_path) as f:
+            recs = [json.loads(s) for s in f if s.strip()]
+        return [r for r in recs if phase is None or r.get("phase", phase) == phase]
+
+def write_json(out_dir, name, obj):
+    with open(os.path.join(out_dir, name), "w") as f:
+        json.dump(obj, f, indent=1)
 
 def to_uint8(x):
     """[-1, 1] NCHW float -> uint8 NHWC (the .npz layout eval_fid.py reads)."""
@@ -919,145 +900,132 @@ def plot_losses(records, path):
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
     for key, sign in (("loss", 1), ("cov", 1), ("cos", -1)):
         ax[0].plot(s, [sign * h[key] for h in records], label=("-" if sign < 0 else "") + key)
-    ax[0].set_xlabel("step")
+    ax[0].set(xlabel="step", title="VPFB loss, Eq. (27)")
     ax[0].legend()
-    ax[0].set_title("VPFB loss, Eq. (27)")
     ax[1].semilogy(s, [max(h["poincare_ratio"], 1e-12) for h in records])
-    ax[1].set_xlabel("step")
-    ax[1].set_title("Poincare ratio E|grad Phi|^2 / E Phi^2")
+    ax[1].set(xlabel="step", title="Poincare ratio E|grad Phi|^2 / E Phi^2")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 def cmd_train(args):
     """Eq. (27) on --dataset; resumable, NaN-guarded, signal-safe, DDP under torchrun."""
-    rank, world, local = setup_distributed()
-    device = (torch.device(f"cuda:{local}") if (world > 1 and torch.cuda.is_available())
-              else pick_device(args.device))
-    torch.manual_seed(args.seed)                     # the same initial weights on every process
-    if device.type == "cuda":                                       # TF32: safe for this loss
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    ds = build_dataset(args, train=True)
-    ncls = num_classes_of(ds)
-    net = build_model(args, ncls, device)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")              # always WRITE into --out-dir
-    if rank == 0 and os.path.exists(ckpt_path + ".tmp"):
-        os.remove(ckpt_path + ".tmp")                              # a save that crashed
-    step, n_ema, src = 0, 0, args.ckpt or ckpt_path                # READ from --ckpt if given
-    if args.resume and args.ckpt and not os.path.isfile(args.ckpt):
-        die(f"--resume --ckpt {args.ckpt}: no such file")
-    if args.resume and os.path.isfile(src):
-        st = load_checkpoint(src)
-        if is_authors_checkpoint(st):
-            die(f"{src} is an authors' checkpoint: their optimizer state does not resume here; "
-                f"use it with --mode sample/ood/... --ckpt {src}")
-        check_arch(st["args"], args, src)
-        net.load_state_dict(st["model"])
-        ema.load_state_dict(st["ema"])
-        opt.load_state_dict(st["opt"])
-        step, n_ema = st["step"], st.get("ema_updates", st["step"])
-        if rank == 0:
-            print(f"resumed from {src} at step {step}")
-    elif args.resume and rank == 0:
-        print(f"--resume: no checkpoint at {src}, starting from scratch")
-    if world > 1:                                    # rank 0's weights everywhere
-        for t_ in list(net.state_dict().values()) + list(ema.state_dict().values()):
-            dist.broadcast(t_, 0)
-    log_path = os.path.join(args.out_dir, "metrics.jsonl")
-    if rank == 0:                                    # drop records past the resumed step
-        kept = read_metrics(log_path, upto=step) if step else []
-        with open(log_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        _dump(args, "args.json", args_to_dict(args), echo=False)
-    cond = Conditioned(net)
-    model = build_vpfb(cond, args)
-    batches = batch_iterator(ds, args, rank, world, step)
-    if rank == 0:
-        n_params = sum(p.numel() for p in net.parameters())
-        print(f"vpfb: {args.model} Phi with {n_params / 1e6:.2f}M parameters on {device} x{world}, "
-              f"{len(ds)} images of {args.dataset}, recipe {args.recipe}, loss {loss_kwargs(args)}")
-    stop, n_bad, t_last, s_last = StopSignals(), 0, time.time(), step
+    stop, batches = StopSignals(), None
     try:
+        rank, world, device = setup_distributed(args)
+        main_rank = rank == 0
+        log = Logger(args.out_dir, main_rank)
+        ckpt_path = os.path.join(args.out_dir, "ckpt.pt")             # always WRITE into --out-dir
+        if main_rank and os.path.exists(ckpt_path + ".tmp"):
+            os.remove(ckpt_path + ".tmp")                             # a save that crashed
+        torch.manual_seed(args.seed)                  # the same initial weights on every process
+        if device.type == "cuda":                                     # TF32: safe for this loss
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
+        ds = build_dataset(args, train=True)
+        ncls = num_classes_of(ds)
+        net = build_model(args, ncls, device)
+        ema = copy.deepcopy(net).eval().requires_grad_(False)
+        opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+        step, n_ema, src = 0, 0, args.ckpt or ckpt_path               # READ from --ckpt if given
+        if args.resume and (args.ckpt or os.path.isfile(src)):
+            st = load_checkpoint(src)
+            if is_authors_checkpoint(st):
+                die(f"{src} is an authors' checkpoint: their optimizer state does not resume "
+                    f"here; use it with --mode sample/ood/... --ckpt {src}")
+            diff = [f"--{k.replace('_', '-')} {getattr(args, k)!r} (checkpoint: {st['args'][k]!r})"
+                    for k in ARCH_KEYS if st["args"].get(k, getattr(args, k)) != getattr(args, k)]
+            if diff:
+                die(f"{src} was trained with another architecture: {', '.join(diff)}")
+            net.load_state_dict(st["model"])
+            ema.load_state_dict(st["ema"])
+            opt.load_state_dict(st["opt"])
+            step, n_ema = st["step"], st.get("ema_updates", st["step"])
+            log(f"resumed from {src} at step {step}")
+        elif args.resume:
+            log(f"--resume: no checkpoint at {src}, starting from scratch")
+        if world > 1:                                                 # rank 0's weights everywhere
+            for t in list(net.state_dict().values()) + list(ema.state_dict().values()):
+                dist.broadcast(t, 0)
+        log.truncate_metrics(step)
+        if main_rank:
+            write_json(args.out_dir, "args.json", args_to_dict(args))
+        cond = Conditioned(net)
+        model = build_vpfb(cond, args)
+        batches = batch_iterator(ds, args, rank, world, step)
+        n_params = sum(p.numel() for p in net.parameters())
+        log(f"vpfb: {args.model} Phi with {n_params / 1e6:.2f}M parameters on {device} x{world}, "
+            f"{len(ds)} images of {args.dataset}, recipe {args.recipe}, loss {loss_kwargs(args)}")
+        n_bad, t_last, s_last = 0, time.time(), step
         while step < args.steps:
-            torch.manual_seed(step_seed(args.seed, step, rank))   # noise, t, dropout, flips, labels
+            torch.manual_seed(step_seed(args.seed, step, rank))  # noise, t, dropout, flips, labels
             x, y = next(batches)
             x = x.to(device, non_blocking=True).float()
             if args.dataset in FLIP_SETS:
-                x = torch.where(torch.rand(x.shape[0], 1, 1, 1, device=device) < 0.5, x.flip(-1), x)
+                flip = torch.rand(x.shape[0], 1, 1, 1, device=device) < 0.5
+                x = torch.where(flip, x.flip(-1), x)
             if args.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             cond.y = None
-            if args.class_cond:                                  # labels, some replaced by "null"
+            if args.class_cond:                                 # labels, some replaced by "null"
                 y = y.to(device)
                 drop = torch.rand(y.shape[0], device=device) < args.p_uncond
                 cond.y = torch.where(drop, torch.full_like(y, ncls), y)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, args)
             net.train()
-            stats = train_step(model, net, opt, x, args, world)
+            stats, bad, signum = train_step(model, net, opt, x, args, world, step, stop)
             step += 1
-            bad = all_max(not (math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])),
-                          device, world) > 0
-            n_bad = n_bad + 1 if bad else 0                      # NaN guard: the step was skipped
-            if bad and rank == 0:
-                print(f"step {step}: non-finite loss or gradient ({stats['loss']:.4g}, "
-                      f"{stats['grad_norm']:.4g}); skipped ({n_bad} in a row)", flush=True)
-            if n_bad >= 10:
-                kept = src if (args.resume and os.path.isfile(src)) else "none written yet"
-                kept = ckpt_path if os.path.isfile(ckpt_path) else kept
-                die(f"{n_bad} non-finite steps in a row at step {step}; stopped; last good "
-                    f"checkpoint: {kept}", 3)
-            if not bad:
+            if bad:                                             # NaN guard: the step was skipped
+                n_bad += 1
+                log(f"step {step}: non-finite loss or gradient ({stats['loss']:.4g}, "
+                    f"{stats['grad_norm']:.4g}); skipped ({n_bad} in a row)")
+                if n_bad >= 10:
+                    kept = src if (args.resume and os.path.isfile(src)) else "none written yet"
+                    kept = ckpt_path if os.path.isfile(ckpt_path) else kept
+                    die(f"{n_bad} non-finite steps in a row at step {step}; stopped; last good "
+                        f"checkpoint: {kept}", 3)
+            else:
+                n_bad = 0
                 ema_update(ema, net, ema_decay_at(args.ema_decay, n_ema, args.ema_warmup))
                 n_ema += 1
-            if rank == 0 and (step % args.log_every == 0 or step == args.steps):
+            if step % args.log_every == 0 or step == args.steps:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                dt = (time.time() - t_last) / max(1, step - s_last)
+                wall, n = time.time() - t_last, max(step - s_last, 1)
+                ms, ips = 1000 * wall / n, n * args.batch_size * world / max(wall, 1e-9)
+                eta = (args.steps - step) * wall / n / 60
+                logs = " ".join(f"{k} {v:.4g}" for k, v in stats.items())
+                log(f"step {step}/{args.steps} | {logs} | {ms:.1f} ms/it | {ips:.1f} img/s | "
+                    f"ETA {eta:.1f} min")
                 t_last, s_last = time.time(), step
-                stats.update(step=step, lr=lr_at(step - 1, args), ms_per_iter=1000 * dt,
-                             images_per_s=args.batch_size * world / dt, skipped=int(bad))
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(stats) + "\n")
-                print(f"step {step}/{args.steps} | loss {stats['loss']:.4g} cov {stats['cov']:.4g} "
-                      f"cos {stats['cos']:.4g} |gPhi|^2 {stats['grad_x2']:.4g} poincare "
-                      f"{stats['poincare_ratio']:.4g} | {1000 * dt:.1f} ms/it | "
-                      f"{stats['images_per_s']:.1f} img/s | ETA {(args.steps - step) * dt / 60:.1f}"
-                      " min", flush=True)
-            stopping = all_max(stop.signum is not None, device, world) > 0
-            if rank == 0 and (stopping or step % args.save_every == 0 or step == args.steps):
+                log.metrics({"step": step, **stats, "ms_per_iter": ms, "images_per_s": ips,
+                             "skipped": int(bad)})
+            if main_rank and (signum or step % args.save_every == 0 or step == args.steps):
                 save_checkpoint(ckpt_path, net, ema, opt, step, args, ema_updates=n_ema)
-            if rank == 0 and (stopping or step == args.steps):        # the whole run's curves
-                plot_losses(read_metrics(log_path), os.path.join(args.out_dir, "loss.png"))
-            if rank == 0 and args.sample_every and not stopping and (
-                    step % args.sample_every == 0 or step == args.steps):
+            if main_rank and (signum or step == args.steps):       # the whole run's curves
+                plot_losses(log.read_metrics(), os.path.join(args.out_dir, "loss.png"))
+            if signum:
+                cmd = shlex.join(["python", "vpfb.py"] + [a for a in args.argv if a != "--resume"])
+                log(f"stopped at step {step} by {signal.Signals(signum).name}; checkpoint "
+                    f"{ckpt_path}; resume: {cmd} --resume")
+                sys.exit(128 + signum)
+            every = args.sample_every and step % args.sample_every == 0
+            if main_rank and (every or step == args.steps):        # 0: only at the end
                 which = "raw" if args.no_ema else "ema"
                 xs, _ = generate(Conditioned(net if args.no_ema else ema), args, device,
                                  min(64, args.num_samples), x.shape[1:], "euler", n_classes=ncls,
                                  strict=False)
                 save_grid(xs, os.path.join(args.out_dir, f"samples_{which}_{step:07d}.png"))
-                print(f"grid samples_{which}_{step:07d}.png: {which.upper()} weights, Euler ODE")
-            if stopping:
-                name = signal.Signals(stop.signum or signal.SIGTERM).name
-                cmd = shlex.join(["python", "vpfb.py"] + [a for a in args.argv if a != "--resume"])
-                if rank == 0:
-                    print(f"stopped at step {step} by {name}; checkpoint {ckpt_path}; "
-                          f"resume: {cmd} --resume", flush=True)
-                sys.exit(128 + int(stop.signum or signal.SIGTERM))
+                log(f"grid samples_{which}_{step:07d}.png: {which.upper()} weights, Euler ODE")
     finally:
         stop.restore()
-        getattr(batches, "_shutdown_workers", lambda: None)()    # workers ignore SIGTERM: stop them
+        getattr(batches, "_shutdown_workers", lambda: None)()   # workers ignore SIGTERM: stop them
     if world > 1:
         dist.destroy_process_group()
     return net, ema
 
 # ==== 5. Checkpoints ====
-# A plain dict {"format", "model", "ema", "opt", "step", "ema_updates", "args"}, loadable with
-# torch.load(weights_only=True); written to <path>.tmp, then os.replace'd (a crash never leaves half
-# a checkpoint, and never more than one temp file).
+# A plain dict {"format", "model", "ema", "opt", "step", "ema_updates", "args"} (weights_only
+# loadable), written to <path>.tmp, then os.replace'd: a crash never leaves half a checkpoint.
 FORMAT = "vpfb/v1"
 ARCH_KEYS = ["model", "model_size", "ch_mult", "res_blocks", "attn_res", "dropout", "wrn_depth",
              "class_cond", "image_size", "channels", "recipe", "net"]
@@ -1069,13 +1037,14 @@ def save_checkpoint(path, net, ema, opt, step, args, **extra):
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
 
-def read_checkpoint(path):
+def read_checkpoint(path, map_location="cpu"):
+    """torch.load(weights_only=True); a missing or corrupt file is one line and exit code 2."""
     if not os.path.isfile(path):
-        die(f"checkpoint {path!r} not found (train first, or pass --ckpt PATH)")
+        die(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        die(f"checkpoint {path!r} is corrupt or not a torch checkpoint ({type(e).__name__})")
+        die(f"cannot read checkpoint {path}: corrupt or not a PyTorch file ({type(e).__name__})")
 
 def load_checkpoint(path):
     """Our checkpoint (old flag names mapped), or an authors' one as it is."""
@@ -1095,25 +1064,15 @@ def load_checkpoint(path):
         saved["image_size"] = 64 if saved.get("dataset") == "celeba64" else 32
     return state
 
-def check_arch(saved, args, path):
-    """Resume onto the same architecture, or one line naming the flags that differ."""
-    diff = [f"--{k.replace('_', '-')} {getattr(args, k)!r} (checkpoint: {saved[k]!r})"
-            for k in ARCH_KEYS if k in saved and saved[k] != getattr(args, k, None)]
-    if diff:
-        die(f"{path} was trained with another architecture: {', '.join(diff)}")
-
 # ---- The authors' checkpoints (https://github.com/ljun0004/VAPO, README "Checkpoints") ----
-# Their main.py saves score_sde-style dicts: "model" = the state dict of nn.DataParallel(MyUnet),
-# keys "module.model.<guided-diffusion UNet key>"; "ema" = {"decay", "num_updates",
-# "shadow_params": EMA copies of model.parameters(), in that order}; "optimizer", "step",
-# "sigma_max". Their UNet is our UNetPhi built with AUTHORS_UNET, and the names map as
-#   time_embed.{0,2} -> temb.{0,2}   input_blocks.0.0 -> inp        label_emb -> cemb
-#   input_blocks.k.j -> down.(k-1).j middle_block.j -> mid.j        output_blocks.k.j -> up.k.j
-#   out.{0,2} -> out.{0,2}   inside the blocks: _RES_NAMES, _ATTN_NAMES (1-D convs -> 1x1 convs)
-# A resampling conv is "op" (down) or "conv" (up, where we keep nn.Upsample and the conv as two
-# layers); with their conv_resample=False (the released nets) there is none. Registration order
-# is the same in both nets: their parameters() order (of shadow_params) = our named_parameters().
-# They embed the raw t in [0, 1] (temb_type "time"); the third input column (1 - t) is unused.
+# score_sde-style dicts: "model" = the state dict of nn.DataParallel(MyUnet), keys "module.model."
+# + a guided-diffusion UNet key; "ema" = {"shadow_params": EMA copies of model.parameters() in
+# order, ...}; "optimizer", "step". Their UNet is our UNetPhi with AUTHORS_UNET; names map as
+#   time_embed -> temb, label_emb -> cemb, input_blocks.0.0 -> inp, input_blocks.k -> down.(k-1),
+#   middle_block -> mid, output_blocks -> up, out -> out; in the blocks _RES_NAMES, _ATTN_NAMES
+#   (their 1-D convs -> 1x1 convs); resampling convs are "op" (down) or "conv" (up; our
+#   nn.Upsample and conv are two layers), none in the released nets. Both nets register their
+#   parameters in the same order, so shadow_params[i] is our i-th parameter. They embed the raw t.
 
 _RES_NAMES = {"n1": "in_layers.0", "c1": "in_layers.2", "emb": "emb_layers.1",
               "n2": "out_layers.0", "c2": "out_layers.3", "skip": "skip_connection"}
@@ -1128,17 +1087,9 @@ def is_authors_checkpoint(ck):
             and isinstance(ck.get("ema"), dict)
             and isinstance(ck["ema"].get("shadow_params"), (list, tuple)) and "step" in ck)
 
-def _strip(key):
-    """'module.model.out.2.weight' -> 'out.2.weight' (DataParallel, then their MyUnet wrapper)."""
-    for prefix in ("module.", "model."):
-        if key.startswith(prefix):
-            key = key[len(prefix):]
-    return key
-
 def _listing(keys, n=6):
     keys = list(keys)
-    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 def authors_names(net):
     """{our parameter name: the authors' name (no prefix)}, in our parameter order."""
@@ -1146,24 +1097,23 @@ def authors_names(net):
     for key, _ in net.named_parameters():
         part = key.split(".")
         if part[0] in _AUTHORS_TOP:
-            theirs = ".".join([_AUTHORS_TOP[part[0]]] + part[1:])
+            names[key] = ".".join([_AUTHORS_TOP[part[0]]] + part[1:])
+            continue
+        if part[0] == "mid":
+            block, j, rest = "middle_block", int(part[1]), part[2:]
+            layer = net.mid[j]
         else:
-            if part[0] == "mid":
-                block, j, rest = "middle_block", int(part[1]), part[2:]
-                layer = net.mid[j]
-            else:
-                i, j, rest = int(part[1]), int(part[2]), part[3:]
-                layer = getattr(net, part[0])[i][j]
-                block = f"input_blocks.{i + 1}" if part[0] == "down" else f"output_blocks.{i}"
-            if isinstance(layer, ResBlock):
-                theirs = f"{block}.{j}.{_RES_NAMES[rest[0]]}.{rest[1]}"
-            elif isinstance(layer, AttnBlock):
-                theirs = f"{block}.{j}.{_ATTN_NAMES[rest[0]]}.{rest[1]}"
-            elif part[0] == "down":                       # strided conv: their Downsample.op
-                theirs = f"{block}.0.op.{rest[0]}"
-            else:                                         # conv after nn.Upsample: Upsample.conv
-                theirs = f"{block}.{j - 1}.conv.{rest[0]}"
-        names[key] = theirs
+            i, j, rest = int(part[1]), int(part[2]), part[3:]
+            layer = getattr(net, part[0])[i][j]
+            block = f"input_blocks.{i + 1}" if part[0] == "down" else f"output_blocks.{i}"
+        if isinstance(layer, ResBlock):
+            names[key] = f"{block}.{j}.{_RES_NAMES[rest[0]]}.{rest[1]}"
+        elif isinstance(layer, AttnBlock):
+            names[key] = f"{block}.{j}.{_ATTN_NAMES[rest[0]]}.{rest[1]}"
+        elif part[0] == "down":                           # strided conv: their Downsample.op
+            names[key] = f"{block}.0.op.{rest[0]}"
+        else:                                             # conv after nn.Upsample: Upsample.conv
+            names[key] = f"{block}.{j - 1}.conv.{rest[0]}"
     return names
 
 def authors_arch(sd, image_size=32):
@@ -1181,7 +1131,6 @@ def authors_arch(sd, image_size=32):
         raise ValueError("input blocks do not form a U-Net")
     first = [1 + lv * (num_res + 1) for lv in range(levels)]
     out_ch = [sd[f"input_blocks.{k}.0.in_layers.2.weight"].shape[0] for k in first]
-    mult = tuple(c // base for c in out_ch)
     emb_out = sd["input_blocks.1.0.emb_layers.1.weight"].shape[0]
     kw = dict(AUTHORS_UNET)
     kw.update(scale_shift=emb_out == 2 * out_ch[0], stem_mult=stem.shape[0] != base,
@@ -1189,50 +1138,36 @@ def authors_arch(sd, image_size=32):
     attn = tuple(image_size // 2 ** lv for lv, k in enumerate(first)
                  if f"input_blocks.{k}.1.qkv.weight" in sd)
     ncls = sd["label_emb.weight"].shape[0] - 1 if "label_emb.weight" in sd else 0
-    return dict(in_ch=stem.shape[1], base=base, mult=mult, num_res=num_res, attn_res=attn,
-                dropout=0.3, image_size=image_size, num_classes=ncls, **kw)
-
-def authors_args(ck, image_size=32):
-    """vpfb.py's architecture flags that describe an authors' checkpoint (for load_for_eval)."""
-    kw = authors_arch({_strip(k): v for k, v in ck["model"].items()}, image_size)
-    return {"model": "unet", "model_size": kw["base"], "recipe": "authors", "net": "authors",
-            "ch_mult": ",".join(str(m) for m in kw["mult"]), "res_blocks": kw["num_res"],
-            "attn_res": ",".join(str(r) for r in kw["attn_res"]), "dropout": kw["dropout"],
-            "class_cond": kw["num_classes"] > 0, "channels": kw["in_ch"],
-            "image_size": image_size}
+    return dict(in_ch=stem.shape[1], base=base, mult=tuple(c // base for c in out_ch),
+                num_res=num_res, attn_res=attn, dropout=0.3, image_size=image_size,
+                num_classes=ncls, **kw)
 
 def authors_network(ck, use_ema=True, image_size=32, name="checkpoint"):
     """Our UNetPhi (eval mode, frozen) holding the weights of an authors' checkpoint dict `ck`:
-    the EMA shadow_params (use_ema) or the raw model. Anything that does not fit: one line,
-    exit 2."""
+    the EMA shadow_params (use_ema) or the raw model. What does not fit: one line, exit 2."""
     if not is_authors_checkpoint(ck):
         found = _listing(sorted(ck)) if isinstance(ck, dict) else type(ck).__name__
         die(f"{name!r} is not an authors' VAPO checkpoint (expects model, ema.shadow_params, "
             f"step; found {found})")
-    sd = {_strip(k): v for k, v in ck["model"].items()}
+    sd = {k.removeprefix("module.").removeprefix("model."): v for k, v in ck["model"].items()}
     try:
-        kw = authors_arch(sd, image_size)
+        net = UNetPhi(**authors_arch(sd, image_size))
     except (KeyError, IndexError, ValueError, ZeroDivisionError, AttributeError):
         odd = [k for k in sd if not k.startswith(_AUTHORS_PREFIXES)] or list(sd)
         die(f"{name!r} is a score_sde-style checkpoint but not the authors' VAPO U-Net "
             f"(unmatched keys: {_listing(odd)})")
-    net = UNetPhi(**kw)
     names = authors_names(net)
-    known = set(names.values())
-    unmatched = [k for k in sd if k not in known]
+    unmatched = [k for k in sd if k not in set(names.values())]
     missing = [theirs for theirs in names.values() if theirs not in sd]
     if unmatched or missing:
         die(f"{name!r} does not fit the authors' U-Net it describes (unmatched keys: "
             f"{_listing(unmatched) or 'none'}; missing: {_listing(missing) or 'none'})")
     theirs = sd
-    if use_ema:
-        # shadow_params[i] is the EMA of their i-th parameter; their parameter order is the order
-        # of their state dict (no buffers) and, by construction, our named_parameters() order
+    if use_ema:                                   # shadow_params[i]: the EMA of parameter i
         shadow, order = list(ck["ema"]["shadow_params"]), list(names.values())
-        if len(shadow) != len(order):
-            die(f"{name!r}: {len(shadow)} EMA shadow_params for {len(order)} parameters")
-        if list(sd) != order:
-            die(f"{name!r}: the model's tensors are not in the authors' parameter order")
+        if len(shadow) != len(order) or list(sd) != order:
+            die(f"{name!r}: {len(shadow)} EMA shadow_params for {len(order)} parameters, or the "
+                f"model's tensors are not in the authors' parameter order")
         theirs = dict(zip(order, shadow))
     ours = {}
     for key, p in net.named_parameters():
@@ -1245,42 +1180,38 @@ def authors_network(ck, use_ema=True, image_size=32, name="checkpoint"):
     return net.eval().requires_grad_(False)
 
 def load_authors_checkpoint(path, use_ema=True, image_size=32):
-    """The authors' released Phi (Google Drive folders homotopy_cifar10 / homotopy_celeba,
-    checkpoints/checkpoint_*.pth) as our time-varying UNetPhi in eval mode: net(x, t) is their
-    potential at every t in [0, 1], x in [-1, 1] NCHW. EMA weights unless use_ema=False."""
+    """The authors' released Phi (their checkpoints/checkpoint_*.pth) as our UNetPhi in eval mode:
+    net(x, t) is their potential, x in [-1, 1] NCHW. EMA weights unless use_ema=False."""
     return authors_network(read_checkpoint(path), use_ema, image_size, name=path)
 
 def load_for_eval(args, device):
-    """Rebuild the network of a checkpoint (EMA weights, raw with --no-ema); its architecture flags
-    win over the command line. An authors' file gives their network and --recipe authors."""
+    """The network of a checkpoint (EMA weights, raw with --no-ema), its architecture flags winning
+    over the command line; an authors' file gives their network and --recipe authors."""
     path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
     state = load_checkpoint(path)
     if is_authors_checkpoint(state):               # their file says nothing of the data: --dataset
-        a = argparse.Namespace(**{**vars(args), **authors_args(state, args.image_size)})
-        parse_lists(a)
         net = authors_network(state, not args.no_ema, args.image_size, name=path)
+        a = argparse.Namespace(**{**vars(args), "model": "unet", "recipe": "authors",
+                                  "net": "authors", "class_cond": net.num_classes > 0,
+                                  "channels": net.inp.in_channels})
         ncls = net.num_classes or 10
-        return maybe_compile(engineer(net, device, a.amp, a.channels_last), args), a, ncls
-    saved = state["args"]
-    a = argparse.Namespace(**{**vars(args), **{k: saved[k] for k in ARCH_KEYS + ["dataset"]
-                                               if k in saved}})
-    parse_lists(a)
-    weights = state["model" if args.no_ema else "ema"]
-    ncls = 10
-    for key in ("cemb.weight", "head.weight"):
-        if a.class_cond and key in weights:
-            ncls = weights[key].shape[0] - 1                        # minus the null class
-    net = build_model(a, ncls, device)
-    try:
-        net.load_state_dict(weights)
-    except RuntimeError as e:
-        die(f"checkpoint weights do not fit the network it describes ({str(e).splitlines()[0]})")
-    return maybe_compile(net.eval().requires_grad_(False), args), a, ncls
-
-def maybe_compile(net, args):
+    else:
+        saved = state["args"]
+        a = argparse.Namespace(**{**vars(args), **{k: saved[k] for k in ARCH_KEYS + ["dataset"]
+                                                   if k in saved}})
+        weights = state["model" if args.no_ema else "ema"]
+        head = "cemb.weight" if a.model == "unet" else "head.weight"
+        ncls = weights[head].shape[0] - 1 if a.class_cond else 10     # minus the null class
+        net = build_model(a, ncls)
+        try:
+            net.load_state_dict(weights)
+        except RuntimeError as e:
+            die(f"checkpoint weights do not fit the network it describes "
+                f"({str(e).splitlines()[0]})")
+    net = engineer(net, device, a.amp, a.channels_last).eval().requires_grad_(False)
     if args.compile:
         net = torch.compile(net)                     # first-order gradients only: fine for sampling
-    return net
+    return net, a, ncls
 
 # ==== 6. Experiment modes ====
 
@@ -1309,34 +1240,32 @@ def generate(phi, args, device, n, shape, method=None, x0=None, n_classes=10, st
     strict: non-finite images are one line and exit 3 (a training grid only warns)."""
     method = method or args.sampler
     model = build_vpfb(phi, args)
+    random_classes = isinstance(phi, Conditioned) and args.class_cond and phi.y is None
     outs, nfes, t_start = [], [], time.time()
     for i in range(0, n, args.sample_batch):
         b = min(args.sample_batch, n - i)
         z = (x0[i:i + b] if x0 is not None else torch.randn(b, *shape)).to(device)
-        random_classes = isinstance(phi, Conditioned) and args.class_cond and phi.y is None
         if random_classes:
-            phi.y = torch.randint(n_classes, (b,), device=device)   # random classes
+            phi.y = torch.randint(n_classes, (b,), device=device)
         if method == "sgld":
             x = model.langevin(z, n_steps=args.sgld_steps, step_size=args.sgld_step,
                                temperature=args.sgld_temp)
         else:
             x = model.sample(z, method=method, n_steps=args.ode_steps, t0=args.t0, t1=args.t1,
                              rtol=args.rtol, atol=args.atol)
-        if random_classes:
-            phi.y = None
         nfes.append(model.last_nfe)
         outs.append(x.clamp(-1, 1) if args.clamp else x)
+    if random_classes:
+        phi.y = None
     if device.type == "cuda":
         torch.cuda.synchronize()
-    dt = time.time() - t_start
-    x = torch.cat(outs)
-    if not torch.isfinite(x).all():            # never hand garbage on (FID would take it as valid)
-        what = "error" if strict else "warning"
-        print(f"{what}: the {method} sampler produced non-finite values "
-              f"({int((~torch.isfinite(x)).sum())} of {x.numel()})"
-              f"{'; nothing written' if strict else ''}", file=sys.stderr)
-        if strict:
-            sys.exit(3)
+    dt, x = time.time() - t_start, torch.cat(outs)
+    n_bad = int((~torch.isfinite(x)).sum())
+    msg = f"the {method} sampler produced non-finite values ({n_bad} of {x.numel()})"
+    if n_bad and strict:                   # never hand garbage on (FID would take it as valid)
+        die(msg + "; nothing written", 3)
+    if n_bad:
+        print("warning: " + msg, file=sys.stderr)
     return x, {"sampler": method, "nfe_mean": float(np.mean(nfes)), "images_per_s": n / dt,
                "seconds": dt}
 
@@ -1346,13 +1275,6 @@ def eval_setup(args):
     net, a, ncls = load_for_eval(args, device)
     return device, net, a, ncls, (a.channels, a.image_size, a.image_size)
 
-def _dump(args, name, obj, echo=True):
-    """obj as <out-dir>/name (JSON), and on stdout unless echo=False."""
-    with open(os.path.join(args.out_dir, name), "w") as f:
-        json.dump(obj, f, indent=1)
-    if echo:
-        print(json.dumps(obj))
-
 def cmd_sample(args):
     device, net, a, ncls, shape = eval_setup(args)
     x, st = generate(Conditioned(net), a, device, args.num_samples, shape, n_classes=ncls)
@@ -1360,28 +1282,28 @@ def cmd_sample(args):
     np.savez(path + ".tmp.npz", images=to_uint8(x))
     os.replace(path + ".tmp.npz", path)
     save_grid(x[:64], os.path.join(args.out_dir, "samples.png"))
-    _dump(args, "sample_stats.json", st)
+    write_json(args.out_dir, "sample_stats.json", st)
+    print(json.dumps(st))
 
 def cmd_interp(args, rows=8, cols=10):
     """Spherical interpolation between two noises, each point pushed through the ODE (Sec. 4.3)."""
     device, net, a, ncls, shape = eval_setup(args)
     z0, z1 = torch.randn(rows, *shape), torch.randn(rows, *shape)
-    al = torch.linspace(0, 1, cols)
-    z = torch.stack([slerp(z0, z1, torch.full((rows,), float(v))) for v in al], 1)
-    z = z.reshape(rows * cols, *shape)
-    x, st = generate(Conditioned(net), a, device, rows * cols, shape, x0=z, n_classes=ncls)
+    z = torch.stack([slerp(z0, z1, float(v)) for v in torch.linspace(0, 1, cols)], 1)
+    x, st = generate(Conditioned(net), a, device, rows * cols, shape, x0=z.flatten(0, 1),
+                     n_classes=ncls)
     save_grid(x, os.path.join(args.out_dir, "interp.png"), nrow=cols)
-    _dump(args, "interp_stats.json", st)
+    write_json(args.out_dir, "interp_stats.json", st)
+    print(json.dumps(st))
 
 def cmd_nn(args, rows=8):
     """Generated samples and their k nearest training images in pixel (L2) distance (Fig. 5)."""
     device, net, a, ncls, shape = eval_setup(args)
     x, _ = generate(Conditioned(net), a, device, rows, shape, n_classes=ncls)
-    train_ds = build_dataset(a, train=True)
     best_d = torch.full((rows, args.nn_k), float("inf"))
     best_x = torch.zeros(rows, args.nn_k, *shape)
     xf = x.cpu().flatten(1)
-    for xb, _ in torch.utils.data.DataLoader(train_ds, batch_size=512):
+    for xb, _ in torch.utils.data.DataLoader(build_dataset(a, train=True), batch_size=512):
         d = torch.cdist(xf, xb.flatten(1))                           # (rows, batch) pixel distances
         cand_d = torch.cat([best_d, d], 1)
         cand_x = torch.cat([best_x, xb[None].expand(rows, *xb.shape)], 1)
@@ -1389,14 +1311,16 @@ def cmd_nn(args, rows=8):
         best_x = torch.stack([cand_x[r, idx[r]] for r in range(rows)])
     grid = torch.cat([x.cpu()[:, None], best_x], 1).reshape(-1, *shape)
     save_grid(grid, os.path.join(args.out_dir, "nn.png"), nrow=args.nn_k + 1)
-    _dump(args, "nn.json", {"nearest_pixel_l2": best_d.tolist()})
+    res = {"nearest_pixel_l2": best_d.tolist()}
+    write_json(args.out_dir, "nn.json", res)
+    print(json.dumps(res))
 
 @torch.no_grad()
 def energies(net, args, ds, device, n):
     """Phi_B (Eq. 22) and the authors' OOD score 4 Phi(x, t_max) - ||x||^2 of the first n images."""
     model = build_vpfb(Conditioned(net), args)
     pb, auth = [], []
-    for i, x in enumerate(torch.split(first_images(ds, n), args.sample_batch)):
+    for x in torch.split(first_images(ds, n), args.sample_batch):
         x = x.to(device)
         pb.append(model.boltzmann_energy(x).float().cpu())
         tt = torch.full((x.shape[0],), model.t_inf or model.t_max, device=device)
@@ -1409,19 +1333,17 @@ def cmd_hist(args):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     device, net, a, ncls, shape = eval_setup(args)
-    res = {}
-    fig = plt.figure(figsize=(5, 3.5))
+    res, fig = {}, plt.figure(figsize=(5, 3.5))
     for split in ("train", "test"):
-        ds = build_dataset(a, train=split == "train")
-        e, _ = energies(net, a, ds, device, args.ood_max)
+        e, _ = energies(net, a, build_dataset(a, train=split == "train"), device, args.ood_max)
         res[split] = {"n": int(len(e)), "mean": float(e.mean()), "std": float(e.std())}
         plt.hist(e, bins=50, alpha=0.5, density=True, label=split)
     plt.xlabel("Boltzmann energy Phi_B (Eq. 22)")
     plt.legend()
-    plt.tight_layout()
-    fig.savefig(os.path.join(args.out_dir, "hist.png"), dpi=100)
+    fig.savefig(os.path.join(args.out_dir, "hist.png"), dpi=100, bbox_inches="tight")
     plt.close(fig)
-    _dump(args, "hist.json", res)
+    write_json(args.out_dir, "hist.json", res)
+    print(json.dumps(res))
 
 def cmd_ood(args):
     """OOD AUROC (Table 2): in-distribution = the test split of the training set (positives, should
@@ -1446,12 +1368,12 @@ def cmd_ood(args):
         table[name] = {"auroc_phi_b": auroc(pos, neg),
                        "auroc_authors_score": auroc(pos_auth, neg_auth),
                        "n_in": int(len(pos)), "n_ood": int(len(neg))}
-    _dump(args, "ood.json", table)
+    write_json(args.out_dir, "ood.json", table)
+    print(json.dumps(table))
 
 def cmd_longrun(args):
     """Long-run sampling (Sec. 4.6, Figs. 12-18): the ODE over t in [0, longrun_t1] (past t_max it
-    follows Phi(x, t_max)), then SGLD on Phi_B from the same noise; curves of E|grad|^2 and
-    E energy^2."""
+    follows Phi(x, t_max)), then SGLD on Phi_B from the same noise; E|grad|^2 and E energy^2."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1490,13 +1412,12 @@ def cmd_longrun(args):
         axi.semilogy(curves[key]["t"], curves[key]["phi2"], label="E energy^2")
         axi.set_xlabel(lab)
         axi.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.out_dir, "longrun_norms.png"), dpi=100)
+    fig.savefig(os.path.join(args.out_dir, "longrun_norms.png"), dpi=100, bbox_inches="tight")
     plt.close(fig)
-    _dump(args, "longrun.json", {k: {kk: vv[-1] for kk, vv in v.items() if vv}
-                                 for k, v in curves.items()})
-    with open(os.path.join(args.out_dir, "longrun_curves.json"), "w") as f:
-        json.dump(curves, f)
+    last = {k: {kk: vv[-1] for kk, vv in v.items() if vv} for k, v in curves.items()}
+    write_json(args.out_dir, "longrun.json", last)
+    print(json.dumps(last))
+    write_json(args.out_dir, "longrun_curves.json", curves)
 
 def cmd_compose(args, n=8):
     """Compositional sampling (Sec. 4.3): sample with the average of the class-conditional energies
@@ -1519,7 +1440,8 @@ def cmd_compose(args, n=8):
             rows.append(x.cpu())
             info["+".join(map(str, g)) if c is None else str(c)] = st
     save_grid(torch.cat(rows), os.path.join(args.out_dir, "compose.png"), nrow=n)
-    _dump(args, "compose.json", info)
+    write_json(args.out_dir, "compose.json", info)
+    print(json.dumps(info))
 
 def cmd_benchmark(args):
     """Training images/s, ms/iter and peak memory of our config (bf16 trunk, channels-last, TF32)
@@ -1558,9 +1480,8 @@ def cmd_benchmark(args):
             losses.append(loss.item())
         sync()
         dt = (time.time() - t_start) / args.bench_steps
-        r = {"ms_per_iter": 1000 * dt, "images_per_s": B / dt, "losses": losses[n_warm:]}
-        if cuda:
-            r["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        r = {"ms_per_iter": 1000 * dt, "images_per_s": B / dt, "losses": losses[n_warm:],
+             "peak_mem_gb": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None}
         z = torch.randn(min(B, args.sample_batch), C, S, S, generator=g).to(device)
         t0 = time.time()
         model.sample(z, method="rk45", t0=args.t0, t1=args.t1, rtol=args.rtol, atol=args.atol)
@@ -1570,18 +1491,18 @@ def cmd_benchmark(args):
         print(f"{name:13s} train {r['ms_per_iter']:8.1f} ms/iter {r['images_per_s']:8.1f} img/s"
               + (f" peak {r['peak_mem_gb']:.2f} GiB" if cuda else "")
               + f" | rk45 NFE {model.last_nfe} {res[name]['ode_images_per_s']:.1f} img/s")
-    la, lb = np.array(res["ours"]["losses"]), np.array(res["authors_fp32"]["losses"])
+    ours, theirs = res["ours"], res["authors_fp32"]
+    la, lb = np.array(ours["losses"]), np.array(theirs["losses"])
     summary = {"device": str(device), "batch_size": B, "model": args.model,
                "params_M": sum(p.numel() for p in base_net.parameters()) / 1e6,
-               "speedup_images_per_s": (res["ours"]["images_per_s"]
-                                        / res["authors_fp32"]["images_per_s"]),
+               "speedup_images_per_s": ours["images_per_s"] / theirs["images_per_s"],
                "max_abs_loss_diff": float(np.abs(la - lb).max()),
                "max_rel_loss_diff": float((np.abs(la - lb) / np.maximum(np.abs(lb), 1e-12)).max()),
                "configs": res}
     print(f"speed-up {summary['speedup_images_per_s']:.2f}x, max |loss diff| "
           f"{summary['max_abs_loss_diff']:.3g} (relative {summary['max_rel_loss_diff']:.3g}) "
           f"over {args.bench_steps} steps")
-    _dump(args, "benchmark.json", summary, echo=False)
+    write_json(args.out_dir, "benchmark.json", summary)
     return summary
 
 # ==== 7. Arguments and main ====
@@ -1606,9 +1527,10 @@ pos_float = _number(float, lambda v: v > 0, "a finite number > 0")
 nonneg_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
 finite_float = _number(float, lambda v: True, "a finite number")
 unit_float = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+time_float = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr and exit 2 (not the usage block)."""
+    """argparse whose errors are one line on stderr and exit code 2."""
 
     def error(self, message):
         die(f"{message} (see --help)")
@@ -1619,9 +1541,8 @@ def build_parser():
     a, bool_opt = p.add_argument, argparse.BooleanOptionalAction
     a("--mode", default="train", choices=MODES, help="what to do")
     # data / run
-    a("--dataset", default="cifar10", choices=DATASETS + ["svhn", "cifar100"],
-      help="training set; npz: --data-dir is a .npz with uint8 `images` N x H x W x C")
-    a("--data-dir", default="data", help="dataset folder (npz: the .npz file)")
+    a("--dataset", default="cifar10", choices=DATASETS + ["svhn", "cifar100"], help="images")
+    a("--data-dir", default="data", help="dataset folder (npz: the .npz file, uint8 NHWC)")
     a("--image-size", type=pos_int, help="image side (default 32; celeba64 64; npz: the file's)")
     a("--fake-size", type=pos_int, default=512, help="number of FakeData images")
     a("--out-dir", help="output folder (default runs/vpfb_<dataset>); always written to")
@@ -1635,8 +1556,8 @@ def build_parser():
     a("--lr", type=pos_float, default=1e-4, help="Adam learning rate")
     a("--warmup", type=nonneg_int, default=5000, help="linear learning-rate warm-up steps")
     a("--grad-clip", type=nonneg_float, help="gradient clipping (0 = off) [ours 1; authors 3]")
-    a("--clip-mode", default=None, choices=["norm", "std"], help="norm: global norm [ours]; std: "
-      "each element to +-(clip * Adam's RMS + 0.1) [authors]")
+    a("--clip-mode", choices=["norm", "std"], help="global norm [ours]; std [authors]: each "
+      "element to +-(clip * Adam's RMS + 0.1)")
     a("--ema-decay", type=unit_float, default=0.9999, help="EMA decay")
     a("--ema-warmup", action=bool_opt, default=True, help="min(decay, (1+n)/(10+n)); no: authors")
     a("--no-ema", action="store_true", help="grids / sampling with the raw weights, not the EMA")
@@ -1645,30 +1566,28 @@ def build_parser():
     a("--model-size", type=pos_int, default=128, help="base channels (unet 128 = paper's net)")
     a("--ch-mult", default="2,2,2", help="UNet channel multipliers per resolution level")
     a("--res-blocks", type=pos_int, default=4, help="UNet residual blocks per level")
-    a("--net", default=None, choices=["ours", "authors"], help="unet variant [the recipe's]")
-    a("--attn-res", default=None, help="unet resolutions with attention (and the middle) [16; "
-      "--net authors: image size // 2]")
+    a("--net", choices=["ours", "authors"], help="unet variant [the recipe's]")
+    a("--attn-res", help="unet attention resolutions [16; --net authors: image size // 2]")
     a("--dropout", type=unit_float, default=0.3, help="dropout in the res blocks (authors 0.3)")
     a("--wrn-depth", type=pos_int, default=16, help="WideResNet depth (6n + 4)")
     a("--class-cond", action="store_true", help="class-conditional Phi(x, c) (for --mode compose)")
-    a("--p-uncond", type=unit_float, default=None, help="with --class-cond: fraction of labels "
-      "replaced by a null class, so Phi(x) exists too [ours 0.1; authors 0.2]")
+    a("--p-uncond", type=unit_float, help="share of null labels [ours 0.1; authors 0.2]")
     # loss, Eq. (27): see the VPFB class for each choice
-    a("--recipe", default="ours", choices=["ours", "paper", "authors"], help="preset of the "
-      "loss and clip flags (explicit flags win); authors: also --net authors")
-    a("--kappa", type=finite_float, default=None, help="w(t) = (1 - t)^kappa [ours 1]")
+    a("--recipe", default="ours", choices=list(RECIPES), help="loss and clip presets (explicit "
+      "flags win); authors: also --net authors")
+    a("--kappa", type=finite_float, help="w(t) = (1 - t)^kappa [ours 1]")
     a("--t-end", type=pos_float, default=1.0, help="t ~ U(0, t_end)")
-    a("--t-max", type=pos_float, default=1.0 - 1e-5, help="stationarity: t clamped to t_max")
-    a("--t-inf", type=pos_float, default=None, help="time Phi_B (Eq. 22) is read at [t_max]")
-    a("--eta", type=nonneg_float, default=None, help="Poincare weight eta [ours 1e-4]")
-    a("--lam-cos", type=nonneg_float, default=None, help="weight of the cosine term [1]")
-    a("--lam-gx", type=nonneg_float, default=None, help="weight of E||grad_x Phi||^2 [1]")
-    a("--lam-gt", type=nonneg_float, default=None, help="weight of E(dPhi/dt)^2 [ours 0.01]")
-    a("--cov-form", default=None, choices=["cov", "corr"], help="cov (paper) or corr (authors)")
-    a("--cos-form", default=None, choices=["paper", "authors"], help="cos or cos^t / D (authors)")
-    a("--weight-on", default=None, choices=["ritz", "cov"], help="w(t) on cov + |grad|^2 or gamma")
-    a("--grad-norm", default=None, choices=["sum", "mean"], help="|grad Phi|^2 summed or averaged")
-    a("--bfactor", type=pos_float, default=None, help="c in Phi_B, Eq. (22) [ours 2; paper 4]")
+    a("--t-max", type=time_float, default=1.0 - 1e-5, help="stationarity: t clamped to t_max")
+    a("--t-inf", type=pos_float, help="time Phi_B (Eq. 22) is read at [t_max]")
+    a("--eta", type=nonneg_float, help="Poincare weight eta [ours 1e-4]")
+    a("--lam-cos", type=nonneg_float, help="weight of the cosine term [1]")
+    a("--lam-gx", type=nonneg_float, help="weight of E||grad_x Phi||^2 [1]")
+    a("--lam-gt", type=nonneg_float, help="weight of E(dPhi/dt)^2 [ours 0.01]")
+    a("--cov-form", choices=["cov", "corr"], help="cov (paper) or corr (authors)")
+    a("--cos-form", choices=["paper", "authors"], help="cos or cos^t / D (authors)")
+    a("--weight-on", choices=["ritz", "cov"], help="w(t) on cov + |grad|^2 or gamma")
+    a("--grad-norm", choices=["sum", "mean"], help="|grad Phi|^2 summed or averaged")
+    a("--bfactor", type=pos_float, help="c in Phi_B, Eq. (22) [ours 2; paper 4]")
     # samplers
     a("--sampler", default="rk45", choices=["euler", "rk45", "sgld"], help="sampler of the modes")
     a("--ode-steps", type=pos_int, default=100, help="Euler steps (and rk45 trajectory frames)")
@@ -1689,7 +1608,8 @@ def build_parser():
     a("--ckpt", help="checkpoint to read (ours or the authors'); outputs go to --out-dir")
     a("--log-every", type=pos_int, default=100, help="log every N steps")
     a("--save-every", type=pos_int, default=5000, help="checkpoint every N steps")
-    a("--sample-every", type=nonneg_int, default=5000, help="sample grid every N steps (0 = off)")
+    a("--sample-every", type=nonneg_int, default=5000,
+      help="sample grid every N steps (0 = only at the end)")
     a("--num-samples", type=pos_int, default=64, help="samples to draw (50000 for FID)")
     a("--sample-batch", type=pos_int, default=256, help="batch size when sampling")
     # experiments
@@ -1717,20 +1637,26 @@ TRAIN_RECIPES = {  # optimiser presets
 
 def loss_kwargs(args):
     """The VPFB(...) keyword arguments: the recipe preset, overridden by any explicit flag."""
-    kw = dict(RECIPES[args.recipe])
-    for k in kw:
-        if getattr(args, k, None) is not None:
-            kw[k] = getattr(args, k)
-    kw.update(t_end=args.t_end, t_max=args.t_max, t_inf=getattr(args, "t_inf", None))
-    return kw
+    kw = {k: v if getattr(args, k) is None else getattr(args, k)
+          for k, v in RECIPES[args.recipe].items()}
+    return dict(kw, t_end=args.t_end, t_max=args.t_max, t_inf=args.t_inf)
 
-def parse_lists(args):
+def ints(s):
+    """'2,2,2' -> (2, 2, 2); --ch-mult and --attn-res stay strings, as checkpoints store them."""
     try:
-        args.ch_mult_t = tuple(int(c) for c in str(args.ch_mult).split(","))
-        args.attn_res_t = tuple(int(c) for c in str(args.attn_res).split(",") if c.strip())
+        return tuple(int(c) for c in str(s).split(",") if c.strip())
     except ValueError:
-        die(f"--ch-mult / --attn-res must be comma lists of integers, got {args.ch_mult!r}, "
-            f"{args.attn_res!r}")
+        die(f"--ch-mult / --attn-res must be comma lists of integers, got {s!r}")
+
+def prepare_out_dir(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test_{os.getpid()}")        # one per DDP rank
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        die(f"cannot write to output folder {os.path.abspath(path)} ({e.strerror or e})")
 
 def resolve_args(args, argv=None):
     """Fill the defaults that depend on other flags; bad combinations -> one line and exit 2."""
@@ -1738,8 +1664,6 @@ def resolve_args(args, argv=None):
     for k, v in TRAIN_RECIPES[args.recipe].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if args.t_max > 1:
-        die(f"--t-max must be in (0, 1], got {args.t_max}")
     args.channels, size = (1 if args.dataset == "mnist" else 3), None
     if args.dataset == "npz":
         if not os.path.isfile(args.data_dir):
@@ -1750,21 +1674,15 @@ def resolve_args(args, argv=None):
     args.net = args.net or ("authors" if args.recipe == "authors" else "ours")
     if args.attn_res is None:
         args.attn_res = str(args.image_size // 2) if args.net == "authors" else "16"
-    parse_lists(args)
-    levels = 2 ** (len(args.ch_mult_t) - 1)
+    levels = 2 ** (len(ints(args.ch_mult)) - 1)
+    ints(args.attn_res)
     if args.model == "unet" and args.image_size % levels:
         die(f"--image-size {args.image_size} must be a multiple of {levels} (the U-Net halves it "
-            f"{len(args.ch_mult_t) - 1} times for --ch-mult {args.ch_mult})")
+            f"{len(ints(args.ch_mult)) - 1} times for --ch-mult {args.ch_mult})")
     if args.model == "wrn" and (args.wrn_depth - 4) % 6:
         die(f"--wrn-depth must be 6n + 4 (10, 16, 22, 28 ...), got {args.wrn_depth}")
     args.out_dir = args.out_dir or os.path.join("runs", f"vpfb_{args.dataset}")
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)
-        probe = os.path.join(args.out_dir, f".write_test_{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        die(f"cannot write to --out-dir {args.out_dir!r}: {e.strerror}")
+    prepare_out_dir(args.out_dir)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(args.threads or cores or 1)
     return args

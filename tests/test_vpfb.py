@@ -552,7 +552,7 @@ def test_cli_smoke_train_sample(tmp_path, capsys):
     log = capsys.readouterr().out
     assert "ms/it" in log and "img/s" in log and "ETA" in log
     assert vpfb.load_checkpoint(f"{out}/ckpt.pt")["step"] == 2
-    assert len(vpfb.read_metrics(f"{out}/metrics.jsonl")) == 2
+    assert len(vpfb.Logger(out).read_metrics()) == 2
     vpfb.main(TINY + ["--mode", "sample", "--sampler", "euler", "--out-dir", out])
     imgs = np.load(f"{out}/samples.npz")["images"]
     assert imgs.shape == (4, 8, 8, 3) and imgs.dtype == np.uint8
@@ -580,7 +580,7 @@ def _same_weights(a, b):
 
 
 def _losses(out):
-    return {r["step"]: r["loss"] for r in vpfb.read_metrics(f"{out}/metrics.jsonl")}
+    return {r["step"]: r["loss"] for r in vpfb.Logger(out).read_metrics()}
 
 
 @pytest.fixture(scope="module")
@@ -621,7 +621,7 @@ def test_resume_drops_stale_metrics_and_temp_files(tmp_path, runs):
         f.write('{"step": 4, "loss": 1e9}\n{"step": 5, "loss": 1e9}\n')
     (tmp_path / "run" / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")
     vpfb.main(TINY + ["--steps", "5", "--resume", "--out-dir", out])
-    recs = vpfb.read_metrics(f"{out}/metrics.jsonl")
+    recs = vpfb.Logger(out).read_metrics()
     assert [r["step"] for r in recs] == [1, 2, 3, 4, 5] and recs[3]["loss"] != 1e9
     assert not any(".tmp" in p.name for p in (tmp_path / "run").iterdir())
     assert (tmp_path / "run" / "loss.png").stat().st_size > 0
