@@ -1,0 +1,370 @@
+"""The experiment modes end to end, in-process through main([...]), on one tiny checkpoint per
+method trained once per module: vpfb's interp, nn, hist, ood, longrun, compose, sample with
+--sampler sgld / rk45, benchmark's promised keys; energy_matching's sample (euler, uneven batches,
+zero samples), inpaint (grid and numbers), lid (exact route, both "all equal" hints). Each test
+checks what the mode writes (shapes, counts, ordering, ranges), not only that a file exists, and
+one bad input per family (exit 2, one line)."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import energy_matching as em
+import vpfb
+
+PAD = 2                                        # torchvision.utils.make_grid's default padding
+
+# an 8x8 class-conditional U-Net Phi (10 FakeData classes), cheap samplers
+VP = ["--dataset", "fake", "--image-size", "8", "--fake-size", "32", "--model-size", "8",
+      "--res-blocks", "1", "--ch-mult", "1,2", "--attn-res", "4", "--workers", "0",
+      "--batch-size", "8", "--sample-batch", "8", "--ode-steps", "2", "--num-samples", "4",
+      "--sampler", "euler", "--device", "cpu", "--threads", "1", "--log-every", "1"]
+# a < 100k-parameter UNet+ViT potential on 8x8 FakeData (as tests/test_energy_matching.py)
+EM = ["--dataset", "fake", "--image-size", "8", "--fake-size", "32", "--batch-size", "8",
+      "--model-size", "0.0625", "--vit-depth", "1", "--res-blocks", "1", "--ch-mult", "1,2",
+      "--workers", "0", "--n-langevin", "2", "--dt", "0.05", "--tau-s", "0.1", "--log-every", "0",
+      "--num-samples", "0", "--warmup", "1", "--lr", "1e-3", "--device", "cpu", "--amp", "none",
+      "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine two spinning OpenMP threads make these tiny
+    networks many times slower. Restored after each test (main() sets --threads 1 itself)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def vp_ckpt(tmp_path_factory):
+    """A 2-step class-conditional VPFB checkpoint (and a 1-step unconditional one, for compose)."""
+    n = torch.get_num_threads()
+    out = tmp_path_factory.mktemp("vp")
+    vpfb.main(VP + ["--class-cond", "--steps", "2", "--sample-every", "0",
+                    "--out-dir", str(out / "cond")])
+    vpfb.main(VP + ["--steps", "1", "--out-dir", str(out / "uncond")])
+    torch.set_num_threads(n)
+    return str(out / "cond" / "ckpt.pt"), str(out / "uncond" / "ckpt.pt")
+
+
+@pytest.fixture(scope="module")
+def em_ckpt(tmp_path_factory):
+    """A 2-step phase-1 Energy Matching run folder."""
+    n = torch.get_num_threads()
+    out = str(tmp_path_factory.mktemp("em"))
+    em.main(EM + ["--steps", "2", "--out-dir", out])
+    torch.set_num_threads(n)
+    return os.path.join(out, "ckpt_warmup.pt")
+
+
+def _vp(ckpt, out, *extra):
+    return vpfb.main(VP + ["--ckpt", ckpt, "--out-dir", str(out)] + list(extra))
+
+
+def _json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _grid_size(path, rows, cols, side=8):
+    """(width, height) that make_grid gives rows x cols images of side x side."""
+    with Image.open(path) as im:
+        assert im.size == (cols * (side + PAD) + PAD, rows * (side + PAD) + PAD), im.size
+
+
+def _exit(fn, argv, capsys):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        fn(argv)
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return e.value.code, err
+
+
+def _finite(d):
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in d.values())
+
+
+# ----------------------------------------------------------------------------- vpfb: sample
+@pytest.mark.parametrize("sampler,extra", [("sgld", ["--sgld-steps", "3", "--sgld-step", "1e-4"]),
+                                           ("rk45", ["--rtol", "0.5", "--atol", "0.5"])])
+def test_vp_sample_sgld_and_rk45(vp_ckpt, tmp_path, capsys, sampler, extra):
+    """samples.npz: --num-samples uint8 NHWC images over uneven batches; sample_stats.json names the
+    sampler, its NFE (SGLD: exactly --sgld-steps) and finite speeds; the same JSON on stdout."""
+    _vp(vp_ckpt[0], tmp_path, "--mode", "sample", "--sampler", sampler, "--num-samples", "5",
+        "--sample-batch", "3", *extra)
+    imgs = np.load(tmp_path / "samples.npz")["images"]
+    assert imgs.shape == (5, 8, 8, 3) and imgs.dtype == np.uint8
+    st = _json(tmp_path / "sample_stats.json")
+    assert set(st) == {"sampler", "nfe_mean", "images_per_s", "seconds"}
+    assert st["sampler"] == sampler
+    assert _finite({k: v for k, v in st.items() if k != "sampler"}) and st["images_per_s"] > 0
+    assert st["nfe_mean"] == 3 if sampler == "sgld" else st["nfe_mean"] >= 6   # RK45: >= 1 step
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == st
+    _grid_size(tmp_path / "samples.png", 1, 5)
+
+
+def test_vp_modes_missing_ckpt_exit_2(tmp_path, capsys):
+    for mode in ("sample", "interp", "nn", "hist", "ood", "longrun", "compose"):
+        code, err = _exit(vpfb.main, VP + ["--mode", mode, "--ckpt", str(tmp_path / "no.pt"),
+                                           "--out-dir", str(tmp_path)], capsys)
+        assert code == 2 and "checkpoint not found" in err and "no.pt" in err, mode
+    # no --ckpt: <out-dir>/ckpt.pt, absent in an empty folder
+    code, err = _exit(vpfb.main, VP + ["--mode", "interp", "--out-dir", str(tmp_path)], capsys)
+    assert code == 2 and os.path.join(str(tmp_path), "ckpt.pt") in err
+
+
+# ----------------------------------------------------------------------------- vpfb: interp, nn
+def test_vp_interp_grid_rows_by_steps(vp_ckpt, tmp_path, monkeypatch):
+    """8 rows x 10 slerp points, each row from its own noise pair: the generator gets 80 starting
+    noises, row by row, each row the slerp path between its first and last point; interp.png is
+    that 8 x 10 grid; the stats name the sampler and its NFE (Euler: --ode-steps)."""
+    seen = {}
+    real = vpfb.generate
+
+    def spy(phi, args, device, n, shape, **kw):
+        seen["n"], seen["x0"] = n, kw["x0"]
+        return real(phi, args, device, n, shape, **kw)
+
+    monkeypatch.setattr(vpfb, "generate", spy)
+    _vp(vp_ckpt[0], tmp_path, "--mode", "interp")
+    z = seen["x0"].reshape(8, 10, 3, 8, 8)
+    assert seen["n"] == 80 and z.shape[0] * z.shape[1] == 80
+    for k in range(10):                 # row-major: column k is slerp(first, last column, k / 9)
+        assert torch.allclose(z[:, k], vpfb.slerp(z[:, 0], z[:, -1], k / 9), atol=1e-4), k
+    assert not torch.allclose(z[:, 0], z[:, -1]) and not torch.allclose(z[0, 0], z[1, 0])
+    st = _json(tmp_path / "interp_stats.json")
+    assert st["sampler"] == "euler" and st["nfe_mean"] == 2 and _finite(
+        {k: v for k, v in st.items() if k != "sampler"})
+    _grid_size(tmp_path / "interp.png", 8, 10)
+
+
+def test_slerp_endpoints_and_norm():
+    g = torch.Generator().manual_seed(0)
+    z0, z1 = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 3, 8, 8, generator=g)
+    z1 = z1 / z1.flatten(1).norm(dim=1)[:, None, None, None] * z0.flatten(1).norm(dim=1)[
+        :, None, None, None]                                         # |z0| = |z1| per sample
+    assert torch.allclose(vpfb.slerp(z0, z1, 0.0), z0, atol=1e-5)
+    assert torch.allclose(vpfb.slerp(z0, z1, 1.0), z1, atol=1e-5)
+    mid = vpfb.slerp(z0, z1, 0.3)
+    assert mid.shape == z0.shape
+    assert torch.allclose(mid.flatten(1).norm(dim=1), z0.flatten(1).norm(dim=1), rtol=1e-4)
+
+
+def test_vp_nn_distances_are_the_true_nearest_sorted(vp_ckpt, tmp_path, monkeypatch):
+    """nn.json: 8 samples x --nn-k distances, non-negative, ascending per sample, and equal to a
+    brute-force search over every training image; nn.png has one row per sample, k + 1 columns."""
+    seen = {}
+    real = vpfb.generate
+
+    def spy(*a, **kw):
+        x, st = real(*a, **kw)
+        seen["x"] = x
+        return x, st
+
+    monkeypatch.setattr(vpfb, "generate", spy)
+    _vp(vp_ckpt[0], tmp_path, "--mode", "nn", "--nn-k", "3")
+    d = np.array(_json(tmp_path / "nn.json")["nearest_pixel_l2"])
+    assert d.shape == (8, 3) and np.all(d >= 0) and np.all(np.diff(d, axis=1) >= 0)
+    args = vpfb.resolve_args(vpfb.build_parser().parse_args(VP + ["--out-dir", str(tmp_path)]))
+    train = vpfb.first_images(vpfb.build_dataset(args, train=True), 10 ** 6)
+    assert train.shape[0] == 32
+    full = torch.cdist(seen["x"].flatten(1), train.flatten(1))
+    ref = full.sort(dim=1).values[:, :3].numpy()
+    assert np.allclose(d, ref, rtol=1e-4, atol=1e-4)
+    _grid_size(tmp_path / "nn.png", 8, 4)
+
+
+# ----------------------------------------------------------------------------- vpfb: hist, ood
+def test_vp_hist_counts_and_moments(vp_ckpt, tmp_path):
+    """hist.json: train and test, each --ood-max images (capped by the dataset), finite mean and
+    std equal to those of Phi_B on the same images (energies())."""
+    _vp(vp_ckpt[0], tmp_path, "--mode", "hist", "--ood-max", "6")
+    res = _json(tmp_path / "hist.json")
+    assert set(res) == {"train", "test"}
+    for split in ("train", "test"):
+        assert res[split]["n"] == 6 and _finite(res[split]) and res[split]["std"] >= 0
+    assert res["train"]["mean"] != res["test"]["mean"]               # different images
+    assert os.path.getsize(tmp_path / "hist.png") > 0
+    # the numbers are Phi_B's: recompute on the train split with the EMA network
+    net, a, _ = vpfb.load_for_eval(vpfb.resolve_args(vpfb.build_parser().parse_args(
+        VP + ["--ckpt", vp_ckpt[0], "--out-dir", str(tmp_path)])), torch.device("cpu"))
+    e, _ = vpfb.energies(net, a, vpfb.build_dataset(a, train=True), torch.device("cpu"), 6)
+    assert res["train"]["mean"] == pytest.approx(float(e.mean()), rel=1e-5, abs=1e-6)
+    _vp(vp_ckpt[0], tmp_path / "big", "--mode", "hist", "--ood-max", "1000")
+    assert _json(tmp_path / "big" / "hist.json")["test"]["n"] == 32  # all of a 32-image set
+
+
+def test_vp_ood_table(vp_ckpt, tmp_path, capsys):
+    """ood.json: one entry per requested set, both AUROCs in [0, 1], n_in / n_ood = --ood-max."""
+    _vp(vp_ckpt[0], tmp_path, "--mode", "ood", "--ood-max", "5", "--ood-sets", "svhn, interp")
+    t = _json(tmp_path / "ood.json")
+    assert list(t) == ["svhn", "interp"]
+    for row in t.values():
+        assert set(row) == {"auroc_phi_b", "auroc_authors_score", "n_in", "n_ood"}
+        assert 0 <= row["auroc_phi_b"] <= 1 and 0 <= row["auroc_authors_score"] <= 1
+        assert row["n_in"] == 5 and row["n_ood"] == 5
+        assert row["auroc_phi_b"] * 50 == pytest.approx(round(row["auroc_phi_b"] * 50))  # 2U / 50
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == t
+    code, err = _exit(vpfb.main, VP + ["--mode", "ood", "--ckpt", vp_ckpt[0], "--ood-max", "2",
+                                       "--ood-sets", "svhn,mnist", "--out-dir", str(tmp_path)],
+                      capsys)
+    assert code == 2 and "'mnist'" in err
+
+
+def test_auroc_against_pair_counting():
+    assert vpfb.auroc([2, 3], [0, 1]) == 1.0 and vpfb.auroc([0, 1], [2, 3]) == 0.0
+    assert vpfb.auroc([1, 1], [1, 1]) == 0.5                         # ties count a half
+    rng = np.random.default_rng(0)
+    pos, neg = rng.integers(0, 5, 13), rng.integers(0, 5, 9)       # many ties
+    pairs = (pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean()
+    assert vpfb.auroc(pos, neg) == pytest.approx(pairs)
+
+
+# ----------------------------------------------------------------------------- vpfb: longrun
+def test_vp_longrun_curves(vp_ckpt, tmp_path):
+    """longrun_curves.json: the ODE logged once per Euler step (ode_steps * t1 of them, times
+    0, dt, ... < t1) and SGLD once per step (0 .. sgld_steps - 1); norms finite and >= 0;
+    longrun.json holds the last value of each curve; the two image strips are written."""
+    _vp(vp_ckpt[0], tmp_path, "--mode", "longrun", "--longrun-t1", "1.5", "--sgld-steps", "4",
+        "--sgld-step", "1e-4", "--num-samples", "3")
+    c = _json(tmp_path / "longrun_curves.json")
+    n_ode = int(2 * 1.5)
+    assert set(c) == {"ode", "sgld"}
+    assert all(len(c["ode"][k]) == n_ode for k in ("t", "grad2", "phi2"))
+    assert np.allclose(c["ode"]["t"], np.arange(n_ode) * 1.5 / n_ode)
+    assert all(len(c["sgld"][k]) == 4 for k in ("t", "grad2", "phi2"))
+    assert c["sgld"]["t"] == [0, 1, 2, 3]
+    for curve in c.values():
+        v = np.array(curve["grad2"] + curve["phi2"])
+        assert np.all(np.isfinite(v)) and np.all(v >= 0)
+    last = _json(tmp_path / "longrun.json")
+    assert last == {k: {kk: vv[-1] for kk, vv in v.items()} for k, v in c.items()}
+    # the strips: 3 samples per frame; ODE frames at t = 0.5, 1, 1.5; SGLD at 6 steps
+    _grid_size(tmp_path / "longrun_ode.png", 2, 8)                  # 9 images, 8 a row
+    _grid_size(tmp_path / "longrun_sgld.png", 3, 8)                 # 18 images
+    assert os.path.getsize(tmp_path / "longrun_norms.png") > 0
+
+
+# ----------------------------------------------------------------------------- vpfb: compose
+def test_vp_compose_rows_and_keys(vp_ckpt, tmp_path):
+    """'0,1;2,3': per group one row per class and one for the averaged energy, 8 samples a row;
+    compose.json has one sampler record per single class and per composite."""
+    _vp(vp_ckpt[0], tmp_path, "--mode", "compose", "--compose", "0,1;2,3")
+    info = _json(tmp_path / "compose.json")
+    assert list(info) == ["0", "1", "0+1", "2", "3", "2+3"]
+    for st in info.values():
+        assert st["sampler"] == "euler" and st["nfe_mean"] == 2 and st["images_per_s"] > 0
+    _grid_size(tmp_path / "compose.png", 6, 8)
+
+
+def test_vp_compose_bad_input_exit_2(vp_ckpt, tmp_path, capsys):
+    cond, uncond = vp_ckpt
+    for ckpt, spec, needle in [(uncond, "0,1", "--class-cond"), (cond, "a,b", "--compose must"),
+                               (cond, "0,10", "[0, 10)")]:
+        code, err = _exit(vpfb.main, VP + ["--mode", "compose", "--ckpt", ckpt, "--compose", spec,
+                                           "--out-dir", str(tmp_path)], capsys)
+        assert code == 2 and needle in err, err
+    assert not (tmp_path / "compose.json").exists()
+
+
+# ----------------------------------------------------------------------------- vpfb: benchmark
+def test_vp_benchmark_json_has_the_promised_keys(tmp_path):
+    """Docstring: images/s, ms/iter and peak memory per config, the ODE's NFE and images/s, the
+    largest loss difference; one loss per timed step; the speed-up is the ratio of the two rates."""
+    s = vpfb.main(["--mode", "benchmark", "--dataset", "fake", "--model", "wrn", "--wrn-depth",
+                   "10", "--model-size", "4", "--image-size", "4", "--batch-size", "2",
+                   "--sample-batch", "2", "--bench-steps", "2", "--bench-warmup", "0", "--rtol",
+                   "0.5", "--atol", "0.5", "--device", "cpu", "--threads", "1",
+                   "--out-dir", str(tmp_path)])
+    assert _json(tmp_path / "benchmark.json") == json.loads(json.dumps(s))
+    assert {"device", "batch_size", "model", "params_M", "speedup_images_per_s",
+            "max_abs_loss_diff", "max_rel_loss_diff", "configs"} <= set(s)
+    assert s["device"] == "cpu" and s["batch_size"] == 2 and s["model"] == "wrn"
+    for r in s["configs"].values():
+        assert {"ms_per_iter", "images_per_s", "losses", "peak_mem_gb", "ode_nfe",
+                "ode_images_per_s"} <= set(r)
+        assert len(r["losses"]) == 2 and all(math.isfinite(v) for v in r["losses"])
+        assert r["peak_mem_gb"] is None and r["ode_nfe"] > 0                   # CPU: no peak
+        assert r["images_per_s"] == pytest.approx(2000 / r["ms_per_iter"])
+    o, a = s["configs"]["ours"], s["configs"]["authors_fp32"]
+    assert s["speedup_images_per_s"] == pytest.approx(o["images_per_s"] / a["images_per_s"])
+    assert s["max_abs_loss_diff"] == pytest.approx(
+        max(abs(x - y) for x, y in zip(o["losses"], a["losses"])))
+
+
+# ----------------------------------------------------------------------------- energy_matching
+def test_em_sample_euler_uneven_batches_and_zero(em_ckpt, tmp_path, capsys):
+    """5 samples in batches of 2 with --sampler euler: uint8 NHWC, returned == written;
+    samples.json records the run; --num-samples 0 writes an empty (0, H, W, C) array, no grid."""
+    imgs = em.main(EM + ["--mode", "sample", "--ckpt", em_ckpt, "--num-samples", "5",
+                         "--sample-batch", "2", "--sampler", "euler", "--out-dir", str(tmp_path)])
+    z = np.load(tmp_path / "samples.npz")["images"]
+    assert z.shape == (5, 8, 8, 3) and z.dtype == np.uint8 and np.array_equal(z, imgs)
+    out = capsys.readouterr().out
+    assert out.count("sampled ") == 3 and "sampled 5/5" in out
+    meta = _json(tmp_path / "samples.json")
+    assert {k: meta[k] for k in ("ckpt", "n", "tau_s", "dt", "sampler", "weights")} == {
+        "ckpt": em_ckpt, "n": 5, "tau_s": 0.1, "dt": 0.05, "sampler": "euler", "weights": "ema"}
+    _grid_size(tmp_path / "samples.png", 1, 5)
+    empty = em.main(EM + ["--mode", "sample", "--ckpt", em_ckpt, "--num-samples", "0",
+                          "--out-dir", str(tmp_path / "zero")])
+    assert empty.shape == (0, 8, 8, 3) and empty.dtype == np.uint8
+    assert np.load(tmp_path / "zero" / "samples.npz")["images"].shape == (0, 8, 8, 3)
+    assert not (tmp_path / "zero" / "samples.png").exists()
+    assert _json(tmp_path / "zero" / "samples.json")["n"] == 0
+
+
+def test_em_modes_without_checkpoint_exit_2(tmp_path, capsys):
+    for mode in ("sample", "inpaint", "lid"):
+        code, err = _exit(em.main, EM + ["--mode", mode, "--out-dir", str(tmp_path)], capsys)
+        assert code == 2 and "no checkpoint in" in err, mode
+        code, err = _exit(em.main, EM + ["--mode", mode, "--ckpt", str(tmp_path / "no.pt"),
+                                         "--out-dir", str(tmp_path)], capsys)
+        assert code == 2 and "checkpoint not found" in err, mode
+
+
+def test_em_inpaint_grid_and_numbers(em_ckpt, tmp_path, capsys):
+    """inpaint.png: one row per image, original + masked + M chains without and M with the
+    interaction; inpaint.json: spreads and RMS fidelities finite and >= 0, the settings used."""
+    res = em.main(EM + ["--mode", "inpaint", "--ckpt", em_ckpt, "--num-images", "3", "--chains",
+                        "3", "--sigma-int", "0.5", "--zeta", "0.2", "--out-dir", str(tmp_path)])
+    assert _json(tmp_path / "inpaint.json") == res
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == res
+    for k in ("spread_without", "spread_with", "fidelity_rmse_without", "fidelity_rmse_with"):
+        assert math.isfinite(res[k]) and res[k] >= 0, k
+    assert res["spread_without"] > 0                  # 3 chains from different noise differ
+    assert (res["zeta"], res["sigma"], res["tau_s"], res["dt"]) == (0.2, 0.5, 0.1, 0.05)
+    assert res["ckpt"] == em_ckpt
+    _grid_size(tmp_path / "inpaint.png", 3, 2 + 2 * 3)
+
+
+def test_em_inpaint_wrong_image_shape_exit_2(em_ckpt, tmp_path, capsys):
+    code, err = _exit(em.main, EM + ["--mode", "inpaint", "--ckpt", em_ckpt, "--image-size", "16",
+                                     "--num-images", "1", "--out-dir", str(tmp_path)], capsys)
+    assert code == 2 and "(3, 16, 16)" in err and "(3, 8, 8)" in err
+    assert not (tmp_path / "inpaint.json").exists()
+
+
+def test_em_lid_exact_route_and_hints(em_ckpt, tmp_path, capsys):
+    """d = 192 <= 1024: --lid-method auto takes the exact Hessian. tau below every |eigenvalue|:
+    LID 0 for every image, no Spearman, the hint says a higher tau; tau above all: LID = d and the
+    hint says a lower one."""
+    lo = em.main(EM + ["--mode", "lid", "--ckpt", em_ckpt, "--num-images", "2", "--lid-tau",
+                       "1e-30", "--out-dir", str(tmp_path)])
+    assert lo["method"] == "exact" and lo["d"] == 192 and lo["n"] == 2 and lo["lid"] == [0.0, 0.0]
+    assert lo["spearman_lid_vs_png"] is None and len(lo["png_bytes"]) == 2
+    assert all(b > 0 for b in lo["png_bytes"])
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("try a higher --lid-tau")
+    assert _json(tmp_path / "lid.json") == lo
+    hi = em.main(EM + ["--mode", "lid", "--ckpt", em_ckpt, "--num-images", "1", "--lid-tau",
+                       "1e30", "--out-dir", str(tmp_path)])
+    assert hi["method"] == "exact" and hi["lid"] == [192.0] and hi["n"] == 1
+    assert hi["png_bytes"] == lo["png_bytes"][:1]                   # the same first image
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("try a lower --lid-tau")
