@@ -576,30 +576,20 @@ OOD_SETS = ["svhn", "cifar100", "celeba", "interp"]                   # OOD sets
 FLIP_SETS = ("cifar10", "celeba64", "folder")                         # random horizontal flips
 CELEBA_ATTRS = ("Male", "Smiling", "Young")             # classes 0, 1, 2 of --class-cond (3 = none)
 
-class NpzImages(torch.utils.data.Dataset):
-    """--dataset npz: `images` uint8 N x H x W x C (as --mode sample writes), optional `labels`."""
-
-    def __init__(self, path):
-        try:
-            with np.load(path) as f:
-                self.images = f["images"]
-                self.labels = f["labels"].astype(np.int64) if "labels" in f else None
-        except (OSError, ValueError, KeyError) as e:
-            die(f"--data-dir {path!r} must be a .npz file with an `images` array "
-                f"({type(e).__name__})")
-        if self.images.ndim == 3:
-            self.images = self.images[..., None]
-        if self.images.ndim != 4 or self.images.dtype != np.uint8:
-            die(f"{path}: `images` must be uint8 N x H x W x C, got {self.images.dtype} "
-                f"{self.images.shape}")
-        self.classes = [str(c) for c in np.unique(self.labels)] if self.labels is not None else []
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        x = torch.from_numpy(self.images[i]).permute(2, 0, 1).float() / 127.5 - 1
-        return x, int(self.labels[i]) if self.labels is not None else 0
+def load_npz(path):
+    """--dataset npz (`images` uint8 NHWC, optional `labels`) as float [-1, 1] NCHW tensors."""
+    if not os.path.isfile(path):
+        die(f"--dataset npz: --data-dir must be a .npz file; {os.path.abspath(path)} is not one")
+    try:
+        with np.load(path) as z:
+            images = z["images"]
+            labels = z["labels"] if "labels" in z.files else np.zeros(len(images), np.int64)
+    except (OSError, ValueError, KeyError, EOFError) as e:
+        die(f"cannot read {path}: need a .npz with key 'images' ({type(e).__name__})")
+    if images.dtype != np.uint8 or images.ndim != 4:
+        die(f"{path}: 'images' must be uint8 N x H x W x C, got {images.dtype} {images.shape}")
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return torch.utils.data.TensorDataset(x, torch.as_tensor(labels).long())
 
 def build_dataset(args, train=True, name=None):
     """(image in [-1, 1], label) of args.dataset or `name` (the OOD sets). celeba64 and celeba:
@@ -608,7 +598,7 @@ def build_dataset(args, train=True, name=None):
     import torchvision.transforms as T
     name, root = name or args.dataset, args.data_dir
     if name == "npz":
-        return NpzImages(root)
+        return load_npz(root)                                         # one file: no test split
     ch, size = args.channels, args.image_size
     norm = [T.ToTensor(), T.Normalize([0.5] * ch, [0.5] * ch)]                   # [0, 1] -> [-1, 1]
     resize = [T.Resize(size), T.CenterCrop(size)]
@@ -659,6 +649,8 @@ def celeba_label(attr):
     return pos[int(torch.randint(len(pos), ()))] if pos else 3
 
 def num_classes_of(ds):
+    if isinstance(ds, torch.utils.data.TensorDataset):                 # npz: labels 0 .. max
+        return int(ds.tensors[1].max()) + 1
     return max(1, len(getattr(ds, "classes", [])) or 10)
 
 class StepBatches(torch.utils.data.Sampler):
@@ -1540,7 +1532,6 @@ def build_parser():
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a, bool_opt = p.add_argument, argparse.BooleanOptionalAction
     a("--mode", default="train", choices=MODES, help="what to do")
-    # data / run
     a("--dataset", default="cifar10", choices=DATASETS + ["svhn", "cifar100"], help="images")
     a("--data-dir", default="data", help="dataset folder (npz: the .npz file, uint8 NHWC)")
     a("--image-size", type=pos_int, help="image side (default 32; celeba64 64; npz: the file's)")
@@ -1550,18 +1541,15 @@ def build_parser():
     a("--seed", type=int, default=0, help="random seed (each step and rank derives its own)")
     a("--workers", type=nonneg_int, default=4, help="DataLoader processes (0 = main process)")
     a("--threads", type=nonneg_int, default=0, help="CPU threads (0 = the cores this process has)")
-    # optimisation (authors: Adam lr 1e-4, warm-up 5k, EMA 0.9999, fp32, batch 64)
     a("--batch-size", type=pos_int, default=128, help="per-process batch size")
     a("--steps", type=nonneg_int, default=400_000, help="training steps")
     a("--lr", type=pos_float, default=1e-4, help="Adam learning rate")
     a("--warmup", type=nonneg_int, default=5000, help="linear learning-rate warm-up steps")
     a("--grad-clip", type=nonneg_float, help="gradient clipping (0 = off) [ours 1; authors 3]")
-    a("--clip-mode", choices=["norm", "std"], help="global norm [ours]; std [authors]: each "
-      "element to +-(clip * Adam's RMS + 0.1)")
+    a("--clip-mode", choices=["norm", "std"], help="norm [ours]; std [authors]: +-(clip RMS + 0.1)")
     a("--ema-decay", type=unit_float, default=0.9999, help="EMA decay")
     a("--ema-warmup", action=bool_opt, default=True, help="min(decay, (1+n)/(10+n)); no: authors")
     a("--no-ema", action="store_true", help="grids / sampling with the raw weights, not the EMA")
-    # network
     a("--model", default="unet", choices=["unet", "wrn"], help="Phi(x, t) U-Net; WideResNet Phi(x)")
     a("--model-size", type=pos_int, default=128, help="base channels (unet 128 = paper's net)")
     a("--ch-mult", default="2,2,2", help="UNet channel multipliers per resolution level")
@@ -1572,9 +1560,7 @@ def build_parser():
     a("--wrn-depth", type=pos_int, default=16, help="WideResNet depth (6n + 4)")
     a("--class-cond", action="store_true", help="class-conditional Phi(x, c) (for --mode compose)")
     a("--p-uncond", type=unit_float, help="share of null labels [ours 0.1; authors 0.2]")
-    # loss, Eq. (27): see the VPFB class for each choice
-    a("--recipe", default="ours", choices=list(RECIPES), help="loss and clip presets (explicit "
-      "flags win); authors: also --net authors")
+    a("--recipe", default="ours", choices=list(RECIPES), help="loss + clip presets (flags win)")
     a("--kappa", type=finite_float, help="w(t) = (1 - t)^kappa [ours 1]")
     a("--t-end", type=pos_float, default=1.0, help="t ~ U(0, t_end)")
     a("--t-max", type=time_float, default=1.0 - 1e-5, help="stationarity: t clamped to t_max")
@@ -1588,7 +1574,6 @@ def build_parser():
     a("--weight-on", choices=["ritz", "cov"], help="w(t) on cov + |grad|^2 or gamma")
     a("--grad-norm", choices=["sum", "mean"], help="|grad Phi|^2 summed or averaged")
     a("--bfactor", type=pos_float, help="c in Phi_B, Eq. (22) [ours 2; paper 4]")
-    # samplers
     a("--sampler", default="rk45", choices=["euler", "rk45", "sgld"], help="sampler of the modes")
     a("--ode-steps", type=pos_int, default=100, help="Euler steps (and rk45 trajectory frames)")
     a("--rtol", type=pos_float, default=1e-3, help="RK45 relative tolerance (authors 1e-3)")
@@ -1600,7 +1585,6 @@ def build_parser():
     a("--sgld-temp", type=nonneg_float, default=1.0, help="SGLD temperature lambda (noise std)")
     a("--longrun-t1", type=pos_float, default=20.0, help="long-run ODE horizon t in [0, t1]")
     a("--clamp", action="store_true", help="clamp samples to [-1, 1] at the end")
-    # engineering
     a("--amp", default="auto", choices=["auto", "bf16", "none"], help="bf16 trunk (auto: on CUDA)")
     a("--compile", action="store_true", help="torch.compile the potential for sampling only")
     a("--channels-last", action="store_true", help="channels_last memory (faster convs on GPU)")
@@ -1612,7 +1596,6 @@ def build_parser():
       help="sample grid every N steps (0 = only at the end)")
     a("--num-samples", type=pos_int, default=64, help="samples to draw (50000 for FID)")
     a("--sample-batch", type=pos_int, default=256, help="batch size when sampling")
-    # experiments
     a("--ood-sets", default="svhn,cifar100,celeba,interp", help=f"comma list from {OOD_SETS}")
     a("--ood-max", type=pos_int, default=10000, help="at most this many images per set")
     a("--nn-k", type=pos_int, default=5, help="nearest neighbours per sample (mode nn)")
@@ -1666,10 +1649,7 @@ def resolve_args(args, argv=None):
             setattr(args, k, v)
     args.channels, size = (1 if args.dataset == "mnist" else 3), None
     if args.dataset == "npz":
-        if not os.path.isfile(args.data_dir):
-            die(f"--dataset npz needs --data-dir to be a .npz file; {args.data_dir!r} is not one")
-        shape = NpzImages(args.data_dir).images.shape
-        args.channels, size = shape[3], shape[1]
+        args.channels, size = load_npz(args.data_dir).tensors[0].shape[1:3]
     args.image_size = args.image_size or size or (64 if args.dataset == "celeba64" else 32)
     args.net = args.net or ("authors" if args.recipe == "authors" else "ours")
     if args.attn_res is None:
