@@ -1059,17 +1059,17 @@ def load_checkpoint(path):
 # ---- The authors' checkpoints (https://github.com/ljun0004/VAPO, README "Checkpoints") ----
 # score_sde-style dicts: "model" = the state dict of nn.DataParallel(MyUnet), keys "module.model."
 # + a guided-diffusion UNet key; "ema" = {"shadow_params": EMA copies of model.parameters() in
-# order, ...}; "optimizer", "step". Their UNet is our UNetPhi with AUTHORS_UNET; names map as
-#   time_embed -> temb, label_emb -> cemb, input_blocks.0.0 -> inp, input_blocks.k -> down.(k-1),
-#   middle_block -> mid, output_blocks -> up, out -> out; in the blocks _RES_NAMES, _ATTN_NAMES
-#   (their 1-D convs -> 1x1 convs); resampling convs are "op" (down) or "conv" (up; our
-#   nn.Upsample and conv are two layers), none in the released nets. Both nets register their
-#   parameters in the same order, so shadow_params[i] is our i-th parameter. They embed the raw t.
+# order, ...}; "optimizer", "step". Their UNet is our UNetPhi with AUTHORS_UNET; names map part by
+# part (_AUTHORS_NAMES; input_blocks.k = down.(k-1), their 1-D convs = our 1x1 convs); resampling
+# convs are "op" (down) or "conv" (up; our nn.Upsample and conv are two layers), none in the
+# released nets. Both nets register their parameters in the same order, so shadow_params[i] is our
+# i-th parameter. They embed the raw t.
 
-_RES_NAMES = {"n1": "in_layers.0", "c1": "in_layers.2", "emb": "emb_layers.1",
-              "n2": "out_layers.0", "c2": "out_layers.3", "skip": "skip_connection"}
-_ATTN_NAMES = {"norm": "norm", "qkv": "qkv", "proj": "proj_out"}
-_AUTHORS_TOP = {"temb": "time_embed", "cemb": "label_emb", "inp": "input_blocks.0.0", "out": "out"}
+_AUTHORS_NAMES = {"temb": "time_embed", "cemb": "label_emb", "inp": "input_blocks.0.0",
+                  "down": "input_blocks", "mid": "middle_block", "up": "output_blocks",
+                  "n1": "in_layers.0", "c1": "in_layers.2", "emb": "emb_layers.1",
+                  "n2": "out_layers.0", "c2": "out_layers.3", "skip": "skip_connection",
+                  "proj": "proj_out"}                   # the rest (out, norm, qkv, 0, ...) as ours
 _AUTHORS_PREFIXES = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.",
                      "output_blocks.", "out.")
 
@@ -1088,24 +1088,13 @@ def authors_names(net):
     names = {}
     for key, _ in net.named_parameters():
         part = key.split(".")
-        if part[0] in _AUTHORS_TOP:
-            names[key] = ".".join([_AUTHORS_TOP[part[0]]] + part[1:])
-            continue
-        if part[0] == "mid":
-            block, j, rest = "middle_block", int(part[1]), part[2:]
-            layer = net.mid[j]
-        else:
-            i, j, rest = int(part[1]), int(part[2]), part[3:]
-            layer = getattr(net, part[0])[i][j]
-            block = f"input_blocks.{i + 1}" if part[0] == "down" else f"output_blocks.{i}"
-        if isinstance(layer, ResBlock):
-            names[key] = f"{block}.{j}.{_RES_NAMES[rest[0]]}.{rest[1]}"
-        elif isinstance(layer, AttnBlock):
-            names[key] = f"{block}.{j}.{_ATTN_NAMES[rest[0]]}.{rest[1]}"
-        elif part[0] == "down":                           # strided conv: their Downsample.op
-            names[key] = f"{block}.0.op.{rest[0]}"
-        else:                                             # conv after nn.Upsample: Upsample.conv
-            names[key] = f"{block}.{j - 1}.conv.{rest[0]}"
+        if part[0] == "down":                      # their input_blocks.0 is our stem `inp`
+            part[1] = str(int(part[1]) + 1)
+            if len(part) == 4:                     # strided conv: their Downsample.op
+                part.insert(3, "op")
+        elif part[0] == "up" and len(part) == 4:   # conv after nn.Upsample: their Upsample.conv
+            part[2:3] = [str(int(part[2]) - 1), "conv"]
+        names[key] = ".".join(_AUTHORS_NAMES.get(p, p) for p in part)
     return names
 
 def authors_arch(sd, image_size=32):
