@@ -414,10 +414,9 @@ class AttnBlock(nn.Module):
 
 class UNetPhi(nn.Module):
     """Time-varying potential Phi(x, t [, y]) = 1/2 ||x - UNet(x, t [, y])||^2 (authors' head).
-    A guided-diffusion U-Net: per resolution `num_res` ResBlocks (attention at `attn_res`), a
-    ResBlock-Attention-ResBlock middle, the mirror image up with skips. Paper size: base 128,
-    mult (2,2,2), 4 blocks, attention at 16, dropout 0.3. Keywords (defaults = ours;
-    AUTHORS_UNET = the authors' CIFAR-10/CelebA net): scale_shift (FiLM time conditioning),
+    A guided-diffusion U-Net (defaults: the paper's size): per resolution `num_res` ResBlocks
+    (attention at `attn_res`), a ResBlock-Attention-ResBlock middle, the mirror image up with skips.
+    Keywords (defaults = ours; AUTHORS_UNET = their net): scale_shift (FiLM time conditioning),
     attn_heads (fixed heads, authors 1), conv_resample (strided conv down, nearest + conv up;
     authors: average pool, nearest), t_scale (embed t_scale * t; authors the raw t), stem_mult
     (stem gives base * mult[0] channels), norm_groups (authors 32), zero_out (output conv zero:
@@ -504,9 +503,8 @@ class UNetPhi(nn.Module):
             u = self.unet(x, t, y)
         return 0.5 * (x - u.float()).flatten(1).pow(2).sum(1)       # Phi = 1/2 ||x - UNet(x, t)||^2
 
-# The authors' network (https://github.com/ljun0004/VAPO, configs/homotopy/cifar10.py, celeba.py):
-# UNetPhi(3, 128, (2, 2, 2), 4, attn_res=(image_size // 2,), dropout=0.3, **AUTHORS_UNET) has their
-# 55,676,419 parameters (README: 55.7M); loaded with their weights it computes their potential.
+# The authors' network (configs/homotopy/cifar10.py, celeba.py of their repository): UNetPhi(3, 128,
+# (2, 2, 2), 4, attn_res=(image_size // 2,), **AUTHORS_UNET), their 55,676,419 parameters.
 AUTHORS_UNET = dict(scale_shift=True, attn_heads=1, conv_resample=False, t_scale=1.0,
                     stem_mult=True, norm_groups=32, zero_out=True)
 
@@ -1236,8 +1234,6 @@ def generate(phi, args, device, n, shape, method=None, x0=None, n_classes=10, st
                              rtol=args.rtol, atol=args.atol)
         nfes.append(model.last_nfe)
         outs.append(x.clamp(-1, 1) if args.clamp else x)
-    if random_classes:
-        phi.y = None
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt, x = time.time() - t_start, torch.cat(outs)
@@ -1249,6 +1245,11 @@ def generate(phi, args, device, n, shape, method=None, x0=None, n_classes=10, st
         print("warning: " + msg, file=sys.stderr)
     return x, {"sampler": method, "nfe_mean": float(np.mean(nfes)), "images_per_s": n / dt,
                "seconds": dt}
+
+def report(args, name, obj):
+    """A mode's result: <out-dir>/<name> and the same JSON on stdout."""
+    write_json(args.out_dir, name, obj)
+    print(json.dumps(obj))
 
 def eval_setup(args):
     device = pick_device(args.device)
@@ -1263,8 +1264,7 @@ def cmd_sample(args):
     np.savez(path + ".tmp.npz", images=to_uint8(x))
     os.replace(path + ".tmp.npz", path)
     save_grid(x[:64], os.path.join(args.out_dir, "samples.png"))
-    write_json(args.out_dir, "sample_stats.json", st)
-    print(json.dumps(st))
+    report(args, "sample_stats.json", st)
 
 def cmd_interp(args, rows=8, cols=10):
     """Spherical interpolation between two noises, each point pushed through the ODE (Sec. 4.3)."""
@@ -1274,8 +1274,7 @@ def cmd_interp(args, rows=8, cols=10):
     x, st = generate(Conditioned(net), a, device, rows * cols, shape, x0=z.flatten(0, 1),
                      n_classes=ncls)
     save_grid(x, os.path.join(args.out_dir, "interp.png"), nrow=cols)
-    write_json(args.out_dir, "interp_stats.json", st)
-    print(json.dumps(st))
+    report(args, "interp_stats.json", st)
 
 def cmd_nn(args, rows=8):
     """Generated samples and their k nearest training images in pixel (L2) distance (Fig. 5)."""
@@ -1292,9 +1291,7 @@ def cmd_nn(args, rows=8):
         best_x = torch.stack([cand_x[r, idx[r]] for r in range(rows)])
     grid = torch.cat([x.cpu()[:, None], best_x], 1).reshape(-1, *shape)
     save_grid(grid, os.path.join(args.out_dir, "nn.png"), nrow=args.nn_k + 1)
-    res = {"nearest_pixel_l2": best_d.tolist()}
-    write_json(args.out_dir, "nn.json", res)
-    print(json.dumps(res))
+    report(args, "nn.json", {"nearest_pixel_l2": best_d.tolist()})
 
 @torch.no_grad()
 def energies(net, args, ds, device, n):
@@ -1323,8 +1320,7 @@ def cmd_hist(args):
     plt.legend()
     fig.savefig(os.path.join(args.out_dir, "hist.png"), dpi=100, bbox_inches="tight")
     plt.close(fig)
-    write_json(args.out_dir, "hist.json", res)
-    print(json.dumps(res))
+    report(args, "hist.json", res)
 
 def cmd_ood(args):
     """OOD AUROC (Table 2): in-distribution = the test split of the training set (positives, should
@@ -1349,8 +1345,7 @@ def cmd_ood(args):
         table[name] = {"auroc_phi_b": auroc(pos, neg),
                        "auroc_authors_score": auroc(pos_auth, neg_auth),
                        "n_in": int(len(pos)), "n_ood": int(len(neg))}
-    write_json(args.out_dir, "ood.json", table)
-    print(json.dumps(table))
+    report(args, "ood.json", table)
 
 def cmd_longrun(args):
     """Long-run sampling (Sec. 4.6, Figs. 12-18): the ODE over t in [0, longrun_t1] (past t_max it
@@ -1396,8 +1391,7 @@ def cmd_longrun(args):
     fig.savefig(os.path.join(args.out_dir, "longrun_norms.png"), dpi=100, bbox_inches="tight")
     plt.close(fig)
     last = {k: {kk: vv[-1] for kk, vv in v.items() if vv} for k, v in curves.items()}
-    write_json(args.out_dir, "longrun.json", last)
-    print(json.dumps(last))
+    report(args, "longrun.json", last)
     write_json(args.out_dir, "longrun_curves.json", curves)
 
 def cmd_compose(args, n=8):
@@ -1421,8 +1415,7 @@ def cmd_compose(args, n=8):
             rows.append(x.cpu())
             info["+".join(map(str, g)) if c is None else str(c)] = st
     save_grid(torch.cat(rows), os.path.join(args.out_dir, "compose.png"), nrow=n)
-    write_json(args.out_dir, "compose.json", info)
-    print(json.dumps(info))
+    report(args, "compose.json", info)
 
 def cmd_benchmark(args):
     """Training images/s, ms/iter and peak memory of our config (bf16 trunk, channels-last, TF32)
