@@ -1193,7 +1193,6 @@ def load_for_eval(args, device):
     return net, a, ncls
 
 # ==== 6. Experiment modes ====
-
 def slerp(z0, z1, alpha):
     """Spherical interpolation between noises (Sec. 4.3), per sample on the flattened vectors:
     slerp = (sin((1-a) theta) z0 + sin(a theta) z1) / sin(theta), cos(theta) = <z0, z1>/(|z0||z1|).
