@@ -414,10 +414,9 @@ class AttnBlock(nn.Module):
 
 class UNetPhi(nn.Module):
     """Time-varying potential Phi(x, t [, y]) = 1/2 ||x - UNet(x, t [, y])||^2 (authors' head).
-    A guided-diffusion U-Net: per resolution `num_res` ResBlocks (attention at `attn_res`), a
-    ResBlock-Attention-ResBlock middle, the mirror image up with skips. Paper size: base 128,
-    mult (2,2,2), 4 blocks, attention at 16, dropout 0.3. Keywords (defaults = ours;
-    AUTHORS_UNET = the authors' CIFAR-10/CelebA net): scale_shift (FiLM time conditioning),
+    A guided-diffusion U-Net (defaults: the paper's size): per resolution `num_res` ResBlocks
+    (attention at `attn_res`), a ResBlock-Attention-ResBlock middle, the mirror image up with skips.
+    Keywords (defaults = ours; AUTHORS_UNET = their net): scale_shift (FiLM time conditioning),
     attn_heads (fixed heads, authors 1), conv_resample (strided conv down, nearest + conv up;
     authors: average pool, nearest), t_scale (embed t_scale * t; authors the raw t), stem_mult
     (stem gives base * mult[0] channels), norm_groups (authors 32), zero_out (output conv zero:
@@ -504,9 +503,8 @@ class UNetPhi(nn.Module):
             u = self.unet(x, t, y)
         return 0.5 * (x - u.float()).flatten(1).pow(2).sum(1)       # Phi = 1/2 ||x - UNet(x, t)||^2
 
-# The authors' network (https://github.com/ljun0004/VAPO, configs/homotopy/cifar10.py, celeba.py):
-# UNetPhi(3, 128, (2, 2, 2), 4, attn_res=(image_size // 2,), dropout=0.3, **AUTHORS_UNET) has their
-# 55,676,419 parameters (README: 55.7M); loaded with their weights it computes their potential.
+# The authors' network (configs/homotopy/cifar10.py, celeba.py of their repository): UNetPhi(3, 128,
+# (2, 2, 2), 4, attn_res=(image_size // 2,), **AUTHORS_UNET), their 55,676,419 parameters.
 AUTHORS_UNET = dict(scale_shift=True, attn_heads=1, conv_resample=False, t_scale=1.0,
                     stem_mult=True, norm_groups=32, zero_out=True)
 
@@ -576,30 +574,20 @@ OOD_SETS = ["svhn", "cifar100", "celeba", "interp"]                   # OOD sets
 FLIP_SETS = ("cifar10", "celeba64", "folder")                         # random horizontal flips
 CELEBA_ATTRS = ("Male", "Smiling", "Young")             # classes 0, 1, 2 of --class-cond (3 = none)
 
-class NpzImages(torch.utils.data.Dataset):
-    """--dataset npz: `images` uint8 N x H x W x C (as --mode sample writes), optional `labels`."""
-
-    def __init__(self, path):
-        try:
-            with np.load(path) as f:
-                self.images = f["images"]
-                self.labels = f["labels"].astype(np.int64) if "labels" in f else None
-        except (OSError, ValueError, KeyError) as e:
-            die(f"--data-dir {path!r} must be a .npz file with an `images` array "
-                f"({type(e).__name__})")
-        if self.images.ndim == 3:
-            self.images = self.images[..., None]
-        if self.images.ndim != 4 or self.images.dtype != np.uint8:
-            die(f"{path}: `images` must be uint8 N x H x W x C, got {self.images.dtype} "
-                f"{self.images.shape}")
-        self.classes = [str(c) for c in np.unique(self.labels)] if self.labels is not None else []
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        x = torch.from_numpy(self.images[i]).permute(2, 0, 1).float() / 127.5 - 1
-        return x, int(self.labels[i]) if self.labels is not None else 0
+def load_npz(path):
+    """--dataset npz (`images` uint8 NHWC, optional `labels`) as float [-1, 1] NCHW tensors."""
+    if not os.path.isfile(path):
+        die(f"--dataset npz: --data-dir must be a .npz file; {os.path.abspath(path)} is not one")
+    try:
+        with np.load(path) as z:
+            images = z["images"]
+            labels = z["labels"] if "labels" in z.files else np.zeros(len(images), np.int64)
+    except (OSError, ValueError, KeyError, EOFError) as e:
+        die(f"cannot read {path}: need a .npz with key 'images' ({type(e).__name__})")
+    if images.dtype != np.uint8 or images.ndim != 4:
+        die(f"{path}: 'images' must be uint8 N x H x W x C, got {images.dtype} {images.shape}")
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return torch.utils.data.TensorDataset(x, torch.as_tensor(labels).long())
 
 def build_dataset(args, train=True, name=None):
     """(image in [-1, 1], label) of args.dataset or `name` (the OOD sets). celeba64 and celeba:
@@ -608,7 +596,7 @@ def build_dataset(args, train=True, name=None):
     import torchvision.transforms as T
     name, root = name or args.dataset, args.data_dir
     if name == "npz":
-        return NpzImages(root)
+        return load_npz(root)                                         # one file: no test split
     ch, size = args.channels, args.image_size
     norm = [T.ToTensor(), T.Normalize([0.5] * ch, [0.5] * ch)]                   # [0, 1] -> [-1, 1]
     resize = [T.Resize(size), T.CenterCrop(size)]
@@ -659,6 +647,8 @@ def celeba_label(attr):
     return pos[int(torch.randint(len(pos), ()))] if pos else 3
 
 def num_classes_of(ds):
+    if isinstance(ds, torch.utils.data.TensorDataset):                 # npz: labels 0 .. max
+        return int(ds.tensors[1].max()) + 1
     return max(1, len(getattr(ds, "classes", [])) or 10)
 
 class StepBatches(torch.utils.data.Sampler):
@@ -1067,17 +1057,17 @@ def load_checkpoint(path):
 # ---- The authors' checkpoints (https://github.com/ljun0004/VAPO, README "Checkpoints") ----
 # score_sde-style dicts: "model" = the state dict of nn.DataParallel(MyUnet), keys "module.model."
 # + a guided-diffusion UNet key; "ema" = {"shadow_params": EMA copies of model.parameters() in
-# order, ...}; "optimizer", "step". Their UNet is our UNetPhi with AUTHORS_UNET; names map as
-#   time_embed -> temb, label_emb -> cemb, input_blocks.0.0 -> inp, input_blocks.k -> down.(k-1),
-#   middle_block -> mid, output_blocks -> up, out -> out; in the blocks _RES_NAMES, _ATTN_NAMES
-#   (their 1-D convs -> 1x1 convs); resampling convs are "op" (down) or "conv" (up; our
-#   nn.Upsample and conv are two layers), none in the released nets. Both nets register their
-#   parameters in the same order, so shadow_params[i] is our i-th parameter. They embed the raw t.
+# order, ...}; "optimizer", "step". Their UNet is our UNetPhi with AUTHORS_UNET; names map part by
+# part (_AUTHORS_NAMES; input_blocks.k = down.(k-1), their 1-D convs = our 1x1 convs); resampling
+# convs are "op" (down) or "conv" (up; our nn.Upsample and conv are two layers), none in the
+# released nets. Both nets register their parameters in the same order, so shadow_params[i] is our
+# i-th parameter. They embed the raw t.
 
-_RES_NAMES = {"n1": "in_layers.0", "c1": "in_layers.2", "emb": "emb_layers.1",
-              "n2": "out_layers.0", "c2": "out_layers.3", "skip": "skip_connection"}
-_ATTN_NAMES = {"norm": "norm", "qkv": "qkv", "proj": "proj_out"}
-_AUTHORS_TOP = {"temb": "time_embed", "cemb": "label_emb", "inp": "input_blocks.0.0", "out": "out"}
+_AUTHORS_NAMES = {"temb": "time_embed", "cemb": "label_emb", "inp": "input_blocks.0.0",
+                  "down": "input_blocks", "mid": "middle_block", "up": "output_blocks",
+                  "n1": "in_layers.0", "c1": "in_layers.2", "emb": "emb_layers.1",
+                  "n2": "out_layers.0", "c2": "out_layers.3", "skip": "skip_connection",
+                  "proj": "proj_out"}                   # the rest (out, norm, qkv, 0, ...) as ours
 _AUTHORS_PREFIXES = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.",
                      "output_blocks.", "out.")
 
@@ -1096,24 +1086,13 @@ def authors_names(net):
     names = {}
     for key, _ in net.named_parameters():
         part = key.split(".")
-        if part[0] in _AUTHORS_TOP:
-            names[key] = ".".join([_AUTHORS_TOP[part[0]]] + part[1:])
-            continue
-        if part[0] == "mid":
-            block, j, rest = "middle_block", int(part[1]), part[2:]
-            layer = net.mid[j]
-        else:
-            i, j, rest = int(part[1]), int(part[2]), part[3:]
-            layer = getattr(net, part[0])[i][j]
-            block = f"input_blocks.{i + 1}" if part[0] == "down" else f"output_blocks.{i}"
-        if isinstance(layer, ResBlock):
-            names[key] = f"{block}.{j}.{_RES_NAMES[rest[0]]}.{rest[1]}"
-        elif isinstance(layer, AttnBlock):
-            names[key] = f"{block}.{j}.{_ATTN_NAMES[rest[0]]}.{rest[1]}"
-        elif part[0] == "down":                           # strided conv: their Downsample.op
-            names[key] = f"{block}.0.op.{rest[0]}"
-        else:                                             # conv after nn.Upsample: Upsample.conv
-            names[key] = f"{block}.{j - 1}.conv.{rest[0]}"
+        if part[0] == "down":                      # their input_blocks.0 is our stem `inp`
+            part[1] = str(int(part[1]) + 1)
+            if len(part) == 4:                     # strided conv: their Downsample.op
+                part.insert(3, "op")
+        elif part[0] == "up" and len(part) == 4:   # conv after nn.Upsample: their Upsample.conv
+            part[2:3] = [str(int(part[2]) - 1), "conv"]
+        names[key] = ".".join(_AUTHORS_NAMES.get(p, p) for p in part)
     return names
 
 def authors_arch(sd, image_size=32):
@@ -1214,7 +1193,6 @@ def load_for_eval(args, device):
     return net, a, ncls
 
 # ==== 6. Experiment modes ====
-
 def slerp(z0, z1, alpha):
     """Spherical interpolation between noises (Sec. 4.3), per sample on the flattened vectors:
     slerp = (sin((1-a) theta) z0 + sin(a theta) z1) / sin(theta), cos(theta) = <z0, z1>/(|z0||z1|).
@@ -1255,8 +1233,6 @@ def generate(phi, args, device, n, shape, method=None, x0=None, n_classes=10, st
                              rtol=args.rtol, atol=args.atol)
         nfes.append(model.last_nfe)
         outs.append(x.clamp(-1, 1) if args.clamp else x)
-    if random_classes:
-        phi.y = None
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt, x = time.time() - t_start, torch.cat(outs)
@@ -1268,6 +1244,11 @@ def generate(phi, args, device, n, shape, method=None, x0=None, n_classes=10, st
         print("warning: " + msg, file=sys.stderr)
     return x, {"sampler": method, "nfe_mean": float(np.mean(nfes)), "images_per_s": n / dt,
                "seconds": dt}
+
+def report(args, name, obj):
+    """A mode's result: <out-dir>/<name> and the same JSON on stdout."""
+    write_json(args.out_dir, name, obj)
+    print(json.dumps(obj))
 
 def eval_setup(args):
     device = pick_device(args.device)
@@ -1282,8 +1263,7 @@ def cmd_sample(args):
     np.savez(path + ".tmp.npz", images=to_uint8(x))
     os.replace(path + ".tmp.npz", path)
     save_grid(x[:64], os.path.join(args.out_dir, "samples.png"))
-    write_json(args.out_dir, "sample_stats.json", st)
-    print(json.dumps(st))
+    report(args, "sample_stats.json", st)
 
 def cmd_interp(args, rows=8, cols=10):
     """Spherical interpolation between two noises, each point pushed through the ODE (Sec. 4.3)."""
@@ -1293,8 +1273,7 @@ def cmd_interp(args, rows=8, cols=10):
     x, st = generate(Conditioned(net), a, device, rows * cols, shape, x0=z.flatten(0, 1),
                      n_classes=ncls)
     save_grid(x, os.path.join(args.out_dir, "interp.png"), nrow=cols)
-    write_json(args.out_dir, "interp_stats.json", st)
-    print(json.dumps(st))
+    report(args, "interp_stats.json", st)
 
 def cmd_nn(args, rows=8):
     """Generated samples and their k nearest training images in pixel (L2) distance (Fig. 5)."""
@@ -1311,9 +1290,7 @@ def cmd_nn(args, rows=8):
         best_x = torch.stack([cand_x[r, idx[r]] for r in range(rows)])
     grid = torch.cat([x.cpu()[:, None], best_x], 1).reshape(-1, *shape)
     save_grid(grid, os.path.join(args.out_dir, "nn.png"), nrow=args.nn_k + 1)
-    res = {"nearest_pixel_l2": best_d.tolist()}
-    write_json(args.out_dir, "nn.json", res)
-    print(json.dumps(res))
+    report(args, "nn.json", {"nearest_pixel_l2": best_d.tolist()})
 
 @torch.no_grad()
 def energies(net, args, ds, device, n):
@@ -1342,8 +1319,7 @@ def cmd_hist(args):
     plt.legend()
     fig.savefig(os.path.join(args.out_dir, "hist.png"), dpi=100, bbox_inches="tight")
     plt.close(fig)
-    write_json(args.out_dir, "hist.json", res)
-    print(json.dumps(res))
+    report(args, "hist.json", res)
 
 def cmd_ood(args):
     """OOD AUROC (Table 2): in-distribution = the test split of the training set (positives, should
@@ -1368,8 +1344,7 @@ def cmd_ood(args):
         table[name] = {"auroc_phi_b": auroc(pos, neg),
                        "auroc_authors_score": auroc(pos_auth, neg_auth),
                        "n_in": int(len(pos)), "n_ood": int(len(neg))}
-    write_json(args.out_dir, "ood.json", table)
-    print(json.dumps(table))
+    report(args, "ood.json", table)
 
 def cmd_longrun(args):
     """Long-run sampling (Sec. 4.6, Figs. 12-18): the ODE over t in [0, longrun_t1] (past t_max it
@@ -1415,8 +1390,7 @@ def cmd_longrun(args):
     fig.savefig(os.path.join(args.out_dir, "longrun_norms.png"), dpi=100, bbox_inches="tight")
     plt.close(fig)
     last = {k: {kk: vv[-1] for kk, vv in v.items() if vv} for k, v in curves.items()}
-    write_json(args.out_dir, "longrun.json", last)
-    print(json.dumps(last))
+    report(args, "longrun.json", last)
     write_json(args.out_dir, "longrun_curves.json", curves)
 
 def cmd_compose(args, n=8):
@@ -1440,8 +1414,7 @@ def cmd_compose(args, n=8):
             rows.append(x.cpu())
             info["+".join(map(str, g)) if c is None else str(c)] = st
     save_grid(torch.cat(rows), os.path.join(args.out_dir, "compose.png"), nrow=n)
-    write_json(args.out_dir, "compose.json", info)
-    print(json.dumps(info))
+    report(args, "compose.json", info)
 
 def cmd_benchmark(args):
     """Training images/s, ms/iter and peak memory of our config (bf16 trunk, channels-last, TF32)
@@ -1540,7 +1513,6 @@ def build_parser():
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a, bool_opt = p.add_argument, argparse.BooleanOptionalAction
     a("--mode", default="train", choices=MODES, help="what to do")
-    # data / run
     a("--dataset", default="cifar10", choices=DATASETS + ["svhn", "cifar100"], help="images")
     a("--data-dir", default="data", help="dataset folder (npz: the .npz file, uint8 NHWC)")
     a("--image-size", type=pos_int, help="image side (default 32; celeba64 64; npz: the file's)")
@@ -1550,18 +1522,15 @@ def build_parser():
     a("--seed", type=int, default=0, help="random seed (each step and rank derives its own)")
     a("--workers", type=nonneg_int, default=4, help="DataLoader processes (0 = main process)")
     a("--threads", type=nonneg_int, default=0, help="CPU threads (0 = the cores this process has)")
-    # optimisation (authors: Adam lr 1e-4, warm-up 5k, EMA 0.9999, fp32, batch 64)
     a("--batch-size", type=pos_int, default=128, help="per-process batch size")
     a("--steps", type=nonneg_int, default=400_000, help="training steps")
     a("--lr", type=pos_float, default=1e-4, help="Adam learning rate")
     a("--warmup", type=nonneg_int, default=5000, help="linear learning-rate warm-up steps")
     a("--grad-clip", type=nonneg_float, help="gradient clipping (0 = off) [ours 1; authors 3]")
-    a("--clip-mode", choices=["norm", "std"], help="global norm [ours]; std [authors]: each "
-      "element to +-(clip * Adam's RMS + 0.1)")
+    a("--clip-mode", choices=["norm", "std"], help="norm [ours]; std [authors]: +-(clip RMS + 0.1)")
     a("--ema-decay", type=unit_float, default=0.9999, help="EMA decay")
     a("--ema-warmup", action=bool_opt, default=True, help="min(decay, (1+n)/(10+n)); no: authors")
     a("--no-ema", action="store_true", help="grids / sampling with the raw weights, not the EMA")
-    # network
     a("--model", default="unet", choices=["unet", "wrn"], help="Phi(x, t) U-Net; WideResNet Phi(x)")
     a("--model-size", type=pos_int, default=128, help="base channels (unet 128 = paper's net)")
     a("--ch-mult", default="2,2,2", help="UNet channel multipliers per resolution level")
@@ -1572,9 +1541,7 @@ def build_parser():
     a("--wrn-depth", type=pos_int, default=16, help="WideResNet depth (6n + 4)")
     a("--class-cond", action="store_true", help="class-conditional Phi(x, c) (for --mode compose)")
     a("--p-uncond", type=unit_float, help="share of null labels [ours 0.1; authors 0.2]")
-    # loss, Eq. (27): see the VPFB class for each choice
-    a("--recipe", default="ours", choices=list(RECIPES), help="loss and clip presets (explicit "
-      "flags win); authors: also --net authors")
+    a("--recipe", default="ours", choices=list(RECIPES), help="loss + clip presets (flags win)")
     a("--kappa", type=finite_float, help="w(t) = (1 - t)^kappa [ours 1]")
     a("--t-end", type=pos_float, default=1.0, help="t ~ U(0, t_end)")
     a("--t-max", type=time_float, default=1.0 - 1e-5, help="stationarity: t clamped to t_max")
@@ -1588,7 +1555,6 @@ def build_parser():
     a("--weight-on", choices=["ritz", "cov"], help="w(t) on cov + |grad|^2 or gamma")
     a("--grad-norm", choices=["sum", "mean"], help="|grad Phi|^2 summed or averaged")
     a("--bfactor", type=pos_float, help="c in Phi_B, Eq. (22) [ours 2; paper 4]")
-    # samplers
     a("--sampler", default="rk45", choices=["euler", "rk45", "sgld"], help="sampler of the modes")
     a("--ode-steps", type=pos_int, default=100, help="Euler steps (and rk45 trajectory frames)")
     a("--rtol", type=pos_float, default=1e-3, help="RK45 relative tolerance (authors 1e-3)")
@@ -1600,7 +1566,6 @@ def build_parser():
     a("--sgld-temp", type=nonneg_float, default=1.0, help="SGLD temperature lambda (noise std)")
     a("--longrun-t1", type=pos_float, default=20.0, help="long-run ODE horizon t in [0, t1]")
     a("--clamp", action="store_true", help="clamp samples to [-1, 1] at the end")
-    # engineering
     a("--amp", default="auto", choices=["auto", "bf16", "none"], help="bf16 trunk (auto: on CUDA)")
     a("--compile", action="store_true", help="torch.compile the potential for sampling only")
     a("--channels-last", action="store_true", help="channels_last memory (faster convs on GPU)")
@@ -1612,7 +1577,6 @@ def build_parser():
       help="sample grid every N steps (0 = only at the end)")
     a("--num-samples", type=pos_int, default=64, help="samples to draw (50000 for FID)")
     a("--sample-batch", type=pos_int, default=256, help="batch size when sampling")
-    # experiments
     a("--ood-sets", default="svhn,cifar100,celeba,interp", help=f"comma list from {OOD_SETS}")
     a("--ood-max", type=pos_int, default=10000, help="at most this many images per set")
     a("--nn-k", type=pos_int, default=5, help="nearest neighbours per sample (mode nn)")
@@ -1666,10 +1630,7 @@ def resolve_args(args, argv=None):
             setattr(args, k, v)
     args.channels, size = (1 if args.dataset == "mnist" else 3), None
     if args.dataset == "npz":
-        if not os.path.isfile(args.data_dir):
-            die(f"--dataset npz needs --data-dir to be a .npz file; {args.data_dir!r} is not one")
-        shape = NpzImages(args.data_dir).images.shape
-        args.channels, size = shape[3], shape[1]
+        args.channels, size = load_npz(args.data_dir).tensors[0].shape[1:3]
     args.image_size = args.image_size or size or (64 if args.dataset == "celeba64" else 32)
     args.net = args.net or ("authors" if args.recipe == "authors" else "ours")
     if args.attn_res is None:

@@ -785,7 +785,7 @@ def test_npz_dataset_round_trip(tmp_path):
                       "--out-dir", out])
     imgs = np.load(f"{out}/samples.npz")["images"]
     assert imgs.shape == (4, 6, 6, 1) and imgs.dtype == np.uint8
-    ds = vpfb.NpzImages(f"{out}/samples.npz")
+    ds = vpfb.load_npz(f"{out}/samples.npz")
     assert ds[0][0].shape == (1, 6, 6) and -1 <= ds[0][0].min() and ds[0][0].max() <= 1
 
 
