@@ -110,22 +110,18 @@ class EnergyMatching:
                  cd_neg_clamp=0.02, cd_trim=0.1, neg_data_frac=0.5, flow_reduction="mean",
                  tau_s=3.0, clamp_negatives=None, use_ot=True, flow_weighting=False,
                  same_temperature=False, chain_clock=None, ot_sigma=0.0):
-        self.V = V
+        self.V, self.lambda_cd = V, float(lambda_cd)
         self.tau_star, self.eps_max = float(tau_star), float(eps_max)
-        self.lambda_cd = float(lambda_cd)
         self.n_langevin, self.dt, self.tau_s = int(n_langevin), float(dt), float(tau_s)
         self.cd_neg_clamp, self.cd_trim = cd_neg_clamp, float(cd_trim)
         self.neg_data_frac = float(neg_data_frac)  # negatives started at data (paper: half)
-        self.flow_reduction = flow_reduction
         self.clamp_negatives = clamp_negatives        # (-1, 1) for images, as the authors' chains
-        self.use_ot = use_ot
+        self.use_ot, self.ot_sigma, self.flow_reduction = use_ot, float(ot_sigma), flow_reduction
         fw = "main" if flow_weighting is True else flow_weighting          # True: phase 2 only
         if fw not in (False, None, "off", "main", "both"):
             raise ValueError(f"flow_weighting: False, 'main' or 'both', not {flow_weighting!r}")
         self.flow_weighting = fw if fw in ("main", "both") else False
-        self.same_temperature = bool(same_temperature)
-        self.chain_clock = chain_clock
-        self.ot_sigma = float(ot_sigma)
+        self.same_temperature, self.chain_clock = bool(same_temperature), chain_clock
 
     def eps(self, t):
         return temperature(t, self.tau_star, self.eps_max)           # Eq. (3)
@@ -1048,10 +1044,9 @@ def authors_time_embedding(sd, t=AUTHORS_T):
     return F.linear(F.silu(F.linear(e, w0, b0)), w2, b2)
 
 def fold_time_bias(sd, prefix, emb):
-    """conv1's bias of the authors' ResBlock `prefix` with the time term folded in."""
-    # Their ResBlock adds emb_layers(emb) = Linear(SiLU(emb)), one value per channel, right after
-    # conv1. With t fixed that is a constant c, and conv(x) + b + c = conv(x) + (b + c) exactly
-    # (float32 rounding aside): hence no time layers here. float64, stored in the file's dtype.
+    """conv1's bias of the authors' ResBlock `prefix` with the time term folded in: their block adds
+    c = emb_layers(emb) = Linear(SiLU(emb)) after conv1, a constant at fixed t, so conv(x) + b + c =
+    conv(x) + (b + c) to float32 rounding. Computed in float64, stored in the file's dtype."""
     w, b = sd[f"{prefix}.emb_layers.1.weight"].double(), sd[f"{prefix}.emb_layers.1.bias"].double()
     bias = sd[f"{prefix}.in_layers.2.bias"]
     c = F.linear(F.silu(emb), w, b)
@@ -1136,8 +1131,7 @@ def authors_to_ours(sd, model, name="checkpoint"):
     return out
 
 def authors_model(ck, key="ema_model", name="checkpoint"):
-    """(an untrained UNetViTPotential of the architecture of ck[key], ck[key] without prefixes) for
-    an authors' file; anything else is one line and exit 2."""
+    """(an untrained UNetViTPotential shaped like ck[key], ck[key] unprefixed); else exit 2."""
     if not is_authors_checkpoint(ck):
         own = isinstance(ck, dict) and "format" in ck
         die(f"{name} is not an authors' Energy Matching checkpoint (a dict with 'net_model' and "
@@ -1182,8 +1176,7 @@ def authors_checkpoint_as_ours(ck, name="checkpoint"):
 
 # ==== 6. Experiment modes ====
 def eval_setup(args):
-    """Device, the (EMA) potential of --ckpt (else of <out-dir>/ckpt_main.pt or ckpt_warmup.pt),
-    and its args with this command's sampler settings."""
+    """Device, the (EMA) potential of --ckpt (else <out-dir>/ckpt_{main,warmup}.pt), its args."""
     prepare_out_dir(args.out_dir)
     device = pick_device(args.device)
     found = [p for p in (os.path.join(args.out_dir, f"ckpt_{ph}.pt") for ph in ("main", "warmup"))
@@ -1365,8 +1358,7 @@ def cmd_benchmark(args):
 
         def samp(i):
             torch.manual_seed(i)
-            x0 = torch.randn(B, *shape, device=device)
-            return em_s.sample(x0, tau_s=K * args.dt, method="heun", clamp=(-1, 1))
+            return em_s.sample(torch.randn(B, *shape, device=device), K * args.dt, method="heun")
 
         r = dict(cfg)
         with math_sdpa() if cfg["math_everywhere"] else contextlib.nullcontext():
