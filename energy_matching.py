@@ -61,9 +61,8 @@ def temperature(t, tau_star, eps_max):
 
 @torch.no_grad()
 def ot_pair(x0, x1):
-    """Exact minibatch OT (Alg. 1 line 5): x0 reordered so that (x0[i], x1[i]) are OT pairs. Equal
-    uniform weights: the plan is a permutation / B (Birkhoff). float64 on the CPU, so that the plan
-    does not depend on the precision of |a|^2 + |b|^2 - 2ab."""
+    """Exact minibatch OT (Alg. 1 line 5): x0 reordered so that (x0[i], x1[i]) are OT pairs (uniform
+    weights: the plan is a permutation / B); float64 on the CPU: a plan independent of dtype."""
     import ot
     if x0.shape[0] != x1.shape[0]:
         raise ValueError(f"ot_pair needs equal batch sizes, got {x0.shape[0]} and {x1.shape[0]}")
@@ -111,22 +110,18 @@ class EnergyMatching:
                  cd_neg_clamp=0.02, cd_trim=0.1, neg_data_frac=0.5, flow_reduction="mean",
                  tau_s=3.0, clamp_negatives=None, use_ot=True, flow_weighting=False,
                  same_temperature=False, chain_clock=None, ot_sigma=0.0):
-        self.V = V
+        self.V, self.lambda_cd = V, float(lambda_cd)
         self.tau_star, self.eps_max = float(tau_star), float(eps_max)
-        self.lambda_cd = float(lambda_cd)
         self.n_langevin, self.dt, self.tau_s = int(n_langevin), float(dt), float(tau_s)
         self.cd_neg_clamp, self.cd_trim = cd_neg_clamp, float(cd_trim)
         self.neg_data_frac = float(neg_data_frac)  # negatives started at data (paper: half)
-        self.flow_reduction = flow_reduction
         self.clamp_negatives = clamp_negatives        # (-1, 1) for images, as the authors' chains
-        self.use_ot = use_ot
+        self.use_ot, self.ot_sigma, self.flow_reduction = use_ot, float(ot_sigma), flow_reduction
         fw = "main" if flow_weighting is True else flow_weighting          # True: phase 2 only
         if fw not in (False, None, "off", "main", "both"):
             raise ValueError(f"flow_weighting: False, 'main' or 'both', not {flow_weighting!r}")
         self.flow_weighting = fw if fw in ("main", "both") else False
-        self.same_temperature = bool(same_temperature)
-        self.chain_clock = chain_clock
-        self.ot_sigma = float(ot_sigma)
+        self.same_temperature, self.chain_clock = bool(same_temperature), chain_clock
 
     def eps(self, t):
         return temperature(t, self.tau_star, self.eps_max)           # Eq. (3)
@@ -245,7 +240,6 @@ def langevin(V, x, n_steps, dt, eps, clamp=None, clock=None):
         x = (x - dt * grad_V(V, x) + std * torch.randn_like(x)).detach()   # Alg. 2 line 8
     return x.clamp(*clamp) if clamp is not None else x
 
-
 def inverse_langevin(V, y, A, n_chains, tau_s, dt, eps, zeta, sigma=None, Bmask=None, x_init=None,
                      clamp=None):
     """Algorithm 3 (Eqs. 7-8): posterior sampling for y = A x + w, learned prior, M chains each.
@@ -272,8 +266,7 @@ def inverse_langevin(V, y, A, n_chains, tau_s, dt, eps, zeta, sigma=None, Bmask=
         x = (x - dt * g + math.sqrt(2.0 * e * dt) * torch.randn_like(x)).detach()   # Alg. 3 line 9
     return x.clamp(*clamp) if clamp is not None else x
 
-# --- LID (Sec. 3.3, App. B): LID(x) = #{ |lambda_i(Hess V(x))| < tau }, the near-flat directions
-# ---
+# --- LID (Sec. 3.3, App. B): LID(x) = #{ |lambda_i(Hess V(x))| < tau }, near-flat directions ---
 def lid_exact(V, xs, tau):
     """LID from the exact spectrum of the Hessian (d up to a few thousand): (lids, spectra)."""
     lids, spectra = [], []
@@ -329,7 +322,6 @@ def lid_slq(V, xs, tau, n_probe=8, n_lanczos=60, seed=0):
 # activations only (SiLU, GELU): the flow loss differentiates grad V again, LID needs the Hessian.
 # Engineering sets two attributes: `amp` (bf16 autocast of the trunk on CUDA; the scalar head stays
 # fp32: CD subtracts energies ~1e3 that differ in the third digit) and `channels_last`.
-
 def _groups(ch):
     return math.gcd(32, ch)  # GroupNorm(32) at full width, fewer groups for tiny test networks
 
@@ -400,8 +392,7 @@ class TransformerBlock(nn.Module):
 class UNetViTPotential(nn.Module):
     """The CIFAR-10 potential (Fig. 5): UNet (no time) -> C-channel map -> PatchEmbed(4) + 8-layer
     ViT (384 wide, 4 heads) -> mean-pool -> Linear -> scalar, times output_scale (1000, authors'
-    code). Width 128, mult (1, 2, 2, 2), 2 ResBlocks per level, attention at 16x16 and in the
-    middle, dropout 0.1: ~36M + ~14M parameters at size 1.0; `size` scales every width."""
+    code). Width 128, mult (1, 2, 2, 2), 2 ResBlocks/level, attention at 16x16 and in the middle."""
 
     def __init__(self, shape=(3, 32, 32), size=1.0, res_blocks=2, vit_depth=8, dropout=0.1,
                  output_scale=1000.0, ch_mult=(1, 2, 2, 2), attn_res=(16,), patch=4,
@@ -808,17 +799,6 @@ def draw_samples(V, args, n, shape, device, batch=None):
         out.append(em.sample(x0, tau_s=args.tau_s, method=args.sampler, clamp=(-1.0, 1.0)).cpu())
     return torch.cat(out) if out else torch.empty(0, *shape)
 
-def write_grid(model, ema, args, step, shape, device, log, ema_n):
-    """A sample grid from the EMA (or, with --no-ema, the raw) weights; the name says which."""
-    net = model if args.no_ema else ema
-    net.eval()
-    path = os.path.join(args.out_dir, f"samples_{'raw' if args.no_ema else 'ema'}_{step}.png")
-    save_grid(draw_samples(torch.compile(net) if args.compile else net, args,
-                           min(64, args.num_samples), shape, device), path)
-    model.train()
-    how = "raw weights" if args.no_ema else f"EMA weights ({ema_n} updates)"
-    log(f"grid at step {step}: {how}, tau_s {args.tau_s} -> {path}")
-
 def cmd_train(args):
     """Phase 1 (Alg. 1) or phase 2 (Alg. 2) on --dataset; resumable, NaN-guarded, signal-safe."""
     stop = StopSignals()
@@ -867,6 +847,16 @@ def cmd_train(args):
         def save(step):
             save_checkpoint(ckpt_path, model, ema, opt, step, args, phase=phase,
                             phase_start=phase_start, ema_n=ema_n)
+
+        def grid(step):                         # from the EMA (or, with --no-ema, the raw) weights
+            net, which = (model, "raw") if args.no_ema else (ema, "ema")
+            path = os.path.join(args.out_dir, f"samples_{which}_{step}.png")
+            net.eval()
+            save_grid(draw_samples(torch.compile(net) if args.compile else net, args,
+                                   min(64, args.num_samples), shape, device), path)
+            model.train()
+            how = "raw weights" if args.no_ema else f"EMA weights ({ema_n} updates)"
+            log(f"grid at step {step}: {how}, tau_s {args.tau_s} -> {path}")
 
         em = build_em(model, args)
         dataset = build_dataset(args, train=True)
@@ -927,7 +917,7 @@ def cmd_train(args):
             if main_rank and args.save_every and done % args.save_every == 0 and done < end_step:
                 save(done)
             if main_rank and args.sample_every and done % args.sample_every == 0 < end_step - done:
-                write_grid(model, ema, args, done, shape, device, log, ema_n)
+                grid(done)
     except SystemExit:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -941,7 +931,7 @@ def cmd_train(args):
         if records:
             plot_losses(records, os.path.join(args.out_dir, f"loss_{phase}.png"), f"EM, {phase}")
         if args.num_samples > 0 and end_step > start_step:
-            write_grid(model, ema, args, end_step, shape, device, log, ema_n)
+            grid(end_step)
         summary = {"phase": phase, "steps": end_step, "params": count_params(model),
                    "final": records[-1] if records else None}
         if device.type == "cuda":
@@ -1025,9 +1015,6 @@ _AUTHORS_VIT = {"qkv.weight": "self_attn.in_proj_weight", "qkv.bias": "self_attn
 _AUTHORS_VIT.update({f"{o}.{p}": f"{t}.{p}" for p in ("weight", "bias") for o, t in (
     ("out", "self_attn.out_proj"), ("ln1", "norm1"), ("ln2", "norm2"), ("ff.0", "linear1"),
     ("ff.3", "linear2"))})
-_AUTHORS_NEED = ("input_blocks.0.0.weight", "time_embed.0.weight", "patch_embed.patch_embed.weight",
-                 "patch_embed.pos_embed", "transformer_encoder.layers.0.self_attn.in_proj_weight",
-                 "final_linear.weight")
 
 def _short(keys, n=8):
     keys = sorted(keys)
@@ -1057,10 +1044,9 @@ def authors_time_embedding(sd, t=AUTHORS_T):
     return F.linear(F.silu(F.linear(e, w0, b0)), w2, b2)
 
 def fold_time_bias(sd, prefix, emb):
-    """conv1's bias of the authors' ResBlock `prefix` with the time term folded in."""
-    # Their ResBlock adds emb_layers(emb) = Linear(SiLU(emb)), one value per channel, right after
-    # conv1. With t fixed that is a constant c, and conv(x) + b + c = conv(x) + (b + c) exactly
-    # (float32 rounding aside): hence no time layers here. float64, stored in the file's dtype.
+    """conv1's bias of the authors' ResBlock `prefix` with the time term folded in: their block adds
+    c = emb_layers(emb) = Linear(SiLU(emb)) after conv1, a constant at fixed t, so conv(x) + b + c =
+    conv(x) + (b + c) to float32 rounding. Computed in float64, stored in the file's dtype."""
     w, b = sd[f"{prefix}.emb_layers.1.weight"].double(), sd[f"{prefix}.emb_layers.1.bias"].double()
     bias = sd[f"{prefix}.in_layers.2.bias"]
     c = F.linear(F.silu(emb), w, b)
@@ -1102,14 +1088,10 @@ def authors_names(model):
             head, _, rest = n.partition(".")
             names[f"{ours}.{n}"] = f"{theirs}.{table[head]}.{rest}" if table else f"{theirs}.{n}"
 
-    def seq(mods, ours, theirs):
-        j, after_upsample = 0, False   # our nn.Upsample + Conv2d is their single Upsample(.conv)
+    def seq(mods, ours, theirs):   # our nn.Upsample + Conv2d is their single Upsample(.conv)
         for i, m in enumerate(mods):
-            if isinstance(m, nn.Upsample):
-                after_upsample = True
-                continue
-            leaf(m, f"{ours}.{i}", f"{theirs}.{j}.conv" if after_upsample else f"{theirs}.{j}")
-            j, after_upsample = j + 1, False
+            up = i > 0 and isinstance(mods[i - 1], nn.Upsample)
+            leaf(m, f"{ours}.{i}", f"{theirs}.{i - 1}.conv" if up else f"{theirs}.{i}")
 
     leaf(model.inp, "inp", "input_blocks.0.0")
     for i, m in enumerate(model.down):             # their input_blocks[0] is our inp, so index + 1
@@ -1149,8 +1131,7 @@ def authors_to_ours(sd, model, name="checkpoint"):
     return out
 
 def authors_model(ck, key="ema_model", name="checkpoint"):
-    """(an untrained UNetViTPotential of the architecture of ck[key], ck[key] without prefixes) for
-    an authors' file; anything else is one line and exit 2."""
+    """(an untrained UNetViTPotential shaped like ck[key], ck[key] unprefixed); else exit 2."""
     if not is_authors_checkpoint(ck):
         own = isinstance(ck, dict) and "format" in ck
         die(f"{name} is not an authors' Energy Matching checkpoint (a dict with 'net_model' and "
@@ -1159,9 +1140,6 @@ def authors_model(ck, key="ema_model", name="checkpoint"):
     if any(k.startswith("mlp.") for k in sd):
         die(f"{name} holds the authors' MLP-head potential (EBMLPModelWrapper); only the UNet+ViT "
             f"one (EBViTModelWrapper) maps onto UNetViTPotential")
-    if not all(k in sd for k in _AUTHORS_NEED):
-        die(f"{name}: '{key}' is not an EBViTModelWrapper state dict "
-            f"(missing {_short([k for k in _AUTHORS_NEED if k not in sd], 3)})")
     try:
         kw = authors_arch(sd)
         model = UNetViTPotential(**kw)
@@ -1186,12 +1164,10 @@ def authors_checkpoint_as_ours(ck, name="checkpoint"):
     if kw["shape"][0] != 3 or kw["attn_res"] != (16,) or kw["patch"] != 4:
         die(f"{name}: an authors' network with {kw['shape'][0]} channels, attention at "
             f"{kw['attn_res']}, patch {kw['patch']} has no flags here (3, (16,), 4)")
-    flags = {"recipe": "authors", "dataset": "cifar10", "image-size": kw["shape"][1],
-             "model-size": kw["size"], "ch-mult": ",".join(map(str, kw["ch_mult"])),
-             "res-blocks": kw["res_blocks"], "vit-depth": kw["vit_depth"],
-             "dropout": kw["dropout"], "output-scale": kw["output_scale"]}
-    args = resolve_args(build_parser().parse_args([s for k, v in flags.items()
-                                                   for s in (f"--{k}", str(v))]))
+    args = resolve_args(build_parser().parse_args(["--recipe", "authors", "--dataset", "cifar10"]))
+    args.image_size, args.model_size, args.res_blocks = kw["shape"][1], kw["size"], kw["res_blocks"]
+    args.ch_mult, args.vit_depth = ",".join(map(str, kw["ch_mult"])), kw["vit_depth"]
+    args.dropout, args.output_scale = kw["dropout"], kw["output_scale"]
     step = int(ck.get("step") or 0)
     return {"format": CKPT_FORMAT, "model": authors_to_ours(strip_prefixes(ck["net_model"]),
                                                             model, name),
@@ -1200,8 +1176,8 @@ def authors_checkpoint_as_ours(ck, name="checkpoint"):
 
 # ==== 6. Experiment modes ====
 def eval_setup(args):
-    """Device, the (EMA) potential of --ckpt (else of <out-dir>/ckpt_main.pt or ckpt_warmup.pt),
-    and its args with this command's sampler settings."""
+    """Device, the (EMA) potential of --ckpt (else <out-dir>/ckpt_{main,warmup}.pt), its args."""
+    prepare_out_dir(args.out_dir)
     device = pick_device(args.device)
     found = [p for p in (os.path.join(args.out_dir, f"ckpt_{ph}.pt") for ph in ("main", "warmup"))
              if os.path.exists(p)]
@@ -1237,7 +1213,6 @@ def refuse_non_finite(x, what):
 
 def cmd_sample(args):
     """--num-samples SDE samples -> samples.npz ("images" uint8 NHWC, eval_fid.py), samples.png."""
-    prepare_out_dir(args.out_dir)
     device, V, cargs, path = eval_setup(args)
     shape = data_shape(cargs)
     t0, imgs = time.time(), []
@@ -1266,7 +1241,6 @@ def cmd_sample(args):
 def cmd_inpaint(args):
     """Alg. 3 on data images with a centred hole: M chains per image without and with the repulsive
     interaction (same noise) -> inpaint.png (the paper's "with vs without" figure), inpaint.json."""
-    prepare_out_dir(args.out_dir)
     device, V, cargs, path = eval_setup(args)
     torch.manual_seed(args.seed)
     x = eval_images(args, cargs, args.num_images or 4, device)
@@ -1307,7 +1281,6 @@ def cmd_lid(args):
     (Table 2). If every LID is equal, Spearman is undefined: one line says which way to move tau."""
     from PIL import Image
     from scipy.stats import spearmanr
-    prepare_out_dir(args.out_dir)
     device, V, cargs, path = eval_setup(args)
     xs = eval_images(args, cargs, args.num_images or 4096, device)
     n, d = xs.shape[0], xs[0].numel()
@@ -1385,8 +1358,7 @@ def cmd_benchmark(args):
 
         def samp(i):
             torch.manual_seed(i)
-            x0 = torch.randn(B, *shape, device=device)
-            return em_s.sample(x0, tau_s=K * args.dt, method="heun", clamp=(-1, 1))
+            return em_s.sample(torch.randn(B, *shape, device=device), K * args.dt, method="heun")
 
         r = dict(cfg)
         with math_sdpa() if cfg["math_everywhere"] else contextlib.nullcontext():
@@ -1551,17 +1523,11 @@ def build_parser():
 
 def resolve_args(args):
     """Fill the None defaults from the recipe and the dataset row."""
-    row = dict(RECIPES[args.recipe])
-    row.update(DATASET_OVERRIDES.get(args.dataset, {}))
-    for k in ("lr", "tau_star", "lambda_cd", "eps_max", "n_langevin", "dt", "batch_size", "warmup",
-              "model_size", "cd_neg_clamp", "cd_trim", "same_temperature", "flow_weighting",
-              "cd_separate_batch"):
-        if getattr(args, k) is None:
-            setattr(args, k, row[k])
-    if args.steps is None:
-        args.steps = row[f"steps_{args.phase}"]
-    if args.ema_decay is None:
-        args.ema_decay = row[f"ema_{args.phase}_phase"]
+    row = {**RECIPES[args.recipe], **DATASET_OVERRIDES.get(args.dataset, {})}
+    row.update(steps=row[f"steps_{args.phase}"], ema_decay=row[f"ema_{args.phase}_phase"])
+    for k, v in row.items():
+        if getattr(args, k, 0) is None:                           # a flag of the row left at None
+            setattr(args, k, v)
     if args.dataset == "npz":
         args.channels, args.image_size = load_npz(args.data_dir).tensors[0].shape[1:3]
     if args.image_size is None:
