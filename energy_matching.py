@@ -1179,6 +1179,7 @@ def eval_setup(args):
     """Device, the (EMA) potential of --ckpt (else <out-dir>/ckpt_{main,warmup}.pt), its args."""
     prepare_out_dir(args.out_dir)
     device = pick_device(args.device)
+    torch.manual_seed(args.seed)                          # --seed: the same samples every run
     found = [p for p in (os.path.join(args.out_dir, f"ckpt_{ph}.pt") for ph in ("main", "warmup"))
              if os.path.exists(p)]
     if not (args.ckpt or found):

@@ -321,6 +321,20 @@ def test_em_sample_euler_uneven_batches_and_zero(em_ckpt, tmp_path, capsys):
     assert _json(tmp_path / "zero" / "samples.json")["n"] == 0
 
 
+def test_sample_mode_follows_seed_in_both_twins(em_ckpt, vp_ckpt, tmp_path):
+    """--seed fixes --mode sample: the same seed gives byte-identical samples, another seed not."""
+    def em_run(seed, d):
+        return em.main(EM + ["--mode", "sample", "--ckpt", em_ckpt, "--num-samples", "4",
+                             "--seed", seed, "--out-dir", str(tmp_path / d)])
+
+    def vp_run(seed, d):
+        _vp(vp_ckpt[0], tmp_path / d, "--mode", "sample", "--num-samples", "4", "--seed", seed)
+        return np.load(tmp_path / d / "samples.npz")["images"]
+
+    for run in (em_run, vp_run):
+        a, b, c = run("1", "a"), run("1", "b"), run("2", "c")
+        assert np.array_equal(a, b) and not np.array_equal(a, c), run.__name__
+
 def test_em_modes_without_checkpoint_exit_2(tmp_path, capsys):
     for mode in ("sample", "inpaint", "lid"):
         code, err = _exit(em.main, EM + ["--mode", mode, "--out-dir", str(tmp_path)], capsys)
