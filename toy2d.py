@@ -178,6 +178,9 @@ def build_parser():
                         "default: vpfb.VPFB's")
     g.add_argument("--eta", type=float, default=None,
                    help="Poincare weight eta, Eq. (27); default: vpfb.VPFB's")
+    g.add_argument("--cov-form", default=None, choices=["stein", "cov", "corr"],
+                   help="VPFB's covariance term of Eq. (27): stein (by parts, low variance), cov "
+                        "(as printed), corr (authors'); default: vpfb.VPFB's")
     g.add_argument("--t-inf", type=float, default=None,
                    help="time at which the Boltzmann energy Phi_B (Eq. 22) is read off; default "
                         "t_max = 1 - 1e-5, where 1/g^2 = 5e4 magnifies the network's error "
@@ -448,7 +451,7 @@ class VPFBToy:
     Phi_B (Eq. 22)."""
     name = "vpfb"
     has_density = True
-    KNOBS = ("kappa", "t_end", "t_max", "eta", "t_inf")
+    KNOBS = ("kappa", "t_end", "t_max", "eta", "t_inf", "cov_form")
 
     def __init__(self, a):
         self.net = build_mlp(a, time=not a.autonomous)

@@ -150,9 +150,9 @@ class VPFB:
       t_inf      where Phi_B is read off [None = t_max]"""
 
     def __init__(self, phi, autonomous=False, kappa=1.0, t_end=1.0, t_max=1.0 - 1e-5, eta=1e-4,
-                 lam_cos=1.0, lam_gx=1.0, lam_gt=0.01, cov_form="cov", cos_form="paper",
+                 lam_cos=1.0, lam_gx=1.0, lam_gt=0.01, cov_form="stein", cos_form="paper",
                  weight_on="ritz", grad_norm="sum", bfactor=2.0, schedule=None, t_inf=None):
-        for name, val, ok in (("cov_form", cov_form, ("cov", "corr")),
+        for name, val, ok in (("cov_form", cov_form, ("cov", "corr", "stein")),
                               ("cos_form", cos_form, ("paper", "authors")),
                               ("weight_on", weight_on, ("ritz", "cov")),
                               ("grad_norm", grad_norm, ("sum", "mean"))):
@@ -197,7 +197,7 @@ class VPFB:
         phi = self.phi(x, tl).reshape(-1)                    # Phi(x, t)  (B,)
         gx, gt = self.gradients(phi, x, tl)                  # grad_x Phi (B, ...), dPhi/dt (B,)
         w = (1 - t) ** self.kappa                            # w(t) = (1 - t)^kappa, Sec. 3.5
-        cov = self.cov_term(phi, x, xbar, eps, t, w)         # Cov[Phi, w gamma]
+        cov = self.cov_term(phi, x, xbar, eps, t, w, gx, v)  # Cov[Phi, w gamma]
         cos = self.cos_term(gx, v, t)                        # cos(grad_x Phi, v)
         ritz = self.ritz_term(gx, w)                         # E ||grad_x Phi||^2
         dphidt2 = gt.pow(2).mean()                           # E (dPhi/dt)^2
@@ -215,12 +215,19 @@ class VPFB:
         gt = grads[1] if len(grads) > 1 and grads[1] is not None else torch.zeros_like(phi)
         return grads[0], gt
 
-    def cov_term(self, phi, x, xbar, eps, t, w):
+    def cov_term(self, phi, x, xbar, eps, t, w, gx, v):
         """Cov_{rho p_data}[Phi, w(t) gamma] of Eq. (27) (from Eq. 24 with gamma of Eq. 12).
         "cov": gamma centred by its closed-form conditional mean gamma_bar (Eq. 11 / 23), then the
         batch mean of Phi removed too (same expectation, lower variance). "corr" (authors): the
         covariance of Phi with Gamma = mean_pixels((eps^2 - xbar eps)(1 - t)), divided by
-        std(Gamma) std(Phi) with std(Phi) DETACHED: the term keeps a gradient along Phi -> c Phi."""
+        std(Gamma) std(Phi) with std(Phi) DETACHED: the term keeps a gradient along Phi -> c Phi.
+        "stein": the same expectation as "cov", pathwise. The kernel rho(x|xbar, t) obeys both
+        Eq. (11), d rho/dt = -1/2 rho (gamma - gamma_bar), and d rho/dt = -div(rho v), so by parts
+            E[Phi (gamma - gamma_bar)] = -2 E[grad_x Phi . v].
+        "cov" weighs Phi by a sum of D noise terms, a score-function estimate whose variance grows
+        with D; "stein" differentiates Phi instead (the flow-matching gradient, tested)."""
+        if self.cov_form == "stein":
+            return -2 * (w * (gx * v).flatten(1).sum(1)).mean()   # = Cov[Phi, w gamma] in mean
         if self.cov_form == "corr":
             gam = (eps * eps - xbar * eps).flatten(1).mean(1) * (1 - t)   # authors' Gamma
             gam = gam - gam.mean()
@@ -1550,7 +1557,8 @@ def build_parser():
     a("--lam-cos", type=nonneg_float, help="weight of the cosine term [1]")
     a("--lam-gx", type=nonneg_float, help="weight of E||grad_x Phi||^2 [1]")
     a("--lam-gt", type=nonneg_float, help="weight of E(dPhi/dt)^2 [ours 0.01]")
-    a("--cov-form", choices=["cov", "corr"], help="cov (paper) or corr (authors)")
+    a("--cov-form", choices=["cov", "corr", "stein"],
+      help="cov (paper), corr (authors), stein: cov by parts [ours]")
     a("--cos-form", choices=["paper", "authors"], help="cos or cos^t / D (authors)")
     a("--weight-on", choices=["ritz", "cov"], help="w(t) on cov + |grad|^2 or gamma")
     a("--grad-norm", choices=["sum", "mean"], help="|grad Phi|^2 summed or averaged")
@@ -1586,7 +1594,7 @@ def build_parser():
     return p
 
 RECIPES = {  # loss presets (VPFB keywords); explicit flags win over the preset
-    "ours": dict(kappa=1.0, eta=1e-4, lam_cos=1.0, lam_gx=1.0, lam_gt=0.01, cov_form="cov",
+    "ours": dict(kappa=1.0, eta=1e-4, lam_cos=1.0, lam_gx=1.0, lam_gt=0.01, cov_form="stein",
                  cos_form="paper", weight_on="ritz", grad_norm="sum", bfactor=2.0),
     "paper": dict(kappa=2.0, eta=1e-4, lam_cos=1.0, lam_gx=1.0, lam_gt=1.0, cov_form="cov",
                   cos_form="paper", weight_on="cov", grad_norm="sum", bfactor=4.0),
