@@ -145,7 +145,8 @@ class VPFB:
       eta        Poincare term eta E[Phi^2] of Eq. (27) [1e-4; authors 0: only logged]
       lam_cos, lam_gx, lam_gt   weights of -cos, E||grad_x Phi||^2, E(dPhi/dt)^2 [1, 1, 0.01;
                  paper 1, 1, 1; authors 1, 0.5, 0.1]: E(dPhi/dt)^2 biases the flow, so it is small
-      cov_form, cos_form, weight_on, grad_norm   the term's paper / authors' form (its method)
+      cov_form   Cov[Phi, w gamma] [stein: by parts, -2 E[w grad Phi . v]; paper cov; authors corr]
+      cos_form, weight_on, grad_norm   the term's paper / authors' form (its method)
       bfactor    c in Phi_B = (c Phi + f ||x||^2) / g^2, Eq. (22) [2, from the ODE (19); paper 4]
       t_inf      where Phi_B is read off [None = t_max]"""
 
