@@ -985,7 +985,7 @@ def cmd_train(args):
                 n_bad = 0
                 ema_update(ema, net, ema_decay_at(args.ema_decay, n_ema, args.ema_warmup))
                 n_ema += 1
-            if step % args.log_every == 0 or step == args.steps:
+            if args.log_every and (step % args.log_every == 0 or step == args.steps):
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 wall, n = time.time() - t_last, max(step - s_last, 1)
@@ -997,7 +997,8 @@ def cmd_train(args):
                 t_last, s_last = time.time(), step
                 log.metrics({"step": step, **stats, "ms_per_iter": ms, "images_per_s": ips,
                              "skipped": int(bad)})
-            if main_rank and (signum or step % args.save_every == 0 or step == args.steps):
+            saving = args.save_every and step % args.save_every == 0
+            if main_rank and (signum or saving or step == args.steps):
                 save_checkpoint(ckpt_path, net, ema, opt, step, args, ema_updates=n_ema)
             if main_rank and (signum or step == args.steps):       # the whole run's curves
                 plot_losses(log.read_metrics(), os.path.join(args.out_dir, "loss.png"))
@@ -1007,7 +1008,7 @@ def cmd_train(args):
                     f"{ckpt_path}; resume: {cmd} --resume")
                 sys.exit(128 + signum)
             every = args.sample_every and step % args.sample_every == 0
-            if main_rank and (every or step == args.steps):        # 0: only at the end
+            if main_rank and args.num_samples and (every or step == args.steps):   # 0: at the end
                 which = "raw" if args.no_ema else "ema"
                 xs, _ = generate(Conditioned(net if args.no_ema else ema), args, device,
                                  min(64, args.num_samples), x.shape[1:], "euler", n_classes=ncls,
@@ -1243,15 +1244,15 @@ def generate(phi, args, device, n, shape, method=None, x0=None, n_classes=10, st
         outs.append(x.clamp(-1, 1) if args.clamp else x)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    dt, x = time.time() - t_start, torch.cat(outs)
+    dt, x = time.time() - t_start, torch.cat(outs) if outs else torch.empty(0, *shape)
     n_bad = int((~torch.isfinite(x)).sum())
     msg = f"the {method} sampler produced non-finite values ({n_bad} of {x.numel()})"
     if n_bad and strict:                   # never hand garbage on (FID would take it as valid)
         die(msg + "; nothing written", 3)
     if n_bad:
         print("warning: " + msg, file=sys.stderr)
-    return x, {"sampler": method, "nfe_mean": float(np.mean(nfes)), "images_per_s": n / dt,
-               "seconds": dt}
+    return x, {"sampler": method, "nfe_mean": float(np.mean(nfes)) if nfes else 0.0,
+               "images_per_s": n / dt, "seconds": dt}
 
 def report(args, name, obj):
     """A mode's result: <out-dir>/<name> and the same JSON on stdout."""
@@ -1270,7 +1271,8 @@ def cmd_sample(args):
     path = os.path.join(args.out_dir, "samples.npz")
     np.savez(path + ".tmp.npz", images=to_uint8(x))
     os.replace(path + ".tmp.npz", path)
-    save_grid(x[:64], os.path.join(args.out_dir, "samples.png"))
+    if len(x):
+        save_grid(x[:64], os.path.join(args.out_dir, "samples.png"))
     report(args, "sample_stats.json", st)
 
 def cmd_interp(args, rows=8, cols=10):
@@ -1580,11 +1582,11 @@ def build_parser():
     a("--channels-last", action="store_true", help="channels_last memory (faster convs on GPU)")
     a("--resume", action="store_true", help="resume from --ckpt, else <out-dir>/ckpt.pt")
     a("--ckpt", help="checkpoint to read (ours or the authors'); outputs go to --out-dir")
-    a("--log-every", type=pos_int, default=100, help="log every N steps")
-    a("--save-every", type=pos_int, default=5000, help="checkpoint every N steps")
+    a("--log-every", type=nonneg_int, default=100, help="log every N steps (0 = off)")
+    a("--save-every", type=nonneg_int, default=5000, help="checkpoint every N steps (0 = at end)")
     a("--sample-every", type=nonneg_int, default=5000,
       help="sample grid every N steps (0 = only at the end)")
-    a("--num-samples", type=pos_int, default=64, help="samples to draw (50000 for FID)")
+    a("--num-samples", type=nonneg_int, default=64, help="samples to draw (50000 for FID)")
     a("--sample-batch", type=pos_int, default=256, help="batch size when sampling")
     a("--ood-sets", default="svhn,cifar100,celeba,interp", help=f"comma list from {OOD_SETS}")
     a("--ood-max", type=pos_int, default=10000, help="at most this many images per set")

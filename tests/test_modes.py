@@ -335,6 +335,19 @@ def test_sample_mode_follows_seed_in_both_twins(em_ckpt, vp_ckpt, tmp_path):
         a, b, c = run("1", "a"), run("1", "b"), run("2", "c")
         assert np.array_equal(a, b) and not np.array_equal(a, c), run.__name__
 
+def test_vp_zero_means_off_or_at_the_end_as_in_em(tmp_path, vp_ckpt):
+    """The twins read 0 alike: --log-every 0 logs nothing, --save-every 0 saves only at the end,
+    --num-samples 0 draws no grid, and --mode sample writes an empty (0, H, W, C) array."""
+    out = tmp_path / "run"
+    vpfb.main(VP + ["--steps", "3", "--log-every", "0", "--save-every", "0", "--num-samples", "0",
+                    "--out-dir", str(out)])
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 3
+    assert not (out / "metrics.jsonl").exists() and not list(out.glob("samples_*.png"))
+    _vp(vp_ckpt[0], tmp_path / "zero", "--mode", "sample", "--num-samples", "0")
+    z = np.load(tmp_path / "zero" / "samples.npz")["images"]
+    assert z.shape == (0, 8, 8, 3) and z.dtype == np.uint8
+    assert not (tmp_path / "zero" / "samples.png").exists()
+
 def test_em_modes_without_checkpoint_exit_2(tmp_path, capsys):
     for mode in ("sample", "inpaint", "lid"):
         code, err = _exit(em.main, EM + ["--mode", mode, "--out-dir", str(tmp_path)], capsys)
