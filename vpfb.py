@@ -1288,11 +1288,14 @@ def cmd_interp(args, rows=8, cols=10):
 def cmd_nn(args, rows=8):
     """Generated samples and their k nearest training images in pixel (L2) distance (Fig. 5)."""
     device, net, a, ncls, shape = eval_setup(args)
+    data = build_dataset(a, train=True)
+    if len(data) < args.nn_k:
+        die(f"--nn-k {args.nn_k} is more than the {len(data)} training images")
     x, _ = generate(Conditioned(net), a, device, rows, shape, n_classes=ncls)
     best_d = torch.full((rows, args.nn_k), float("inf"))
     best_x = torch.zeros(rows, args.nn_k, *shape)
     xf = x.cpu().flatten(1)
-    for xb, _ in torch.utils.data.DataLoader(build_dataset(a, train=True), batch_size=512):
+    for xb, _ in torch.utils.data.DataLoader(data, batch_size=512):
         d = torch.cdist(xf, xb.flatten(1))                           # (rows, batch) pixel distances
         cand_d = torch.cat([best_d, d], 1)
         cand_x = torch.cat([best_x, xb[None].expand(rows, *xb.shape)], 1)

@@ -157,6 +157,13 @@ def test_slerp_endpoints_and_norm():
     assert torch.allclose(mid.flatten(1).norm(dim=1), z0.flatten(1).norm(dim=1), rtol=1e-4)
 
 
+def test_vp_nn_more_neighbours_than_images_is_one_line(vp_ckpt, tmp_path, capsys):
+    """k above the 32 training images would leave inf in nn.json: one line, exit 2, no file."""
+    code, err = _exit(lambda argv: _vp(vp_ckpt[0], tmp_path, *argv),
+                      ["--mode", "nn", "--nn-k", "40"], capsys)
+    assert code == 2 and "--nn-k 40 is more than the 32 training images" in err
+    assert not (tmp_path / "nn.json").exists()
+
 def test_vp_nn_distances_are_the_true_nearest_sorted(vp_ckpt, tmp_path, monkeypatch):
     """nn.json: 8 samples x --nn-k distances, non-negative, ascending per sample, and equal to a
     brute-force search over every training image; nn.png has one row per sample, k + 1 columns."""
