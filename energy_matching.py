@@ -753,7 +753,7 @@ class Logger:
 def prepare_out_dir(path):
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".write_test")
+        probe = os.path.join(path, f".write_test_{os.getpid()}")        # one per DDP rank
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -765,12 +765,13 @@ def write_json(out_dir, name, obj):
         json.dump(obj, f, indent=1)
 
 def to_uint8(x):
-    """Float [-1, 1] (B, C, H, W) -> uint8 numpy (B, H, W, C), the layout eval_fid.py reads."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    """[-1, 1] NCHW float -> uint8 NHWC (the .npz layout eval_fid.py reads)."""
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
 
 def save_grid(x, path, nrow=8):
-    from torchvision.utils import save_image
-    save_image((x[:nrow * nrow].float().clamp(-1, 1) + 1) / 2, path, nrow=nrow)
+    import torchvision.utils as vu
+    vu.save_image((x.float().clamp(-1, 1) + 1) / 2, path, nrow=nrow)
 
 def plot_losses(records, path, title):
     import matplotlib
