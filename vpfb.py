@@ -1145,7 +1145,8 @@ def authors_network(ck, use_ema=True, image_size=32, name="checkpoint"):
         die(f"{name!r} is a score_sde-style checkpoint but not the authors' VAPO U-Net "
             f"(unmatched keys: {_listing(odd)})")
     names = authors_names(net)
-    unmatched = [k for k in sd if k not in set(names.values())]
+    known = set(names.values())
+    unmatched = [k for k in sd if k not in known]
     missing = [theirs for theirs in names.values() if theirs not in sd]
     if unmatched or missing:
         die(f"{name!r} does not fit the authors' U-Net it describes (unmatched keys: "
@@ -1153,9 +1154,10 @@ def authors_network(ck, use_ema=True, image_size=32, name="checkpoint"):
     theirs = sd
     if use_ema:                                   # shadow_params[i]: the EMA of parameter i
         shadow, order = list(ck["ema"]["shadow_params"]), list(names.values())
-        if len(shadow) != len(order) or list(sd) != order:
-            die(f"{name!r}: {len(shadow)} EMA shadow_params for {len(order)} parameters, or the "
-                f"model's tensors are not in the authors' parameter order")
+        if len(shadow) != len(order):
+            die(f"{name!r}: {len(shadow)} EMA shadow_params for {len(order)} parameters")
+        if list(sd) != order:
+            die(f"{name!r}: the model's tensors are not in the authors' parameter order")
         theirs = dict(zip(order, shadow))
     ours = {}
     for key, p in net.named_parameters():
@@ -1649,11 +1651,11 @@ def resolve_args(args, argv=None):
     args.net = args.net or ("authors" if args.recipe == "authors" else "ours")
     if args.attn_res is None:
         args.attn_res = str(args.image_size // 2) if args.net == "authors" else "16"
-    levels = 2 ** (len(ints(args.ch_mult)) - 1)
-    ints(args.attn_res)
-    if args.model == "unet" and args.image_size % levels:
-        die(f"--image-size {args.image_size} must be a multiple of {levels} (the U-Net halves it "
-            f"{len(ints(args.ch_mult)) - 1} times for --ch-mult {args.ch_mult})")
+    halvings = len(ints(args.ch_mult)) - 1
+    ints(args.attn_res)                                   # a bad list: one line here, not later
+    if args.model == "unet" and args.image_size % 2 ** halvings:
+        die(f"--image-size {args.image_size} must be a multiple of {2 ** halvings} (the U-Net "
+            f"halves it {halvings} times for --ch-mult {args.ch_mult})")
     if args.model == "wrn" and (args.wrn_depth - 4) % 6:
         die(f"--wrn-depth must be 6n + 4 (10, 16, 22, 28 ...), got {args.wrn_depth}")
     args.out_dir = args.out_dir or os.path.join("runs", f"vpfb_{args.dataset}")
