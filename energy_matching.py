@@ -697,9 +697,9 @@ def step_seed(seed, step, rank):
     return (seed * 1_000_003 + step * 4099 + rank * 7) % (2 ** 62)
 
 def train_step(em, model, opt, x1, phase, args, world, step, x1_cd=None, signum=0):
-    """One optimisation step; returns (logs, applied). A step whose loss or gradient norm is
-    non-finite on any rank is skipped. The same all-reduce gives every rank the largest stop
-    signal number `signum` of any rank: logs["signal"]. Learning rate: linear warm-up (code)."""
+    """One optimisation step -> (logs, applied, signum). A step whose loss or gradient norm is
+    non-finite on any rank is skipped; the same all-reduce gives every rank the largest stop
+    signal number of any rank. Learning rate: linear warm-up (code)."""
     lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
     for g in opt.param_groups:
         g["lr"] = lr
@@ -712,10 +712,10 @@ def train_step(em, model, opt, x1, phase, args, world, step, x1_cd=None, signum=
     gn = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     logs["lr"], logs["grad_norm"] = lr, float(gn)
     bad = not (math.isfinite(logs["loss"]) and math.isfinite(logs["grad_norm"]))
-    bad, logs["signal"] = all_max([bad, signum], x1.device, world)    # the step's one all-reduce
+    bad, signum = all_max([bad, signum], x1.device, world)          # the step's one all-reduce
     if not bad:
         opt.step()
-    return logs, not bad
+    return logs, not bad, int(signum)
 
 class Logger:
     """Plain-text log (stdout + <out>/train.log) and JSON-lines metrics, rank 0 only."""
@@ -881,9 +881,9 @@ def cmd_train(args):
             torch.manual_seed(step_seed(args.seed, step, rank))
             xb = next(batches).to(device, non_blocking=True).float()
             x1, x1_cd = xb.chunk(2) if two else (xb, None)
-            logs, applied = train_step(em, model, opt, x1, phase, args, world, step, x1_cd,
-                                       stop.signum or 0)
-            signum, done = int(logs.pop("signal")), step + 1
+            logs, applied, signum = train_step(em, model, opt, x1, phase, args, world, step,
+                                               x1_cd, stop.signum or 0)
+            done = step + 1
             n_bad = 0 if applied else n_bad + 1
             if applied:
                 ema_update(ema, model, ema_decay_at(args.ema_decay, ema_n, args.ema_warmup))

@@ -371,7 +371,8 @@ def test_training_steps_lower_the_loss_on_fakedata(phase):
     before = _loss_at_seed(model, x1, phase)
     for _ in range(8):
         torch.manual_seed(11)
-        logs, applied = em.train_step(model, net, opt, x1, phase, a, 1, step=10_000)  # past warm-up
+        # step 10_000: past the lr warm-up
+        logs, applied, _ = em.train_step(model, net, opt, x1, phase, a, 1, step=10_000)
         assert applied
         assert math.isfinite(logs["loss"]) and (("cd" in logs) == (phase == "main"))
     after = _loss_at_seed(model, x1, phase)
