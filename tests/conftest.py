@@ -7,6 +7,18 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the tiny networks of the method tests (their modules use it through
+    `pytestmark`): on a shared 2-core machine two OpenMP threads spin-waiting on each other made a
+    tiny double backward ~100x slower (7 s vs 0.05 s). Restored after each test."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

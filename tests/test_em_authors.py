@@ -19,13 +19,7 @@ from energy_matching import (authors_arch, authors_checkpoint_as_ours, authors_n
                              load_authors_checkpoint, sinusoidal_embedding)
 
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: one intra-op thread
 
 
 # ---- an independent re-implementation of the authors' potential, with their module names ----

@@ -25,15 +25,7 @@ TINY = ["--dataset", "fake", "--image-size", "8", "--fake-size", "32", "--batch-
         "--threads", "1"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread for these tiny networks: on a shared 2-core machine, two OpenMP threads
-    spin-waiting on each other made a tiny double backward ~100x slower (7 s vs 0.05 s) in our
-    measurements."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: one intra-op thread
 
 
 @pytest.fixture(scope="module")

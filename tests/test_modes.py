@@ -31,14 +31,7 @@ EM = ["--dataset", "fake", "--image-size", "8", "--fake-size", "32", "--batch-si
       "--threads", "1"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two spinning OpenMP threads make these tiny
-    networks many times slower. Restored after each test (main() sets --threads 1 itself)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: one intra-op thread
 
 
 @pytest.fixture(scope="module")

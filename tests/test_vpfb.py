@@ -18,14 +18,7 @@ import vpfb
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tiny nets run on ONE thread: on a shared, busy 2-core machine two spinning OpenMP threads made
-    a training step of the test U-Net ~50x slower (26 ms vs 1.9 s). Restored after each test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: one intra-op thread
 
 
 # ----------------------------------------------------------------------------- helpers
