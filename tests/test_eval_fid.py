@@ -96,6 +96,23 @@ def test_frechet_rejects_mismatched_or_nan_stats():
         E.frechet_distance(np.full(2, np.nan), np.eye(2), np.zeros(2), np.eye(2))
 
 
+def test_frechet_of_a_set_with_itself_is_zero_never_negative():
+    # Round-off made FID(set, set) come out at about -4e-7 here (N = 50 < D = 64: the square roots
+    # of Sigma's round-off eigenvalues), printed as "FID -0.0000". It is clamped to +0.0.
+    for seed in range(5):
+        f = np.random.default_rng(seed).standard_normal((50, 64))
+        s = E.stats_from_features(f)
+        d2 = E.frechet_distance(s["mu"], s["sigma"], s["mu"], s["sigma"])
+        assert d2 == 0.0 and np.copysign(1.0, d2) == 1.0 and f"{d2:.4f}" == "0.0000", d2
+    assert np.copysign(1.0, E.frechet_distance([0.0], [[0.0]], [0.0], [[0.0]])) == 1.0   # no -0.0
+
+
+def test_frechet_refuses_a_covariance_that_is_not_psd():
+    # far below round-off: not a number to clamp but broken statistics
+    with pytest.raises(E.FIDError, match="not positive semi-definite"):
+        E.frechet_distance([0.0], [[-1.0]], [0.0], [[0.0]])
+
+
 # --- KID ------------------------------------------------------------------------------------------
 
 def test_kid_matches_torch_fidelity_and_detects_a_shift():
@@ -114,6 +131,23 @@ def test_kid_matches_torch_fidelity_and_detects_a_shift():
     assert abs(same[0]) < 3 * same[1] + 1e-3 < got[0]     # unbiased: ~0 for equal laws, > 0 shifted
     with pytest.raises(E.FIDError, match="subset size"):
         E.kid(x, y, subset_size=1000)
+
+
+def test_kid_refuses_subsets_of_one_or_no_subsets():
+    # m = 1 divided by m (m - 1) = 0 (NaN KID, after the features); no subset gave a NaN mean.
+    # From Python too, and before the network: fid_from_samples checks it with the other inputs.
+    x = np.random.default_rng(3).standard_normal((20, 4))
+    with pytest.raises(E.FIDError, match="KID subset size must be >= 2"):
+        E.kid(x, x, subsets=3, subset_size=1)
+    with pytest.raises(E.FIDError, match="at least 1 subset"):
+        E.kid(x, x, subsets=-1, subset_size=5)
+    imgs = np.random.default_rng(4).integers(0, 256, (20, 8, 8, 3), dtype=np.uint8)
+
+    def net(x):
+        raise AssertionError("the network ran")
+    for subsets, size, msg in [(3, 1, "subset size must be >= 2"), (-2, 5, "at least 1 subset")]:
+        with pytest.raises(E.FIDError, match=msg):
+            E.fid_from_samples(imgs, imgs, net=net, kid_subsets=subsets, kid_subset_size=size)
 
 
 # --- Images in every layout -----------------------------------------------------------------------
@@ -497,6 +531,23 @@ def inputs(tmp_path, monkeypatch):
     feats = rng.standard_normal((3, 12))
     E.save_stats("stats3.npz", E.stats_from_features(feats, "three"))       # features of 3 images
     np.savez("musig.npz", mu=feats.mean(0), sigma=np.cov(feats, rowvar=False))
+    # inputs FID cannot use (round 3): one image, mixed sizes, unreadable, 16-bit, bad stats
+    np.savez("one.npz", images=rng.integers(0, 256, (1, 8, 8, 3), dtype=np.uint8))
+    for name, arrays, ext in [
+            ("one_img", [np.zeros((8, 8, 3), np.uint8)], "png"),
+            ("mixed", [np.zeros((8, 8, 3), np.uint8)] * 2 + [np.zeros((8, 9, 3), np.uint8)], "png"),
+            ("deep", [np.arange(64, dtype=np.uint16).reshape(8, 8) * 900] * 2, "png"),  # I;16
+            ("junk", [np.zeros((8, 8, 3), np.uint8)] * 2, "png"),
+            ("cut", [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)] * 3, "jpg")]:
+        os.mkdir(name)
+        for i, a in enumerate(arrays):
+            Image.fromarray(a).save(f"{name}/{i}.{ext}")
+    with open("junk/2.png", "wb") as f:                    # an image name, but not an image
+        f.write(b"not an image")
+    with open("cut/2.jpg", "r+b") as f:           # a truncated JPEG: its header opens, it does not
+        f.truncate(os.path.getsize("cut/2.jpg") * 2 // 3)                             # decode
+    np.savez("stats1.npz", mu=np.zeros(12), sigma=np.eye(12), count=1)
+    np.savez("nanstats.npz", mu=np.zeros(12), sigma=np.full((12, 12), np.nan), count=5)
     built = []
     real = E.build_inception
     monkeypatch.setattr(E, "build_inception", lambda *a, **k: built.append(a) or real(*a, **k))
@@ -530,6 +581,21 @@ def inputs(tmp_path, monkeypatch):
      "cannot read text.npz: not a .npz (zip) file; expected a .npz with key 'images'"),
     (["good.npz", "--ref", "text.npz"], "not a .npz (zip) file"),
     (["text.npz"], "or an image folder"),
+    # round 3: every samples / reference input has N >= 2, one size, readable 8-bit images
+    (["one.npz", "--ref", "six.npz"], "one.npz has only 1 image; FID needs at least 2"),
+    (["six.npz", "--ref", "one.npz"], "--ref one.npz has only 1 image"),
+    (["one_img", "--ref", "six.npz"], "one_img has only 1 image"),
+    (["ref-stats", "--ref", "one_img", "--out", "s.npz"], "--ref one_img has only 1 image"),
+    (["mixed", "--ref", "six.npz"],
+     "mixed: images differ in size (mixed/0.png: 8x8, mixed/2.png: 9x8)"),
+    (["six.npz", "--ref", "mixed"], "--ref mixed: images differ in size"),
+    (["ref-stats", "--ref", "mixed", "--out", "s.npz"], "--ref mixed: images differ in size"),
+    (["junk", "--ref", "six.npz"], "junk: cannot read image junk/2.png (UnidentifiedImageError"),
+    (["six.npz", "--ref", "cut"], "--ref cut: cannot read image cut/2.jpg (OSError: image file is "
+                                  "truncated"),
+    (["deep", "--ref", "six.npz"], "deep: deep/0.png has mode I;16, not 8-bit"),
+    (["six.npz", "--ref", "stats1.npz"], "stats1.npz: statistics of 1 image(s); FID needs"),
+    (["six.npz", "--ref", "nanstats.npz"], "nanstats.npz: mu or sigma contains NaN or inf"),
 ])
 def test_cli_checks_inputs_and_outputs_before_the_network(inputs, offline, capsys, args, msg):
     # Offline, without --weights: each input error is named as such (not as a failed weight
@@ -568,6 +634,16 @@ def test_cli_valid_kid_run_passes_the_early_checks(inputs, capsys, monkeypatch):
     assert abs(res["fid"]) < 1e-6 and res["num_samples"] == res["ref_count"] == 6
     assert "kid_mean" in res
     assert not os.path.exists("out/fid.json.tmp")
+    # a folder of 8-bit images in any PIL mode (all become RGB) passes, and the samples (8x8) and
+    # the reference (12x12) may differ in size: the network resizes each to 299x299
+    from PIL import Image
+    os.mkdir("modes")
+    rng = np.random.default_rng(12)
+    for i, mode in enumerate(["L", "RGB", "RGBA", "P", "1"]):
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).convert(mode).save(
+            f"modes/{i}.png")
+    E.main(["six.npz", "--ref", "modes", "--no-progress", "--device", "cpu"])
+    assert capsys.readouterr().out.startswith("FID ")
 
 
 def test_cli_seed_draws_the_kid_subsets(tmp_path, capsys, monkeypatch):
@@ -596,6 +672,58 @@ def test_cli_seed_draws_the_kid_subsets(tmp_path, capsys, monkeypatch):
     for bad in ("-1", "x", str(2 ** 32)):
         code, _, err = run_main([str(tmp_path / "a.npz"), "--seed", bad], capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1 and "--seed" in err
+
+
+def test_cli_number_flags_refuse_nan_inf_and_out_of_range(inputs, capsys, monkeypatch):
+    # every int and float flag of every subcommand: NaN, inf, a non-number or a value out of its
+    # range is one line naming the flag, exit code 2, and nothing runs (no network, no selfcheck)
+    ran = []
+    monkeypatch.setattr(E, "selfcheck", lambda *a, **k: ran.append("selfcheck") or {})
+    monkeypatch.setattr(E, "load_fid_helper_net", lambda *a, **k: ran.append("fid-helper"))
+    ref = ["ref-stats", "--ref", "six.npz", "--out", "s.npz"]
+    cases = [(["selfcheck", "--tol", "nan"], "--tol must be a finite number in [0, 1], got 'nan'"),
+             (["selfcheck", "--tol", "inf"], "--tol must be a finite number"),
+             (["selfcheck", "--tol=-inf"], "--tol must be a finite number"),
+             (["selfcheck", "--tol", "-0.001"], "--tol must be in [0, 1], got -0.001"),
+             (["selfcheck", "--tol", "2"], "--tol must be in [0, 1], got 2"),
+             (["selfcheck", "--tol", "x"], "--tol must be a number in [0, 1], got 'x'"),
+             (["selfcheck", "--num-images", "0"], "--num-images must be >= 1, got 0"),
+             (["selfcheck", "--num-images", "inf"], "--num-images must be an integer >= 1"),
+             (["good.npz", "--batch-size", "nan"], "--batch-size must be an integer >= 1"),
+             (["good.npz", "--batch-size", "-3"], "--batch-size must be >= 1, got -3"),
+             (["good.npz", "--kid", "--kid-subsets", "0"], "--kid-subsets must be >= 1, got 0"),
+             (["good.npz", "--kid", "--kid-subsets", "inf"], "--kid-subsets must be an integer"),
+             (["good.npz", "--kid", "--kid-subset-size", "1"],
+              "--kid-subset-size must be >= 2, got 1"),
+             (["good.npz", "--num-samples", "nan"], "--num-samples must be an integer >= 2"),
+             (["good.npz", "--num-samples", "2.5"], "--num-samples must be an integer >= 2"),
+             (["good.npz", "--seed", "nan"], "--seed must be an integer, got 'nan'"),
+             (ref + ["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+             (ref + ["--batch-size", "1e3"], "--batch-size must be an integer >= 1, got '1e3'")]
+    for args, msg in cases:
+        code, out, err = run_main(args, capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and out == "" and len(lines) == 1, (args, err)
+        assert lines[0].startswith("error: ") and msg in lines[0], (args, lines[0])
+    assert inputs == [] and ran == [] and not os.path.exists("s.npz")
+    assert E.build_parser("selfcheck").parse_args(["--tol", "0"]).tol == 0.0      # ends allowed
+    args = E.build_parser().parse_args(["a.npz", "--kid-subset-size", "2", "--num-samples", "2"])
+    assert (args.kid_subset_size, args.num_samples, args.batch_size) == (2, 2, 200)
+
+
+def test_cli_never_prints_minus_zero(inputs, capsys, monkeypatch):
+    # a set against itself prints "FID 0.0000" (it printed -0.0000), and a KID that rounds to zero
+    # prints 0.000000 (the unbiased KID may be slightly negative: kept so in --json, not clamped)
+    monkeypatch.setattr(E, "build_inception",
+                        lambda weights=None, device="cpu", isc=False: TinyNet())
+    monkeypatch.setattr(E, "kid", lambda *a, **k: (-4e-9, 1e-9))
+    E.main(["six.npz", "--ref", "six.npz", "--kid", "--kid-subset-size", "6", "--no-progress",
+            "--json", "fid.json"])
+    out = capsys.readouterr().out
+    assert out.startswith("FID 0.0000 | KID 0.000000 +- 0.000000 | 6 samples"), out
+    res = json.load(open("fid.json"))
+    assert res["fid"] >= 0 and np.copysign(1.0, res["fid"]) == 1.0 and res["kid_mean"] == -4e-9
+    assert E.fmt(-0.00004, 4) == "0.0000" and E.fmt(-0.00006, 4) == "-0.0001"
 
 
 @pytest.mark.parametrize("offset,verdict", [(0.0, "PASS"), (1e-2, "FAIL"), (float("nan"), "FAIL")])
