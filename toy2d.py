@@ -5,6 +5,7 @@
     python toy2d.py --method em --recipe authors  # the EM authors' own 2-D run (their notebook)
     python toy2d.py --method vpfb                 # VPFB, standard Gaussian -> two moons
     python toy2d.py --method vpfb --autonomous    # VPFB with a time-independent Phi(x)
+    python toy2d.py --method vpfb --vpfb-recipe paper   # VPFB's Eq. (27) as printed (default: ours)
     python toy2d.py --method otcfm                # baseline: OT conditional flow matching
     python toy2d.py --method cd                   # baseline: an EBM trained by contrastive div.
     python toy2d.py --method all                  # all of the above, then a markdown table
@@ -18,11 +19,13 @@ Homotopy Matching" (VPFB, arXiv:2504.16262, code https://github.com/ljun0004/VAP
 
 The EM and VPFB losses and samplers are NOT written here: they are imported from energy_matching.py
 and vpfb.py, the same code the image pipelines run. This file holds what is specific to 2-D: toy
-data, a small MLP, the two baselines of the EM paper's Figure 1, the metrics and the plots. Every
-method gets the same number of optimiser steps (--steps), so W2 at equal steps compares like with
-like. `--recipe ours` (default) is sized for well under a minute per method on a laptop CPU; how its
-EM values were chosen, and what each method scores, is in README. `--recipe authors` is the EM
-authors' 2-D notebook: their sizes, chain clock, sigma, flow weighting and path-length sampler.
+data, a small MLP, the two baselines of the EM paper's Figure 1, the metrics and the plots, in that
+order (sections 1-7); the experiment, arguments and main() come last (8-9). Every method gets the
+same number of optimiser steps (--steps), so W2 at equal steps compares like with like.
+`--recipe ours` (default) is sized for a laptop CPU; how its EM values were chosen, and what each
+method scores, is in README. `--recipe authors` is the EM authors' 2-D notebook: their sizes, chain
+clock, sigma, flow weighting and path-length sampler. `--vpfb-recipe ours|paper|authors` picks
+VPFB's loss: vpfb.OURS (default), the bare vpfb.VPFB (Eq. 27 as printed) or vpfb.AUTHORS.
 
 Outputs in runs/<method>_<source>_<target>/ :
     trajectories.png  start (black), paths (green, a few red), end (blue): EM Fig. 1, VPFB Fig. 1
@@ -39,6 +42,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 
@@ -49,238 +53,13 @@ import torch.nn as nn
 import energy_matching as em
 import vpfb
 
-def die(msg):
-    """Bad input: one clear line on stderr, exit code 2, no traceback."""
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-# ==================================================================================================
-# === 1. Arguments ===
-# ==================================================================================================
-METHODS = ["em", "vpfb", "otcfm", "cd", "all"]
+# ==== 1. Data ====
 SOURCES = ["auto", "gauss", "8gauss"]
 TARGETS = ["moons", "8gauss", "circles", "checkerboard"]
 # The source each paper uses: the EM paper (and its Fig. 1 baselines) starts from 8 Gaussians,
 # the VPFB paper from a standard Gaussian (its Boltzmann energy, Eq. 22, assumes a Gaussian prior).
 DEFAULT_SOURCE = {"em": "8gauss", "otcfm": "8gauss", "cd": "8gauss", "vpfb": "gauss"}
-AUTHORS_BATCH = 1024    # the EM authors' notebook samples 1024 points; its path length is of them
 
-# `--recipe authors`: the EM authors' 2-D run, read from the notebook and utils_2D.py under
-# experiments/toy2d of https://github.com/m1balcerak/EnergyMatching. Sampler: Euler until the
-# path length reaches 500 (tau_s = 5 is only the cap). Flags on the command line win over these.
-RECIPES = {
-    "ours": {},
-    "authors": dict(steps=22000, cd_share=2000 / 22000, batch_size=128, lr=1e-4, hidden=256,
-                    depth=4, first_act="relu", n_langevin=200, chain_dt=0.01, chain_clock="authors",
-                    lambda_cd=2.0, tau_star=0.8, eps_max=0.15, cd_trim=0.0, cd_neg_clamp=0.0,
-                    flow_weighting=True, sigma=0.1, fresh_cd_batch=True, em_sampler="euler",
-                    dt=0.01, max_length=500.0, tau_s=5.0),
-}
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints the usage and a line: we promise exactly one line
-        die(message)
-
-def build_parser():
-    p = Parser(description="2-D laboratory for Energy Matching, VPFB and two baselines "
-                           "(OT-CFM, CD-EBM).",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("experiment")
-    g.add_argument("--method", default="em", choices=METHODS,
-                   help="em = Energy Matching, vpfb = Variational Potential Flow Bayes, otcfm = OT "
-                        "conditional flow matching baseline, cd = contrastive-divergence EBM "
-                        "baseline, all = every method and a markdown table")
-    g.add_argument("--recipe", default="ours", choices=sorted(RECIPES),
-                   help="ours = sized for a laptop CPU (values below); authors = the EM authors' "
-                        "2-D notebook run (22000 steps, MLP 256x4, 200-step chains on their clock, "
-                        "sigma 0.1, flow weighting, Euler sampler stopped by path length 500); "
-                        "explicit flags override the recipe")
-    g.add_argument("--source", default="auto", choices=SOURCES,
-                   help="noise distribution; auto = the paper's choice (8gauss for em/otcfm/cd, "
-                        "gauss for vpfb)")
-    g.add_argument("--target", default="moons", choices=TARGETS, help="data distribution")
-    g.add_argument("--steps", type=int, default=3000,
-                   help="total optimiser steps, the same for every method (EM: warm-up + CD phase)")
-    g.add_argument("--steps-cd", type=int, default=None,
-                   help="EM only: phase-2 (flow + CD) steps, counted inside --steps; "
-                        "default a share of --steps (ours 1/10, authors 2000 of 22000)")
-    g.add_argument("--batch-size", type=int, default=256, help="batch size")
-    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    g.add_argument("--hidden", type=int, default=128, help="MLP width")
-    g.add_argument("--depth", type=int, default=3, help="number of hidden layers of the MLP")
-    g.add_argument("--first-act", default="silu", choices=["silu", "relu"],
-                   help="activation after the first layer (the EM authors' 2-D MLP: relu, then "
-                        "silu)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (torch, numpy, data streams)")
-    g.add_argument("--device", default="auto",
-                   help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
-    g.add_argument("--out-dir", default=None,
-                   help="output folder; default runs/<method>_<source>_<target> (with --method "
-                        "all: one sub-folder per method under it, default runs/)")
-    g.add_argument("--n-eval", type=int, default=2000,
-                   help="generated and held-out target points for the metrics")
-    g.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads; 1 is as fast as 2 for these tiny MLPs and steadier on "
-                        "a busy machine")
-    g.add_argument("--log-every", type=int, default=0,
-                   help="progress line every N steps (0 = about 10 lines)")
-    g.add_argument("--no-plots", action="store_true", help="skip the PNGs (metrics only)")
-
-    g = p.add_argument_group("Energy Matching (passed to energy_matching.EnergyMatching)")
-    g.add_argument("--tau-star", type=float, default=0.8,
-                   help="tau*, Eq. (3): temperature is 0 before it")
-    g.add_argument("--eps-max", type=float, default=0.15,
-                   help="eps_max, Eq. (3): equilibrium temperature; also the CD baseline's "
-                        "Langevin temperature")
-    g.add_argument("--lambda-cd", type=float, default=0.5,
-                   help="weight of L_CD in phase 2 (Alg. 2, line 16)")
-    g.add_argument("--n-langevin", type=int, default=50,
-                   help="Langevin steps per negative chain in phase 2; also the CD baseline's "
-                        "chain (training and sampling)")
-    g.add_argument("--dt", type=float, default=0.01, help="EM sampler step size Delta t")
-    g.add_argument("--tau-s", type=float, default=1.25,
-                   help="EM sampling time tau_s: round(tau_s/dt) steps (with --max-length: the "
-                        "cap)")
-    g.add_argument("--chain-dt", type=float, default=0.03,
-                   help="step of the phase-2 Langevin negative chains and of the CD baseline's "
-                        "chains (0 = use --dt)")
-    g.add_argument("--chain-clock", default="alg2", choices=["alg2", "authors"],
-                   help="chain time t of Langevin step m, read by eps(t) for the noise-started "
-                        "negatives: alg2 = m * chain_dt (Alg. 2); authors = (m + 1) / n_langevin "
-                        "(their 2-D code: eps > 0 only in the chain's last (1 - tau*) share)")
-    g.add_argument("--fresh-cd-batch", action=argparse.BooleanOptionalAction, default=False,
-                   help="EM phase 2: CD positives and data-started negatives from a fresh data "
-                        "batch, not the flow batch (the authors' 2-D code)")
-    g.add_argument("--cd-trim", type=float, default=0.0,
-                   help="EM: fraction of highest negative energies dropped (authors' CIFAR code "
-                        "0.1, 2-D code 0)")
-    g.add_argument("--cd-neg-clamp", type=float, default=0.0,
-                   help="EM: lambda*CD clamped below at -this (0 = none, as the authors' 2-D code)")
-    g.add_argument("--flow-weighting", action=argparse.BooleanOptionalAction, default=False,
-                   help="EM phase 2: flow loss weighted by w(t) = 1 before tau*, linear to 0 at "
-                        "t = 1 (authors' 2-D code; not in the paper)")
-    g.add_argument("--em-sampler", default="heun", choices=["heun", "euler"],
-                   help="EM sampler scheme (the authors' 2-D notebook: euler)")
-    g.add_argument("--max-length", type=float, default=0.0,
-                   help="EM: stop the sampler once the summed step length ||dx|| (Frobenius, over "
-                        f"the first {AUTHORS_BATCH} chains) passes this, as the authors' notebook "
-                        "(500); 0 = run to tau_s")
-
-    g = p.add_argument_group("VPFB (passed to vpfb.VPFB)")
-    g.add_argument("--autonomous", action="store_true",
-                   help="time-independent potential Phi(x) (VPFB Sec. 4.2)")
-    g.add_argument("--kappa", type=float, default=None,
-                   help="kappa in w(t) = (1 - t)^kappa, Eq. (27); default: vpfb.VPFB's")
-    g.add_argument("--t-end", type=float, default=None,
-                   help="t ~ U(0, t_end), Eq. (26); default: vpfb.VPFB's")
-    g.add_argument("--t-max", type=float, default=None,
-                   help="stationarity cutoff: t is clamped to t_max beyond it (Sec. 3.5); "
-                        "default: vpfb.VPFB's")
-    g.add_argument("--eta", type=float, default=None,
-                   help="Poincare weight eta, Eq. (27); default: vpfb.VPFB's")
-    g.add_argument("--cov-form", default=None, choices=["stein", "cov", "corr"],
-                   help="VPFB's covariance term of Eq. (27): stein (by parts, low variance), cov "
-                        "(as printed), corr (authors'); default: vpfb.VPFB's")
-    g.add_argument("--t-inf", type=float, default=None,
-                   help="time at which the Boltzmann energy Phi_B (Eq. 22) is read off; default "
-                        "t_max = 1 - 1e-5, where 1/g^2 = 5e4 magnifies the network's error "
-                        "(try 0.95)")
-    g.add_argument("--ode-method", default="euler", choices=["euler", "rk45"],
-                   help="VPFB ODE solver for dx/dt = grad Phi (the VPFB 2-D figure uses Euler)")
-    g.add_argument("--ode-steps", type=int, default=150,
-                   help="sampler steps of VPFB (Euler) and OT-CFM (ODE)")
-    g.add_argument("--langevin-steps", type=int, default=300,
-                   help="VPFB: Langevin steps on Phi_B for the Boltzmann samples of Fig. 2 "
-                        "(0 = skip)")
-    g.add_argument("--langevin-step-size", type=float, default=0.01,
-                   help="VPFB: Langevin step size")
-    g.add_argument("--langevin-temp", type=float, default=1.0, help="VPFB: Langevin temperature")
-
-    g = p.add_argument_group("baselines and the OT path")
-    g.add_argument("--sigma", type=float, default=None,
-                   help="std of the Gaussian tube around the straight path x_t (OT-CFM's sigma); "
-                        "default: 0.1 for OT-CFM (Tong et al.), 0 for EM (Alg. 1); the EM "
-                        "authors' 2-D notebook uses 0.1 in its OT matcher (--recipe authors)")
-    g.add_argument("--cfm-solver", default="heun", choices=["heun", "euler"],
-                   help="OT-CFM ODE scheme")
-    g.add_argument("--cd-reg", type=float, default=0.1,
-                   help="CD-EBM: weight of the energy-magnitude regulariser E(x+)^2 + E(x-)^2 "
-                        "(Du & Mordatch)")
-
-    g = p.add_argument_group("metrics")
-    g.add_argument("--grid-lim", type=float, default=7.0,
-                   help="density grid is [-L, L]^2; held-out points outside it are counted and "
-                        "left out of NLL")
-    g.add_argument("--grid-n", type=int, default=200, help="density grid cells per axis")
-    g.add_argument("--mmd-bandwidths", default="0.1,0.5,1,2",
-                   help="RBF bandwidths sigma for MMD^2 (kernel = sum of exp(-|x-y|^2 / "
-                        "(2 sigma^2)))")
-    p.set_defaults(cd_share=0.1)          # phase-2 share of --steps when --steps-cd is not given
-    return p
-
-def parse_args(argv=None):
-    """Parse twice: the recipe's values become the defaults, so explicit flags still win."""
-    p = build_parser()
-    recipe = p.parse_known_args(argv)[0].recipe
-    p.set_defaults(**RECIPES[recipe])
-    return check_args(p.parse_args(argv))
-
-def check_args(a):
-    if a.steps < 0:
-        die(f"--steps must be >= 0, got {a.steps}")
-    if a.steps_cd is not None and a.steps_cd < 0:
-        die(f"--steps-cd must be >= 0, got {a.steps_cd}")
-    if a.steps_cd is not None and a.steps_cd > a.steps:
-        die(f"--steps-cd ({a.steps_cd}) cannot exceed --steps ({a.steps}); it counts inside "
-            "the total")
-    for name in ["batch_size", "hidden", "depth", "n_eval", "grid_n"]:
-        if getattr(a, name) <= 0:
-            die(f"--{name.replace('_', '-')} must be > 0, got {getattr(a, name)}")
-    if a.batch_size < 2:
-        die("--batch-size must be >= 2 (half the CD negatives start at data, half at noise)")
-    for name in ["n_langevin", "langevin_steps", "log_every"]:
-        if getattr(a, name) < 0:
-            die(f"--{name.replace('_', '-')} must be >= 0, got {getattr(a, name)}")
-    if a.ode_steps <= 0:
-        die(f"--ode-steps must be > 0, got {a.ode_steps}")
-    if a.threads <= 0:
-        die(f"--threads must be > 0, got {a.threads}")
-    if not (a.chain_dt >= 0 and 0 <= a.cd_trim < 1 and a.cd_neg_clamp >= 0):
-        die("--chain-dt and --cd-neg-clamp must be >= 0 and --cd-trim in [0, 1)")
-    if not a.max_length >= 0 or (a.sigma is not None and not a.sigma >= 0):
-        die("--max-length and --sigma must be >= 0")
-    for name in ["lr", "dt", "tau_s", "eps_max", "grid_lim"]:
-        if not getattr(a, name) > 0:
-            die(f"--{name.replace('_', '-')} must be > 0, got {getattr(a, name)}")
-    for name in ["t_max", "t_inf"]:
-        v = getattr(a, name)
-        if v is not None and not 0 < v < 1:
-            die(f"--{name.replace('_', '-')} must be in (0, 1), got {v}")
-    try:
-        a.bandwidths = [float(s) for s in a.mmd_bandwidths.split(",") if s.strip()]
-        assert a.bandwidths and all(b > 0 for b in a.bandwidths)
-    except (ValueError, AssertionError):
-        die("--mmd-bandwidths must be a comma-separated list of positive numbers, "
-            f"got {a.mmd_bandwidths!r}")
-    if a.device == "auto":
-        a.device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(a.device)
-    except RuntimeError:
-        die(f"unknown --device {a.device!r} (use auto, cpu or cuda)")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        die(f"--device {a.device} asked for, but CUDA is not available here (use --device cpu)")
-    return a
-
-def method_sigma(a):
-    """The OT path's sigma for this method: --sigma, else OT-CFM's usual 0.1 and EM's Alg. 1 (0)."""
-    if a.sigma is not None:
-        return a.sigma
-    return 0.1 if a.method == "otcfm" else 0.0
-
-# ==================================================================================================
-# === 2. Data ===
-# ==================================================================================================
 # Infinite toy distributions. Each call draws fresh i.i.d. points from a torch.Generator, so the
 # training stream and the held-out set (another generator, another seed) never share a point.
 
@@ -330,9 +109,7 @@ def sample_data(name, n, gen):
         return sample_checkerboard(n, gen)
     die(f"unknown dataset {name!r} (choose from gauss, {', '.join(TARGETS)})")
 
-# ==================================================================================================
-# === 3. Networks ===
-# ==================================================================================================
+# ==== 2. Network ====
 class MLP(nn.Module):
     """A plain MLP on R^2 (optionally with the time t as one more input).
 
@@ -370,15 +147,21 @@ class MLP(nn.Module):
 def build_mlp(a, time=False, out_dim=1):
     return MLP(2, a.hidden, a.depth, time=time, out_dim=out_dim, first_act=a.first_act)
 
-# ==================================================================================================
-# === 4. Methods ===
-# ==================================================================================================
+# ==== 3. Methods ====
 # Every method is wrapped in one small object with the same face:
 #   .net                         the trained network
 #   .loss(x1, x0, step)          -> (loss, dict of floats)   x1 = target batch, x0 = source batch
 #   .sample(x0)                  -> (samples, trajectory (K+1, B, 2))
 #   .log_density(x)              -> unnormalised log p(x) of the model's Boltzmann density, or None
 # EM and VPFB only forward to the imported classes; the two baselines are written out here.
+
+AUTHORS_BATCH = 1024    # the EM authors' notebook samples 1024 points; its path length is of them
+
+def method_sigma(a):
+    """The OT path's sigma for this method: --sigma, else OT-CFM's usual 0.1 and EM's Alg. 1 (0)."""
+    if a.sigma is not None:
+        return a.sigma
+    return 0.1 if a.method == "otcfm" else 0.0
 
 def path_length_stop(traj, max_length, n=AUTHORS_BATCH):
     """Number of steps K after which the summed step length first reaches max_length.
@@ -404,11 +187,14 @@ class EMToy:
         # should pass t = 1 for noise-started negatives to reach the data), or the authors' 2-D
         # clock t = (m + 1) / n, which spans [0, 1] whatever the step size.
         clock = (lambda m: (m + 1) / n) if a.chain_clock == "authors" else None
-        self.model = em.EnergyMatching(self.net, tau_star=a.tau_star, eps_max=a.eps_max,
-                                       lambda_cd=a.lambda_cd, n_langevin=n, dt=a.chain_dt or a.dt,
-                                       cd_trim=a.cd_trim, cd_neg_clamp=a.cd_neg_clamp,
-                                       flow_weighting=a.flow_weighting, chain_clock=clock,
-                                       ot_sigma=method_sigma(a))
+        # Every keyword is spelled out, as EnergyMatching(V) alone is the paper's CIFAR-10 setting.
+        # flow_reduction "mean": ||.||^2 averaged over the 2 coordinates (the authors' 2-D code).
+        self.model = em.EnergyMatching(
+            self.net, tau_star=a.tau_star, eps_max=a.eps_max, lambda_cd=a.lambda_cd,
+            n_langevin=n, dt=a.chain_dt or a.dt, cd_neg_clamp=a.cd_neg_clamp, cd_trim=a.cd_trim,
+            neg_data_frac=0.5, flow_reduction="mean", tau_s=a.tau_s, clamp_negatives=None,
+            use_ot=True, flow_weighting=a.flow_weighting, same_temperature=False,
+            chain_clock=clock, ot_sigma=method_sigma(a))
         # the phase-2 noise-started negatives start at source points from their own stream
         self.gen_cd = torch.Generator().manual_seed(a.seed + 40_000)
         self.steps_cd = round(a.steps * a.cd_share) if a.steps_cd is None else a.steps_cd
@@ -434,7 +220,7 @@ class EMToy:
         # dx = -grad V dt + sqrt(2 eps(t)) dW from t = 0 (Eq. 3 for eps), Heun or Euler-Maruyama,
         # up to tau_s, or (--max-length) until the path length of the authors' notebook is reached
         a = self.a
-        x, traj = self.model.sample(x0, tau_s=a.tau_s, dt=a.dt, method=a.em_sampler,
+        x, traj = self.model.sample(x0, tau_s=a.tau_s, dt=a.dt, solver=a.em_sampler,
                                     return_traj=True)
         if a.max_length > 0:
             self.last_stop = path_length_stop(traj, a.max_length)
@@ -446,29 +232,36 @@ class EMToy:
     def log_density(self, x):
         return -self.net(x) / self.a.eps_max  # Eq. (6): rho_eq ∝ exp(-V / eps_max)
 
+# --vpfb-recipe: vpfb.VPFB(phi) alone is Eq. (27) as printed; OURS is our variant (the by-parts
+# covariance "stein", w(t) on E||grad Phi||^2, kappa 1, lam_gt 0.01); AUTHORS their code.
+VPFB_PRESETS = {"ours": vpfb.OURS, "paper": {}, "authors": vpfb.AUTHORS}
+
 class VPFBToy:
     """VPFB (imported): Eq. (27) loss; samples follow dx/dt = +grad Phi (Eq. 13); Boltzmann energy
     Phi_B (Eq. 22)."""
     name = "vpfb"
     has_density = True
-    KNOBS = ("kappa", "t_end", "t_max", "eta", "t_inf", "cov_form")
+    KNOBS = ("kappa", "t_end", "t_max", "eta", "t_inf", "cov_form")     # flags of this file
+    HPARAMS = KNOBS + ("lam_cos", "lam_gx", "lam_gt", "cos_form", "weight_on", "grad_norm",
+                       "bfactor")
 
     def __init__(self, a):
         self.net = build_mlp(a, time=not a.autonomous)
-        # knobs left at None keep vpfb.VPFB's own defaults; the values used are recorded
-        kw = {k: getattr(a, k) for k in self.KNOBS if getattr(a, k) is not None}
-        self.model = vpfb.VPFB(self.net, autonomous=a.autonomous, **kw)
+        # the preset, then the knobs typed on the command line (None = not typed: the preset's)
+        knobs = {k: getattr(a, k) for k in self.KNOBS if getattr(a, k) is not None}
+        self.preset = dict(VPFB_PRESETS[a.vpfb_recipe])
+        self.model = vpfb.VPFB(self.net, autonomous=a.autonomous, **{**self.preset, **knobs})
         self.a = a
 
     def used(self):
-        return {k: getattr(self.model, k) for k in self.KNOBS if hasattr(self.model, k)}
+        return {k: getattr(self.model, k) for k in self.HPARAMS if hasattr(self.model, k)}
 
     def loss(self, x1, x0, step):
         return self.model.loss(x1, eps=x0)  # eps = prior sample; x = t x1 + (1 - t) eps (Prop. 1)
 
     def sample(self, x0):
         # Eq. (13): dx/dt = +grad_x Phi(x, t) from t = 0 to 1
-        return self.model.sample(x0, method=self.a.ode_method, n_steps=self.a.ode_steps,
+        return self.model.sample(x0, solver=self.a.ode_method, n_steps=self.a.ode_steps,
                                  return_traj=True)
 
     def langevin(self, x0):
@@ -573,9 +366,7 @@ class CDEBM:
 def build_method(a):
     return {"em": EMToy, "vpfb": VPFBToy, "otcfm": OTCFM, "cd": CDEBM}[a.method](a)
 
-# ==================================================================================================
-# === 5. Metrics ===
-# ==================================================================================================
+# ==== 4. Metrics ====
 TEMP_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 
 def w2_exact(x, y):
@@ -662,9 +453,7 @@ def sample_from_grid(logp, a, n, gen):
     cell = 2 * a.grid_lim / a.grid_n
     return grid[idx] + (torch.rand(n, 2, generator=gen) - 0.5) * cell
 
-# ==================================================================================================
-# === 6. Training loop ===
-# ==================================================================================================
+# ==== 5. Training loop ====
 def train(method, a, device, gen, log_fn=print):
     """Plain Adam loop on fresh source/target batches; returns (loss history, seconds)."""
     opt = torch.optim.Adam(method.net.parameters(), lr=a.lr)
@@ -696,9 +485,7 @@ def train(method, a, device, gen, log_fn=print):
             t_last, s_last = now, step + 1
     return hist, time.time() - t0
 
-# ==================================================================================================
-# === 7. Checkpointing ===
-# ==================================================================================================
+# ==== 6. Checkpoint ====
 def plain_args(a):
     return {k: v for k, v in vars(a).items()
             if isinstance(v, (str, int, float, bool, type(None), list))}
@@ -714,9 +501,7 @@ def save_checkpoint(path, method, a, step):
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
 
-# ==================================================================================================
-# === 8. Plots ===
-# ==================================================================================================
+# ==== 7. Plots ====
 def _plt():
     import matplotlib
     matplotlib.use("Agg")
@@ -836,19 +621,7 @@ def plot_loss(path, hist, title, switch=None):
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
-# ==================================================================================================
-# main
-# ==================================================================================================
-def prepare_out_dir(path):
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".write_test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        die(f"cannot write to output folder {path!r}: {e.strerror or e}")
-
+# ==== 8. Experiment: train, evaluate, write ====
 def fmt(v, nd=3):
     """A number for the table and log lines: n/a for None, fixed point, or 1 significant
     exponent for the huge NLLs."""
@@ -868,7 +641,8 @@ def run_one(a, log_fn=print):
     method.net.to(device)
     tag = a.method + ("-autonomous" if a.method == "vpfb" and a.autonomous else "")
     n_par = sum(p.numel() for p in method.net.parameters())
-    log_fn(f"== {tag} (recipe {a.recipe}): {a.source} -> {a.target}, {a.steps} steps, batch "
+    recipe = a.recipe + (f", vpfb recipe {a.vpfb_recipe}" if a.method == "vpfb" else "")
+    log_fn(f"== {tag} (recipe {recipe}): {a.source} -> {a.target}, {a.steps} steps, batch "
            f"{a.batch_size}, MLP {a.hidden}x{a.depth}, {n_par} params, device {device}")
     x_test = sample_data(a.target, a.n_eval, gen_eval).to(device)
     x_ref = sample_data(a.target, a.n_eval, gen_eval).to(device)  # 2nd target sample: W2 floor
@@ -906,6 +680,7 @@ def run_one(a, log_fn=print):
     if a.method in ("em", "otcfm"):
         m["sigma"] = method_sigma(a)
     if a.method == "vpfb":
+        m["vpfb_recipe"], m["vpfb_preset"] = a.vpfb_recipe, method.preset
         m["vpfb_hparams_used"] = method.used()
     nfe = getattr(getattr(method, "model", None), "last_nfe", None)   # VPFB counts grad-Phi calls
     if nfe is not None:
@@ -1007,6 +782,260 @@ def em_vs_baselines(rows):
     r = ems[0]["w2"] / best["w2"]
     return (f"EM W2 {ems[0]['w2']:.3f} / best baseline W2 {best['w2']:.3f} ({best['method']}) = "
             f"{r:.2f} (goal <= 1.5 at equal steps: {'met' if r <= 1.5 else 'NOT met'})")
+
+# ==== 9. Arguments, recipes and main ====
+def die(msg):
+    """Bad input: one clear line on stderr, exit code 2, no traceback."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+METHODS = ["em", "vpfb", "otcfm", "cd", "all"]
+
+# `--recipe authors`: the EM authors' 2-D run, read from the notebook and utils_2D.py under
+# experiments/toy2d of https://github.com/m1balcerak/EnergyMatching. Sampler: Euler until the
+# path length reaches 500 (tau_s = 5 is only the cap). Flags on the command line win over these.
+RECIPES = {
+    "ours": {},
+    "authors": dict(steps=22000, cd_share=2000 / 22000, batch_size=128, lr=1e-4, hidden=256,
+                    depth=4, first_act="relu", n_langevin=200, chain_dt=0.01, chain_clock="authors",
+                    lambda_cd=2.0, tau_star=0.8, eps_max=0.15, cd_trim=0.0, cd_neg_clamp=0.0,
+                    flow_weighting=True, sigma=0.1, fresh_cd_batch=True, em_sampler="euler",
+                    dt=0.01, max_length=500.0, tau_s=5.0),
+}
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints the usage and a line: we promise exactly one line
+        # a number type's "argument --lr: must be ..." reads as check_args does: "--lr must be ..."
+        die(re.sub(r"^argument ([^:]+): must ", r"\1 must ", message))
+
+def _number(ok, what):
+    """An argparse type for a float flag: NaN, inf and values failing `ok` are input errors, caught
+    before any training (a bad --tau-s used to train fully, then fail in the evaluation)."""
+    def parse(s):
+        try:
+            v = float(s)
+        except ValueError:
+            v = math.nan
+        if not (math.isfinite(v) and ok(v)):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {s!r}")
+        return v
+    return parse
+
+pos_float = _number(lambda v: v > 0, "> 0 and finite")
+nonneg_float = _number(lambda v: v >= 0, ">= 0 and finite")
+frac_float = _number(lambda v: 0 <= v <= 1, "in [0, 1]")
+unit_float = _number(lambda v: 0 <= v < 1, "in [0, 1)")
+time_float = _number(lambda v: 0 < v <= 1, "in (0, 1]")
+open_time_float = _number(lambda v: 0 < v < 1, "in (0, 1)")
+
+def build_parser():
+    p = Parser(description="2-D laboratory for Energy Matching, VPFB and two baselines "
+                           "(OT-CFM, CD-EBM).",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("experiment")
+    g.add_argument("--method", default="em", choices=METHODS,
+                   help="em = Energy Matching, vpfb = Variational Potential Flow Bayes, otcfm = OT "
+                        "conditional flow matching baseline, cd = contrastive-divergence EBM "
+                        "baseline, all = every method and a markdown table")
+    g.add_argument("--recipe", default="ours", choices=sorted(RECIPES),
+                   help="ours = sized for a laptop CPU (values below); authors = the EM authors' "
+                        "2-D notebook run (22000 steps, MLP 256x4, 200-step chains on their clock, "
+                        "sigma 0.1, flow weighting, Euler sampler stopped by path length 500); "
+                        "explicit flags override the recipe")
+    g.add_argument("--source", default="auto", choices=SOURCES,
+                   help="noise distribution; auto = the paper's choice (8gauss for em/otcfm/cd, "
+                        "gauss for vpfb)")
+    g.add_argument("--target", default="moons", choices=TARGETS, help="data distribution")
+    g.add_argument("--steps", type=int, default=3000,
+                   help="total optimiser steps, the same for every method (EM: warm-up + CD phase)")
+    g.add_argument("--steps-cd", type=int, default=None,
+                   help="EM only: phase-2 (flow + CD) steps, counted inside --steps; "
+                        "default a share of --steps (ours 1/10, authors 2000 of 22000)")
+    g.add_argument("--batch-size", type=int, default=256, help="batch size")
+    g.add_argument("--lr", type=pos_float, default=1e-3, help="Adam learning rate")
+    g.add_argument("--hidden", type=int, default=128, help="MLP width")
+    g.add_argument("--depth", type=int, default=3, help="number of hidden layers of the MLP")
+    g.add_argument("--first-act", default="silu", choices=["silu", "relu"],
+                   help="activation after the first layer (the EM authors' 2-D MLP: relu, then "
+                        "silu)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (torch, numpy, data streams)")
+    g.add_argument("--device", default="auto",
+                   help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    g.add_argument("--out-dir", default=None,
+                   help="output folder; default runs/<method>_<source>_<target> (with --method "
+                        "all: one sub-folder per method under it, default runs/)")
+    g.add_argument("--n-eval", type=int, default=2000,
+                   help="generated and held-out target points for the metrics (>= 2)")
+    g.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads; 0 = the cores available less the 1-minute load "
+                        "average, at least 1 (1 is as fast as 2 for these tiny MLPs)")
+    g.add_argument("--log-every", type=int, default=0,
+                   help="progress line every N steps (0 = about 10 lines)")
+    g.add_argument("--no-plots", action="store_true", help="skip the PNGs (metrics only)")
+
+    g = p.add_argument_group("Energy Matching (passed to energy_matching.EnergyMatching)")
+    g.add_argument("--tau-star", type=frac_float, default=0.8,
+                   help="tau*, Eq. (3): temperature is 0 before it")
+    g.add_argument("--eps-max", type=pos_float, default=0.15,
+                   help="eps_max, Eq. (3): equilibrium temperature; also the CD baseline's "
+                        "Langevin temperature")
+    g.add_argument("--lambda-cd", type=nonneg_float, default=0.5,
+                   help="weight of L_CD in phase 2 (Alg. 2, line 16)")
+    g.add_argument("--n-langevin", type=int, default=50,
+                   help="Langevin steps per negative chain in phase 2; also the CD baseline's "
+                        "chain (training and sampling)")
+    g.add_argument("--dt", type=pos_float, default=0.01, help="EM sampler step size Delta t")
+    g.add_argument("--tau-s", type=pos_float, default=1.25,
+                   help="EM sampling time tau_s: round(tau_s/dt) steps (with --max-length: the "
+                        "cap)")
+    g.add_argument("--chain-dt", type=nonneg_float, default=0.03,
+                   help="step of the phase-2 Langevin negative chains and of the CD baseline's "
+                        "chains (0 = use --dt)")
+    g.add_argument("--chain-clock", default="alg2", choices=["alg2", "authors"],
+                   help="chain time t of Langevin step m, read by eps(t) for the noise-started "
+                        "negatives: alg2 = m * chain_dt (Alg. 2); authors = (m + 1) / n_langevin "
+                        "(their 2-D code: eps > 0 only in the chain's last (1 - tau*) share)")
+    g.add_argument("--fresh-cd-batch", action=argparse.BooleanOptionalAction, default=False,
+                   help="EM phase 2: CD positives and data-started negatives from a fresh data "
+                        "batch, not the flow batch (the authors' 2-D code)")
+    g.add_argument("--cd-trim", type=unit_float, default=0.0,
+                   help="EM: fraction of highest negative energies dropped (authors' CIFAR code "
+                        "0.1, 2-D code 0)")
+    g.add_argument("--cd-neg-clamp", type=nonneg_float, default=0.0,
+                   help="EM: lambda*CD clamped below at -this (0 = none, as the authors' 2-D code)")
+    g.add_argument("--flow-weighting", action=argparse.BooleanOptionalAction, default=False,
+                   help="EM phase 2: flow loss weighted by w(t) = 1 before tau*, linear to 0 at "
+                        "t = 1 (authors' 2-D code; not in the paper)")
+    g.add_argument("--em-sampler", default="heun", choices=["heun", "euler"],
+                   help="EM sampler scheme (the authors' 2-D notebook: euler)")
+    g.add_argument("--max-length", type=nonneg_float, default=0.0,
+                   help="EM: stop the sampler once the summed step length ||dx|| (Frobenius, over "
+                        f"the first {AUTHORS_BATCH} chains) passes this, as the authors' notebook "
+                        "(500); 0 = run to tau_s")
+
+    g = p.add_argument_group("VPFB (passed to vpfb.VPFB)")
+    g.add_argument("--vpfb-recipe", default="ours", choices=list(VPFB_PRESETS),
+                   help="VPFB's loss preset, under the flags below: ours = vpfb.OURS (by-parts "
+                        "covariance stein, w(t) on E|grad Phi|^2, kappa 1, lam_gt 0.01); paper = "
+                        "vpfb.VPFB as printed (Eq. 27: cov, kappa 2, lam_gt 1); authors = "
+                        "vpfb.AUTHORS (their code's loss)")
+    g.add_argument("--autonomous", action="store_true",
+                   help="time-independent potential Phi(x) (VPFB Sec. 4.2)")
+    g.add_argument("--kappa", type=nonneg_float, default=None,
+                   help="kappa in w(t) = (1 - t)^kappa, Eq. (27); default: the preset's")
+    g.add_argument("--t-end", type=time_float, default=None,
+                   help="t ~ U(0, t_end), Eq. (26); default: the preset's")
+    g.add_argument("--t-max", type=open_time_float, default=None,
+                   help="stationarity cutoff: t is clamped to t_max beyond it (Sec. 3.5); "
+                        "default: the preset's")
+    g.add_argument("--eta", type=nonneg_float, default=None,
+                   help="Poincare weight eta, Eq. (27); default: the preset's")
+    g.add_argument("--cov-form", default=None, choices=["stein", "cov", "corr"],
+                   help="VPFB's covariance term of Eq. (27): stein (by parts, low variance), cov "
+                        "(as printed), corr (authors'); default: the preset's")
+    g.add_argument("--t-inf", type=open_time_float, default=None,
+                   help="time at which the Boltzmann energy Phi_B (Eq. 22) is read off; default "
+                        "t_max = 1 - 1e-5, where 1/g^2 = 5e4 magnifies the network's error "
+                        "(try 0.95)")
+    g.add_argument("--ode-method", default="euler", choices=["euler", "rk45"],
+                   help="VPFB ODE solver for dx/dt = grad Phi (the VPFB 2-D figure uses Euler)")
+    g.add_argument("--ode-steps", type=int, default=150,
+                   help="sampler steps of VPFB (Euler) and OT-CFM (ODE)")
+    g.add_argument("--langevin-steps", type=int, default=300,
+                   help="VPFB: Langevin steps on Phi_B for the Boltzmann samples of Fig. 2 "
+                        "(0 = skip)")
+    g.add_argument("--langevin-step-size", type=pos_float, default=0.01,
+                   help="VPFB: Langevin step size")
+    g.add_argument("--langevin-temp", type=nonneg_float, default=1.0,
+                   help="VPFB: Langevin temperature")
+
+    g = p.add_argument_group("baselines and the OT path")
+    g.add_argument("--sigma", type=nonneg_float, default=None,
+                   help="std of the Gaussian tube around the straight path x_t (OT-CFM's sigma); "
+                        "default: 0.1 for OT-CFM (Tong et al.), 0 for EM (Alg. 1); the EM "
+                        "authors' 2-D notebook uses 0.1 in its OT matcher (--recipe authors)")
+    g.add_argument("--cfm-solver", default="heun", choices=["heun", "euler"],
+                   help="OT-CFM ODE scheme")
+    g.add_argument("--cd-reg", type=nonneg_float, default=0.1,
+                   help="CD-EBM: weight of the energy-magnitude regulariser E(x+)^2 + E(x-)^2 "
+                        "(Du & Mordatch)")
+
+    g = p.add_argument_group("metrics")
+    g.add_argument("--grid-lim", type=pos_float, default=7.0,
+                   help="density grid is [-L, L]^2; held-out points outside it are counted and "
+                        "left out of NLL")
+    g.add_argument("--grid-n", type=int, default=200, help="density grid cells per axis")
+    g.add_argument("--mmd-bandwidths", default="0.1,0.5,1,2",
+                   help="RBF bandwidths sigma for MMD^2 (kernel = sum of exp(-|x-y|^2 / "
+                        "(2 sigma^2)))")
+    p.set_defaults(cd_share=0.1)          # phase-2 share of --steps when --steps-cd is not given
+    return p
+
+def parse_args(argv=None):
+    """Parse twice: the recipe's values become the defaults, so explicit flags still win."""
+    p = build_parser()
+    recipe = p.parse_known_args(argv)[0].recipe
+    p.set_defaults(**RECIPES[recipe])
+    return check_args(p.parse_args(argv))
+
+def check_args(a):
+    if a.steps < 0:
+        die(f"--steps must be >= 0, got {a.steps}")
+    if a.steps_cd is not None and a.steps_cd < 0:
+        die(f"--steps-cd must be >= 0, got {a.steps_cd}")
+    if a.steps_cd is not None and a.steps_cd > a.steps:
+        die(f"--steps-cd ({a.steps_cd}) cannot exceed --steps ({a.steps}); it counts inside "
+            "the total")
+    for name in ["batch_size", "hidden", "depth", "n_eval", "grid_n"]:
+        if getattr(a, name) <= 0:
+            die(f"--{name.replace('_', '-')} must be > 0, got {getattr(a, name)}")
+    if a.batch_size < 2:
+        die("--batch-size must be >= 2 (half the CD negatives start at data, half at noise)")
+    if a.n_eval < 2:
+        die(f"--n-eval must be >= 2 (the unbiased MMD^2 needs two points), got {a.n_eval}")
+    for name in ["n_langevin", "langevin_steps", "log_every"]:
+        if getattr(a, name) < 0:
+            die(f"--{name.replace('_', '-')} must be >= 0, got {getattr(a, name)}")
+    if a.ode_steps <= 0:
+        die(f"--ode-steps must be > 0, got {a.ode_steps}")
+    if a.threads < 0:
+        die(f"--threads must be >= 0 (0 = auto), got {a.threads}")
+    a.threads = pick_threads(a.threads)            # one count for every run of --method all
+    try:
+        a.bandwidths = [float(s) for s in a.mmd_bandwidths.split(",") if s.strip()]
+        assert a.bandwidths and all(math.isfinite(b) and b > 0 for b in a.bandwidths)
+    except (ValueError, AssertionError):
+        die("--mmd-bandwidths must be a comma-separated list of finite numbers > 0, "
+            f"got {a.mmd_bandwidths!r}")
+    if a.device == "auto":
+        a.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(a.device)
+    except RuntimeError:
+        die(f"unknown --device {a.device!r} (use auto, cpu or cuda)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        die(f"--device {a.device} asked for, but CUDA is not available here (use --device cpu)")
+    return a
+
+def pick_threads(n):
+    """--threads 0: the cores this process may use less the 1-minute load average, at least 1 (the
+    rule of energy_matching.pick_threads, which sits below its ENGINEERING divider): on a busy
+    machine, spinning threads made these tiny networks 10-50x slower."""
+    if n:
+        return n
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores or 1, int((cores or 1) - busy + 0.5)))
+
+def prepare_out_dir(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        die(f"cannot write to output folder {path!r}: {e.strerror or e}")
 
 def main(argv=None):
     a = parse_args(argv)

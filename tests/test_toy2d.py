@@ -14,12 +14,13 @@ import pytest
 import torch
 
 import toy2d
+import vpfb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "toy2d.py")
 TINY = ["--hidden", "16", "--depth", "2", "--batch-size", "32", "--n-langevin", "3",
         "--tau-s", "0.1", "--ode-steps", "10", "--n-eval", "200", "--grid-n", "30",
-        "--langevin-steps", "5"]
+        "--langevin-steps", "5", "--threads", "1"]
 
 
 def run_cli(args, **kw):
@@ -146,6 +147,20 @@ def test_otcfm_heun_integrates_a_constant_field_exactly():
     x1, traj = m.sample(x0)
     assert traj.shape == (8, 5, 2)
     assert torch.allclose(x1, x0 + c, atol=1e-6)
+
+
+def test_em_keeps_its_2d_setting_whatever_the_class_defaults():
+    # EnergyMatching(V) alone is the paper's CIFAR-10 setting (tau* 0.9, lambda_CD 2e-4, "sum"
+    # flow reduction, ...): toy2d passes every keyword it relies on, so its README numbers stay.
+    m = toy2d.EMToy(_args(["--method", "em"])).model
+    assert m.flow_reduction == "mean"                             # ||.||^2 / 2, the 2-D code's
+    got = dict(tau_star=m.tau_star, eps_max=m.eps_max, lambda_cd=m.lambda_cd, cd_trim=m.cd_trim,
+               cd_neg_clamp=m.cd_neg_clamp, n_langevin=m.n_langevin, dt=m.dt,
+               neg_data_frac=m.neg_data_frac, flow_weighting=m.flow_weighting, use_ot=m.use_ot,
+               same_temperature=m.same_temperature, ot_sigma=m.ot_sigma)
+    assert got == dict(tau_star=0.8, eps_max=0.15, lambda_cd=0.5, cd_trim=0.0, cd_neg_clamp=0.0,
+                       n_langevin=3, dt=0.03, neg_data_frac=0.5, flow_weighting=False,
+                       use_ot=True, same_temperature=False, ot_sigma=0.0)
 
 
 def test_em_phase2_negatives_start_at_the_source():
@@ -330,6 +345,9 @@ def test_smoke_all_methods_subprocess(tmp_path):
         assert (m["nll"] is None) == (tag == "otcfm")             # OT-CFM: no energy, NLL null
         assert m["nll_flat"] == pytest.approx(math.log(14 ** 2))   # beside every NLL: flat box
         assert (m["nll_untrained"] is None) == (tag == "otcfm")   # and the untrained model
+        if tag.startswith("vpfb"):                                # the VPFB preset is recorded
+            assert m["vpfb_recipe"] == "ours" and m["vpfb_preset"] == vpfb.OURS
+            assert m["vpfb_hparams_used"]["cov_form"] == "stein"
         assert np.load(d / "samples.npy").shape == (200, 2)
         ck = torch.load(d / "model.pt", weights_only=True)
         assert ck["format"] == "toy2d/v1" and ck["step"] == 6
@@ -425,6 +443,22 @@ BAD_INPUT = [
     (["--method", "vpfb", "--t-inf", "1.5"], "--t-inf must be in (0, 1)"),
     (["--recipe", "paper"], "invalid choice"),
     (["--sigma", "-0.1"], "--sigma must be >= 0"),
+    # every float flag is finite and in range, checked by argparse before any training (these
+    # three used to train fully and then fail with a traceback in the evaluation)
+    (["--tau-s", "inf"], "--tau-s must be > 0 and finite, got 'inf'"),
+    (["--grid-lim", "nan"], "--grid-lim must be > 0 and finite, got 'nan'"),
+    (["--lambda-cd", "inf"], "--lambda-cd must be >= 0 and finite, got 'inf'"),
+    (["--lr", "nan"], "--lr must be > 0"),
+    (["--eps-max", "0"], "--eps-max must be > 0"),
+    (["--tau-star", "1.5"], "--tau-star must be in [0, 1]"),
+    (["--cd-trim=-inf"], "--cd-trim must be in [0, 1)"),
+    (["--method", "vpfb", "--kappa", "nan"], "--kappa must be >= 0"),
+    (["--method", "vpfb", "--t-end", "2"], "--t-end must be in (0, 1]"),
+    (["--method", "vpfb", "--langevin-step-size", "inf"], "--langevin-step-size must be > 0"),
+    (["--mmd-bandwidths", "0.5,inf"], "--mmd-bandwidths must be"),
+    (["--n-eval", "1"], "--n-eval must be >= 2"),                 # was MMD^2 nan with exit 0
+    (["--threads", "-1"], "--threads must be >= 0"),
+    (["--method", "vpfb", "--vpfb-recipe", "mine"], "invalid choice"),
 ]
 
 
@@ -454,9 +488,10 @@ def test_bad_input_one_line_exit_2(tmp_path, monkeypatch, capsys, args, needle):
     _check_one_line_error(capsys.readouterr().err, needle)
 
 
-def test_bad_input_one_line_exit_2_subprocess(tmp_path):
+@pytest.mark.parametrize("case", [0, 8])      # a bad choice; a bad float (--tau-s inf)
+def test_bad_input_one_line_exit_2_subprocess(tmp_path, case):
     # One real process: the exit status and stderr of `python toy2d.py` itself.
-    args, needle = BAD_INPUT[0]
+    args, needle = BAD_INPUT[case]
     r = run_cli(_bad_argv(tmp_path, args), timeout=60, cwd=str(tmp_path))
     assert r.returncode == 2
     _check_one_line_error(r.stderr, needle)
@@ -472,6 +507,67 @@ def test_vpfb_t_inf_reaches_the_boltzmann_energy():
     assert not torch.allclose(m.log_density(x), m.model.boltzmann_energy(x, t_inf=m.model.t_max))
 
 
+@pytest.mark.parametrize("recipe, want", [
+    (None, dict(cov_form="stein", kappa=1.0, lam_gt=0.01, weight_on="ritz")),       # default: ours
+    ("ours", dict(cov_form="stein", kappa=1.0, lam_gt=0.01, weight_on="ritz")),
+    ("paper", dict(cov_form="cov", kappa=2.0, lam_gt=1.0, weight_on="cov", bfactor=2.0)),
+    ("authors", dict(cov_form="corr", kappa=2.0, lam_gx=0.5, cos_form="authors", bfactor=4.0)),
+])
+def test_vpfb_recipe_builds_the_preset(recipe, want):
+    # --vpfb-recipe ours = vpfb.OURS (the old defaults, with which README's VPFB rows were made),
+    # paper = the bare vpfb.VPFB (Eq. 27 as printed), authors = vpfb.AUTHORS
+    a = _args(["--method", "vpfb"] + (["--vpfb-recipe", recipe] if recipe else []))
+    m = toy2d.VPFBToy(a)
+    assert {k: getattr(m.model, k) for k in want} == want
+    assert m.preset == {"ours": vpfb.OURS, "paper": {}, "authors": vpfb.AUTHORS}[recipe or "ours"]
+    assert {k: m.used()[k] for k in want} == want                 # what metrics.json records
+
+
+def test_vpfb_flags_override_the_preset():
+    # a knob typed on the command line wins over the preset (no "multiple values" TypeError)
+    m = toy2d.VPFBToy(_args(["--method", "vpfb", "--kappa", "3", "--cov-form", "cov"])).model
+    assert (m.kappa, m.cov_form, m.weight_on, m.lam_gt) == (3.0, "cov", "ritz", 0.01)
+    m = toy2d.VPFBToy(_args(["--method", "vpfb", "--vpfb-recipe", "paper", "--cov-form",
+                             "stein"])).model
+    assert (m.kappa, m.cov_form, m.weight_on) == (2.0, "stein", "cov")
+
+
+# ----------------------------------------------------------------------------------------- threads
+def test_threads_auto_leaves_the_busy_cores_alone(monkeypatch):
+    # --threads 0 (default): the cores available less the 1-minute load, at least 1; a busy 2-core
+    # machine gets 1 thread (spinning OpenMP threads made the tiny MLPs 10-50x slower)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert toy2d.pick_threads(3) == 3
+    monkeypatch.setattr(os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+    assert toy2d.pick_threads(0) == 1
+    assert toy2d.parse_args([]).threads == 1                      # the default is auto
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert toy2d.pick_threads(0) == cores
+    assert toy2d.parse_args(["--threads", "2"]).threads == 2
+
+
+# ------------------------------------------------------------------------------------------ layout
+BANNERS = ["# ==== 1. Data ====", "# ==== 2. Network ====", "# ==== 3. Methods ====",
+           "# ==== 4. Metrics ====", "# ==== 5. Training loop ====", "# ==== 6. Checkpoint ====",
+           "# ==== 7. Plots ====", "# ==== 8. Experiment: train, evaluate, write ====",
+           "# ==== 9. Arguments, recipes and main ===="]
+
+
+def test_reads_method_first():
+    # Like the method files: data, network and the methods first, arguments and main() last
+    with open(SCRIPT, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    at = [lines.index(b) if b in lines else -1 for b in BANNERS]
+    assert -1 not in at and at == sorted(at), at
+    first = {name: next(i for i, s in enumerate(lines) if s.startswith(name))
+             for name in ["def sample_data", "class MLP", "class EMToy", "class VPFBToy",
+                          "class OTCFM", "class CDEBM", "def w2_exact", "def train(",
+                          "def save_checkpoint", "def plot_trajectories", "def run_one",
+                          "def build_parser", "def main"]}
+    assert list(first.values()) == sorted(first.values()), first
+    assert first["class EMToy"] < 200 and first["class EMToy"] > at[2]
+
+
 def test_help_lists_defaults(monkeypatch, capsys):
     # In-process: argparse prints the help and exits 0. COLUMNS=80 is the width a subprocess with
     # piped output gets, so the wrapping (and "default: em" on one line) is the command line's.
@@ -481,6 +577,6 @@ def test_help_lists_defaults(monkeypatch, capsys):
     assert e.value.code in (0, None)
     out = capsys.readouterr().out
     for flag in ["--method", "--steps", "--tau-star", "--eps-max", "--kappa", "--autonomous",
-                 "--n-eval", "--recipe", "--sigma"]:
+                 "--n-eval", "--recipe", "--sigma", "--vpfb-recipe", "--threads"]:
         assert flag in out
     assert "default: em" in out
