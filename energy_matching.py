@@ -6,7 +6,8 @@ One time-independent scalar potential V(x). Samples move along -grad V: an OT-li
 data, then Langevin noise at temperature eps(t) (Eq. 3) near it, so that the end state is the
 Boltzmann density p(x) ∝ exp(-V(x) / eps_max) (Eq. 6). Phase 1 (Alg. 1) fits -grad V(x_t) to
 x1 - x0 on exact minibatch-OT pairs; phase 2 (Alg. 2) adds lambda_CD * contrastive divergence on
-Langevin negatives.
+Langevin negatives. EnergyMatching(V) is the paper as printed; EnergyMatching(V, **AUTHORS) is the
+authors' CIFAR-10 code, the default of the command line (--recipe authors | paper).
 
 How to run (`python energy_matching.py --help` lists every flag with its default):
     python energy_matching.py --dataset cifar10 --phase warmup       # phase 1, Alg. 1
@@ -15,31 +16,17 @@ How to run (`python energy_matching.py --help` lists every flag with its default
     python energy_matching.py --mode inpaint --dataset celeba64      # Alg. 3, with vs without W
     python energy_matching.py --mode lid --dataset mnist             # Hessian LID vs PNG size
     python energy_matching.py --dataset npz --data-dir digits.npz    # any uint8 N x H x W x C array
-    python energy_matching.py --mode sample --ckpt cifar10_main_training_147000.pt --tau-s 3.25
---ckpt also reads the authors' released training files. --recipe authors (default) follows their
-CIFAR-10 code, --recipe paper the paper's App. C; each difference is a flag ("Paper vs code").
 
 Where the maths lives (section 1): Eq. 3 `temperature`; Alg. 1 `EnergyMatching.flow_loss` with
-`ot_pair` (Eq. 2); Alg. 2 `negatives`, `cd_loss`, `loss`; Eq. 6 / Alg. 2 line 8 `langevin`; the
-sampler `sample`; Alg. 3 / Eqs. 7-8 `inverse_langevin`; Sec. 3.3 / App. B `lid_exact`,
-`lid_slq`. Section 2: the networks (Fig. 5 UNet + ViT, App. C CNN). Below: engineering only.
+`ot_pair`; Alg. 2 `negatives`, `cd_loss`, `loss`; Eq. 6 / Alg. 2 line 8 `langevin`; the sampler
+`sample`; Alg. 3 / Eqs. 7-8 `inverse_langevin`; Sec. 3.3 / App. B `lid_exact`, `lid_slq`.
+Section 2: the networks (Fig. 5 UNet + ViT, App. C CNN). Below the divider: engineering only.
 """
-import argparse
 import contextlib
-import copy
-import io
-import json
 import math
-import os
-import re
-import shlex
-import signal
-import sys
-import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -95,19 +82,22 @@ def _bcast(v, x):
 
 class EnergyMatching:
     """The method: a scalar potential V (any module x -> (B,)), its two losses and its sampler.
-    Keyword defaults: the authors' CIFAR-10 code. Paper-vs-code switches:
-      flow_reduction    "mean" over pixels (code) | "sum" = ||.||^2 of Alg. 1 (paper)
+    EnergyMatching(V) is the paper as printed: Alg. 1-2 with App. C's CIFAR-10 numbers (tau* 0.9,
+    eps_max 0.01, lambda_CD 2e-4, 200 Langevin steps of dt 0.01, tau_s 3). AUTHORS below is their
+    CIFAR-10 code. Switches where the two differ (README, "Paper vs code"):
+      flow_reduction    "sum" = ||.||^2 of Alg. 1 (paper) | "mean" over pixels (code)
       flow_weighting    False | "main" | "both": fade the flow loss to 0 between tau* and t = 1,
                         in phase 2 (authors' 2-D code; True = "main") or both phases (CIFAR code)
       cd_neg_clamp      code: lambda_CD CD >= -cd_neg_clamp (0 = off, paper)
       cd_trim           code: drop the top cd_trim fraction of V(negatives) (0 = paper)
       same_temperature  data-started negatives follow eps(t) too (code), not eps_max (Alg. 2 l. 10)
+      clamp_negatives   (lo, hi): clamp the chains' end state (code: (-1, 1) on images)
       chain_clock       m -> t, the chain time of Langevin step m (default t = m dt, Alg. 2)
       ot_sigma          std of noise around the straight path (OT-CFM's sigma; paper: 0)
     """
 
-    def __init__(self, V, tau_star=1.0, eps_max=0.01, lambda_cd=1e-3, n_langevin=200, dt=0.01,
-                 cd_neg_clamp=0.02, cd_trim=0.1, neg_data_frac=0.5, flow_reduction="mean",
+    def __init__(self, V, tau_star=0.9, eps_max=0.01, lambda_cd=2e-4, n_langevin=200, dt=0.01,
+                 cd_neg_clamp=0.0, cd_trim=0.0, neg_data_frac=0.5, flow_reduction="sum",
                  tau_s=3.0, clamp_negatives=None, use_ot=True, flow_weighting=False,
                  same_temperature=False, chain_clock=None, ot_sigma=0.0):
         self.V, self.lambda_cd = V, float(lambda_cd)
@@ -115,11 +105,13 @@ class EnergyMatching:
         self.n_langevin, self.dt, self.tau_s = int(n_langevin), float(dt), float(tau_s)
         self.cd_neg_clamp, self.cd_trim = cd_neg_clamp, float(cd_trim)
         self.neg_data_frac = float(neg_data_frac)  # negatives started at data (paper: half)
-        self.clamp_negatives = clamp_negatives        # (-1, 1) for images, as the authors' chains
+        self.clamp_negatives = clamp_negatives
         self.use_ot, self.ot_sigma, self.flow_reduction = use_ot, float(ot_sigma), flow_reduction
         fw = "main" if flow_weighting is True else flow_weighting          # True: phase 2 only
         if fw not in (False, None, "off", "main", "both"):
             raise ValueError(f"flow_weighting: False, 'main' or 'both', not {flow_weighting!r}")
+        if flow_reduction not in ("sum", "mean"):
+            raise ValueError(f"flow_reduction: 'sum' or 'mean', not {flow_reduction!r}")
         self.flow_weighting = fw if fw in ("main", "both") else False
         self.same_temperature, self.chain_clock = bool(same_temperature), chain_clock
 
@@ -171,8 +163,8 @@ class EnergyMatching:
         return x_neg, at_data
 
     def cd_loss(self, x1, x0):
-        """L_CD = E_data[V] - E_neg[V(sg(x~))] (Alg. 2 lines 13-15). The paper divides both by
-        eps_max; the code does not (lambda_CD absorbs it): we follow the code, and its trimming."""
+        """L_CD = E_data[V] - E_neg[V(sg(x~))] (Alg. 2 lines 13-15, as printed there and in the
+        code; Sec. 2.1.2 also divides by eps_max, which lambda_CD absorbs). cd_trim: the code's."""
         x_neg, _ = self.negatives(x1, x0)     # the network stays in train mode, as in the code
         e_pos = self.energy(x1)                                       # Alg. 2 line 14
         e_neg = self.energy(x_neg)                                    # Alg. 2 line 13
@@ -181,11 +173,13 @@ class EnergyMatching:
         cd = e_pos.mean() - neg_stat                                  # Alg. 2 line 15
         return cd, {"cd": cd.item(), "e_pos": e_pos.mean().item(), "e_neg": e_neg.mean().item()}
 
-    def loss(self, x1, x0, phase="warmup", x1_cd=None, x0_cd=None):
-        """"warmup": L_OT (Alg. 1). "main": L_OT + lambda_CD L_CD (Alg. 2 line 16). x1_cd: a second
-        data batch for CD (code; default x1); x0_cd: starts of the noise-started negatives."""
+    def loss(self, x1, x0=None, phase="warmup", x1_cd=None, x0_cd=None):
+        """"warmup": L_OT (Alg. 1). "main": L_OT + lambda_CD L_CD (Alg. 2 line 16). x0: the noise
+        x0 ~ N(0, I) (drawn if None, Alg. 1 line 4); x1_cd: a second data batch for CD (code;
+        default x1); x0_cd: starts of the noise-started negatives. -> (loss, dict of floats)."""
         if phase not in ("warmup", "main"):
             raise ValueError(f"phase must be 'warmup' or 'main', got {phase!r}")
+        x0 = torch.randn_like(x1) if x0 is None else x0               # Alg. 1 line 4
         weighted = self.flow_weighting in ("both", phase if phase == "main" else "-")
         flow = self.flow_loss(x1, x0, weighted=weighted)
         logs = {"flow": flow.item()}
@@ -203,12 +197,12 @@ class EnergyMatching:
         logs.update(cd_logs, cd_term=cd_term.item(), loss=total.item())
         return total, logs
 
-    def sample(self, x0, tau_s=None, dt=None, method="heun", clamp=None, return_traj=False):
+    def sample(self, x0, tau_s=None, dt=None, solver="heun", clamp=None, return_traj=False):
         """dx = -grad V(x) dt + s(t) dW, s = sqrt(2 eps(t)), t: 0 -> tau_s in round(tau_s/dt) steps.
         "euler": Euler-Maruyama (= Alg. 2 line 8). "heun": stochastic Heun (the authors' torchsde
         sampler); additive noise, so Ito = Stratonovich. Returns x, or (x, traj (K+1, B, ...))."""
-        if method not in ("heun", "euler"):
-            raise ValueError(f"method must be 'heun' or 'euler', got {method!r}")
+        if solver not in ("heun", "euler"):
+            raise ValueError(f"solver must be 'heun' or 'euler', got {solver!r}")
         dt = self.dt if dt is None else float(dt)
         K = max(1, int(round(float(self.tau_s if tau_s is None else tau_s) / dt)))
         x = x0.detach().float()
@@ -219,7 +213,7 @@ class EnergyMatching:
             dW = math.sqrt(dt) * torch.randn_like(x) if s0 + s1 > 0 else torch.zeros_like(x)
             g = grad_V(self.V, x)
             x_pred = x - dt * g + s0 * dW  # Euler-Maruyama = Heun predictor x~
-            if method == "heun":   # corrector: x - dt/2 (grad V(x) + grad V(x~)) + (s0 + s1)/2 dW
+            if solver == "heun":   # corrector: x - dt/2 (grad V(x) + grad V(x~)) + (s0 + s1)/2 dW
                 x_pred = x - 0.5 * dt * (g + grad_V(self.V, x_pred)) + 0.5 * (s0 + s1) * dW
             x = x_pred.detach()
             if return_traj:
@@ -227,6 +221,12 @@ class EnergyMatching:
         if clamp is not None:
             x = x.clamp(*clamp)
         return (x, torch.stack(traj)) if return_traj else x
+
+# The authors' CIFAR-10 code (experiments/cifar10 of their repository, and the flags of their README
+# command): EnergyMatching(V, **AUTHORS). Its training numbers (lr, steps, EMA, a second data batch
+# for CD) are in section 7's RECIPES.
+AUTHORS = dict(tau_star=1.0, lambda_cd=1e-3, cd_neg_clamp=0.02, cd_trim=0.1, flow_reduction="mean",
+               flow_weighting="both", same_temperature=True, clamp_negatives=(-1.0, 1.0))
 
 def langevin(V, x, n_steps, dt, eps, clamp=None, clock=None):
     """Unadjusted Langevin, Alg. 2 lines 6-12; stationary law p(x) ∝ exp(-V(x) / eps) (Eq. 6).
@@ -391,16 +391,15 @@ class TransformerBlock(nn.Module):
 
 class UNetViTPotential(nn.Module):
     """The CIFAR-10 potential (Fig. 5): UNet (no time) -> C-channel map -> PatchEmbed(4) + 8-layer
-    ViT (384 wide, 4 heads) -> mean-pool -> Linear -> scalar, times output_scale (1000, authors'
-    code). Width 128, mult (1, 2, 2, 2), 2 ResBlocks/level, attention at 16x16 and in the middle."""
+    ViT (3 ch wide: 384, 4 heads) -> mean-pool -> Linear -> scalar, times output_scale (1000,
+    authors' code). ch 128, mult (1, 2, 2, 2), 2 ResBlocks/level, attention at 16x16 and middle."""
 
-    def __init__(self, shape=(3, 32, 32), size=1.0, res_blocks=2, vit_depth=8, dropout=0.1,
+    def __init__(self, shape=(3, 32, 32), ch=128, res_blocks=2, vit_depth=8, dropout=0.1,
                  output_scale=1000.0, ch_mult=(1, 2, 2, 2), attn_res=(16,), patch=4,
                  attn_dropout=0.0):
         super().__init__()
         C, H, W = shape
-        ch = max(8, int(round(128 * size / 8)) * 8)
-        dim = max(16, int(round(384 * size / 4)) * 4)
+        dim = 3 * ch                                                  # 384 at ch = 128
         self.output_scale, self.amp, self.channels_last = output_scale, False, False
         self.inp = nn.Conv2d(C, ch, 3, padding=1)
         self.down, skips, cur, res = nn.ModuleList(), [ch], ch, H  # encoder: remember skip widths
@@ -462,12 +461,13 @@ class UNetViTPotential(nn.Module):
         return self.head(pooled.float()).squeeze(-1) * self.output_scale   # fp32 head
 
 class CNNPotential(nn.Module):
-    """The MNIST potential (App. C): a two-stage CNN, then a two-layer MLP (~2M at size 1)."""
+    """The MNIST potential (App. C): a two-stage CNN (ch, 2 ch, 4 ch channels), then a two-layer
+    MLP (8 ch hidden); ~2M parameters at ch = 32."""
 
-    def __init__(self, shape=(1, 28, 28), size=1.0):
+    def __init__(self, shape=(1, 28, 28), ch=32):
         super().__init__()
         C, H, W = shape
-        c1, c2, hid = max(4, int(32 * size)), max(8, int(64 * size)), max(8, int(256 * size))
+        c1, c2, hid = ch, 2 * ch, 8 * ch
         self.amp, self.channels_last = False, False
         self.features = nn.Sequential(
             nn.Conv2d(C, c1, 3, padding=1), nn.SiLU(),                               # stage 1
@@ -485,58 +485,107 @@ class CNNPotential(nn.Module):
         return self.mlp(h.float()).squeeze(-1)
 
 # ==== ENGINEERING: nothing below this line is in the paper ====
+# The engineering's own imports (flags, signals, processes, files): sections 1-2 need none of them.
+import argparse
+import copy
+import functools
+import inspect
+import io
+import json
+import os
+import re
+import shlex
+import signal
+import sys
+import time
+
+import torch.distributed as dist
 
 # ==== 3. Data ====
 # Images live in [-1, 1] as float NCHW; files on disk are uint8 NHWC (samples.npz, --dataset npz).
+# A fault of the data is one line and exit 2 when it is loaded, before a network is built.
+FLIP_SETS = ("cifar10", "celeba64", "folder")                         # random horizontal flips
+
 def die(msg, code=2):
     """One line "error: ..." on stderr, no traceback; exit 2: bad input, 3: non-finite numbers."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(code)
 
 def load_npz(path):
-    """--dataset npz (`images` uint8 NHWC, optional `labels`) as float [-1, 1] NCHW tensors."""
+    """--dataset npz (`images` uint8 NHWC, optional integer `labels`) as float [-1, 1] NCHW."""
     if not os.path.isfile(path):
         die(f"--dataset npz: --data-dir must be a .npz file; {os.path.abspath(path)} is not one")
+    st = os.stat(path)
+    return _read_npz(os.path.abspath(path), st.st_mtime_ns, st.st_size)
+
+@functools.lru_cache(maxsize=2)    # resolve_args reads the shape, build_dataset the images: once
+def _read_npz(path, mtime, size):
     try:
         with np.load(path) as z:
             images = z["images"]
             labels = z["labels"] if "labels" in z.files else np.zeros(len(images), np.int64)
-    except (OSError, ValueError, KeyError, EOFError) as e:
-        die(f"cannot read {path}: need a .npz with key 'images' ({type(e).__name__})")
-    if images.dtype != np.uint8 or images.ndim != 4:
-        die(f"{path}: 'images' must be uint8 N x H x W x C, got {images.dtype} {images.shape}")
+    except Exception as e:                  # a truncated zip, a bad stream, no key 'images', ...
+        die(f"cannot read {path}: need a complete .npz with key 'images' ({type(e).__name__})")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3):
+        die(f"{path}: 'images' must be uint8 N x H x W x C, C = 1 or 3, got {images.dtype} "
+            f"{images.shape}")
+    n, h, w, _ = images.shape
+    if n == 0 or h != w or h < 8:
+        die(f"{path}: need square images of side >= 8, got {n} images of {h} x {w}")
+    if labels.shape != (n,) or labels.dtype.kind not in "iu":
+        die(f"{path}: 'labels' must be {n} integers, got {labels.dtype} {labels.shape}")
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return torch.utils.data.TensorDataset(x, torch.as_tensor(labels).long())
 
-def build_dataset(args, train=True):
-    import torchvision.transforms as T
-    from torchvision import datasets
-    root = args.data_dir
-    if args.dataset == "npz":
-        return load_npz(root)                                         # one file: no test split
-    c, s, _ = data_shape(args)
-    norm = [T.ToTensor(), T.Normalize([0.5] * c, [0.5] * c)]         # [0, 1] -> [-1, 1]
-    flip = [T.RandomHorizontalFlip()] if train else []
-    if args.dataset == "fake":
-        return datasets.FakeData(size=args.fake_size, image_size=(c, s, s),
-                                 transform=T.Compose(norm), random_offset=0 if train else 10_000)
-    if args.dataset in ("celeba64", "folder"):
-        path = os.path.join(root, "celeba64") if args.dataset == "celeba64" else root
-        try:
-            tf = T.Compose([T.Resize(s), T.CenterCrop(s)] + flip + norm)
-            return datasets.ImageFolder(path, transform=tf)
-        except OSError:
-            die(f"no image folder at {os.path.abspath(path)}; put images in at least one "
-                f"sub-folder there (celeba64: e.g. img_align_celeba/*.jpg)")
+def face_crop(im):
+    """CelebA's usual 140 x 140 face crop of the aligned 178 x 218 photos (not of smaller ones)."""
+    import torchvision.transforms.functional as TF
+    return TF.center_crop(im, 140) if min(im.size) >= 178 else im
+
+def image_folder(path, tf, name):
+    """An ImageFolder whose every file is opened once here (header), not first mid-training."""
+    import torchvision.datasets as D
+    from PIL import Image
     try:
-        if args.dataset == "cifar10":
-            return datasets.CIFAR10(root, train=train, transform=T.Compose(flip + norm),
-                                    download=True)
-        return datasets.MNIST(root, train=train, transform=T.Compose(norm), download=True)
+        ds = D.ImageFolder(path, transform=tf)
+    except (FileNotFoundError, OSError) as e:
+        what = ("CelebA images (e.g. img_align_celeba/*.jpg) in a sub-folder"
+                if name != "folder" else "images in at least one sub-folder")
+        die(f"no image folder at {os.path.abspath(path)} ({type(e).__name__}); put {what} there")
+    for p, _ in ds.samples:
+        try:
+            with Image.open(p) as im:
+                im.verify()
+        except Exception as e:
+            die(f"cannot read image {p} ({type(e).__name__}); remove or replace it")
+    return ds
+
+def build_dataset(args, train=True, name=None):
+    """(image in [-1, 1], label) pairs of --dataset (or `name`); a missing set is one line, exit 2.
+    Training flips are drawn in the loop, per step: a resumed run sees the same images."""
+    import torchvision.datasets as D
+    import torchvision.transforms as T
+    name, root, c, s = name or args.dataset, args.data_dir, args.channels, args.image_size
+    if name == "npz":
+        return load_npz(root)                                         # one file: no test split
+    norm = [T.ToTensor(), T.Normalize([0.5] * c, [0.5] * c)]          # [0, 1] -> [-1, 1]
+    gray = [T.Grayscale(c)] if name == "mnist" or c == 1 else []
+    tf = T.Compose([T.Resize(s), T.CenterCrop(s)] + gray + norm)
+    if name == "fake":
+        return D.FakeData(size=args.fake_size, image_size=(c, s, s), num_classes=10,
+                          transform=T.Compose(norm), random_offset=0 if train else 10_000)
+    if name in ("celeba64", "folder"):
+        crop = [face_crop] if name == "celeba64" else []
+        return image_folder(os.path.join(root, "celeba64") if name == "celeba64" else root,
+                            T.Compose(crop + tf.transforms), name)
+    what = {"cifar10": "cifar-10-batches-py/ (from cifar-10-python.tar.gz)",
+            "mnist": "MNIST/raw/"}[name]
+    try:
+        kind = {"cifar10": D.CIFAR10, "mnist": D.MNIST}[name]
+        return kind(root, train=train, download=True, transform=tf)
     except Exception as e:  # no internet, bad archive, ...
-        name = {"cifar10": "cifar-10-batches-py/", "mnist": "MNIST/raw/"}[args.dataset]
         first = str(e).splitlines()[0] if str(e) else ""
-        die(f"could not load {args.dataset} ({type(e).__name__}: {first}); put {name} under "
+        die(f"could not load {name} ({type(e).__name__}: {first}); put {what} under "
             f"{os.path.abspath(root)}, allow the download, or use --dataset npz")
 
 class StepBatches(torch.utils.data.Sampler):
@@ -560,25 +609,76 @@ class StepBatches(torch.utils.data.Sampler):
             yield cached[1][i * self.batch:(i + 1) * self.batch].tolist()
             step += 1
 
-def batch_iterator(dataset, args, batch, rank=0, world=1, start_step=0, pin=False):
-    sampler = StepBatches(len(dataset), batch, args.seed, rank, world, start_step)
-    # own generator: making the iterator must not consume the global RNG (resume would shift noise)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
-                                         pin_memory=pin, persistent_workers=args.workers > 0,
-                                         generator=torch.Generator().manual_seed(args.seed + rank))
-    return (x for x, _ in loader)
+def quiet_worker(_):    # workers ignore a group's Ctrl-C / SIGTERM: the main process saves first
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
 
-def data_shape(args):
-    if args.dataset == "mnist":
-        return (1, 28, 28)
-    c = args.channels if args.dataset in ("fake", "npz") else 3
-    return (c, args.image_size, args.image_size)
+def batch_iterator(ds, batch, seed, workers, rank=0, world=1, start_step=0):
+    """(x, y) batches from `start_step` on; the same batches on resume (StepBatches)."""
+    sampler = StepBatches(len(ds), batch, seed, rank, world, start_step)
+    # own generator: making the iterator must not consume the global RNG (resume would shift noise)
+    return iter(torch.utils.data.DataLoader(
+        ds, batch_sampler=sampler, num_workers=workers, pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0, worker_init_fn=quiet_worker,
+        generator=torch.Generator().manual_seed(seed + rank)))
+
+def next_batch(batches, device, flip):
+    """The next (x, y) on `device`, x flipped at random when `flip`; unreadable data: exit 2."""
+    try:
+        x, y = next(batches)
+    except (OSError, RuntimeError, ValueError) as e:     # e.g. a truncated image file
+        die(f"cannot load a training batch ({type(e).__name__}: {str(e).strip().splitlines()[-1]})")
+    x = x.to(device, non_blocking=True).float()
+    if flip:                                          # drawn from the step's seed: exact resume
+        x = torch.where(torch.rand(x.shape[0], 1, 1, 1, device=device) < 0.5, x.flip(-1), x)
+    return x, y.to(device)
+
+def first_images(ds, n, batch=256):
+    """The first n images of a dataset as one tensor (held-out images of the experiment modes)."""
+    xs, got = [], 0
+    for x, _ in torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False):
+        xs.append(x)
+        got += x.shape[0]
+        if got >= n:
+            break
+    return torch.cat(xs)[:n]
 
 # ==== 4. Training loop ====
 # bf16 (--amp): the network trunk runs under autocast on CUDA (`net.amp`); the scalar head, the
 # loss, the chains, parameters, Adam and EMA stay fp32, the OT cost fp64; no GradScaler (bf16 has
 # fp32's exponent range). DDP does not support torch.autograd.grad: each process keeps a plain
 # module and allreduce_grads averages the gradients after backward.
+def build_net(args, device=None):
+    """The potential V of --arch (auto: the CNN for MNIST-like data, UNet+ViT otherwise)."""
+    shape = (args.channels, args.image_size, args.image_size)
+    if args.arch == "cnn":
+        net = CNNPotential(shape, args.model_size)
+    else:
+        net = UNetViTPotential(shape, args.model_size, args.res_blocks, args.vit_depth,
+                               args.dropout, args.output_scale, ints(args.ch_mult),
+                               attn_dropout=args.attn_dropout)
+    return net if device is None else engineer(net, device, args.amp, args.channels_last)
+
+def build_method(net, args):
+    """EnergyMatching(net, ...) with the method's flags (section 7 filled them from the recipe)."""
+    return EnergyMatching(net, tau_star=args.tau_star, eps_max=args.eps_max,
+                          lambda_cd=args.lambda_cd, n_langevin=args.n_langevin, dt=args.dt,
+                          cd_neg_clamp=args.cd_neg_clamp, cd_trim=args.cd_trim,
+                          neg_data_frac=args.neg_data_frac, flow_reduction=args.flow_reduction,
+                          tau_s=args.tau_s, use_ot=not args.no_ot,
+                          flow_weighting=args.flow_weighting,
+                          same_temperature=args.same_temperature,
+                          clamp_negatives=(-1.0, 1.0) if args.clamp_negatives else None)
+
+def engineer(net, device, amp, channels_last=False):
+    """On `device`, with the network's bf16-trunk (`amp`, section 2) and channels-last settings."""
+    net = net.to(device)
+    net.amp = amp == "bf16" or (amp == "auto" and device.type == "cuda")
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+        net.channels_last = True
+    return net
+
 class StopSignals:
     """SIGINT / SIGTERM only set a flag; the loop finishes its step, saves and exits 130 / 143."""
 
@@ -608,10 +708,19 @@ def pick_device(spec):
         die(f"device {spec} requested but CUDA is not available (use --device cpu)")
     return dev
 
-def setup_distributed(args):
+def pick_threads(n):
+    """--threads 0: the cores this process may use, less the load the other processes put on them
+    (1-minute load average), at least 1: on a busy machine, spinning threads cost 10-50x."""
+    if n:
+        return n
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores or 1, int((cores or 1) - busy + 0.5)))
+
+def setup_distributed(device_spec):
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `python` run is a world of one."""
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    device = pick_device(args.device)
+    device = pick_device(device_spec)
     if world > 1:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -628,58 +737,18 @@ def all_max(values, device, world):
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
 
-def build_model(args, device=None):
-    """The potential for --arch (auto: CNN for MNIST, UNet+ViT otherwise), engineering set."""
-    shape = data_shape(args)
-    arch = args.arch if args.arch != "auto" else ("cnn" if args.dataset == "mnist" else "unetvit")
-    if arch == "cnn":
-        model = CNNPotential(shape, args.model_size)
-    else:
-        try:
-            mult = tuple(int(c) for c in str(args.ch_mult).split(","))
-        except ValueError:
-            die(f"--ch-mult must be comma-separated integers, got {args.ch_mult!r}")
-        if shape[1] < 8 or shape[1] % 4 or shape[1] % (2 ** (len(mult) - 1)):
-            die(f"the UNet+ViT potential needs an image side >= 8 divisible by 4 and by "
-                f"2^{len(mult) - 1} (--ch-mult), got {shape[1]}")
-        p_att = getattr(args, "attn_dropout", None)
-        model = UNetViTPotential(shape, args.model_size, args.res_blocks, args.vit_depth,
-                                 args.dropout, args.output_scale, ch_mult=mult,
-                                 attn_dropout=args.dropout if p_att is None else p_att)
-    if device is None:
-        return model
-    return engineer(model, device, args.amp, getattr(args, "channels_last", False))
-
-def engineer(model, device, amp, channels_last=False):
-    """On `device`, with the network's bf16-trunk (`amp`, section 2) and channels-last settings."""
-    model = model.to(device)
-    model.amp = amp == "bf16" or (amp == "auto" and device.type == "cuda")
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        model.channels_last = True
-    return model
-
-def build_em(V, args, clamp=(-1.0, 1.0)):
-    return EnergyMatching(V, tau_star=args.tau_star, eps_max=args.eps_max, lambda_cd=args.lambda_cd,
-                          n_langevin=args.n_langevin, dt=args.dt, cd_neg_clamp=args.cd_neg_clamp,
-                          cd_trim=args.cd_trim, neg_data_frac=args.neg_data_frac,
-                          flow_reduction=args.flow_reduction, tau_s=args.tau_s or 1.0,
-                          clamp_negatives=clamp, use_ot=not args.no_ot,
-                          flow_weighting=getattr(args, "flow_weighting", "off"),
-                          same_temperature=bool(getattr(args, "same_temperature", False)))
-
-def count_params(m):
-    return sum(p.numel() for p in m.parameters())
+def count_params(net):
+    return sum(p.numel() for p in net.parameters())
 
 def ema_decay_at(decay, n, warmup=True):
     """Decay of EMA update number n: min(decay, (1 + n) / (10 + n)) with warm-up, else constant."""
     return min(decay, (1.0 + n) / (10.0 + n)) if warmup else decay
 
 @torch.no_grad()
-def ema_update(ema, model, decay):
+def ema_update(ema, net, decay):
     """theta_ema <- decay theta_ema + (1 - decay) theta (one fused foreach op)."""
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
-    for b_e, b in zip(ema.buffers(), model.buffers()):
+    torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1.0 - decay)
+    for b_e, b in zip(ema.buffers(), net.buffers()):
         b_e.copy_(b)
 
 def allreduce_grads(params, world):
@@ -696,59 +765,71 @@ def step_seed(seed, step, rank):
     """Every (step, rank) has its own seed: a resumed run draws the numbers a straight run draws."""
     return (seed * 1_000_003 + step * 4099 + rank * 7) % (2 ** 62)
 
-def train_step(em, model, opt, x1, phase, args, world, step, x1_cd=None, signum=0):
-    """One optimisation step -> (logs, applied, signum). A step whose loss or gradient norm is
-    non-finite on any rank is skipped; the same all-reduce gives every rank the largest stop
-    signal number of any rank. Learning rate: linear warm-up (code)."""
-    lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+def train_step(method, net, opt, batch, lr, clip, world=1, signum=0):
+    """One optimiser step on method.loss(**batch) -> (logs, ok, signum). A step whose loss or
+    gradient norm is non-finite on any rank is skipped (ok False); the same all-reduce gives every
+    rank the largest stop-signal number of any rank."""
     for g in opt.param_groups:
         g["lr"] = lr
-    x0 = torch.randn_like(x1)                                         # Alg. 1 line 4: x0 ~ N(0, I)
-    loss, logs = em.loss(x1, x0, phase=phase, x1_cd=x1_cd)
+    loss, logs = method.loss(**batch)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    allreduce_grads(model.parameters(), world)
-    clip = args.grad_clip if args.grad_clip > 0 else float("inf")
-    gn = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    logs["lr"], logs["grad_norm"] = lr, float(gn)
+    loss.backward()                      # even when NaN: every rank must join the all-reduce
+    allreduce_grads(net.parameters(), world)
+    gn = torch.nn.utils.clip_grad_norm_(net.parameters(), clip if clip > 0 else math.inf)
+    logs.update(lr=lr, grad_norm=float(gn))
     bad = not (math.isfinite(logs["loss"]) and math.isfinite(logs["grad_norm"]))
-    bad, signum = all_max([bad, signum], x1.device, world)          # the step's one all-reduce
+    bad, signum = all_max([bad, signum], loss.device, world)        # the step's one all-reduce
     if not bad:
         opt.step()
     return logs, not bad, int(signum)
 
-class Logger:
-    """Plain-text log (stdout + <out>/train.log) and JSON-lines metrics, rank 0 only."""
+class RunLock:
+    """One run per output folder: <out-dir>/.lock holds the pid of the run that writes there. A
+    second run exits 2 naming it; a dead run's lock is taken over with one line. Freed at exit."""
 
     def __init__(self, out_dir, active=True):
-        self.active, self.out_dir = active, out_dir
-        self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
+        self.path = os.path.join(out_dir, ".lock") if active else None
 
-    def __call__(self, msg):
-        if self.active:
-            print(msg, flush=True)
-            with open(os.path.join(self.out_dir, "train.log"), "a") as f:
-                f.write(msg + "\n")
+    def __enter__(self):
+        if self.path is None:
+            return self
+        out_dir = os.path.dirname(self.path)
+        prepare_out_dir(out_dir)
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                break
+            except FileExistsError:
+                pid = self.owner()
+                if pid and pid != os.getpid() and pid_alive(pid):
+                    die(f"{out_dir} is in use by another run (pid {pid}); wait for it to end or "
+                        f"choose another --out-dir")
+                print(f"taking over the lock of a run that ended (pid {pid}) in {out_dir}")
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self.path)
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return self
 
-    def metrics(self, rec):
-        if self.active:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+    def owner(self):
+        try:
+            with open(self.path) as f:
+                return int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            return 0
 
-    def truncate_metrics(self, upto):
-        """On (re)start at step `upto`: drop records past it (no duplicate steps on resume)."""
-        if self.active and os.path.exists(self.metrics_path):
-            keep = [r for r in self.read_metrics() if r.get("step", 0) <= upto]
-            with open(self.metrics_path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in keep)
+    def __exit__(self, *exc):
+        if self.path and self.owner() == os.getpid():
+            os.remove(self.path)
 
-    def read_metrics(self, phase=None):
-        """The records of `phase` (all of them when phase is None or a record has no phase)."""
-        if not os.path.exists(self.metrics_path):
-            return []
-        with open(self.metrics_path) as f:
-            recs = [json.loads(s) for s in f if s.strip()]
-        return [r for r in recs if phase is None or r.get("phase", phase) == phase]
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                             # another user's process: alive
+        return True
+    return True
 
 def prepare_out_dir(path):
     try:
@@ -760,9 +841,65 @@ def prepare_out_dir(path):
     except OSError as e:
         die(f"cannot write to output folder {os.path.abspath(path)} ({e.strerror or e})")
 
+@contextlib.contextmanager
+def atomic(path):
+    """Write through a temporary name, then os.replace it onto `path`: a crash never leaves half a
+    file. A full disk or a file-size limit: the temporary file removed, one line, exit 2."""
+    tmp = f"{path}.tmp{os.path.splitext(path)[1]}"   # keeps the extension (np.savez, savefig)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        die(f"cannot write {path} ({e.strerror or e}); disk full or a file-size limit?")
+
 def write_json(out_dir, name, obj):
-    with open(os.path.join(out_dir, name), "w") as f:
+    with atomic(os.path.join(out_dir, name)) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
+
+def report(out_dir, name, obj):
+    """A mode's result: <out-dir>/<name> and the same JSON on stdout."""
+    write_json(out_dir, name, obj)
+    print(json.dumps(obj))
+
+class Logger:
+    """Plain-text log (stdout + <out>/train.log) and JSON-lines metrics, rank 0 only."""
+
+    def __init__(self, out_dir, active=True):
+        self.active, self.out_dir = active, out_dir
+        self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
+
+    def append(self, path, text):
+        try:
+            with open(path, "a") as f:
+                f.write(text)
+        except OSError as e:
+            die(f"cannot write {path} ({e.strerror or e}); disk full or a file-size limit?")
+
+    def __call__(self, msg):
+        if self.active:
+            print(msg, flush=True)
+            self.append(os.path.join(self.out_dir, "train.log"), msg + "\n")
+
+    def metrics(self, rec):
+        if self.active:
+            self.append(self.metrics_path, json.dumps(rec) + "\n")
+
+    def truncate_metrics(self, upto):
+        """On (re)start at step `upto`: drop records past it (no duplicate steps on resume)."""
+        if self.active and os.path.exists(self.metrics_path):
+            keep = [r for r in self.read_metrics() if r.get("step", 0) <= upto]
+            with atomic(self.metrics_path) as tmp, open(tmp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in keep)
+
+    def read_metrics(self, phase=None):
+        """The records of `phase` (all of them when phase is None or a record has no phase)."""
+        if not os.path.exists(self.metrics_path):
+            return []
+        with open(self.metrics_path) as f:
+            recs = [json.loads(s) for s in f if s.strip()]
+        return [r for r in recs if phase is None or r.get("phase", phase) == phase]
 
 def to_uint8(x):
     """[-1, 1] NCHW float -> uint8 NHWC (the .npz layout eval_fid.py reads)."""
@@ -771,124 +908,133 @@ def to_uint8(x):
 
 def save_grid(x, path, nrow=8):
     import torchvision.utils as vu
-    vu.save_image((x.float().clamp(-1, 1) + 1) / 2, path, nrow=nrow)
+    with atomic(path) as tmp:
+        vu.save_image((x.float().clamp(-1, 1) + 1) / 2, tmp, nrow=nrow)
 
-def plot_losses(records, path, title):
+def save_figure(fig, path):
+    import matplotlib.pyplot as plt
+    with atomic(path) as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+def plot_losses(records, path, title, keys=("flow", "cd_term")):
+    """The loss terms of the whole run against the step (symlog scale: they change sign)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key in ("flow", "cd_term"):
+    for key in keys:
         pts = [(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])]
         if pts:
             ax.plot(*zip(*pts), label=key)
-    ax.set_xlabel("step")
+    ax.set(xlabel="step", title=title)
     ax.set_yscale("symlog", linthresh=1e-3)
-    ax.set_title(title)
     if ax.lines:
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
-def draw_samples(V, args, n, shape, device, batch=None):
-    """n samples: K = tau_s / dt Heun (or Euler) steps from N(0, I), clamped to [-1, 1]."""
-    em = build_em(V, args)
-    out, batch = [], batch or args.sample_batch
+def generate(method, n, shape, device, batch, solver="heun", x0=None, strict=True):
+    """n images from N(0, I) (or x0) by method.sample (K = tau_s / dt steps), clamped to [-1, 1]
+    -> (images on the CPU, stats). Non-finite images: exit 3 (strict) or a warning (grids)."""
+    outs, t_start = [], time.time()
     for i in range(0, n, batch):
-        x0 = torch.randn(min(batch, n - i), *shape, device=device)
-        out.append(em.sample(x0, tau_s=args.tau_s, method=args.sampler, clamp=(-1.0, 1.0)).cpu())
-    return torch.cat(out) if out else torch.empty(0, *shape)
+        b = min(batch, n - i)
+        z = (x0[i:i + b] if x0 is not None else torch.randn(b, *shape)).to(device)
+        outs.append(method.sample(z, solver=solver, clamp=(-1.0, 1.0)).cpu())
+    dt, x = time.time() - t_start, torch.cat(outs) if outs else torch.empty(0, *shape)
+    n_bad = int((~torch.isfinite(x)).sum())
+    msg = f"the {solver} sampler produced non-finite values ({n_bad} of {x.numel()})"
+    if n_bad and strict:                   # never hand garbage on (FID would take it as valid)
+        die(msg + " (non-finite weights?); nothing written", 3)
+    if n_bad:
+        print("warning: " + msg, file=sys.stderr)
+    return x, {"sampler": solver, "steps": max(1, round(method.tau_s / method.dt)),
+               "images_per_s": n / max(dt, 1e-9), "seconds": dt}
 
 def cmd_train(args):
-    """Phase 1 (Alg. 1) or phase 2 (Alg. 2) on --dataset; resumable, NaN-guarded, signal-safe."""
-    stop = StopSignals()
+    """Phase 1 (Alg. 1) or 2 (Alg. 2) on --dataset: resumable, NaN-guarded, signal-safe, DDP."""
+    rank, world, device = setup_distributed(args.device)
+    main_rank, phase, ck = rank == 0, args.phase, args.ck_
+    ckpt_path = os.path.join(args.out_dir, f"ckpt_{phase}.pt")        # always WRITE into --out-dir
+    resumed = ck is not None and ck.get("phase") == phase
+    start = int(ck["step"]) if ck is not None else 0
+    phase_start = int(ck.get("phase_start", 0)) if resumed else start
+    end = phase_start + args.steps
+    if resumed and start >= end:                     # resume never goes back and changes nothing
+        print(f"checkpoint is at step {start - phase_start} >= --steps {args.steps}: nothing to do")
+        return []
+    stop, log, batches = StopSignals(), Logger(args.out_dir, main_rank), None
     try:
-        rank, world, device = setup_distributed(args)
-        phase, main_rank = args.phase, rank == 0
-        ckpt_path = os.path.join(args.out_dir, f"ckpt_{phase}.pt")
-        if main_rank:
-            prepare_out_dir(args.out_dir)
-            for name in os.listdir(args.out_dir):    # temp files of an interrupted save are garbage
-                if name.endswith((".pt.tmp", ".tmp.npz")):
+        if main_rank:                          # temporary files of an interrupted write: garbage
+            for name in os.listdir(args.out_dir):
+                if ".tmp" in name:
                     os.remove(os.path.join(args.out_dir, name))
-        log = Logger(args.out_dir, main_rank)
-        torch.manual_seed(args.seed)
-        model = build_model(args, device)
-        ema = copy.deepcopy(model).requires_grad_(False)
-        opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=tuple(args.betas))
-
-        # weights: resume (--ckpt wins, else <out-dir>/ckpt_<phase>.pt) > phase-1 checkpoint > fresh
-        ck, src, resumed = None, None, False
-        if args.resume and (args.ckpt or os.path.exists(ckpt_path)):
-            src = args.ckpt or ckpt_path
-            ck = load_checkpoint(src, device)
-            resumed = ck.get("phase") == phase
+        ds = build_dataset(args, train=True)           # data first: a fault costs no network
+        torch.manual_seed(args.seed)                   # the same initial weights on every process
+        net = build_net(args, device)
+        ema = copy.deepcopy(net).eval().requires_grad_(False)
+        opt = torch.optim.Adam(net.parameters(), lr=args.lr, betas=tuple(args.betas))
+        ema_n = 0
+        if ck is not None:                     # our phase-1 or phase-2 run, or the authors' file
+            load_states(ck, net, ema, opt)
+            ema_n = int(ck.get("ema_n", start))
+            log(f"{'resumed' if resumed else 'starting'} from {ck['path']} at step {start}")
         elif args.resume:
             log(f"--resume: no {ckpt_path}; starting phase {phase} afresh")
-        if ck is None and phase == "main" and not args.from_scratch:
-            src = args.ckpt or os.path.join(args.out_dir, "ckpt_warmup.pt")
-            if not os.path.exists(src):
-                die(f"phase main starts from a phase-1 checkpoint: {src} not found "
-                    f"(run --phase warmup first, pass --ckpt, or --from-scratch)")
-            ck = load_checkpoint(src, device)
-        start_step = phase_start = ema_n = 0
-        if ck is not None:
-            load_states(ck, model, ema, opt, src, args)
-            start_step = int(ck["step"])
-            phase_start = int(ck.get("phase_start", 0)) if resumed else start_step
-            ema_n = int(ck.get("ema_n", start_step))
-            log(f"{'resumed' if resumed else 'phase main'} from {src} at step {start_step}")
-        end_step = phase_start + args.steps
-        if world > 1:                                                 # identical weights everywhere
-            for t in list(model.state_dict().values()) + list(ema.state_dict().values()):
+        if world > 1:                                  # rank 0's weights everywhere
+            for t in list(net.state_dict().values()) + list(ema.state_dict().values()):
                 dist.broadcast(t, 0)
-        log.truncate_metrics(start_step)
-
-        def save(step):
-            save_checkpoint(ckpt_path, model, ema, opt, step, args, phase=phase,
-                            phase_start=phase_start, ema_n=ema_n)
-
-        def grid(step):                         # from the EMA (or, with --no-ema, the raw) weights
-            net, which = (model, "raw") if args.no_ema else (ema, "ema")
-            path = os.path.join(args.out_dir, f"samples_{which}_{step}.png")
-            net.eval()
-            save_grid(draw_samples(torch.compile(net) if args.compile else net, args,
-                                   min(64, args.num_samples), shape, device), path)
-            model.train()
-            how = "raw weights" if args.no_ema else f"EMA weights ({ema_n} updates)"
-            log(f"grid at step {step}: {how}, tau_s {args.tau_s} -> {path}")
-
-        em = build_em(model, args)
-        dataset = build_dataset(args, train=True)
-        shape = tuple(dataset[0][0].shape)
+        log.truncate_metrics(start)
+        method = build_method(net, args)               # the method, built once for the loop
+        grid_net = net if args.no_ema else ema         # the grids: EMA weights unless --no-ema
+        grid_method = build_method(grid_net, args)
         two = args.cd_separate_batch and phase == "main"              # a second data batch for CD
-        batches = batch_iterator(dataset, args, args.batch_size * (2 if two else 1), rank, world,
-                                 start_step, pin=device.type == "cuda")
+        batches = batch_iterator(ds, args.batch_size * (2 if two else 1), args.seed, args.workers,
+                                 rank, world, start)
+        shape, flip = (args.channels, args.image_size, args.image_size), args.dataset in FLIP_SETS
+        lr, warmup, clip = args.lr, args.warmup, args.grad_clip
+        decay, ema_warmup, which = args.ema_decay, args.ema_warmup, "raw" if args.no_ema else "ema"
         log(f"energy_matching | phase {phase} | recipe {args.recipe} | {args.dataset} {shape} | "
-            f"{count_params(model) / 1e6:.2f}M params | device {device} x {world} | "
-            f"{'bf16 trunk' if model.amp else 'fp32'} | threads {torch.get_num_threads()} | steps "
-            f"{start_step}->{end_step} | batch {args.batch_size}/rank | lr {args.lr} "
-            f"tau* {args.tau_star} eps_max {args.eps_max} lambda_CD {args.lambda_cd} | EMA "
-            f"{args.ema_decay}{' with warm-up' if args.ema_warmup else ''}")
-        if phase == "warmup" and args.tau_s_default:
+            f"{count_params(net) / 1e6:.2f}M params | device {device} x {world} | "
+            f"{'bf16 trunk' if net.amp else 'fp32'} | threads {torch.get_num_threads()} | steps "
+            f"{start}->{end} | batch {args.batch_size}/rank | lr {lr} tau* {args.tau_star} "
+            f"eps_max {args.eps_max} lambda_CD {args.lambda_cd} | EMA {decay}"
+            f"{' with warm-up' if ema_warmup else ''}")
+        if phase == "warmup" and args.sources_.get("tau_s") == "recipe":
             log(f"grids use tau_s = {args.tau_s}: after phase 1 there is no Boltzmann well to "
                 f"sample past t = 1 (pass --tau-s to change)")
 
-        n_bad, t_last, s_last = 0, time.time(), start_step
-        model.train()
-        for step in range(start_step, end_step):
-            torch.manual_seed(step_seed(args.seed, step, rank))
-            xb = next(batches).to(device, non_blocking=True).float()
-            x1, x1_cd = xb.chunk(2) if two else (xb, None)
-            logs, applied, signum = train_step(em, model, opt, x1, phase, args, world, step,
-                                               x1_cd, stop.signum or 0)
-            done = step + 1
-            n_bad = 0 if applied else n_bad + 1
-            if applied:
-                ema_update(ema, model, ema_decay_at(args.ema_decay, ema_n, args.ema_warmup))
+        def save(step):
+            save_checkpoint(ckpt_path, net, ema, opt, step, args, phase=phase,
+                            phase_start=phase_start, ema_n=ema_n)
+
+        def grid(step):
+            grid_net.eval()
+            x, _ = generate(grid_method, min(64, args.num_samples), shape, device,
+                            args.sample_batch, args.sampler, strict=False)
+            net.train()
+            path = os.path.join(args.out_dir, f"samples_{which}_{step:07d}.png")
+            save_grid(x, path)
+            log(f"grid at step {step}: {which} weights ({ema_n} EMA updates), {args.sampler}, "
+                f"tau_s {args.tau_s} -> {path}")
+
+        n_bad, t_last, s_last = 0, time.time(), start
+        net.train()
+        for step in range(start, end):
+            torch.manual_seed(step_seed(args.seed, step, rank))   # noise, t, dropout, flips
+            x, _ = next_batch(batches, device, flip)
+            # ---- the algorithm: one step of Alg. 1 (phase warmup) or Alg. 2 (phase main) ----
+            x1, x1_cd = x.chunk(2) if two else (x, None)
+            lr_now = lr * min(1.0, (step + 1) / max(1, warmup))   # linear warm-up from step 0
+            logs, ok, signum = train_step(method, net, opt, dict(x1=x1, phase=phase, x1_cd=x1_cd),
+                                          lr_now, clip, world, stop.signum or 0)
+            if ok:
+                ema_update(ema, net, ema_decay_at(decay, ema_n, ema_warmup))
                 ema_n += 1
-            else:
+            # ---- engineering: NaN guard, logs, checkpoints, signals, grids ----
+            done = step + 1
+            n_bad = 0 if ok else n_bad + 1
+            if not ok:
                 log(f"step {done}: non-finite loss or gradient ({logs['loss']:.4g}, "
                     f"{logs['grad_norm']:.4g}); skipped ({n_bad} in a row)")
             if n_bad >= 10:
@@ -896,15 +1042,15 @@ def cmd_train(args):
                 die(f"{n_bad} non-finite steps in a row at step {done}; stopped; last good "
                     f"checkpoint: {kept}", 3)
             rec = {"step": done, "phase": phase, **{k: round(v, 6) for k, v in logs.items()}}
-            if args.log_every and (done % args.log_every == 0 or done == end_step):
+            if args.log_every and (done % args.log_every == 0 or done == end):
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 wall, n = time.time() - t_last, max(done - s_last, 1)
                 ms, ips = 1000 * wall / n, n * args.batch_size * world / max(wall, 1e-9)
                 rec.update(ms_per_iter=round(ms, 2), images_per_s=round(ips, 1))
-                log(f"step {done}/{end_step} | " + " ".join(f"{k} {v:.4g}" for k, v in logs.items())
+                log(f"step {done}/{end} | " + " ".join(f"{k} {v:.4g}" for k, v in logs.items())
                     + f" | {ms:.1f} ms/it | {ips:.1f} img/s | ETA "
-                    f"{(end_step - done) * wall / n / 60:.1f} min")
+                    f"{(end - done) * wall / n / 60:.1f} min")
                 t_last, s_last = time.time(), done
             log.metrics(rec)
             if signum:
@@ -912,53 +1058,48 @@ def cmd_train(args):
                     save(done)
                     cmd = shlex.join(["python", os.path.basename(__file__)]
                                      + [a for a in args.argv_ if a != "--resume"])
-                    print(f"stopped at step {done} by {signal.Signals(signum).name}; checkpoint "
-                          f"{ckpt_path}; resume: {cmd} --resume", flush=True)
+                    log(f"stopped at step {done} by {signal.Signals(signum).name}; checkpoint "
+                        f"{ckpt_path}; resume: {cmd} --resume")
                 sys.exit(128 + signum)
-            if main_rank and args.save_every and done % args.save_every == 0 and done < end_step:
+            if main_rank and args.save_every and done % args.save_every == 0 and done < end:
                 save(done)
-            if main_rank and args.sample_every and done % args.sample_every == 0 < end_step - done:
+            if main_rank and args.sample_every and done % args.sample_every == 0 < end - done:
                 grid(done)
-    except SystemExit:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        raise
+        records = log.read_metrics(phase) if main_rank else []
+        if main_rank:
+            save(end)
+            if records:
+                plot_losses(records, os.path.join(args.out_dir, f"loss_{phase}.png"),
+                            f"Energy Matching, phase {phase}")
+            if args.num_samples and end > start:
+                grid(end)
+            summary = {"phase": phase, "steps": end, "params": count_params(net),
+                       "final": records[-1] if records else None}
+            if device.type == "cuda":
+                summary["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+            write_json(args.out_dir, f"summary_{phase}.json", summary)
+            log(f"saved {ckpt_path}")
+        if world > 1:
+            dist.barrier()
     finally:
         stop.restore()
-
-    records = log.read_metrics(phase) if main_rank else []
-    if main_rank:
-        save(end_step)
-        if records:
-            plot_losses(records, os.path.join(args.out_dir, f"loss_{phase}.png"), f"EM, {phase}")
-        if args.num_samples > 0 and end_step > start_step:
-            grid(end_step)
-        summary = {"phase": phase, "steps": end_step, "params": count_params(model),
-                   "final": records[-1] if records else None}
-        if device.type == "cuda":
-            summary["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3)
-        write_json(args.out_dir, f"summary_{phase}.json", summary)
-        log(f"saved {ckpt_path}")
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    ran = end_step - start_step
-    return records[-ran:] if main_rank and ran > 0 else []
+        getattr(batches, "_shutdown_workers", lambda: None)()   # workers ignore SIGTERM: stop them
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return records[start - end:] if records and end > start else []
 
 # ==== 5. Checkpoints ====
 # A plain dict for torch.load(weights_only=True): {"format", "model", "ema", "opt", "step", "phase",
-# "phase_start", "ema_n", "args"}, written to <path>.tmp and then os.replace'd: a crash mid-write
-# never leaves half a checkpoint.
-CKPT_FORMAT = "energy_matching/v1"
-ARCH_FLAGS = ("dataset", "arch", "model_size", "res_blocks", "ch_mult", "vit_depth", "output_scale",
-              "image_size", "channels")
+# "phase_start", "ema_n", "args"}, the weights of the network `net` under "model". ckpt_<phase>.pt,
+# written through a temporary name (atomic): a crash never leaves half a checkpoint.
+FORMAT = "energy_matching/v1"
 
-def save_checkpoint(path, model, ema, opt, step, args, **extra):
-    obj = {"format": CKPT_FORMAT, "model": model.state_dict(), "ema": ema.state_dict(),
-           "opt": opt.state_dict() if opt is not None else None, "step": int(step),
-           "args": args_to_dict(args), **extra}
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+def save_checkpoint(path, net, ema, opt, step, args, **extra):
+    state = {"format": FORMAT, "model": net.state_dict(), "ema": ema.state_dict(),
+             "opt": opt.state_dict() if opt is not None else None, "step": int(step),
+             "args": args_to_dict(args), **extra}
+    with atomic(path) as tmp:
+        torch.save(state, tmp)
 
 def read_checkpoint(path, map_location="cpu"):
     """torch.load(weights_only=True); a missing or corrupt file is one line and exit code 2."""
@@ -969,38 +1110,34 @@ def read_checkpoint(path, map_location="cpu"):
     except Exception as e:
         die(f"cannot read checkpoint {path}: corrupt or not a PyTorch file ({type(e).__name__})")
 
-def load_checkpoint(path, map_location="cpu"):
-    """Our checkpoint dict from ours or an authors' training file (converted); else exit 2."""
-    obj = read_checkpoint(path, map_location)
-    if is_authors_checkpoint(obj):
-        return authors_checkpoint_as_ours(obj, path)
-    if not isinstance(obj, dict) or obj.get("format") != CKPT_FORMAT:
-        fmt = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
-        die(f"{path} is not an Energy Matching checkpoint (format {fmt!r}, not {CKPT_FORMAT!r})")
-    return obj
+def load_checkpoint(path, args=None):
+    """Our checkpoint dict (+ "path"), from ours or an authors' training file (converted)."""
+    ck = read_checkpoint(path)
+    if is_authors_checkpoint(ck):
+        ck = authors_checkpoint_as_ours(ck, path)
+    elif not isinstance(ck, dict) or ck.get("format") != FORMAT:
+        fmt = ck.get("format") if isinstance(ck, dict) else type(ck).__name__
+        die(f"{path} is not an Energy Matching checkpoint (format {fmt!r}, not {FORMAT!r})")
+    ck["path"] = path
+    return ck
 
-def load_states(ck, model, ema=None, opt=None, path="checkpoint", args=None):
-    """Load weights (and EMA, optimiser); a wrong architecture names the flags that differ."""
+def load_states(ck, net, ema=None, opt=None):
+    """Weights (and EMA, optimiser state where the file has one) into the built modules."""
     try:
-        model.load_state_dict(ck["model"])
+        net.load_state_dict(ck["model"])
         if ema is not None:
             ema.load_state_dict(ck["ema"])
         if opt is not None and ck.get("opt"):
             opt.load_state_dict(ck["opt"])
     except (RuntimeError, KeyError, ValueError) as e:
-        old, new = ck.get("args", {}), vars(args) if args is not None else {}
-        diff = [f"--{k.replace('_', '-')} {new.get(k)} (checkpoint {old[k]})"
-                for k in ARCH_FLAGS if k in old and k in new and old[k] != new[k]]
-        why = ", ".join(diff) if diff else f"{type(e).__name__}: {str(e).splitlines()[0][:150]}"
-        die(f"{path} does not fit this model; flags that differ from the checkpoint's: {why}")
+        die(f"{ck.get('path')} does not fit the network its flags describe "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:150]})")
 
-def model_from_checkpoint(path, device, use_ema=True):
-    """Rebuild the network from the checkpoint's own args and load its EMA (or raw) weights."""
-    ck = load_checkpoint(path, device)
-    cargs = argparse.Namespace(**ck["args"])
-    model = build_model(cargs).to(device)
-    load_states({"model": ck["ema" if use_ema else "model"]}, model, path=path)
-    return model.eval().requires_grad_(False), cargs, ck
+def net_from_checkpoint(ck, args, device):
+    """The checkpoint's network (args hold its architecture), EMA weights unless --no-ema."""
+    net = build_net(args)
+    load_states({"model": ck["model" if args.no_ema else "ema"], "path": ck["path"]}, net)
+    return engineer(net, device, args.amp, args.channels_last).eval().requires_grad_(False)
 
 # ---- The authors' released weights (https://github.com/m1balcerak/EnergyMatching) ----
 # Their files are {"net_model", "ema_model", "sched", "optim", "step"}; both models are state dicts
@@ -1071,11 +1208,11 @@ def authors_arch(sd):
         if f"input_blocks.{first}.1.qkv.weight" in sd:
             attn.append(side // 2 ** lvl)
     depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer_encoder.layers."))
-    return dict(shape=(C, side, side), size=ch / 128, res_blocks=res_blocks, vit_depth=depth,
+    return dict(shape=(C, side, side), ch=ch, res_blocks=res_blocks, vit_depth=depth,
                 dropout=0.1, output_scale=AUTHORS_OUTPUT_SCALE, ch_mult=tuple(mult),
                 attn_res=tuple(attn), patch=patch)
 
-def authors_names(model):
+def authors_names(net):
     """({our key: the authors' key} for every tensor of a UNetViTPotential, authors' ResBlocks)."""
     names, resblocks = {}, []
 
@@ -1094,27 +1231,27 @@ def authors_names(model):
             up = i > 0 and isinstance(mods[i - 1], nn.Upsample)
             leaf(m, f"{ours}.{i}", f"{theirs}.{i - 1}.conv" if up else f"{theirs}.{i}")
 
-    leaf(model.inp, "inp", "input_blocks.0.0")
-    for i, m in enumerate(model.down):             # their input_blocks[0] is our inp, so index + 1
+    leaf(net.inp, "inp", "input_blocks.0.0")
+    for i, m in enumerate(net.down):             # their input_blocks[0] is our inp, so index + 1
         if isinstance(m, nn.Conv2d):
             leaf(m, f"down.{i}", f"input_blocks.{i + 1}.0.op")        # Downsample(conv, stride 2)
         else:
             seq(m, f"down.{i}", f"input_blocks.{i + 1}")
-    seq(model.mid, "mid", "middle_block")
-    for i, m in enumerate(model.up):
+    seq(net.mid, "mid", "middle_block")
+    for i, m in enumerate(net.up):
         seq(m, f"up.{i}", f"output_blocks.{i}")
-    seq(model.out, "out", "out")
-    leaf(model.patch, "patch", "patch_embed.patch_embed")
+    seq(net.out, "out", "out")
+    leaf(net.patch, "patch", "patch_embed.patch_embed")
     names["pos"] = "patch_embed.pos_embed"
-    for i, blk in enumerate(model.blocks):
+    for i, blk in enumerate(net.blocks):
         for n in blk.state_dict():
             names[f"blocks.{i}.{n}"] = f"transformer_encoder.layers.{i}.{_AUTHORS_VIT[n]}"
-    leaf(model.head, "head", "final_linear")
+    leaf(net.head, "head", "final_linear")
     return names, resblocks
 
-def authors_to_ours(sd, model, name="checkpoint"):
-    """Our state dict for `model` from the authors' prefix-free `sd`, time layers folded."""
-    names, resblocks = authors_names(model)
+def authors_to_ours(sd, net, name="checkpoint"):
+    """Our state dict for `net` from the authors' prefix-free `sd`, time layers folded."""
+    names, resblocks = authors_names(net)
     time_keys = [f"time_embed.{i}" for i in (0, 2)] + [f"{r}.emb_layers.1" for r in resblocks]
     expected = set(names.values()) | {f"{k}.{p}" for k in time_keys for p in ("weight", "bias")}
     extra, missing = set(sd) - expected, expected - set(sd)
@@ -1124,14 +1261,14 @@ def authors_to_ours(sd, model, name="checkpoint"):
     emb = authors_time_embedding(sd)
     out = {k: fold_time_bias(sd, v[:-len(".in_layers.2.bias")], emb)     # ResBlock conv1 bias
            if v.endswith(".in_layers.2.bias") else sd[v] for k, v in names.items()}
-    want = model.state_dict()
+    want = net.state_dict()
     bad = [f"{k} {tuple(out[k].shape)} vs ours {tuple(want[k].shape)}" for k in want
            if out[k].shape != want[k].shape]
     if bad:
         die(f"{name}: tensor shapes differ from the rebuilt UNetViTPotential: {_short(bad, 4)}")
     return out
 
-def authors_model(ck, key="ema_model", name="checkpoint"):
+def authors_net(ck, key="ema_model", name="checkpoint"):
     """(an untrained UNetViTPotential shaped like ck[key], ck[key] unprefixed); else exit 2."""
     if not is_authors_checkpoint(ck):
         own = isinstance(ck, dict) and "format" in ck
@@ -1143,120 +1280,106 @@ def authors_model(ck, key="ema_model", name="checkpoint"):
             f"one (EBViTModelWrapper) maps onto UNetViTPotential")
     try:
         kw = authors_arch(sd)
-        model = UNetViTPotential(**kw)
+        net = UNetViTPotential(**kw)
     except (KeyError, ValueError, IndexError, ZeroDivisionError, RuntimeError) as e:
         die(f"{name}: cannot rebuild the authors' architecture from its keys "
             f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
-    model.arch_kwargs = kw               # so callers can rebuild the run's shape/model flags
-    return model, sd
+    net.arch_kwargs = kw                 # so callers can rebuild the run's shape/model flags
+    return net, sd
 
 def load_authors_checkpoint(path, use_ema=True, device="cpu"):
     """Our UNetViTPotential (eval) from an authors' CIFAR-10 training file: V(x) = their
     potential(x, t), any t, to float32 rounding; use_ema: "ema_model", else "net_model"."""
-    model, sd = authors_model(read_checkpoint(path), "ema_model" if use_ema else "net_model", path)
-    model.load_state_dict(authors_to_ours(sd, model, path))
-    return model.to(device).eval()
+    net, sd = authors_net(read_checkpoint(path), "ema_model" if use_ema else "net_model", path)
+    net.load_state_dict(authors_to_ours(sd, net, path))
+    return net.to(device).eval()
 
 def authors_checkpoint_as_ours(ck, name="checkpoint"):
     """An authors' file as our checkpoint dict: args = --recipe authors defaults + the arch read
     from the keys; "opt" None (their Adam state indexes their parameter list: fresh Adam)."""
-    model, sd_ema = authors_model(ck, "ema_model", name)
-    kw = model.arch_kwargs
+    net, sd_ema = authors_net(ck, "ema_model", name)
+    kw = net.arch_kwargs
     if kw["shape"][0] != 3 or kw["attn_res"] != (16,) or kw["patch"] != 4:
         die(f"{name}: an authors' network with {kw['shape'][0]} channels, attention at "
             f"{kw['attn_res']}, patch {kw['patch']} has no flags here (3, (16,), 4)")
-    args = resolve_args(build_parser().parse_args(["--recipe", "authors", "--dataset", "cifar10"]))
-    args.image_size, args.model_size, args.res_blocks = kw["shape"][1], kw["size"], kw["res_blocks"]
+    args = resolve_args(build_parser().parse_args(["--recipe", "authors", "--dataset", "cifar10",
+                                                   "--arch", "unetvit", "--tau-s", "3"]))
+    args.image_size, args.model_size, args.res_blocks = kw["shape"][1], kw["ch"], kw["res_blocks"]
     args.ch_mult, args.vit_depth = ",".join(map(str, kw["ch_mult"])), kw["vit_depth"]
     args.dropout, args.output_scale = kw["dropout"], kw["output_scale"]
     step = int(ck.get("step") or 0)
-    return {"format": CKPT_FORMAT, "model": authors_to_ours(strip_prefixes(ck["net_model"]),
-                                                            model, name),
-            "ema": authors_to_ours(sd_ema, model, name), "opt": None, "step": step,
+    return {"format": FORMAT, "model": authors_to_ours(strip_prefixes(ck["net_model"]), net, name),
+            "ema": authors_to_ours(sd_ema, net, name), "opt": None, "step": step,
             "phase": "authors", "phase_start": step, "args": args_to_dict(args)}
+
 
 # ==== 6. Experiment modes ====
 def eval_setup(args):
-    """Device, the (EMA) potential of --ckpt (else <out-dir>/ckpt_{main,warmup}.pt), its args."""
-    prepare_out_dir(args.out_dir)
+    """Device, the checkpoint's network (EMA unless --no-ema) and the method with the settings this
+    mode reads, each printed once with where it came from (flag / checkpoint / recipe)."""
     device = pick_device(args.device)
     torch.manual_seed(args.seed)                          # --seed: the same samples every run
-    found = [p for p in (os.path.join(args.out_dir, f"ckpt_{ph}.pt") for ph in ("main", "warmup"))
-             if os.path.exists(p)]
-    if not (args.ckpt or found):
-        die(f"no checkpoint in {args.out_dir} (train first or pass --ckpt)")
-    path = args.ckpt or found[0]
-    V, cargs, ck = model_from_checkpoint(path, device, use_ema=not args.no_ema)
-    V = engineer(V, device, args.amp)
-    if args.tau_s is None and args.mode != "lid":                   # LID does not sample
-        args.tau_s = 1.0 if ck.get("phase") == "warmup" else 3.0
-        why = ("phase-1 checkpoint: past t = 1 it only extrapolates" if args.tau_s == 1 else
-               "paper" + ("; the authors' README samples their files at 3.25"
-                          if ck.get("phase") == "authors" else ""))
-        print(f"tau_s = {args.tau_s:g} ({why}; pass --tau-s to change)", flush=True)
-    for k in ("tau_s", "dt", "sampler", "sample_batch", "num_samples"):
-        if getattr(args, k) is not None:
-            setattr(cargs, k, getattr(args, k))
-    return device, torch.compile(V) if args.compile else V, cargs, path
+    net = net_from_checkpoint(args.ck_, args, device)
+    method = build_method(torch.compile(net) if args.compile else net, args)
+    settings = {k: getattr(args, k) for k in MODE_SETTINGS[args.mode]}
+    settings["weights"] = "raw" if args.no_ema else "ema"
+    src = {k: args.sources_.get(k, "default") for k in MODE_SETTINGS[args.mode]}
+    print(f"{args.mode} with {args.ck_['path']}: " + ", ".join(
+        f"{k} {v} ({src[k]})" if k in src else f"{k} {v}" for k, v in settings.items()), flush=True)
+    if args.ck_.get("phase") == "warmup" and "tau_s" in src and src["tau_s"] != "flag":
+        print(f"tau_s = {args.tau_s:g} from a phase-1 checkpoint: past t = 1 there is no Boltzmann "
+              f"well, the flow only extrapolates (pass --tau-s to change)", flush=True)
+    return device, net, method, {"ckpt": args.ck_["path"], "settings": settings, "from": src}
 
-def eval_images(args, cargs, n, device):
+def eval_images(args, n, device):
     """The first n held-out images of --dataset (test split where there is one), checked to fit."""
     data = build_dataset(args, train=False)
-    x = torch.stack([data[i][0] for i in range(min(n, len(data)))]).to(device)
-    if tuple(x.shape[1:]) != data_shape(cargs):
-        die(f"images of {args.dataset} have shape {tuple(x.shape[1:])} but the checkpoint's model "
-            f"expects {data_shape(cargs)} (dataset {cargs.dataset!r})")
+    x = first_images(data, n).to(device)
+    want = (args.channels, args.image_size, args.image_size)
+    if tuple(x.shape[1:]) != want:
+        die(f"images of {args.dataset} have shape {tuple(x.shape[1:])} but the checkpoint's "
+            f"network expects {want}")
     return x
-
-def refuse_non_finite(x, what):
-    """Sample modes never write garbage: non-finite output is one line, exit 3, nothing written."""
-    if not torch.isfinite(x).all():
-        die(f"{what} contain NaN/Inf (non-finite weights?); nothing written", 3)
 
 def cmd_sample(args):
     """--num-samples SDE samples -> samples.npz ("images" uint8 NHWC, eval_fid.py), samples.png."""
-    device, V, cargs, path = eval_setup(args)
-    shape = data_shape(cargs)
+    device, net, method, info = eval_setup(args)
+    shape = (args.channels, args.image_size, args.image_size)
     t0, imgs = time.time(), []
     for i in range(0, args.num_samples, args.sample_batch):
-        n = min(args.sample_batch, args.num_samples - i)
-        x = draw_samples(V, cargs, n, shape, device, batch=n)
-        refuse_non_finite(x, "samples")
+        x, _ = generate(method, min(args.sample_batch, args.num_samples - i), shape, device,
+                        args.sample_batch, args.sampler)
         imgs.append(to_uint8(x))
-        done, el = i + n, time.time() - t0
+        done, el = i + len(x), time.time() - t0
         print(f"sampled {done}/{args.num_samples} | {done / el:.1f} img/s | ETA "
               f"{(args.num_samples - done) * el / done / 60:.1f} min", flush=True)
-    images = np.concatenate(imgs) if imgs else np.zeros((0, shape[1], shape[2], shape[0]), np.uint8)
+    images = np.concatenate(imgs)
     out = os.path.join(args.out_dir, "samples.npz")
-    np.savez(out + ".tmp.npz", images=images)                   # atomic: a temp name, then replace
-    os.replace(out + ".tmp.npz", out)
-    if len(images):
-        save_grid(torch.from_numpy(images[:64]).permute(0, 3, 1, 2).float() / 127.5 - 1,
-                  os.path.join(args.out_dir, "samples.png"))
-    meta = {"ckpt": path, "n": int(len(images)), "tau_s": cargs.tau_s, "dt": cargs.dt,
-            "sampler": cargs.sampler, "weights": "raw" if args.no_ema else "ema",
-            "seconds": round(time.time() - t0, 2)}
-    write_json(args.out_dir, "samples.json", meta)
-    print(f"wrote {out} ({images.shape})")
+    with atomic(out) as tmp:
+        np.savez(tmp, images=images)
+    save_grid(torch.from_numpy(images[:64]).permute(0, 3, 1, 2).float() / 127.5 - 1,
+              os.path.join(args.out_dir, "samples.png"))
+    report(args.out_dir, "samples.json", {**info, "n": len(images),
+                                          "seconds": round(time.time() - t0, 2)})
     return images
 
 def cmd_inpaint(args):
     """Alg. 3 on data images with a centred hole: M chains per image without and with the repulsive
     interaction (same noise) -> inpaint.png (the paper's "with vs without" figure), inpaint.json."""
-    device, V, cargs, path = eval_setup(args)
-    torch.manual_seed(args.seed)
-    x = eval_images(args, cargs, args.num_images or 4, device)
+    device, net, method, info = eval_setup(args)
+    x = eval_images(args, args.num_images or 4, device)
     H, W = x.shape[2:]
     s, A = max(1, int(round(args.hole * H))), torch.ones(x.shape[1:], device=device)
     A[:, (H - s) // 2:(H - s) // 2 + s, (W - s) // 2:(W - s) // 2 + s] = 0   # 0 in a centred hole
     Bmask = 1 - A                                                     # interaction where unseen
     y = A * x                                                         # y = A(x), noise-free
     x_init = torch.randn(x.shape[0], args.chains, *x.shape[1:], device=device)
-    kw = dict(n_chains=args.chains, tau_s=cargs.tau_s, dt=cargs.dt, zeta=args.zeta, x_init=x_init,
-              eps=lambda t: temperature(t, cargs.tau_star, cargs.eps_max), clamp=(-1.0, 1.0))
-    plain = inverse_langevin(V, y, A, **kw)
-    inter = inverse_langevin(V, y, A, sigma=args.sigma_int, Bmask=Bmask, **kw)
-    refuse_non_finite(torch.cat([plain, inter]), "inpaintings")
+    kw = dict(n_chains=args.chains, tau_s=method.tau_s, dt=method.dt, zeta=args.zeta,
+              x_init=x_init, eps=method.eps, clamp=(-1.0, 1.0))
+    plain = inverse_langevin(method.V, y, A, **kw)
+    inter = inverse_langevin(method.V, y, A, sigma=args.sigma_int, Bmask=Bmask, **kw)
+    if not torch.isfinite(torch.cat([plain, inter])).all():
+        die("inpaintings contain NaN/Inf (non-finite weights?); nothing written", 3)
 
     def spread(z):  # mean pairwise distance between the chains inside the hole
         d = [(Bmask * (z[:, i] - z[:, j])).flatten(1).norm(dim=1)
@@ -1266,16 +1389,13 @@ def cmd_inpaint(args):
     def fidelity(z):  # RMS error on the observed pixels
         return float(((A * (z - x[:, None])) ** 2).sum() / (A.sum() * z.shape[:2].numel())) ** 0.5
 
-    res = {"ckpt": path, "spread_without": spread(plain), "spread_with": spread(inter),
-           "fidelity_rmse_without": fidelity(plain), "fidelity_rmse_with": fidelity(inter),
-           "zeta": args.zeta, "sigma": args.sigma_int, "tau_s": cargs.tau_s, "dt": cargs.dt}
-    from torchvision.utils import save_image
+    res = {**info, "spread_without": spread(plain), "spread_with": spread(inter),
+           "fidelity_rmse_without": fidelity(plain), "fidelity_rmse_with": fidelity(inter)}
     # one row per image: original, masked, M chains without W, M chains with W
     rows = [torch.stack([x[r], y[r], *plain[r], *inter[r]]) for r in range(x.shape[0])]
-    path_png = os.path.join(args.out_dir, "inpaint.png")
-    save_image((torch.cat(rows).cpu().clamp(-1, 1) + 1) / 2, path_png, nrow=2 + 2 * args.chains)
-    write_json(args.out_dir, "inpaint.json", res)
-    print(json.dumps(res))
+    save_grid(torch.cat(rows).cpu(), os.path.join(args.out_dir, "inpaint.png"),
+              nrow=2 + 2 * args.chains)
+    report(args.out_dir, "inpaint.json", res)
     return res
 
 def cmd_lid(args):
@@ -1283,18 +1403,18 @@ def cmd_lid(args):
     (Table 2). If every LID is equal, Spearman is undefined: one line says which way to move tau."""
     from PIL import Image
     from scipy.stats import spearmanr
-    device, V, cargs, path = eval_setup(args)
-    xs = eval_images(args, cargs, args.num_images or 4096, device)
+    device, net, method, info = eval_setup(args)
+    xs = eval_images(args, args.num_images or 4096, device)
     n, d = xs.shape[0], xs[0].numel()
-    method = args.lid_method if args.lid_method != "auto" else ("exact" if d <= 1024 else "slq")
+    how = args.lid_method if args.lid_method != "auto" else ("exact" if d <= 1024 else "slq")
     t0 = time.time()
-    if method == "exact":
-        lids, _ = lid_exact(V, xs, args.lid_tau)
+    if how == "exact":
+        lids, _ = lid_exact(method.V, xs, args.lid_tau)
     else:
         lids = []
         for i in range(0, n, 16):
-            lids += lid_slq(V, xs[i:i + 16], args.lid_tau, args.lid_probes, args.lid_lanczos,
-                            args.seed)
+            lids += lid_slq(method.V, xs[i:i + 16], args.lid_tau, args.lid_probes,
+                            args.lid_lanczos, args.seed)
     sizes = []                                    # lossless PNG bytes: the paper's complexity proxy
     for im in to_uint8(xs):
         buf = io.BytesIO()
@@ -1303,10 +1423,10 @@ def cmd_lid(args):
     distinct = set(round(float(v), 3) for v in lids)                 # SLQ estimates are floats
     varied = n > 2 and len(distinct) > 1 < len(set(sizes))
     rho = float(spearmanr(lids, sizes)[0]) if varied else None
-    res = {"ckpt": path, "method": method, "tau": args.lid_tau, "d": d, "n": n,
+    res = {**info, "method": how, "tau": args.lid_tau, "d": d, "n": n,
            "spearman_lid_vs_png": rho, "lid": [float(v) for v in lids], "png_bytes": sizes,
            "seconds": round(time.time() - t0, 2)}
-    head = f"LID ({method}, tau={args.lid_tau}) on {n} images:"
+    head = f"LID ({how}, tau={args.lid_tau}) on {n} images:"
     write_json(args.out_dir, "lid.json", res)
     if rho is not None:
         print(f"{head} Spearman vs PNG size = {rho:.3f}")
@@ -1318,105 +1438,62 @@ def cmd_lid(args):
         print(f"{head} too few distinct values for a Spearman correlation")
     return res
 
-def cmd_benchmark(args):
-    """Ours vs the authors' recipe (fp32, math attention) from the same seed, weights and batches:
-    phase-1/2 and sampler images/s, peak memory (CUDA), max |difference| of the loss curves."""
-    device = pick_device(args.device)
-    cuda, shape, B, N = device.type == "cuda", data_shape(args), args.batch_size, args.bench_steps
-    K = args.bench_sample_steps
-    gen = torch.Generator().manual_seed(args.seed)
-    batches = [torch.rand(B, *shape, generator=gen) * 2 - 1 for _ in range(4)]  # any pixels do
-    torch.manual_seed(args.seed)
-    ref = build_model(args)
-    configs = {"authors_fp32_math": dict(amp="none", channels_last=False, compile=False,
-                                         math_everywhere=True),
-               "ours": dict(amp=args.amp, channels_last=args.channels_last or cuda,
-                            compile=args.compile, math_everywhere=False)}
-    sync = torch.cuda.synchronize if cuda else (lambda device: None)
-
-    def timed(fn, n, warm):          # (outputs, calls/s, peak GB on CUDA) of n calls after `warm`
-        for i in range(warm):
-            fn(i)
-        sync(device)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        t = time.time()
-        out = [fn(warm + i) for i in range(n)]
-        sync(device)
-        rate = n / (time.time() - t)
-        return out, rate, torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None
-
-    results = {}
-    for name, cfg in configs.items():
-        model = engineer(copy.deepcopy(ref), device, cfg["amp"], cfg["channels_last"])
-        opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=tuple(args.betas))
-        em = build_em(model, args)
-        em_s = build_em(torch.compile(model) if cfg["compile"] else model, args)
-
-        def step(i, phase="warmup"):
-            torch.manual_seed(step_seed(args.seed, i, 0))
-            x1 = batches[i % len(batches)].to(device)
-            return train_step(em, model, opt, x1, phase, args, 1, i)[0]["loss"]
-
-        def samp(i):
-            torch.manual_seed(i)
-            return em_s.sample(torch.randn(B, *shape, device=device), K * args.dt, method="heun")
-
-        r = dict(cfg)
-        with math_sdpa() if cfg["math_everywhere"] else contextlib.nullcontext():
-            r["phase1_losses"], it1, r["phase1_peak_gb"] = timed(step, N, 3)
-            _, it2, r["phase2_peak_gb"] = timed(lambda i: step(i, "main"), args.bench_steps_main, 1)
-            model.eval()
-            _, it3, r["sampler_peak_gb"] = timed(samp, 1, 1 if cfg["compile"] else 0)
-        r.update(phase1_img_s=it1 * B, phase1_ms_iter=1000 / it1, phase2_img_s=it2 * B,
-                 phase2_ms_iter=1000 / it2, sampler_img_s=it3 * B, sampler_heun_steps=K)
-        results[name] = r
-        print(f"[{name}] phase1 {it1 * B:.1f} img/s ({1000 / it1:.1f} ms/it) | phase2 "
-              f"{it2 * B:.1f} img/s | sampler ({K} Heun steps) {it3 * B:.1f} img/s | peak GB "
-              f"{r['phase1_peak_gb']}/{r['phase2_peak_gb']}/{r['sampler_peak_gb']}", flush=True)
-    a, o = results["authors_fp32_math"], results["ours"]
-    diff = [abs(x - y) for x, y in zip(a["phase1_losses"], o["phase1_losses"])]
-    rel = max(d / max(abs(x), 1e-12) for d, x in zip(diff, a["phase1_losses"]))
-    s = {"device": torch.cuda.get_device_name(device) if cuda else str(device), "batch": B,
-         "params": count_params(ref), "shape": list(shape), "measured_phase1_steps": N,
-         "command": " ".join(sys.argv), "loss_max_abs_diff": max(diff), "loss_max_rel_diff": rel,
-         "configs": results}
-    for k in ("phase1", "phase2", "sampler"):
-        s[f"speedup_{k}"] = o[f"{k}_img_s"] / a[f"{k}_img_s"]
-    print("speed-up ours/authors: " + ", ".join(f"{k[8:]} x{v:.2f}" for k, v in s.items()
-          if k.startswith("speedup_")) + f" | loss curves: max |diff| {max(diff):.3g} (rel "
-          f"{rel:.3g}) over {N} steps")
-    prepare_out_dir(args.out_dir)
-    write_json(args.out_dir, "benchmark.json", s)
-    return s
-
 # ==== 7. Arguments and main ====
-DATASETS = ("cifar10", "mnist", "celeba64", "folder", "fake", "npz")
-MODES = ("train", "sample", "inpaint", "lid", "benchmark")
+DATASETS = ("cifar10", "mnist", "celeba64", "folder", "npz", "fake")
+MODES = {"train": cmd_train, "sample": cmd_sample, "inpaint": cmd_inpaint, "lid": cmd_lid}
 
-# Recipes fill every flag left at None. "authors": the authors' CIFAR-10 code and README commands;
-# "paper": Appendix C (what it does not give is the plain method: no clamp, no trim, no fade).
-RECIPES = {
-    "authors": dict(lr=1.2e-3, tau_star=1.0, lambda_cd=1e-3, eps_max=0.01, n_langevin=200, dt=0.01,
-                    steps_warmup=145_000, steps_main=2_000, batch_size=128, warmup=10_000,
-                    ema_warmup_phase=0.9999, ema_main_phase=0.99, cd_neg_clamp=0.02, cd_trim=0.1,
-                    same_temperature=True, flow_weighting="both", cd_separate_batch=True,
-                    model_size=1.0),
-    "paper": dict(lr=8e-4, tau_star=0.9, lambda_cd=2e-4, eps_max=0.01, n_langevin=200, dt=0.01,
-                  steps_warmup=200_000, steps_main=25_000, batch_size=128, warmup=10_000,
-                  ema_warmup_phase=0.9999, ema_main_phase=0.9999, cd_neg_clamp=0.0, cd_trim=0.0,
-                  same_temperature=False, flow_weighting="off", cd_separate_batch=False,
-                  model_size=1.0),
+# The recipes fill every flag left at None (a typed flag wins). "paper" = EnergyMatching's own
+# defaults (section 1) + App. C's training numbers; "authors" = the same with AUTHORS + their
+# training script and README command (lr, steps, EMA 0.99 in phase 2, a second data batch for CD).
+TRAINING = {
+    "authors": dict(lr=1.2e-3, steps_warmup=145_000, steps_main=2_000, batch_size=128,
+                    warmup=10_000, ema_warmup=0.9999, ema_main=0.99, cd_separate_batch=True),
+    "paper": dict(lr=8e-4, steps_warmup=200_000, steps_main=25_000, batch_size=128, warmup=10_000,
+                  ema_warmup=0.9999, ema_main=0.9999, cd_separate_batch=False),
 }
-DATASET_OVERRIDES = {
-    # App. C, CelebA: ~2x the parameters (width x1.5 here), batch 32, lr 1e-4, eps_max 0.05,
+METHOD_FLAGS = ("tau_star", "eps_max", "lambda_cd", "n_langevin", "dt", "cd_neg_clamp", "cd_trim",
+                "neg_data_frac", "flow_reduction", "tau_s", "clamp_negatives", "flow_weighting",
+                "same_temperature")
+
+def method_flags(**kw):
+    """EnergyMatching's keywords (its own defaults where kw is silent) as the flags' values."""
+    sig = inspect.signature(EnergyMatching).parameters
+    d = {k: kw.get(k, sig[k].default) for k in METHOD_FLAGS}
+    d.update(clamp_negatives=d["clamp_negatives"] is not None,
+             flow_weighting=d["flow_weighting"] or "off")
+    return d
+
+RECIPES = {"paper": {**method_flags(), **TRAINING["paper"]},
+           "authors": {**method_flags(**AUTHORS), **TRAINING["authors"]}}
+DATASET_ROWS = {
+    # App. C, CelebA: ~2x the parameters (ch 192 here), batch 32, lr 1e-4, eps_max 0.05,
     # lambda_CD 2e-5, 250k + 25k steps (no authors' code for CelebA: paper values in both recipes)
     "celeba64": dict(lr=1e-4, eps_max=0.05, lambda_cd=2e-5, batch_size=32, steps_warmup=250_000,
-                     steps_main=25_000, model_size=1.5),
-    # App. C, MNIST: Alg. 2 directly (--from-scratch), lambda_CD 0.25, dt 0.05, 50 Langevin steps,
-    # 300k steps, small CNN. lr and eps_max are not in the paper: 1e-4 and 0.01 are our choice.
+                     steps_main=25_000, model_size=192),
+    # App. C, MNIST (also --dataset npz of 28 x 28 grey images): Alg. 2 directly (--phase main
+    # --from-scratch), lambda_CD 0.25, dt 0.05, 50 Langevin steps, 300k steps, the small CNN.
+    # lr and eps_max are not in the paper: 1e-4 and 0.01 are our choice.
     "mnist": dict(lambda_cd=0.25, dt=0.05, n_langevin=50, steps_main=300_000, lr=1e-4),
 }
+
+# Which flags a mode reads (issue 22). The network's flags always come from the checkpoint (a typed
+# one that differs is an error); a typed flag the mode does not read is a one-line warning.
+RUN_FLAGS = {"mode", "out_dir", "device", "threads", "ckpt", "resume", "amp", "compile",
+             "channels_last", "workers", "no_ema", "log_every", "save_every", "sample_every",
+             "num_samples", "sample_batch"}              # this run's own: never from a checkpoint
+ARCH_KEYS = ("arch", "model_size", "res_blocks", "ch_mult", "vit_depth", "dropout", "attn_dropout",
+             "output_scale", "image_size", "channels")
+DATA_KEYS = ("dataset", "data_dir", "fake_size")
+MODE_SETTINGS = {          # what a mode reads (and prints) beyond the run flags and the network's
+    "sample": ("sampler", "tau_s", "dt", "eps_max", "tau_star", "num_samples", "sample_batch"),
+    "inpaint": ("tau_s", "dt", "eps_max", "tau_star", "num_images", "hole", "zeta", "sigma_int",
+                "chains") + DATA_KEYS,
+    "lid": ("num_images", "lid_tau", "lid_method", "lid_probes", "lid_lanczos") + DATA_KEYS}
+EVAL_ONLY = {"num_images", "hole", "zeta", "sigma_int", "chains", "lid_tau", "lid_method",
+             "lid_probes", "lid_lanczos"}
+PHASE_KEYS = {"phase", "steps", "ema_decay", "tau_s", "from_scratch"}   # phase 2 sets its own
+EVAL_READS = {"mode", "out_dir", "device", "threads", "seed", "ckpt", "amp", "compile",
+              "channels_last", "workers", "no_ema", *ARCH_KEYS}
 
 def _number(kind, ok, what):
     """An argparse type: parse with `kind`, reject NaN / inf and values failing `ok`."""
@@ -1435,9 +1512,15 @@ pos_int = _number(int, lambda v: v > 0, "an integer > 0")
 nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 pos_float = _number(float, lambda v: v > 0, "a finite number > 0")
 nonneg_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
-finite_float = _number(float, lambda v: True, "a finite number")
 unit_float = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 frac_float = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+def ints(s):
+    """'1,2,2,2' -> (1, 2, 2, 2); --ch-mult stays a string, as checkpoints store it."""
+    try:
+        return tuple(int(c) for c in str(s).split(",") if c.strip())
+    except ValueError:
+        die(f"--ch-mult must be a comma list of integers, got {s!r}")
 
 class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line on stderr and exit code 2."""
@@ -1447,52 +1530,58 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser():
     p = Parser(description="Energy Matching (Balcerak et al., arXiv:2504.10612): train, sample, "
-               "inpaint, LID, benchmark.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+               "inpaint, LID. [r] = filled by --recipe when not given.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     a, bool_opt = p.add_argument, argparse.BooleanOptionalAction
     a("--mode", default="train", choices=MODES, help="what to do")
     a("--phase", default="warmup", choices=("warmup", "main"), help="Alg. 1 or Alg. 2 (+ CD)")
-    a("--recipe", default="authors", choices=RECIPES, help="authors' CIFAR code or App. C")
+    a("--recipe", default="authors", choices=RECIPES, help="authors' CIFAR code or the paper")
     a("--dataset", default="cifar10", choices=DATASETS, help="training / evaluation images")
     a("--data-dir", default="data", help="dataset folder (npz: the .npz file)")
     a("--image-size", type=pos_int, help="image side for folder/fake (default 32; celeba64 64)")
-    a("--channels", type=pos_int, default=3, help="channels of fake data")
+    a("--channels", type=pos_int, help="channels of fake data (default 3)")
     a("--fake-size", type=pos_int, default=256, help="number of FakeData images")
     a("--workers", type=nonneg_int, default=4, help="DataLoader processes (0 = main process)")
     a("--out-dir", help="output folder (default runs/em_<dataset>); always written to")
     a("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    a("--threads", type=nonneg_int, default=0, help="CPU threads (0 = the cores this process has)")
+    a("--threads", type=nonneg_int, default=0,
+      help="CPU threads (0: the free cores, i.e. the cores less the load average, at least 1)")
     a("--seed", type=nonneg_int, default=0, help="random seed (each step and rank derives its own)")
-    a("--batch-size", type=pos_int, help="per-process batch size (recipe: 128)")
-    a("--steps", type=nonneg_int, help="steps of this phase (authors 145k + 2k)")
-    a("--lr", type=pos_float, help="Adam learning rate (authors 1.2e-3, paper 8e-4)")
+    a("--batch-size", type=pos_int, help="[r] per-process batch size (128)")
+    a("--steps", type=nonneg_int, help="[r] steps of this phase (authors 145k + 2k)")
+    a("--lr", type=pos_float, help="[r] Adam learning rate (authors 1.2e-3, paper 8e-4)")
     a("--betas", type=unit_float, nargs=2, default=(0.9, 0.95), help="Adam betas (authors' code)")
-    a("--warmup", type=nonneg_int, help="linear learning-rate warm-up steps (10k)")
+    a("--warmup", type=nonneg_int,
+      help="[r] linear lr warm-up steps (10k), counted from step 0 of phase 1: phase 2 continues "
+           "the count, as the authors' resumed scheduler does")
     a("--grad-clip", type=nonneg_float, default=1.0, help="gradient-norm clipping (0 = off)")
-    a("--ema-decay", type=unit_float, help="EMA decay (0.9999; authors' phase 2: 0.99)")
+    a("--ema-decay", type=unit_float, help="[r] EMA decay (0.9999; authors' phase 2: 0.99)")
     a("--ema-warmup", action=bool_opt, default=True, help="min(decay, (1+n)/(10+n)); no: authors")
     a("--no-ema", action="store_true", help="grids / sampling with the raw weights, not the EMA")
-    a("--arch", default="auto", choices=("auto", "unetvit", "cnn"), help="auto: cnn for MNIST")
-    a("--model-size", type=pos_float, help="width multiplier (1.0 = the ~50M CIFAR net)")
+    a("--arch", default="auto", choices=("auto", "unetvit", "cnn"),
+      help="network: UNet+ViT (Fig. 5) or the MNIST CNN (App. C); auto: CNN for MNIST-like data")
+    a("--model-size", type=pos_int,
+      help="base channels of the network (UNet+ViT 128, CNN 32: the papers' sizes)")
     a("--res-blocks", type=pos_int, default=2, help="UNet residual blocks per level")
     a("--ch-mult", default="1,2,2,2", help="UNet channel multipliers per resolution level")
     a("--vit-depth", type=pos_int, default=8, help="ViT head layers")
     a("--dropout", type=unit_float, default=0.1, help="dropout in UNet and ViT (authors' code)")
     a("--attn-dropout", type=unit_float, help="ViT attention dropout (default: --dropout)")
     a("--output-scale", type=pos_float, default=1000.0, help="V = this * head (authors' code)")
-    # method (Eq. 3, Alg. 2)
-    a("--tau-star", type=nonneg_float, help="tau*, Eq. 3 (authors 1, paper 0.9)")
-    a("--eps-max", type=nonneg_float, help="eps_max: p ∝ exp(-V/eps_max) (0.01)")
-    a("--lambda-cd", type=nonneg_float, help="CD weight (authors 1e-3, paper 2e-4)")
-    a("--n-langevin", type=nonneg_int, help="Langevin steps per negative chain (M)")
-    a("--dt", type=pos_float, help="time step of the chains and of the sampler")
-    a("--cd-neg-clamp", type=nonneg_float, help="lambda_CD CD >= -this (authors 0.02, paper 0)")
-    a("--cd-trim", type=unit_float, help="drop the top fraction of V(negatives) (authors 0.1)")
-    a("--neg-data-frac", type=frac_float, default=0.5, help="share of negatives started at data")
-    a("--same-temperature", action=bool_opt, help="data chains at eps(t) (authors), not eps_max")
-    a("--cd-separate-batch", action=bool_opt, help="a second data batch for CD (authors' code)")
-    a("--flow-reduction", default="mean", choices=("mean", "sum"), help="sum: ||.||^2 (Alg. 1)")
+    a("--tau-star", type=nonneg_float, help="[r] tau*, Eq. 3 (authors 1, paper 0.9)")
+    a("--eps-max", type=nonneg_float, help="[r] eps_max: p ∝ exp(-V/eps_max) (0.01)")
+    a("--lambda-cd", type=nonneg_float, help="[r] CD weight (authors 1e-3, paper 2e-4)")
+    a("--n-langevin", type=nonneg_int, help="[r] Langevin steps per negative chain (200)")
+    a("--dt", type=pos_float, help="[r] time step of the chains and of the sampler (0.01)")
+    a("--cd-neg-clamp", type=nonneg_float, help="[r] lambda_CD CD >= -this (authors 0.02)")
+    a("--cd-trim", type=unit_float, help="[r] drop the top fraction of V(negatives) (authors 0.1)")
+    a("--neg-data-frac", type=frac_float, help="[r] share of negatives started at data (0.5)")
+    a("--same-temperature", action=bool_opt, help="[r] data chains at eps(t) (authors), eps_max")
+    a("--clamp-negatives", action=bool_opt, help="[r] chains end clamped to [-1, 1] (authors)")
+    a("--cd-separate-batch", action=bool_opt, help="[r] a second data batch for CD (authors)")
+    a("--flow-reduction", choices=("mean", "sum"), help="[r] mean (authors) or sum: ||.||^2")
     a("--flow-weighting", choices=("off", "main", "both"),
-      help="fade the flow loss to 0 from tau* to 1: phase 2 (authors' 2-D), both (CIFAR), off")
+      help="[r] fade the flow loss to 0 from tau* to 1: phase 2 (authors' 2-D), both (CIFAR)")
     a("--no-ot", action="store_true", help="random instead of exact-OT pairs (ablation)")
     a("--from-scratch", action="store_true", help="phase main without a warmup checkpoint (MNIST)")
     a("--amp", default="auto", choices=("auto", "bf16", "none"), help="bf16 trunk (auto: on CUDA)")
@@ -1502,13 +1591,12 @@ def build_parser():
     a("--ckpt", help="checkpoint to read (ours or the authors'); outputs go to --out-dir")
     a("--log-every", type=nonneg_int, default=100, help="log every N steps (0 = off)")
     a("--save-every", type=nonneg_int, default=5000, help="checkpoint every N steps (0 = at end)")
-    a("--sample-every", type=nonneg_int, default=0,
+    a("--sample-every", type=nonneg_int, default=5000,
       help="sample grid every N steps (0 = only at the end)")
     a("--num-samples", type=nonneg_int, default=64, help="samples to draw (50000 for FID)")
-    a("--tau-s", type=pos_float, help="sampling time, K = tau_s/dt (3; 1 after phase 1 alone)")
+    a("--tau-s", type=pos_float, help="[r] sampling time, K = tau_s/dt (3; 1 after phase 1)")
     a("--sampler", default="heun", choices=("heun", "euler"), help="SDE integrator")
     a("--sample-batch", type=pos_int, default=256, help="batch size when sampling")
-    # inverse problems (Alg. 3)
     a("--num-images", type=pos_int, help="inpaint: images (4); lid: images (4096, paper)")
     a("--hole", type=frac_float, default=0.5, help="inpaint: side of the masked centre / side")
     a("--zeta", type=pos_float, default=0.1, help="inpaint: data-fidelity scale zeta (Eq. 8)")
@@ -1518,30 +1606,112 @@ def build_parser():
     a("--lid-method", default="auto", choices=("auto", "exact", "slq"), help="auto: d <= 1024")
     a("--lid-probes", type=pos_int, default=8, help="SLQ: Rademacher probe vectors")
     a("--lid-lanczos", type=pos_int, default=60, help="SLQ: Lanczos steps per probe")
-    a("--bench-steps", type=pos_int, default=20, help="benchmark: measured phase-1 steps")
-    a("--bench-steps-main", type=pos_int, default=5, help="benchmark: measured phase-2 steps")
-    a("--bench-sample-steps", type=pos_int, default=300, help="benchmark: sampler Heun steps")
     return p
 
-def resolve_args(args):
-    """Fill the None defaults from the recipe and the dataset row."""
-    row = {**RECIPES[args.recipe], **DATASET_OVERRIDES.get(args.dataset, {})}
-    row.update(steps=row[f"steps_{args.phase}"], ema_decay=row[f"ema_{args.phase}_phase"])
+def find_checkpoint(args):
+    """The checkpoint a mode starts from and the flags it hands on, or (None, ()) for a fresh run:
+    train --resume: --ckpt, else ckpt_<phase>.pt (all its training flags); phase main: the
+    phase-1 checkpoint (all but PHASE_KEYS); the other modes: --ckpt, else the run's newest."""
+    own = os.path.join(args.out_dir, f"ckpt_{args.phase}.pt")
+    if args.mode == "train":
+        if args.resume and (args.ckpt or os.path.isfile(own)):
+            ck = load_checkpoint(args.ckpt or own)
+        elif args.phase == "main" and not args.from_scratch:
+            path = args.ckpt or os.path.join(args.out_dir, "ckpt_warmup.pt")
+            if not os.path.isfile(path):
+                die(f"phase main starts from a phase-1 checkpoint: {path} not found "
+                    f"(run --phase warmup first, pass --ckpt, or --from-scratch)")
+            ck = load_checkpoint(path)
+        else:
+            return None, ()
+        skip = RUN_FLAGS | EVAL_ONLY | (set() if ck.get("phase") == args.phase else PHASE_KEYS)
+        return ck, [k for k in ck["args"] if k not in skip]
+    found = [p for p in (os.path.join(args.out_dir, f"ckpt_{ph}.pt") for ph in ("main", "warmup"))
+             if os.path.isfile(p)]
+    if not (args.ckpt or found):
+        die(f"no checkpoint in {args.out_dir} (train first or pass --ckpt)")
+    ck = load_checkpoint(args.ckpt or found[0])
+    return ck, [k for k in ck["args"] if k in ARCH_KEYS + DATA_KEYS + METHOD_FLAGS
+                + ("sampler", "recipe", "no_ot")]
+
+def parse_args(argv=None):
+    """Flags -> args. Every setting follows one rule (issue 22): a flag the user typed > the value
+    stored in the checkpoint the mode reads > the recipe's default (args.sources_ says which)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = build_parser()
+    args = p.parse_args(argv)
+    for action in p._actions:                                          # now: typed flags only
+        action.default = argparse.SUPPRESS
+    args.typed_, args.argv_ = set(vars(p.parse_args(argv))), argv
+    args.out_dir = args.out_dir or os.path.join("runs", f"em_{args.dataset}")
+    args.ck_, keys = find_checkpoint(args)
+    return resolve_args(args, args.ck_, keys)
+
+def resolve_args(args, ck=None, keys=()):
+    """Fill the flags left at None: from the checkpoint `ck` (for `keys`), else the recipe and the
+    dataset's row; warn of typed flags the mode does not read. Bad combinations: exit 2."""
+    typed, saved = getattr(args, "typed_", set()), (ck or {}).get("args", {})
+    clash = [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint: {saved[k]})"
+             for k in ARCH_KEYS if k in typed and k in saved and saved[k] != getattr(args, k)]
+    if clash:
+        die(f"{ck['path']} holds another network; flags that differ from the checkpoint's: "
+            f"{', '.join(clash)}")
+    src = {k: "flag" for k in typed}
+    for k in keys:
+        if k not in typed and hasattr(args, k):
+            setattr(args, k, saved[k])
+            src[k] = "checkpoint"
+    if args.dataset == "npz" and src.get("image_size") != "checkpoint":  # the file's shape
+        c, s = load_npz(args.data_dir).tensors[0].shape[1:3]
+        if (args.image_size or s) != s:
+            die(f"--image-size {args.image_size}: the images of {args.data_dir} are {s} x {s}")
+        args.channels, args.image_size = c, s
+    like_mnist = args.dataset == "mnist" or (args.dataset == "npz" and args.channels == 1
+                                             and args.image_size == 28)
+    if args.tau_s is None and args.mode == "train" and args.phase == "warmup":
+        args.tau_s, src["tau_s"] = 1.0, "recipe"  # no Boltzmann well to sample before phase 2
+    row = {**RECIPES[args.recipe], **DATASET_ROWS.get("mnist" if like_mnist else args.dataset, {})}
+    arch = ("cnn" if like_mnist else "unetvit") if args.arch == "auto" else args.arch
+    row.update(steps=row[f"steps_{args.phase}"], ema_decay=row[f"ema_{args.phase}"], arch=arch,
+               image_size=28 if like_mnist else 64 if args.dataset == "celeba64" else 32,
+               channels=1 if like_mnist else 3, lid_tau=10.0 if like_mnist else 2.0,
+               attn_dropout=args.dropout)
+    row.setdefault("model_size", 32 if arch == "cnn" else 128)
     for k, v in row.items():
-        if getattr(args, k, 0) is None:                           # a flag of the row left at None
+        if getattr(args, k, 0) is None or (k == "arch" and args.arch == "auto"):
             setattr(args, k, v)
-    if args.dataset == "npz":
-        args.channels, args.image_size = load_npz(args.data_dir).tensors[0].shape[1:3]
-    if args.image_size is None:
-        args.image_size = 64 if args.dataset == "celeba64" else 32
-    if args.lid_tau is None:
-        args.lid_tau = 10.0 if args.dataset == "mnist" else 2.0
-    if args.out_dir is None:
-        args.out_dir = os.path.join("runs", f"em_{args.dataset}")
-    args.tau_s_default = args.tau_s is None
-    if args.mode in ("train", "benchmark") and args.tau_s is None:
-        args.tau_s = 1.0 if args.phase == "warmup" else 3.0   # no Boltzmann well before phase 2
+            src.setdefault(k, "recipe")
+    args.sources_ = src
+    if args.arch == "unetvit":
+        s, mult = args.image_size, ints(args.ch_mult)
+        if s < 8 or s % 4 or s % 2 ** (len(mult) - 1):
+            die(f"the UNet+ViT potential needs an image side >= 8 divisible by 4 and by "
+                f"2^{len(mult) - 1} (--ch-mult), got {s}")
+    if args.mode == "sample" and args.num_samples == 0:
+        die("--num-samples 0 in --mode sample would write an empty samples.npz")
+    check_memory(args)
+    reads = (set(vars(args)) - EVAL_ONLY if args.mode == "train" else
+             EVAL_READS | set(MODE_SETTINGS[args.mode]))
+    if args.mode == "train" and ck is None and not args.resume:
+        reads.discard("ckpt")                     # phase warmup reads --ckpt only to resume
+    for k in sorted(typed - reads):
+        print(f"warning: --{k.replace('_', '-')} has no effect in --mode {args.mode}"
+              + (" without --resume" if k == "ckpt" else ""), file=sys.stderr)
     return args
+
+def check_memory(args):
+    """Refuse, before a network is built, a size whose activations cannot fit: a lower bound of
+    one training step (4 bytes x base channels x pixels x batch x 16 layers) over the memory."""
+    batch = args.batch_size if args.mode == "train" else args.sample_batch
+    need = 4 * args.model_size * args.image_size ** 2 * batch * 16
+    have = (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            if hasattr(os, "sysconf") else float("inf"))
+    if torch.cuda.is_available() and args.device != "cpu":
+        have = torch.cuda.get_device_properties(0).total_memory
+    if need > have:
+        die(f"--image-size {args.image_size} with --model-size {args.model_size} and batch {batch} "
+            f"needs at least {need / 2**30:.0f} GiB of activations; this machine has "
+            f"{have / 2**30:.0f} GiB")
 
 def args_to_dict(args):
     """A plain dict of str/int/float/bool/None/list for the checkpoint (weights_only loads it)."""
@@ -1549,12 +1719,19 @@ def args_to_dict(args):
             if not k.endswith("_")}
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = resolve_args(build_parser().parse_args(argv))
-    args.argv_ = argv
-    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
-    return {"train": cmd_train, "sample": cmd_sample, "inpaint": cmd_inpaint, "lid": cmd_lid,
-            "benchmark": cmd_benchmark}[args.mode](args)
+    args = parse_args(argv)
+    torch.set_num_threads(pick_threads(args.threads))
+    try:
+        with RunLock(args.out_dir, int(os.environ.get("RANK", "0")) == 0):
+            return MODES[args.mode](args)
+    except torch.OutOfMemoryError as e:
+        die(f"out of memory on {args.device} ({str(e).splitlines()[0][:120]}); try a smaller "
+            f"--batch-size / --sample-batch / --model-size")
+    except RuntimeError as e:
+        if "allocate" not in str(e) and "out of memory" not in str(e):
+            raise
+        die(f"out of memory ({str(e).splitlines()[0][:120]}); try a smaller --batch-size / "
+            f"--sample-batch / --model-size")
 
 if __name__ == "__main__":
     main()

@@ -139,20 +139,20 @@ def _center(v):
 class VPFB:
     """The method: a scalar potential Phi(x, t) whose gradient is the velocity dx/dt = grad_x Phi,
     Eq. (13). phi(x, t) takes x (B, ...) and t (B,) and returns (B,); an autonomous Phi(x) ignores
-    t. Defaults are ours, [paper / authors' code] where they differ (README, "Paper vs code"):
-      kappa      w(t) = (1 - t)^kappa, Sec. 3.5 [1; paper > 1 (2 here), authors 2 in effect]
+    t. VPFB(phi) is Eq. (27) as printed, with one correction, the Boltzmann factor c = 2 of Eq. (22)
+    (tested); AUTHORS and OURS below are the authors' code and our variant:
+      kappa      w(t) = (1 - t)^kappa, Sec. 3.5 (kappa > 1: 2)
       t_end      t ~ U(0, t_end) (Eq. 26); t_max: t is clamped to t_max (stationarity) [1, 1-1e-5]
-      eta        Poincare term eta E[Phi^2] of Eq. (27) [1e-4; authors 0: only logged]
-      lam_cos, lam_gx, lam_gt   weights of -cos, E||grad_x Phi||^2, E(dPhi/dt)^2 [1, 1, 0.01;
-                 paper 1, 1, 1; authors 1, 0.5, 0.1]: E(dPhi/dt)^2 biases the flow, so it is small
-      cov_form   Cov[Phi, w gamma] [stein: by parts, -2 E[w grad Phi . v]; paper cov; authors corr]
+      eta        Poincare term eta E[Phi^2] of Eq. (27) (a small eta: 1e-4)
+      lam_cos, lam_gx, lam_gt   weights of -cos, E||grad_x Phi||^2, E(dPhi/dt)^2 (1, 1, 1)
+      cov_form   "cov": Cov[Phi, w gamma] as printed; "corr": the authors'; "stein": by parts
       cos_form, weight_on, grad_norm   the term's paper / authors' form (its method)
-      bfactor    c in Phi_B = (c Phi + f ||x||^2) / g^2, Eq. (22) [2, from the ODE (19); paper 4]
+      bfactor    c in Phi_B = (c Phi + f ||x||^2) / g^2, Eq. (22): 2 from the ODE (19); printed 4
       t_inf      where Phi_B is read off [None = t_max]"""
 
-    def __init__(self, phi, autonomous=False, kappa=1.0, t_end=1.0, t_max=1.0 - 1e-5, eta=1e-4,
-                 lam_cos=1.0, lam_gx=1.0, lam_gt=0.01, cov_form="stein", cos_form="paper",
-                 weight_on="ritz", grad_norm="sum", bfactor=2.0, schedule=None, t_inf=None):
+    def __init__(self, phi, autonomous=False, kappa=2.0, t_end=1.0, t_max=1.0 - 1e-5, eta=1e-4,
+                 lam_cos=1.0, lam_gx=1.0, lam_gt=1.0, cov_form="cov", cos_form="paper",
+                 weight_on="cov", grad_norm="sum", bfactor=2.0, schedule=None, t_inf=None):
         for name, val, ok in (("cov_form", cov_form, ("cov", "corr", "stein")),
                               ("cos_form", cos_form, ("paper", "authors")),
                               ("weight_on", weight_on, ("ritz", "cov")),
@@ -256,12 +256,12 @@ class VPFB:
         return (w * gx2).mean() if self.weight_on == "ritz" else gx2.mean()
 
     # ---------------------------------------------------------------- sampling and Eq. (22)
-    def sample(self, x0, method="euler", n_steps=100, t0=0.0, t1=1.0, rtol=1e-3, atol=1e-3,
+    def sample(self, x0, solver="euler", n_steps=100, t0=0.0, t1=1.0, rtol=1e-3, atol=1e-3,
                return_traj=False):
         """Potential-flow ODE dx/dt = +grad_x Phi(x, t) (Eq. 13) from prior noise x0 at t0 to t1,
         "euler" or "rk45" (ode_solve). Past t_max Phi(x, t_max) acts, so t1 > 1 is long-run
         sampling (Sec. 4.6). NFE in self.last_nfe. Returns x, or (x, traj (K, B, ...))."""
-        x, traj, self.last_nfe = ode_solve(self.grad_phi, x0, method, n_steps, t0, t1, rtol, atol,
+        x, traj, self.last_nfe = ode_solve(self.grad_phi, x0, solver, n_steps, t0, t1, rtol, atol,
                                            return_traj)
         return (x, traj) if return_traj else x
 
@@ -287,22 +287,33 @@ class VPFB:
             xr = x.detach().requires_grad_(True)
             return torch.autograd.grad(self.boltzmann_energy(xr).sum(), xr)[0].detach()
 
-    def langevin(self, x0, n_steps=100, step_size=1e-3, temperature=1.0, return_traj=False):
+    def langevin(self, x0, n_steps=100, step_size=1e-5, temperature=1.0, return_traj=False):
         """SGLD ascent on the Boltzmann energy Phi_B (Sec. 4.6); stationary law exp(Phi_B / T^2)."""
         x, traj, self.last_nfe = sgld(self.grad_boltzmann, x0, n_steps, step_size, temperature,
                                       return_traj)
         return (x, traj) if return_traj else x
 
+# The authors' code (https://github.com/ljun0004/VAPO: losses.py, configs/homotopy/*.py):
+# VPFB(phi, **AUTHORS). Their network and optimiser are section 2's AUTHORS_UNET and section 7.
+AUTHORS = dict(eta=0.0, lam_gx=0.5, lam_gt=0.1, cov_form="corr", cos_form="authors",
+               grad_norm="mean", bfactor=4.0)
+# Ours: VPFB(phi, **OURS). With "stein" and the weighted gradient norm, Cov + E w|grad Phi|^2 IS
+# weighted flow matching on grad_x Phi, sample by sample: -2 w grad Phi . v + w |grad Phi|^2 =
+# w |grad Phi - v|^2 - w |v|^2 (tested). It is still VPFB: the same expectation, so the same
+# minimiser Phi*, by a low-variance estimator (the printed covariance weighs Phi by D noise terms).
+# kappa 1 and a small lam_gt keep the flow unbiased; training images need it (README).
+OURS = dict(kappa=1.0, lam_gt=0.01, cov_form="stein", weight_on="ritz")
+
 # ---- samplers: plain functions of a gradient field (tests feed analytic fields)
 
-def ode_solve(velocity, x0, method="euler", n_steps=100, t0=0.0, t1=1.0, rtol=1e-3, atol=1e-3,
+def ode_solve(velocity, x0, solver="euler", n_steps=100, t0=0.0, t1=1.0, rtol=1e-3, atol=1e-3,
               return_traj=False):
     """Integrate dx/dt = velocity(x, t) from t0 to t1 -> (x, traj or None, nfe). "euler": n_steps
     steps; "rk45": scipy's adaptive Dormand-Prince 5(4) on the flat batch in float64."""
-    if method not in ("euler", "rk45"):
-        raise ValueError(f"method must be euler|rk45, got {method!r}")
+    if solver not in ("euler", "rk45"):
+        raise ValueError(f"solver must be euler|rk45, got {solver!r}")
     x = x0.detach()
-    if method == "euler":
+    if solver == "euler":
         dt = (t1 - t0) / n_steps
         traj = [x]
         for k in range(n_steps):
@@ -328,7 +339,7 @@ def ode_solve(velocity, x0, method="euler", n_steps=100, t0=0.0, t1=1.0, rtol=1e
     traj = xs.T.reshape(-1, *shape) if return_traj else None
     return x, traj, nfe[0]
 
-def sgld(grad_energy, x0, n_steps=100, step_size=1e-3, temperature=1.0, return_traj=False):
+def sgld(grad_energy, x0, n_steps=100, step_size=1e-5, temperature=1.0, return_traj=False):
     """Stochastic gradient Langevin dynamics ascending an energy E (Sec. 4.6):
         x_{k+1} = x_k + Delta grad E(x_k) + sqrt(2 Delta) e,   e ~ N(0, lambda^2 I)
     with step Delta = step_size and temperature scale lambda = temperature (a standard deviation).
@@ -570,71 +581,106 @@ class Conditioned(nn.Module):
         return sum(out) / len(ys)
 
 # ==== ENGINEERING: nothing below this line is in the paper ====
+# The engineering's own imports (flags, signals, processes, files): sections 1-2 need none of them.
+import argparse
+import copy
+import functools
+import inspect
+import json
+import os
+import shlex
+import signal
+import sys
+import time
+
+import torch.distributed as dist
+
 # ==== 3. Data ====
-# Images live in [-1, 1]; torchvision sets are downloaded into --data-dir (offline: one clear line).
+# Images live in [-1, 1] as float NCHW; files on disk are uint8 NHWC (samples.npz, --dataset npz).
+# A fault of the data is one line and exit 2 when it is loaded, before a network is built.
+FLIP_SETS = ("cifar10", "celeba64", "folder")                         # random horizontal flips
+OOD_SETS = ("svhn", "cifar10", "cifar100", "celeba", "interp", "noise")   # or a folder / .npz
+CELEBA_ATTRS = ("Male", "Smiling", "Young")             # classes 0, 1, 2 of --class-cond (3 = none)
+
 def die(msg, code=2):
     """One line "error: ..." on stderr, no traceback; exit 2: bad input, 3: non-finite numbers."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(code)
 
-DATASETS = ["cifar10", "celeba64", "mnist", "folder", "npz", "fake"]    # training sets
-OOD_SETS = ["svhn", "cifar100", "celeba", "interp"]                   # OOD sets (+ the test split)
-FLIP_SETS = ("cifar10", "celeba64", "folder")                         # random horizontal flips
-CELEBA_ATTRS = ("Male", "Smiling", "Young")             # classes 0, 1, 2 of --class-cond (3 = none)
-
 def load_npz(path):
-    """--dataset npz (`images` uint8 NHWC, optional `labels`) as float [-1, 1] NCHW tensors."""
+    """--dataset npz (`images` uint8 NHWC, optional integer `labels`) as float [-1, 1] NCHW."""
     if not os.path.isfile(path):
         die(f"--dataset npz: --data-dir must be a .npz file; {os.path.abspath(path)} is not one")
+    st = os.stat(path)
+    return _read_npz(os.path.abspath(path), st.st_mtime_ns, st.st_size)
+
+@functools.lru_cache(maxsize=2)    # resolve_args reads the shape, build_dataset the images: once
+def _read_npz(path, mtime, size):
     try:
         with np.load(path) as z:
             images = z["images"]
             labels = z["labels"] if "labels" in z.files else np.zeros(len(images), np.int64)
-    except (OSError, ValueError, KeyError, EOFError) as e:
-        die(f"cannot read {path}: need a .npz with key 'images' ({type(e).__name__})")
-    if images.dtype != np.uint8 or images.ndim != 4:
-        die(f"{path}: 'images' must be uint8 N x H x W x C, got {images.dtype} {images.shape}")
+    except Exception as e:                  # a truncated zip, a bad stream, no key 'images', ...
+        die(f"cannot read {path}: need a complete .npz with key 'images' ({type(e).__name__})")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3):
+        die(f"{path}: 'images' must be uint8 N x H x W x C, C = 1 or 3, got {images.dtype} "
+            f"{images.shape}")
+    n, h, w, _ = images.shape
+    if n == 0 or h != w or h < 8:
+        die(f"{path}: need square images of side >= 8, got {n} images of {h} x {w}")
+    if labels.shape != (n,) or labels.dtype.kind not in "iu":
+        die(f"{path}: 'labels' must be {n} integers, got {labels.dtype} {labels.shape}")
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return torch.utils.data.TensorDataset(x, torch.as_tensor(labels).long())
 
+def face_crop(im):
+    """CelebA's usual 140 x 140 face crop of the aligned 178 x 218 photos (not of smaller ones)."""
+    import torchvision.transforms.functional as TF
+    return TF.center_crop(im, 140) if min(im.size) >= 178 else im
+
+def image_folder(path, tf, name):
+    """An ImageFolder whose every file is opened once here (header), not first mid-training."""
+    import torchvision.datasets as D
+    from PIL import Image
+    try:
+        ds = D.ImageFolder(path, transform=tf)
+    except (FileNotFoundError, OSError) as e:
+        what = ("CelebA images (e.g. img_align_celeba/*.jpg) in a sub-folder"
+                if name != "folder" else "images in at least one sub-folder")
+        die(f"no image folder at {os.path.abspath(path)} ({type(e).__name__}); put {what} there")
+    for p, _ in ds.samples:
+        try:
+            with Image.open(p) as im:
+                im.verify()
+        except Exception as e:
+            die(f"cannot read image {p} ({type(e).__name__}); remove or replace it")
+    return ds
+
 def build_dataset(args, train=True, name=None):
-    """(image in [-1, 1], label) of args.dataset or `name` (the OOD sets). celeba64 and celeba:
-    <data-dir>/celeba64/. Training flips are drawn in the training loop (per step), not here."""
+    """(image in [-1, 1], label) pairs of --dataset (or `name`); a missing set is one line, exit 2.
+    Training flips are drawn in the loop, per step: a resumed run sees the same images."""
     import torchvision.datasets as D
     import torchvision.transforms as T
-    name, root = name or args.dataset, args.data_dir
+    name, root, c, s = name or args.dataset, args.data_dir, args.channels, args.image_size
     if name == "npz":
         return load_npz(root)                                         # one file: no test split
-    ch, size = args.channels, args.image_size
-    norm = [T.ToTensor(), T.Normalize([0.5] * ch, [0.5] * ch)]                   # [0, 1] -> [-1, 1]
-    resize = [T.Resize(size), T.CenterCrop(size)]
-    gray = [T.Grayscale(ch)] if name == "mnist" or ch == 1 else []   # OOD sets for an MNIST model
+    if name == "noise":                                               # uniform noise in [-1, 1]
+        g = torch.Generator().manual_seed(10_000)
+        x = torch.rand(args.fake_size, c, s, s, generator=g) * 2 - 1
+        return torch.utils.data.TensorDataset(x, torch.zeros(len(x), dtype=torch.long))
+    norm = [T.ToTensor(), T.Normalize([0.5] * c, [0.5] * c)]          # [0, 1] -> [-1, 1]
+    gray = [T.Grayscale(c)] if name == "mnist" or c == 1 else []
+    tf = T.Compose([T.Resize(s), T.CenterCrop(s)] + gray + norm)
     if name == "fake":
-        return D.FakeData(size=args.fake_size, image_size=(ch, size, size), num_classes=10,
+        return D.FakeData(size=args.fake_size, image_size=(c, s, s), num_classes=10,
                           transform=T.Compose(norm), random_offset=0 if train else 10_000)
     if name in ("celeba64", "celeba", "folder"):
-        path = os.path.join(root, "celeba64") if name != "folder" else root
-        crop = [T.CenterCrop(140)] if name != "folder" else []     # CelebA: the 140 x 140 face crop
-        try:
-            ds = D.ImageFolder(path, transform=T.Compose(crop + resize + gray + norm))
-        except (FileNotFoundError, OSError) as e:
-            what = ("CelebA images (e.g. img_align_celeba/*.jpg) in a sub-folder"
-                    if name != "folder" else "images in at least one sub-folder")
-            die(f"no image folder at {os.path.abspath(path)} ({type(e).__name__}); "
-                f"put {what} there")
-        if name == "celeba64" and getattr(args, "class_cond", False):   # Sec. 4.3's attributes
-            attr_file = os.path.join(path, "list_attr_celeba.txt")
-            if not os.path.isfile(attr_file):
-                die(f"--class-cond on celeba64 needs CelebA's attribute file at "
-                    f"{os.path.abspath(attr_file)}")
-            with open(attr_file) as fh:
-                lines = fh.read().splitlines()
-            cols = [lines[1].split().index(a) for a in CELEBA_ATTRS]
-            attrs = {r[0]: [int(r[1 + c]) for c in cols] for r in map(str.split, lines[2:]) if r}
-            ds.samples = [(p, attrs.get(os.path.basename(p), [-1] * 3)) for p, _ in ds.samples]
-            ds.target_transform, ds.classes = celeba_label, list(CELEBA_ATTRS) + ["none"]
+        crop = [face_crop] if name != "folder" else []
+        ds = image_folder(os.path.join(root, "celeba64") if name != "folder" else root,
+                          T.Compose(crop + tf.transforms), name)
+        if name == "celeba64" and args.class_cond:                   # Sec. 4.3's attributes
+            celeba_attributes(ds, os.path.join(root, "celeba64", "list_attr_celeba.txt"))
         return ds
-    tf = T.Compose(resize + gray + norm)
     what = {"cifar10": "cifar-10-batches-py/ (from cifar-10-python.tar.gz)",
             "cifar100": "cifar-100-python/ (from cifar-100-python.tar.gz)",
             "svhn": "svhn/train_32x32.mat and svhn/test_32x32.mat", "mnist": "MNIST/raw/"}[name]
@@ -646,17 +692,32 @@ def build_dataset(args, train=True, name=None):
         return kind(root, train=train, download=True, transform=tf)
     except Exception as e:  # no internet, bad archive, ...
         first = str(e).splitlines()[0] if str(e) else ""
-        die(f"could not load {name} ({type(e).__name__}: {first}); "
-            f"put {what} under {os.path.abspath(root)} or allow the download")
+        die(f"could not load {name} ({type(e).__name__}: {first}); put {what} under "
+            f"{os.path.abspath(root)}, allow the download, or use --dataset npz")
+
+def celeba_attributes(ds, attr_file):
+    """Labels of --class-cond on CelebA: a random positive attribute among Male, Smiling, Young
+    (0, 1, 2), or 3 if none (Sec. 4.3), from CelebA's list_attr_celeba.txt."""
+    if not os.path.isfile(attr_file):
+        die(f"--class-cond on celeba64 needs CelebA's attributes at {os.path.abspath(attr_file)}")
+    with open(attr_file) as fh:
+        lines = fh.read().splitlines()
+    cols = [lines[1].split().index(a) for a in CELEBA_ATTRS]
+    attrs = {r[0]: [int(r[1 + c]) for c in cols] for r in map(str.split, lines[2:]) if r}
+    ds.samples = [(p, attrs.get(os.path.basename(p), [-1] * 3)) for p, _ in ds.samples]
+    ds.target_transform, ds.classes = celeba_label, list(CELEBA_ATTRS) + ["none"]
 
 def celeba_label(attr):
-    """A random positive attribute among Male, Smiling, Young (0, 1, 2), or 3 if none."""
     pos = [i for i, a in enumerate(attr) if a == 1]
     return pos[int(torch.randint(len(pos), ()))] if pos else 3
 
 def num_classes_of(ds):
+    """Classes of a training set for --class-cond; labels outside 0..K-1 are one line, exit 2."""
     if isinstance(ds, torch.utils.data.TensorDataset):                 # npz: labels 0 .. max
-        return int(ds.tensors[1].max()) + 1
+        y = ds.tensors[1]
+        if len(y) and int(y.min()) < 0:
+            die(f"--class-cond needs labels 0..K-1; the npz has label {int(y.min())}")
+        return int(y.max()) + 1 if len(y) else 1
     return max(1, len(getattr(ds, "classes", [])) or 10)
 
 class StepBatches(torch.utils.data.Sampler):
@@ -684,18 +745,28 @@ def quiet_worker(_):    # workers ignore a group's Ctrl-C / SIGTERM: the main pr
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
 
-def batch_iterator(ds, args, rank=0, world=1, start_step=0):
-    sampler = StepBatches(len(ds), args.batch_size, args.seed, rank, world, start_step)
+def batch_iterator(ds, batch, seed, workers, rank=0, world=1, start_step=0):
+    """(x, y) batches from `start_step` on; the same batches on resume (StepBatches)."""
+    sampler = StepBatches(len(ds), batch, seed, rank, world, start_step)
     # own generator: making the iterator must not consume the global RNG (resume would shift noise)
-    dl = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=args.workers,
-                                     pin_memory=torch.cuda.is_available(),
-                                     persistent_workers=args.workers > 0,
-                                     worker_init_fn=quiet_worker,
-                                     generator=torch.Generator().manual_seed(args.seed + rank))
-    return iter(dl)
+    return iter(torch.utils.data.DataLoader(
+        ds, batch_sampler=sampler, num_workers=workers, pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0, worker_init_fn=quiet_worker,
+        generator=torch.Generator().manual_seed(seed + rank)))
+
+def next_batch(batches, device, flip):
+    """The next (x, y) on `device`, x flipped at random when `flip`; unreadable data: exit 2."""
+    try:
+        x, y = next(batches)
+    except (OSError, RuntimeError, ValueError) as e:     # e.g. a truncated image file
+        die(f"cannot load a training batch ({type(e).__name__}: {str(e).strip().splitlines()[-1]})")
+    x = x.to(device, non_blocking=True).float()
+    if flip:                                          # drawn from the step's seed: exact resume
+        x = torch.where(torch.rand(x.shape[0], 1, 1, 1, device=device) < 0.5, x.flip(-1), x)
+    return x, y.to(device)
 
 def first_images(ds, n, batch=256):
-    """The first n images of a dataset as one tensor (for nn / hist / ood)."""
+    """The first n images of a dataset as one tensor (held-out images of the experiment modes)."""
     xs, got = [], 0
     for x, _ in torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False):
         xs.append(x)
@@ -705,9 +776,36 @@ def first_images(ds, n, batch=256):
     return torch.cat(xs)[:n]
 
 # ==== 4. Training loop ====
-# bf16 (--amp): only the network trunk (`net.amp`, CUDA); Phi, the loss, samplers, Adam and EMA
-# stay fp32. DDP: DistributedDataParallel has no double backward (the loss differentiates grad_x
-# Phi), so each process keeps a plain module and allreduce_grads averages the gradients.
+# bf16 (--amp): the network trunk runs under autocast on CUDA (`net.amp`); Phi, the loss, the
+# samplers, parameters, Adam and EMA stay fp32; no GradScaler (bf16 has fp32's exponent range).
+# DDP does not support torch.autograd.grad (the loss differentiates grad_x Phi again): each process
+# keeps a plain module and allreduce_grads averages the gradients after backward.
+def build_net(args, device=None):
+    """Phi of --arch: the time-varying U-Net Phi(x, t) (--unet authors: their variant) or the
+    autonomous WideResNet Phi(x); class-conditional with --class-cond."""
+    nc = args.num_classes if args.class_cond else 0
+    if args.arch == "unet":
+        net = UNetPhi(args.channels, args.model_size, ints(args.ch_mult), args.res_blocks,
+                      ints(args.attn_res), args.dropout, args.image_size, nc,
+                      **(AUTHORS_UNET if args.unet == "authors" else {}))
+    else:
+        net = WRNPhi(args.channels, args.model_size, args.wrn_depth, 0.0, nc)
+    return net if device is None else engineer(net, device, args.amp, args.channels_last)
+
+def build_method(phi, args):
+    """VPFB(phi, ...) with the method's flags (section 7 filled them from the recipe)."""
+    return VPFB(phi, autonomous=args.arch == "wrn", t_end=args.t_end, t_max=args.t_max,
+                t_inf=args.t_inf, **{k: getattr(args, k) for k in METHOD_FLAGS})
+
+def engineer(net, device, amp, channels_last=False):
+    """On `device`, with the network's bf16-trunk (`amp`, section 2) and channels-last settings."""
+    net = net.to(device)
+    net.amp = amp == "bf16" or (amp == "auto" and device.type == "cuda")
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+        net.channels_last = True
+    return net
+
 class StopSignals:
     """SIGINT / SIGTERM only set a flag; the loop finishes its step, saves and exits 130 / 143."""
 
@@ -737,10 +835,19 @@ def pick_device(spec):
         die(f"device {spec} requested but CUDA is not available (use --device cpu)")
     return dev
 
-def setup_distributed(args):
+def pick_threads(n):
+    """--threads 0: the cores this process may use, less the load the other processes put on them
+    (1-minute load average), at least 1: on a busy machine, spinning threads cost 10-50x."""
+    if n:
+        return n
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores or 1, int((cores or 1) - busy + 0.5)))
+
+def setup_distributed(device_spec):
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `python` run is a world of one."""
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    device = pick_device(args.device)
+    device = pick_device(device_spec)
     if world > 1:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -757,40 +864,18 @@ def all_max(values, device, world):
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
 
-def build_model(args, num_classes, device=None):
-    """Phi from the flags (--net authors: their U-Net); with a device: on it, engineering set."""
-    nc = num_classes if args.class_cond else 0
-    if args.model == "unet":
-        net = UNetPhi(args.channels, args.model_size, ints(args.ch_mult), args.res_blocks,
-                      ints(args.attn_res), args.dropout, args.image_size, nc,
-                      **(AUTHORS_UNET if args.net == "authors" else {}))
-    else:
-        net = WRNPhi(args.channels, args.model_size, args.wrn_depth, 0.0, nc)
-    if device is None:
-        return net
-    return engineer(net, device, args.amp, args.channels_last)
-
-def engineer(model, device, amp, channels_last=False):
-    """On `device`, with the network's bf16-trunk (`amp`, section 2) and channels-last settings."""
-    model = model.to(device)
-    model.amp = amp == "bf16" or (amp == "auto" and device.type == "cuda")
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        model.channels_last = True
-    return model
-
-def build_vpfb(phi, args):
-    return VPFB(phi, autonomous=(args.model == "wrn"), **loss_kwargs(args))
+def count_params(net):
+    return sum(p.numel() for p in net.parameters())
 
 def ema_decay_at(decay, n, warmup=True):
     """Decay of EMA update number n: min(decay, (1 + n) / (10 + n)) with warm-up, else constant."""
     return min(decay, (1.0 + n) / (10.0 + n)) if warmup else decay
 
 @torch.no_grad()
-def ema_update(ema, model, decay):
+def ema_update(ema, net, decay):
     """theta_ema <- decay theta_ema + (1 - decay) theta (one fused foreach op)."""
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
-    for b_e, b in zip(ema.buffers(), model.buffers()):
+    torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1.0 - decay)
+    for b_e, b in zip(ema.buffers(), net.buffers()):
         b_e.copy_(b)
 
 def allreduce_grads(params, world):
@@ -805,7 +890,7 @@ def allreduce_grads(params, world):
 
 @torch.no_grad()
 def clip_std_(opt, bound):
-    """The authors' clip mode `std`: every gradient element is clipped to +-(bound * RMS + 0.1), the
+    """The authors' clip mode `std`: each gradient element is clipped to +-(bound * RMS + 0.1), the
     RMS being Adam's bias-corrected running sqrt(v_hat) from the steps before (none at step 1)."""
     for group in opt.param_groups:
         beta2 = group["betas"][1]
@@ -820,26 +905,103 @@ def step_seed(seed, step, rank):
     """Every (step, rank) has its own seed: a resumed run draws the numbers a straight run draws."""
     return (seed * 1_000_003 + step * 4099 + rank * 7) % (2 ** 62)
 
-def train_step(model, net, opt, x, args, world, step, stop):
-    """One step of Eq. (27) -> (logs, bad, signum). One all-reduce makes all ranks agree whether
-    the loss or gradient was non-finite anywhere (then nothing is updated) and a signal came."""
-    lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))      # linear warm-up (authors)
+def train_step(method, net, opt, batch, lr, clip, world=1, signum=0):
+    """One optimiser step on method.loss(**batch) -> (logs, ok, signum). A step whose loss or
+    gradient norm is non-finite on any rank is skipped (ok False); the same all-reduce gives every
+    rank the largest stop-signal number of any rank."""
     for g in opt.param_groups:
         g["lr"] = lr
-    loss, stats = model.loss(x)                                     # one Monte-Carlo batch
+    loss, logs = method.loss(**batch)
     opt.zero_grad(set_to_none=True)
     loss.backward()                      # even when NaN: every rank must join the all-reduce
     allreduce_grads(net.parameters(), world)
-    clip = args.grad_clip if (args.grad_clip > 0 and args.clip_mode == "norm") else math.inf
-    stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(net.parameters(), clip))
-    stats["lr"] = lr
-    finite = math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])
-    bad, signum = all_max([not finite, stop.signum or 0], x.device, world)
+    gn = torch.nn.utils.clip_grad_norm_(net.parameters(), clip if clip > 0 else math.inf)
+    logs.update(lr=lr, grad_norm=float(gn))
+    bad = not (math.isfinite(logs["loss"]) and math.isfinite(logs["grad_norm"]))
+    bad, signum = all_max([bad, signum], loss.device, world)        # the step's one all-reduce
     if not bad:
-        if args.clip_mode == "std" and args.grad_clip > 0:
-            clip_std_(opt, args.grad_clip)
         opt.step()
-    return stats, bool(bad), int(signum)
+    return logs, not bad, int(signum)
+
+class RunLock:
+    """One run per output folder: <out-dir>/.lock holds the pid of the run that writes there. A
+    second run exits 2 naming it; a dead run's lock is taken over with one line. Freed at exit."""
+
+    def __init__(self, out_dir, active=True):
+        self.path = os.path.join(out_dir, ".lock") if active else None
+
+    def __enter__(self):
+        if self.path is None:
+            return self
+        out_dir = os.path.dirname(self.path)
+        prepare_out_dir(out_dir)
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                break
+            except FileExistsError:
+                pid = self.owner()
+                if pid and pid != os.getpid() and pid_alive(pid):
+                    die(f"{out_dir} is in use by another run (pid {pid}); wait for it to end or "
+                        f"choose another --out-dir")
+                print(f"taking over the lock of a run that ended (pid {pid}) in {out_dir}")
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self.path)
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return self
+
+    def owner(self):
+        try:
+            with open(self.path) as f:
+                return int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def __exit__(self, *exc):
+        if self.path and self.owner() == os.getpid():
+            os.remove(self.path)
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                             # another user's process: alive
+        return True
+    return True
+
+def prepare_out_dir(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test_{os.getpid()}")        # one per DDP rank
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        die(f"cannot write to output folder {os.path.abspath(path)} ({e.strerror or e})")
+
+@contextlib.contextmanager
+def atomic(path):
+    """Write through a temporary name, then os.replace it onto `path`: a crash never leaves half a
+    file. A full disk or a file-size limit: the temporary file removed, one line, exit 2."""
+    tmp = f"{path}.tmp{os.path.splitext(path)[1]}"   # keeps the extension (np.savez, savefig)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        die(f"cannot write {path} ({e.strerror or e}); disk full or a file-size limit?")
+
+def write_json(out_dir, name, obj):
+    with atomic(os.path.join(out_dir, name)) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+
+def report(out_dir, name, obj):
+    """A mode's result: <out-dir>/<name> and the same JSON on stdout."""
+    write_json(out_dir, name, obj)
+    print(json.dumps(obj))
 
 class Logger:
     """Plain-text log (stdout + <out>/train.log) and JSON-lines metrics, rank 0 only."""
@@ -848,22 +1010,27 @@ class Logger:
         self.active, self.out_dir = active, out_dir
         self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
 
+    def append(self, path, text):
+        try:
+            with open(path, "a") as f:
+                f.write(text)
+        except OSError as e:
+            die(f"cannot write {path} ({e.strerror or e}); disk full or a file-size limit?")
+
     def __call__(self, msg):
         if self.active:
             print(msg, flush=True)
-            with open(os.path.join(self.out_dir, "train.log"), "a") as f:
-                f.write(msg + "\n")
+            self.append(os.path.join(self.out_dir, "train.log"), msg + "\n")
 
     def metrics(self, rec):
         if self.active:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            self.append(self.metrics_path, json.dumps(rec) + "\n")
 
     def truncate_metrics(self, upto):
         """On (re)start at step `upto`: drop records past it (no duplicate steps on resume)."""
         if self.active and os.path.exists(self.metrics_path):
             keep = [r for r in self.read_metrics() if r.get("step", 0) <= upto]
-            with open(self.metrics_path, "w") as f:
+            with atomic(self.metrics_path) as tmp, open(tmp, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in keep)
 
     def read_metrics(self, phase=None):
@@ -874,10 +1041,6 @@ class Logger:
             recs = [json.loads(s) for s in f if s.strip()]
         return [r for r in recs if phase is None or r.get("phase", phase) == phase]
 
-def write_json(out_dir, name, obj):
-    with open(os.path.join(out_dir, name), "w") as f:
-        json.dump(obj, f, indent=1)
-
 def to_uint8(x):
     """[-1, 1] NCHW float -> uint8 NHWC (the .npz layout eval_fid.py reads)."""
     x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -885,156 +1048,221 @@ def to_uint8(x):
 
 def save_grid(x, path, nrow=8):
     import torchvision.utils as vu
-    vu.save_image((x.float().clamp(-1, 1) + 1) / 2, path, nrow=nrow)
+    with atomic(path) as tmp:
+        vu.save_image((x.float().clamp(-1, 1) + 1) / 2, tmp, nrow=nrow)
 
-def plot_losses(records, path):
-    """Loss curve of the whole run and the Poincare ratio E|grad Phi|^2 / E Phi^2 (Fig. 10)."""
-    if not records:
-        return
+def save_figure(fig, path):
+    import matplotlib.pyplot as plt
+    with atomic(path) as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+def plot_losses(records, path, title, keys=("loss", "cov", "cos", "grad_x2", "poincare_ratio")):
+    """The loss terms of the whole run against the step (symlog scale: they change sign)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    s = [h["step"] for h in records]
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
-    for key, sign in (("loss", 1), ("cov", 1), ("cos", -1)):
-        ax[0].plot(s, [sign * h[key] for h in records], label=("-" if sign < 0 else "") + key)
-    ax[0].set(xlabel="step", title="VPFB loss, Eq. (27)")
-    ax[0].legend()
-    ax[1].semilogy(s, [max(h["poincare_ratio"], 1e-12) for h in records])
-    ax[1].set(xlabel="step", title="Poincare ratio E|grad Phi|^2 / E Phi^2")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key in keys:
+        pts = [(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])]
+        if pts:
+            ax.plot(*zip(*pts), label=key)
+    ax.set(xlabel="step", title=title)
+    ax.set_yscale("symlog", linthresh=1e-3)
+    if ax.lines:
+        ax.legend()
+    save_figure(fig, path)
+
+def generate(method, n, shape, device, batch, solver="rk45", x0=None, strict=True,
+             n_classes=0, **kw):
+    """n images from N(0, I) (or x0) by the ODE (13) (euler / rk45, NFE counted) or by SGLD on
+    Phi_B (kw: the sampler flags); a conditional Phi without labels draws random classes ->
+    (images on the CPU, stats). Non-finite images: exit 3 (strict) or a warning (grids)."""
+    phi = method.phi
+    random_classes = isinstance(phi, Conditioned) and n_classes and phi.y is None
+    outs, nfes, t_start = [], [], time.time()
+    for i in range(0, n, batch):
+        b = min(batch, n - i)
+        z = (x0[i:i + b] if x0 is not None else torch.randn(b, *shape)).to(device)
+        if random_classes:
+            phi.y = torch.randint(n_classes, (b,), device=device)
+        if solver == "sgld":
+            x = method.langevin(z, kw["sgld_steps"], kw["sgld_step"], kw["sgld_temp"])
+        else:
+            x = method.sample(z, solver, kw["ode_steps"], kw["t0"], kw["t1"], kw["rtol"],
+                              kw["atol"])
+        nfes.append(method.last_nfe)
+        outs.append((x.clamp(-1, 1) if kw["clamp"] else x).cpu())
+    if random_classes:
+        phi.y = None
+    dt, x = time.time() - t_start, torch.cat(outs) if outs else torch.empty(0, *shape)
+    n_bad = int((~torch.isfinite(x)).sum())
+    msg = f"the {solver} sampler produced non-finite values ({n_bad} of {x.numel()})"
+    if n_bad and strict:                   # never hand garbage on (FID would take it as valid)
+        die(msg + " (non-finite weights?); nothing written", 3)
+    if n_bad:
+        print("warning: " + msg, file=sys.stderr)
+    return x, {"sampler": solver, "nfe_mean": float(np.mean(nfes)) if nfes else 0.0,
+               "images_per_s": n / max(dt, 1e-9), "seconds": dt}
 
 def cmd_train(args):
-    """Eq. (27) on --dataset; resumable, NaN-guarded, signal-safe, DDP under torchrun."""
-    stop, batches = StopSignals(), None
+    """Eq. (27) on --dataset: resumable, NaN-guarded, signal-safe, DDP under torchrun."""
+    rank, world, device = setup_distributed(args.device)
+    main_rank, phase, ck = rank == 0, args.phase, args.ck_
+    ckpt_path = os.path.join(args.out_dir, f"ckpt_{phase}.pt")        # always WRITE into --out-dir
+    resumed = ck is not None and ck.get("phase") == phase
+    start = int(ck["step"]) if ck is not None else 0
+    phase_start = int(ck.get("phase_start", 0)) if resumed else start
+    end = phase_start + args.steps
+    if resumed and start >= end:                     # resume never goes back and changes nothing
+        print(f"checkpoint is at step {start - phase_start} >= --steps {args.steps}: nothing to do")
+        return []
+    stop, log, batches = StopSignals(), Logger(args.out_dir, main_rank), None
     try:
-        rank, world, device = setup_distributed(args)
-        main_rank = rank == 0
-        log = Logger(args.out_dir, main_rank)
-        ckpt_path = os.path.join(args.out_dir, "ckpt.pt")             # always WRITE into --out-dir
-        if main_rank and os.path.exists(ckpt_path + ".tmp"):
-            os.remove(ckpt_path + ".tmp")                             # a save that crashed
-        torch.manual_seed(args.seed)                  # the same initial weights on every process
+        if main_rank:                          # temporary files of an interrupted write: garbage
+            for name in os.listdir(args.out_dir):
+                if ".tmp" in name:
+                    os.remove(os.path.join(args.out_dir, name))
+        ds = build_dataset(args, train=True)           # data first: a fault costs no network
+        if args.class_cond and (args.num_classes or 0) < num_classes_of(ds):
+            if args.num_classes is not None:
+                die(f"--num-classes {args.num_classes}: the data has {num_classes_of(ds)} classes")
+            args.num_classes = num_classes_of(ds)      # an image folder: its sub-folders
+        torch.manual_seed(args.seed)                   # the same initial weights on every process
         if device.type == "cuda":                                     # TF32: safe for this loss
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
             torch.backends.cudnn.benchmark = True
-        ds = build_dataset(args, train=True)
-        ncls = num_classes_of(ds)
-        net = build_model(args, ncls, device)
+        net = build_net(args, device)
         ema = copy.deepcopy(net).eval().requires_grad_(False)
-        opt = torch.optim.Adam(net.parameters(), lr=args.lr)
-        step, n_ema, src = 0, 0, args.ckpt or ckpt_path               # READ from --ckpt if given
-        if args.resume and (args.ckpt or os.path.isfile(src)):
-            st = load_checkpoint(src)
-            if is_authors_checkpoint(st):
-                die(f"{src} is an authors' checkpoint: their optimizer state does not resume "
-                    f"here; use it with --mode sample/ood/... --ckpt {src}")
-            diff = [f"--{k.replace('_', '-')} {getattr(args, k)!r} (checkpoint: {st['args'][k]!r})"
-                    for k in ARCH_KEYS if st["args"].get(k, getattr(args, k)) != getattr(args, k)]
-            if diff:
-                die(f"{src} was trained with another architecture: {', '.join(diff)}")
-            net.load_state_dict(st["model"])
-            ema.load_state_dict(st["ema"])
-            opt.load_state_dict(st["opt"])
-            step, n_ema = st["step"], st.get("ema_updates", st["step"])
-            log(f"resumed from {src} at step {step}")
+        opt = torch.optim.Adam(net.parameters(), lr=args.lr, betas=tuple(args.betas))
+        if args.clip_mode == "std" and args.grad_clip > 0:   # authors: before each Adam step
+            opt.register_step_pre_hook(lambda o, *_: clip_std_(o, args.grad_clip))
+        ema_n = 0
+        if ck is not None:                     # our run, or the authors' file (a fresh Adam)
+            load_states(ck, net, ema, opt)
+            ema_n = int(ck.get("ema_n", start))
+            log(f"{'resumed' if resumed else 'starting'} from {ck['path']} at step {start}")
         elif args.resume:
-            log(f"--resume: no checkpoint at {src}, starting from scratch")
-        if world > 1:                                                 # rank 0's weights everywhere
+            log(f"--resume: no {ckpt_path}; starting afresh")
+        if world > 1:                                  # rank 0's weights everywhere
             for t in list(net.state_dict().values()) + list(ema.state_dict().values()):
                 dist.broadcast(t, 0)
-        log.truncate_metrics(step)
-        if main_rank:
-            write_json(args.out_dir, "args.json", args_to_dict(args))
-        cond = Conditioned(net)
-        model = build_vpfb(cond, args)
-        batches = batch_iterator(ds, args, rank, world, step)
-        n_params = sum(p.numel() for p in net.parameters())
-        log(f"vpfb: {args.model} Phi with {n_params / 1e6:.2f}M parameters on {device} x{world}, "
-            f"{len(ds)} images of {args.dataset}, recipe {args.recipe}, loss {loss_kwargs(args)}")
-        n_bad, t_last, s_last = 0, time.time(), step
-        while step < args.steps:
-            torch.manual_seed(step_seed(args.seed, step, rank))  # noise, t, dropout, flips, labels
-            x, y = next(batches)
-            x = x.to(device, non_blocking=True).float()
-            if args.dataset in FLIP_SETS:
-                flip = torch.rand(x.shape[0], 1, 1, 1, device=device) < 0.5
-                x = torch.where(flip, x.flip(-1), x)
-            if args.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            cond.y = None
-            if args.class_cond:                                 # labels, some replaced by "null"
-                y = y.to(device)
-                drop = torch.rand(y.shape[0], device=device) < args.p_uncond
-                cond.y = torch.where(drop, torch.full_like(y, ncls), y)
+        log.truncate_metrics(start)
+        cond = Conditioned(net)                        # phi(x, t) with this batch's labels
+        method = build_method(cond, args)              # the method, built once for the loop
+        grid_net = net if args.no_ema else ema         # the grids: EMA weights unless --no-ema
+        grid_method = build_method(Conditioned(grid_net), args)
+        batches = batch_iterator(ds, args.batch_size, args.seed, args.workers, rank, world, start)
+        shape, flip = (args.channels, args.image_size, args.image_size), args.dataset in FLIP_SETS
+        lr, warmup = args.lr, args.warmup
+        clip = args.grad_clip if args.clip_mode == "norm" else 0.0    # std: the hook above
+        decay, ema_warmup, which = args.ema_decay, args.ema_warmup, "raw" if args.no_ema else "ema"
+        ncls, p_uncond = (args.num_classes, args.p_uncond) if args.class_cond else (0, 0.0)
+        log(f"vpfb | recipe {args.recipe} | {args.dataset} {shape} | {args.arch} "
+            f"{count_params(net) / 1e6:.2f}M params | device {device} x {world} | "
+            f"{'bf16 trunk' if net.amp else 'fp32'} | threads {torch.get_num_threads()} | steps "
+            f"{start}->{end} | batch {args.batch_size}/rank | lr {lr} | loss "
+            f"{ {k: getattr(args, k) for k in METHOD_FLAGS} } | EMA {decay}"
+            f"{' with warm-up' if ema_warmup else ''}")
+
+        def save(step):
+            save_checkpoint(ckpt_path, net, ema, opt, step, args, phase=phase,
+                            phase_start=phase_start, ema_n=ema_n)
+
+        def grid(step):
+            grid_net.eval()
+            x, _ = generate(grid_method, min(64, args.num_samples), shape, device,
+                            args.sample_batch, args.sampler, strict=False, n_classes=ncls,
+                            **sampler_kwargs(args))
             net.train()
-            stats, bad, signum = train_step(model, net, opt, x, args, world, step, stop)
-            step += 1
-            if bad:                                             # NaN guard: the step was skipped
-                n_bad += 1
-                log(f"step {step}: non-finite loss or gradient ({stats['loss']:.4g}, "
-                    f"{stats['grad_norm']:.4g}); skipped ({n_bad} in a row)")
-                if n_bad >= 10:
-                    kept = src if (args.resume and os.path.isfile(src)) else "none written yet"
-                    kept = ckpt_path if os.path.isfile(ckpt_path) else kept
-                    die(f"{n_bad} non-finite steps in a row at step {step}; stopped; last good "
-                        f"checkpoint: {kept}", 3)
-            else:
-                n_bad = 0
-                ema_update(ema, net, ema_decay_at(args.ema_decay, n_ema, args.ema_warmup))
-                n_ema += 1
-            if args.log_every and (step % args.log_every == 0 or step == args.steps):
+            path = os.path.join(args.out_dir, f"samples_{which}_{step:07d}.png")
+            save_grid(x, path)
+            log(f"grid at step {step}: {which} weights ({ema_n} EMA updates), {args.sampler} "
+                f"-> {path}")
+
+        n_bad, t_last, s_last = 0, time.time(), start
+        net.train()
+        for step in range(start, end):
+            torch.manual_seed(step_seed(args.seed, step, rank))   # noise, t, dropout, flips
+            x, y = next_batch(batches, device, flip)
+            # ---- the algorithm: one step of Eq. (27) ----
+            if ncls:                                   # labels, a share replaced by the null class
+                cond.y = torch.where(torch.rand(y.shape[0], device=device) < p_uncond, ncls, y)
+            lr_now = lr * min(1.0, (step + 1) / max(1, warmup))   # linear warm-up (authors)
+            logs, ok, signum = train_step(method, net, opt, dict(xbar=x), lr_now, clip, world,
+                                          stop.signum or 0)
+            if ok:
+                ema_update(ema, net, ema_decay_at(decay, ema_n, ema_warmup))
+                ema_n += 1
+            # ---- engineering: NaN guard, logs, checkpoints, signals, grids ----
+            done = step + 1
+            n_bad = 0 if ok else n_bad + 1
+            if not ok:
+                log(f"step {done}: non-finite loss or gradient ({logs['loss']:.4g}, "
+                    f"{logs['grad_norm']:.4g}); skipped ({n_bad} in a row)")
+            if n_bad >= 10:
+                kept = ckpt_path if os.path.exists(ckpt_path) else "none written yet"
+                die(f"{n_bad} non-finite steps in a row at step {done}; stopped; last good "
+                    f"checkpoint: {kept}", 3)
+            rec = {"step": done, "phase": phase, **{k: round(v, 6) for k, v in logs.items()}}
+            if args.log_every and (done % args.log_every == 0 or done == end):
                 if device.type == "cuda":
-                    torch.cuda.synchronize()
-                wall, n = time.time() - t_last, max(step - s_last, 1)
+                    torch.cuda.synchronize(device)
+                wall, n = time.time() - t_last, max(done - s_last, 1)
                 ms, ips = 1000 * wall / n, n * args.batch_size * world / max(wall, 1e-9)
-                eta = (args.steps - step) * wall / n / 60
-                logs = " ".join(f"{k} {v:.4g}" for k, v in stats.items())
-                log(f"step {step}/{args.steps} | {logs} | {ms:.1f} ms/it | {ips:.1f} img/s | "
-                    f"ETA {eta:.1f} min")
-                t_last, s_last = time.time(), step
-                log.metrics({"step": step, **stats, "ms_per_iter": ms, "images_per_s": ips,
-                             "skipped": int(bad)})
-            saving = args.save_every and step % args.save_every == 0
-            if main_rank and (signum or saving or step == args.steps):
-                save_checkpoint(ckpt_path, net, ema, opt, step, args, ema_updates=n_ema)
-            if main_rank and (signum or step == args.steps):       # the whole run's curves
-                plot_losses(log.read_metrics(), os.path.join(args.out_dir, "loss.png"))
+                rec.update(ms_per_iter=round(ms, 2), images_per_s=round(ips, 1))
+                log(f"step {done}/{end} | " + " ".join(f"{k} {v:.4g}" for k, v in logs.items())
+                    + f" | {ms:.1f} ms/it | {ips:.1f} img/s | ETA "
+                    f"{(end - done) * wall / n / 60:.1f} min")
+                t_last, s_last = time.time(), done
+            log.metrics(rec)
             if signum:
-                cmd = shlex.join(["python", "vpfb.py"] + [a for a in args.argv if a != "--resume"])
-                log(f"stopped at step {step} by {signal.Signals(signum).name}; checkpoint "
-                    f"{ckpt_path}; resume: {cmd} --resume")
+                if main_rank:
+                    save(done)
+                    cmd = shlex.join(["python", os.path.basename(__file__)]
+                                     + [a for a in args.argv_ if a != "--resume"])
+                    log(f"stopped at step {done} by {signal.Signals(signum).name}; checkpoint "
+                        f"{ckpt_path}; resume: {cmd} --resume")
                 sys.exit(128 + signum)
-            every = args.sample_every and step % args.sample_every == 0
-            if main_rank and args.num_samples and (every or step == args.steps):   # 0: at the end
-                which = "raw" if args.no_ema else "ema"
-                xs, _ = generate(Conditioned(net if args.no_ema else ema), args, device,
-                                 min(64, args.num_samples), x.shape[1:], "euler", n_classes=ncls,
-                                 strict=False)
-                save_grid(xs, os.path.join(args.out_dir, f"samples_{which}_{step:07d}.png"))
-                log(f"grid samples_{which}_{step:07d}.png: {which.upper()} weights, Euler ODE")
+            if main_rank and args.save_every and done % args.save_every == 0 and done < end:
+                save(done)
+            if main_rank and args.sample_every and done % args.sample_every == 0 < end - done:
+                grid(done)
+        records = log.read_metrics(phase) if main_rank else []
+        if main_rank:
+            save(end)
+            if records:
+                plot_losses(records, os.path.join(args.out_dir, f"loss_{phase}.png"),
+                            "VPFB, Eq. (27)")
+            if args.num_samples and end > start:
+                grid(end)
+            summary = {"phase": phase, "steps": end, "params": count_params(net),
+                       "final": records[-1] if records else None}
+            if device.type == "cuda":
+                summary["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+            write_json(args.out_dir, f"summary_{phase}.json", summary)
+            log(f"saved {ckpt_path}")
+        if world > 1:
+            dist.barrier()
     finally:
         stop.restore()
         getattr(batches, "_shutdown_workers", lambda: None)()   # workers ignore SIGTERM: stop them
-    if world > 1:
-        dist.destroy_process_group()
-    return net, ema
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return records[start - end:] if records and end > start else []
 
 # ==== 5. Checkpoints ====
-# A plain dict {"format", "model", "ema", "opt", "step", "ema_updates", "args"} (weights_only
-# loadable), written to <path>.tmp, then os.replace'd: a crash never leaves half a checkpoint.
+# A plain dict for torch.load(weights_only=True): {"format", "model", "ema", "opt", "step", "phase",
+# "phase_start", "ema_n", "args"}, the weights of the network `net` under "model". ckpt_<phase>.pt,
+# written through a temporary name (atomic): a crash never leaves half a checkpoint.
 FORMAT = "vpfb/v1"
-ARCH_KEYS = ["model", "model_size", "ch_mult", "res_blocks", "attn_res", "dropout", "wrn_depth",
-             "class_cond", "image_size", "channels", "recipe", "net"]
 
 def save_checkpoint(path, net, ema, opt, step, args, **extra):
     state = {"format": FORMAT, "model": net.state_dict(), "ema": ema.state_dict(),
-             "opt": opt.state_dict() if opt is not None else {}, "step": int(step),
+             "opt": opt.state_dict() if opt is not None else None, "step": int(step),
              "args": args_to_dict(args), **extra}
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    with atomic(path) as tmp:
+        torch.save(state, tmp)
 
 def read_checkpoint(path, map_location="cpu"):
     """torch.load(weights_only=True); a missing or corrupt file is one line and exit code 2."""
@@ -1045,23 +1273,52 @@ def read_checkpoint(path, map_location="cpu"):
     except Exception as e:
         die(f"cannot read checkpoint {path}: corrupt or not a PyTorch file ({type(e).__name__})")
 
-def load_checkpoint(path):
-    """Our checkpoint (old flag names mapped), or an authors' one as it is."""
-    state = read_checkpoint(path)
-    if is_authors_checkpoint(state):
-        return state
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        fmt = state.get("format") if isinstance(state, dict) else type(state).__name__
-        die(f"{path!r} is not a VPFB checkpoint (format {fmt!r}, expected {FORMAT!r})")
-    saved = state.setdefault("args", {})                 # checkpoints written before the renames
-    for old, new in (("channel_mult", "ch_mult"), ("num_res_blocks", "res_blocks")):
+def load_checkpoint(path, image_size=32):
+    """Our checkpoint dict (+ "path"), from ours (older flag names mapped) or an authors' file
+    (converted; their file does not say the image size attention was placed by: image_size)."""
+    ck = read_checkpoint(path)
+    if is_authors_checkpoint(ck):
+        ck = authors_checkpoint_as_ours(ck, path, image_size)
+    elif not isinstance(ck, dict) or ck.get("format") != FORMAT:
+        fmt = ck.get("format") if isinstance(ck, dict) else type(ck).__name__
+        die(f"{path} is not a VPFB checkpoint (format {fmt!r}, not {FORMAT!r})")
+    saved = ck.setdefault("args", {})                     # files written before the renames
+    for old, new in (("channel_mult", "ch_mult"), ("num_res_blocks", "res_blocks"),
+                     ("net", "unet"), ("model", "arch")):
         if old in saved:
             saved.setdefault(new, saved.pop(old))
-    saved.setdefault("net", "ours")                      # written before --net existed
+    saved.setdefault("unet", "ours")
     saved.setdefault("channels", 1 if saved.get("dataset") == "mnist" else 3)
     if saved.get("image_size") is None:
         saved["image_size"] = 64 if saved.get("dataset") == "celeba64" else 32
-    return state
+    if saved.get("class_cond") and saved.get("num_classes") is None:   # rows - the null class
+        head = "cemb.weight" if saved["arch"] == "unet" else "head.weight"
+        saved["num_classes"] = ck["ema"][head].shape[0] - 1
+    for k, v in RECIPES.get(saved.get("recipe"), {}).items():          # recipe keys left at None
+        if saved.get(k, 0) is None:
+            saved[k] = v
+    ck.setdefault("ema_n", ck.pop("ema_updates", ck.get("step", 0)))
+    ck.setdefault("phase", "main")
+    ck["path"] = path
+    return ck
+
+def load_states(ck, net, ema=None, opt=None):
+    """Weights (and EMA, optimiser state where the file has one) into the built modules."""
+    try:
+        net.load_state_dict(ck["model"])
+        if ema is not None:
+            ema.load_state_dict(ck["ema"])
+        if opt is not None and ck.get("opt"):
+            opt.load_state_dict(ck["opt"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        die(f"{ck.get('path')} does not fit the network its flags describe "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:150]})")
+
+def net_from_checkpoint(ck, args, device):
+    """The checkpoint's network (args hold its architecture), EMA weights unless --no-ema."""
+    net = build_net(args)
+    load_states({"model": ck["model" if args.no_ema else "ema"], "path": ck["path"]}, net)
+    return engineer(net, device, args.amp, args.channels_last).eval().requires_grad_(False)
 
 # ---- The authors' checkpoints (https://github.com/ljun0004/VAPO, README "Checkpoints") ----
 # score_sde-style dicts: "model" = the state dict of nn.DataParallel(MyUnet), keys "module.model."
@@ -1139,7 +1396,8 @@ def authors_network(ck, use_ema=True, image_size=32, name="checkpoint"):
             f"step; found {found})")
     sd = {k.removeprefix("module.").removeprefix("model."): v for k, v in ck["model"].items()}
     try:
-        net = UNetPhi(**authors_arch(sd, image_size))
+        kw = authors_arch(sd, image_size)
+        net = UNetPhi(**kw)
     except (KeyError, IndexError, ValueError, ZeroDivisionError, AttributeError):
         odd = [k for k in sd if not k.startswith(_AUTHORS_PREFIXES)] or list(sd)
         die(f"{name!r} is a score_sde-style checkpoint but not the authors' VAPO U-Net "
@@ -1167,6 +1425,7 @@ def authors_network(ck, use_ema=True, image_size=32, name="checkpoint"):
             die(f"{name!r}: {names[key]} has shape {shape}, the network needs {tuple(p.shape)}")
         ours[key] = v.reshape(p.shape).float()            # (O, I, 1) 1-D conv -> (O, I, 1, 1)
     net.load_state_dict(ours, strict=True)
+    net.arch_kwargs = kw                 # so callers can rebuild the run's network flags
     return net.eval().requires_grad_(False)
 
 def load_authors_checkpoint(path, use_ema=True, image_size=32):
@@ -1174,36 +1433,57 @@ def load_authors_checkpoint(path, use_ema=True, image_size=32):
     net(x, t) is their potential, x in [-1, 1] NCHW. EMA weights unless use_ema=False."""
     return authors_network(read_checkpoint(path), use_ema, image_size, name=path)
 
-def load_for_eval(args, device):
-    """The network of a checkpoint (EMA weights, raw with --no-ema), its architecture flags winning
-    over the command line; an authors' file gives their network and --recipe authors."""
-    path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
-    state = load_checkpoint(path)
-    if is_authors_checkpoint(state):               # their file says nothing of the data: --dataset
-        net = authors_network(state, not args.no_ema, args.image_size, name=path)
-        a = argparse.Namespace(**{**vars(args), "model": "unet", "recipe": "authors",
-                                  "net": "authors", "class_cond": net.num_classes > 0,
-                                  "channels": net.inp.in_channels})
-        ncls = net.num_classes or 10
-    else:
-        saved = state["args"]
-        a = argparse.Namespace(**{**vars(args), **{k: saved[k] for k in ARCH_KEYS + ["dataset"]
-                                                   if k in saved}})
-        weights = state["model" if args.no_ema else "ema"]
-        head = "cemb.weight" if a.model == "unet" else "head.weight"
-        ncls = weights[head].shape[0] - 1 if a.class_cond else 10     # minus the null class
-        net = build_model(a, ncls)
-        try:
-            net.load_state_dict(weights)
-        except RuntimeError as e:
-            die(f"checkpoint weights do not fit the network it describes "
-                f"({str(e).splitlines()[0]})")
-    net = engineer(net, device, a.amp, a.channels_last).eval().requires_grad_(False)
-    if args.compile:
-        net = torch.compile(net)                     # first-order gradients only: fine for sampling
-    return net, a, ncls
+
+def authors_checkpoint_as_ours(ck, name="checkpoint", image_size=32):
+    """An authors' file as our checkpoint dict: args = --recipe authors + the U-Net read from its
+    keys; "opt" None (their Adam state indexes their parameter list: a fresh Adam)."""
+    ema, raw = (authors_network(ck, use, image_size, name) for use in (True, False))
+    kw = ema.arch_kwargs
+    if any(kw[k] != v for k, v in AUTHORS_UNET.items()):
+        die(f"{name}: an authors' U-Net variant ({ {k: kw[k] for k in AUTHORS_UNET} }) that "
+            f"--unet authors does not build")
+    args = resolve_args(build_parser().parse_args(["--recipe", "authors", "--arch", "unet",
+                                                   "--image-size", str(image_size)]))
+    args.model_size, args.ch_mult = kw["base"], ",".join(map(str, kw["mult"]))
+    args.res_blocks, args.attn_res = kw["num_res"], ",".join(map(str, kw["attn_res"]))
+    args.channels, args.dropout, args.unet = kw["in_ch"], kw["dropout"], "authors"
+    args.class_cond, args.num_classes = kw["num_classes"] > 0, kw["num_classes"] or None
+    step = int(ck.get("step") or 0)
+    return {"format": FORMAT, "model": raw.state_dict(), "ema": ema.state_dict(), "opt": None,
+            "step": step, "phase": "authors", "phase_start": step, "ema_n": step,
+            "args": args_to_dict(args)}
 
 # ==== 6. Experiment modes ====
+def eval_setup(args):
+    """Device, the checkpoint's network (EMA unless --no-ema) and the method with the settings this
+    mode reads, each printed once with where it came from (flag / checkpoint / recipe)."""
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)                          # --seed: the same samples every run
+    net = net_from_checkpoint(args.ck_, args, device)
+    method = build_method(Conditioned(torch.compile(net) if args.compile else net), args)
+    settings = {k: getattr(args, k) for k in MODE_SETTINGS[args.mode]}
+    settings["weights"] = "raw" if args.no_ema else "ema"
+    src = {k: args.sources_.get(k, "default") for k in MODE_SETTINGS[args.mode]}
+    print(f"{args.mode} with {args.ck_['path']}: " + ", ".join(
+        f"{k} {v} ({src[k]})" if k in src else f"{k} {v}" for k, v in settings.items()), flush=True)
+    return device, net, method, {"ckpt": args.ck_["path"], "settings": settings, "from": src}
+
+def draw(method, args, device, n, x0=None, strict=True):
+    """n samples with the mode's sampler settings (random classes for a conditional Phi)."""
+    return generate(method, n, (args.channels, args.image_size, args.image_size), device,
+                    args.sample_batch, args.sampler, x0, strict, args.num_classes or 0,
+                    **sampler_kwargs(args))
+
+def cmd_sample(args):
+    """--num-samples ODE / SGLD samples -> samples.npz ("images" uint8 NHWC, eval_fid.py), .png."""
+    device, net, method, info = eval_setup(args)
+    x, st = draw(method, args, device, args.num_samples)
+    out = os.path.join(args.out_dir, "samples.npz")
+    with atomic(out) as tmp:
+        np.savez(tmp, images=to_uint8(x))
+    save_grid(x[:64], os.path.join(args.out_dir, "samples.png"))
+    report(args.out_dir, "samples.json", {**info, "n": len(x), **st})
+
 def slerp(z0, z1, alpha):
     """Spherical interpolation between noises (Sec. 4.3), per sample on the flattened vectors:
     slerp = (sin((1-a) theta) z0 + sin(a theta) z1) / sin(theta), cos(theta) = <z0, z1>/(|z0||z1|).
@@ -1215,6 +1495,47 @@ def slerp(z0, z1, alpha):
     out = (torch.sin((1 - alpha) * theta) * a0 + torch.sin(alpha * theta) * a1) / torch.sin(theta)
     return out.reshape(z0.shape)
 
+def cmd_interp(args, rows=8, cols=10):
+    """Spherical interpolation between two noises, each point pushed through the ODE (Sec. 4.3)."""
+    device, net, method, info = eval_setup(args)
+    shape = (args.channels, args.image_size, args.image_size)
+    z0, z1 = torch.randn(rows, *shape), torch.randn(rows, *shape)
+    z = torch.stack([slerp(z0, z1, float(v)) for v in torch.linspace(0, 1, cols)], 1)
+    x, st = draw(method, args, device, rows * cols, x0=z.flatten(0, 1))
+    save_grid(x, os.path.join(args.out_dir, "interp.png"), nrow=cols)
+    report(args.out_dir, "interp.json", {**info, **st})
+
+def cmd_nn(args, rows=8):
+    """Generated samples and their k nearest training images in pixel (L2) distance (Fig. 5)."""
+    device, net, method, info = eval_setup(args)
+    data = build_dataset(args, train=True)
+    if len(data) < args.nn_k:
+        die(f"--nn-k {args.nn_k} is more than the {len(data)} training images")
+    x, _ = draw(method, args, device, rows)
+    best_d = torch.full((rows, args.nn_k), float("inf"))
+    best_x = torch.zeros(rows, args.nn_k, *x.shape[1:])
+    xf = x.flatten(1)
+    for xb, _ in torch.utils.data.DataLoader(data, batch_size=512):
+        d = torch.cdist(xf, xb.flatten(1))                           # (rows, batch) pixel distances
+        cand_d = torch.cat([best_d, d], 1)
+        cand_x = torch.cat([best_x, xb[None].expand(rows, *xb.shape)], 1)
+        best_d, idx = cand_d.topk(args.nn_k, dim=1, largest=False)
+        best_x = torch.stack([cand_x[r, idx[r]] for r in range(rows)])
+    grid = torch.cat([x[:, None], best_x], 1).flatten(0, 1)
+    save_grid(grid, os.path.join(args.out_dir, "nn.png"), nrow=args.nn_k + 1)
+    report(args.out_dir, "nn.json", {**info, "nearest_pixel_l2": best_d.tolist()})
+
+@torch.no_grad()
+def energies(method, ds, device, n, batch):
+    """Phi_B (Eq. 22) and the authors' OOD score 4 Phi(x, t_max) - ||x||^2 of the first n images."""
+    pb, auth = [], []
+    for x in torch.split(first_images(ds, n), batch):
+        x = x.to(device)
+        pb.append(method.boltzmann_energy(x).float().cpu())
+        tt = torch.full((x.shape[0],), method.t_inf or method.t_max, device=device)
+        auth.append((4 * method._phi(x, tt) - _sqnorm(x)).float().cpu())
+    return torch.cat(pb).numpy(), torch.cat(auth).numpy()
+
 def auroc(pos, neg):
     """Area under the ROC curve, P(score_pos > score_neg) + 1/2 P(=), by ranks (Mann-Whitney U),
     ties averaged. pos: scores of in-distribution samples (should be higher)."""
@@ -1224,142 +1545,62 @@ def auroc(pos, neg):
     n1, n0 = len(pos), len(neg)
     return float((ranks[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
-def generate(phi, args, device, n, shape, method=None, x0=None, n_classes=10, strict=True):
-    """Draw n images with the ODE (euler / rk45) or SGLD on Phi_B. Returns (images, stats).
-    strict: non-finite images are one line and exit 3 (a training grid only warns)."""
-    method = method or args.sampler
-    model = build_vpfb(phi, args)
-    random_classes = isinstance(phi, Conditioned) and args.class_cond and phi.y is None
-    outs, nfes, t_start = [], [], time.time()
-    for i in range(0, n, args.sample_batch):
-        b = min(args.sample_batch, n - i)
-        z = (x0[i:i + b] if x0 is not None else torch.randn(b, *shape)).to(device)
-        if random_classes:
-            phi.y = torch.randint(n_classes, (b,), device=device)
-        if method == "sgld":
-            x = model.langevin(z, n_steps=args.sgld_steps, step_size=args.sgld_step,
-                               temperature=args.sgld_temp)
-        else:
-            x = model.sample(z, method=method, n_steps=args.ode_steps, t0=args.t0, t1=args.t1,
-                             rtol=args.rtol, atol=args.atol)
-        nfes.append(model.last_nfe)
-        outs.append(x.clamp(-1, 1) if args.clamp else x)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    dt, x = time.time() - t_start, torch.cat(outs) if outs else torch.empty(0, *shape)
-    n_bad = int((~torch.isfinite(x)).sum())
-    msg = f"the {method} sampler produced non-finite values ({n_bad} of {x.numel()})"
-    if n_bad and strict:                   # never hand garbage on (FID would take it as valid)
-        die(msg + "; nothing written", 3)
-    if n_bad:
-        print("warning: " + msg, file=sys.stderr)
-    return x, {"sampler": method, "nfe_mean": float(np.mean(nfes)) if nfes else 0.0,
-               "images_per_s": n / dt, "seconds": dt}
-
-def report(args, name, obj):
-    """A mode's result: <out-dir>/<name> and the same JSON on stdout."""
-    write_json(args.out_dir, name, obj)
-    print(json.dumps(obj))
-
-def eval_setup(args):
-    device = pick_device(args.device)
-    torch.manual_seed(args.seed)
-    net, a, ncls = load_for_eval(args, device)
-    return device, net, a, ncls, (a.channels, a.image_size, a.image_size)
-
-def cmd_sample(args):
-    device, net, a, ncls, shape = eval_setup(args)
-    x, st = generate(Conditioned(net), a, device, args.num_samples, shape, n_classes=ncls)
-    path = os.path.join(args.out_dir, "samples.npz")
-    np.savez(path + ".tmp.npz", images=to_uint8(x))
-    os.replace(path + ".tmp.npz", path)
-    if len(x):
-        save_grid(x[:64], os.path.join(args.out_dir, "samples.png"))
-    report(args, "sample_stats.json", st)
-
-def cmd_interp(args, rows=8, cols=10):
-    """Spherical interpolation between two noises, each point pushed through the ODE (Sec. 4.3)."""
-    device, net, a, ncls, shape = eval_setup(args)
-    z0, z1 = torch.randn(rows, *shape), torch.randn(rows, *shape)
-    z = torch.stack([slerp(z0, z1, float(v)) for v in torch.linspace(0, 1, cols)], 1)
-    x, st = generate(Conditioned(net), a, device, rows * cols, shape, x0=z.flatten(0, 1),
-                     n_classes=ncls)
-    save_grid(x, os.path.join(args.out_dir, "interp.png"), nrow=cols)
-    report(args, "interp_stats.json", st)
-
-def cmd_nn(args, rows=8):
-    """Generated samples and their k nearest training images in pixel (L2) distance (Fig. 5)."""
-    device, net, a, ncls, shape = eval_setup(args)
-    data = build_dataset(a, train=True)
-    if len(data) < args.nn_k:
-        die(f"--nn-k {args.nn_k} is more than the {len(data)} training images")
-    x, _ = generate(Conditioned(net), a, device, rows, shape, n_classes=ncls)
-    best_d = torch.full((rows, args.nn_k), float("inf"))
-    best_x = torch.zeros(rows, args.nn_k, *shape)
-    xf = x.cpu().flatten(1)
-    for xb, _ in torch.utils.data.DataLoader(data, batch_size=512):
-        d = torch.cdist(xf, xb.flatten(1))                           # (rows, batch) pixel distances
-        cand_d = torch.cat([best_d, d], 1)
-        cand_x = torch.cat([best_x, xb[None].expand(rows, *xb.shape)], 1)
-        best_d, idx = cand_d.topk(args.nn_k, dim=1, largest=False)
-        best_x = torch.stack([cand_x[r, idx[r]] for r in range(rows)])
-    grid = torch.cat([x.cpu()[:, None], best_x], 1).reshape(-1, *shape)
-    save_grid(grid, os.path.join(args.out_dir, "nn.png"), nrow=args.nn_k + 1)
-    report(args, "nn.json", {"nearest_pixel_l2": best_d.tolist()})
-
-@torch.no_grad()
-def energies(net, args, ds, device, n):
-    """Phi_B (Eq. 22) and the authors' OOD score 4 Phi(x, t_max) - ||x||^2 of the first n images."""
-    model = build_vpfb(Conditioned(net), args)
-    pb, auth = [], []
-    for x in torch.split(first_images(ds, n), args.sample_batch):
-        x = x.to(device)
-        pb.append(model.boltzmann_energy(x).float().cpu())
-        tt = torch.full((x.shape[0],), model.t_inf or model.t_max, device=device)
-        auth.append((4 * model._phi(x, tt) - _sqnorm(x)).float().cpu())
-    return torch.cat(pb).numpy(), torch.cat(auth).numpy()
-
 def cmd_hist(args):
     """Histogram of the Boltzmann energy on train vs test images (Fig. 11)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    device, net, a, ncls, shape = eval_setup(args)
-    res, fig = {}, plt.figure(figsize=(5, 3.5))
+    device, net, method, info = eval_setup(args)
+    res, fig = dict(info), plt.figure(figsize=(5, 3.5))
     for split in ("train", "test"):
-        e, _ = energies(net, a, build_dataset(a, train=split == "train"), device, args.ood_max)
+        e, _ = energies(method, build_dataset(args, train=split == "train"), device, args.ood_max,
+                        args.sample_batch)
         res[split] = {"n": int(len(e)), "mean": float(e.mean()), "std": float(e.std())}
         plt.hist(e, bins=50, alpha=0.5, density=True, label=split)
     plt.xlabel("Boltzmann energy Phi_B (Eq. 22)")
     plt.legend()
-    fig.savefig(os.path.join(args.out_dir, "hist.png"), dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    report(args, "hist.json", res)
+    save_figure(fig, os.path.join(args.out_dir, "hist.png"))
+    report(args.out_dir, "hist.json", res)
+
+def ood_set(args, name, ind_ds):
+    """An OOD set by name (OOD_SETS), or a path: an image folder or a .npz, shaped like the data."""
+    import torchvision.transforms as T
+    if name == "interp":                           # the paper's "Interp.": mean of 2 test images
+        imgs = first_images(ind_ds, args.ood_max)
+        g = torch.Generator().manual_seed(args.seed)
+        imgs = 0.5 * (imgs + imgs[torch.randperm(len(imgs), generator=g)])
+        return torch.utils.data.TensorDataset(imgs, torch.zeros(len(imgs)))
+    if os.path.isdir(name):
+        c, s = args.channels, args.image_size
+        tf = T.Compose([T.Resize(s), T.CenterCrop(s)] + ([T.Grayscale(c)] if c == 1 else [])
+                       + [T.ToTensor(), T.Normalize([0.5] * c, [0.5] * c)])
+        return image_folder(name, tf, "folder")
+    if name.endswith(".npz"):
+        x = load_npz(name).tensors[0]
+        x = x.mean(1, keepdim=True) if args.channels == 1 < x.shape[1] else x
+        x = F.interpolate(x, size=args.image_size, mode="bilinear", antialias=True)
+        return torch.utils.data.TensorDataset(x, torch.zeros(len(x)))
+    if name not in OOD_SETS:
+        die(f"unknown OOD set {name!r}; choose from {OOD_SETS}, an image folder or a .npz")
+    ds = build_dataset(args, train=False, name="fake" if args.dataset == "fake" else name)
+    if args.dataset == "fake":                                 # smoke test: a shifted fake set
+        ds.random_offset = 10 ** 7 + 1000 * OOD_SETS.index(name)
+    return ds
 
 def cmd_ood(args):
     """OOD AUROC (Table 2): in-distribution = the test split of the training set (positives, should
-    score higher), OOD = each of --ood-sets; score = Phi_B. 'interp': the mean of 2 test images."""
-    device, net, a, ncls, shape = eval_setup(args)
-    ind_ds = build_dataset(a, train=False)
-    pos, pos_auth = energies(net, a, ind_ds, device, args.ood_max)
+    score higher), OOD = each of --ood-sets; score = Phi_B, and the authors' 4 Phi - ||x||^2."""
+    device, net, method, info = eval_setup(args)
+    ind_ds = build_dataset(args, train=False)
+    pos, pos_auth = energies(method, ind_ds, device, args.ood_max, args.sample_batch)
     table = {}
     for name in [s.strip() for s in args.ood_sets.split(",") if s.strip()]:
-        if name not in OOD_SETS:
-            die(f"unknown OOD set {name!r}; choose from {OOD_SETS}")
-        if name == "interp":
-            imgs = first_images(ind_ds, args.ood_max)
-            g = torch.Generator().manual_seed(args.seed)
-            imgs = 0.5 * (imgs + imgs[torch.randperm(len(imgs), generator=g)])  # interpolated
-            ds = torch.utils.data.TensorDataset(imgs, torch.zeros(len(imgs)))
-        else:
-            ds = build_dataset(a, train=False, name="fake" if a.dataset == "fake" else name)
-            if a.dataset == "fake":                                 # smoke test: a shifted fake set
-                ds.random_offset = 10 ** 7 + 1000 * OOD_SETS.index(name)
-        neg, neg_auth = energies(net, a, ds, device, args.ood_max)
-        table[name] = {"auroc_phi_b": auroc(pos, neg),
-                       "auroc_authors_score": auroc(pos_auth, neg_auth),
+        neg, neg_auth = energies(method, ood_set(args, name, ind_ds), device, args.ood_max,
+                                 args.sample_batch)
+        table[name] = {"auroc_phi_b": auroc(pos, neg), "auroc_authors_score": auroc(pos_auth,
+                                                                                    neg_auth),
                        "n_in": int(len(pos)), "n_ood": int(len(neg))}
-    report(args, "ood.json", table)
+    report(args.out_dir, "ood.json", {**info, "auroc": table})
 
 def cmd_longrun(args):
     """Long-run sampling (Sec. 4.6, Figs. 12-18): the ODE over t in [0, longrun_t1] (past t_max it
@@ -1367,8 +1608,8 @@ def cmd_longrun(args):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    device, net, a, ncls, shape = eval_setup(args)
-    model = build_vpfb(Conditioned(net), a)
+    device, net, method, info = eval_setup(args)
+    shape = (args.channels, args.image_size, args.image_size)
     z = torch.randn(min(args.num_samples, args.sample_batch), *shape, device=device)
     curves = {"ode": {"t": [], "grad2": [], "phi2": []}, "sgld": {"t": [], "grad2": [], "phi2": []}}
 
@@ -1385,14 +1626,14 @@ def cmd_longrun(args):
         return field
 
     def phi_at(x, t):
-        return model._phi(x, torch.full((x.shape[0],), float(t), device=x.device))
+        return method._phi(x, torch.full((x.shape[0],), float(t), device=x.device))
 
     T, n_steps = args.longrun_t1, int(args.ode_steps * max(1.0, args.longrun_t1))
     _, traj, _ = ode_solve(recorded(phi_at, curves["ode"]), z, "euler", n_steps, 0.0, T,
                            return_traj=True)
     idx = [min(n_steps, round(f / T * n_steps)) for f in (0.5, 1, 2, 5, 10, T) if f <= T]
     save_grid(torch.cat([traj[i][:8] for i in idx]), os.path.join(args.out_dir, "longrun_ode.png"))
-    _, traj, _ = sgld(recorded(lambda x, t: model.boltzmann_energy(x), curves["sgld"]), z,
+    _, traj, _ = sgld(recorded(lambda x, t: method.boltzmann_energy(x), curves["sgld"]), z,
                       args.sgld_steps, args.sgld_step, args.sgld_temp, return_traj=True)
     ks = np.linspace(0, args.sgld_steps, 6).astype(int)
     save_grid(torch.cat([traj[k][:8] for k in ks]), os.path.join(args.out_dir, "longrun_sgld.png"))
@@ -1402,99 +1643,88 @@ def cmd_longrun(args):
         axi.semilogy(curves[key]["t"], curves[key]["phi2"], label="E energy^2")
         axi.set_xlabel(lab)
         axi.legend()
-    fig.savefig(os.path.join(args.out_dir, "longrun_norms.png"), dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, os.path.join(args.out_dir, "longrun_norms.png"))
     last = {k: {kk: vv[-1] for kk, vv in v.items() if vv} for k, v in curves.items()}
-    report(args, "longrun.json", last)
     write_json(args.out_dir, "longrun_curves.json", curves)
+    report(args.out_dir, "longrun.json", {**info, **last})
 
 def cmd_compose(args, n=8):
     """Compositional sampling (Sec. 4.3): sample with the average of the class-conditional energies
     Phi(x, t) = mean_c Phi(x, t, c). One row per single class of each group, then the composite."""
-    device, net, a, ncls, shape = eval_setup(args)
-    if not a.class_cond:
+    device, net, method, info = eval_setup(args)
+    if not args.class_cond:
         die("--mode compose needs a checkpoint trained with --class-cond")
     try:
         groups = [[int(c) for c in g.split(",")] for g in args.compose.split(";") if g.strip()]
     except ValueError:
         die(f"--compose must look like '0,1;0,2', got {args.compose!r}")
-    if any(c < 0 or c >= ncls for g in groups for c in g):
-        die(f"--compose classes must be in [0, {ncls})")
-    z = torch.randn(n, *shape)
-    rows, info = [], {}
+    if any(c < 0 or c >= args.num_classes for g in groups for c in g):
+        die(f"--compose classes must be in [0, {args.num_classes})")
+    z = torch.randn(n, args.channels, args.image_size, args.image_size)
+    rows, res = [], dict(info)
     for g in groups:
         for c in g + [None]:
-            ys = [torch.tensor(k, device=device) for k in (g if c is None else [c])]
-            x, st = generate(Conditioned(net, ys), a, device, n, shape, x0=z, n_classes=ncls)
-            rows.append(x.cpu())
-            info["+".join(map(str, g)) if c is None else str(c)] = st
+            method.phi.y = [torch.tensor(k, device=device) for k in (g if c is None else [c])]
+            x, st = draw(method, args, device, n, x0=z)
+            rows.append(x)
+            res["+".join(map(str, g)) if c is None else str(c)] = st
     save_grid(torch.cat(rows), os.path.join(args.out_dir, "compose.png"), nrow=n)
-    report(args, "compose.json", info)
-
-def cmd_benchmark(args):
-    """Training images/s, ms/iter and peak memory of our config (bf16 trunk, channels-last, TF32)
-    against the authors' (fp32) from the same weights, batches, noise and times; then the ODE
-    sampler's NFE and images/s, and the largest loss difference over the measured steps."""
-    device, S, C, B = pick_device(args.device), args.image_size, args.channels, args.batch_size
-    torch.manual_seed(args.seed)
-    base_net, g = build_model(args, 10), torch.Generator().manual_seed(args.seed)
-    n_warm = max(1, args.bench_warmup)
-    data = [(torch.rand(B, C, S, S, generator=g) * 2 - 1, torch.randn(B, C, S, S, generator=g),
-             torch.rand(B, generator=g) * args.t_end) for _ in range(args.bench_steps + n_warm)]
-    cuda, res = device.type == "cuda", {}
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    for name in ("ours", "authors_fp32"):
-        fast = name == "ours"
-        fmt = (torch.channels_last if fast and (args.channels_last or cuda)
-               else torch.contiguous_format)
-        net = copy.deepcopy(base_net).to(device, memory_format=fmt)
-        net.amp = fast and args.amp != "none" and cuda
-        if cuda:            # ours: TF32 everywhere; authors: PyTorch's defaults (cuDNN convs only)
-            torch.backends.cuda.matmul.allow_tf32 = fast
-            torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.benchmark = True
-            torch.cuda.reset_peak_memory_stats()
-        opt, model = torch.optim.Adam(net.parameters(), lr=args.lr), build_vpfb(net, args)
-        losses = []
-        torch.manual_seed(args.seed)
-        for i, (xb, eb, tb) in enumerate(data):
-            if i == n_warm:                                          # warm-up steps, then time
-                sync()
-                t_start = time.time()
-            xb, eb = (v.to(device).contiguous(memory_format=fmt) for v in (xb, eb))
-            loss, _ = model.loss(xb, eps=eb, t=tb.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        sync()
-        dt = (time.time() - t_start) / args.bench_steps
-        r = {"ms_per_iter": 1000 * dt, "images_per_s": B / dt, "losses": losses[n_warm:],
-             "peak_mem_gb": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None}
-        z = torch.randn(min(B, args.sample_batch), C, S, S, generator=g).to(device)
-        t0 = time.time()
-        model.sample(z, method="rk45", t0=args.t0, t1=args.t1, rtol=args.rtol, atol=args.atol)
-        sync()
-        res[name] = {**r, "ode_nfe": model.last_nfe,
-                     "ode_images_per_s": z.shape[0] / (time.time() - t0)}
-        print(f"{name:13s} train {r['ms_per_iter']:8.1f} ms/iter {r['images_per_s']:8.1f} img/s"
-              + (f" peak {r['peak_mem_gb']:.2f} GiB" if cuda else "")
-              + f" | rk45 NFE {model.last_nfe} {res[name]['ode_images_per_s']:.1f} img/s")
-    ours, theirs = res["ours"], res["authors_fp32"]
-    la, lb = np.array(ours["losses"]), np.array(theirs["losses"])
-    summary = {"device": str(device), "batch_size": B, "model": args.model,
-               "params_M": sum(p.numel() for p in base_net.parameters()) / 1e6,
-               "speedup_images_per_s": ours["images_per_s"] / theirs["images_per_s"],
-               "max_abs_loss_diff": float(np.abs(la - lb).max()),
-               "max_rel_loss_diff": float((np.abs(la - lb) / np.maximum(np.abs(lb), 1e-12)).max()),
-               "configs": res}
-    print(f"speed-up {summary['speedup_images_per_s']:.2f}x, max |loss diff| "
-          f"{summary['max_abs_loss_diff']:.3g} (relative {summary['max_rel_loss_diff']:.3g}) "
-          f"over {args.bench_steps} steps")
-    write_json(args.out_dir, "benchmark.json", summary)
-    return summary
+    report(args.out_dir, "compose.json", res)
 
 # ==== 7. Arguments and main ====
-MODES = ["train", "sample", "interp", "nn", "hist", "ood", "longrun", "compose", "benchmark"]
+DATASETS = ("cifar10", "celeba64", "mnist", "folder", "npz", "fake", "svhn", "cifar100")
+MODES = {"train": cmd_train, "sample": cmd_sample, "interp": cmd_interp, "nn": cmd_nn,
+         "hist": cmd_hist, "ood": cmd_ood, "longrun": cmd_longrun, "compose": cmd_compose}
+
+# The recipes fill every flag left at None (a typed flag wins). "paper" = VPFB's own defaults
+# (section 1) and our training numbers (the paper gives none); "authors" = AUTHORS, their U-Net and
+# their configs/homotopy/cifar10.py (batch 64, warm-up 5k, element-wise clipping, 2M iterations);
+# "ours" = OURS, trained as "paper".
+TRAINING = {
+    "authors": dict(lr=1e-4, warmup=5000, batch_size=64, steps=2_000_000, ema_decay=0.9999,
+                    grad_clip=3.0, clip_mode="std", p_uncond=0.2, unet="authors"),
+    "paper": dict(lr=1e-4, warmup=5000, batch_size=128, steps=400_000, ema_decay=0.9999,
+                  grad_clip=1.0, clip_mode="norm", p_uncond=0.1, unet="ours"),
+}
+METHOD_FLAGS = ("kappa", "eta", "lam_cos", "lam_gx", "lam_gt", "cov_form", "cos_form", "weight_on",
+                "grad_norm", "bfactor")
+
+def method_flags(**kw):
+    """VPFB's keywords (its own defaults where kw is silent) as the flags' values."""
+    sig = inspect.signature(VPFB).parameters
+    return {k: kw.get(k, sig[k].default) for k in METHOD_FLAGS}
+
+RECIPES = {"paper": {**method_flags(), **TRAINING["paper"]},
+           "authors": {**method_flags(**AUTHORS), **TRAINING["authors"]},
+           "ours": {**method_flags(**OURS), **TRAINING["paper"]}}
+DATASET_ROWS = {}
+
+# Which flags a mode reads (issue 22). The network's flags always come from the checkpoint (a typed
+# one that differs is an error); a typed flag the mode does not read is a one-line warning.
+RUN_FLAGS = {"mode", "out_dir", "device", "threads", "ckpt", "resume", "amp", "compile",
+             "channels_last", "workers", "no_ema", "log_every", "save_every", "sample_every",
+             "num_samples", "sample_batch"}              # this run's own: never from a checkpoint
+ARCH_KEYS = ("arch", "unet", "model_size", "ch_mult", "res_blocks", "attn_res", "dropout",
+             "wrn_depth", "class_cond", "num_classes", "image_size", "channels")
+DATA_KEYS = ("dataset", "data_dir", "fake_size")
+SAMPLER_KEYS = ("sampler", "ode_steps", "t0", "t1", "rtol", "atol", "sgld_steps", "sgld_step",
+                "sgld_temp", "clamp")
+PHI_B = ("t_max", "t_inf", "bfactor")                  # where and how Phi_B is read (Eq. 22)
+MODE_SETTINGS = {          # what a mode reads (and prints) beyond the run flags and the network's
+    "sample": SAMPLER_KEYS + PHI_B + ("num_samples", "sample_batch"),
+    "interp": SAMPLER_KEYS + PHI_B, "compose": SAMPLER_KEYS + PHI_B + ("compose",),
+    "nn": SAMPLER_KEYS + PHI_B + ("nn_k",) + DATA_KEYS,
+    "hist": PHI_B + ("ood_max",) + DATA_KEYS, "ood": PHI_B + ("ood_max", "ood_sets") + DATA_KEYS,
+    "longrun": ("ode_steps", "longrun_t1", "sgld_steps", "sgld_step", "sgld_temp", "num_samples")
+    + PHI_B}
+EVAL_ONLY = {"ood_sets", "ood_max", "nn_k", "compose", "longrun_t1"}
+PHASE_KEYS = set()                                     # VPFB has one phase: "main"
+EVAL_READS = {"mode", "out_dir", "device", "threads", "seed", "ckpt", "amp", "compile",
+              "channels_last", "workers", "no_ema", "sample_batch", *ARCH_KEYS}
+
+def sampler_kwargs(args):
+    """The sampler flags that generate() reads besides the sampler's name."""
+    return {k: getattr(args, k) for k in SAMPLER_KEYS[1:]}
 
 def _number(kind, ok, what):
     """An argparse type: parse with `kind`, reject NaN / inf and values failing `ok`."""
@@ -1513,9 +1743,16 @@ pos_int = _number(int, lambda v: v > 0, "an integer > 0")
 nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 pos_float = _number(float, lambda v: v > 0, "a finite number > 0")
 nonneg_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
-finite_float = _number(float, lambda v: True, "a finite number")
 unit_float = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+finite_float = _number(float, lambda v: True, "a finite number")
 time_float = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+
+def ints(s):
+    """'2,2,2' -> (2, 2, 2); --ch-mult and --attn-res stay strings, as checkpoints store them."""
+    try:
+        return tuple(int(c) for c in str(s).split(",") if c.strip())
+    except ValueError:
+        die(f"--ch-mult / --attn-res must be comma lists of integers, got {s!r}")
 
 class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line on stderr and exit code 2."""
@@ -1524,53 +1761,59 @@ class Parser(argparse.ArgumentParser):
         die(f"{message} (see --help)")
 
 def build_parser():
-    p = Parser(description="VPFB: Variational Potential Flow Bayes (train, sample, evaluate).",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description="VPFB: Variational Potential Flow Bayes (Loo et al., arXiv:2504.16262): "
+               "train, sample, evaluate. [r] = filled by --recipe when not given.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     a, bool_opt = p.add_argument, argparse.BooleanOptionalAction
     a("--mode", default="train", choices=MODES, help="what to do")
-    a("--dataset", default="cifar10", choices=DATASETS + ["svhn", "cifar100"], help="images")
+    a("--recipe", default="authors", choices=RECIPES, help="authors' code, the paper, or ours")
+    a("--dataset", default="cifar10", choices=DATASETS, help="training / evaluation images")
     a("--data-dir", default="data", help="dataset folder (npz: the .npz file, uint8 NHWC)")
     a("--image-size", type=pos_int, help="image side (default 32; celeba64 64; npz: the file's)")
+    a("--channels", type=pos_int, help="channels of fake data (default 3)")
     a("--fake-size", type=pos_int, default=512, help="number of FakeData images")
+    a("--workers", type=nonneg_int, default=4, help="DataLoader processes (0 = main process)")
     a("--out-dir", help="output folder (default runs/vpfb_<dataset>); always written to")
     a("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    a("--seed", type=int, default=0, help="random seed (each step and rank derives its own)")
-    a("--workers", type=nonneg_int, default=4, help="DataLoader processes (0 = main process)")
-    a("--threads", type=nonneg_int, default=0, help="CPU threads (0 = the cores this process has)")
-    a("--batch-size", type=pos_int, default=128, help="per-process batch size")
-    a("--steps", type=nonneg_int, default=400_000, help="training steps")
-    a("--lr", type=pos_float, default=1e-4, help="Adam learning rate")
-    a("--warmup", type=nonneg_int, default=5000, help="linear learning-rate warm-up steps")
-    a("--grad-clip", type=nonneg_float, help="gradient clipping (0 = off) [ours 1; authors 3]")
-    a("--clip-mode", choices=["norm", "std"], help="norm [ours]; std [authors]: +-(clip RMS + 0.1)")
-    a("--ema-decay", type=unit_float, default=0.9999, help="EMA decay")
-    a("--ema-warmup", action=bool_opt, default=True, help="min(decay, (1+n)/(10+n)); no: authors")
+    a("--threads", type=nonneg_int, default=0,
+      help="CPU threads (0: the free cores, i.e. the cores less the load average, at least 1)")
+    a("--seed", type=nonneg_int, default=0, help="random seed (each step and rank derives its own)")
+    a("--batch-size", type=pos_int, help="[r] per-process batch size (authors 64, ours 128)")
+    a("--steps", type=nonneg_int, help="[r] training steps (authors 2M, ours 400k)")
+    a("--lr", type=pos_float, help="[r] Adam learning rate (1e-4)")
+    a("--betas", type=unit_float, nargs=2, default=(0.9, 0.999), help="Adam betas")
+    a("--warmup", type=nonneg_int, help="[r] linear learning-rate warm-up steps (5000)")
+    a("--grad-clip", type=nonneg_float, help="[r] gradient clipping (0 = off; authors 3, ours 1)")
+    a("--clip-mode", choices=["norm", "std"], help="[r] norm; std (authors): +-(clip RMS + 0.1)")
+    a("--ema-decay", type=unit_float, help="[r] EMA decay (0.9999)")
+    a("--ema-warmup", action=bool_opt, default=True, help="min(decay, (1+n)/(10+n)); no: const")
     a("--no-ema", action="store_true", help="grids / sampling with the raw weights, not the EMA")
-    a("--model", default="unet", choices=["unet", "wrn"], help="Phi(x, t) U-Net; WideResNet Phi(x)")
-    a("--model-size", type=pos_int, default=128, help="base channels (unet 128 = paper's net)")
+    a("--arch", default="unet", choices=["unet", "wrn"],
+      help="network: time-varying U-Net Phi(x, t) or autonomous WideResNet Phi(x) (Sec. 4.2)")
+    a("--unet", choices=["ours", "authors"], help="[r] U-Net variant (authors: their layers)")
+    a("--model-size", type=pos_int, default=128, help="base channels (128 = the paper's U-Net)")
     a("--ch-mult", default="2,2,2", help="UNet channel multipliers per resolution level")
     a("--res-blocks", type=pos_int, default=4, help="UNet residual blocks per level")
-    a("--net", choices=["ours", "authors"], help="unet variant [the recipe's]")
-    a("--attn-res", help="unet attention resolutions [16; --net authors: image size // 2]")
+    a("--attn-res", help="UNet attention resolutions (16; --unet authors: image size // 2)")
     a("--dropout", type=unit_float, default=0.3, help="dropout in the res blocks (authors 0.3)")
     a("--wrn-depth", type=pos_int, default=16, help="WideResNet depth (6n + 4)")
     a("--class-cond", action="store_true", help="class-conditional Phi(x, c) (for --mode compose)")
-    a("--p-uncond", type=unit_float, help="share of null labels [ours 0.1; authors 0.2]")
-    a("--recipe", default="ours", choices=list(RECIPES), help="loss + clip presets (flags win)")
-    a("--kappa", type=finite_float, help="w(t) = (1 - t)^kappa [ours 1]")
+    a("--num-classes", type=pos_int, help="classes of --class-cond (default: the dataset's)")
+    a("--p-uncond", type=unit_float, help="[r] share of null labels (authors 0.2, ours 0.1)")
+    a("--kappa", type=finite_float, help="[r] w(t) = (1 - t)^kappa (paper, authors 2; ours 1)")
     a("--t-end", type=pos_float, default=1.0, help="t ~ U(0, t_end)")
     a("--t-max", type=time_float, default=1.0 - 1e-5, help="stationarity: t clamped to t_max")
-    a("--t-inf", type=pos_float, help="time Phi_B (Eq. 22) is read at [t_max]")
-    a("--eta", type=nonneg_float, help="Poincare weight eta [ours 1e-4]")
-    a("--lam-cos", type=nonneg_float, help="weight of the cosine term [1]")
-    a("--lam-gx", type=nonneg_float, help="weight of E||grad_x Phi||^2 [1]")
-    a("--lam-gt", type=nonneg_float, help="weight of E(dPhi/dt)^2 [ours 0.01]")
+    a("--t-inf", type=time_float, help="time Phi_B (Eq. 22) is read at (default t_max)")
+    a("--eta", type=nonneg_float, help="[r] Poincare weight eta (1e-4; authors 0)")
+    a("--lam-cos", type=nonneg_float, help="[r] weight of the cosine term (1)")
+    a("--lam-gx", type=nonneg_float, help="[r] weight of E||grad_x Phi||^2 (1; authors 0.5)")
+    a("--lam-gt", type=nonneg_float, help="[r] weight of E(dPhi/dt)^2 (1; authors 0.1, ours 0.01)")
     a("--cov-form", choices=["cov", "corr", "stein"],
-      help="cov (paper), corr (authors), stein: cov by parts [ours]")
-    a("--cos-form", choices=["paper", "authors"], help="cos or cos^t / D (authors)")
-    a("--weight-on", choices=["ritz", "cov"], help="w(t) on cov + |grad|^2 or gamma")
-    a("--grad-norm", choices=["sum", "mean"], help="|grad Phi|^2 summed or averaged")
-    a("--bfactor", type=pos_float, help="c in Phi_B, Eq. (22) [ours 2; paper 4]")
+      help="[r] cov (paper), corr (authors), stein: cov by parts (ours)")
+    a("--cos-form", choices=["paper", "authors"], help="[r] cos or cos^t / D (authors)")
+    a("--weight-on", choices=["ritz", "cov"], help="[r] w(t) on cov + |grad|^2 (ours) or gamma")
+    a("--grad-norm", choices=["sum", "mean"], help="[r] |grad Phi|^2 summed or averaged (authors)")
+    a("--bfactor", type=pos_float, help="[r] c in Phi_B, Eq. (22) (2; printed and authors' 4)")
     a("--sampler", default="rk45", choices=["euler", "rk45", "sgld"], help="sampler of the modes")
     a("--ode-steps", type=pos_int, default=100, help="Euler steps (and rk45 trajectory frames)")
     a("--rtol", type=pos_float, default=1e-3, help="RK45 relative tolerance (authors 1e-3)")
@@ -1585,7 +1828,7 @@ def build_parser():
     a("--amp", default="auto", choices=["auto", "bf16", "none"], help="bf16 trunk (auto: on CUDA)")
     a("--compile", action="store_true", help="torch.compile the potential for sampling only")
     a("--channels-last", action="store_true", help="channels_last memory (faster convs on GPU)")
-    a("--resume", action="store_true", help="resume from --ckpt, else <out-dir>/ckpt.pt")
+    a("--resume", action="store_true", help="resume from --ckpt, else <out-dir>/ckpt_main.pt")
     a("--ckpt", help="checkpoint to read (ours or the authors'); outputs go to --out-dir")
     a("--log-every", type=nonneg_int, default=100, help="log every N steps (0 = off)")
     a("--save-every", type=nonneg_int, default=5000, help="checkpoint every N steps (0 = at end)")
@@ -1593,88 +1836,136 @@ def build_parser():
       help="sample grid every N steps (0 = only at the end)")
     a("--num-samples", type=nonneg_int, default=64, help="samples to draw (50000 for FID)")
     a("--sample-batch", type=pos_int, default=256, help="batch size when sampling")
-    a("--ood-sets", default="svhn,cifar100,celeba,interp", help=f"comma list from {OOD_SETS}")
+    a("--ood-sets", default="svhn,cifar100,celeba,interp",
+      help=f"comma list from {OOD_SETS}, or paths of image folders / .npz files")
     a("--ood-max", type=pos_int, default=10000, help="at most this many images per set")
     a("--nn-k", type=pos_int, default=5, help="nearest neighbours per sample (mode nn)")
     a("--compose", default="0,1", help="classes whose energies are averaged, e.g. '0,1;0,2'")
-    a("--bench-steps", type=pos_int, default=20, help="benchmark: timed steps per config")
-    a("--bench-warmup", type=nonneg_int, default=3, help="benchmark: untimed steps per config")
     return p
 
-RECIPES = {  # loss presets (VPFB keywords); explicit flags win over the preset
-    "ours": dict(kappa=1.0, eta=1e-4, lam_cos=1.0, lam_gx=1.0, lam_gt=0.01, cov_form="stein",
-                 cos_form="paper", weight_on="ritz", grad_norm="sum", bfactor=2.0),
-    "paper": dict(kappa=2.0, eta=1e-4, lam_cos=1.0, lam_gx=1.0, lam_gt=1.0, cov_form="cov",
-                  cos_form="paper", weight_on="cov", grad_norm="sum", bfactor=4.0),
-    "authors": dict(kappa=2.0, eta=0.0, lam_cos=1.0, lam_gx=0.5, lam_gt=0.1, cov_form="corr",
-                    cos_form="authors", weight_on="cov", grad_norm="mean", bfactor=4.0),
-}
-TRAIN_RECIPES = {  # optimiser presets
-    "ours": dict(grad_clip=1.0, clip_mode="norm", p_uncond=0.1),
-    "paper": dict(grad_clip=1.0, clip_mode="norm", p_uncond=0.1),
-    "authors": dict(grad_clip=3.0, clip_mode="std", p_uncond=0.2),
-}
+def find_checkpoint(args):
+    """The checkpoint a mode starts from and the flags it hands on, or (None, ()) for a fresh run:
+    train --resume: --ckpt, else ckpt_main.pt (all its training flags); the other modes: --ckpt,
+    else the run's ckpt_main.pt."""
+    own = os.path.join(args.out_dir, f"ckpt_{args.phase}.pt")
+    size = args.image_size or (64 if args.dataset == "celeba64" else 32)   # for authors' files
+    if args.mode == "train":
+        if not (args.resume and (args.ckpt or os.path.isfile(own))):
+            return None, ()
+        ck = load_checkpoint(args.ckpt or own, size)
+        skip = RUN_FLAGS | EVAL_ONLY | (set() if ck.get("phase") == args.phase else PHASE_KEYS)
+        return ck, [k for k in ck["args"] if k not in skip]
+    if not (args.ckpt or os.path.isfile(own)):
+        die(f"no checkpoint in {args.out_dir} (train first or pass --ckpt)")
+    ck = load_checkpoint(args.ckpt or own, size)
+    return ck, [k for k in ck["args"] if k in ARCH_KEYS + DATA_KEYS + METHOD_FLAGS + SAMPLER_KEYS
+                + ("recipe", "t_end", "t_max", "t_inf")]
 
-def loss_kwargs(args):
-    """The VPFB(...) keyword arguments: the recipe preset, overridden by any explicit flag."""
-    kw = {k: v if getattr(args, k) is None else getattr(args, k)
-          for k, v in RECIPES[args.recipe].items()}
-    return dict(kw, t_end=args.t_end, t_max=args.t_max, t_inf=args.t_inf)
+def parse_args(argv=None):
+    """Flags -> args. Every setting follows one rule (issue 22): a flag the user typed > the value
+    stored in the checkpoint the mode reads > the recipe's default (args.sources_ says which)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = build_parser()
+    args = p.parse_args(argv)
+    for action in p._actions:                                          # now: typed flags only
+        action.default = argparse.SUPPRESS
+    args.typed_, args.argv_ = set(vars(p.parse_args(argv))), argv
+    args.out_dir = args.out_dir or os.path.join("runs", f"vpfb_{args.dataset}")
+    args.phase = "main"                                                # VPFB trains in one phase
+    args.ck_, keys = find_checkpoint(args)
+    return resolve_args(args, args.ck_, keys)
 
-def ints(s):
-    """'2,2,2' -> (2, 2, 2); --ch-mult and --attn-res stay strings, as checkpoints store them."""
-    try:
-        return tuple(int(c) for c in str(s).split(",") if c.strip())
-    except ValueError:
-        die(f"--ch-mult / --attn-res must be comma lists of integers, got {s!r}")
-
-def prepare_out_dir(path):
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write_test_{os.getpid()}")        # one per DDP rank
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        die(f"cannot write to output folder {os.path.abspath(path)} ({e.strerror or e})")
-
-def resolve_args(args, argv=None):
-    """Fill the defaults that depend on other flags; bad combinations -> one line and exit 2."""
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    for k, v in TRAIN_RECIPES[args.recipe].items():
-        if getattr(args, k) is None:
+def resolve_args(args, ck=None, keys=()):
+    """Fill the flags left at None: from the checkpoint `ck` (for `keys`), else the recipe and the
+    dataset's row; warn of typed flags the mode does not read. Bad combinations: exit 2."""
+    typed, saved = getattr(args, "typed_", set()), (ck or {}).get("args", {})
+    clash = [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint: {saved[k]})"
+             for k in ARCH_KEYS if k in typed and k in saved and saved[k] != getattr(args, k)]
+    if clash:
+        die(f"{ck['path']} holds another network; flags that differ from the checkpoint's: "
+            f"{', '.join(clash)}")
+    src = {k: "flag" for k in typed}
+    for k in keys:
+        if k not in typed and hasattr(args, k):
+            setattr(args, k, saved[k])
+            src[k] = "checkpoint"
+    if args.dataset == "npz" and src.get("image_size") != "checkpoint":  # the file's shape
+        c, s = load_npz(args.data_dir).tensors[0].shape[1:3]
+        if (args.image_size or s) != s:
+            die(f"--image-size {args.image_size}: the images of {args.data_dir} are {s} x {s}")
+        args.channels, args.image_size = c, s
+    row = {**RECIPES[args.recipe], **DATASET_ROWS.get(args.dataset, {})}
+    row.update(image_size=64 if args.dataset == "celeba64" else 32,
+               channels=1 if args.dataset == "mnist" else 3)
+    for k, v in row.items():
+        if getattr(args, k, 0) is None:
             setattr(args, k, v)
-    args.channels, size = (1 if args.dataset == "mnist" else 3), None
-    if args.dataset == "npz":
-        args.channels, size = load_npz(args.data_dir).tensors[0].shape[1:3]
-    args.image_size = args.image_size or size or (64 if args.dataset == "celeba64" else 32)
-    args.net = args.net or ("authors" if args.recipe == "authors" else "ours")
+            src.setdefault(k, "recipe")
     if args.attn_res is None:
-        args.attn_res = str(args.image_size // 2) if args.net == "authors" else "16"
+        args.attn_res = str(args.image_size // 2) if args.unet == "authors" else "16"
+    if args.class_cond and args.num_classes is None:         # labels 0..K-1, K + 1 = "null"
+        args.num_classes = (num_classes_of(load_npz(args.data_dir)) if args.dataset == "npz"
+                            else {"cifar100": 100, "celeba64": 4, "folder": None}.get(args.dataset,
+                                                                                      10))
+    args.sources_ = src
     halvings = len(ints(args.ch_mult)) - 1
     ints(args.attn_res)                                   # a bad list: one line here, not later
-    if args.model == "unet" and args.image_size % 2 ** halvings:
+    if args.arch == "unet" and args.image_size % 2 ** halvings:
         die(f"--image-size {args.image_size} must be a multiple of {2 ** halvings} (the U-Net "
             f"halves it {halvings} times for --ch-mult {args.ch_mult})")
-    if args.model == "wrn" and (args.wrn_depth - 4) % 6:
+    if args.arch == "unet" and args.unet == "authors" and any(
+            args.model_size * m % 32 for m in (1,) + ints(args.ch_mult)):
+        die(f"--unet authors uses GroupNorm(32): --model-size {args.model_size} times each of "
+            f"--ch-mult {args.ch_mult} must be a multiple of 32 (or pass --unet ours)")
+    if args.arch == "wrn" and (args.wrn_depth - 4) % 6:
         die(f"--wrn-depth must be 6n + 4 (10, 16, 22, 28 ...), got {args.wrn_depth}")
-    args.out_dir = args.out_dir or os.path.join("runs", f"vpfb_{args.dataset}")
-    prepare_out_dir(args.out_dir)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(args.threads or cores or 1)
+    if args.t1 <= args.t0:
+        die(f"--t1 {args.t1} must be after --t0 {args.t0}: the ODE runs forward in time")
+    if args.mode == "sample" and args.num_samples == 0:
+        die("--num-samples 0 in --mode sample would write an empty samples.npz")
+    check_memory(args)
+    reads = (set(vars(args)) - EVAL_ONLY if args.mode == "train" else
+             EVAL_READS | set(MODE_SETTINGS[args.mode]))
+    if args.mode == "train" and ck is None and not args.resume:
+        reads.discard("ckpt")                               # training reads --ckpt only to resume
+    for k in sorted(typed - reads):
+        print(f"warning: --{k.replace('_', '-')} has no effect in --mode {args.mode}"
+              + (" without --resume" if k == "ckpt" else ""), file=sys.stderr)
     return args
 
+def check_memory(args):
+    """Refuse, before a network is built, a size whose activations cannot fit: a lower bound of
+    one training step (4 bytes x base channels x pixels x batch x 16 layers) over the memory."""
+    batch = args.batch_size if args.mode == "train" else args.sample_batch
+    need = 4 * args.model_size * args.image_size ** 2 * batch * 16
+    have = (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            if hasattr(os, "sysconf") else float("inf"))
+    if torch.cuda.is_available() and args.device != "cpu":
+        have = torch.cuda.get_device_properties(0).total_memory
+    if need > have:
+        die(f"--image-size {args.image_size} with --model-size {args.model_size} and batch {batch} "
+            f"needs at least {need / 2**30:.0f} GiB of activations; this machine has "
+            f"{have / 2**30:.0f} GiB")
+
 def args_to_dict(args):
-    """args as a plain dict of str/int/float/bool/None/list (safe for weights_only loading)."""
-    return {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in vars(args).items()
-            if isinstance(v, (str, int, float, bool, type(None), list, tuple))}
+    """A plain dict of str/int/float/bool/None/list for the checkpoint (weights_only loads it)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()
+            if not k.endswith("_")}
 
 def main(argv=None):
-    args = resolve_args(build_parser().parse_args(argv), argv)
-    cmds = {"train": cmd_train, "sample": cmd_sample, "interp": cmd_interp, "nn": cmd_nn,
-            "hist": cmd_hist, "ood": cmd_ood, "longrun": cmd_longrun, "compose": cmd_compose,
-            "benchmark": cmd_benchmark}
-    return cmds[args.mode](args)
+    args = parse_args(argv)
+    torch.set_num_threads(pick_threads(args.threads))
+    try:
+        with RunLock(args.out_dir, int(os.environ.get("RANK", "0")) == 0):
+            return MODES[args.mode](args)
+    except torch.OutOfMemoryError as e:
+        die(f"out of memory on {args.device} ({str(e).splitlines()[0][:120]}); try a smaller "
+            f"--batch-size / --sample-batch / --model-size")
+    except RuntimeError as e:
+        if "allocate" not in str(e) and "out of memory" not in str(e):
+            raise
+        die(f"out of memory ({str(e).splitlines()[0][:120]}); try a smaller --batch-size / "
+            f"--sample-batch / --model-size")
 
 if __name__ == "__main__":
     main()

@@ -305,7 +305,7 @@ def test_full_size_layout_and_parameter_counts():
         sd = ref.state_dict()
         kw = authors_arch(sd)
         ours = em.UNetViTPotential(**kw)
-    assert kw["size"] == 1.0 and kw["ch_mult"] == (1, 2, 2, 2) and kw["attn_res"] == (16,)
+    assert kw["ch"] == 128 and kw["ch_mult"] == (1, 2, 2, 2) and kw["attn_res"] == (16,)
     assert kw["res_blocks"] == 2 and kw["vit_depth"] == 8 and kw["patch"] == 4
     assert kw["shape"] == (3, 32, 32)
     # (authors_to_ours is not run on meta tensors: their float64 kernels import torch._dynamo, ~8 s)
@@ -365,6 +365,13 @@ def test_unmatched_keys_are_listed(tmp_path, capsys, refs):
 
 
 # ---- load_checkpoint's dispatch: an authors' file as our checkpoint dict, and --mode sample ----
+def eval_net(path, use_ema=True, *flags):
+    """The network a sampling mode builds from `path`, and its settled args."""
+    args = em.parse_args(["--mode", "sample", "--ckpt", path, "--device", "cpu", *flags]
+                         + ([] if use_ema else ["--no-ema"]))
+    return em.net_from_checkpoint(args.ck_, args, torch.device("cpu")), args
+
+
 def test_as_our_checkpoint_feeds_model_from_checkpoint(tmp_path):
     torch.manual_seed(0)
     kw = dict(C=3, side=32, ch=32, mult=(1, 2), nres=1, attn_ds=(2,), dim=96, depth=1)  # size 0.25
@@ -381,7 +388,7 @@ def test_as_our_checkpoint_feeds_model_from_checkpoint(tmp_path):
     torch.save(ours, path)                          # what load_checkpoint would return in memory
     x = torch.randn(2, 3, 32, 32)
     for use_ema, ref in ((True, ema.eval()), (False, raw.eval())):
-        V, cargs, _ = em.model_from_checkpoint(path, "cpu", use_ema=use_ema)
+        V, _ = eval_net(path, use_ema)
         with torch.no_grad():
             assert rel_err(V(x), ref.potential(x)) < 1e-4
 
@@ -404,12 +411,14 @@ def test_sample_mode_reads_an_authors_file_end_to_end(tmp_path):
     images = np.load(out / "samples.npz")["images"]
     assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8
     meta = json.loads((out / "samples.json").read_text())
-    assert meta["tau_s"] == 0.05 and meta["weights"] == "ema" and meta["sampler"] == "heun"
+    st = meta["settings"]
+    assert st["tau_s"] == 0.05 and st["weights"] == "ema" and st["sampler"] == "heun"
+    assert meta["from"]["tau_s"] == "flag" and meta["from"]["eps_max"] == "checkpoint"
     # the converted checkpoint in memory: finite samples from the same EMA potential
-    V, cargs, ck = em.model_from_checkpoint(path, "cpu")
-    assert ck["phase"] == "authors" and ck["step"] == 147000 and cargs.recipe == "authors"
-    x = em.draw_samples(V, argparse.Namespace(**{**vars(cargs), "tau_s": 0.05}), 2, (3, 16, 16),
-                        "cpu")
+    V, args = eval_net(path, True, "--tau-s", "0.05")
+    ck = args.ck_
+    assert ck["phase"] == "authors" and ck["step"] == 147000 and args.recipe == "authors"
+    x, _ = em.generate(em.build_method(V, args), 2, (3, 16, 16), "cpu", 2)
     assert torch.isfinite(x).all()
     x0 = torch.randn(2, 3, 16, 16)
     with torch.no_grad():

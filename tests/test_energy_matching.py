@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "energy_matching.py")
 # a < 100k-parameter UNet+ViT potential on 8x8 FakeData
 TINY = ["--dataset", "fake", "--image-size", "8", "--fake-size", "32", "--batch-size", "8",
-        "--model-size", "0.0625", "--vit-depth", "1", "--res-blocks", "1", "--ch-mult", "1,2",
+        "--model-size", "8", "--vit-depth", "1", "--res-blocks", "1", "--ch-mult", "1,2",
         "--workers", "0", "--n-langevin", "4", "--dt", "0.05", "--tau-s", "0.2", "--log-every", "0",
         "--num-samples", "0", "--warmup", "1", "--lr", "1e-3", "--device", "cpu", "--amp", "none",
         "--threads", "1"]
@@ -45,7 +45,7 @@ def copy_run(src, dst):
 
 
 def tiny_args(*extra):
-    return em.resolve_args(em.build_parser().parse_args(TINY + list(extra)))
+    return em.parse_args((TINY + list(extra)))
 
 
 def env_1thread():
@@ -102,8 +102,8 @@ def test_flow_loss_sign_reduction_and_ot_recovers_translation():
     shuffled = x0[torch.randperm(64)]
     good = em.EnergyMatching(lambda x: -(x * u).sum(1))
     assert good.flow_loss(x1, shuffled).item() < 1e-10
-    bad_sum = em.EnergyMatching(lambda x: (x * u).sum(1), flow_reduction="sum")
-    bad_mean = em.EnergyMatching(lambda x: (x * u).sum(1))
+    bad_sum = em.EnergyMatching(lambda x: (x * u).sum(1))                  # the paper's ||.||^2
+    bad_mean = em.EnergyMatching(lambda x: (x * u).sum(1), flow_reduction="mean")   # the code's
     u2 = u.pow(2).sum().item()
     assert bad_sum.flow_loss(x1, shuffled).item() == pytest.approx(4 * u2, rel=1e-5)
     assert bad_mean.flow_loss(x1, shuffled).item() == pytest.approx(2 * u2, rel=1e-5)
@@ -160,7 +160,8 @@ def test_flow_weighting_phase2_only_and_exact():
     w(t_i) ||u||^2 with the t_i the loss draws (reproduced from the seed); phase 1 ignores the
     weighting."""
     V = lambda x: (0.0 * x).sum(1)  # noqa: E731
-    m = em.EnergyMatching(V, tau_star=0.8, lambda_cd=0.0, use_ot=False, flow_weighting=True)
+    m = em.EnergyMatching(V, tau_star=0.8, lambda_cd=0.0, use_ot=False, flow_weighting=True,
+                          flow_reduction="mean")
     t = torch.tensor([0.0, 0.5, 0.8, 0.9, 1.0])
     assert torch.allclose(m.flow_weight(t), torch.tensor([1.0, 1.0, 1.0, 0.5, 0.0]))
     x0 = torch.zeros(512, 2)
@@ -206,7 +207,7 @@ def test_api_on_2d_points():
         loss, logs = model.loss(x1, x0, phase=phase)
         assert loss.dim() == 0 and all(isinstance(v, float) for v in logs.values())
         loss.backward()
-    x, traj = model.sample(x0, tau_s=1.5, dt=0.05, method="euler", return_traj=True)
+    x, traj = model.sample(x0, tau_s=1.5, dt=0.05, solver="euler", return_traj=True)
     assert x.shape == (16, 2) and traj.shape == (31, 16, 2) and not traj.requires_grad
     assert torch.equal(traj[0], x0) and torch.equal(traj[-1], x)
 
@@ -236,12 +237,12 @@ def test_heun_beats_euler_on_known_field():
     model = em.EnergyMatching(V, eps_max=0.0)
     x0 = torch.randn(10, 3, dtype=torch.float32)
     exact = x0 * math.exp(-1.0)
-    err = {meth: (model.sample(x0, tau_s=1.0, dt=0.1, method=meth) - exact).abs().max().item()
+    err = {meth: (model.sample(x0, tau_s=1.0, dt=0.1, solver=meth) - exact).abs().max().item()
            for meth in ("heun", "euler")}
     assert err["euler"] > 1e-3                      # Euler's O(dt) error is visible at dt = 0.1
     assert err["heun"] < err["euler"] / 10
     # halving dt: Euler error halves, Heun error quarters
-    e2 = {meth: (model.sample(x0, tau_s=1.0, dt=0.05, method=meth) - exact).abs().max().item()
+    e2 = {meth: (model.sample(x0, tau_s=1.0, dt=0.05, solver=meth) - exact).abs().max().item()
           for meth in ("heun", "euler")}
     assert 1.7 < err["euler"] / e2["euler"] < 2.3 and 3.4 < err["heun"] / e2["heun"] < 4.6
 
@@ -317,7 +318,7 @@ def test_lid_slq_partial_spectrum_estimates_dimension():
 def test_potential_shapes_and_gradients():
     torch.manual_seed(7)
     a = tiny_args("--image-size", "16")
-    net = em.build_model(a)                             # attention at 16x16 is active here
+    net = em.build_net(a)                             # attention at 16x16 is active here
     assert em.count_params(net) < 100_000
     assert any(isinstance(mod, em.SelfAttention2d) for mod in net.modules())
     x = torch.randn(4, 3, 16, 16)
@@ -337,9 +338,9 @@ def test_potential_shapes_and_gradients():
     # net.amp (bf16 trunk, CUDA only) is an attribute of the network, not a keyword of the method
     net.amp = True
     assert em.EnergyMatching(net).energy(x).dtype == torch.float32
-    cnn = em.CNNPotential((1, 28, 28), size=0.125)
+    cnn = em.CNNPotential((1, 28, 28), ch=4)
     assert cnn(torch.randn(2, 1, 28, 28)).shape == (2,)
-    full = em.CNNPotential((1, 28, 28), size=1.0)
+    full = em.CNNPotential((1, 28, 28), ch=32)
     assert 1.5e6 < em.count_params(full) < 2.5e6                      # "2M parameters" (Appendix C)
 
 
@@ -357,14 +358,13 @@ def test_training_steps_lower_the_loss_on_fakedata(phase):
     torch.manual_seed(8)
     data = em.build_dataset(a)
     x1 = torch.stack([data[i][0] for i in range(8)])
-    net = em.build_model(a)
+    net = em.build_net(a)
     opt = torch.optim.Adam(net.parameters())
-    model = em.build_em(net, a)
+    model = em.build_method(net, a)
     before = _loss_at_seed(model, x1, phase)
     for _ in range(8):
         torch.manual_seed(11)
-        # step 10_000: past the lr warm-up
-        logs, applied, _ = em.train_step(model, net, opt, x1, phase, a, 1, step=10_000)
+        logs, applied, _ = em.train_step(model, net, opt, dict(x1=x1, phase=phase), 1e-3, 1.0)
         assert applied
         assert math.isfinite(logs["loss"]) and (("cd" in logs) == (phase == "main"))
     after = _loss_at_seed(model, x1, phase)
@@ -494,14 +494,14 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, capsys):
 
 
 def test_recipe_defaults_follow_authors_or_paper():
-    code = em.resolve_args(em.build_parser().parse_args([]))
-    paper = em.resolve_args(em.build_parser().parse_args(["--recipe", "paper"]))
+    code = em.parse_args(([]))
+    paper = em.parse_args((["--recipe", "paper"]))
     assert (code.tau_star, code.lambda_cd, code.lr, code.steps) == (1.0, 1e-3, 1.2e-3, 145_000)
     assert (paper.tau_star, paper.lambda_cd, paper.lr, paper.steps) == (0.9, 2e-4, 8e-4, 200_000)
-    mnist = em.resolve_args(em.build_parser().parse_args(["--dataset", "mnist", "--phase", "main"]))
+    mnist = em.parse_args((["--dataset", "mnist", "--phase", "main", "--from-scratch"]))
     assert (mnist.lambda_cd, mnist.dt, mnist.n_langevin) == (0.25, 0.05, 50)
     argv = ["--recipe", "paper", "--tau-star", "0.5"]
-    assert em.resolve_args(em.build_parser().parse_args(argv)).tau_star == 0.5
+    assert em.parse_args((argv)).tau_star == 0.5
 
 
 def test_torchrun_two_processes_gloo(tmp_path):
@@ -521,22 +521,6 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert ck["step"] == 2
     lines = [json.loads(s) for s in open(os.path.join(out, "metrics.jsonl"))]
     assert [r_["step"] for r_ in lines] == [1, 2] and all(math.isfinite(r_["loss"]) for r_ in lines)
-
-
-def test_benchmark_mode_runs_on_cpu(tmp_path, capsys):
-    """Ours (bf16 autocast, channels_last, fast attention outside the double backward) vs the
-    authors' recipe (fp32, math attention) from the same seed: both run, and their loss curves agree
-    (same noise in both memory formats, bf16 only in the network passes)."""
-    s = em.main(TINY + ["--mode", "benchmark", "--bench-steps", "3", "--bench-steps-main", "1",
-                        "--bench-sample-steps", "3", "--amp", "bf16", "--channels-last",
-                        "--out-dir", str(tmp_path)])
-    ours, auth = s["configs"]["ours"], s["configs"]["authors_fp32_math"]
-    assert ours["amp"] == "bf16" and ours["channels_last"]
-    assert auth["amp"] == "none" and auth["math_everywhere"]
-    assert ours["phase1_img_s"] > 0 and auth["sampler_img_s"] > 0
-    assert s["loss_max_rel_diff"] < 1e-2
-    assert "speed-up" in capsys.readouterr().out
-    assert json.load(open(tmp_path / "benchmark.json"))["batch"] == 8
 
 
 # --------------------------------------------------------------------------------------------------
@@ -574,13 +558,13 @@ def test_chain_clock_sets_the_chain_time():
 
 def test_ot_sigma_adds_gaussian_noise_around_the_path():
     """V = 1/2 ||x||^2 and x0 = x1 = 0: the residual is grad V(x_t) = x_t = sigma * N(0, I), so the
-    flow loss (mean over dims) is sigma^2 on average, and exactly 0 without sigma."""
+    flow loss (summed over dims, the paper's) is d sigma^2 on average, exactly 0 without sigma."""
     V = lambda x: 0.5 * x.pow(2).sum(1)  # noqa: E731
     z = torch.zeros(4096, 2)
     torch.manual_seed(0)
     assert em.EnergyMatching(V, use_ot=False).flow_loss(z, z).item() == 0.0
     loss = em.EnergyMatching(V, use_ot=False, ot_sigma=0.1).flow_loss(z, z).item()
-    assert loss == pytest.approx(0.01, rel=0.1)
+    assert loss == pytest.approx(2 * 0.01, rel=0.1)                   # summed over the 2 dims
 
 
 def test_flow_weighting_both_phases_as_the_authors_cifar_code():
@@ -589,8 +573,9 @@ def test_flow_weighting_both_phases_as_the_authors_cifar_code():
     V = lambda x: (0.0 * x).sum(1)  # noqa: E731
     x0 = torch.zeros(512, 2)
     x1 = x0 + torch.tensor([3.0, 4.0])
-    both = em.EnergyMatching(V, tau_star=0.8, use_ot=False, flow_weighting="both")
-    main_only = em.EnergyMatching(V, tau_star=0.8, use_ot=False, flow_weighting="main")
+    kw = dict(tau_star=0.8, use_ot=False, flow_reduction="mean")            # mean: ||u||^2 / 2
+    both = em.EnergyMatching(V, flow_weighting="both", **kw)
+    main_only = em.EnergyMatching(V, flow_weighting="main", **kw)
     torch.manual_seed(5)
     l_both = both.loss(x1, x0, phase="warmup")[0].item()
     torch.manual_seed(5)
@@ -610,7 +595,7 @@ def test_vit_blocks_drop_attention_probabilities():
     blk.eval()
     assert torch.equal(blk(x), blk(x))
     assert not torch.allclose(em.TransformerBlock(16, 4, 0.0, 0.0).train()(x), blk.train()(x))
-    net = em.build_model(tiny_args())                   # --attn-dropout defaults to --dropout
+    net = em.build_net(tiny_args())                   # --attn-dropout defaults to --dropout
     assert all(b.attn_dropout == 0.1 for b in net.blocks)
 
 
@@ -618,21 +603,22 @@ def test_recipe_authors_phase2_settings_and_paper():
     """Under --recipe authors phase 2 runs as the authors' README command: EMA 0.99 (0.9999 in phase
     1), CD clamp 0.02, same temperature schedule for all negatives, flow fade in both phases."""
     p = em.build_parser()
-    w = em.resolve_args(p.parse_args([]))
-    m = em.resolve_args(p.parse_args(["--phase", "main"]))
+    w = em.parse_args(([]))
+    m = em.parse_args((["--phase", "main", "--from-scratch"]))
     assert (w.ema_decay, m.ema_decay) == (0.9999, 0.99)
     assert (m.cd_neg_clamp, m.cd_trim, m.same_temperature, m.flow_weighting) == (
         0.02, 0.1, True, "both")
     assert m.cd_separate_batch                                      # their x_real_cd batch
-    model = em.build_em(lambda x: x.flatten(1).sum(1), m)
+    model = em.build_method(lambda x: x.flatten(1).sum(1), m)
     assert model.cd_neg_clamp == 0.02 and model.same_temperature and model.flow_weighting == "both"
-    pm = em.resolve_args(p.parse_args(["--phase", "main", "--recipe", "paper"]))
+    pm = em.parse_args((["--phase", "main", "--recipe", "paper", "--from-scratch"]))
     assert (pm.ema_decay, pm.cd_neg_clamp, pm.cd_trim, pm.same_temperature, pm.flow_weighting) == \
         (0.9999, 0.0, 0.0, False, "off")
     assert pm.cd_separate_batch is False
-    argv = ["--phase", "main", "--no-same-temperature"]
-    assert em.resolve_args(p.parse_args(argv)).same_temperature is False
-    assert em.resolve_args(p.parse_args(["--phase", "main", "--ema-decay", "0.5"])).ema_decay == 0.5
+    argv = ["--phase", "main", "--no-same-temperature", "--from-scratch"]
+    assert em.parse_args((argv)).same_temperature is False
+    assert em.parse_args((["--phase", "main", "--ema-decay", "0.5", "--from-scratch"])
+                         ).ema_decay == 0.5
 
 
 def test_ema_warmup_follows_training_after_200_steps(tmp_path):
@@ -642,13 +628,13 @@ def test_ema_warmup_follows_training_after_200_steps(tmp_path):
     assert em.ema_decay_at(0.9999, 0) == 0.1 and em.ema_decay_at(0.9999, 10 ** 6) == 0.9999
     assert em.ema_decay_at(0.9999, 0, warmup=False) == 0.9999
     argv = ["--dataset", "fake", "--image-size", "4", "--fake-size", "4", "--batch-size", "2",
-            "--arch", "cnn", "--model-size", "0.125", "--workers", "0", "--log-every", "0",
+            "--arch", "cnn", "--model-size", "4", "--workers", "0", "--log-every", "0",
             "--num-samples", "0", "--warmup", "1", "--lr", "1e-3", "--device", "cpu",
             "--threads", "1", "--steps", "200", "--save-every", "0", "--out-dir", str(tmp_path)]
     em.main(argv)
-    a = em.resolve_args(em.build_parser().parse_args(argv))
+    a = em.parse_args((argv))
     torch.manual_seed(a.seed)
-    init = em.build_model(a).state_dict()
+    init = em.build_net(a).state_dict()
     ck = em.load_checkpoint(str(tmp_path / "ckpt_warmup.pt"))
     dist = lambda p, q: sum((p[k] - q[k]).pow(2).sum() for k in p).sqrt().item()  # noqa: E731
     assert ck["ema_n"] == 200
@@ -663,10 +649,12 @@ def test_phase1_sampling_defaults_to_tau_1_and_says_so(tmp_path, capsys):
     out = str(tmp_path)
     em.main(tiny + ["--steps", "1", "--num-samples", "4", "--sample-batch", "4", "--out-dir", out])
     log = capsys.readouterr().out
-    assert "tau_s = 1.0" in log and os.path.exists(os.path.join(out, "samples_ema_1.png"))
-    em.main(tiny + ["--mode", "sample", "--num-samples", "2", "--out-dir", out])
-    assert "tau_s = 1 (phase-1 checkpoint" in capsys.readouterr().out
-    assert json.load(open(os.path.join(out, "samples.json")))["tau_s"] == 1.0
+    assert "grids use tau_s = 1.0" in log
+    assert os.path.exists(os.path.join(out, "samples_ema_0000001.png"))
+    em.main(["--mode", "sample", "--num-samples", "2", "--out-dir", out, "--device", "cpu"])
+    said = capsys.readouterr().out
+    assert "tau_s 1.0 (checkpoint)" in said and "tau_s = 1 from a phase-1 checkpoint" in said
+    assert json.load(open(os.path.join(out, "samples.json")))["settings"]["tau_s"] == 1.0
 
 
 def test_npz_dataset_round_trip(tmp_path):
@@ -727,10 +715,10 @@ def test_wrong_architecture_names_the_differing_flags(tmp_path, capsys, one_step
     out = copy_run(one_step_run, tmp_path)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        em.main(TINY + ["--steps", "2", "--resume", "--model-size", "0.125", "--out-dir", out])
+        em.main(TINY + ["--steps", "2", "--resume", "--model-size", "16", "--out-dir", out])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1
-    assert "--model-size 0.125 (checkpoint 0.0625)" in err
+    assert "--model-size 16 (checkpoint: 8)" in err
 
 
 def test_sample_modes_refuse_non_finite_weights(tmp_path, capsys, one_step_run):
@@ -742,7 +730,7 @@ def test_sample_modes_refuse_non_finite_weights(tmp_path, capsys, one_step_run):
     torch.save(ck, path)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        em.main(TINY + ["--mode", "sample", "--num-samples", "4", "--out-dir", out])
+        em.main(["--mode", "sample", "--num-samples", "4", "--out-dir", out, "--device", "cpu"])
     assert e.value.code == 3 and not os.path.exists(os.path.join(out, "samples.npz"))
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
@@ -787,24 +775,27 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path, capsys, mo
 
 
 def test_crash_during_save_keeps_the_old_checkpoint(tmp_path, monkeypatch, one_step_run):
-    """A save killed half-way (here: torch.save writes half a file, then dies) leaves the previous
-    checkpoint intact (write to <path>.tmp, then os.replace); the next start removes the stale
-    .tmp."""
+    """A save killed half-way (here: torch.save writes half a file, then the process dies) leaves
+    the previous checkpoint intact (write to a temporary name, then os.replace); the next start
+    removes the stale temporary file."""
     out = copy_run(one_step_run, tmp_path)
     path = os.path.join(out, "ckpt_warmup.pt")
     ck = em.load_checkpoint(path)
 
+    class Killed(BaseException):                   # not an OSError: nothing cleans up after it
+        pass
+
     def dying_save(obj, f):
         open(f, "wb").write(b"half a checkpoint")
-        raise OSError("killed during save")
+        raise Killed()
 
     monkeypatch.setattr(em.torch, "save", dying_save)
-    with pytest.raises(OSError):
-        em.save_checkpoint(path, em.build_model(tiny_args()), em.build_model(tiny_args()), None, 99,
+    with pytest.raises(Killed):
+        em.save_checkpoint(path, em.build_net(tiny_args()), em.build_net(tiny_args()), None, 99,
                            tiny_args())
     monkeypatch.undo()
-    assert em.load_checkpoint(path)["step"] == 1 and os.path.exists(path + ".tmp")
+    assert em.load_checkpoint(path)["step"] == 1 and os.path.exists(path + ".tmp.pt")
     kept = em.load_checkpoint(path)["model"]                      # one load, not one per tensor
     assert all(torch.equal(ck["model"][k], kept[k]) for k in ck["model"])
     em.main(TINY + ["--steps", "2", "--resume", "--out-dir", out])
-    assert not os.path.exists(path + ".tmp") and em.load_checkpoint(path)["step"] == 2
+    assert not os.path.exists(path + ".tmp.pt") and em.load_checkpoint(path)["step"] == 2

@@ -19,15 +19,19 @@ BANNERS = ["# ==== 1. The method ====", "# ==== 2. Networks ====",
            "# ==== 6. Experiment modes ====", "# ==== 7. Arguments and main ===="]
 TWIN_NAMES = ["die", "pick_device", "resolve_args", "build_parser", "build_dataset",
               "save_checkpoint", "load_checkpoint", "read_checkpoint", "to_uint8", "cmd_train",
-              "cmd_sample", "cmd_benchmark", "main", "Parser", "StepBatches", "step_seed",
-              "ema_update", "setup_distributed", "allreduce_grads", "is_authors_checkpoint",
-              "load_authors_checkpoint"]
+              "cmd_sample", "main", "Parser", "StepBatches", "step_seed", "ema_update",
+              "setup_distributed", "allreduce_grads", "is_authors_checkpoint",
+              "load_authors_checkpoint", "authors_checkpoint_as_ours", "train_step", "build_net",
+              "build_method", "generate", "eval_setup", "net_from_checkpoint", "parse_args",
+              "find_checkpoint", "RunLock", "atomic", "pick_threads", "next_batch", "Logger",
+              "StopSignals", "AUTHORS", "RECIPES", "METHOD_FLAGS", "ARCH_KEYS", "MODE_SETTINGS"]
 TWIN_FLAGS = ["--workers", "--ch-mult", "--res-blocks", "--sample-batch", "--amp", "--recipe",
               "--threads", "--seed", "--device", "--out-dir", "--ckpt", "--resume", "--data-dir",
               "--dataset", "--num-samples", "--log-every", "--save-every", "--sample-every",
               "--ema-decay", "--ema-warmup", "--no-ema-warmup", "--no-ema", "--lr", "--steps",
               "--batch-size", "--grad-clip", "--warmup", "--image-size", "--fake-size", "--compile",
-              "--channels-last", "--bench-steps"]
+              "--channels-last", "--arch", "--model-size", "--channels", "--betas", "--sampler",
+              "--dropout"]
 
 
 def _lines(name):

@@ -19,13 +19,13 @@ import vpfb
 PAD = 2                                        # torchvision.utils.make_grid's default padding
 
 # an 8x8 class-conditional U-Net Phi (10 FakeData classes), cheap samplers
-VP = ["--dataset", "fake", "--image-size", "8", "--fake-size", "32", "--model-size", "8",
+VP = ["--recipe", "ours", "--dataset", "fake", "--image-size", "8", "--fake-size", "32", "--model-size", "8",
       "--res-blocks", "1", "--ch-mult", "1,2", "--attn-res", "4", "--workers", "0",
       "--batch-size", "8", "--sample-batch", "8", "--ode-steps", "2", "--num-samples", "4",
       "--sampler", "euler", "--device", "cpu", "--threads", "1", "--log-every", "1"]
 # a < 100k-parameter UNet+ViT potential on 8x8 FakeData (as tests/test_energy_matching.py)
 EM = ["--dataset", "fake", "--image-size", "8", "--fake-size", "32", "--batch-size", "8",
-      "--model-size", "0.0625", "--vit-depth", "1", "--res-blocks", "1", "--ch-mult", "1,2",
+      "--model-size", "8", "--vit-depth", "1", "--res-blocks", "1", "--ch-mult", "1,2",
       "--workers", "0", "--n-langevin", "2", "--dt", "0.05", "--tau-s", "0.1", "--log-every", "0",
       "--num-samples", "0", "--warmup", "1", "--lr", "1e-3", "--device", "cpu", "--amp", "none",
       "--threads", "1"]
@@ -43,7 +43,7 @@ def vp_ckpt(tmp_path_factory):
                     "--out-dir", str(out / "cond")])
     vpfb.main(VP + ["--steps", "1", "--out-dir", str(out / "uncond")])
     torch.set_num_threads(n)
-    return str(out / "cond" / "ckpt.pt"), str(out / "uncond" / "ckpt.pt")
+    return str(out / "cond" / "ckpt_main.pt"), str(out / "uncond" / "ckpt_main.pt")
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,8 @@ def _exit(fn, argv, capsys):
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         fn(argv)
-    err = capsys.readouterr().err
+    err = capsys.readouterr().err                # warnings of flags the mode does not read aside
+    err = "".join(s for s in err.splitlines(True) if not s.startswith("warning: "))
     assert err.startswith("error: ") and err.count("\n") == 1, err
     return e.value.code, err
 
@@ -88,16 +89,20 @@ def _finite(d):
 @pytest.mark.parametrize("sampler,extra", [("sgld", ["--sgld-steps", "3", "--sgld-step", "1e-4"]),
                                            ("rk45", ["--rtol", "0.5", "--atol", "0.5"])])
 def test_vp_sample_sgld_and_rk45(vp_ckpt, tmp_path, capsys, sampler, extra):
-    """samples.npz: --num-samples uint8 NHWC images over uneven batches; sample_stats.json names the
-    sampler, its NFE (SGLD: exactly --sgld-steps) and finite speeds; the same JSON on stdout."""
+    """samples.npz: --num-samples uint8 NHWC images over uneven batches; samples.json names the
+    sampler, its NFE (SGLD: exactly --sgld-steps), finite speeds and the settings with their
+    sources; the same JSON on stdout."""
     _vp(vp_ckpt[0], tmp_path, "--mode", "sample", "--sampler", sampler, "--num-samples", "5",
         "--sample-batch", "3", *extra)
     imgs = np.load(tmp_path / "samples.npz")["images"]
     assert imgs.shape == (5, 8, 8, 3) and imgs.dtype == np.uint8
-    st = _json(tmp_path / "sample_stats.json")
-    assert set(st) == {"sampler", "nfe_mean", "images_per_s", "seconds"}
-    assert st["sampler"] == sampler
-    assert _finite({k: v for k, v in st.items() if k != "sampler"}) and st["images_per_s"] > 0
+    st = _json(tmp_path / "samples.json")
+    assert set(st) == {"ckpt", "settings", "from", "n", "sampler", "nfe_mean", "images_per_s",
+                       "seconds"}
+    assert st["sampler"] == st["settings"]["sampler"] == sampler and st["from"]["sampler"] == "flag"
+    assert st["from"]["t1"] == "checkpoint" and st["n"] == 5
+    assert _finite({k: st[k] for k in ("nfe_mean", "images_per_s", "seconds")})
+    assert st["images_per_s"] > 0
     assert st["nfe_mean"] == 3 if sampler == "sgld" else st["nfe_mean"] >= 6   # RK45: >= 1 step
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == st
     _grid_size(tmp_path / "samples.png", 1, 5)
@@ -108,9 +113,9 @@ def test_vp_modes_missing_ckpt_exit_2(tmp_path, capsys):
         code, err = _exit(vpfb.main, VP + ["--mode", mode, "--ckpt", str(tmp_path / "no.pt"),
                                            "--out-dir", str(tmp_path)], capsys)
         assert code == 2 and "checkpoint not found" in err and "no.pt" in err, mode
-    # no --ckpt: <out-dir>/ckpt.pt, absent in an empty folder
+    # no --ckpt: <out-dir>/ckpt_main.pt, absent in an empty folder
     code, err = _exit(vpfb.main, VP + ["--mode", "interp", "--out-dir", str(tmp_path)], capsys)
-    assert code == 2 and os.path.join(str(tmp_path), "ckpt.pt") in err
+    assert code == 2 and "no checkpoint in " + str(tmp_path) in err
 
 
 # ----------------------------------------------------------------------------- vpfb: interp, nn
@@ -121,9 +126,9 @@ def test_vp_interp_grid_rows_by_steps(vp_ckpt, tmp_path, monkeypatch):
     seen = {}
     real = vpfb.generate
 
-    def spy(phi, args, device, n, shape, **kw):
-        seen["n"], seen["x0"] = n, kw["x0"]
-        return real(phi, args, device, n, shape, **kw)
+    def spy(method, n, shape, device, batch, solver, x0, *a, **kw):
+        seen["n"], seen["x0"] = n, x0
+        return real(method, n, shape, device, batch, solver, x0, *a, **kw)
 
     monkeypatch.setattr(vpfb, "generate", spy)
     _vp(vp_ckpt[0], tmp_path, "--mode", "interp")
@@ -132,9 +137,9 @@ def test_vp_interp_grid_rows_by_steps(vp_ckpt, tmp_path, monkeypatch):
     for k in range(10):                 # row-major: column k is slerp(first, last column, k / 9)
         assert torch.allclose(z[:, k], vpfb.slerp(z[:, 0], z[:, -1], k / 9), atol=1e-4), k
     assert not torch.allclose(z[:, 0], z[:, -1]) and not torch.allclose(z[0, 0], z[1, 0])
-    st = _json(tmp_path / "interp_stats.json")
+    st = _json(tmp_path / "interp.json")
     assert st["sampler"] == "euler" and st["nfe_mean"] == 2 and _finite(
-        {k: v for k, v in st.items() if k != "sampler"})
+        {k: st[k] for k in ("nfe_mean", "images_per_s", "seconds")})
     _grid_size(tmp_path / "interp.png", 8, 10)
 
 
@@ -172,7 +177,7 @@ def test_vp_nn_distances_are_the_true_nearest_sorted(vp_ckpt, tmp_path, monkeypa
     _vp(vp_ckpt[0], tmp_path, "--mode", "nn", "--nn-k", "3")
     d = np.array(_json(tmp_path / "nn.json")["nearest_pixel_l2"])
     assert d.shape == (8, 3) and np.all(d >= 0) and np.all(np.diff(d, axis=1) >= 0)
-    args = vpfb.resolve_args(vpfb.build_parser().parse_args(VP + ["--out-dir", str(tmp_path)]))
+    args = vpfb.parse_args((VP + ["--out-dir", str(tmp_path)]))
     train = vpfb.first_images(vpfb.build_dataset(args, train=True), 10 ** 6)
     assert train.shape[0] == 32
     full = torch.cdist(seen["x"].flatten(1), train.flatten(1))
@@ -187,15 +192,16 @@ def test_vp_hist_counts_and_moments(vp_ckpt, tmp_path):
     std equal to those of Phi_B on the same images (energies())."""
     _vp(vp_ckpt[0], tmp_path, "--mode", "hist", "--ood-max", "6")
     res = _json(tmp_path / "hist.json")
-    assert set(res) == {"train", "test"}
+    assert set(res) == {"ckpt", "settings", "from", "train", "test"}
     for split in ("train", "test"):
         assert res[split]["n"] == 6 and _finite(res[split]) and res[split]["std"] >= 0
     assert res["train"]["mean"] != res["test"]["mean"]               # different images
     assert os.path.getsize(tmp_path / "hist.png") > 0
     # the numbers are Phi_B's: recompute on the train split with the EMA network
-    net, a, _ = vpfb.load_for_eval(vpfb.resolve_args(vpfb.build_parser().parse_args(
-        VP + ["--ckpt", vp_ckpt[0], "--out-dir", str(tmp_path)])), torch.device("cpu"))
-    e, _ = vpfb.energies(net, a, vpfb.build_dataset(a, train=True), torch.device("cpu"), 6)
+    a = vpfb.parse_args(["--mode", "hist", "--ckpt", vp_ckpt[0], "--device", "cpu"])
+    net = vpfb.net_from_checkpoint(a.ck_, a, torch.device("cpu"))
+    method = vpfb.build_method(vpfb.Conditioned(net), a)
+    e, _ = vpfb.energies(method, vpfb.build_dataset(a, train=True), torch.device("cpu"), 6, 8)
     assert res["train"]["mean"] == pytest.approx(float(e.mean()), rel=1e-5, abs=1e-6)
     _vp(vp_ckpt[0], tmp_path / "big", "--mode", "hist", "--ood-max", "1000")
     assert _json(tmp_path / "big" / "hist.json")["test"]["n"] == 32  # all of a 32-image set
@@ -204,14 +210,15 @@ def test_vp_hist_counts_and_moments(vp_ckpt, tmp_path):
 def test_vp_ood_table(vp_ckpt, tmp_path, capsys):
     """ood.json: one entry per requested set, both AUROCs in [0, 1], n_in / n_ood = --ood-max."""
     _vp(vp_ckpt[0], tmp_path, "--mode", "ood", "--ood-max", "5", "--ood-sets", "svhn, interp")
-    t = _json(tmp_path / "ood.json")
+    full = _json(tmp_path / "ood.json")
+    t = full["auroc"]
     assert list(t) == ["svhn", "interp"]
     for row in t.values():
         assert set(row) == {"auroc_phi_b", "auroc_authors_score", "n_in", "n_ood"}
         assert 0 <= row["auroc_phi_b"] <= 1 and 0 <= row["auroc_authors_score"] <= 1
         assert row["n_in"] == 5 and row["n_ood"] == 5
         assert row["auroc_phi_b"] * 50 == pytest.approx(round(row["auroc_phi_b"] * 50))  # 2U / 50
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == t
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == full
     code, err = _exit(vpfb.main, VP + ["--mode", "ood", "--ckpt", vp_ckpt[0], "--ood-max", "2",
                                        "--ood-sets", "svhn,mnist", "--out-dir", str(tmp_path)],
                       capsys)
@@ -245,7 +252,7 @@ def test_vp_longrun_curves(vp_ckpt, tmp_path):
         v = np.array(curve["grad2"] + curve["phi2"])
         assert np.all(np.isfinite(v)) and np.all(v >= 0)
     last = _json(tmp_path / "longrun.json")
-    assert last == {k: {kk: vv[-1] for kk, vv in v.items()} for k, v in c.items()}
+    assert {k: last[k] for k in c} == {k: {kk: vv[-1] for kk, vv in v.items()} for k, v in c.items()}
     # the strips: 3 samples per frame; ODE frames at t = 0.5, 1, 1.5; SGLD at 6 steps
     _grid_size(tmp_path / "longrun_ode.png", 2, 8)                  # 9 images, 8 a row
     _grid_size(tmp_path / "longrun_sgld.png", 3, 8)                 # 18 images
@@ -258,8 +265,8 @@ def test_vp_compose_rows_and_keys(vp_ckpt, tmp_path):
     compose.json has one sampler record per single class and per composite."""
     _vp(vp_ckpt[0], tmp_path, "--mode", "compose", "--compose", "0,1;2,3")
     info = _json(tmp_path / "compose.json")
-    assert list(info) == ["0", "1", "0+1", "2", "3", "2+3"]
-    for st in info.values():
+    assert list(info) == ["ckpt", "settings", "from", "0", "1", "0+1", "2", "3", "2+3"]
+    for st in list(info.values())[3:]:
         assert st["sampler"] == "euler" and st["nfe_mean"] == 2 and st["images_per_s"] > 0
     _grid_size(tmp_path / "compose.png", 6, 8)
 
@@ -274,35 +281,11 @@ def test_vp_compose_bad_input_exit_2(vp_ckpt, tmp_path, capsys):
     assert not (tmp_path / "compose.json").exists()
 
 
-# ----------------------------------------------------------------------------- vpfb: benchmark
-def test_vp_benchmark_json_has_the_promised_keys(tmp_path):
-    """Docstring: images/s, ms/iter and peak memory per config, the ODE's NFE and images/s, the
-    largest loss difference; one loss per timed step; the speed-up is the ratio of the two rates."""
-    s = vpfb.main(["--mode", "benchmark", "--dataset", "fake", "--model", "wrn", "--wrn-depth",
-                   "10", "--model-size", "4", "--image-size", "4", "--batch-size", "2",
-                   "--sample-batch", "2", "--bench-steps", "2", "--bench-warmup", "0", "--rtol",
-                   "0.5", "--atol", "0.5", "--device", "cpu", "--threads", "1",
-                   "--out-dir", str(tmp_path)])
-    assert _json(tmp_path / "benchmark.json") == json.loads(json.dumps(s))
-    assert {"device", "batch_size", "model", "params_M", "speedup_images_per_s",
-            "max_abs_loss_diff", "max_rel_loss_diff", "configs"} <= set(s)
-    assert s["device"] == "cpu" and s["batch_size"] == 2 and s["model"] == "wrn"
-    for r in s["configs"].values():
-        assert {"ms_per_iter", "images_per_s", "losses", "peak_mem_gb", "ode_nfe",
-                "ode_images_per_s"} <= set(r)
-        assert len(r["losses"]) == 2 and all(math.isfinite(v) for v in r["losses"])
-        assert r["peak_mem_gb"] is None and r["ode_nfe"] > 0                   # CPU: no peak
-        assert r["images_per_s"] == pytest.approx(2000 / r["ms_per_iter"])
-    o, a = s["configs"]["ours"], s["configs"]["authors_fp32"]
-    assert s["speedup_images_per_s"] == pytest.approx(o["images_per_s"] / a["images_per_s"])
-    assert s["max_abs_loss_diff"] == pytest.approx(
-        max(abs(x - y) for x, y in zip(o["losses"], a["losses"])))
-
-
 # ----------------------------------------------------------------------------- energy_matching
 def test_em_sample_euler_uneven_batches_and_zero(em_ckpt, tmp_path, capsys):
     """5 samples in batches of 2 with --sampler euler: uint8 NHWC, returned == written;
-    samples.json records the run; --num-samples 0 writes an empty (0, H, W, C) array, no grid."""
+    samples.json records the run and where each setting came from; --num-samples 0 would write an
+    empty array: one line, exit 2, no file."""
     imgs = em.main(EM + ["--mode", "sample", "--ckpt", em_ckpt, "--num-samples", "5",
                          "--sample-batch", "2", "--sampler", "euler", "--out-dir", str(tmp_path)])
     z = np.load(tmp_path / "samples.npz")["images"]
@@ -310,15 +293,15 @@ def test_em_sample_euler_uneven_batches_and_zero(em_ckpt, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("sampled ") == 3 and "sampled 5/5" in out
     meta = _json(tmp_path / "samples.json")
-    assert {k: meta[k] for k in ("ckpt", "n", "tau_s", "dt", "sampler", "weights")} == {
-        "ckpt": em_ckpt, "n": 5, "tau_s": 0.1, "dt": 0.05, "sampler": "euler", "weights": "ema"}
+    st = meta["settings"]
+    assert (meta["ckpt"], meta["n"]) == (em_ckpt, 5)
+    assert {k: st[k] for k in ("tau_s", "dt", "sampler", "weights")} == {
+        "tau_s": 0.1, "dt": 0.05, "sampler": "euler", "weights": "ema"}
     _grid_size(tmp_path / "samples.png", 1, 5)
-    empty = em.main(EM + ["--mode", "sample", "--ckpt", em_ckpt, "--num-samples", "0",
-                          "--out-dir", str(tmp_path / "zero")])
-    assert empty.shape == (0, 8, 8, 3) and empty.dtype == np.uint8
-    assert np.load(tmp_path / "zero" / "samples.npz")["images"].shape == (0, 8, 8, 3)
-    assert not (tmp_path / "zero" / "samples.png").exists()
-    assert _json(tmp_path / "zero" / "samples.json")["n"] == 0
+    code, err = _exit(em.main, ["--mode", "sample", "--ckpt", em_ckpt, "--num-samples", "0",
+                                "--out-dir", str(tmp_path / "zero")], capsys)
+    assert code == 2 and "--num-samples 0" in err
+    assert not (tmp_path / "zero" / "samples.npz").exists()
 
 
 def test_sample_mode_follows_seed_in_both_twins(em_ckpt, vp_ckpt, tmp_path):
@@ -337,16 +320,15 @@ def test_sample_mode_follows_seed_in_both_twins(em_ckpt, vp_ckpt, tmp_path):
 
 def test_vp_zero_means_off_or_at_the_end_as_in_em(tmp_path, vp_ckpt):
     """The twins read 0 alike: --log-every 0 logs nothing, --save-every 0 saves only at the end,
-    --num-samples 0 draws no grid, and --mode sample writes an empty (0, H, W, C) array."""
+    --num-samples 0 draws no grid, and --mode sample refuses to write an empty array."""
     out = tmp_path / "run"
     vpfb.main(VP + ["--steps", "3", "--log-every", "0", "--save-every", "0", "--num-samples", "0",
                     "--out-dir", str(out)])
-    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 3
-    assert not (out / "metrics.jsonl").exists() and not list(out.glob("samples_*.png"))
-    _vp(vp_ckpt[0], tmp_path / "zero", "--mode", "sample", "--num-samples", "0")
-    z = np.load(tmp_path / "zero" / "samples.npz")["images"]
-    assert z.shape == (0, 8, 8, 3) and z.dtype == np.uint8
-    assert not (tmp_path / "zero" / "samples.png").exists()
+    assert torch.load(out / "ckpt_main.pt", weights_only=True)["step"] == 3
+    assert not list(out.glob("samples_*.png"))
+    with pytest.raises(SystemExit) as e:
+        _vp(vp_ckpt[0], tmp_path / "zero", "--mode", "sample", "--num-samples", "0")
+    assert e.value.code == 2 and not (tmp_path / "zero" / "samples.npz").exists()
 
 def test_em_modes_without_checkpoint_exit_2(tmp_path, capsys):
     for mode in ("sample", "inpaint", "lid"):
@@ -367,7 +349,8 @@ def test_em_inpaint_grid_and_numbers(em_ckpt, tmp_path, capsys):
     for k in ("spread_without", "spread_with", "fidelity_rmse_without", "fidelity_rmse_with"):
         assert math.isfinite(res[k]) and res[k] >= 0, k
     assert res["spread_without"] > 0                  # 3 chains from different noise differ
-    assert (res["zeta"], res["sigma"], res["tau_s"], res["dt"]) == (0.2, 0.5, 0.1, 0.05)
+    st = res["settings"]
+    assert (st["zeta"], st["sigma_int"], st["tau_s"], st["dt"]) == (0.2, 0.5, 0.1, 0.05)
     assert res["ckpt"] == em_ckpt
     _grid_size(tmp_path / "inpaint.png", 3, 2 + 2 * 3)
 
@@ -375,8 +358,13 @@ def test_em_inpaint_grid_and_numbers(em_ckpt, tmp_path, capsys):
 def test_em_inpaint_wrong_image_shape_exit_2(em_ckpt, tmp_path, capsys):
     code, err = _exit(em.main, EM + ["--mode", "inpaint", "--ckpt", em_ckpt, "--image-size", "16",
                                      "--num-images", "1", "--out-dir", str(tmp_path)], capsys)
-    assert code == 2 and "(3, 16, 16)" in err and "(3, 8, 8)" in err
+    assert code == 2 and "--image-size 16 (checkpoint: 8)" in err
     assert not (tmp_path / "inpaint.json").exists()
+    data = str(tmp_path / "d16.npz")                    # data of another shape than the network's
+    np.savez(data, images=np.zeros((2, 16, 16, 3), np.uint8))
+    code, err = _exit(em.main, ["--mode", "inpaint", "--ckpt", em_ckpt, "--dataset", "npz",
+                                "--data-dir", data, "--out-dir", str(tmp_path)], capsys)
+    assert code == 2 and "(3, 16, 16)" in err and "(3, 8, 8)" in err
 
 
 def test_em_lid_exact_route_and_hints(em_ckpt, tmp_path, capsys):

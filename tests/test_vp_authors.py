@@ -305,35 +305,46 @@ def test_recipe_authors_builds_their_net_and_checkpoints_keep_it(tmp_path, capsy
     flags = ["--model-size", "32", "--ch-mult", "1,2", "--res-blocks", "1", "--dropout", "0",
              "--batch-size", "4", "--steps", "1", "--save-every", "1", "--log-every", "1",
              "--sample-every", "0", "--workers", "0"]
-    args = vpfb.resolve_args(vpfb.build_parser().parse_args(
-        SMALL + flags + ["--recipe", "authors", "--out-dir", out]))
+    args = vpfb.parse_args(SMALL + flags + ["--recipe", "authors", "--out-dir", out])
     assert args.attn_res == "4"                                 # their attention_resolutions [2]
-    net = vpfb.build_model(args, 10)
+    net = vpfb.build_net(args)
     assert net.t_scale == 1.0 and net.mid[0].scale_shift and net.mid[1].heads == 1
     vpfb.main(SMALL + flags + ["--recipe", "authors", "--out-dir", out])
-    args = vpfb.resolve_args(vpfb.build_parser().parse_args(SMALL + ["--out-dir", out]))
-    net, a, _ = vpfb.load_for_eval(args, torch.device("cpu"))  # default recipe on the command line
-    assert a.recipe == "authors" and net.mid[0].scale_shift
+    a = vpfb.parse_args(["--mode", "sample", "--recipe", "paper", "--out-dir", out])
+    net = vpfb.net_from_checkpoint(a.ck_, a, torch.device("cpu"))   # its settings beat the recipe
+    assert a.unet == "authors" and net.mid[0].scale_shift and a.cov_form == "corr"
+    assert a.sources_["unet"] == a.sources_["cov_form"] == "checkpoint"
+    # their own file: --resume --ckpt starts from their weights and step with a fresh Adam
     theirs = str(tmp_path / "checkpoint_1.pth")
     authors_file(theirs, CFG)
-    err = refused(capsys, lambda: vpfb.main(SMALL + flags + ["--resume", "--ckpt", theirs,
-                                                             "--out-dir", out]))
-    assert "authors' checkpoint" in err
+    capsys.readouterr()
+    vpfb.main(["--resume", "--ckpt", theirs, "--steps", "1", "--batch-size", "4", "--workers", "0",
+               "--sample-every", "0", "--num-samples", "0", "--log-every", "1", "--image-size",
+               "8", "--dataset", "fake", "--fake-size", "8", "--threads", "1",
+               "--out-dir", str(tmp_path / "fine")])
+    said = capsys.readouterr().out
+    assert f"starting from {theirs} at step 1000" in said and "step 1001/1001" in said
+    ck = vpfb.load_checkpoint(str(tmp_path / "fine" / "ckpt_main.pt"))
+    assert ck["step"] == 1001 and ck["args"]["unet"] == "authors" and ck["opt"]["state"]
 
 
 def test_recipe_authors_checkpoints_from_before_net_keep_our_unet(tmp_path, capsys):
-    """A --recipe authors run saved before --net existed has OUR U-Net: it reloads as ours, and
-    resuming it asks for --net ours in one line."""
+    """A --recipe authors run saved before --net (now --unet) existed has OUR U-Net: it reloads as
+    ours and resumes as ours (the checkpoint beats the recipe); a typed --unet authors is refused
+    in one line."""
     out = str(tmp_path / "old")
     flags = ["--model-size", "32", "--ch-mult", "1,2", "--res-blocks", "1", "--dropout", "0",
              "--batch-size", "4", "--steps", "1", "--save-every", "1", "--log-every", "1",
              "--sample-every", "0", "--workers", "0", "--recipe", "authors", "--out-dir", out]
-    vpfb.main(SMALL + flags + ["--net", "ours"])
-    ck = torch.load(f"{out}/ckpt.pt", weights_only=True)
-    del ck["args"]["net"]                                       # as written before the merge
-    torch.save(ck, f"{out}/ckpt.pt")
-    args = vpfb.resolve_args(vpfb.build_parser().parse_args(SMALL + ["--out-dir", out]))
-    net, a, _ = vpfb.load_for_eval(args, torch.device("cpu"))
-    assert a.net == "ours" and a.recipe == "authors" and not net.mid[0].scale_shift
-    err = refused(capsys, lambda: vpfb.main(SMALL + flags + ["--steps", "2", "--resume"]))
-    assert "--net 'authors' (checkpoint: 'ours')" in err
+    vpfb.main(SMALL + flags + ["--unet", "ours"])
+    ck = torch.load(f"{out}/ckpt_main.pt", weights_only=True)
+    del ck["args"]["unet"]                                      # as written before --net existed
+    torch.save(ck, f"{out}/ckpt_main.pt")
+    a = vpfb.parse_args(["--mode", "sample", "--out-dir", out])
+    net = vpfb.net_from_checkpoint(a.ck_, a, torch.device("cpu"))
+    assert a.unet == "ours" and a.recipe == "authors" and not net.mid[0].scale_shift
+    vpfb.main(SMALL + flags + ["--steps", "2", "--resume"])
+    assert vpfb.load_checkpoint(f"{out}/ckpt_main.pt")["args"]["unet"] == "ours"
+    err = refused(capsys, lambda: vpfb.main(SMALL + flags + ["--steps", "3", "--resume", "--unet",
+                                                             "authors"]))
+    assert "--unet authors (checkpoint: ours)" in err

@@ -190,11 +190,19 @@ def test_deep_ritz_minimiser_is_the_true_potential(weight_on):
         assert abs(lam - expect) < 0.03, (tv, lam, expect)
 
 
+def recipe_kw(*argv):
+    """The VPFB keywords a command line builds (recipe + flags)."""
+    a = vpfb.parse_args(list(argv))
+    return {k: getattr(a, k) for k in vpfb.METHOD_FLAGS + ("t_end", "t_max", "t_inf")}
+
+
 def test_stein_cov_form_is_the_covariance_in_pathwise_form():
-    """--cov-form stein (ours): Eq. (11) and the kernel's continuity equation give, by parts,
-    E[Phi (gamma - gamma_bar)] = -2 E[grad_x Phi . v]. So "stein" has the expectation of "cov" with a far
-    smaller variance in D dims (issue 10: "cov" left MNIST at noise), and with the gradient norm it is
-    flow matching on grad_x Phi: Cov + E w|grad Phi|^2 = E w|grad Phi - v|^2 - E w|v|^2."""
+    """OURS' cov_form "stein": Eq. (11) and the kernel's continuity equation give, by parts,
+    E[Phi (gamma - gamma_bar)] = -2 E[grad_x Phi . v]. So "stein" has the expectation of "cov" with
+    a far smaller variance in D dims ("cov" left MNIST at noise), and with the w-weighted gradient
+    norm it IS weighted flow matching on grad_x Phi, sample by sample:
+        -2 w grad Phi . v + w |grad Phi|^2 = w |grad Phi - v|^2 - w |v|^2,
+    checked on single samples against the closed-form gradient, and in the parameter gradients."""
     torch.manual_seed(21)
     phi = lambda x, t: (torch.sin(x) * (1 + t[:, None]) + 0.3 * t[:, None] * x ** 2).sum(1)
     only_cov = dict(lam_cos=0.0, lam_gx=0.0, lam_gt=0.0, eta=0.0)
@@ -210,16 +218,36 @@ def test_stein_cov_form_is_the_covariance_in_pathwise_form():
         for f in spread:
             spread[f].append(vpfb.VPFB(phi, cov_form=f, **only_cov).loss(xb, eps=e, t=tt)[0].item())
     assert np.std(spread["cov"]) > 10 * np.std(spread["stein"])
-    x = (t[:, None] * xbar + (1 - t[:, None]) * eps).requires_grad_(True)   # = flow matching
-    g = torch.autograd.grad(phi(x, t).sum(), x)[0]
-    v, w = xbar - eps, 1 - t
-    fm = (w * ((g - v) ** 2).sum(1)).mean() - (w * (v ** 2).sum(1)).mean()
-    model = vpfb.VPFB(phi, cov_form="stein", lam_cos=0.0, lam_gt=0.0, eta=0.0)
-    loss = model.loss(xbar, eps=eps, t=t)[0]
-    assert loss.item() == pytest.approx(fm.item(), rel=1e-9)
-    P = vpfb.build_parser()                                            # ours: stein; paper: cov
-    assert vpfb.loss_kwargs(P.parse_args([]))["cov_form"] == vpfb.VPFB(phi).cov_form == "stein"
-    assert vpfb.loss_kwargs(P.parse_args(["--recipe", "paper"]))["cov_form"] == "cov"
+    # sample by sample: a batch of one is the flow-matching value of that sample, with grad_x Phi
+    # from its closed form cos(x)(1 + t) + 0.6 t x (not autograd), w = 1 - t (OURS: kappa 1)
+    fm = vpfb.VPFB(phi, **{**vpfb.OURS, "lam_cos": 0.0, "lam_gt": 0.0, "eta": 0.0})
+    for i in range(20):
+        xb, e, ti = xbar[i:i + 1], eps[i:i + 1], t[i:i + 1]
+        x = ti[:, None] * xb + (1 - ti[:, None]) * e
+        g = torch.cos(x) * (1 + ti[:, None]) + 0.6 * ti[:, None] * x
+        v, w = xb - e, 1 - ti
+        want = (w * (((g - v) ** 2).sum(1) - (v ** 2).sum(1))).item()
+        assert fm.loss(xb, eps=e, t=ti)[0].item() == pytest.approx(want, rel=1e-12, abs=1e-12)
+    # and in the parameters: the same gradient as the weighted flow-matching loss, per sample
+    net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    net = net.double()
+    phi_net = lambda x, t: net(torch.cat([x, t[:, None]], 1)).squeeze(1)
+    fm = vpfb.VPFB(phi_net, **{**vpfb.OURS, "lam_cos": 0.0, "lam_gt": 0.0, "eta": 0.0})
+    for i in range(5):
+        xb, e, ti = xbar[i:i + 1], eps[i:i + 1], t[i:i + 1]
+        ps = list(net.parameters())
+        g1 = torch.autograd.grad(fm.loss(xb, eps=e, t=ti)[0], ps, allow_unused=True)
+        x = (ti[:, None] * xb + (1 - ti[:, None]) * e).requires_grad_(True)
+        gx = torch.autograd.grad(phi_net(x, ti).sum(), x, create_graph=True)[0]
+        ref = ((1 - ti) * ((gx - (xb - e)) ** 2).sum(1)).sum()
+        g2 = torch.autograd.grad(ref, ps, allow_unused=True)      # (the output bias: no gradient)
+        g1, g2 = ([torch.zeros_like(p) if g is None else g for g, p in zip(gs, ps)] for gs in (g1, g2))
+        assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-12) for a, b in zip(g1, g2))
+        assert g1[0].abs().sum() > 0
+    # the bare class is the printed covariance; --recipe ours is stein, authors the correlation
+    assert vpfb.VPFB(phi).cov_form == recipe_kw("--recipe", "paper")["cov_form"] == "cov"
+    assert recipe_kw("--recipe", "ours")["cov_form"] == "stein"
+    assert recipe_kw()["cov_form"] == "corr"                        # the command line's default
 
 
 def test_loss_terms_and_forms():
@@ -243,16 +271,23 @@ def test_loss_terms_and_forms():
 
 
 def test_recipes_and_flag_overrides():
-    """--recipe paper / authors switch every loss flag; an explicit flag still wins."""
-    P = vpfb.build_parser()
-    kw = vpfb.loss_kwargs(P.parse_args(["--recipe", "authors"]))
+    """--recipe paper / authors / ours switch every loss flag; an explicit flag still wins; the
+    bare class is the paper (Boltzmann factor corrected to 2)."""
+    kw = recipe_kw("--recipe", "authors")
     assert (kw["cov_form"], kw["cos_form"], kw["grad_norm"], kw["lam_gx"], kw["lam_gt"], kw["eta"]) == \
         ("corr", "authors", "mean", 0.5, 0.1, 0.0)
-    kw = vpfb.loss_kwargs(P.parse_args(["--recipe", "paper", "--kappa", "3"]))
-    assert kw["weight_on"] == "cov" and kw["bfactor"] == 4.0 and kw["kappa"] == 3.0
-    kw = vpfb.loss_kwargs(P.parse_args([]))
+    assert recipe_kw() == kw                                           # the default: authors
+    kw = recipe_kw("--recipe", "paper", "--kappa", "3")
+    assert kw["weight_on"] == "cov" and kw["bfactor"] == 2.0 and kw["kappa"] == 3.0
+    assert kw["lam_gt"] == 1.0 and kw["cov_form"] == "cov"
+    bare, paper = vpfb.VPFB(lambda x, t: x.sum(1)), recipe_kw("--recipe", "paper")
+    assert all(getattr(bare, k) == paper[k] for k in vpfb.METHOD_FLAGS)   # paper = bare class
+    kw = recipe_kw("--recipe", "ours")
     assert kw["weight_on"] == "ritz" and kw["bfactor"] == 2.0 and kw["t_max"] == pytest.approx(1 - 1e-5)
+    assert (kw["kappa"], kw["lam_gt"], kw["cov_form"]) == (1.0, 0.01, "stein")
     vpfb.VPFB(lambda x, t: x.sum(1), **kw)                      # every key is a VPFB argument
+    assert {k: getattr(vpfb.VPFB(lambda x, t: x.sum(1), **vpfb.OURS), k) for k in vpfb.OURS} == \
+        vpfb.OURS
 
 
 def test_loss_clamps_t_at_t_max():
@@ -290,7 +325,7 @@ def test_t_inf_reads_phi_b_at_an_earlier_time():
     a = vpfb.VPFB(gauss_phi(m, s), t_max=0.99, t_inf=0.6).boltzmann_energy(x)
     b = vpfb.VPFB(gauss_phi(m, s), t_max=0.99).boltzmann_energy(x, t_inf=0.6)
     assert torch.allclose(a, b)
-    assert vpfb.loss_kwargs(vpfb.build_parser().parse_args(["--t-inf", "0.9"]))["t_inf"] == 0.9
+    assert recipe_kw("--t-inf", "0.9")["t_inf"] == 0.9
 
 
 # ----------------------------------------------------------------------------- samplers
@@ -301,11 +336,11 @@ def test_ode_sampler_maps_prior_to_data_gaussian():
     model = vpfb.VPFB(gauss_phi(m, s), t_max=1.0)
     x0 = torch.randn(20000, 1, dtype=DT)
     for method, kw in [("euler", {"n_steps": 200}), ("rk45", {})]:
-        x1 = model.sample(x0, method=method, t0=0.0, t1=1.0, **kw)
+        x1 = model.sample(x0, solver=method, t0=0.0, t1=1.0, **kw)
         assert abs(x1.mean().item() - m) < 0.02 and abs(x1.std().item() - s) < 0.02
         assert model.last_nfe > 0
     # the flow is deterministic and affine here: x1 = m + s x0 exactly (tight RK45 tolerance)
-    x1 = model.sample(x0[:500], method="rk45", rtol=1e-7, atol=1e-7)
+    x1 = model.sample(x0[:500], solver="rk45", rtol=1e-7, atol=1e-7)
     assert torch.allclose(x1, m + s * x0[:500], atol=1e-4)
 
 
@@ -316,9 +351,9 @@ def test_rk45_and_euler_agree_on_quadratic_potential():
     phi = lambda x, t: (-(1 + t) / 2 * (x ** 2).sum(1) + (x * b).sum(1))
     model = vpfb.VPFB(phi, t_max=10.0)
     x0 = torch.tensor([[1.0, 2.0], [-0.5, 0.1]], dtype=DT)
-    xe, traj = model.sample(x0, method="euler", n_steps=4000, t0=0.0, t1=1.0, return_traj=True)
+    xe, traj = model.sample(x0, solver="euler", n_steps=4000, t0=0.0, t1=1.0, return_traj=True)
     assert traj.shape == (4001, 2, 2) and model.last_nfe == 4000
-    xr, trr = model.sample(x0, method="rk45", t0=0.0, t1=1.0, rtol=1e-8, atol=1e-10, n_steps=5, return_traj=True)
+    xr, trr = model.sample(x0, solver="rk45", t0=0.0, t1=1.0, rtol=1e-8, atol=1e-10, n_steps=5, return_traj=True)
     assert trr.shape == (6, 2, 2) and 6 <= model.last_nfe < 2000
     # exact: integrating factor A(t) = t + t^2/2, x(1) = e^{-A} x0 + b int_0^1 e^{-(A(1) - A(s))} ds
     s_ = torch.linspace(0, 1, 200001, dtype=DT)
@@ -328,7 +363,7 @@ def test_rk45_and_euler_agree_on_quadratic_potential():
     assert torch.allclose(xr, exact, atol=1e-6)
     assert torch.allclose(xe, exact, atol=1e-3)
     with pytest.raises(ValueError):
-        model.sample(x0, method="heun")
+        model.sample(x0, solver="heun")
 
 
 def test_sgld_reaches_boltzmann_variance():
@@ -352,7 +387,7 @@ def test_sgld_reaches_boltzmann_variance():
 
 
 # ----------------------------------------------------------------------------- networks and training
-TINY = ["--dataset", "fake", "--image-size", "8", "--fake-size", "32", "--model-size", "8",
+TINY = ["--recipe", "ours", "--device", "cpu", "--dataset", "fake", "--image-size", "8", "--fake-size", "32", "--model-size", "8",
         "--res-blocks", "1", "--ch-mult", "1,2", "--attn-res", "4", "--workers", "0", "--batch-size", "8",
         "--sample-batch", "8", "--ode-steps", "3", "--num-samples", "4", "--log-every", "1",
         "--sample-every", "0", "--wrn-depth", "10", "--threads", "1"]
@@ -369,10 +404,10 @@ def test_training_steps_lower_the_loss(kind):
     """Adam on one fixed FakeData batch (fixed noise and times, no dropout: a deterministic objective)
     lowers the loss: the mean of the last 3 of 10 steps is clearly below the mean of the first 3."""
     torch.manual_seed(8)
-    args = vpfb.resolve_args(vpfb.build_parser().parse_args(
-        TINY + ["--model", kind, "--dropout", "0", "--out-dir", "/tmp/_vpfb_unused"]))
-    net = vpfb.build_model(args, 10)
-    model = vpfb.build_vpfb(net, args)
+    args = vpfb.parse_args((
+        TINY + ["--arch", kind, "--dropout", "0", "--out-dir", "/tmp/_vpfb_unused"]))
+    net = vpfb.build_net(args)
+    model = vpfb.build_method(net, args)
     assert model.autonomous == (kind == "wrn")
     x = _fake_batch(16)
     eps, t = torch.randn_like(x), torch.rand(x.shape[0])
@@ -397,17 +432,17 @@ def test_bf16_trunk_and_channels_last_match_fp32(monkeypatch):
     within bf16 precision (the scalar head and the loss stay fp32). net.amp is CUDA only; on CPU the
     test runs the same trunk autocast with the CPU's bf16."""
     torch.manual_seed(12)
-    args = vpfb.resolve_args(vpfb.build_parser().parse_args(TINY + ["--out-dir", "/tmp/_vpfb_unused", "--dropout", "0"]))
-    net = vpfb.build_model(args, 10)
+    args = vpfb.parse_args((TINY + ["--out-dir", "/tmp/_vpfb_unused", "--dropout", "0"]))
+    net = vpfb.build_net(args)
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))
     x = _fake_batch()
     eps, t = torch.randn_like(x), torch.rand(x.shape[0])
-    model = vpfb.build_vpfb(net, args)
+    model = vpfb.build_method(net, args)
     ref, st = model.loss(x, eps=eps, t=t)
     net_cl = net.to(memory_format=torch.channels_last)
-    cl, _ = vpfb.build_vpfb(net_cl, args).loss(x.contiguous(memory_format=torch.channels_last),
+    cl, _ = vpfb.build_method(net_cl, args).loss(x.contiguous(memory_format=torch.channels_last),
                                               eps=eps.contiguous(memory_format=torch.channels_last), t=t)
     assert abs(cl.item() - ref.item()) <= 1e-4 * (abs(ref.item()) + st["phi2"] ** 0.5)
     net.amp = True
@@ -426,9 +461,9 @@ def test_class_conditional_and_composition(kind):
     """Phi(x, t, c) depends on c, y=None is the null-class Phi(x, t), and the compositional potential is
     the average of the conditional energies (Sec. 4.3)."""
     torch.manual_seed(13)
-    args = vpfb.resolve_args(vpfb.build_parser().parse_args(TINY + ["--out-dir", "/tmp/_vpfb_unused", "--model", kind,
+    args = vpfb.parse_args((TINY + ["--out-dir", "/tmp/_vpfb_unused", "--arch", kind,
                                                                    "--class-cond"]))
-    net = vpfb.build_model(args, 10).eval()
+    net = vpfb.build_net(args).eval()
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -443,15 +478,15 @@ def test_class_conditional_and_composition(kind):
 
 def test_unet_is_time_dependent_and_wrn_is_not():
     torch.manual_seed(9)
-    args = vpfb.resolve_args(vpfb.build_parser().parse_args(TINY + ["--out-dir", "/tmp/_vpfb_unused"]))
+    args = vpfb.parse_args((TINY + ["--out-dir", "/tmp/_vpfb_unused"]))
     x = _fake_batch(4)
-    u = vpfb.build_model(args, 10).eval()
+    u = vpfb.build_net(args).eval()
     with torch.no_grad():                      # the residual branches start at zero; wake them up
         for p in u.parameters():
             p.add_(0.05 * torch.randn_like(p))
     assert not torch.allclose(u(x, torch.zeros(4)), u(x, torch.ones(4) * 0.7))
-    args.model = "wrn"
-    w = vpfb.build_model(args, 10).eval()
+    args.arch = "wrn"
+    w = vpfb.build_net(args).eval()
     assert torch.allclose(w(x, torch.zeros(4)), w(x, torch.ones(4) * 0.7))
 
 
@@ -479,14 +514,14 @@ def test_slerp_keeps_norms():
 
 
 def test_checkpoint_round_trip_and_bad_files(tmp_path, capsys):
-    args = vpfb.resolve_args(vpfb.build_parser().parse_args(TINY + ["--out-dir", str(tmp_path)]))
-    net = vpfb.build_model(args, 10)
+    args = vpfb.parse_args((TINY + ["--out-dir", str(tmp_path)]))
+    net = vpfb.build_net(args)
     opt = torch.optim.Adam(net.parameters())
-    path = str(tmp_path / "ckpt.pt")
+    path = str(tmp_path / "ckpt_main.pt")
     vpfb.save_checkpoint(path, net, net, opt, 7, args)
     st = torch.load(path, weights_only=True)                        # plain types only
     assert st["format"] == "vpfb/v1" and st["step"] == 7 and st["args"]["model_size"] == 8
-    net2 = vpfb.build_model(args, 10)
+    net2 = vpfb.build_net(args)
     net2.load_state_dict(vpfb.load_checkpoint(path)["ema"])
     for a, b in zip(net.state_dict().values(), net2.state_dict().values()):
         assert torch.equal(a, b)
@@ -525,7 +560,8 @@ def test_celeba_attribute_classes(tmp_path):
 def _main_exit(argv, capsys):
     with pytest.raises(SystemExit) as e:
         vpfb.main(argv)
-    err = capsys.readouterr().err
+    err = capsys.readouterr().err                # warnings of flags the mode does not read aside
+    err = "".join(s for s in err.splitlines(True) if not s.startswith("warning: "))
     return e.value.code, err
 
 
@@ -561,11 +597,11 @@ def test_nan_guard_stops_with_one_line(tmp_path, capsys, runs):
     """A diverging run (lr 1e30) skips its non-finite steps (no update), stops after 10 in a row with
     one line and exit 3, and leaves the last good checkpoint as it was."""
     out = _copy_run(runs, 3, tmp_path / "run")
-    before = vpfb.load_checkpoint(f"{out}/ckpt.pt")
+    before = vpfb.load_checkpoint(f"{out}/ckpt_main.pt")
     code, err = _main_exit(TINY + ["--steps", "30", "--lr", "1e30", "--warmup", "1", "--grad-clip", "0",
                                    "--batch-size", "2", "--resume", "--out-dir", out], capsys)
-    assert code == 3 and "non-finite" in err and err.count("\n") == 1 and "ckpt.pt" in err
-    after = vpfb.load_checkpoint(f"{out}/ckpt.pt")
+    assert code == 3 and "non-finite" in err and err.count("\n") == 1 and "ckpt_main.pt" in err
+    after = vpfb.load_checkpoint(f"{out}/ckpt_main.pt")
     assert after["step"] == 3 and torch.equal(after["model"]["inp.weight"], before["model"]["inp.weight"])
 
 
@@ -576,23 +612,11 @@ def test_cli_smoke_train_sample(tmp_path, capsys):
     vpfb.main(TINY + ["--steps", "2", "--out-dir", out])
     log = capsys.readouterr().out
     assert "ms/it" in log and "img/s" in log and "ETA" in log
-    assert vpfb.load_checkpoint(f"{out}/ckpt.pt")["step"] == 2
+    assert vpfb.load_checkpoint(f"{out}/ckpt_main.pt")["step"] == 2
     assert len(vpfb.Logger(out).read_metrics()) == 2
     vpfb.main(TINY + ["--mode", "sample", "--sampler", "euler", "--out-dir", out])
     imgs = np.load(f"{out}/samples.npz")["images"]
     assert imgs.shape == (4, 8, 8, 3) and imgs.dtype == np.uint8
-
-
-def test_benchmark_mode_runs_on_cpu(tmp_path):
-    vpfb.main(TINY + ["--mode", "benchmark", "--bench-steps", "2", "--bench-warmup", "1", "--batch-size", "2",
-                      "--rtol", "0.1", "--atol", "0.1", "--channels-last", "--out-dir", str(tmp_path)])
-    import json
-    res = json.load(open(tmp_path / "benchmark.json"))
-    assert set(res["configs"]) == {"ours", "authors_fp32"}
-    assert res["configs"]["ours"]["images_per_s"] > 0 and res["configs"]["ours"]["ode_nfe"] > 0
-    # on CPU "ours" and the authors' fp32 differ only in memory layout: the same losses up to round-off
-    # (amplified a little by Adam's normalised steps)
-    assert res["max_rel_loss_diff"] < 1e-2, res["max_rel_loss_diff"]
 
 
 # ----------------------------------------------------------------------------- reliability (issue 11)
@@ -623,33 +647,33 @@ def _copy_run(runs, n, dst):
 
 
 def test_resume_reads_ckpt_writes_out_dir_and_matches_a_straight_run(tmp_path, runs):
-    """Items 1, 6, 12: --resume --ckpt A/ckpt.pt --out-dir B reads A, leaves A untouched, writes B; and
+    """Items 1, 6, 12: --resume --ckpt A/ckpt_main.pt --out-dir B reads A, leaves A untouched, writes B; and
     the resumed run is bit-identical to an uninterrupted one (same losses after the resume, same final
     weights and EMA): per-step RNG from (seed, step, rank), data order from (seed, step)."""
     a, b, c = _copy_run(runs, 3, tmp_path / "a"), str(tmp_path / "b"), str(runs / "s8")
-    src = open(f"{a}/ckpt.pt", "rb").read()
-    vpfb.main(TINY + ["--steps", "8", "--resume", "--ckpt", f"{a}/ckpt.pt", "--out-dir", b])
-    assert open(f"{a}/ckpt.pt", "rb").read() == src                          # the source is not clobbered
-    assert vpfb.load_checkpoint(f"{b}/ckpt.pt")["step"] == 8                 # c: uninterrupted
+    src = open(f"{a}/ckpt_main.pt", "rb").read()
+    vpfb.main(TINY + ["--steps", "8", "--resume", "--ckpt", f"{a}/ckpt_main.pt", "--out-dir", b])
+    assert open(f"{a}/ckpt_main.pt", "rb").read() == src                          # the source is not clobbered
+    assert vpfb.load_checkpoint(f"{b}/ckpt_main.pt")["step"] == 8                 # c: uninterrupted
     lb, lc = _losses(b), _losses(c)
     assert sorted(lb) == [4, 5, 6, 7, 8] and all(lb[s] == lc[s] for s in lb)
     for key in ("model", "ema"):
-        assert _same_weights(_weights(f"{b}/ckpt.pt", key), _weights(f"{c}/ckpt.pt", key))
+        assert _same_weights(_weights(f"{b}/ckpt_main.pt", key), _weights(f"{c}/ckpt_main.pt", key))
 
 
 def test_resume_drops_stale_metrics_and_temp_files(tmp_path, runs):
     """Items 7, 8: a crash after the last save leaves metrics past the checkpoint's step and a temp file;
     the resume drops both, and the loss plot is drawn from the whole run."""
     out = _copy_run(runs, 3, tmp_path / "run")
-    (tmp_path / "run" / "loss.png").unlink()                         # to be drawn by the resume
+    (tmp_path / "run" / "loss_main.png").unlink()                    # to be drawn by the resume
     with open(f"{out}/metrics.jsonl", "a") as f:                        # steps 4, 5 of a lost run
         f.write('{"step": 4, "loss": 1e9}\n{"step": 5, "loss": 1e9}\n')
-    (tmp_path / "run" / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / "run" / "ckpt_main.pt.tmp.pt").write_bytes(b"half a checkpoint")
     vpfb.main(TINY + ["--steps", "5", "--resume", "--out-dir", out])
     recs = vpfb.Logger(out).read_metrics()
     assert [r["step"] for r in recs] == [1, 2, 3, 4, 5] and recs[3]["loss"] != 1e9
     assert not any(".tmp" in p.name for p in (tmp_path / "run").iterdir())
-    assert (tmp_path / "run" / "loss.png").stat().st_size > 0
+    assert (tmp_path / "run" / "loss_main.png").stat().st_size > 0
 
 
 def test_sigterm_saves_and_resume_reaches_the_same_weights(tmp_path, runs):
@@ -672,7 +696,7 @@ def test_sigterm_saves_and_resume_reaches_the_same_weights(tmp_path, runs):
     assert p.returncode == 143, err[-2000:]
     last = rest.strip().splitlines()[-1]
     assert last.startswith("stopped at step ") and "by SIGTERM" in last and "--resume" in last
-    n = vpfb.load_checkpoint(f"{a}/ckpt.pt")["step"]
+    n = vpfb.load_checkpoint(f"{a}/ckpt_main.pt")["step"]
     assert last.startswith(f"stopped at step {n} ") and n >= 2
     end = 8 if n <= 6 else n + 2                           # at least 2 resumed steps; 8: the shared run
     vpfb.main(TINY + ["--steps", str(end), "--resume", "--out-dir", a])
@@ -680,13 +704,13 @@ def test_sigterm_saves_and_resume_reaches_the_same_weights(tmp_path, runs):
         c = str(runs / "s8")
     else:
         vpfb.main(TINY + ["--steps", str(end), "--out-dir", c])
-    assert _same_weights(_weights(f"{a}/ckpt.pt"), _weights(f"{c}/ckpt.pt"))
+    assert _same_weights(_weights(f"{a}/ckpt_main.pt"), _weights(f"{c}/ckpt_main.pt"))
 
 
 def test_wrong_architecture_resume_names_the_flags(tmp_path, capsys, runs):
     """Item 5: resuming with another --model-size is one line naming the flag and both values."""
     out = str(runs / "s3")
-    code, err = _main_exit(TINY + ["--steps", "2", "--resume", "--ckpt", f"{out}/ckpt.pt", "--model-size", "16",
+    code, err = _main_exit(TINY + ["--steps", "2", "--resume", "--ckpt", f"{out}/ckpt_main.pt", "--model-size", "16",
                                    "--out-dir", str(tmp_path / "b")], capsys)
     assert code == 2 and err.count("\n") == 1 and "--model-size 16 (checkpoint: 8)" in err
 
@@ -694,10 +718,10 @@ def test_wrong_architecture_resume_names_the_flags(tmp_path, capsys, runs):
 def test_sample_refuses_non_finite_output(tmp_path, capsys, runs):
     """Item 3: a checkpoint whose weights are NaN samples garbage: exit 3, one line, nothing written."""
     out = str(tmp_path)
-    shutil.copy(runs / "s3" / "ckpt.pt", tmp_path / "ckpt.pt")
-    st = vpfb.load_checkpoint(f"{out}/ckpt.pt")
+    shutil.copy(runs / "s3" / "ckpt_main.pt", tmp_path / "ckpt_main.pt")
+    st = vpfb.load_checkpoint(f"{out}/ckpt_main.pt")
     st["ema"]["inp.weight"].fill_(float("nan"))
-    torch.save(st, f"{out}/ckpt.pt")
+    torch.save(st, f"{out}/ckpt_main.pt")
     code, err = _main_exit(TINY + ["--mode", "sample", "--sampler", "euler", "--out-dir", out], capsys)
     assert code == 3 and err.startswith("error: ") and err.count("\n") == 1
     assert not (tmp_path / "samples.npz").exists() and not (tmp_path / "samples.png").exists()
@@ -705,12 +729,17 @@ def test_sample_refuses_non_finite_output(tmp_path, capsys, runs):
     assert (tmp_path / "samples.npz").exists()
 
 
-def test_threads_flag(tmp_path):
-    """Item 10: --threads N sets torch's CPU threads; 0 = the cores this process may use."""
+def test_threads_flag(tmp_path, monkeypatch):
+    """--threads N sets torch's CPU threads; 0 = the free cores: the cores this process may use less
+    the 1-minute load average, at least 1 (a busy 2-core box must not spin 2 threads)."""
     vpfb.main(TINY[:-2] + ["--threads", "1", "--steps", "0", "--out-dir", str(tmp_path)])
     assert torch.get_num_threads() == 1
-    vpfb.resolve_args(vpfb.build_parser().parse_args(TINY[:-2] + ["--out-dir", str(tmp_path)]))
-    assert torch.get_num_threads() == len(vpfb.os.sched_getaffinity(0))
+    cores = len(vpfb.os.sched_getaffinity(0))
+    monkeypatch.setattr(vpfb.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    vpfb.main(TINY[:-2] + ["--threads", "0", "--steps", "0", "--out-dir", str(tmp_path)])
+    assert torch.get_num_threads() == cores == vpfb.pick_threads(0)
+    monkeypatch.setattr(vpfb.os, "getloadavg", lambda: (cores + 4.0, 0.0, 0.0))   # others busy
+    assert vpfb.pick_threads(0) == 1 and vpfb.pick_threads(3) == 3
 
 
 # ----------------------------------------------------------------------------- faithful defaults (issue 10)
@@ -735,11 +764,10 @@ def test_authors_recipe_puts_no_time_weight_on_the_gradient_norm():
     phi = lambda x, tt: 1.5 * (x ** 2).sum(1)                       # grad = 3 x
     x = t[:, None] * xbar + (1 - t[:, None]) * eps
     g2 = (9 * x ** 2).sum(1)
-    P = vpfb.build_parser()
-    authors = vpfb.loss_kwargs(P.parse_args(["--recipe", "authors"]))
+    authors = recipe_kw("--recipe", "authors")
     st = vpfb.VPFB(phi, **authors).loss(xbar, eps=eps, t=t)[1]
     assert st["grad_x2"] == pytest.approx((g2 / 4).mean().item(), rel=1e-9)
-    ours = vpfb.loss_kwargs(P.parse_args([]))
+    ours = recipe_kw("--recipe", "ours")
     st = vpfb.VPFB(phi, **ours).loss(xbar, eps=eps, t=t)[1]
     assert st["grad_x2"] == pytest.approx(((1 - t) * g2).mean().item(), rel=1e-9)
 
@@ -748,12 +776,11 @@ def test_authors_recipe_optimiser_settings():
     """--recipe authors: grad clip mode `std` with bound 3 and p_uncond 0.2 (their CIFAR-10 config);
     ours: global-norm clip 1 and p_uncond 0.1; explicit flags win over the recipe."""
     P = vpfb.build_parser()
-    a = vpfb.resolve_args(P.parse_args(TINY + ["--recipe", "authors", "--out-dir", "/tmp/_vpfb_unused"]))
+    a = vpfb.parse_args((TINY + ["--recipe", "authors", "--unet", "ours"]))
     assert (a.clip_mode, a.grad_clip, a.p_uncond) == ("std", 3.0, 0.2)
-    o = vpfb.resolve_args(P.parse_args(TINY + ["--out-dir", "/tmp/_vpfb_unused"]))
+    o = vpfb.parse_args(TINY)
     assert (o.clip_mode, o.grad_clip, o.p_uncond) == ("norm", 1.0, 0.1)
-    e = vpfb.resolve_args(P.parse_args(TINY + ["--recipe", "authors", "--grad-clip", "0", "--out-dir",
-                                               "/tmp/_vpfb_unused"]))
+    e = vpfb.parse_args((TINY + ["--recipe", "authors", "--unet", "ours", "--grad-clip", "0"]))
     assert (e.clip_mode, e.grad_clip) == ("std", 0.0)
 
 
@@ -776,15 +803,15 @@ def test_ema_warmup_follows_the_trained_weights(tmp_path):
     """After 200 steps on FakeData the (warmed-up) EMA is nearer the trained weights than the
     initialisation; the constant decay 0.9999 (authors, --no-ema-warmup) would still be 98 % init."""
     out = str(tmp_path)
-    small = TINY + ["--model", "wrn", "--model-size", "4", "--image-size", "4"]   # the cheapest network
+    small = TINY + ["--arch", "wrn", "--model-size", "4", "--image-size", "4"]   # the cheapest network
     vpfb.main(small + ["--steps", "200", "--batch-size", "2", "--log-every", "100", "--lr", "1e-3",
                        "--warmup", "10", "--out-dir", out])
-    args = vpfb.resolve_args(vpfb.build_parser().parse_args(small + ["--out-dir", out]))
+    args = vpfb.parse_args((small + ["--out-dir", out]))
     torch.manual_seed(args.seed)
-    init = vpfb.build_model(args, 10).state_dict()                    # cmd_train()'s initialisation
-    st = vpfb.load_checkpoint(f"{out}/ckpt.pt")
+    init = vpfb.build_net(args).state_dict()                    # cmd_train()'s initialisation
+    st = vpfb.load_checkpoint(f"{out}/ckpt_main.pt")
     dist = lambda a, b: sum((a[k].float() - b[k].float()).pow(2).sum() for k in a).sqrt().item()
-    assert dist(st["ema"], st["model"]) < dist(st["ema"], init) and st["ema_updates"] == 200
+    assert dist(st["ema"], st["model"]) < dist(st["ema"], init) and st["ema_n"] == 200
     # the update rule itself: decay_n = min(decay, (1 + n) / (10 + n)), or decay without warm-up
     net, ema = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
     for warm, n, expect in [(True, 0, 0.1), (True, 10**6, 0.9999), (False, 0, 0.9999)]:
@@ -799,19 +826,21 @@ def test_npz_dataset_round_trip(tmp_path):
     samples.npz has the same layout, so it can be trained on again."""
     rng = np.random.default_rng(0)
     f = tmp_path / "digits.npz"
-    np.savez(f, images=rng.integers(0, 256, (20, 6, 6, 1), dtype=np.uint8), labels=np.arange(20) % 3)
-    args = TINY[4:]                                                     # no --dataset, --image-size
-    assert "--dataset" not in args and "--image-size" not in args
+    np.savez(f, images=rng.integers(0, 256, (20, 8, 8, 1), dtype=np.uint8), labels=np.arange(20) % 3)
+    args = list(TINY)
+    for flag in ("--dataset", "--image-size"):                       # the file gives them
+        i = args.index(flag)
+        del args[i:i + 2]
     out = str(tmp_path / "run")
     vpfb.main(args + ["--dataset", "npz", "--data-dir", str(f), "--steps", "2", "--out-dir", out])
-    saved = vpfb.load_checkpoint(f"{out}/ckpt.pt")["args"]
-    assert (saved["channels"], saved["image_size"]) == (1, 6)
+    saved = vpfb.load_checkpoint(f"{out}/ckpt_main.pt")["args"]
+    assert (saved["channels"], saved["image_size"]) == (1, 8)
     vpfb.main(args + ["--dataset", "npz", "--data-dir", str(f), "--mode", "sample", "--sampler", "euler",
                       "--out-dir", out])
     imgs = np.load(f"{out}/samples.npz")["images"]
-    assert imgs.shape == (4, 6, 6, 1) and imgs.dtype == np.uint8
+    assert imgs.shape == (4, 8, 8, 1) and imgs.dtype == np.uint8
     ds = vpfb.load_npz(f"{out}/samples.npz")
-    assert ds[0][0].shape == (1, 6, 6) and -1 <= ds[0][0].min() and ds[0][0].max() <= 1
+    assert ds[0][0].shape == (1, 8, 8) and -1 <= ds[0][0].min() and ds[0][0].max() <= 1
 
 
 # ----------------------------------------------------------------------------- layout (issue 9)
@@ -846,11 +875,11 @@ def test_checkpoint_of_the_old_flag_names_still_loads(tmp_path):
     sample: load_checkpoint maps the old names."""
     out = str(tmp_path)
     vpfb.main(TINY + ["--steps", "1", "--out-dir", out])
-    st = vpfb.load_checkpoint(f"{out}/ckpt.pt")
+    st = vpfb.load_checkpoint(f"{out}/ckpt_main.pt")
     a = st["args"]
     a["channel_mult"], a["num_res_blocks"] = a.pop("ch_mult"), a.pop("res_blocks")
     del a["channels"]
-    torch.save(st, f"{out}/ckpt.pt")
+    torch.save(st, f"{out}/ckpt_main.pt")
     vpfb.main(["--mode", "sample", "--dataset", "fake", "--sampler", "euler", "--ode-steps", "2",
                "--num-samples", "2", "--threads", "1", "--out-dir", out])
     assert np.load(f"{out}/samples.npz")["images"].shape == (2, 8, 8, 3)
