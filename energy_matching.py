@@ -849,10 +849,11 @@ def atomic(path):
     try:
         yield tmp
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:          # torch.save reports a full disk as RuntimeError
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        die(f"cannot write {path} ({e.strerror or e}); disk full or a file-size limit?")
+        why = getattr(e, "strerror", None) or str(e).strip().splitlines()[-1][:120]
+        die(f"cannot write {path} ({why}); disk full or a file-size limit?")
 
 def write_json(out_dir, name, obj):
     with atomic(os.path.join(out_dir, name)) as tmp, open(tmp, "w") as f:
@@ -933,7 +934,8 @@ def plot_losses(records, path, title, keys=("flow", "cd_term")):
         ax.legend()
     save_figure(fig, path)
 
-def generate(method, n, shape, device, batch, solver="heun", x0=None, strict=True):
+def generate(method, n, shape, device, batch, solver="heun", x0=None, strict=True,
+             progress=False):
     """n images from N(0, I) (or x0) by method.sample (K = tau_s / dt steps), clamped to [-1, 1]
     -> (images on the CPU, stats). Non-finite images: exit 3 (strict) or a warning (grids)."""
     outs, t_start = [], time.time()
@@ -941,6 +943,10 @@ def generate(method, n, shape, device, batch, solver="heun", x0=None, strict=Tru
         b = min(batch, n - i)
         z = (x0[i:i + b] if x0 is not None else torch.randn(b, *shape)).to(device)
         outs.append(method.sample(z, solver=solver, clamp=(-1.0, 1.0)).cpu())
+        if progress:
+            done, el = i + b, time.time() - t_start
+            print(f"sampled {done}/{n} | {done / el:.1f} img/s | ETA "
+                  f"{(n - done) * el / done / 60:.1f} min", flush=True)
     dt, x = time.time() - t_start, torch.cat(outs) if outs else torch.empty(0, *shape)
     n_bad = int((~torch.isfinite(x)).sum())
     msg = f"the {solver} sampler produced non-finite values ({n_bad} of {x.numel()})"
@@ -1344,24 +1350,14 @@ def eval_images(args, n, device):
 def cmd_sample(args):
     """--num-samples SDE samples -> samples.npz ("images" uint8 NHWC, eval_fid.py), samples.png."""
     device, net, method, info = eval_setup(args)
-    shape = (args.channels, args.image_size, args.image_size)
-    t0, imgs = time.time(), []
-    for i in range(0, args.num_samples, args.sample_batch):
-        x, _ = generate(method, min(args.sample_batch, args.num_samples - i), shape, device,
-                        args.sample_batch, args.sampler)
-        imgs.append(to_uint8(x))
-        done, el = i + len(x), time.time() - t0
-        print(f"sampled {done}/{args.num_samples} | {done / el:.1f} img/s | ETA "
-              f"{(args.num_samples - done) * el / done / 60:.1f} min", flush=True)
-    images = np.concatenate(imgs)
+    x, st = generate(method, args.num_samples, (args.channels, args.image_size, args.image_size),
+                     device, args.sample_batch, args.sampler, progress=True)
     out = os.path.join(args.out_dir, "samples.npz")
     with atomic(out) as tmp:
-        np.savez(tmp, images=images)
-    save_grid(torch.from_numpy(images[:64]).permute(0, 3, 1, 2).float() / 127.5 - 1,
-              os.path.join(args.out_dir, "samples.png"))
-    report(args.out_dir, "samples.json", {**info, "n": len(images),
-                                          "seconds": round(time.time() - t0, 2)})
-    return images
+        np.savez(tmp, images=to_uint8(x))
+    save_grid(x[:64], os.path.join(args.out_dir, "samples.png"))
+    report(args.out_dir, "samples.json", {**info, "n": len(x), **st})
+    return to_uint8(x)
 
 def cmd_inpaint(args):
     """Alg. 3 on data images with a centred hole: M chains per image without and with the repulsive

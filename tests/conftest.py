@@ -22,3 +22,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def _tree(root):
+    """Every path under the repository except git's, Python's and pytest's own caches."""
+    skip = {".git", "__pycache__", ".pytest_cache"}
+    out = set()
+    for d, dirs, files in os.walk(root):
+        dirs[:] = [x for x in dirs if x not in skip]
+        out.update(os.path.relpath(os.path.join(d, x), root) for x in dirs + files)
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def working_tree_untouched():
+    """Tests write into tmp_path only: the suite fails if it left anything in the repository."""
+    before = _tree(ROOT)
+    yield
+    new = sorted(_tree(ROOT) - before)
+    assert not new, f"the tests wrote into the working tree: {new[:10]}"

@@ -1,0 +1,337 @@
+"""The two method files as twins: the same engineering guarantees, tested once for both.
+- The paper as a module: a bare constructor is the printed method, its functions run with their
+  own defaults, presets are dicts, the top half imports only what the method needs.
+- Reliability: one run per output folder, resume never goes back, faulty data and full disks are
+  one line and exit 2 (no network built, no temporary file left), impossible requests refused.
+- One precedence rule for every setting a mode reads: typed flag > checkpoint > recipe."""
+import ast
+import errno
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import energy_matching as em
+import vpfb
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EM = ["--dataset", "fake", "--image-size", "8", "--fake-size", "32", "--batch-size", "8",
+      "--model-size", "8", "--vit-depth", "1", "--res-blocks", "1", "--ch-mult", "1,2",
+      "--workers", "0", "--n-langevin", "2", "--dt", "0.05", "--tau-s", "0.1", "--log-every", "0",
+      "--num-samples", "0", "--warmup", "1", "--lr", "1e-3", "--device", "cpu", "--amp", "none",
+      "--threads", "1"]
+VP = ["--recipe", "ours", "--dataset", "fake", "--image-size", "8", "--fake-size", "32",
+      "--model-size", "8", "--res-blocks", "1", "--ch-mult", "1,2", "--attn-res", "",
+      "--workers", "0", "--batch-size", "8", "--sample-batch", "8", "--ode-steps", "2",
+      "--num-samples", "0", "--sampler", "euler", "--device", "cpu", "--threads", "1",
+      "--log-every", "0"]
+TWINS = [pytest.param(em, EM, "ckpt_warmup.pt", id="em"),
+         pytest.param(vpfb, VP, "ckpt_main.pt", id="vpfb")]
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: one intra-op thread
+
+
+def one_error(capsys, e, code=2):
+    """The single "error:" line of a refused run (warnings of unread flags aside)."""
+    assert e.value.code == code
+    err = [s for s in capsys.readouterr().err.splitlines() if not s.startswith("warning: ")]
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def files(d):
+    return {p: open(os.path.join(d, p), "rb").read() for p in sorted(os.listdir(d))}
+
+
+def no_network(mod, monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("a network was built")
+    monkeypatch.setattr(mod, "build_net", refuse)
+
+
+# ----------------------------------------------------------------------------- the paper as a module
+def test_bare_classes_are_the_printed_method_and_presets_are_dicts():
+    """EnergyMatching(V): Alg. 1-2 with App. C's CIFAR-10 numbers; VPFB(phi): Eq. (27) with the
+    printed covariance; AUTHORS / OURS are dicts that the constructors take and the command
+    lines' recipes are built from; both command lines default to --recipe authors."""
+    V = em.EnergyMatching(lambda x: x.sum(1))
+    assert (V.tau_star, V.eps_max, V.lambda_cd, V.cd_trim, V.cd_neg_clamp) == (0.9, 0.01, 2e-4, 0, 0)
+    assert (V.flow_weighting, V.same_temperature, V.flow_reduction) == (False, False, "sum")
+    P = vpfb.VPFB(lambda x, t: x.sum(1))
+    assert (P.cov_form, P.kappa, P.lam_gt, P.weight_on, P.bfactor) == ("cov", 2.0, 1.0, "cov", 2.0)
+    A = em.EnergyMatching(lambda x: x.sum(1), **em.AUTHORS)
+    assert all(getattr(A, k) == (v if k != "flow_weighting" else "both")
+               for k, v in em.AUTHORS.items())
+    for mod, presets in ((em, {"authors": em.AUTHORS}),
+                         (vpfb, {"authors": vpfb.AUTHORS, "ours": vpfb.OURS})):
+        for name, preset in presets.items():
+            assert isinstance(preset, dict)
+            row = mod.RECIPES[name]
+            assert all(row[k] == (v if k != "clamp_negatives" else True) for k, v in preset.items()
+                       if k in row), name
+        assert mod.build_parser().get_default("recipe") == "authors"
+    assert vpfb.VPFB(lambda x, t: x.sum(1), **vpfb.OURS).cov_form == "stein"
+
+
+def test_bare_functions_run_with_their_own_defaults():
+    """Every function above the divider works with its own defaults (VPFB.langevin's step used to
+    give NaN within 30 steps) on a small example, and gives finite output."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 32), torch.nn.SiLU(), torch.nn.Linear(32, 1))
+    phi = lambda x, t: net(torch.cat([x, t[:, None]], 1)).squeeze(1)   # noqa: E731
+    V = lambda x: net(torch.cat([x, torch.zeros_like(x[:, :1])], 1)).squeeze(1)   # noqa: E731
+    x1, x0 = torch.randn(16, 2) + 2, torch.randn(16, 2)
+    m = em.EnergyMatching(V)
+    outs = [m.loss(x1)[0], m.loss(x1, phase="main")[0], m.sample(x0), em.ot_pair(x0, x1),
+            em.langevin(V, x0, 10, 0.01, 0.1), em.temperature(torch.rand(5), 0.9, 0.01),
+            torch.tensor(em.lid_slq(V, x1[:2], 1.0)), torch.stack(em.lid_exact(V, x1[:2], 1.0)[1])]
+    p = vpfb.VPFB(phi)
+    outs += [p.loss(x1)[0], p.sample(x0), p.sample(x0, solver="rk45"), p.langevin(x0),
+             p.boltzmann_energy(x0), vpfb.sgld(p.grad_boltzmann, x0)[0],
+             vpfb.ode_solve(p.grad_phi, x0)[0], vpfb.slerp(x0, x1, 0.3),
+             vpfb.Schedule().gamma_bar(x1, torch.rand(16))]
+    assert all(torch.isfinite(o).all() for o in outs)
+
+
+@pytest.mark.parametrize("name", ["energy_matching.py", "vpfb.py"])
+def test_the_method_half_imports_only_what_the_method_needs(name):
+    """argparse, signal, shlex, torch.distributed and the like are imported below the divider."""
+    src = open(os.path.join(ROOT, name), encoding="utf-8").read()
+    top = src[:src.index("# ==== ENGINEERING")]
+    mods = set()
+    for node in ast.walk(ast.parse(top)):
+        if isinstance(node, ast.Import):
+            mods.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            mods.add(node.module)
+    assert mods <= {"contextlib", "math", "numpy", "torch", "torch.nn", "torch.nn.functional",
+                    "ot", "scipy.integrate", "torch.nn.attention"}, mods
+    assert "benchmark" not in em.MODES and "benchmark" not in vpfb.MODES
+
+
+# ----------------------------------------------------------------------------- reliability
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_resume_never_goes_backwards(mod, tiny, ckpt, tmp_path, capsys):
+    """--resume with --steps at or below the checkpoint's step: one line, exit 0, no file changes
+    (the same text in both files)."""
+    out = str(tmp_path)
+    mod.main(tiny + ["--steps", "3", "--out-dir", out])
+    before = files(out)
+    capsys.readouterr()
+    for steps in (["--steps", "2"], []):                   # without --steps: the checkpoint's 3
+        assert mod.main(tiny + ["--resume", "--out-dir", out] + steps) in ([], None)
+        want = f"checkpoint is at step 3 >= --steps {steps[1] if steps else 3}: nothing to do"
+        assert capsys.readouterr().out.strip().splitlines()[-1] == want
+    assert files(out) == before
+
+
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_one_run_per_output_folder(mod, tiny, ckpt, tmp_path, capsys):
+    """A second run on a folder a live run holds: one line naming its pid, exit 2, nothing
+    touched; the lock of a run that ended is taken over with one line and freed at exit."""
+    out = str(tmp_path)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with open(os.path.join(out, ".lock"), "w") as f:
+            f.write(str(live.pid))
+        with pytest.raises(SystemExit) as e:
+            mod.main(tiny + ["--steps", "1", "--out-dir", out])
+        assert f"pid {live.pid}" in one_error(capsys, e) and os.listdir(out) == [".lock"]
+        assert open(os.path.join(out, ".lock")).read() == str(live.pid)
+    finally:
+        live.kill()
+        live.wait()
+    mod.main(tiny + ["--steps", "1", "--out-dir", out])             # the pid is dead now
+    assert f"taking over the lock of a run that ended (pid {live.pid})" in capsys.readouterr().out
+    assert os.path.exists(os.path.join(out, ckpt)) and not os.path.exists(os.path.join(out, ".lock"))
+
+
+def _npz(path, images, **extra):
+    np.savez(path, images=images, **extra)
+    return str(path)
+
+
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_faulty_data_is_one_line_before_any_network(mod, tiny, ckpt, tmp_path, capsys,
+                                                    monkeypatch):
+    from PIL import Image
+    good = _npz(tmp_path / "good.npz", np.zeros((4, 8, 8, 1), np.uint8))
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(open(good, "rb").read()[:300])
+    folder = tmp_path / "imgs" / "any"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(folder / "ok.png")
+    (folder / "bad.png").write_bytes(b"\x89PNG not really")
+    cases = [("npz", str(truncated), "cannot read"),
+             ("npz", _npz(tmp_path / "zero.npz", np.zeros((0, 8, 8, 1), np.uint8)), "0 images"),
+             ("npz", _npz(tmp_path / "wide.npz", np.zeros((4, 8, 12, 1), np.uint8)), "8 x 12"),
+             ("npz", _npz(tmp_path / "tiny.npz", np.zeros((4, 4, 4, 1), np.uint8)), "4 x 4"),
+             ("folder", str(tmp_path / "imgs"), "bad.png")]
+    no_network(mod, monkeypatch)
+    for dataset, path, says in cases:
+        with pytest.raises(SystemExit) as e:
+            mod.main(tiny + ["--dataset", dataset, "--data-dir", path, "--steps", "1",
+                             "--out-dir", str(tmp_path / "o")])
+        assert says in one_error(capsys, e), (path, says)
+    if mod is vpfb:                       # --class-cond needs labels 0..K-1
+        bad = _npz(tmp_path / "neg.npz", np.zeros((4, 8, 8, 1), np.uint8), labels=-np.ones(4, int))
+        with pytest.raises(SystemExit) as e:
+            mod.main(tiny + ["--dataset", "npz", "--data-dir", bad, "--class-cond",
+                             "--out-dir", str(tmp_path / "o")])
+        assert "labels 0..K-1" in one_error(capsys, e)
+
+
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_full_disk_is_one_line_and_leaves_no_temporary_file(mod, tiny, ckpt, tmp_path, capsys,
+                                                            monkeypatch):
+    """Every write path goes through atomic(): a checkpoint, samples or a log that cannot be
+    written (ENOSPC) is one line, exit 2, and no temporary file stays behind."""
+    out = str(tmp_path / "run")
+    mod.main(tiny + ["--steps", "1", "--out-dir", out])
+
+    def full(path):                            # half a file, then the disk is full
+        with open(path, "wb") as h:
+            h.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    for obj, name, argv, says in [
+            (mod.torch, "save", tiny + ["--steps", "2", "--resume"], ckpt),
+            (mod.np, "savez", ["--mode", "sample", "--num-samples", "2", "--device", "cpu"],
+             "samples.npz")]:
+        monkeypatch.setattr(obj, name, (lambda o, f: full(f)) if name == "save" else
+                            (lambda f, **k: full(f)))
+        with pytest.raises(SystemExit) as e:
+            mod.main(argv + ["--out-dir", out])
+        monkeypatch.undo()
+        err = one_error(capsys, e)
+        assert says in err and "No space left on device" in err
+        assert not [p for p in os.listdir(out) if ".tmp" in p or p.startswith(".write_test")]
+        assert not os.path.exists(os.path.join(out, ".lock"))       # the lock is freed too
+    assert mod.load_checkpoint(os.path.join(out, ckpt))["step"] == 1   # the old one is intact
+
+
+def test_a_real_file_size_limit_is_one_line_and_leaves_no_temporary_file(tmp_path):
+    """The real thing once, in a subprocess: RLIMIT_FSIZE below a checkpoint's size."""
+    import resource
+    out = str(tmp_path / "run")
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "energy_matching.py"), *EM,
+                        "--steps", "1", "--out-dir", out], capture_output=True, text=True,
+                       preexec_fn=limit, timeout=180, cwd=str(tmp_path),
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 2, r.stderr[-2000:]
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cannot write ") and "Traceback" not in r.stderr
+    assert not [p for p in os.listdir(out) if ".tmp" in p]
+
+
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_requests_that_can_only_fail_are_refused_first(mod, tiny, ckpt, tmp_path, capsys,
+                                                      monkeypatch):
+    """An image size whose activations cannot fit: one line before the network is built. VPFB:
+    an ODE time range that runs backwards. --steps 0 still writes a checkpoint."""
+    no_network(mod, monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        mod.main(tiny + ["--image-size", "4096", "--out-dir", str(tmp_path)])
+    assert "GiB" in one_error(capsys, e)
+    if mod is vpfb:
+        with pytest.raises(SystemExit) as e:
+            mod.main(tiny + ["--t0", "0.6", "--t1", "0.5", "--out-dir", str(tmp_path)])
+        assert "--t1 0.5 must be after --t0 0.6" in one_error(capsys, e)
+    monkeypatch.undo()
+    mod.main(tiny + ["--steps", "0", "--out-dir", str(tmp_path / "zero")])
+    assert mod.load_checkpoint(str(tmp_path / "zero" / ckpt))["step"] == 0
+
+
+@pytest.mark.parametrize("mod", [em, vpfb])
+def test_threads_default_leaves_busy_cores_alone(mod, monkeypatch):
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(mod.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert mod.pick_threads(0) == cores and mod.pick_threads(3) == 3
+    monkeypatch.setattr(mod.os, "getloadavg", lambda: (cores + 3.0, 0.0, 0.0))
+    assert mod.pick_threads(0) == 1
+
+
+# ----------------------------------------------------------------------------- one precedence rule
+def test_em_sampling_uses_what_the_model_was_trained_with(tmp_path, capsys, monkeypatch):
+    """A checkpoint trained with dt 0.05 and eps_max 0.2 samples with them unless --dt / --eps-max
+    are typed; each setting is printed once with its source and written into samples.json."""
+    out = str(tmp_path)
+    em.main(EM + ["--eps-max", "0.2", "--steps", "1", "--out-dir", out])
+    seen = []
+    real = em.EnergyMatching.sample
+
+    def spy(self, x0, **kw):
+        seen.append((self.dt, self.eps_max, self.tau_s))
+        return real(self, x0, **kw)
+
+    monkeypatch.setattr(em.EnergyMatching, "sample", spy)
+    capsys.readouterr()
+    em.main(["--mode", "sample", "--num-samples", "2", "--out-dir", out, "--device", "cpu"])
+    said = capsys.readouterr().out
+    meta = em.json.load(open(os.path.join(out, "samples.json")))
+    assert seen[-1] == (0.05, 0.2, 0.1) and meta["steps"] == 2
+    assert meta["settings"]["dt"] == 0.05 and meta["from"]["dt"] == "checkpoint"
+    assert "dt 0.05 (checkpoint)" in said and "eps_max 0.2 (checkpoint)" in said
+    assert "sampler heun (checkpoint)" in said
+    em.main(["--mode", "sample", "--num-samples", "2", "--dt", "0.02", "--eps-max", "0.5",
+             "--out-dir", out, "--device", "cpu"])
+    meta = em.json.load(open(os.path.join(out, "samples.json")))
+    assert seen[-1] == (0.02, 0.5, 0.1) and meta["steps"] == 5
+    assert (meta["from"]["dt"], meta["from"]["eps_max"], meta["from"]["tau_s"]) == (
+        "flag", "flag", "checkpoint")
+
+
+def test_vpfb_sampling_uses_what_the_model_was_trained_with(tmp_path, capsys):
+    """The same rule in vpfb.py: ODE steps, time range, sampler and Phi_B's time."""
+    out = str(tmp_path)
+    vpfb.main(VP + ["--ode-steps", "3", "--t0", "0.01", "--t-inf", "0.9", "--steps", "1",
+                    "--out-dir", out])
+    capsys.readouterr()
+    vpfb.main(["--mode", "sample", "--num-samples", "2", "--out-dir", out, "--device", "cpu"])
+    meta = vpfb.json.load(open(os.path.join(out, "samples.json")))
+    assert meta["nfe_mean"] == 3 and meta["settings"]["t0"] == 0.01
+    assert {meta["from"][k] for k in ("ode_steps", "t0", "sampler", "t_inf")} == {"checkpoint"}
+    assert "ode_steps 3 (checkpoint)" in capsys.readouterr().out
+    vpfb.main(["--mode", "sample", "--num-samples", "2", "--ode-steps", "5", "--out-dir", out,
+               "--device", "cpu"])
+    meta = vpfb.json.load(open(os.path.join(out, "samples.json")))
+    assert meta["nfe_mean"] == 5 and meta["from"]["ode_steps"] == "flag"
+    vpfb.main(["--mode", "hist", "--ood-max", "4", "--out-dir", out, "--device", "cpu"])
+    hist = vpfb.json.load(open(os.path.join(out, "hist.json")))
+    assert hist["settings"]["t_inf"] == 0.9 and hist["from"]["t_inf"] == "checkpoint"
+
+
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_no_flag_is_silently_ignored(mod, tiny, ckpt, tmp_path, capsys):
+    """A typed flag the mode does not read is a one-line warning; a network flag that differs from
+    the checkpoint's is an error (one line, exit 2)."""
+    out = str(tmp_path)
+    mod.main(tiny + ["--steps", "1", "--out-dir", out])
+    capsys.readouterr()
+    mod.main(["--mode", "sample", "--num-samples", "2", "--lr", "1", "--out-dir", out,
+              "--device", "cpu"])
+    assert "warning: --lr has no effect in --mode sample" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--mode", "sample", "--model-size", "16", "--out-dir", out, "--device", "cpu"])
+    assert "--model-size 16 (checkpoint: 8)" in one_error(capsys, e)
+
+
+def test_em_npz_of_mnist_images_takes_the_mnist_numbers(tmp_path):
+    """--dataset npz of 28 x 28 grey images gets App. C's MNIST row and the CNN, as --dataset mnist."""
+    data = _npz(tmp_path / "digits.npz", np.zeros((4, 28, 28, 1), np.uint8))
+    a = em.parse_args(["--dataset", "npz", "--data-dir", data, "--phase", "main",
+                       "--from-scratch", "--out-dir", str(tmp_path)])
+    m = em.parse_args(["--dataset", "mnist", "--phase", "main", "--from-scratch",
+                       "--out-dir", str(tmp_path)])
+    keys = ("lambda_cd", "dt", "n_langevin", "lr", "arch", "model_size", "lid_tau")
+    assert [getattr(a, k) for k in keys] == [getattr(m, k) for k in keys] == [
+        0.25, 0.05, 50, 1e-4, "cnn", 32, 10.0]
+    assert a.sources_["lambda_cd"] == "recipe"
