@@ -67,11 +67,15 @@ def math_sdpa():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     return sdpa_kernel([SDPBackend.MATH])
 
-def grad_V(V, x, create_graph=False):
+def grad_V(V, x, create_graph=False, functional=False):
     """grad_x V(x) for a batch: autograd of sum_i V(x_i). create_graph=True only for the flow loss,
-    which differentiates it again w.r.t. theta; chains detach it (the sg(.) of Alg. 2)."""
+    which differentiates it again w.r.t. theta; chains detach it (the sg(.) of Alg. 2).
+    functional: the same gradient by torch.func.grad, a form torch.compile can differentiate again
+    (engineering sets it for --compile)."""
     kern = math_sdpa() if create_graph else contextlib.nullcontext()
     with torch.enable_grad(), kern:
+        if functional:
+            return torch.func.grad(lambda z: V(z).float().sum())(x).to(x.dtype)
         if not x.requires_grad:
             x = x.detach().requires_grad_(True)
         g, = torch.autograd.grad(V(x).float().sum(), x, create_graph=create_graph)
@@ -114,6 +118,7 @@ class EnergyMatching:
             raise ValueError(f"flow_reduction: 'sum' or 'mean', not {flow_reduction!r}")
         self.flow_weighting = fw if fw in ("main", "both") else False
         self.same_temperature, self.chain_clock = bool(same_temperature), chain_clock
+        self.functional_grad = False      # engineering: --compile sets it (see grad_V)
 
     def eps(self, t):
         return temperature(t, self.tau_star, self.eps_max)           # Eq. (3)
@@ -138,12 +143,17 @@ class EnergyMatching:
         xt = tb * x1 + (1 - tb) * x0  # x_t = (1 - t) T(x_data) + t x_data
         if self.ot_sigma > 0:
             xt = xt + self.ot_sigma * torch.randn_like(xt)            # OT-CFM: x_t + sigma N(0, I)
-        g = grad_V(self.V, xt, create_graph=True)  # grad V(x_t), graph kept for theta
-        r = (g.float() + (x1 - x0)).flatten(1).pow(2)  # ||grad V(x_t) + x1 - T(x1)||^2
-        r = r.mean(1) if self.flow_reduction == "mean" else r.sum(1)
+        r = self.flow_residual(xt, x1 - x0)  # ||grad V(x_t) + x1 - T(x1)||^2 per sample
         if weighted:
             r = self.flow_weight(t) * r                               # w(t) ||.||^2 (authors' code)
         return r.mean()
+
+    def flow_residual(self, xt, u):
+        """||grad V(x_t) + u||^2 per sample, summed over pixels (paper) or averaged (code); the
+        graph of grad V is kept: the loss differentiates it again w.r.t. theta."""
+        g = grad_V(self.V, xt, create_graph=True, functional=self.functional_grad)
+        r = (g.float() + u).flatten(1).pow(2)
+        return r.mean(1) if self.flow_reduction == "mean" else r.sum(1)
 
     # --- the contrastive objective L_CD (Sec. 2.1.2, Alg. 2 lines 5-15) ---
     def negatives(self, x1, x0):
@@ -670,6 +680,11 @@ def build_method(net, args):
                           same_temperature=args.same_temperature,
                           clamp_negatives=(-1.0, 1.0) if args.clamp_negatives else None)
 
+def build_optimizer(net, args):
+    """Adam with grouped (foreach) kernels, on the CPU too (the same numbers as the loop)."""
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr, betas=tuple(args.betas), foreach=True)
+    return opt
+
 def engineer(net, device, amp, channels_last=False):
     """On `device`, with the network's bf16-trunk (`amp`, section 2) and channels-last settings."""
     net = net.to(device)
@@ -678,6 +693,15 @@ def engineer(net, device, amp, channels_last=False):
         net = net.to(memory_format=torch.channels_last)
         net.channels_last = True
     return net
+
+def compile_method(method, backend="inductor"):
+    """--compile: the potential's gradient through torch.func (aot_autograd compiles no double
+    backward of autograd.grad), then the loss's network part compiled once: minutes of
+    compilation at full size, worth it for long runs (README, "Speed"); eager's numbers to
+    round-off."""
+    method.functional_grad = True
+    method.flow_residual = torch.compile(method.flow_residual, backend=backend)
+    return method
 
 class StopSignals:
     """SIGINT / SIGTERM only set a flag; the loop finishes its step, saves and exits 130 / 143."""
@@ -979,7 +1003,7 @@ def cmd_train(args):
         torch.manual_seed(args.seed)                   # the same initial weights on every process
         net = build_net(args, device)
         ema = copy.deepcopy(net).eval().requires_grad_(False)
-        opt = torch.optim.Adam(net.parameters(), lr=args.lr, betas=tuple(args.betas))
+        opt = build_optimizer(net, args)
         ema_n = 0
         if ck is not None:                     # our phase-1 or phase-2 run, or the authors' file
             load_states(ck, net, ema, opt)
@@ -992,6 +1016,8 @@ def cmd_train(args):
                 dist.broadcast(t, 0)
         log.truncate_metrics(start)
         method = build_method(net, args)               # the method, built once for the loop
+        if args.compile:
+            compile_method(method)
         grid_net = net if args.no_ema else ema         # the grids: EMA weights unless --no-ema
         grid_method = build_method(grid_net, args)
         two = args.cd_separate_batch and phase == "main"              # a second data batch for CD
@@ -1581,7 +1607,8 @@ def build_parser():
     a("--no-ot", action="store_true", help="random instead of exact-OT pairs (ablation)")
     a("--from-scratch", action="store_true", help="phase main without a warmup checkpoint (MNIST)")
     a("--amp", default="auto", choices=("auto", "bf16", "none"), help="bf16 trunk (auto: on CUDA)")
-    a("--compile", action="store_true", help="torch.compile the potential for sampling only")
+    a("--compile", action="store_true",
+      help="torch.compile the loss (via torch.func) and the potential for sampling")
     a("--channels-last", action="store_true", help="channels_last memory (faster convs on GPU)")
     a("--resume", action="store_true", help="resume from --ckpt, else <out-dir>/ckpt_<phase>.pt")
     a("--ckpt", help="checkpoint to read (ours or the authors'); outputs go to --out-dir")

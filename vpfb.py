@@ -161,6 +161,7 @@ class VPFB:
         self.t_inf = None if t_inf is None else float(t_inf)
         self.schedule = schedule or Schedule()  # OT-FM: mu = t, sigma = 1 - t (Prop. 1, tested)
         self.last_nfe = 0
+        self.functional_grad = False      # engineering: --compile sets it (see potential)
 
     def _phi(self, x, t):
         """Phi at (x, t); t is clamped to t_max (the stationary regime beyond t_max, Sec. 3.5)."""
@@ -182,13 +183,17 @@ class VPFB:
         eps = torch.randn_like(xbar) if eps is None else eps
         if t is None:
             t = torch.rand(xbar.shape[0], device=xbar.device, dtype=xbar.dtype) * self.t_end
-        t = t.to(xbar.dtype).clamp(max=self.t_max)           # stationarity beyond t_max, Sec. 3.5
+        loss, logs = self.objective(xbar, eps, t.to(xbar.dtype))
+        return loss, {k: float(v.detach()) for k, v in logs.items()}
+
+    def objective(self, xbar, eps, t):
+        """Eq. (27) at given noise and times -> (loss, dict of 0-d tensors)."""
+        t = t.clamp(max=self.t_max)                          # stationarity beyond t_max, Sec. 3.5
         mu, sig, dmu, dsig = (_bdim(c, xbar) for c in self.schedule.kernel_and_rates(t))
         x = (mu * xbar + sig * eps).detach().requires_grad_(True)   # x ~ rho(x|xbar, t), Prop. 1
         v = dmu * xbar + dsig * eps                          # Eq. (20): v = xbar - eps for OT-FM
         tl = t.detach().clone().requires_grad_(not self.autonomous)   # dPhi/dt at fixed x
-        phi = self.phi(x, tl).reshape(-1)                    # Phi(x, t)  (B,)
-        gx, gt = self.gradients(phi, x, tl)                  # grad_x Phi (B, ...), dPhi/dt (B,)
+        phi, gx, gt = self.potential(x, tl)                  # Phi (B,), grad_x Phi, dPhi/dt (B,)
         w = (1 - t) ** self.kappa                            # w(t) = (1 - t)^kappa, Sec. 3.5
         cov = self.cov_term(phi, x, xbar, eps, t, w, gx, v)  # Cov[Phi, w gamma]
         cos = self.cos_term(gx, v, t)                        # cos(grad_x Phi, v)
@@ -197,16 +202,26 @@ class VPFB:
         phi2 = phi.pow(2).mean()                             # E Phi^2 (Poincare)
         lam_cos, lam_gx, lam_gt, eta = self.lam_cos, self.lam_gx, self.lam_gt, self.eta
         loss = cov - lam_cos * cos + lam_gx * ritz + lam_gt * dphidt2 + eta * phi2   # Eq. (27)
-        logs = dict(loss=loss, cov=cov, cos=cos, grad_x2=ritz, grad_t2=dphidt2, phi2=phi2,
-                    poincare_ratio=_sqnorm(gx).mean() / (phi2 + 1e-12))   # Fig. 10 monitor
-        return loss, {k: float(v.detach()) for k, v in logs.items()}
+        return loss, dict(loss=loss, cov=cov, cos=cos, grad_x2=ritz, grad_t2=dphidt2, phi2=phi2,
+                          poincare_ratio=_sqnorm(gx).mean() / (phi2 + 1e-12))   # Fig. 10 monitor
 
-    def gradients(self, phi, x, tl):
-        """grad_x Phi and dPhi/dt with create_graph=True: the loss differentiates them again."""
+    def potential(self, x, tl):
+        """Phi(x, t), grad_x Phi and dPhi/dt, the graphs kept: the loss differentiates them again.
+        functional_grad: the same by torch.func, a form torch.compile can differentiate again
+        (engineering sets it for --compile)."""
+        if self.functional_grad:
+            def f(x, t):
+                p = self.phi(x, t).reshape(-1)
+                return p.sum(), p
+            grads, (_, phi) = torch.func.grad_and_value(
+                f, argnums=0 if self.autonomous else (0, 1), has_aux=True)(x, tl)
+            gx, gt = (grads, torch.zeros_like(phi)) if self.autonomous else grads
+            return phi, gx, gt
+        phi = self.phi(x, tl).reshape(-1)
         inputs = [x] if self.autonomous else [x, tl]
         grads = torch.autograd.grad(phi.sum(), inputs, create_graph=True, allow_unused=True)
         gt = grads[1] if len(grads) > 1 and grads[1] is not None else torch.zeros_like(phi)
-        return grads[0], gt
+        return phi, grads[0], gt
 
     def cov_term(self, phi, x, xbar, eps, t, w, gx, v):
         """Cov_{rho p_data}[Phi, w(t) gamma] of Eq. (27) (from Eq. 24 with gamma of Eq. 12).
@@ -401,9 +416,9 @@ class ResBlock(nn.Module):
         nn.init.zeros_(self.c2.weight)
         nn.init.zeros_(self.c2.bias)
 
-    def forward(self, x, emb):
+    def forward(self, x, emb):                         # emb: SiLU(time (+ class) embedding)
         h = self.c1(F.silu(self.n1(x)))
-        e = self.emb(F.silu(emb))[:, :, None, None]           # the time (and class) embedding
+        e = self.emb(emb)[:, :, None, None]
         if self.scale_shift:
             scale, shift = e.chunk(2, dim=1)
             h = self.n2(h) * (1 + scale) + shift
@@ -510,6 +525,7 @@ class UNetPhi(nn.Module):
             if y is None:
                 y = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
             emb = emb + self.cemb(y)
+        emb = F.silu(emb)          # every ResBlock's embedding layer starts with it: once here
         h = self.inp(x)
         hs = [h]
         for blk in self.down:
@@ -800,6 +816,13 @@ def build_method(phi, args):
     return VPFB(phi, autonomous=args.arch == "wrn", t_end=args.t_end, t_max=args.t_max,
                 t_inf=args.t_inf, **{k: getattr(args, k) for k in METHOD_FLAGS})
 
+def build_optimizer(net, args):
+    """Adam with grouped (foreach) kernels, on the CPU too (the same numbers as the loop)."""
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr, betas=tuple(args.betas), foreach=True)
+    if args.clip_mode == "std" and args.grad_clip > 0:   # the authors': before each Adam step
+        opt.register_step_pre_hook(lambda o, *_: clip_std_(o, args.grad_clip))
+    return opt
+
 def engineer(net, device, amp, channels_last=False):
     """On `device`, with the network's bf16-trunk (`amp`, section 2) and channels-last settings."""
     net = net.to(device)
@@ -808,6 +831,15 @@ def engineer(net, device, amp, channels_last=False):
         net = net.to(memory_format=torch.channels_last)
         net.channels_last = True
     return net
+
+def compile_method(method, backend="inductor"):
+    """--compile: the potential's gradient through torch.func (aot_autograd compiles no double
+    backward of autograd.grad), then the loss's network part compiled once: minutes of
+    compilation at full size, worth it for long runs (README, "Speed"); eager's numbers to
+    round-off."""
+    method.functional_grad = True
+    method.objective = torch.compile(method.objective, backend=backend)
+    return method
 
 class StopSignals:
     """SIGINT / SIGTERM only set a flag; the loop finishes its step, saves and exits 130 / 143."""
@@ -892,17 +924,25 @@ def allreduce_grads(params, world):
         g.copy_(f.view_as(g))
 
 @torch.no_grad()
+@torch.no_grad()
 def clip_std_(opt, bound):
     """The authors' clip mode `std`: each gradient element is clipped to +-(bound * RMS + 0.1), the
-    RMS being Adam's bias-corrected running sqrt(v_hat) from the steps before (none at step 1)."""
+    RMS being Adam's bias-corrected running sqrt(v_hat) from the steps before (none at step 1).
+    Grouped (foreach) ops: a few kernels for all parameters, not a few per parameter."""
     for group in opt.param_groups:
         beta2 = group["betas"][1]
-        for p in group["params"]:
-            st = opt.state.get(p, {})
-            if p.grad is None or float(st.get("step", 0)) < 1:
-                continue
-            lim = bound * torch.sqrt(st["exp_avg_sq"] / (1 - beta2 ** float(st["step"]))) + 0.1
-            p.grad.copy_(torch.maximum(torch.minimum(p.grad, lim), -lim))
+        ps = [p for p in group["params"] if p.grad is not None
+              and float(opt.state.get(p, {}).get("step", 0)) >= 1]
+        if not ps:
+            continue
+        corr = [1 - beta2 ** float(opt.state[p]["step"]) for p in ps]
+        lim = torch._foreach_div([opt.state[p]["exp_avg_sq"] for p in ps], corr)
+        torch._foreach_sqrt_(lim)
+        torch._foreach_mul_(lim, bound)
+        torch._foreach_add_(lim, 0.1)                               # bound * sqrt(v_hat) + 0.1
+        grads = [p.grad for p in ps]
+        torch._foreach_minimum_(grads, lim)
+        torch._foreach_maximum_(grads, torch._foreach_neg(lim))     # clamp to [-lim, lim]
 
 def step_seed(seed, step, rank):
     """Every (step, rank) has its own seed: a resumed run draws the numbers a straight run draws."""
@@ -1142,9 +1182,7 @@ def cmd_train(args):
             torch.backends.cudnn.benchmark = True
         net = build_net(args, device)
         ema = copy.deepcopy(net).eval().requires_grad_(False)
-        opt = torch.optim.Adam(net.parameters(), lr=args.lr, betas=tuple(args.betas))
-        if args.clip_mode == "std" and args.grad_clip > 0:   # authors: before each Adam step
-            opt.register_step_pre_hook(lambda o, *_: clip_std_(o, args.grad_clip))
+        opt = build_optimizer(net, args)
         ema_n = 0
         if ck is not None:                     # our run, or the authors' file (a fresh Adam)
             load_states(ck, net, ema, opt)
@@ -1158,6 +1196,8 @@ def cmd_train(args):
         log.truncate_metrics(start)
         cond = Conditioned(net)                        # phi(x, t) with this batch's labels
         method = build_method(cond, args)              # the method, built once for the loop
+        if args.compile:
+            compile_method(method)
         grid_net = net if args.no_ema else ema         # the grids: EMA weights unless --no-ema
         grid_method = build_method(Conditioned(grid_net), args)
         batches = batch_iterator(ds, args.batch_size, args.seed, args.workers, rank, world, start)
@@ -1824,7 +1864,8 @@ def build_parser():
     a("--longrun-t1", type=pos_float, default=20.0, help="long-run ODE horizon t in [0, t1]")
     a("--clamp", action="store_true", help="clamp samples to [-1, 1] at the end")
     a("--amp", default="auto", choices=["auto", "bf16", "none"], help="bf16 trunk (auto: on CUDA)")
-    a("--compile", action="store_true", help="torch.compile the potential for sampling only")
+    a("--compile", action="store_true",
+      help="torch.compile the loss (via torch.func) and the potential for sampling")
     a("--channels-last", action="store_true", help="channels_last memory (faster convs on GPU)")
     a("--resume", action="store_true", help="resume from --ckpt, else <out-dir>/ckpt_main.pt")
     a("--ckpt", help="checkpoint to read (ours or the authors'); outputs go to --out-dir")

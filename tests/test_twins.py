@@ -335,3 +335,98 @@ def test_em_npz_of_mnist_images_takes_the_mnist_numbers(tmp_path):
     assert [getattr(a, k) for k in keys] == [getattr(m, k) for k in keys] == [
         0.25, 0.05, 50, 1e-4, "cnn", 32, 10.0]
     assert a.sources_["lambda_cd"] == "recipe"
+
+
+# ----------------------------------------------------------------------------- speed (issue 21)
+# torch.compile's default backend (inductor) generates and compiles C++ for minutes on a CPU; the
+# tests use "aot_eager": the same graph capture and aot_autograd (where autograd.grad's double
+# backward fails), without code generation. README's "Speed" has the inductor figures.
+def test_compiled_losses_and_gradients_equal_eager():
+    torch.manual_seed(0)
+    net = em.CNNPotential((1, 8, 8), ch=4)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    m = em.EnergyMatching(net, **em.AUTHORS)
+    w = vpfb.UNetPhi(1, 8, (1, 2), 1, (), 0.0, 8, 0)
+    for p in w.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    v = vpfb.VPFB(w, **vpfb.OURS)
+    x, u, t = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8), torch.rand(4)
+    runs = [(m, "flow_residual", lambda: m.flow_residual(x, u).sum(), net),
+            (v, "objective", lambda: v.objective(x, u, t)[0], w)]
+    for method, name, loss, model in runs:
+        ps = list(model.parameters())
+
+        def value_and_grads():
+            out = loss()
+            gs = torch.autograd.grad(out, ps, allow_unused=True)
+            return out, [torch.zeros_like(p) if g is None else g for g, p in zip(gs, ps)]
+
+        eager = value_and_grads()
+        method.functional_grad = True                     # the torch.func route alone
+        func = value_and_grads()
+        (em if method is m else vpfb).compile_method(method, "aot_eager")
+        comp = value_and_grads()
+        for other in (func, comp):
+            assert torch.allclose(other[0], eager[0], rtol=1e-6, atol=1e-7), name
+            assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(other[1], eager[1]))
+
+
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_a_compiled_run_trains_and_resumes_like_an_eager_one(mod, tiny, ckpt, tmp_path,
+                                                            monkeypatch):
+    import functools
+    small = tiny + (["--arch", "cnn", "--model-size", "4"] if mod is em else
+                    ["--arch", "wrn", "--model-size", "4", "--wrn-depth", "10"])
+    monkeypatch.setattr(mod, "compile_method", functools.partial(mod.compile_method,
+                                                                 backend="aot_eager"))
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        runs[name] = mod.main(small + extra + ["--steps", "3", "--out-dir", str(tmp_path / name)])
+    mod.main(small + ["--compile", "--steps", "2", "--out-dir", str(tmp_path / "cut")])
+    mod.main(small + ["--compile", "--steps", "3", "--resume", "--out-dir", str(tmp_path / "cut")])
+    losses = {k: [r["loss"] for r in v] for k, v in runs.items()}
+    assert np.allclose(losses["compiled"], losses["eager"], rtol=1e-5)
+    a, b = (mod.load_checkpoint(str(tmp_path / d / ckpt)) for d in ("compiled", "cut"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_grouped_optimiser_and_clipping_give_the_loop_s_numbers():
+    """Fewer ops, the same numbers: foreach Adam equals the per-parameter loop, and the authors'
+    element-wise clipping in grouped ops equals its per-parameter form, bit for bit."""
+    torch.manual_seed(3)
+    shapes = [(10,), (3, 4), (5, 5, 3)]
+    ps = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    args = vpfb.parse_args(["--recipe", "authors", "--unet", "ours"])
+    a = torch.optim.Adam(ps, lr=args.lr, betas=(0.9, 0.999))       # the per-parameter loop
+    b = vpfb.build_optimizer(torch.nn.ParameterList(qs), args)     # foreach + the clip hook
+    for i in range(6):
+        g = [torch.randn_like(p) * (1 + 10 * (i % 2)) for p in ps]
+        for p, q, gg in zip(ps, qs, g):
+            p.grad, q.grad = gg.clone(), gg.clone()
+        if i:                                                      # the authors' rule, by hand
+            for p in ps:
+                st = a.state[p]
+                lim = 3.0 * torch.sqrt(st["exp_avg_sq"] / (1 - 0.999 ** float(st["step"]))) + 0.1
+                p.grad.copy_(torch.maximum(torch.minimum(p.grad, lim), -lim))
+        a.step()
+        b.step()
+        assert all(torch.equal(p, q) for p, q in zip(ps, qs)), i
+
+
+def test_bench_speed_prints_one_json_line_per_measurement():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_speed",
+                                                  os.path.join(ROOT, "tests", "bench_speed.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--device", "cpu", "--size", "tiny", "--batch", "2", "--steps", "1",
+                       "--warmup", "0", "--forms", "eager,bf16"])
+    assert [r["what"] for r in rows] == ["em_phase1", "em_sampler", "em_phase2", "vpfb_train",
+                                         "vpfb_ode"]
+    for r in rows:
+        assert {"what", "form", "device", "batch", "ms_per_step", "img_per_s", "ops_per_step",
+                "peak_mem_gib"} <= set(r) and r["ms_per_step"] > 0 and r["batch"] == 2
+    ops = {r["what"]: r["ops_per_step"] for r in rows}
+    assert ops["em_phase1"] > ops["em_sampler"] > 0 and ops["vpfb_train"] > ops["vpfb_ode"] > 0
