@@ -1142,7 +1142,7 @@ def read_checkpoint(path, map_location="cpu"):
     except Exception as e:
         die(f"cannot read checkpoint {path}: corrupt or not a PyTorch file ({type(e).__name__})")
 
-def load_checkpoint(path, args=None):
+def load_checkpoint(path):
     """Our checkpoint dict (+ "path"), from ours or an authors' training file (converted)."""
     ck = read_checkpoint(path)
     if is_authors_checkpoint(ck):
@@ -1584,8 +1584,8 @@ def build_parser():
       help="network: UNet+ViT (Fig. 5) or the MNIST CNN (App. C); auto: CNN for MNIST-like data")
     a("--model-size", type=pos_int,
       help="base channels of the network (UNet+ViT 128, CNN 32: the papers' sizes)")
-    a("--res-blocks", type=pos_int, default=2, help="UNet residual blocks per level")
     a("--ch-mult", default="1,2,2,2", help="UNet channel multipliers per resolution level")
+    a("--res-blocks", type=pos_int, default=2, help="UNet residual blocks per level")
     a("--vit-depth", type=pos_int, default=8, help="ViT head layers")
     a("--dropout", type=unit_float, default=0.1, help="dropout in UNet and ViT (authors' code)")
     a("--attn-dropout", type=unit_float, help="ViT attention dropout (default: --dropout)")
@@ -1606,6 +1606,8 @@ def build_parser():
       help="[r] fade the flow loss to 0 from tau* to 1: phase 2 (authors' 2-D), both (CIFAR)")
     a("--no-ot", action="store_true", help="random instead of exact-OT pairs (ablation)")
     a("--from-scratch", action="store_true", help="phase main without a warmup checkpoint (MNIST)")
+    a("--sampler", default="heun", choices=("heun", "euler"), help="SDE integrator")
+    a("--tau-s", type=pos_float, help="[r] sampling time, K = tau_s/dt (3; 1 after phase 1)")
     a("--amp", default="auto", choices=("auto", "bf16", "none"), help="bf16 trunk (auto: on CUDA)")
     a("--compile", action="store_true",
       help="torch.compile the loss (via torch.func) and the potential for sampling")
@@ -1617,8 +1619,6 @@ def build_parser():
     a("--sample-every", type=nonneg_int, default=5000,
       help="sample grid every N steps (0 = only at the end)")
     a("--num-samples", type=nonneg_int, default=64, help="samples to draw (50000 for FID)")
-    a("--tau-s", type=pos_float, help="[r] sampling time, K = tau_s/dt (3; 1 after phase 1)")
-    a("--sampler", default="heun", choices=("heun", "euler"), help="SDE integrator")
     a("--sample-batch", type=pos_int, default=256, help="batch size when sampling")
     a("--num-images", type=pos_int, help="inpaint: images (4); lid: images (4096, paper)")
     a("--hole", type=frac_float, default=0.5, help="inpaint: side of the masked centre / side")

@@ -924,7 +924,6 @@ def allreduce_grads(params, world):
         g.copy_(f.view_as(g))
 
 @torch.no_grad()
-@torch.no_grad()
 def clip_std_(opt, bound):
     """The authors' clip mode `std`: each gradient element is clipped to +-(bound * RMS + 0.1), the
     RMS being Adam's bias-corrected running sqrt(v_hat) from the steps before (none at step 1).
