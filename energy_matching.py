@@ -1354,6 +1354,8 @@ def eval_setup(args):
     net = net_from_checkpoint(args.ck_, args, device)
     method = build_method(torch.compile(net) if args.compile else net, args)
     settings = {k: getattr(args, k) for k in MODE_SETTINGS[args.mode]}
+    if "tau_s" in settings:                                        # K = tau_s / dt sampler steps
+        settings["steps"] = max(1, round(args.tau_s / args.dt))
     settings["weights"] = "raw" if args.no_ema else "ema"
     src = {k: args.sources_.get(k, "default") for k in MODE_SETTINGS[args.mode]}
     print(f"{args.mode} with {args.ck_['path']}: " + ", ".join(
