@@ -1000,7 +1000,7 @@ def check_args(a):
         die(f"--ode-steps must be > 0, got {a.ode_steps}")
     if a.threads < 0:
         die(f"--threads must be >= 0 (0 = auto), got {a.threads}")
-    a.threads = pick_threads(a.threads)            # one count for every run of --method all
+    a.threads = em.pick_threads(a.threads)         # one count for every run of --method all
     try:
         a.bandwidths = [float(s) for s in a.mmd_bandwidths.split(",") if s.strip()]
         assert a.bandwidths and all(math.isfinite(b) and b > 0 for b in a.bandwidths)
@@ -1016,16 +1016,6 @@ def check_args(a):
     if dev.type == "cuda" and not torch.cuda.is_available():
         die(f"--device {a.device} asked for, but CUDA is not available here (use --device cpu)")
     return a
-
-def pick_threads(n):
-    """--threads 0: the cores this process may use less the 1-minute load average, at least 1 (the
-    rule of energy_matching.pick_threads, which sits below its ENGINEERING divider): on a busy
-    machine, spinning threads made these tiny networks 10-50x slower."""
-    if n:
-        return n
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(cores or 1, int((cores or 1) - busy + 0.5)))
 
 def prepare_out_dir(path):
     try:

@@ -537,12 +537,12 @@ def test_threads_auto_leaves_the_busy_cores_alone(monkeypatch):
     # --threads 0 (default): the cores available less the 1-minute load, at least 1; a busy 2-core
     # machine gets 1 thread (spinning OpenMP threads made the tiny MLPs 10-50x slower)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    assert toy2d.pick_threads(3) == 3
+    assert toy2d.em.pick_threads(3) == 3
     monkeypatch.setattr(os, "getloadavg", lambda: (64.0, 64.0, 64.0))
-    assert toy2d.pick_threads(0) == 1
+    assert toy2d.em.pick_threads(0) == 1
     assert toy2d.parse_args([]).threads == 1                      # the default is auto
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    assert toy2d.pick_threads(0) == cores
+    assert toy2d.em.pick_threads(0) == cores
     assert toy2d.parse_args(["--threads", "2"]).threads == 2
 
 
