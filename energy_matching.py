@@ -856,14 +856,16 @@ def pid_alive(pid):
     return True
 
 def prepare_out_dir(path):
+    probe = os.path.join(path, f".write_test_{os.getpid()}")            # one per DDP rank
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write_test_{os.getpid()}")        # one per DDP rank
         with open(probe, "w") as f:
             f.write("ok")
-        os.remove(probe)
     except OSError as e:
         die(f"cannot write to output folder {os.path.abspath(path)} ({e.strerror or e})")
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(probe)
 
 @contextlib.contextmanager
 def atomic(path):
@@ -1677,7 +1679,8 @@ def resolve_args(args, ck=None, keys=()):
     dataset's row; warn of typed flags the mode does not read. Bad combinations: exit 2."""
     typed, saved = getattr(args, "typed_", set()), (ck or {}).get("args", {})
     clash = [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint: {saved[k]})"
-             for k in ARCH_KEYS if k in typed and k in saved and saved[k] != getattr(args, k)]
+             for k in ARCH_KEYS if k in typed and k in saved and saved[k] != getattr(args, k)
+             and getattr(args, k) != "auto"]
     if clash:
         die(f"{ck['path']} holds another network; flags that differ from the checkpoint's: "
             f"{', '.join(clash)}")

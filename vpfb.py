@@ -1014,14 +1014,16 @@ def pid_alive(pid):
     return True
 
 def prepare_out_dir(path):
+    probe = os.path.join(path, f".write_test_{os.getpid()}")            # one per DDP rank
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write_test_{os.getpid()}")        # one per DDP rank
         with open(probe, "w") as f:
             f.write("ok")
-        os.remove(probe)
     except OSError as e:
         die(f"cannot write to output folder {os.path.abspath(path)} ({e.strerror or e})")
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(probe)
 
 @contextlib.contextmanager
 def atomic(path):
@@ -1202,7 +1204,7 @@ def cmd_train(args):
         batches = batch_iterator(ds, args.batch_size, args.seed, args.workers, rank, world, start)
         shape, flip = (args.channels, args.image_size, args.image_size), args.dataset in FLIP_SETS
         lr, warmup = args.lr, args.warmup
-        clip = args.grad_clip if args.clip_mode == "norm" else 0.0    # std: the hook above
+        clip = args.grad_clip if args.clip_mode == "norm" else 0.0   # std: build_optimizer
         decay, ema_warmup, which = args.ema_decay, args.ema_warmup, "raw" if args.no_ema else "ema"
         ncls, p_uncond = (args.num_classes, args.p_uncond) if args.class_cond else (0, 0.0)
         log(f"vpfb | recipe {args.recipe} | {args.dataset} {shape} | {args.arch} "
