@@ -696,6 +696,7 @@ def plan_ref(ref, *, cache=True, data_dir="data", stats_dir=None, progress=False
             return plan_ref(load_stats(path))
         return {"dataset": ref, "data_dir": data_dir, "cache_path": path if cache else None,
                 "count": TORCHVISION_REFS[ref][1], "has_features": True}
+    cache_path = None
     if isinstance(ref, (str, os.PathLike)):
         path = os.fspath(ref)
         if not os.path.exists(path):
@@ -704,9 +705,25 @@ def plan_ref(ref, *, cache=True, data_dir="data", stats_dir=None, progress=False
         check_image_file(path)
         if os.path.isfile(path) and "mu" in npz_keys(path):
             return plan_ref(load_stats(path))
+        if cache:                    # an image file or folder: its statistics are cached too
+            cache_path = ref_cache_path(path, stats_dir or os.path.join(data_dir, "fid_stats"))
+            if os.path.isfile(cache_path):
+                return plan_ref(load_stats(cache_path))
     what = f"--ref {os.fspath(ref)}" if isinstance(ref, (str, os.PathLike)) else "the reference"
     n = check_images(ref, what=what, progress=progress)
-    return {"source": ref, "count": n, "has_features": True}
+    return {"source": ref, "count": n, "has_features": True, "cache_path": cache_path}
+
+def ref_cache_path(path, stats_dir):
+    """Where the statistics of a reference .npz or image folder are cached: named by the path and
+    keyed by the names, sizes and times of its files (a changed file gives a new entry)."""
+    h = hashlib.sha1(os.path.abspath(path).encode())
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+    name = os.path.basename(os.path.normpath(path)).replace(".", "_")
+    return os.path.join(stats_dir, f"ref-{name}-{h.hexdigest()[:12]}-inception-2015-12-05.npz")
 
 def load_ref_images(plan):
     """Read (or download) the torchvision dataset a plan needs: input, so before the network."""
@@ -717,7 +734,7 @@ def load_ref_images(plan):
 
 def stats_of_plan(plan, net=None, **kw):
     """The reference statistics of a plan_ref() plan; keyword args (weights, device, ...) go to
-    extract(). A dataset's statistics are cached when the plan has a cache path."""
+    extract(). The statistics are cached when the plan has a cache path (the standard network)."""
     if "stats" in plan:
         return plan["stats"]
     if "dataset" in plan:
@@ -729,7 +746,11 @@ def stats_of_plan(plan, net=None, **kw):
             save_stats(plan["cache_path"], s)
             print(f"cached reference statistics: {plan['cache_path']}", file=sys.stderr)
         return s
-    return compute_stats(plan["source"], net, desc="reference", **kw)
+    s = compute_stats(plan["source"], net, desc="reference", **kw)
+    if plan.get("cache_path"):
+        save_stats(plan["cache_path"], s)
+        print(f"cached reference statistics: {plan['cache_path']}", file=sys.stderr)
+    return s
 
 def ref_stats(ref, net=None, *, cache=None, data_dir="data", stats_dir=None, **kw):
     """Reference statistics for --ref: a dict with mu/sigma, a dataset name (built once and cached

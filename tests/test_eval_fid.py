@@ -488,6 +488,7 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
 
 def test_cli_fid_kid_json_end_to_end(tmp_path, capsys, monkeypatch):
     # the whole command with TinyNet standing in for Inception (no weights): printed line and --json
+    monkeypatch.chdir(tmp_path)                  # the reference's statistics cache: data/fid_stats
     monkeypatch.setattr(E, "build_inception",
                         lambda weights=None, device="cpu", isc=False: TinyNet())
     rng = np.random.default_rng(9)
@@ -648,6 +649,7 @@ def test_cli_valid_kid_run_passes_the_early_checks(inputs, capsys, monkeypatch):
 
 def test_cli_seed_draws_the_kid_subsets(tmp_path, capsys, monkeypatch):
     # --seed (default: torch-fidelity's 2020, so KID numbers stay as before) picks the KID subsets
+    monkeypatch.chdir(tmp_path)                  # the reference's statistics cache: data/fid_stats
     monkeypatch.setattr(E, "build_inception",
                         lambda weights=None, device="cpu", isc=False: TinyNet())
     rng = np.random.default_rng(11)
@@ -751,3 +753,27 @@ def test_selfcheck_prints_pass_or_fail_and_exits_non_zero_on_fail(tmp_path, caps
     last = out.strip().splitlines()[-1]
     assert last.startswith(f"selfcheck {verdict}:") and code == (0 if verdict == "PASS" else 1), out
     assert json.loads(out[:out.rindex("}") + 1])["pass"] is (verdict == "PASS")
+
+
+def test_reference_files_and_folders_are_cached_by_content(tmp_path):
+    """A samples .npz or an image folder as --ref is read through the network once: its statistics
+    are cached under the stats dir, keyed by its files' names, sizes and times; a changed file is a
+    new entry (before, only the CIFAR-10 names were cached: a 10k-image --ref took 35 min a call)."""
+    from PIL import Image
+    folder = tmp_path / "ref" / "any"
+    folder.mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    npz = tmp_path / "ref.npz"
+    np.savez(npz, images=np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), np.uint8))
+    stats_dir = str(tmp_path / "stats")
+    for ref in (str(tmp_path / "ref"), str(npz)):
+        plan = E.plan_ref(ref, stats_dir=stats_dir)
+        assert "source" in plan and plan["cache_path"].startswith(stats_dir)
+        s = E.stats_of_plan(plan, TinyNet(), progress=False, batch_size=4)
+        again = E.plan_ref(ref, stats_dir=stats_dir)                 # no "source": no network
+        assert "source" not in again and np.array_equal(again["stats"]["mu"], s["mu"])
+        assert again["count"] == 4 and again["has_features"]
+        assert E.plan_ref(ref, cache=False, stats_dir=stats_dir)["cache_path"] is None
+    os.utime(folder / "0.png", ns=(1, 1))                             # a changed file
+    assert "source" in E.plan_ref(str(tmp_path / "ref"), stats_dir=stats_dir)
