@@ -225,6 +225,40 @@ def test_vp_ood_table(vp_ckpt, tmp_path, capsys):
     assert code == 2 and "'mnist'" in err
 
 
+def test_vp_ood_sets_from_paths(vp_ckpt, tmp_path):
+    """--ood-sets also takes an image folder or a .npz of either colour (README's MNIST vs CIFAR-10
+    JPEGs): each set is brought to the model's channels and size before Phi_B scores it, colour to
+    grey by the ITU-R 601 weights in both routes, grey to colour by repeating the channel."""
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (16, 8, 8, 1), dtype=np.uint8)
+    np.savez(tmp_path / "grey.npz", images=grey, labels=np.zeros(16, np.int64))
+    red = np.zeros((4, 12, 12, 3), np.uint8)
+    red[..., 0] = 255
+    np.savez(tmp_path / "red.npz", images=red)
+    os.makedirs(tmp_path / "red" / "a")
+    for i in range(3):
+        Image.fromarray(red[i]).save(tmp_path / "red" / "a" / f"{i}.png")
+    drop = {VP.index(k) + j for k in ("--dataset", "--fake-size", "--image-size") for j in (0, 1)}
+    flags = [a for i, a in enumerate(VP) if i not in drop] + ["--dataset", "npz"]
+    run = tmp_path / "grey_run"
+    vpfb.main(flags + ["--data-dir", str(tmp_path / "grey.npz"), "--steps", "1",
+                       "--sample-every", "0", "--out-dir", str(run)])
+    sets = f"{tmp_path / 'red'},{tmp_path / 'red.npz'}"
+    vpfb.main(flags + ["--mode", "ood", "--ckpt", str(run / "ckpt_main.pt"), "--ood-max", "5",
+                       "--ood-sets", sets, "--out-dir", str(tmp_path / "ood")])
+    t = _json(tmp_path / "ood" / "ood.json")["auroc"]
+    assert [r["n_ood"] for r in t.values()] == [3, 4] and all(r["n_in"] == 5 for r in t.values())
+    a = vpfb.parse_args(["--mode", "ood", "--ckpt", str(run / "ckpt_main.pt"), "--device", "cpu"])
+    want = 0.299 - 0.587 - 0.114                                 # red (1, -1, -1) in [-1, 1]
+    for name in sets.split(","):
+        x = vpfb.first_images(vpfb.ood_set(a, name, None), 10)
+        assert x.shape[1:] == (1, 8, 8) and x.sub(want).abs().max() < 0.01   # PIL rounds to uint8
+    a = vpfb.parse_args(["--mode", "ood", "--ckpt", vp_ckpt[1], "--device", "cpu"])   # colour Phi
+    x = vpfb.first_images(vpfb.ood_set(a, str(tmp_path / "grey.npz"), None), 16)
+    assert x.shape == (16, 3, 8, 8) and torch.equal(x[:, 0], x[:, 2])
+    assert torch.allclose(x[:, 0], torch.from_numpy(grey[..., 0]).float() / 127.5 - 1)
+
+
 def test_auroc_against_pair_counting():
     assert vpfb.auroc([2, 3], [0, 1]) == 1.0 and vpfb.auroc([0, 1], [2, 3]) == 0.0
     assert vpfb.auroc([1, 1], [1, 1]) == 0.5                         # ties count a half
