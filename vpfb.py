@@ -308,7 +308,9 @@ AUTHORS = dict(eta=0.0, lam_gx=0.5, lam_gt=0.1, cov_form="corr", cos_form="autho
 # weighted flow matching on grad_x Phi, sample by sample: -2 w grad Phi . v + w |grad Phi|^2 =
 # w |grad Phi - v|^2 - w |v|^2 (tested). It is still VPFB: the same expectation, so the same
 # minimiser Phi*, by a low-variance estimator (the printed covariance weighs Phi by D noise terms).
-# kappa 1 and a small lam_gt keep the flow unbiased; training images need it (README).
+# kappa 1 weighs both terms by w = 1 - t, so the minimiser is Phi* at every t. Measured on MNIST
+# (README, 2 seeds, 800 CPU steps): the plain flow-matching control, OURS with kappa, lam_gt,
+# lam_cos and eta at 0, scored a KID 4-5x lower than OURS; OURS 3x lower than AUTHORS and paper.
 OURS = dict(kappa=1.0, lam_gt=0.01, cov_form="stein", weight_on="ritz")
 
 # ---- samplers: plain functions of a gradient field (tests feed analytic fields)
@@ -1630,17 +1632,33 @@ def ood_set(args, name, ind_ds):
 
 def cmd_ood(args):
     """OOD AUROC (Table 2): in-distribution = the test split of the training set (positives, should
-    score higher), OOD = each of --ood-sets; score = Phi_B, and the authors' 4 Phi - ||x||^2."""
+    score higher), OOD = each of --ood-sets; score = Phi_B, and the authors' 4 Phi - ||x||^2.
+    ood_hist.png: the histograms of Phi_B of each set (symlog axis: the sets lie decades apart)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     device, net, method, info = eval_setup(args)
     ind_ds = build_dataset(args, train=False)
     pos, pos_auth = energies(method, ind_ds, device, args.ood_max, args.sample_batch)
-    table = {}
+    table, fig, scores = {}, plt.figure(figsize=(6, 3.5)), {"data (test split)": pos}
     for name in [s.strip() for s in args.ood_sets.split(",") if s.strip()]:
         neg, neg_auth = energies(method, ood_set(args, name, ind_ds), device, args.ood_max,
                                  args.sample_batch)
+        scores[os.path.basename(name.rstrip("/\\"))] = neg
         table[name] = {"auroc_phi_b": auroc(pos, neg), "auroc_authors_score": auroc(pos_auth,
                                                                                     neg_auth),
                        "n_in": int(len(pos)), "n_ood": int(len(neg))}
+    allv = np.concatenate(list(scores.values())).astype(np.float64)
+    u = np.linspace(*(np.sign(v) * np.log10(1 + abs(v)) for v in (allv.min(), allv.max())), 61)
+    edges = np.unique(np.sign(u) * (10 ** np.abs(u) - 1))              # even on the symlog axis
+    edges = edges if len(edges) > 1 else 10
+    for label, e in scores.items():
+        plt.hist(e, bins=edges, alpha=0.5, label=label)
+    plt.xscale("symlog")
+    plt.xlabel("Boltzmann energy Phi_B (Eq. 22)")
+    plt.ylabel("images")
+    plt.legend(fontsize=8)
+    save_figure(fig, os.path.join(args.out_dir, "ood_hist.png"))
     report(args.out_dir, "ood.json", {**info, "auroc": table})
 
 def cmd_longrun(args):

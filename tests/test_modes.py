@@ -219,6 +219,9 @@ def test_vp_ood_table(vp_ckpt, tmp_path, capsys):
         assert row["n_in"] == 5 and row["n_ood"] == 5
         assert row["auroc_phi_b"] * 50 == pytest.approx(round(row["auroc_phi_b"] * 50))  # 2U / 50
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == full
+    import matplotlib.image as mpimg
+    img = mpimg.imread(str(tmp_path / "ood_hist.png"))[..., :3]          # the energy histograms
+    assert np.isfinite(img).all() and (img.std(-1) > 0.05).sum() > 200   # coloured bars drawn
     code, err = _exit(vpfb.main, VP + ["--mode", "ood", "--ckpt", vp_ckpt[0], "--ood-max", "2",
                                        "--ood-sets", "svhn,mnist", "--out-dir", str(tmp_path)],
                       capsys)
