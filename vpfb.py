@@ -309,8 +309,9 @@ AUTHORS = dict(eta=0.0, lam_gx=0.5, lam_gt=0.1, cov_form="corr", cos_form="autho
 # w |grad Phi - v|^2 - w |v|^2 (tested). It is still VPFB: the same expectation, so the same
 # minimiser Phi*, by a low-variance estimator (the printed covariance weighs Phi by D noise terms).
 # kappa 1 weighs both terms by w = 1 - t, so the minimiser is Phi* at every t. Measured on MNIST
-# (README, 2 seeds, 800 CPU steps): the plain flow-matching control, OURS with kappa, lam_gt,
-# lam_cos and eta at 0, scored a KID 4-5x lower than OURS; OURS 3x lower than AUTHORS and paper.
+# (README, 2 seeds, 800 CPU steps): OURS scored a KID 2.4-2.8x lower than AUTHORS and the
+# paper; the plain flow-matching control (OURS with kappa, lam_gt, lam_cos, eta at 0) 4-5x
+# lower than OURS.
 OURS = dict(kappa=1.0, lam_gt=0.01, cov_form="stein", weight_on="ritz")
 
 # ---- samplers: plain functions of a gradient field (tests feed analytic fields)
