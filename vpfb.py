@@ -1645,16 +1645,17 @@ def cmd_ood(args):
     for name in [s.strip() for s in args.ood_sets.split(",") if s.strip()]:
         neg, neg_auth = energies(method, ood_set(args, name, ind_ds), device, args.ood_max,
                                  args.sample_batch)
-        scores[os.path.basename(name.rstrip("/\\"))] = neg
+        scores[name] = neg
         table[name] = {"auroc_phi_b": auroc(pos, neg), "auroc_authors_score": auroc(pos_auth,
                                                                                     neg_auth),
                        "n_in": int(len(pos)), "n_ood": int(len(neg))}
     allv = np.concatenate(list(scores.values())).astype(np.float64)
+    allv = allv[np.isfinite(allv)] if np.isfinite(allv).any() else np.zeros(1)
     u = np.linspace(*(np.sign(v) * np.log10(1 + abs(v)) for v in (allv.min(), allv.max())), 61)
     edges = np.unique(np.sign(u) * (10 ** np.abs(u) - 1))              # even on the symlog axis
     edges = edges if len(edges) > 1 else 10
     for label, e in scores.items():
-        plt.hist(e, bins=edges, alpha=0.5, label=label)
+        plt.hist(e, bins=edges, alpha=0.5, label=os.path.basename(label.rstrip("/\\")) or label)
     plt.xscale("symlog")
     plt.xlabel("Boltzmann energy Phi_B (Eq. 22)")
     plt.ylabel("images")
