@@ -1619,8 +1619,8 @@ def ood_set(args, name, ind_ds):
         return image_folder(name, tf, "folder")
     if name.endswith(".npz"):
         x = load_npz(name).tensors[0]
-        if x.shape[1] == 3 > args.channels:            # grey as the folder's PIL "L": ITU-R 601
-            x = torch.einsum("nchw,c->nhw", x, torch.tensor([0.299, 0.587, 0.114]))[:, None]
+        if x.shape[1] == 3 > args.channels:            # colour to grey as the folder route does
+            x = T.Grayscale(1)(x)                      # (ITU-R 601 weights, on the tensor)
         x = x.expand(-1, args.channels, -1, -1)                # grey images for a colour Phi
         x = F.interpolate(x, size=args.image_size, mode="bilinear", antialias=True)
         return torch.utils.data.TensorDataset(x, torch.zeros(len(x)))
