@@ -938,17 +938,21 @@ def save_grid(x, path, nrow=8):
     with atomic(path) as tmp:
         vu.save_image((x.float().clamp(-1, 1) + 1) / 2, tmp, nrow=nrow)
 
-def save_figure(fig, path):
-    import matplotlib.pyplot as plt
-    with atomic(path) as tmp:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-
-def plot_losses(records, path, title, keys=("flow", "cd_term")):
-    """The loss terms of the whole run against the step (symlog scale: they change sign)."""
+def pyplot():
+    """matplotlib.pyplot without a display, imported on first use (the method needs none)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+def save_figure(fig, path):
+    with atomic(path) as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    pyplot().close(fig)
+
+def plot_losses(records, path, title, keys=("flow", "cd_term")):
+    """The loss terms of the whole run against the step (symlog scale: they change sign)."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for key in keys:
         pts = [(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])]

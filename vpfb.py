@@ -1099,17 +1099,21 @@ def save_grid(x, path, nrow=8):
     with atomic(path) as tmp:
         vu.save_image((x.float().clamp(-1, 1) + 1) / 2, tmp, nrow=nrow)
 
-def save_figure(fig, path):
-    import matplotlib.pyplot as plt
-    with atomic(path) as tmp:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-
-def plot_losses(records, path, title, keys=("loss", "cov", "cos", "grad_x2", "poincare_ratio")):
-    """The loss terms of the whole run against the step (symlog scale: they change sign)."""
+def pyplot():
+    """matplotlib.pyplot without a display, imported on first use (the method needs none)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+def save_figure(fig, path):
+    with atomic(path) as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    pyplot().close(fig)
+
+def plot_losses(records, path, title, keys=("loss", "cov", "cos", "grad_x2", "poincare_ratio")):
+    """The loss terms of the whole run against the step (symlog scale: they change sign)."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for key in keys:
         pts = [(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])]
@@ -1589,9 +1593,7 @@ def auroc(pos, neg):
 
 def cmd_hist(args):
     """Histogram of the Boltzmann energy on train vs test images (Fig. 11)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     device, net, method, info = eval_setup(args)
     res, fig = dict(info), plt.figure(figsize=(5, 3.5))
     for split in ("train", "test"):
@@ -1635,9 +1637,7 @@ def cmd_ood(args):
     """OOD AUROC (Table 2): in-distribution = the test split of the training set (positives, should
     score higher), OOD = each of --ood-sets; score = Phi_B, and the authors' 4 Phi - ||x||^2.
     ood_hist.png: the histograms of Phi_B of each set (symlog axis: the sets lie decades apart)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     device, net, method, info = eval_setup(args)
     ind_ds = build_dataset(args, train=False)
     pos, pos_auth = energies(method, ind_ds, device, args.ood_max, args.sample_batch)
@@ -1666,9 +1666,7 @@ def cmd_ood(args):
 def cmd_longrun(args):
     """Long-run sampling (Sec. 4.6, Figs. 12-18): the ODE over t in [0, longrun_t1] (past t_max it
     follows Phi(x, t_max)), then SGLD on Phi_B from the same noise; E|grad|^2 and E energy^2."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     device, net, method, info = eval_setup(args)
     shape = (args.channels, args.image_size, args.image_size)
     z = torch.randn(min(args.num_samples, args.sample_batch), *shape, device=device)
