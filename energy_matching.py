@@ -13,8 +13,8 @@ How to run (`python energy_matching.py --help` lists every flag with its default
     python energy_matching.py --dataset cifar10 --phase warmup       # phase 1, Alg. 1
     python energy_matching.py --dataset cifar10 --phase main         # phase 2, Alg. 2
     python energy_matching.py --mode sample --num-samples 50000      # samples.npz for eval_fid.py
-    python energy_matching.py --mode inpaint --dataset celeba64      # Alg. 3, with vs without W
-    python energy_matching.py --mode lid --dataset mnist             # Hessian LID vs PNG size
+    python energy_matching_experiments.py --mode inpaint --dataset celeba64   # Alg. 3, +- W
+    python energy_matching_experiments.py --mode lid --dataset mnist  # Hessian LID vs PNG size
     python energy_matching.py --dataset npz --data-dir digits.npz    # any uint8 N x H x W x C array
 
 Where the maths lives (section 1): Eq. 3 `temperature`; Alg. 1 `EnergyMatching.flow_loss` with
@@ -499,8 +499,7 @@ class CNNPotential(nn.Module):
 import argparse
 import copy
 import functools
-import inspect
-import io
+import fcntl
 import json
 import os
 import re
@@ -808,8 +807,9 @@ def train_step(method, net, opt, batch, lr, clip, world=1, signum=0):
     return logs, not bad, int(signum)
 
 class RunLock:
-    """One run per output folder: <out-dir>/.lock holds the pid of the run that writes there. A
-    second run exits 2 naming it; a dead run's lock is taken over with one line. Freed at exit."""
+    """One run per output folder: an exclusive flock on <out-dir>/.lock (which holds the pid of the
+    run for the reader). The kernel frees it when the process ends, however it ends; a second run
+    exits 2 naming the lock file."""
 
     def __init__(self, out_dir, active=True):
         self.path = os.path.join(out_dir, ".lock") if active else None
@@ -817,43 +817,24 @@ class RunLock:
     def __enter__(self):
         if self.path is None:
             return self
-        out_dir = os.path.dirname(self.path)
-        prepare_out_dir(out_dir)
-        while True:
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                break
-            except FileExistsError:
-                pid = self.owner()
-                if pid and pid != os.getpid() and pid_alive(pid):
-                    die(f"{out_dir} is in use by another run (pid {pid}); wait for it to end or "
-                        f"choose another --out-dir")
-                print(f"taking over the lock of a run that ended (pid {pid}) in {out_dir}")
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(self.path)
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
+        prepare_out_dir(os.path.dirname(self.path))
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            pid = self.file.read().strip() or "?"
+            self.file.close()
+            die(f"{self.path} is held by another run (pid {pid}); wait for it to end or choose "
+                f"another --out-dir")
+        self.file.truncate(0)
+        self.file.write(str(os.getpid()))
+        self.file.flush()
         return self
 
-    def owner(self):
-        try:
-            with open(self.path) as f:
-                return int(f.read().strip() or 0)
-        except (OSError, ValueError):
-            return 0
-
     def __exit__(self, *exc):
-        if self.path and self.owner() == os.getpid():
-            os.remove(self.path)
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:                             # another user's process: alive
-        return True
-    return True
+        if self.path:
+            self.file.close()                       # closing the file releases the lock
 
 def prepare_out_dir(path):
     probe = os.path.join(path, f".write_test_{os.getpid()}")            # one per DDP rank
@@ -1340,8 +1321,8 @@ def authors_checkpoint_as_ours(ck, name="checkpoint"):
     if kw["shape"][0] != 3 or kw["attn_res"] != (16,) or kw["patch"] != 4:
         die(f"{name}: an authors' network with {kw['shape'][0]} channels, attention at "
             f"{kw['attn_res']}, patch {kw['patch']} has no flags here (3, (16,), 4)")
-    args = resolve_args(build_parser().parse_args(["--recipe", "authors", "--dataset", "cifar10",
-                                                   "--arch", "unetvit", "--tau-s", "3"]))
+    args = parse_args(["--recipe", "authors", "--dataset", "cifar10", "--arch", "unetvit",
+                       "--tau-s", "3"])
     args.image_size, args.model_size, args.res_blocks = kw["shape"][1], kw["ch"], kw["res_blocks"]
     args.ch_mult, args.vit_depth = ",".join(map(str, kw["ch_mult"])), kw["vit_depth"]
     args.dropout, args.output_scale = kw["dropout"], kw["output_scale"]
@@ -1351,7 +1332,7 @@ def authors_checkpoint_as_ours(ck, name="checkpoint"):
             "phase": "authors", "phase_start": step, "args": args_to_dict(args)}
 
 
-# ==== 6. Experiment modes ====
+# ==== 6. Sampling ====
 def eval_setup(args):
     """Device, the checkpoint's network (EMA unless --no-ema) and the method with the settings this
     mode reads, each printed once with where it came from (flag / checkpoint / recipe)."""
@@ -1359,27 +1340,17 @@ def eval_setup(args):
     torch.manual_seed(args.seed)                          # --seed: the same samples every run
     net = net_from_checkpoint(args.ck_, args, device)
     method = build_method(torch.compile(net) if args.compile else net, args)
-    settings = {k: getattr(args, k) for k in MODE_SETTINGS[args.mode]}
+    settings = {k: getattr(args, k) for k in args.reads_}
     if "tau_s" in settings:                                        # K = tau_s / dt sampler steps
         settings["steps"] = max(1, round(args.tau_s / args.dt))
     settings["weights"] = "raw" if args.no_ema else "ema"
-    src = {k: args.sources_.get(k, "default") for k in MODE_SETTINGS[args.mode]}
+    src = {k: args.sources_.get(k, "default") for k in args.reads_}
     print(f"{args.mode} with {args.ck_['path']}: " + ", ".join(
         f"{k} {v} ({src[k]})" if k in src else f"{k} {v}" for k, v in settings.items()), flush=True)
     if args.ck_.get("phase") == "warmup" and "tau_s" in src and src["tau_s"] != "flag":
         print(f"tau_s = {args.tau_s:g} from a phase-1 checkpoint: past t = 1 there is no Boltzmann "
               f"well, the flow only extrapolates (pass --tau-s to change)", flush=True)
     return device, net, method, {"ckpt": args.ck_["path"], "settings": settings, "from": src}
-
-def eval_images(args, n, device):
-    """The first n held-out images of --dataset (test split where there is one), checked to fit."""
-    data = build_dataset(args, train=False)
-    x = first_images(data, n).to(device)
-    want = (args.channels, args.image_size, args.image_size)
-    if tuple(x.shape[1:]) != want:
-        die(f"images of {args.dataset} have shape {tuple(x.shape[1:])} but the checkpoint's "
-            f"network expects {want}")
-    return x
 
 def cmd_sample(args):
     """--num-samples SDE samples -> samples.npz ("images" uint8 NHWC, eval_fid.py), samples.png."""
@@ -1393,108 +1364,19 @@ def cmd_sample(args):
     report(args.out_dir, "samples.json", {**info, "n": len(x), **st})
     return to_uint8(x)
 
-def cmd_inpaint(args):
-    """Alg. 3 on data images with a centred hole: M chains per image without and with the repulsive
-    interaction (same noise) -> inpaint.png (the paper's "with vs without" figure), inpaint.json."""
-    device, net, method, info = eval_setup(args)
-    x = eval_images(args, args.num_images or 4, device)
-    H, W = x.shape[2:]
-    s, A = max(1, int(round(args.hole * H))), torch.ones(x.shape[1:], device=device)
-    A[:, (H - s) // 2:(H - s) // 2 + s, (W - s) // 2:(W - s) // 2 + s] = 0   # 0 in a centred hole
-    Bmask = 1 - A                                                     # interaction where unseen
-    y = A * x                                                         # y = A(x), noise-free
-    x_init = torch.randn(x.shape[0], args.chains, *x.shape[1:], device=device)
-    kw = dict(n_chains=args.chains, tau_s=method.tau_s, dt=method.dt, zeta=args.zeta,
-              x_init=x_init, eps=method.eps, clamp=(-1.0, 1.0))
-    plain = inverse_langevin(method.V, y, A, **kw)
-    inter = inverse_langevin(method.V, y, A, sigma=args.sigma_int, Bmask=Bmask, **kw)
-    if not torch.isfinite(torch.cat([plain, inter])).all():
-        die("inpaintings contain NaN/Inf (non-finite weights?); nothing written", 3)
-
-    def spread(z):  # mean pairwise distance between the chains inside the hole
-        d = [(Bmask * (z[:, i] - z[:, j])).flatten(1).norm(dim=1)
-             for i in range(z.shape[1]) for j in range(i)]
-        return float(torch.stack(d).mean()) if d else 0.0
-
-    def fidelity(z):  # RMS error on the observed pixels
-        return float(((A * (z - x[:, None])) ** 2).sum() / (A.sum() * z.shape[:2].numel())) ** 0.5
-
-    res = {**info, "spread_without": spread(plain), "spread_with": spread(inter),
-           "fidelity_rmse_without": fidelity(plain), "fidelity_rmse_with": fidelity(inter)}
-    # one row per image: original, masked, M chains without W, M chains with W
-    rows = [torch.stack([x[r], y[r], *plain[r], *inter[r]]) for r in range(x.shape[0])]
-    save_grid(torch.cat(rows).cpu(), os.path.join(args.out_dir, "inpaint.png"),
-              nrow=2 + 2 * args.chains)
-    report(args.out_dir, "inpaint.json", res)
-    return res
-
-def cmd_lid(args):
-    """LID of --num-images data images from the Hessian of V (exact or SLQ), Spearman vs PNG size
-    (Table 2). If every LID is equal, Spearman is undefined: one line says which way to move tau."""
-    from PIL import Image
-    from scipy.stats import spearmanr
-    device, net, method, info = eval_setup(args)
-    xs = eval_images(args, args.num_images or 4096, device)
-    n, d = xs.shape[0], xs[0].numel()
-    how = args.lid_method if args.lid_method != "auto" else ("exact" if d <= 1024 else "slq")
-    t0 = time.time()
-    if how == "exact":
-        lids, _ = lid_exact(method.V, xs, args.lid_tau)
-    else:
-        lids = []
-        for i in range(0, n, 16):
-            lids += lid_slq(method.V, xs[i:i + 16], args.lid_tau, args.lid_probes,
-                            args.lid_lanczos, args.seed)
-    sizes = []                                    # lossless PNG bytes: the paper's complexity proxy
-    for im in to_uint8(xs):
-        buf = io.BytesIO()
-        Image.fromarray(im.squeeze(-1) if im.shape[-1] == 1 else im).save(buf, "PNG", optimize=True)
-        sizes.append(len(buf.getvalue()))
-    distinct = set(round(float(v), 3) for v in lids)                 # SLQ estimates are floats
-    varied = n > 2 and len(distinct) > 1 < len(set(sizes))
-    rho = float(spearmanr(lids, sizes)[0]) if varied else None
-    res = {**info, "method": how, "tau": args.lid_tau, "d": d, "n": n,
-           "spearman_lid_vs_png": rho, "lid": [float(v) for v in lids], "png_bytes": sizes,
-           "seconds": round(time.time() - t0, 2)}
-    head = f"LID ({how}, tau={args.lid_tau}) on {n} images:"
-    write_json(args.out_dir, "lid.json", res)
-    if rho is not None:
-        print(f"{head} Spearman vs PNG size = {rho:.3f}")
-    elif len(distinct) == 1:
-        side = "lower" if lids[0] >= d - 0.5 else "higher"
-        print(f"{head} all LIDs equal {lids[0]:.0f} (d = {d}), "
-              f"so no Spearman correlation; try a {side} --lid-tau")
-    else:
-        print(f"{head} too few distinct values for a Spearman correlation")
-    return res
-
 # ==== 7. Arguments and main ====
 DATASETS = ("cifar10", "mnist", "celeba64", "folder", "npz", "fake")
-MODES = {"train": cmd_train, "sample": cmd_sample, "inpaint": cmd_inpaint, "lid": cmd_lid}
+MODES = {"train": cmd_train, "sample": cmd_sample}    # energy_matching_experiments.py: the others
 
-# The recipes fill every flag left at None (a typed flag wins). "paper" = EnergyMatching's own
-# defaults (section 1) + App. C's training numbers; "authors" = the same with AUTHORS + their
+# --recipe sets these flags (a typed flag, then a checkpoint's value, wins); steps and EMA decay
+# per phase. The parser's own defaults of the method's flags are EnergyMatching's (section 1; a
+# test checks that they agree). "paper": App. C's training numbers; "authors": AUTHORS and their
 # training script and README command (lr, steps, EMA 0.99 in phase 2, a second data batch for CD).
-TRAINING = {
-    "authors": dict(lr=1.2e-3, steps_warmup=145_000, steps_main=2_000, batch_size=128,
-                    warmup=10_000, ema_warmup=0.9999, ema_main=0.99, cd_separate_batch=True),
-    "paper": dict(lr=8e-4, steps_warmup=200_000, steps_main=25_000, batch_size=128, warmup=10_000,
-                  ema_warmup=0.9999, ema_main=0.9999, cd_separate_batch=False),
-}
-METHOD_FLAGS = ("tau_star", "eps_max", "lambda_cd", "n_langevin", "dt", "cd_neg_clamp", "cd_trim",
-                "neg_data_frac", "flow_reduction", "tau_s", "clamp_negatives", "flow_weighting",
-                "same_temperature")
-
-def method_flags(**kw):
-    """EnergyMatching's keywords (its own defaults where kw is silent) as the flags' values."""
-    sig = inspect.signature(EnergyMatching).parameters
-    d = {k: kw.get(k, sig[k].default) for k in METHOD_FLAGS}
-    d.update(clamp_negatives=d["clamp_negatives"] is not None,
-             flow_weighting=d["flow_weighting"] or "off")
-    return d
-
-RECIPES = {"paper": {**method_flags(), **TRAINING["paper"]},
-           "authors": {**method_flags(**AUTHORS), **TRAINING["authors"]}}
+RECIPES = {"paper": dict(lr=8e-4, steps_warmup=200_000, steps_main=25_000, batch_size=128,
+                         warmup=10_000, ema_decay_warmup=0.9999, ema_decay_main=0.9999,
+                         cd_separate_batch=False),
+           "authors": dict(AUTHORS, clamp_negatives=True, lr=1.2e-3, steps_warmup=145_000,
+                           steps_main=2_000, ema_decay_main=0.99, cd_separate_batch=True)}
 DATASET_ROWS = {
     # App. C, CelebA: ~2x the parameters (ch 192 here), batch 32, lr 1e-4, eps_max 0.05,
     # lambda_CD 2e-5, 250k + 25k steps (no authors' code for CelebA: paper values in both recipes)
@@ -1505,6 +1387,15 @@ DATASET_ROWS = {
     # lr and eps_max are not in the paper: 1e-4 and 0.01 are our choice.
     "mnist": dict(lambda_cd=0.25, dt=0.05, n_langevin=50, steps_main=300_000, lr=1e-4),
 }
+METHOD_FLAGS = ("tau_star", "eps_max", "lambda_cd", "n_langevin", "dt", "cd_neg_clamp", "cd_trim",
+                "neg_data_frac", "flow_reduction", "tau_s", "clamp_negatives", "flow_weighting",
+                "same_temperature")
+
+def recipe_row(recipe, dataset, phase):
+    """The flags --recipe sets for --dataset's row and --phase."""
+    row = {**RECIPES["paper"], **RECIPES[recipe], **DATASET_ROWS.get(dataset, {})}
+    return {**{k: v for k, v in row.items() if not k.endswith(("_warmup", "_main"))},
+            "steps": row[f"steps_{phase}"], "ema_decay": row[f"ema_decay_{phase}"]}
 
 # Which flags a mode reads (issue 22). The network's flags always come from the checkpoint (a typed
 # one that differs is an error); a typed flag the mode does not read is a one-line warning.
@@ -1515,12 +1406,7 @@ ARCH_KEYS = ("arch", "model_size", "res_blocks", "ch_mult", "vit_depth", "dropou
              "output_scale", "image_size", "channels")
 DATA_KEYS = ("dataset", "data_dir", "fake_size")
 MODE_SETTINGS = {          # what a mode reads (and prints) beyond the run flags and the network's
-    "sample": ("sampler", "tau_s", "dt", "eps_max", "tau_star", "num_samples", "sample_batch"),
-    "inpaint": ("tau_s", "dt", "eps_max", "tau_star", "num_images", "hole", "zeta", "sigma_int",
-                "chains") + DATA_KEYS,
-    "lid": ("num_images", "lid_tau", "lid_method", "lid_probes", "lid_lanczos") + DATA_KEYS}
-EVAL_ONLY = {"num_images", "hole", "zeta", "sigma_int", "chains", "lid_tau", "lid_method",
-             "lid_probes", "lid_lanczos"}
+    "sample": ("sampler", "tau_s", "dt", "eps_max", "tau_star", "num_samples", "sample_batch")}
 PHASE_KEYS = {"phase", "steps", "ema_decay", "tau_s", "from_scratch"}   # phase 2 sets its own
 EVAL_READS = {"mode", "out_dir", "device", "threads", "seed", "ckpt", "amp", "compile",
               "channels_last", "workers", "no_ema", *ARCH_KEYS}
@@ -1558,18 +1444,25 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         die(f"{message} (see --help)")
 
-def build_parser():
-    p = Parser(description="Energy Matching (Balcerak et al., arXiv:2504.10612): train, sample, "
-               "inpaint, LID. [r] = filled by --recipe when not given.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default; a flag whose default is derived says so in its help."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+def build_parser(recipe="authors", modes=MODES):
+    """The flags, with `recipe`'s values as defaults (--help shows the default recipe's)."""
+    p = Parser(description="Energy Matching (Balcerak et al., arXiv:2504.10612): "
+               f"{', '.join(modes)}. [r] = set by --recipe (shown: {recipe}'s).",
+               formatter_class=Help, allow_abbrev=False)
     a, bool_opt = p.add_argument, argparse.BooleanOptionalAction
-    a("--mode", default="train", choices=MODES, help="what to do")
+    a("--mode", default="train", required="train" not in modes, choices=modes, help="what to do")
     a("--phase", default="warmup", choices=("warmup", "main"), help="Alg. 1 or Alg. 2 (+ CD)")
     a("--recipe", default="authors", choices=RECIPES, help="authors' CIFAR code or the paper")
     a("--dataset", default="cifar10", choices=DATASETS, help="training / evaluation images")
     a("--data-dir", default="data", help="dataset folder (npz: the .npz file)")
-    a("--image-size", type=pos_int, help="image side for folder/fake (default 32; celeba64 64)")
-    a("--channels", type=pos_int, help="channels of fake data (default 3)")
+    a("--image-size", type=pos_int, help="image side (celeba64 64; mnist 28; npz: the file's)")
+    a("--channels", type=pos_int, help="channels (mnist 1; npz: the file's)")
     a("--fake-size", type=pos_int, default=256, help="number of FakeData images")
     a("--workers", type=nonneg_int, default=4, help="DataLoader processes (0 = main process)")
     a("--out-dir", help="output folder (default runs/em_<dataset>); always written to")
@@ -1577,15 +1470,15 @@ def build_parser():
     a("--threads", type=nonneg_int, default=0,
       help="CPU threads (0: the free cores, i.e. the cores less the load average, at least 1)")
     a("--seed", type=nonneg_int, default=0, help="random seed (each step and rank derives its own)")
-    a("--batch-size", type=pos_int, help="[r] per-process batch size (128)")
+    a("--batch-size", type=pos_int, help="[r] per-process batch size")
     a("--steps", type=nonneg_int, help="[r] steps of this phase (authors 145k + 2k)")
     a("--lr", type=pos_float, help="[r] Adam learning rate (authors 1.2e-3, paper 8e-4)")
     a("--betas", type=unit_float, nargs=2, default=(0.9, 0.95), help="Adam betas (authors' code)")
     a("--warmup", type=nonneg_int,
-      help="[r] linear lr warm-up steps (10k), counted from step 0 of phase 1: phase 2 continues "
+      help="[r] linear lr warm-up steps, counted from step 0 of phase 1: phase 2 continues "
            "the count, as the authors' resumed scheduler does")
     a("--grad-clip", type=nonneg_float, default=1.0, help="gradient-norm clipping (0 = off)")
-    a("--ema-decay", type=unit_float, help="[r] EMA decay (0.9999; authors' phase 2: 0.99)")
+    a("--ema-decay", type=unit_float, help="[r] EMA decay (authors' phase 2: 0.99)")
     a("--ema-warmup", action=bool_opt, default=True, help="min(decay, (1+n)/(10+n)); no: authors")
     a("--no-ema", action="store_true", help="grids / sampling with the raw weights, not the EMA")
     a("--arch", default="auto", choices=("auto", "unetvit", "cnn"),
@@ -1598,24 +1491,29 @@ def build_parser():
     a("--dropout", type=unit_float, default=0.1, help="dropout in UNet and ViT (authors' code)")
     a("--attn-dropout", type=unit_float, help="ViT attention dropout (default: --dropout)")
     a("--output-scale", type=pos_float, default=1000.0, help="V = this * head (authors' code)")
-    a("--tau-star", type=nonneg_float, help="[r] tau*, Eq. 3 (authors 1, paper 0.9)")
-    a("--eps-max", type=nonneg_float, help="[r] eps_max: p ∝ exp(-V/eps_max) (0.01)")
-    a("--lambda-cd", type=nonneg_float, help="[r] CD weight (authors 1e-3, paper 2e-4)")
-    a("--n-langevin", type=nonneg_int, help="[r] Langevin steps per negative chain (200)")
-    a("--dt", type=pos_float, help="[r] time step of the chains and of the sampler (0.01)")
-    a("--cd-neg-clamp", type=nonneg_float, help="[r] lambda_CD CD >= -this (authors 0.02)")
-    a("--cd-trim", type=unit_float, help="[r] drop the top fraction of V(negatives) (authors 0.1)")
-    a("--neg-data-frac", type=frac_float, help="[r] share of negatives started at data (0.5)")
-    a("--same-temperature", action=bool_opt, help="[r] data chains at eps(t) (authors), eps_max")
-    a("--clamp-negatives", action=bool_opt, help="[r] chains end clamped to [-1, 1] (authors)")
+    a("--tau-star", type=nonneg_float, default=0.9, help="[r] tau*, Eq. 3 (paper 0.9)")
+    a("--eps-max", type=nonneg_float, default=0.01, help="[r] eps_max: p ∝ exp(-V/eps_max)")
+    a("--lambda-cd", type=nonneg_float, default=2e-4, help="[r] CD weight (paper 2e-4)")
+    a("--n-langevin", type=nonneg_int, default=200, help="[r] Langevin steps per negative chain")
+    a("--dt", type=pos_float, default=0.01, help="[r] time step of the chains and of the sampler")
+    a("--cd-neg-clamp", type=nonneg_float, default=0.0, help="[r] lambda_CD CD >= -this (paper 0)")
+    a("--cd-trim", type=unit_float, default=0.0,
+      help="[r] drop the top fraction of V(negatives) (paper 0)")
+    a("--neg-data-frac", type=frac_float, default=0.5, help="[r] share of negatives from data")
+    a("--same-temperature", action=bool_opt, default=False,
+      help="[r] data chains at eps(t) (authors), eps_max (paper)")
+    a("--clamp-negatives", action=bool_opt, default=False,
+      help="[r] chains end clamped to [-1, 1] (authors)")
     a("--cd-separate-batch", action=bool_opt, help="[r] a second data batch for CD (authors)")
-    a("--flow-reduction", choices=("mean", "sum"), help="[r] mean (authors) or sum: ||.||^2")
-    a("--flow-weighting", choices=("off", "main", "both"),
+    a("--flow-reduction", default="sum", choices=("mean", "sum"),
+      help="[r] mean (authors) or sum: ||.||^2 (paper)")
+    a("--flow-weighting", default="off", choices=("off", "main", "both"),
       help="[r] fade the flow loss to 0 from tau* to 1: phase 2 (authors' 2-D), both (CIFAR)")
     a("--no-ot", action="store_true", help="random instead of exact-OT pairs (ablation)")
     a("--from-scratch", action="store_true", help="phase main without a warmup checkpoint (MNIST)")
     a("--sampler", default="heun", choices=("heun", "euler"), help="SDE integrator")
-    a("--tau-s", type=pos_float, help="[r] sampling time, K = tau_s/dt (3; 1 after phase 1)")
+    a("--tau-s", type=pos_float, default=3.0,
+      help="[r] sampling time, K = tau_s/dt (training's phase 1: 1)")
     a("--amp", default="auto", choices=("auto", "bf16", "none"), help="bf16 trunk (auto: on CUDA)")
     a("--compile", action="store_true",
       help="torch.compile the loss (via torch.func) and the potential for sampling")
@@ -1628,15 +1526,7 @@ def build_parser():
       help="sample grid every N steps (0 = only at the end)")
     a("--num-samples", type=nonneg_int, default=64, help="samples to draw (50000 for FID)")
     a("--sample-batch", type=pos_int, default=256, help="batch size when sampling")
-    a("--num-images", type=pos_int, help="inpaint: images (4); lid: images (4096, paper)")
-    a("--hole", type=frac_float, default=0.5, help="inpaint: side of the masked centre / side")
-    a("--zeta", type=pos_float, default=0.1, help="inpaint: data-fidelity scale zeta (Eq. 8)")
-    a("--sigma-int", type=pos_float, default=1.0, help="inpaint: interaction sigma (Sec. 3.2)")
-    a("--chains", type=pos_int, default=2, help="inpaint: chains M per image")
-    a("--lid-tau", type=pos_float, help="LID: |lambda| < tau (paper: 10 MNIST, 2 CIFAR)")
-    a("--lid-method", default="auto", choices=("auto", "exact", "slq"), help="auto: d <= 1024")
-    a("--lid-probes", type=pos_int, default=8, help="SLQ: Rademacher probe vectors")
-    a("--lid-lanczos", type=pos_int, default=60, help="SLQ: Lanczos steps per probe")
+    p.set_defaults(**recipe_row(recipe, "cifar10", "warmup"), image_size=32, channels=3)
     return p
 
 def find_checkpoint(args):
@@ -1655,7 +1545,7 @@ def find_checkpoint(args):
             ck = load_checkpoint(path)
         else:
             return None, ()
-        skip = RUN_FLAGS | EVAL_ONLY | (set() if ck.get("phase") == args.phase else PHASE_KEYS)
+        skip = RUN_FLAGS | (set() if ck.get("phase") == args.phase else PHASE_KEYS)
         return ck, [k for k in ck["args"] if k not in skip]
     found = [p for p in (os.path.join(args.out_dir, f"ckpt_{ph}.pt") for ph in ("main", "warmup"))
              if os.path.isfile(p)]
@@ -1665,55 +1555,72 @@ def find_checkpoint(args):
     return ck, [k for k in ck["args"] if k in ARCH_KEYS + DATA_KEYS + METHOD_FLAGS
                 + ("sampler", "recipe", "no_ot")]
 
-def parse_args(argv=None):
-    """Flags -> args. Every setting follows one rule (issue 22): a flag the user typed > the value
-    stored in the checkpoint the mode reads > the recipe's default (args.sources_ says which)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    p = build_parser()
-    args = p.parse_args(argv)
-    for action in p._actions:                                          # now: typed flags only
+def typed_flags(p, argv):
+    """The flags argv types: what argparse returns with every default suppressed."""
+    p._defaults.clear()
+    for action in p._actions:
         action.default = argparse.SUPPRESS
-    args.typed_, args.argv_ = set(vars(p.parse_args(argv))), argv
-    args.out_dir = args.out_dir or os.path.join("runs", f"em_{args.dataset}")
-    args.ck_, keys = find_checkpoint(args)
-    return resolve_args(args, args.ck_, keys)
+    return set(vars(p.parse_args(argv)))
 
-def resolve_args(args, ck=None, keys=()):
-    """Fill the flags left at None: from the checkpoint `ck` (for `keys`), else the recipe and the
-    dataset's row; warn of typed flags the mode does not read. Bad combinations: exit 2."""
-    typed, saved = getattr(args, "typed_", set()), (ck or {}).get("args", {})
-    clash = [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint: {saved[k]})"
-             for k in ARCH_KEYS if k in typed and k in saved and saved[k] != getattr(args, k)
+def parse_args(argv=None, parser=build_parser, settings=MODE_SETTINGS):
+    """Flags -> args. Every setting follows one rule (issue 22): a flag the user typed > the value
+    stored in the checkpoint the mode reads > the recipe's, by argparse's own defaults: the recipe's
+    values, then the checkpoint's, then one parse (args.sources_ says which gave each)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, typed = parser().parse_args(argv), typed_flags(parser(), argv)
+    args.out_dir = args.out_dir or os.path.join("runs", f"em_{args.dataset}")
+    ck, keys = find_checkpoint(args)
+    saved = {k: ck["args"][k] for k in keys if k not in typed and hasattr(args, k)}
+    clash = [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint: {ck['args'][k]})"
+             for k in ARCH_KEYS if k in typed and k in keys and ck["args"][k] != getattr(args, k)
              and getattr(args, k) != "auto"]
     if clash:
         die(f"{ck['path']} holds another network; flags that differ from the checkpoint's: "
             f"{', '.join(clash)}")
-    src = {k: "flag" for k in typed}
-    for k in keys:
-        if k not in typed and hasattr(args, k):
-            setattr(args, k, saved[k])
-            src[k] = "checkpoint"
-    if args.dataset == "npz" and src.get("image_size") != "checkpoint":  # the file's shape
+    first = argparse.Namespace(**{**vars(args), **saved})
+    p = parser(first.recipe)                                    # 1. the recipe's values
+    row = dataset_row(first, saved)
+    p.set_defaults(**row)
+    p.set_defaults(**saved)                                     # 2. the checkpoint's
+    args = p.parse_args(argv)                                   # 3. the typed flags
+    args.out_dir, args.ck_, args.argv_ = first.out_dir, ck, argv
+    args.sources_ = {**dict.fromkeys([*row, *METHOD_FLAGS], "recipe"),
+                     **dict.fromkeys(saved, "checkpoint"), **dict.fromkeys(typed, "flag")}
+    return resolve_args(args, typed, settings)
+
+def like_mnist(args):
+    """MNIST, or an .npz of 28 x 28 grey images: App. C's MNIST numbers and the CNN."""
+    return args.dataset == "mnist" or (args.dataset == "npz" and args.channels == 1
+                                       and args.image_size == 28)
+
+def dataset_row(args, saved):
+    """The recipe's flags for --dataset and --phase, the image shape (npz: the file's, unless a
+    checkpoint gives it) and the network (auto: the CNN for MNIST-like data)."""
+    shape = dict(channels=1, image_size=28) if args.dataset == "mnist" else dict(
+        channels=3, image_size=64 if args.dataset == "celeba64" else 32)
+    if args.dataset == "npz" and "image_size" not in saved:
         c, s = load_npz(args.data_dir).tensors[0].shape[1:3]
-        if (args.image_size or s) != s:
+        shape = dict(channels=c, image_size=s)
+    shape.update({k: saved[k] for k in shape if k in saved})
+    mnist = like_mnist(argparse.Namespace(**{**vars(args), **shape}))
+    arch = ("cnn" if mnist else "unetvit") if args.arch == "auto" else args.arch
+    row = recipe_row(args.recipe, "mnist" if mnist else args.dataset, args.phase)
+    row = {"model_size": 32 if arch == "cnn" else 128, **row, **shape, "arch": arch}
+    if args.mode == "train" and args.phase == "warmup":
+        row["tau_s"] = 1.0                        # no Boltzmann well to sample before phase 2
+    return row
+
+def resolve_args(args, typed=(), settings=MODE_SETTINGS):
+    """The settings derived from others; bad combinations: exit 2; warnings of typed flags the mode
+    does not read."""
+    if args.dataset == "npz" and args.sources_.get("image_size") == "flag":
+        s = load_npz(args.data_dir).tensors[0].shape[2]
+        if args.image_size != s:
             die(f"--image-size {args.image_size}: the images of {args.data_dir} are {s} x {s}")
-        args.channels, args.image_size = c, s
-    like_mnist = args.dataset == "mnist" or (args.dataset == "npz" and args.channels == 1
-                                             and args.image_size == 28)
-    if args.tau_s is None and args.mode == "train" and args.phase == "warmup":
-        args.tau_s, src["tau_s"] = 1.0, "recipe"  # no Boltzmann well to sample before phase 2
-    row = {**RECIPES[args.recipe], **DATASET_ROWS.get("mnist" if like_mnist else args.dataset, {})}
-    arch = ("cnn" if like_mnist else "unetvit") if args.arch == "auto" else args.arch
-    row.update(steps=row[f"steps_{args.phase}"], ema_decay=row[f"ema_{args.phase}"], arch=arch,
-               image_size=28 if like_mnist else 64 if args.dataset == "celeba64" else 32,
-               channels=1 if like_mnist else 3, lid_tau=10.0 if like_mnist else 2.0,
-               attn_dropout=args.dropout)
-    row.setdefault("model_size", 32 if arch == "cnn" else 128)
-    for k, v in row.items():
-        if getattr(args, k, 0) is None or (k == "arch" and args.arch == "auto"):
-            setattr(args, k, v)
-            src.setdefault(k, "recipe")
-    args.sources_ = src
+    if args.arch == "auto":
+        args.arch = dataset_row(args, {})["arch"]
+    if args.attn_dropout is None:
+        args.attn_dropout, args.sources_["attn_dropout"] = args.dropout, "recipe"
     if args.arch == "unetvit":
         s, mult = args.image_size, ints(args.ch_mult)
         if s < 8 or s % 4 or s % 2 ** (len(mult) - 1):
@@ -1722,48 +1629,50 @@ def resolve_args(args, ck=None, keys=()):
     if args.mode == "sample" and args.num_samples == 0:
         die("--num-samples 0 in --mode sample would write an empty samples.npz")
     check_memory(args)
-    reads = (set(vars(args)) - EVAL_ONLY if args.mode == "train" else
-             EVAL_READS | set(MODE_SETTINGS[args.mode]))
-    if args.mode == "train" and ck is None and not args.resume:
+    reads = set(vars(args)) if args.mode == "train" else EVAL_READS | set(settings[args.mode])
+    if args.mode == "train" and args.ck_ is None and not args.resume:
         reads.discard("ckpt")                     # phase warmup reads --ckpt only to resume
-    for k in sorted(typed - reads):
+    for k in sorted(set(typed) - reads):
         print(f"warning: --{k.replace('_', '-')} has no effect in --mode {args.mode}"
               + (" without --resume" if k == "ckpt" else ""), file=sys.stderr)
+    args.reads_ = settings.get(args.mode, ())
     return args
 
-def check_memory(args):
-    """Refuse, before a network is built, a size whose activations cannot fit: a lower bound of
-    one training step (4 bytes x base channels x pixels x batch x 16 layers) over the memory."""
+def check_memory(args, error=None):
+    """The one memory check, one line and exit 2: before the network is built, a size whose
+    activations cannot fit (a lower bound of one step: 4 bytes x base channels x pixels x batch x
+    16 layers, over the machine's memory); during the run, the allocator's error."""
     batch = args.batch_size if args.mode == "train" else args.sample_batch
     need = 4 * args.model_size * args.image_size ** 2 * batch * 16
     have = (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
             if hasattr(os, "sysconf") else float("inf"))
     if torch.cuda.is_available() and args.device != "cpu":
         have = torch.cuda.get_device_properties(0).total_memory
-    if need > have:
-        die(f"--image-size {args.image_size} with --model-size {args.model_size} and batch {batch} "
-            f"needs at least {need / 2**30:.0f} GiB of activations; this machine has "
-            f"{have / 2**30:.0f} GiB")
+    if error is not None:
+        why = f"out of memory on {args.device} ({str(error).splitlines()[0][:120]})"
+    elif need > have:
+        why = (f"--image-size {args.image_size} with --model-size {args.model_size} and batch "
+               f"{batch} needs at least {need / 2**30:.0f} GiB of activations; this machine has "
+               f"{have / 2**30:.0f} GiB")
+    else:
+        return
+    die(f"{why}; try a smaller --batch-size / --sample-batch / --model-size")
 
 def args_to_dict(args):
     """A plain dict of str/int/float/bool/None/list for the checkpoint (weights_only loads it)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()
             if not k.endswith("_")}
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None, parser=build_parser, modes=MODES, settings=MODE_SETTINGS):
+    args = parse_args(argv, parser, settings)
     torch.set_num_threads(pick_threads(args.threads))
     try:
         with RunLock(args.out_dir, int(os.environ.get("RANK", "0")) == 0):
-            return MODES[args.mode](args)
-    except torch.OutOfMemoryError as e:
-        die(f"out of memory on {args.device} ({str(e).splitlines()[0][:120]}); try a smaller "
-            f"--batch-size / --sample-batch / --model-size")
-    except RuntimeError as e:
+            return modes[args.mode](args)
+    except RuntimeError as e:                           # torch.OutOfMemoryError is one
         if "allocate" not in str(e) and "out of memory" not in str(e):
             raise
-        die(f"out of memory ({str(e).splitlines()[0][:120]}); try a smaller --batch-size / "
-            f"--sample-batch / --model-size")
+        check_memory(args, error=e)
 
 if __name__ == "__main__":
     main()

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import energy_matching as em
+import energy_matching_experiments as emx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "energy_matching.py")
@@ -395,10 +396,10 @@ def test_checkpoint_round_trip_and_resume_give_same_next_loss(tmp_path, capsys):
     assert z.shape == (5, 8, 8, 3) and z.dtype == np.uint8 and np.array_equal(z, imgs)
     # the evaluation commands run on the same checkpoint: Alg. 3 figure, and LID (tau = huge: every
     # direction counts as flat, so SLQ must return d = 192 exactly: its quadrature weights sum to 1)
-    res = em.main(TINY + ["--mode", "inpaint", "--num-images", "2",
+    res = emx.main(TINY + ["--mode", "inpaint", "--num-images", "2",
                           "--out-dir", str(tmp_path / "a")])
     assert (tmp_path / "a" / "inpaint.png").exists() and res["spread_with"] >= 0
-    lid = em.main(TINY + ["--mode", "lid", "--num-images", "3", "--lid-method", "slq",
+    lid = emx.main(TINY + ["--mode", "lid", "--num-images", "3", "--lid-method", "slq",
                           "--lid-lanczos", "5", "--lid-probes", "1", "--lid-tau", "1e12",
                           "--out-dir", str(tmp_path / "a")])
     assert lid["d"] == 192 and all(abs(v - 192) < 1e-6 for v in lid["lid"])
