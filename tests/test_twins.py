@@ -78,6 +78,25 @@ def test_bare_classes_are_the_printed_method_and_presets_are_dicts():
     assert vpfb.VPFB(lambda x, t: x.sum(1), **vpfb.OURS).cov_form == "stein"
 
 
+@pytest.mark.parametrize("mod,cls", [(em, "EnergyMatching"), (vpfb, "VPFB")], ids=["em", "vpfb"])
+def test_recipes_are_plain_dicts_and_help_shows_their_values(mod, cls, capsys):
+    """--recipe paper's method flags are the bare class's own defaults (the parser states them,
+    read back here); --help shows the default recipe's (authors') real values, never None."""
+    import inspect
+    sig = inspect.signature(getattr(mod, cls)).parameters
+    flags = mod.build_parser("paper").parse_args([])
+    as_flag = {"clamp_negatives": False, "flow_weighting": "off"}   # EM: None / False as flags
+    for k in mod.METHOD_FLAGS:
+        assert getattr(flags, k) == as_flag.get(k, sig[k].default), k
+    with pytest.raises(SystemExit):
+        mod.build_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "(default: None)" not in out
+    for k, v in mod.AUTHORS.items():
+        if k in mod.METHOD_FLAGS and not isinstance(v, tuple):
+            assert mod.build_parser().get_default(k) == v, k
+
+
 def test_bare_functions_run_with_their_own_defaults():
     """Every function above the divider works with its own defaults (VPFB.langevin's step used to
     give NaN within 30 steps) on a small example, and gives finite output."""
