@@ -806,35 +806,27 @@ def train_step(method, net, opt, batch, lr, clip, world=1, signum=0):
         opt.step()
     return logs, not bad, int(signum)
 
-class RunLock:
-    """One run per output folder: an exclusive flock on <out-dir>/.lock (which holds the pid of the
-    run for the reader). The kernel frees it when the process ends, however it ends; a second run
-    exits 2 naming the lock file."""
-
-    def __init__(self, out_dir, active=True):
-        self.path = os.path.join(out_dir, ".lock") if active else None
-
-    def __enter__(self):
-        if self.path is None:
-            return self
-        prepare_out_dir(os.path.dirname(self.path))
-        self.file = open(self.path, "a+")
+@contextlib.contextmanager
+def run_lock(out_dir, active=True):
+    """One run per output folder: an exclusive flock on <out-dir>/.lock (which holds the run's pid
+    for the reader). The kernel frees it when the process ends, however it ends; a second run
+    exits 2 naming the lock file. DDP: rank 0 holds it (active) for all."""
+    if not active:
+        yield
+        return
+    prepare_out_dir(out_dir)
+    path = os.path.join(out_dir, ".lock")
+    with open(path, "a+") as f:
         try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self.file.seek(0)
-            pid = self.file.read().strip() or "?"
-            self.file.close()
-            die(f"{self.path} is held by another run (pid {pid}); wait for it to end or choose "
-                f"another --out-dir")
-        self.file.truncate(0)
-        self.file.write(str(os.getpid()))
-        self.file.flush()
-        return self
-
-    def __exit__(self, *exc):
-        if self.path:
-            self.file.close()                       # closing the file releases the lock
+            f.seek(0)
+            die(f"{path} is held by another run (pid {f.read().strip() or '?'}); wait for it to "
+                f"end or choose another --out-dir")
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        yield                                   # closing the file releases the lock
 
 def prepare_out_dir(path):
     probe = os.path.join(path, f".write_test_{os.getpid()}")            # one per DDP rank
@@ -1667,7 +1659,7 @@ def main(argv=None, parser=build_parser, modes=MODES, settings=MODE_SETTINGS):
     args = parse_args(argv, parser, settings)
     torch.set_num_threads(pick_threads(args.threads))
     try:
-        with RunLock(args.out_dir, int(os.environ.get("RANK", "0")) == 0):
+        with run_lock(args.out_dir, int(os.environ.get("RANK", "0")) == 0):
             return modes[args.mode](args)
     except RuntimeError as e:                           # torch.OutOfMemoryError is one
         if "allocate" not in str(e) and "out of memory" not in str(e):

@@ -30,7 +30,7 @@ TWIN_NAMES = ["die", "pick_device", "resolve_args", "build_parser", "build_datas
               "setup_distributed", "allreduce_grads", "is_authors_checkpoint", "train_step",
               "build_net", "recipe_row", "dataset_row", "typed_flags", "check_memory", "Help",
               "build_method", "generate", "eval_setup", "net_from_checkpoint", "parse_args",
-              "find_checkpoint", "RunLock", "atomic", "pick_threads", "next_batch", "Logger",
+              "find_checkpoint", "run_lock", "atomic", "pick_threads", "next_batch", "Logger",
               "StopSignals", "AUTHORS", "RECIPES", "METHOD_FLAGS", "ARCH_KEYS", "MODE_SETTINGS"]
 TWIN_FLAGS = ["--workers", "--ch-mult", "--res-blocks", "--sample-batch", "--amp", "--recipe",
               "--threads", "--seed", "--device", "--out-dir", "--ckpt", "--resume", "--data-dir",
@@ -123,7 +123,7 @@ IDENTICAL = ["die", "load_npz", "face_crop", "image_folder", "StepBatches", "qui
              "batch_iterator", "next_batch", "first_images", "engineer",
              "StopSignals", "pick_device", "pick_threads", "setup_distributed", "all_max",
              "count_params", "ema_decay_at", "ema_update", "allreduce_grads", "step_seed",
-             "RunLock", "prepare_out_dir", "atomic", "write_json", "report", "to_uint8",
+             "run_lock", "prepare_out_dir", "atomic", "write_json", "report", "to_uint8",
              "save_grid", "pyplot", "save_figure", "read_checkpoint", "load_states",
              "recipe_row", "_number", "Parser", "Help", "typed_flags", "check_memory",
              "args_to_dict"]

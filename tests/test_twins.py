@@ -199,7 +199,8 @@ def test_one_run_per_output_folder(mod, tiny, ckpt, tmp_path, capsys):
     is freed at exit."""
     out = str(tmp_path)
     code = (f"import sys, time; sys.path.insert(0, {ROOT!r}); import {mod.__name__} as m; "
-            f"lock = m.RunLock({out!r}).__enter__(); print('held', flush=True); time.sleep(60)")
+            f"lock = m.run_lock({out!r}); lock.__enter__(); print('held', flush=True); "
+            f"time.sleep(60)")
     live = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert live.stdout.readline().strip() == "held"
