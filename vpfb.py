@@ -161,7 +161,6 @@ class VPFB:
         self.t_inf = None if t_inf is None else float(t_inf)
         self.schedule = schedule or Schedule()  # OT-FM: mu = t, sigma = 1 - t (Prop. 1, tested)
         self.last_nfe = 0
-        self.functional_grad = False      # engineering: --compile sets it (see potential)
 
     def _phi(self, x, t):
         """Phi at (x, t); t is clamped to t_max (the stationary regime beyond t_max, Sec. 3.5)."""
@@ -206,17 +205,7 @@ class VPFB:
                           poincare_ratio=_sqnorm(gx).mean() / (phi2 + 1e-12))   # Fig. 10 monitor
 
     def potential(self, x, tl):
-        """Phi(x, t), grad_x Phi and dPhi/dt, the graphs kept: the loss differentiates them again.
-        functional_grad: the same by torch.func, a form torch.compile can differentiate again
-        (engineering sets it for --compile)."""
-        if self.functional_grad:
-            def f(x, t):
-                p = self.phi(x, t).reshape(-1)
-                return p.sum(), p
-            grads, (_, phi) = torch.func.grad_and_value(
-                f, argnums=0 if self.autonomous else (0, 1), has_aux=True)(x, tl)
-            gx, gt = (grads, torch.zeros_like(phi)) if self.autonomous else grads
-            return phi, gx, gt
+        """Phi(x, t), grad_x Phi and dPhi/dt, the graphs kept: the loss differentiates them again."""
         phi = self.phi(x, tl).reshape(-1)
         inputs = [x] if self.autonomous else [x, tl]
         grads = torch.autograd.grad(phi.sum(), inputs, create_graph=True, allow_unused=True)
@@ -832,12 +821,24 @@ def engineer(net, device, amp, channels_last=False):
         net.channels_last = True
     return net
 
+def use_torch_func(method):
+    """VPFB.potential by torch.func: the same numbers, in a form torch.compile can differentiate
+    again (aot_autograd compiles no double backward of autograd.grad)."""
+    def potential(x, tl):
+        def f(x, t):
+            p = method.phi(x, t).reshape(-1)
+            return p.sum(), p
+        grads, (_, phi) = torch.func.grad_and_value(
+            f, argnums=0 if method.autonomous else (0, 1), has_aux=True)(x, tl)
+        return (phi, grads, torch.zeros_like(phi)) if method.autonomous else (phi, *grads)
+    method.potential = potential
+    return method
+
 def compile_method(method, backend="inductor"):
-    """--compile: the potential's gradient through torch.func (aot_autograd compiles no double
-    backward of autograd.grad), then the loss's network part compiled once: minutes of
-    compilation at full size, worth it for long runs (README, "Speed"); eager's numbers to
-    round-off."""
-    method.functional_grad = True
+    """--compile: the potential's gradient through torch.func, then the loss's network part
+    compiled once: minutes of compilation at full size, worth it for long runs (README, "Speed");
+    eager's numbers to round-off."""
+    use_torch_func(method)
     method.objective = torch.compile(method.objective, backend=backend)
     return method
 

@@ -430,7 +430,10 @@ def test_compiled_losses_and_gradients_equal_eager():
             return out, [torch.zeros_like(p) if g is None else g for g, p in zip(gs, ps)]
 
         eager = value_and_grads()
-        method.functional_grad = True                     # the torch.func route alone
+        if method is v:
+            vpfb.use_torch_func(method)                   # the torch.func route alone
+        else:
+            method.functional_grad = True
         func = value_and_grads()
         (em if method is m else vpfb).compile_method(method, "aot_eager")
         comp = value_and_grads()
