@@ -205,7 +205,7 @@ class VPFB:
                           poincare_ratio=_sqnorm(gx).mean() / (phi2 + 1e-12))   # Fig. 10 monitor
 
     def potential(self, x, tl):
-        """Phi(x, t), grad_x Phi and dPhi/dt, the graphs kept: the loss differentiates them again."""
+        """Phi(x, t), grad_x Phi and dPhi/dt, graphs kept: the loss differentiates them again."""
         phi = self.phi(x, tl).reshape(-1)
         inputs = [x] if self.autonomous else [x, tl]
         grads = torch.autograd.grad(phi.sum(), inputs, create_graph=True, allow_unused=True)
