@@ -67,15 +67,11 @@ def math_sdpa():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     return sdpa_kernel([SDPBackend.MATH])
 
-def grad_V(V, x, create_graph=False, functional=False):
+def grad_V(V, x, create_graph=False):
     """grad_x V(x) for a batch: autograd of sum_i V(x_i). create_graph=True only for the flow loss,
-    which differentiates it again w.r.t. theta; chains detach it (the sg(.) of Alg. 2).
-    functional: the same gradient by torch.func.grad, a form torch.compile can differentiate again
-    (engineering sets it for --compile)."""
+    which differentiates it again w.r.t. theta; chains detach it (the sg(.) of Alg. 2)."""
     kern = math_sdpa() if create_graph else contextlib.nullcontext()
     with torch.enable_grad(), kern:
-        if functional:
-            return torch.func.grad(lambda z: V(z).float().sum())(x).to(x.dtype)
         if not x.requires_grad:
             x = x.detach().requires_grad_(True)
         g, = torch.autograd.grad(V(x).float().sum(), x, create_graph=create_graph)
@@ -118,7 +114,6 @@ class EnergyMatching:
             raise ValueError(f"flow_reduction: 'sum' or 'mean', not {flow_reduction!r}")
         self.flow_weighting = fw if fw in ("main", "both") else False
         self.same_temperature, self.chain_clock = bool(same_temperature), chain_clock
-        self.functional_grad = False      # engineering: --compile sets it (see grad_V)
 
     def eps(self, t):
         return temperature(t, self.tau_star, self.eps_max)           # Eq. (3)
@@ -151,9 +146,12 @@ class EnergyMatching:
     def flow_residual(self, xt, u):
         """||grad V(x_t) + u||^2 per sample, summed over pixels (paper) or averaged (code); the
         graph of grad V is kept: the loss differentiates it again w.r.t. theta."""
-        g = grad_V(self.V, xt, create_graph=True, functional=self.functional_grad)
-        r = (g.float() + u).flatten(1).pow(2)
+        r = (self.flow_grad(xt).float() + u).flatten(1).pow(2)
         return r.mean(1) if self.flow_reduction == "mean" else r.sum(1)
+
+    def flow_grad(self, xt):
+        """grad V(x_t), its graph kept: the flow loss differentiates it again w.r.t. theta."""
+        return grad_V(self.V, xt, create_graph=True)
 
     # --- the contrastive objective L_CD (Sec. 2.1.2, Alg. 2 lines 5-15) ---
     def negatives(self, x1, x0):
@@ -693,12 +691,20 @@ def engineer(net, device, amp, channels_last=False):
         net.channels_last = True
     return net
 
+def use_torch_func(method):
+    """The flow loss's grad V by torch.func: the same numbers, in a form torch.compile can
+    differentiate again (aot_autograd compiles no double backward of autograd.grad)."""
+    def flow_grad(x):
+        with math_sdpa():
+            return torch.func.grad(lambda z: method.V(z).float().sum())(x).to(x.dtype)
+    method.flow_grad = flow_grad
+    return method
+
 def compile_method(method, backend="inductor"):
-    """--compile: the potential's gradient through torch.func (aot_autograd compiles no double
-    backward of autograd.grad), then the loss's network part compiled once: minutes of
-    compilation at full size, worth it for long runs (README, "Speed"); eager's numbers to
-    round-off."""
-    method.functional_grad = True
+    """--compile: the potential's gradient through torch.func, then the loss's network part
+    compiled once: minutes of compilation at full size, worth it for long runs (README, "Speed");
+    eager's numbers to round-off."""
+    use_torch_func(method)
     method.flow_residual = torch.compile(method.flow_residual, backend=backend)
     return method
 

@@ -430,10 +430,7 @@ def test_compiled_losses_and_gradients_equal_eager():
             return out, [torch.zeros_like(p) if g is None else g for g, p in zip(gs, ps)]
 
         eager = value_and_grads()
-        if method is v:
-            vpfb.use_torch_func(method)                   # the torch.func route alone
-        else:
-            method.functional_grad = True
+        (em if method is m else vpfb).use_torch_func(method)   # the torch.func route alone
         func = value_and_grads()
         (em if method is m else vpfb).compile_method(method, "aot_eager")
         comp = value_and_grads()
