@@ -946,6 +946,10 @@ def clip_std_(opt, bound):
         torch._foreach_minimum_(grads, lim)
         torch._foreach_maximum_(grads, torch._foreach_neg(lim))     # clamp to [-lim, lim]
 
+def warmup_lr(lr, step, warmup):
+    """Linear warm-up from 0 at step 0 (the authors' schedule: their first step runs at lr 0)."""
+    return lr * min(1.0, step / warmup) if warmup else lr
+
 def step_seed(seed, step, rank):
     """Every (step, rank) has its own seed: a resumed run draws the numbers a straight run draws."""
     return (seed * 1_000_003 + step * 4099 + rank * 7) % (2 ** 62)
@@ -1045,6 +1049,10 @@ def atomic(path):
 def write_json(out_dir, name, obj):
     with atomic(os.path.join(out_dir, name)) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
+
+def sig(v, digits=7):
+    """A float to `digits` significant digits for metrics.jsonl (a warm-up lr of 1e-8 stays)."""
+    return float(f"{v:.{digits}g}")
 
 def report(out_dir, name, obj):
     """A mode's result: <out-dir>/<name> and the same JSON on stdout."""
@@ -1244,7 +1252,7 @@ def cmd_train(args):
             # ---- the algorithm: one step of Eq. (27) ----
             if ncls:                                   # labels, a share replaced by the null class
                 cond.y = torch.where(torch.rand(y.shape[0], device=device) < p_uncond, ncls, y)
-            lr_now = lr * min(1.0, (step + 1) / max(1, warmup))   # linear warm-up (authors)
+            lr_now = warmup_lr(lr, step, warmup)                       # linear warm-up (authors)
             logs, ok, signum = train_step(method, net, opt, dict(xbar=x), lr_now, clip, world,
                                           stop.signum or 0)
             if ok:
@@ -1260,7 +1268,7 @@ def cmd_train(args):
                 kept = ckpt_path if os.path.exists(ckpt_path) else "none written yet"
                 die(f"{n_bad} non-finite steps in a row at step {done}; stopped; last good "
                     f"checkpoint: {kept}", 3)
-            rec = {"step": done, "phase": phase, **{k: round(v, 6) for k, v in logs.items()}}
+            rec = {"step": done, "phase": phase, **{k: sig(v) for k, v in logs.items()}}
             if args.log_every and (done % args.log_every == 0 or done == end):
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
