@@ -1354,17 +1354,16 @@ def authors_to_ours(sd, net, name="checkpoint"):
     names, resblocks = authors_names(net)
     time_keys = [f"time_embed.{i}" for i in (0, 2)] + [f"{r}.emb_layers.1" for r in resblocks]
     expected = set(names.values()) | {f"{k}.{p}" for k in time_keys for p in ("weight", "bias")}
-    if net.time_layers:
-        return {k: sd[v] for k, v in names.items()} if set(sd) == expected else die(
-            f"{name}: the authors' weights do not map onto UNetViTPotential; unmatched keys in "
-            f"the file: [{_short(set(sd) - expected)}]; missing: [{_short(expected - set(sd))}]")
     extra, missing = set(sd) - expected, expected - set(sd)
     if extra or missing:
         die(f"{name}: the authors' weights do not map onto UNetViTPotential; unmatched keys in the "
             f"file: [{_short(extra)}]; missing: [{_short(missing)}]")
-    emb = authors_time_embedding(sd)
-    out = {k: fold_time_bias(sd, v[:-len(".in_layers.2.bias")], emb)     # ResBlock conv1 bias
-           if v.endswith(".in_layers.2.bias") else sd[v] for k, v in names.items()}
+    if net.time_layers:                               # their time layers are ours: every tensor
+        out = {k: sd[v] for k, v in names.items()}
+    else:
+        emb = authors_time_embedding(sd)
+        out = {k: fold_time_bias(sd, v[:-len(".in_layers.2.bias")], emb)  # ResBlock conv1 bias
+               if v.endswith(".in_layers.2.bias") else sd[v] for k, v in names.items()}
     want = net.state_dict()
     bad = [f"{k} {tuple(out[k].shape)} vs ours {tuple(want[k].shape)}" for k in want
            if out[k].shape != want[k].shape]

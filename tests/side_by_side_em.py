@@ -143,7 +143,9 @@ def main():
     a = p.parse_args()
     if not os.path.isfile(os.path.join(a.authors, "experiments", "cifar10",
                                        "train_cifar_multigpu.py")):
-        sys.exit(f"error: {a.authors} holds no experiments/cifar10/train_cifar_multigpu.py")
+        print(f"error: {a.authors} holds no experiments/cifar10/train_cifar_multigpu.py",
+              file=sys.stderr)
+        sys.exit(2)
     shims = a.shims or os.path.join(os.path.dirname(os.path.abspath(a.authors)), "_shims")
     train, utils, EBViT, Matcher = import_theirs(a.authors, shims if os.path.isdir(shims) else None)
     torch.set_num_threads(1)

@@ -318,7 +318,13 @@ def test_full_size_layout_and_parameter_counts():
     n_ref, n_ours = em.count_params(ref), em.count_params(ours)
     assert round(n_ref / 1e6, 1) == 50.0 and round(n_ours / 1e6, 1) == 47.1
     assert n_ref - n_ours == sum(v.numel() for k, v in sd.items()
-                                 if k.startswith("time_embed.") or ".emb_layers." in k)
+                                 if k.startswith("time_embed.") or ".emb_layers." in k) == 2_889_600
+    # with their time layers (--recipe authors): every tensor of theirs, by name and shape
+    with torch.device("meta"):
+        timed = em.UNetViTPotential(**kw, time_layers=True)
+    names, _ = authors_names(timed)
+    assert set(names.values()) == set(sd) and em.count_params(timed) == n_ref
+    assert all(sd[theirs].shape == timed.state_dict()[k].shape for k, theirs in names.items())
 
 
 # ---- (c) files of the wrong kind: one line, exit 2 ----
