@@ -18,8 +18,9 @@ How to run (`python energy_matching.py --help` lists every flag with its default
     python energy_matching.py --dataset npz --data-dir digits.npz    # any uint8 N x H x W x C array
 
 Where the maths lives (section 1): Eq. 3 `temperature`; Alg. 1 `EnergyMatching.flow_loss` with
-`ot_pair`; Alg. 2 `negatives`, `cd_loss`, `loss`; Eq. 6 / Alg. 2 line 8 `langevin`; the sampler
-`sample`; Alg. 3 / Eqs. 7-8 `inverse_langevin`; Sec. 3.3 / App. B `lid_exact`, `lid_slq`.
+`ot_pair` (authors: `ot_draw_pairs`); Alg. 2 `negatives`, `cd_loss`, `loss`; Eq. 6 / Alg. 2 line 8
+`langevin`; the sampler `sample`; Alg. 3 / Eqs. 7-8 `inverse_langevin`; Sec. 3.3 / App. B
+`lid_exact`, `lid_slq`.
 Section 2: the networks (Fig. 5 UNet + ViT, App. C CNN). Below the divider: engineering only.
 """
 import contextlib
