@@ -822,8 +822,9 @@ def count_params(net):
     return sum(p.numel() for p in net.parameters())
 
 def ema_decay_at(decay, n, warmup=True):
-    """Decay of EMA update number n: min(decay, (1 + n) / (10 + n)) with warm-up, else constant."""
-    return min(decay, (1.0 + n) / (10.0 + n)) if warmup else decay
+    """Decay of the EMA update after n earlier ones: with warm-up min(decay, (1 + k) / (10 + k)),
+    k = n + 1 counting this one (the authors' score_sde EMA), else constant."""
+    return min(decay, (2.0 + n) / (11.0 + n)) if warmup else decay
 
 @torch.no_grad()
 def ema_update(ema, net, decay):
