@@ -18,8 +18,9 @@ How to run (`python energy_matching.py --help` lists every flag with its default
     python energy_matching.py --dataset npz --data-dir digits.npz    # any uint8 N x H x W x C array
 
 Where the maths lives (section 1): Eq. 3 `temperature`; Alg. 1 `EnergyMatching.flow_loss` with
-`ot_pair`; Alg. 2 `negatives`, `cd_loss`, `loss`; Eq. 6 / Alg. 2 line 8 `langevin`; the sampler
-`sample`; Alg. 3 / Eqs. 7-8 `inverse_langevin`; Sec. 3.3 / App. B `lid_exact`, `lid_slq`.
+`ot_pair` (authors: `ot_draw_pairs`); Alg. 2 `negatives`, `cd_loss`, `loss`; Eq. 6 / Alg. 2 line 8
+`langevin`; the sampler `sample`; Alg. 3 / Eqs. 7-8 `inverse_langevin`; Sec. 3.3 / App. B
+`lid_exact`, `lid_slq`.
 Section 2: the networks (Fig. 5 UNet + ViT, App. C CNN). Below the divider: engineering only.
 """
 import contextlib
@@ -47,9 +48,9 @@ def temperature(t, tau_star, eps_max):
     return float(eps_max) * (t - tau_star) / (1.0 - tau_star)  # linear ramp between tau* and 1
 
 @torch.no_grad()
-def ot_pair(x0, x1):
-    """Exact minibatch OT (Alg. 1 line 5): x0 reordered so that (x0[i], x1[i]) are OT pairs (uniform
-    weights: the plan is a permutation / B); float64 on the CPU: a plan independent of dtype."""
+def ot_plan(x0, x1):
+    """Exact minibatch OT plan (Alg. 1 line 5) between two batches of B, uniform weights: a (B, B)
+    float64 CPU tensor, a permutation / B; the cost in float64: a plan independent of dtype."""
     import ot
     if x0.shape[0] != x1.shape[0]:
         raise ValueError(f"ot_pair needs equal batch sizes, got {x0.shape[0]} and {x1.shape[0]}")
@@ -58,9 +59,23 @@ def ot_pair(x0, x1):
     b = x1.detach().flatten(1).double().cpu()
     M = torch.cdist(a, b).pow(2).numpy()                              # M_ij = ||x0_i - x1_j||^2
     w = np.full(B, 1.0 / B)                                           # uniform empirical measures
-    plan = ot.emd(w, w, M, numItermax=10_000_000)                     # (B, B) = permutation / B
-    perm = torch.from_numpy(np.argmax(plan, axis=0)).to(x0.device)   # column j (x1_j) -> its row i
+    return torch.from_numpy(ot.emd(w, w, M, numItermax=10_000_000))   # (B, B)
+
+@torch.no_grad()
+def ot_pair(x0, x1):
+    """x0 reordered so that (x0[i], x1[i]) are the plan's B pairs: each x0 and x1 used once (the
+    paper's reading of Alg. 1 line 5)."""
+    perm = ot_plan(x0, x1).argmax(0).to(x0.device)                   # column j (x1_j) -> its row i
     return x0[perm]
+
+@torch.no_grad()
+def ot_draw_pairs(x0, x1):
+    """B pairs (x0[i], x1[j]) drawn from the plan with replacement (authors' code: torchcfm's
+    OTPlanSampler.sample_plan): about 1 - 1/e of them distinct at large B. -> (x0', x1')."""
+    B = x0.shape[0]
+    p = ot_plan(x0, x1).flatten()
+    k = torch.multinomial(p / p.sum(), B, replacement=True).to(x0.device)   # (i, j) = divmod(k, B)
+    return x0[k // B], x1[k % B]
 
 def math_sdpa():
     """Attention through the math SDPA kernel: the only one with a double backward."""
@@ -94,12 +109,16 @@ class EnergyMatching:
       clamp_negatives   (lo, hi): clamp the chains' end state (code: (-1, 1) on images)
       chain_clock       m -> t, the chain time of Langevin step m (default t = m dt, Alg. 2)
       ot_sigma          std of noise around the straight path (OT-CFM's sigma; paper: 0)
+      ot_replace        code: B pairs drawn from the OT plan with replacement (torchcfm), so some
+                        pairs repeat and some images drop out; paper: the permutation, all once
+    The noise-started negatives start from fresh noise (Alg. 2 line 5, and the code), not the flow
+    term's x0: pass x0_cd to loss() to choose the starts.
     """
 
     def __init__(self, V, tau_star=0.9, eps_max=0.01, lambda_cd=2e-4, n_langevin=200, dt=0.01,
                  cd_neg_clamp=0.0, cd_trim=0.0, neg_data_frac=0.5, flow_reduction="sum",
                  tau_s=3.0, clamp_negatives=None, use_ot=True, flow_weighting=False,
-                 same_temperature=False, chain_clock=None, ot_sigma=0.0):
+                 same_temperature=False, chain_clock=None, ot_sigma=0.0, ot_replace=False):
         self.V, self.lambda_cd = V, float(lambda_cd)
         self.tau_star, self.eps_max = float(tau_star), float(eps_max)
         self.n_langevin, self.dt, self.tau_s = int(n_langevin), float(dt), float(tau_s)
@@ -107,6 +126,7 @@ class EnergyMatching:
         self.neg_data_frac = float(neg_data_frac)  # negatives started at data (paper: half)
         self.clamp_negatives = clamp_negatives
         self.use_ot, self.ot_sigma, self.flow_reduction = use_ot, float(ot_sigma), flow_reduction
+        self.ot_replace = bool(ot_replace)
         fw = "main" if flow_weighting is True else flow_weighting          # True: phase 2 only
         if fw not in (False, None, "off", "main", "both"):
             raise ValueError(f"flow_weighting: False, 'main' or 'both', not {flow_weighting!r}")
@@ -131,7 +151,9 @@ class EnergyMatching:
 
     def flow_loss(self, x1, x0, weighted=False):
         """L_OT = E ||grad V(x_t) + x1 - x0||^2 on OT pairs: -grad V is the path's velocity."""
-        if self.use_ot:
+        if self.use_ot and self.ot_replace:                         # authors' code (torchcfm)
+            x0, x1 = ot_draw_pairs(x0, x1)
+        elif self.use_ot:
             x0 = ot_pair(x0, x1)                                      # Alg. 1 line 5: T = OT map
         t = torch.rand(x1.shape[0], device=x1.device)                 # Alg. 1 line 6: t ~ U(0, 1)
         tb = _bcast(t, x1)
@@ -154,13 +176,16 @@ class EnergyMatching:
         return grad_V(self.V, xt, create_graph=True)
 
     # --- the contrastive objective L_CD (Sec. 2.1.2, Alg. 2 lines 5-15) ---
-    def negatives(self, x1, x0):
-        """Langevin negatives: the first neg_data_frac of the batch starts at data x1, the rest at
-        x0. Noise-started chains follow eps(t); data-started ones stay at eps_max (Alg. 2 line 10)
+    def negatives(self, x1, x0=None):
+        """Langevin negatives: the first floor(neg_data_frac B) of the batch start at data x1
+        (B // 2 at a half, odd B as in the code), the rest at x0, fresh N(0, I) when x0 is None.
+        Noise-started chains follow eps(t); data-started ones stay at eps_max (Alg. 2 line 10)
         unless same_temperature. Returns (x_neg, at_data)."""
         B = x1.shape[0]
-        at_data = torch.arange(B, device=x1.device) < int(round(self.neg_data_frac * B))
-        x_init = torch.where(_bcast(at_data, x1), x1, x0)             # Alg. 2 line 5
+        n_data = int(self.neg_data_frac * B)
+        at_data = torch.arange(B, device=x1.device) < n_data
+        noise = torch.randn_like(x1[n_data:]) if x0 is None else x0[n_data:]
+        x_init = torch.cat([x1[:n_data], noise])                      # Alg. 2 line 5
         hot = at_data & (not self.same_temperature)
 
         def eps_fn(t):                                                # per-sample eps^(m)
@@ -170,7 +195,7 @@ class EnergyMatching:
                          clamp=self.clamp_negatives, clock=self.chain_clock)
         return x_neg, at_data
 
-    def cd_loss(self, x1, x0):
+    def cd_loss(self, x1, x0=None):
         """L_CD = E_data[V] - E_neg[V(sg(x~))] (Alg. 2 lines 13-15, as printed there and in the
         code; Sec. 2.1.2 also divides by eps_max, which lambda_CD absorbs). cd_trim: the code's."""
         x_neg, _ = self.negatives(x1, x0)     # the network stays in train mode, as in the code
@@ -184,7 +209,8 @@ class EnergyMatching:
     def loss(self, x1, x0=None, phase="warmup", x1_cd=None, x0_cd=None):
         """"warmup": L_OT (Alg. 1). "main": L_OT + lambda_CD L_CD (Alg. 2 line 16). x0: the noise
         x0 ~ N(0, I) (drawn if None, Alg. 1 line 4); x1_cd: a second data batch for CD (code;
-        default x1); x0_cd: starts of the noise-started negatives. -> (loss, dict of floats)."""
+        default x1); x0_cd: starts of the noise-started negatives (default fresh noise; x0_cd = x0
+        reuses the flow term's noise). -> (loss, dict of floats)."""
         if phase not in ("warmup", "main"):
             raise ValueError(f"phase must be 'warmup' or 'main', got {phase!r}")
         x0 = torch.randn_like(x1) if x0 is None else x0               # Alg. 1 line 4
@@ -195,8 +221,6 @@ class EnergyMatching:
             logs["loss"] = logs["flow"]
             return flow, logs
         x1_cd = x1 if x1_cd is None else x1_cd
-        if x0_cd is None:
-            x0_cd = x0 if x0.shape == x1_cd.shape else torch.randn_like(x1_cd)
         cd, cd_logs = self.cd_loss(x1_cd, x0_cd)
         cd_term = self.lambda_cd * cd
         if self.cd_neg_clamp:
@@ -234,7 +258,8 @@ class EnergyMatching:
 # command): EnergyMatching(V, **AUTHORS). Its training numbers (lr, steps, EMA, a second data batch
 # for CD) are in section 7's RECIPES.
 AUTHORS = dict(tau_star=1.0, lambda_cd=1e-3, cd_neg_clamp=0.02, cd_trim=0.1, flow_reduction="mean",
-               flow_weighting="both", same_temperature=True, clamp_negatives=(-1.0, 1.0))
+               flow_weighting="both", same_temperature=True, clamp_negatives=(-1.0, 1.0),
+               ot_replace=True)
 
 def langevin(V, x, n_steps, dt, eps, clamp=None, clock=None):
     """Unadjusted Langevin, Alg. 2 lines 6-12; stationary law p(x) ∝ exp(-V(x) / eps) (Eq. 6).
@@ -337,21 +362,35 @@ def _trunk_autocast(net, x):
     on = getattr(net, "amp", False) and x.is_cuda
     return torch.autocast("cuda", dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
-class ResBlock(nn.Module):
-    """Guided-diffusion ResBlock (Tong et al.'s UNet) without time input: the authors feed a fixed
-    dummy t, whose embedding is a constant per-channel vector after conv1, i.e. a conv bias."""
+AUTHORS_T = 0.5  # the fixed t their potential(x, t) feeds the UNet; App. C prints t = 0.0
 
-    def __init__(self, cin, cout, dropout):
+def sinusoidal_embedding(t, dim, max_period=10000.0, dtype=torch.float64):
+    """guided-diffusion's timestep features [cos(t f_i), sin(t f_i)], f_i = max_period^(-i/half)."""
+    half = dim // 2
+    f = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype) / half)
+    e = torch.cat([torch.cos(t * f), torch.sin(t * f)])
+    return torch.cat([e, e.new_zeros(dim % 2)])                          # (dim,)
+
+class ResBlock(nn.Module):
+    """Guided-diffusion ResBlock (Tong et al.'s UNet). The authors feed a fixed dummy t, whose
+    embedding is a constant per-channel vector after conv1, i.e. a conv bias: without emb_ch that
+    bias is all there is (the folded form); with emb_ch the block keeps their time layer `emb`."""
+
+    def __init__(self, cin, cout, dropout, emb_ch=None):
         super().__init__()
         self.n1, self.c1 = nn.GroupNorm(_groups(cin), cin), nn.Conv2d(cin, cout, 3, padding=1)
+        if emb_ch:
+            self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_ch, cout))   # their emb_layers
         self.n2, self.drop = nn.GroupNorm(_groups(cout), cout), nn.Dropout(dropout)
         self.c2 = nn.Conv2d(cout, cout, 3, padding=1)
         nn.init.zeros_(self.c2.weight)  # zero_module: starts as identity
         nn.init.zeros_(self.c2.bias)
         self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
 
-    def forward(self, x):
+    def forward(self, x, emb=None):
         h = self.c1(F.silu(self.n1(x)))
+        if emb is not None:
+            h = h + self.emb(emb)[:, :, None, None]                   # + emb_layers(emb(t))
         h = self.c2(self.drop(F.silu(self.n2(h))))
         return self.skip(x) + h
 
@@ -400,20 +439,31 @@ class TransformerBlock(nn.Module):
 class UNetViTPotential(nn.Module):
     """The CIFAR-10 potential (Fig. 5): UNet (no time) -> C-channel map -> PatchEmbed(4) + 8-layer
     ViT (3 ch wide: 384, 4 heads) -> mean-pool -> Linear -> scalar, times output_scale (1000,
-    authors' code). ch 128, mult (1, 2, 2, 2), 2 ResBlocks/level, attention at 16x16 and middle."""
+    authors' code). ch 128, mult (1, 2, 2, 2), 2 ResBlocks/level, attention at 16x16 and middle.
+    time_layers: the authors' time MLP `time_embed` and per-block `emb` layers kept as parameters,
+    fed the fixed t (AUTHORS_T, their code's 0.5, not App. C's 0.0: their runs and checkpoints
+    use 0.5). The same function as the folded form (False: the time term is conv1's bias), but
+    trained differently: Adam moves the time layers' weights, not the bias they add up to."""
 
     def __init__(self, shape=(3, 32, 32), ch=128, res_blocks=2, vit_depth=8, dropout=0.1,
                  output_scale=1000.0, ch_mult=(1, 2, 2, 2), attn_res=(16,), patch=4,
-                 attn_dropout=0.0):
+                 attn_dropout=0.0, time_layers=False, time_t=AUTHORS_T):
         super().__init__()
         C, H, W = shape
         dim = 3 * ch                                                  # 384 at ch = 128
         self.output_scale, self.amp, self.channels_last = output_scale, False, False
+        self.time_layers, emb_ch = bool(time_layers), 4 * ch if time_layers else None
+        self.time_t = float(time_t)
+        if time_layers:                       # their time_embed on sinusoid(t), float32 as theirs
+            self.time_embed = nn.Sequential(nn.Linear(ch, emb_ch), nn.SiLU(),
+                                            nn.Linear(emb_ch, emb_ch))
+            t_feat = sinusoidal_embedding(torch.tensor(float(time_t)), ch, dtype=torch.float32)
+            self.register_buffer("t_feat", t_feat[None], persistent=False)   # (1, ch)
         self.inp = nn.Conv2d(C, ch, 3, padding=1)
         self.down, skips, cur, res = nn.ModuleList(), [ch], ch, H  # encoder: remember skip widths
         for lvl, m in enumerate(ch_mult):
             for _ in range(res_blocks):
-                blk = [ResBlock(cur, ch * m, dropout)]
+                blk = [ResBlock(cur, ch * m, dropout, emb_ch)]
                 cur = ch * m
                 if res in attn_res:
                     blk.append(SelfAttention2d(cur))
@@ -423,12 +473,12 @@ class UNetViTPotential(nn.Module):
                 self.down.append(nn.Conv2d(cur, cur, 3, stride=2, padding=1))
                 skips.append(cur)
                 res //= 2
-        self.mid = nn.Sequential(ResBlock(cur, cur, dropout), SelfAttention2d(cur),
-                                 ResBlock(cur, cur, dropout))
+        self.mid = nn.Sequential(ResBlock(cur, cur, dropout, emb_ch), SelfAttention2d(cur),
+                                 ResBlock(cur, cur, dropout, emb_ch))
         self.up = nn.ModuleList()  # decoder: res_blocks + 1 blocks per level, one skip each
         for lvl, m in reversed(list(enumerate(ch_mult))):
             for i in range(res_blocks + 1):
-                blk = [ResBlock(cur + skips.pop(), ch * m, dropout)]
+                blk = [ResBlock(cur + skips.pop(), ch * m, dropout, emb_ch)]
                 cur = ch * m
                 if res in attn_res:
                     blk.append(SelfAttention2d(cur))
@@ -449,14 +499,21 @@ class UNetViTPotential(nn.Module):
         self.head = nn.Linear(dim, 1)
 
     def trunk(self, x):
+        emb = self.time_embed(self.t_feat) if self.time_layers else None      # (1, 4 ch)
+
+        def run(blk, h):                  # a block, its ResBlocks fed emb
+            for m in (blk if isinstance(blk, nn.Sequential) else [blk]):
+                h = m(h, emb) if isinstance(m, ResBlock) else m(h)
+            return h
+
         h = self.inp(x)
         hs = [h]
         for blk in self.down:
-            h = blk(h)
+            h = run(blk, h)
             hs.append(h)
-        h = self.mid(h)
+        h = run(self.mid, h)
         for blk in self.up:
-            h = blk(torch.cat([h, hs.pop()], dim=1))
+            h = run(blk, torch.cat([h, hs.pop()], dim=1))
         u = self.out(h)                                               # (B, C, H, W)
         tok = self.patch(u).flatten(2).transpose(1, 2) + self.pos     # (B, N, dim)
         return self.blocks(tok).mean(dim=1)  # mean-pool over tokens (B, dim)
@@ -663,7 +720,7 @@ def build_net(args, device=None):
     else:
         net = UNetViTPotential(shape, args.model_size, args.res_blocks, args.vit_depth,
                                args.dropout, args.output_scale, ints(args.ch_mult),
-                               attn_dropout=args.attn_dropout)
+                               attn_dropout=args.attn_dropout, time_layers=args.time_layers)
     return net if device is None else engineer(net, device, args.amp, args.channels_last)
 
 def build_method(net, args):
@@ -674,7 +731,7 @@ def build_method(net, args):
                           neg_data_frac=args.neg_data_frac, flow_reduction=args.flow_reduction,
                           tau_s=args.tau_s, use_ot=not args.no_ot,
                           flow_weighting=args.flow_weighting,
-                          same_temperature=args.same_temperature,
+                          same_temperature=args.same_temperature, ot_replace=args.ot_replace,
                           clamp_negatives=(-1.0, 1.0) if args.clamp_negatives else None)
 
 def build_optimizer(net, args):
@@ -770,8 +827,9 @@ def count_params(net):
     return sum(p.numel() for p in net.parameters())
 
 def ema_decay_at(decay, n, warmup=True):
-    """Decay of EMA update number n: min(decay, (1 + n) / (10 + n)) with warm-up, else constant."""
-    return min(decay, (1.0 + n) / (10.0 + n)) if warmup else decay
+    """Decay of the EMA update after n earlier ones: with warm-up min(decay, (1 + k) / (10 + k)),
+    k = n + 1 counting this one (the authors' score_sde EMA), else constant."""
+    return min(decay, (2.0 + n) / (11.0 + n)) if warmup else decay
 
 @torch.no_grad()
 def ema_update(ema, net, decay):
@@ -789,6 +847,10 @@ def allreduce_grads(params, world):
     dist.all_reduce(flat)
     for g, f in zip(grads, flat.div_(world).split([g.numel() for g in grads])):
         g.copy_(f.view_as(g))
+
+def warmup_lr(lr, step, warmup):
+    """Linear warm-up from 0 at step 0 (the authors' schedule: their first step runs at lr 0)."""
+    return lr * min(1.0, step / warmup) if warmup else lr
 
 def step_seed(seed, step, rank):
     """Every (step, rank) has its own seed: a resumed run draws the numbers a straight run draws."""
@@ -863,6 +925,10 @@ def atomic(path):
 def write_json(out_dir, name, obj):
     with atomic(os.path.join(out_dir, name)) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
+
+def sig(v, digits=7):
+    """A float to `digits` significant digits for metrics.jsonl (a warm-up lr of 1e-8 stays)."""
+    return float(f"{v:.{digits}g}")
 
 def report(out_dir, name, obj):
     """A mode's result: <out-dir>/<name> and the same JSON on stdout."""
@@ -1042,7 +1108,7 @@ def cmd_train(args):
             x, _ = next_batch(batches, device, flip)
             # ---- the algorithm: one step of Alg. 1 (phase warmup) or Alg. 2 (phase main) ----
             x1, x1_cd = x.chunk(2) if two else (x, None)
-            lr_now = lr * min(1.0, (step + 1) / max(1, warmup))   # linear warm-up from step 0
+            lr_now = warmup_lr(lr, step, warmup)                       # linear warm-up from step 0
             logs, ok, signum = train_step(method, net, opt, dict(x1=x1, phase=phase, x1_cd=x1_cd),
                                           lr_now, clip, world, stop.signum or 0)
             if ok:
@@ -1058,7 +1124,7 @@ def cmd_train(args):
                 kept = ckpt_path if os.path.exists(ckpt_path) else "none written yet"
                 die(f"{n_bad} non-finite steps in a row at step {done}; stopped; last good "
                     f"checkpoint: {kept}", 3)
-            rec = {"step": done, "phase": phase, **{k: round(v, 6) for k, v in logs.items()}}
+            rec = {"step": done, "phase": phase, **{k: sig(v) for k, v in logs.items()}}
             if args.log_every and (done % args.log_every == 0 or done == end):
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
@@ -1135,6 +1201,7 @@ def load_checkpoint(path):
     elif not isinstance(ck, dict) or ck.get("format") != FORMAT:
         fmt = ck.get("format") if isinstance(ck, dict) else type(ck).__name__
         die(f"{path} is not an Energy Matching checkpoint (format {fmt!r}, not {FORMAT!r})")
+    ck.setdefault("args", {}).setdefault("time_layers", False)     # files from before the flag
     ck["path"] = path
     return ck
 
@@ -1154,17 +1221,19 @@ def net_from_checkpoint(ck, args, device):
     """The checkpoint's network (args hold its architecture), EMA weights unless --no-ema."""
     net = build_net(args)
     load_states({"model": ck["model" if args.no_ema else "ema"], "path": ck["path"]}, net)
+    if getattr(net, "time_layers", False):      # sampling uses the folded form: the same V
+        net = fold_time_layers(net)
     return engineer(net, device, args.amp, args.channels_last).eval().requires_grad_(False)
 
 # ---- The authors' released weights (https://github.com/m1balcerak/EnergyMatching) ----
 # Their files are {"net_model", "ema_model", "sched", "optim", "step"}; both models are state dicts
 # of EBViTModelWrapper: torchcfm's guided-diffusion UNet at a fixed dummy t = 0.5, PatchEmbed(4), a
 # post-LN nn.TransformerEncoder, mean-pool, final_linear, times output_scale: the layers of
-# UNetViTPotential in the same order. Only the names differ; the time layers fold into biases.
-AUTHORS_T = 0.5                  # the dummy time their potential(x, t) always feeds the UNet
+# UNetViTPotential in the same order. Only the names differ; the time layers map one to one onto a
+# UNetViTPotential(time_layers=True) (--recipe authors trains that) or fold into conv1's biases.
 AUTHORS_OUTPUT_SCALE = 1000.0    # not in their files; 1000 in their CIFAR-10 and ImageNet32 configs
 _AUTHORS_RES = {"n1": "in_layers.0", "c1": "in_layers.2", "n2": "out_layers.0",
-                "c2": "out_layers.3", "skip": "skip_connection"}
+                "c2": "out_layers.3", "skip": "skip_connection", "emb": "emb_layers"}
 _AUTHORS_ATTN = {"norm": "norm", "qkv": "qkv", "proj": "proj_out"}
 _AUTHORS_VIT = {"qkv.weight": "self_attn.in_proj_weight", "qkv.bias": "self_attn.in_proj_bias"}
 _AUTHORS_VIT.update({f"{o}.{p}": f"{t}.{p}" for p in ("weight", "bias") for o, t in (
@@ -1183,13 +1252,6 @@ def is_authors_checkpoint(ck):
     """Their layout: "net_model" and "ema_model" state dicts (ours has "format", VPFB's "model")."""
     return (isinstance(ck, dict) and "format" not in ck
             and isinstance(ck.get("net_model"), dict) and isinstance(ck.get("ema_model"), dict))
-
-def sinusoidal_embedding(t, dim, max_period=10000.0):
-    """guided-diffusion's timestep features [cos(t f_i), sin(t f_i)], f_i = max_period^(-i/half)."""
-    half = dim // 2
-    f = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64) / half)
-    e = torch.cat([torch.cos(t * f), torch.sin(t * f)])
-    return torch.cat([e, e.new_zeros(dim % 2)])                          # (dim,)
 
 def authors_time_embedding(sd, t=AUTHORS_T):
     """emb = time_embed(sinusoid(t)) = Linear(SiLU(Linear(.))), (4 ch,): input of every ResBlock."""
@@ -1248,6 +1310,8 @@ def authors_names(net):
             up = i > 0 and isinstance(mods[i - 1], nn.Upsample)
             leaf(m, f"{ours}.{i}", f"{theirs}.{i - 1}.conv" if up else f"{theirs}.{i}")
 
+    if net.time_layers:
+        leaf(net.time_embed, "time_embed", "time_embed")
     leaf(net.inp, "inp", "input_blocks.0.0")
     for i, m in enumerate(net.down):             # their input_blocks[0] is our inp, so index + 1
         if isinstance(m, nn.Conv2d):
@@ -1267,7 +1331,8 @@ def authors_names(net):
     return names, resblocks
 
 def authors_to_ours(sd, net, name="checkpoint"):
-    """Our state dict for `net` from the authors' prefix-free `sd`, time layers folded."""
+    """Our state dict for `net` from the authors' prefix-free `sd`: tensor for tensor (exact) when
+    net has time layers, else with the time layers folded into conv1's biases."""
     names, resblocks = authors_names(net)
     time_keys = [f"time_embed.{i}" for i in (0, 2)] + [f"{r}.emb_layers.1" for r in resblocks]
     expected = set(names.values()) | {f"{k}.{p}" for k in time_keys for p in ("weight", "bias")}
@@ -1275,15 +1340,49 @@ def authors_to_ours(sd, net, name="checkpoint"):
     if extra or missing:
         die(f"{name}: the authors' weights do not map onto UNetViTPotential; unmatched keys in the "
             f"file: [{_short(extra)}]; missing: [{_short(missing)}]")
-    emb = authors_time_embedding(sd)
-    out = {k: fold_time_bias(sd, v[:-len(".in_layers.2.bias")], emb)     # ResBlock conv1 bias
-           if v.endswith(".in_layers.2.bias") else sd[v] for k, v in names.items()}
+    if net.time_layers:                               # their time layers are ours: every tensor
+        out = {k: sd[v] for k, v in names.items()}
+    else:
+        emb = authors_time_embedding(sd)
+        out = {k: fold_time_bias(sd, v[:-len(".in_layers.2.bias")], emb)  # ResBlock conv1 bias
+               if v.endswith(".in_layers.2.bias") else sd[v] for k, v in names.items()}
     want = net.state_dict()
     bad = [f"{k} {tuple(out[k].shape)} vs ours {tuple(want[k].shape)}" for k in want
            if out[k].shape != want[k].shape]
     if bad:
         die(f"{name}: tensor shapes differ from the rebuilt UNetViTPotential: {_short(bad, 4)}")
     return out
+
+def ours_to_authors(sd, net):
+    """The authors' state dict from ours (`sd` of `net`): tensor for tensor with time layers; from
+    the folded form, time layers of zeros (emb_layers(emb) = 0 exactly: the biases carry it)."""
+    names, resblocks = authors_names(net)
+    out = {v: sd[k] for k, v in names.items()}
+    if not net.time_layers:
+        ch, z = net.inp.out_channels, sd["inp.weight"].new_zeros
+        shapes = {"time_embed.0": (4 * ch, ch), "time_embed.2": (4 * ch, 4 * ch)}
+        shapes.update({f"{r}.emb_layers.1": (out[f"{r}.in_layers.2.bias"].shape[0], 4 * ch)
+                       for r in resblocks})
+        for k, (o, i) in shapes.items():
+            out[f"{k}.weight"], out[f"{k}.bias"] = z(o, i), z(o)
+    return out
+
+@torch.no_grad()
+def fold_time_layers(net):
+    """A UNetViTPotential with time layers -> a copy in the folded form (for sampling): conv1's
+    bias + emb_layers(time_embed(sinusoid(t))), computed in float64 (fold_time_bias)."""
+    if not net.time_layers:
+        return net
+    sd = ours_to_authors(net.state_dict(), net)
+    emb = authors_time_embedding(sd, net.time_t)
+    folded = copy.deepcopy(net)
+    blocks = [m for m in folded.modules() if isinstance(m, ResBlock)]    # authors_names' order
+    for blk, prefix in zip(blocks, authors_names(net)[1]):
+        blk.c1.bias.copy_(fold_time_bias(sd, prefix, emb))
+        del blk.emb
+    del folded.time_embed, folded.t_feat
+    folded.time_layers = False
+    return folded
 
 def authors_net(ck, key="ema_model", name="checkpoint"):
     """(an untrained UNetViTPotential shaped like ck[key], ck[key] unprefixed); else exit 2."""
@@ -1324,6 +1423,8 @@ def authors_checkpoint_as_ours(ck, name="checkpoint"):
     args.image_size, args.model_size, args.res_blocks = kw["shape"][1], kw["ch"], kw["res_blocks"]
     args.ch_mult, args.vit_depth = ",".join(map(str, kw["ch_mult"])), kw["vit_depth"]
     args.dropout, args.output_scale = kw["dropout"], kw["output_scale"]
+    if args.time_layers:                 # --recipe authors trains their time layers: keep them
+        net = UNetViTPotential(**kw, time_layers=True)
     step = int(ck.get("step") or 0)
     return {"format": FORMAT, "model": authors_to_ours(strip_prefixes(ck["net_model"]), net, name),
             "ema": authors_to_ours(sd_ema, net, name), "opt": None, "step": step,
@@ -1372,9 +1473,10 @@ MODES = {"train": cmd_train, "sample": cmd_sample}    # energy_matching_experime
 # training script and README command (lr, steps, EMA 0.99 in phase 2, a second data batch for CD).
 RECIPES = {"paper": dict(lr=8e-4, steps_warmup=200_000, steps_main=25_000, batch_size=128,
                          warmup=10_000, ema_decay_warmup=0.9999, ema_decay_main=0.9999,
-                         cd_separate_batch=False),
+                         cd_separate_batch=False, time_layers=False),
            "authors": dict(AUTHORS, clamp_negatives=True, lr=1.2e-3, steps_warmup=145_000,
-                           steps_main=2_000, ema_decay_main=0.99, cd_separate_batch=True)}
+                           steps_main=2_000, ema_decay_main=0.99, cd_separate_batch=True,
+                           time_layers=True)}
 DATASET_ROWS = {
     # App. C, CelebA: ~2x the parameters (ch 192 here), batch 32, lr 1e-4, eps_max 0.05,
     # lambda_CD 2e-5, 250k + 25k steps (no authors' code for CelebA: paper values in both recipes)
@@ -1387,7 +1489,7 @@ DATASET_ROWS = {
 }
 METHOD_FLAGS = ("tau_star", "eps_max", "lambda_cd", "n_langevin", "dt", "cd_neg_clamp", "cd_trim",
                 "neg_data_frac", "flow_reduction", "tau_s", "clamp_negatives", "flow_weighting",
-                "same_temperature")
+                "same_temperature", "ot_replace")
 
 def recipe_row(recipe, dataset, phase):
     """The flags --recipe sets for --dataset's row and --phase."""
@@ -1401,7 +1503,7 @@ RUN_FLAGS = {"mode", "out_dir", "device", "threads", "ckpt", "resume", "amp", "c
              "channels_last", "workers", "no_ema", "log_every", "save_every", "sample_every",
              "num_samples", "sample_batch"}              # this run's own: never from a checkpoint
 ARCH_KEYS = ("arch", "model_size", "res_blocks", "ch_mult", "vit_depth", "dropout", "attn_dropout",
-             "output_scale", "image_size", "channels")
+             "output_scale", "image_size", "channels", "time_layers")
 DATA_KEYS = ("dataset", "data_dir", "fake_size")
 MODE_SETTINGS = {          # what a mode reads (and prints) beyond the run flags and the network's
     "sample": ("sampler", "tau_s", "dt", "eps_max", "tau_star", "num_samples", "sample_batch")}
@@ -1508,6 +1610,12 @@ def build_parser(recipe="authors", modes=MODES):
     a("--flow-weighting", default="off", choices=("off", "main", "both"),
       help="[r] fade the flow loss to 0 from tau* to 1: phase 2 (authors' 2-D), both (CIFAR)")
     a("--no-ot", action="store_true", help="random instead of exact-OT pairs (ablation)")
+    a("--ot-replace", action=bool_opt, default=False,
+      help="[r] draw the B OT pairs from the plan with replacement (authors' torchcfm) or use the "
+           "permutation once (paper)")
+    a("--time-layers", action=bool_opt,
+      help="[r] UNet+ViT: train the authors' time layers fed t = 0.5 (authors) or their folded "
+           "form, conv biases (paper)")
     a("--from-scratch", action="store_true", help="phase main without a warmup checkpoint (MNIST)")
     a("--sampler", default="heun", choices=("heun", "euler"), help="SDE integrator")
     a("--tau-s", type=pos_float, default=3.0,

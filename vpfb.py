@@ -378,16 +378,18 @@ def _trunk_autocast(net, x):
     return torch.autocast("cuda", dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
 def _norm(ch, groups=None):
-    """GroupNorm with `groups` groups (the authors' nets: always 32), else the _groups rule."""
-    return nn.GroupNorm(groups or _groups(ch), ch)
+    """GroupNorm: the authors' GroupNorm(32, ch) where it exists (groups=32 -> gcd(32, ch), the same
+    for every channel count their code accepts, and defined for 16 channels too), else _groups."""
+    return nn.GroupNorm(math.gcd(groups, ch) if groups else _groups(ch), ch)
 
-def timestep_embedding(t, dim, scale=1000.0):
-    """Sinusoidal embedding of scale * t, (B,) -> (B, dim). scale = 1000 maps t in [0, 1] to the
-    diffusion-style 0..1000 (ours); the authors embed the raw t (scale = 1)."""
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of the raw t in [0, 1], (B,) -> (B, dim), as the authors' U-Net.
+    Not the diffusion habit of 1000 t: Eq. (27) penalises E (dPhi/dt)^2 in the paper's t, and a
+    1000 t input lets dPhi/dt be up to 1000 times steeper for the same weights (tested)."""
     half = dim // 2
     k = torch.arange(half, device=t.device, dtype=torch.float32)
     freqs = torch.exp(-math.log(10000.0) * k / half)
-    ang = scale * t.float()[:, None] * freqs[None]
+    ang = t.float()[:, None] * freqs[None]
     return torch.cat([ang.cos(), ang.sin()], 1)
 
 class ResBlock(nn.Module):
@@ -445,18 +447,17 @@ class UNetPhi(nn.Module):
     (attention at `attn_res`), a ResBlock-Attention-ResBlock middle, the mirror image up with skips.
     Keywords (defaults = ours; AUTHORS_UNET = their net): scale_shift (FiLM time conditioning),
     attn_heads (fixed heads, authors 1), conv_resample (strided conv down, nearest + conv up;
-    authors: average pool, nearest), t_scale (embed t_scale * t; authors the raw t), stem_mult
-    (stem gives base * mult[0] channels), norm_groups (authors 32), zero_out (output conv zero:
-    Phi = 1/2 |x|^2 at start). `amp`: the trunk runs in bf16 on CUDA; the head stays fp32."""
+    authors: average pool, nearest), stem_mult (stem gives base * mult[0] channels), norm_groups
+    (authors 32), zero_out (output conv zero: Phi = 1/2 |x|^2 at start). Both embed the raw t.
+    `amp`: the trunk runs in bf16 on CUDA; the head stays fp32."""
 
     def __init__(self, in_ch=3, base=128, mult=(2, 2, 2), num_res=4, attn_res=(16,), dropout=0.3,
                  image_size=32, num_classes=0, *, scale_shift=False, attn_heads=None, head_dim=64,
-                 conv_resample=True, t_scale=1000.0, stem_mult=False, norm_groups=None,
-                 zero_out=False):
+                 conv_resample=True, stem_mult=False, norm_groups=None, zero_out=False):
         super().__init__()
         self.amp = False
         emb = base * 4
-        self.base, self.t_scale = base, t_scale
+        self.base = base
         self.temb = nn.Sequential(nn.Linear(base, emb), nn.SiLU(), nn.Linear(emb, emb))
         # class embedding with one extra "null" class (index num_classes): y=None -> Phi(x, t)
         self.num_classes = num_classes
@@ -510,7 +511,7 @@ class UNetPhi(nn.Module):
         return h
 
     def unet(self, x, t, y=None):
-        emb = self.temb(timestep_embedding(t, self.base, self.t_scale))
+        emb = self.temb(timestep_embedding(t, self.base))
         if self.cemb is not None:
             if y is None:
                 y = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
@@ -533,8 +534,8 @@ class UNetPhi(nn.Module):
 
 # The authors' network (configs/homotopy/cifar10.py, celeba.py of their repository): UNetPhi(3, 128,
 # (2, 2, 2), 4, attn_res=(image_size // 2,), **AUTHORS_UNET), their 55,676,419 parameters.
-AUTHORS_UNET = dict(scale_shift=True, attn_heads=1, conv_resample=False, t_scale=1.0,
-                    stem_mult=True, norm_groups=32, zero_out=True)
+AUTHORS_UNET = dict(scale_shift=True, attn_heads=1, conv_resample=False, stem_mult=True,
+                    norm_groups=32, zero_out=True)
 
 class WideBlock(nn.Module):
     def __init__(self, cin, cout, stride, dropout):
@@ -904,8 +905,9 @@ def count_params(net):
     return sum(p.numel() for p in net.parameters())
 
 def ema_decay_at(decay, n, warmup=True):
-    """Decay of EMA update number n: min(decay, (1 + n) / (10 + n)) with warm-up, else constant."""
-    return min(decay, (1.0 + n) / (10.0 + n)) if warmup else decay
+    """Decay of the EMA update after n earlier ones: with warm-up min(decay, (1 + k) / (10 + k)),
+    k = n + 1 counting this one (the authors' score_sde EMA), else constant."""
+    return min(decay, (2.0 + n) / (11.0 + n)) if warmup else decay
 
 @torch.no_grad()
 def ema_update(ema, net, decay):
@@ -943,6 +945,10 @@ def clip_std_(opt, bound):
         grads = [p.grad for p in ps]
         torch._foreach_minimum_(grads, lim)
         torch._foreach_maximum_(grads, torch._foreach_neg(lim))     # clamp to [-lim, lim]
+
+def warmup_lr(lr, step, warmup):
+    """Linear warm-up from 0 at step 0 (the authors' schedule: their first step runs at lr 0)."""
+    return lr * min(1.0, step / warmup) if warmup else lr
 
 def step_seed(seed, step, rank):
     """Every (step, rank) has its own seed: a resumed run draws the numbers a straight run draws."""
@@ -1017,6 +1023,10 @@ def atomic(path):
 def write_json(out_dir, name, obj):
     with atomic(os.path.join(out_dir, name)) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
+
+def sig(v, digits=7):
+    """A float to `digits` significant digits for metrics.jsonl (a warm-up lr of 1e-8 stays)."""
+    return float(f"{v:.{digits}g}")
 
 def report(out_dir, name, obj):
     """A mode's result: <out-dir>/<name> and the same JSON on stdout."""
@@ -1216,7 +1226,7 @@ def cmd_train(args):
             # ---- the algorithm: one step of Eq. (27) ----
             if ncls:                                   # labels, a share replaced by the null class
                 cond.y = torch.where(torch.rand(y.shape[0], device=device) < p_uncond, ncls, y)
-            lr_now = lr * min(1.0, (step + 1) / max(1, warmup))   # linear warm-up (authors)
+            lr_now = warmup_lr(lr, step, warmup)                       # linear warm-up (authors)
             logs, ok, signum = train_step(method, net, opt, dict(xbar=x), lr_now, clip, world,
                                           stop.signum or 0)
             if ok:
@@ -1232,7 +1242,7 @@ def cmd_train(args):
                 kept = ckpt_path if os.path.exists(ckpt_path) else "none written yet"
                 die(f"{n_bad} non-finite steps in a row at step {done}; stopped; last good "
                     f"checkpoint: {kept}", 3)
-            rec = {"step": done, "phase": phase, **{k: round(v, 6) for k, v in logs.items()}}
+            rec = {"step": done, "phase": phase, **{k: sig(v) for k, v in logs.items()}}
             if args.log_every and (done % args.log_every == 0 or done == end):
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
@@ -1283,7 +1293,7 @@ def cmd_train(args):
 # A plain dict for torch.load(weights_only=True): {"format", "model", "ema", "opt", "step", "phase",
 # "phase_start", "ema_n", "args"}, the weights of the network `net` under "model". ckpt_<phase>.pt,
 # written through a temporary name (atomic): a crash never leaves half a checkpoint.
-FORMAT = "vpfb/v1"
+FORMAT = "vpfb/v2"      # v2: our U-Net embeds t (v1: 1000 t; those files are refused)
 
 def save_checkpoint(path, net, ema, opt, step, args, **extra):
     state = {"format": FORMAT, "model": net.state_dict(), "ema": ema.state_dict(),
@@ -1307,7 +1317,7 @@ def load_checkpoint(path):
     if is_authors_checkpoint(ck):
         die(f"{path} is an authors' checkpoint: convert it once with "
             f"python vpfb_convert.py {shlex.quote(path)} OUT.pt, then pass --ckpt OUT.pt")
-    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
+    if not isinstance(ck, dict) or ck.get("format") not in (FORMAT, "vpfb/v1"):
         fmt = ck.get("format") if isinstance(ck, dict) else type(ck).__name__
         die(f"{path} is not a VPFB checkpoint (format {fmt!r}, not {FORMAT!r})")
     saved = ck.setdefault("args", {})                     # files written before the renames
@@ -1316,13 +1326,18 @@ def load_checkpoint(path):
         if old in saved:
             saved.setdefault(new, saved.pop(old))
     saved.setdefault("unet", "ours")
+    if ck["format"] == "vpfb/v1" and saved.get("arch") == "unet" and saved["unet"] == "ours":
+        die(f"{path}: a vpfb/v1 checkpoint of our U-Net, which then embedded 1000 t; it embeds t "
+            f"now, so these weights mean another Phi: train again")
     saved.setdefault("channels", 1 if saved.get("dataset") == "mnist" else 3)
     if saved.get("image_size") is None:
         saved["image_size"] = 64 if saved.get("dataset") == "celeba64" else 32
     if saved.get("class_cond") and saved.get("num_classes") is None:   # rows - the null class
         head = "cemb.weight" if saved["arch"] == "unet" else "head.weight"
         saved["num_classes"] = ck["ema"][head].shape[0] - 1
-    for k, v in RECIPES.get(saved.get("recipe"), {}).items():          # recipe keys left at None
+    row = recipe_row(saved["recipe"], saved.get("dataset"), "main") if saved.get(
+        "recipe") in RECIPES else {}
+    for k, v in row.items():                                           # recipe keys left at None
         if saved.get(k, 0) is None:
             saved[k] = v
     ck.setdefault("ema_n", ck.pop("ema_updates", ck.get("step", 0)))
@@ -1636,10 +1651,6 @@ def resolve_args(args, typed=(), settings=MODE_SETTINGS):
     if args.arch == "unet" and args.image_size % 2 ** halvings:
         die(f"--image-size {args.image_size} must be a multiple of {2 ** halvings} (the U-Net "
             f"halves it {halvings} times for --ch-mult {args.ch_mult})")
-    if args.arch == "unet" and args.unet == "authors" and any(
-            args.model_size * m % 32 for m in (1,) + ints(args.ch_mult)):
-        die(f"--unet authors uses GroupNorm(32): --model-size {args.model_size} times each of "
-            f"--ch-mult {args.ch_mult} must be a multiple of 32 (or pass --unet ours)")
     if args.arch == "wrn" and (args.wrn_depth - 4) % 6:
         die(f"--wrn-depth must be 6n + 4 (10, 16, 22, 28 ...), got {args.wrn_depth}")
     if args.t1 <= args.t0:

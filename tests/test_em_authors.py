@@ -318,7 +318,13 @@ def test_full_size_layout_and_parameter_counts():
     n_ref, n_ours = em.count_params(ref), em.count_params(ours)
     assert round(n_ref / 1e6, 1) == 50.0 and round(n_ours / 1e6, 1) == 47.1
     assert n_ref - n_ours == sum(v.numel() for k, v in sd.items()
-                                 if k.startswith("time_embed.") or ".emb_layers." in k)
+                                 if k.startswith("time_embed.") or ".emb_layers." in k) == 2_889_600
+    # with their time layers (--recipe authors): every tensor of theirs, by name and shape
+    with torch.device("meta"):
+        timed = em.UNetViTPotential(**kw, time_layers=True)
+    names, _ = authors_names(timed)
+    assert set(names.values()) == set(sd) and em.count_params(timed) == n_ref
+    assert all(sd[theirs].shape == timed.state_dict()[k].shape for k, theirs in names.items())
 
 
 # ---- (c) files of the wrong kind: one line, exit 2 ----
@@ -423,3 +429,75 @@ def test_sample_mode_reads_an_authors_file_end_to_end(tmp_path):
     x0 = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert rel_err(V(x0), ema.eval().potential(x0)) < 1e-4
+
+
+# ---- (c) their time layers as trained parameters (--recipe authors), the converter both ways ----
+TINY = dict(shape=(3, 8, 8), ch=32, res_blocks=1, vit_depth=1, ch_mult=(1, 2), attn_res=(4,),
+            dropout=0.0)
+
+
+def perturb_(net, scale=0.05, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return net
+
+
+def test_time_layers_are_their_parameters_and_map_both_ways_exactly():
+    """UNetViTPotential(time_layers=True) has every tensor of their EBViTModelWrapper, time layers
+    included: ours -> theirs -> ours is the identity tensor for tensor, and so is the folded form
+    (its time layers are zeros in their layout). Folding changes V by float32 rounding only."""
+    torch.manual_seed(0)
+    net = perturb_(em.UNetViTPotential(**TINY, time_layers=True)).eval()
+    flat = em.UNetViTPotential(**TINY).eval()
+    sd = net.state_dict()
+    theirs = em.ours_to_authors(sd, net)
+    names, resblocks = authors_names(net)
+    assert {k for k in theirs if k.startswith("time_embed.") or ".emb_layers." in k} == \
+        {f"time_embed.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")} | \
+        {f"{r}.emb_layers.1.{p}" for r in resblocks for p in ("weight", "bias")}
+    assert len(theirs) == len(sd) and set(theirs) == set(names.values())
+    back = em.authors_to_ours(theirs, net)
+    assert set(back) == set(sd) and all(torch.equal(back[k], v) for k, v in sd.items())
+    n_time = sum(v.numel() for k, v in theirs.items() if "time_embed" in k or "emb_layers" in k)
+    assert em.count_params(net) - em.count_params(flat) == n_time > 0
+    # the folded form: the same V; its authors' layout has zero time layers and maps back exactly
+    folded = em.fold_time_layers(net)
+    assert not folded.time_layers and em.count_params(folded) == em.count_params(flat)
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        assert rel_err(folded(x), net(x)) < 1e-5
+        assert rel_err(flat(x), net(x)) > 1e-2             # a different network: the test bites
+    fsd = folded.state_dict()
+    f_theirs = em.ours_to_authors(fsd, folded)
+    assert set(f_theirs) == set(theirs)
+    assert all(f_theirs[k].abs().max() == 0 for k in f_theirs if "emb_layers" in k)
+    f_back = em.authors_to_ours(f_theirs, folded)
+    assert all(torch.equal(f_back[k], v) for k, v in fsd.items())
+    # their layout with time layers -> the folded net through the converter: the same V again
+    flat.load_state_dict(em.authors_to_ours(theirs, flat))
+    with torch.no_grad():
+        assert rel_err(flat(x), net(x)) < 1e-5
+
+
+def test_time_layers_are_trained_under_the_authors_recipe(tmp_path):
+    """--recipe authors builds the UNet+ViT with their time layers, and a training step moves them
+    (Adam on time_embed / emb_layers, not on the bias they add up to); --recipe paper folds them."""
+    args = em.parse_args(["--dataset", "fake", "--image-size", "8", "--out-dir", str(tmp_path)])
+    assert args.time_layers is True and args.ot_replace is True
+    paper = em.parse_args(["--recipe", "paper", "--dataset", "fake", "--out-dir", str(tmp_path)])
+    assert paper.time_layers is False and paper.ot_replace is False
+    args.model_size, args.res_blocks, args.vit_depth, args.ch_mult = 32, 1, 1, "1,2"
+    net = perturb_(em.build_net(args))          # off the zero-initialised output layers
+    assert net.time_layers and hasattr(net, "time_embed")
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    method, opt = em.build_method(net, args), em.build_optimizer(net, args)
+    torch.manual_seed(0)
+    x1 = torch.rand(4, 3, 8, 8) * 2 - 1
+    logs, ok, _ = em.train_step(method, net, opt, dict(x1=x1), 1e-3, 1.0)
+    assert ok
+    time_keys = [k for k in before if k.startswith("time_embed.") or ".emb." in k]
+    assert len(time_keys) == 4 + 2 * sum(isinstance(m, em.ResBlock) for m in net.modules())
+    moved = [k for k in time_keys if not torch.equal(before[k], net.state_dict()[k])]
+    assert moved == time_keys

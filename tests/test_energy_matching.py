@@ -130,29 +130,88 @@ def test_cd_loss_trimmed_mean_clamp_and_stop_gradient():
     assert w.grad is not None and torch.isfinite(w.grad).all()
     # with lambda large and negatives of higher energy the clamp bites: cd_term >= -0.5
     m2 = em.EnergyMatching(V, n_langevin=0, lambda_cd=100.0, cd_neg_clamp=0.5, neg_data_frac=0.0)
-    _, logs = m2.loss(x1, x1 + 5.0, phase="main")
+    _, logs = m2.loss(x1, x1 + 5.0, phase="main", x0_cd=x1 + 5.0)
     assert logs["cd_term"] == -0.5                    # the clamp bites: exactly -cd_neg_clamp
     m2.cd_neg_clamp = 0
-    _, logs_off = m2.loss(x1, x1 + 5.0, phase="main")
+    _, logs_off = m2.loss(x1, x1 + 5.0, phase="main", x0_cd=x1 + 5.0)
     assert logs_off["cd_term"] < -10.0                            # unclamped, the term runs away
     # negatives carry no graph (sg in Alg. 2)
     x_neg2, at_data = em.EnergyMatching(V, n_langevin=3, dt=0.01).negatives(x1, x0)
     assert not x_neg2.requires_grad and at_data.sum().item() == 10
 
 
-def test_loss_main_noise_chains_start_at_x0_or_x0_cd():
-    """Alg. 2: the noise-started negatives start at the step's noise x0; x0_cd overrides the starts
-    (a non-Gaussian source, as in the 2-D figure). n_langevin = 0 makes the negatives their starting
-    points."""
+def test_loss_main_noise_chains_start_from_fresh_noise_or_x0_cd():
+    """Alg. 2 line 5 and the authors' code: the noise-started negatives start from fresh N(0, I)
+    noise, not the flow term's x0; x0_cd chooses the starts (x0_cd = x0 reuses the flow's noise,
+    a non-Gaussian source in the 2-D lab). n_langevin = 0: the negatives are their starts."""
     w = torch.tensor([0.7, -0.3])
     V = lambda x: (x * w).sum(1)  # noqa: E731
     x1, x0, x0_cd = torch.randn(16, 2) + 2, torch.randn(16, 2), torch.randn(16, 2) * 3 - 4
-    m = em.EnergyMatching(V, n_langevin=0, cd_trim=0.0, neg_data_frac=0.0, lambda_cd=1.0,
-                          cd_neg_clamp=0)
-    _, logs = m.loss(x1, x0, phase="main")
-    assert logs["e_neg"] == pytest.approx(V(x0).mean().item(), rel=1e-5)
-    _, logs = m.loss(x1, x0, phase="main", x0_cd=x0_cd)
-    assert logs["e_neg"] == pytest.approx(V(x0_cd).mean().item(), rel=1e-5)
+    m = em.EnergyMatching(V, n_langevin=0, cd_trim=0.0, lambda_cd=1.0, cd_neg_clamp=0)
+    starts = []
+    negatives = m.negatives
+    m.negatives = lambda *a: starts.append(negatives(*a)[0]) or (starts[-1], None)
+    torch.manual_seed(0)
+    m.loss(x1, x0, phase="main")
+    fresh = starts[-1]
+    assert torch.equal(fresh[:8], x1[:8])                         # half at data (B // 2)
+    assert not torch.equal(fresh[8:], x0[8:])                     # not the flow term's noise
+    assert (fresh[8:] - x0[8:]).abs().min() > 0                   # not one value of it
+    assert fresh[8:].abs().max() < 6 and fresh[8:].std() > 0.3    # N(0, I) draws
+    m.loss(x1, x0, phase="main", x0_cd=x0)                         # reuse: exactly x0's half
+    assert torch.equal(starts[-1][8:], x0[8:])
+    m.loss(x1, x0, phase="main", x0_cd=x0_cd)
+    assert torch.equal(starts[-1][8:], x0_cd[8:])
+
+
+@pytest.mark.parametrize("B", [7, 8, 9])
+def test_chain_split_is_floor_of_half_as_authors(B):
+    """Their code starts B // 2 chains at data and the rest at noise: odd B too (7 -> 3 + 4)."""
+    x1 = torch.randn(B, 2) + 5
+    x_neg, at_data = em.EnergyMatching(lambda x: x.sum(1), n_langevin=0).negatives(x1)
+    assert at_data.sum().item() == B // 2
+    assert torch.equal(x_neg[:B // 2], x1[:B // 2])
+    assert (x_neg[B // 2:] - x1[B // 2:]).abs().min() > 0
+
+
+def distinct_fraction(B, seed):
+    """Share of distinct (x0, x1) pairs among the B pairs drawn from the exact plan."""
+    torch.manual_seed(seed)
+    x0, x1 = torch.randn(B, 3), torch.randn(B, 3)
+    a, b = em.ot_draw_pairs(x0, x1)
+    return len({(tuple(u.tolist()), tuple(v.tolist())) for u, v in zip(a, b)}) / B
+
+
+def test_ot_pairs_with_replacement_repeat_one_in_e():
+    """Authors' code (torchcfm's OTPlanSampler.sample_plan): B draws from the plan with replacement,
+    so about 1 - 1/e of the pairs are distinct at large B; ot_pair uses each pair once. Every drawn
+    pair is a pair of the plan (the plan is a permutation: x1_j has one partner)."""
+    frac = np.mean([distinct_fraction(256, s) for s in range(4)])
+    assert abs(frac - (1 - math.exp(-1))) < 0.03, frac
+    torch.manual_seed(0)
+    x0, x1 = torch.randn(64, 3), torch.randn(64, 3)
+    perm = em.ot_pair(x0, x1)
+    partner = {tuple(v.tolist()): tuple(u.tolist()) for u, v in zip(perm, x1)}
+    a, b = em.ot_draw_pairs(x0, x1)
+    assert all(partner[tuple(v.tolist())] == tuple(u.tolist()) for u, v in zip(a, b))
+    assert len({tuple(u.tolist()) for u in perm}) == 64           # the permutation: all distinct
+
+
+def test_ot_replace_keyword_reaches_the_flow_loss():
+    """EnergyMatching(ot_replace=True) (AUTHORS) pairs by drawing; the bare class by the
+    permutation: with V = 0 the flow loss is mean ||x1 - x0||^2 over the pairs it used."""
+    torch.manual_seed(1)
+    x1, x0 = torch.randn(32, 2) * 3, torch.randn(32, 2)
+    V = lambda x: 0.0 * x.sum(1)  # noqa: E731
+    assert em.AUTHORS["ot_replace"] is True and em.EnergyMatching(V).ot_replace is False
+    perm_loss = (x1 - em.ot_pair(x0, x1)).pow(2).sum(1).mean()
+    assert em.EnergyMatching(V).flow_loss(x1, x0).item() == pytest.approx(perm_loss.item(), 1e-5)
+    torch.manual_seed(5)
+    a, b = em.ot_draw_pairs(x0, x1)
+    torch.manual_seed(5)
+    drawn = em.EnergyMatching(V, ot_replace=True).flow_loss(x1, x0).item()
+    assert drawn == pytest.approx((b - a).pow(2).sum(1).mean().item(), rel=1e-5)
+    assert drawn != pytest.approx(perm_loss.item(), rel=1e-3)
 
 
 def test_flow_weighting_phase2_only_and_exact():
@@ -626,7 +685,7 @@ def test_ema_warmup_follows_training_after_200_steps(tmp_path):
     """decay_n = min(decay, (1 + n)/(10 + n)): after 200 FakeData steps the EMA is nearer the
     trained weights than the initialisation (with a constant 0.9999 it would still be 99 %
     initialisation)."""
-    assert em.ema_decay_at(0.9999, 0) == 0.1 and em.ema_decay_at(0.9999, 10 ** 6) == 0.9999
+    assert em.ema_decay_at(0.9999, 0) == 2 / 11 and em.ema_decay_at(0.9999, 10 ** 6) == 0.9999
     assert em.ema_decay_at(0.9999, 0, warmup=False) == 0.9999
     argv = ["--dataset", "fake", "--image-size", "4", "--fake-size", "4", "--batch-size", "2",
             "--arch", "cnn", "--model-size", "4", "--workers", "0", "--log-every", "0",

@@ -6,6 +6,7 @@
 - One precedence rule for every setting a mode reads: typed flag > checkpoint > recipe."""
 import ast
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -497,3 +498,16 @@ def test_bench_speed_prints_one_json_line_per_measurement():
                 "peak_mem_gib"} <= set(r) and r["ms_per_step"] > 0 and r["batch"] == 2
     ops = {r["what"]: r["ops_per_step"] for r in rows}
     assert ops["em_phase1"] > ops["em_sampler"] > 0 and ops["vpfb_train"] > ops["vpfb_ode"] > 0
+
+
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_warmup_starts_at_lr_zero_and_metrics_keep_tiny_learning_rates(mod, tiny, ckpt, tmp_path):
+    """The authors' warm-up (both papers' code): lr min(1, step / warmup), so the first step runs at
+    lr 0; metrics.jsonl keeps 7 significant digits, so lr 1e-3 / 10,000 is not rounded to 0."""
+    assert mod.warmup_lr(1e-3, 0, 10) == 0.0 and mod.warmup_lr(1e-3, 5, 10) == 5e-4
+    assert mod.warmup_lr(1e-3, 20, 10) == 1e-3 and mod.warmup_lr(1e-3, 0, 0) == 1e-3
+    out = str(tmp_path)
+    mod.main(tiny + ["--steps", "2", "--warmup", "10000", "--lr", "1e-3", "--out-dir", out])
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        lrs = [json.loads(s)["lr"] for s in f]
+    assert lrs == [0.0, 1e-7]
