@@ -889,9 +889,10 @@ def test_ema_warmup_follows_the_trained_weights(tmp_path):
     st = vpfb.load_checkpoint(f"{out}/ckpt_main.pt")
     dist = lambda a, b: sum((a[k].float() - b[k].float()).pow(2).sum() for k in a).sqrt().item()
     assert dist(st["ema"], st["model"]) < dist(st["ema"], init) and st["ema_n"] == 200
-    # the update rule itself: decay_n = min(decay, (1 + n) / (10 + n)), or decay without warm-up
+    # the update rule itself: after n updates decay = min(decay, (2 + n) / (11 + n)) (the authors'
+    # (1 + k) / (10 + k) counting this one, k = n + 1), or decay without warm-up
     net, ema = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
-    for warm, n, expect in [(True, 0, 0.1), (True, 10**6, 0.9999), (False, 0, 0.9999)]:
+    for warm, n, expect in [(True, 0, 2 / 11), (True, 10**6, 0.9999), (False, 0, 0.9999)]:
         net.weight.data.fill_(1.0)
         ema.weight.data.fill_(0.0)
         vpfb.ema_update(ema, net, vpfb.ema_decay_at(0.9999, n, warmup=warm))
