@@ -101,8 +101,8 @@ class EnergyMatching:
     eps_max 0.01, lambda_CD 2e-4, 200 Langevin steps of dt 0.01, tau_s 3). AUTHORS below is their
     CIFAR-10 code. Switches where the two differ (README, "Paper vs code"):
       flow_reduction    "sum" = ||.||^2 of Alg. 1 (paper) | "mean" over pixels (code)
-      flow_weighting    False | "main" | "both": fade the flow loss to 0 between tau* and t = 1,
-                        in phase 2 (authors' 2-D code; True = "main") or both phases (CIFAR code)
+      flow_weighting    code: fade the flow loss to 0 between tau* and t = 1 in phase 2 (2-D)
+      flow_weighting_warmup  code: the same in phase 1 (CIFAR-10 code: both phases)
       cd_neg_clamp      code: lambda_CD CD >= -cd_neg_clamp (0 = off, paper)
       cd_trim           code: drop the top cd_trim fraction of V(negatives) (0 = paper)
       same_temperature  data-started negatives follow eps(t) too (code), not eps_max (Alg. 2 l. 10)
@@ -118,7 +118,8 @@ class EnergyMatching:
     def __init__(self, V, tau_star=0.9, eps_max=0.01, lambda_cd=2e-4, n_langevin=200, dt=0.01,
                  cd_neg_clamp=0.0, cd_trim=0.0, neg_data_frac=0.5, flow_reduction="sum",
                  tau_s=3.0, clamp_negatives=None, use_ot=True, flow_weighting=False,
-                 same_temperature=False, chain_clock=None, ot_sigma=0.0, ot_replace=False):
+                 same_temperature=False, chain_clock=None, ot_sigma=0.0, ot_replace=False,
+                 flow_weighting_warmup=False):
         self.V, self.lambda_cd = V, float(lambda_cd)
         self.tau_star, self.eps_max = float(tau_star), float(eps_max)
         self.n_langevin, self.dt, self.tau_s = int(n_langevin), float(dt), float(tau_s)
@@ -127,12 +128,9 @@ class EnergyMatching:
         self.clamp_negatives = clamp_negatives
         self.use_ot, self.ot_sigma, self.flow_reduction = use_ot, float(ot_sigma), flow_reduction
         self.ot_replace = bool(ot_replace)
-        fw = "main" if flow_weighting is True else flow_weighting          # True: phase 2 only
-        if fw not in (False, None, "off", "main", "both"):
-            raise ValueError(f"flow_weighting: False, 'main' or 'both', not {flow_weighting!r}")
         if flow_reduction not in ("sum", "mean"):
             raise ValueError(f"flow_reduction: 'sum' or 'mean', not {flow_reduction!r}")
-        self.flow_weighting = fw if fw in ("main", "both") else False
+        self.flow_weighting, self.flow_weighting_warmup = flow_weighting, flow_weighting_warmup
         self.same_temperature, self.chain_clock = bool(same_temperature), chain_clock
 
     def eps(self, t):
@@ -214,7 +212,7 @@ class EnergyMatching:
         if phase not in ("warmup", "main"):
             raise ValueError(f"phase must be 'warmup' or 'main', got {phase!r}")
         x0 = torch.randn_like(x1) if x0 is None else x0               # Alg. 1 line 4
-        weighted = self.flow_weighting in ("both", phase if phase == "main" else "-")
+        weighted = self.flow_weighting if phase == "main" else self.flow_weighting_warmup
         flow = self.flow_loss(x1, x0, weighted=weighted)
         logs = {"flow": flow.item()}
         if phase == "warmup" or self.lambda_cd == 0:
@@ -258,8 +256,8 @@ class EnergyMatching:
 # command): EnergyMatching(V, **AUTHORS). Its training numbers (lr, steps, EMA, a second data batch
 # for CD) are in section 7's RECIPES.
 AUTHORS = dict(tau_star=1.0, lambda_cd=1e-3, cd_neg_clamp=0.02, cd_trim=0.1, flow_reduction="mean",
-               flow_weighting="both", same_temperature=True, clamp_negatives=(-1.0, 1.0),
-               ot_replace=True)
+               flow_weighting=True, flow_weighting_warmup=True, same_temperature=True,
+               clamp_negatives=(-1.0, 1.0), ot_replace=True)
 
 def langevin(V, x, n_steps, dt, eps, clamp=None, clock=None):
     """Unadjusted Langevin, Alg. 2 lines 6-12; stationary law p(x) ∝ exp(-V(x) / eps) (Eq. 6).
@@ -557,7 +555,6 @@ import functools
 import fcntl
 import json
 import os
-import re
 import shlex
 import signal
 import sys
@@ -731,6 +728,7 @@ def build_method(net, args):
                           neg_data_frac=args.neg_data_frac, flow_reduction=args.flow_reduction,
                           tau_s=args.tau_s, use_ot=not args.no_ot,
                           flow_weighting=args.flow_weighting,
+                          flow_weighting_warmup=args.flow_weighting_warmup,
                           same_temperature=args.same_temperature, ot_replace=args.ot_replace,
                           clamp_negatives=(-1.0, 1.0) if args.clamp_negatives else None)
 
@@ -1194,14 +1192,19 @@ def read_checkpoint(path, map_location="cpu"):
         die(f"cannot read checkpoint {path}: corrupt or not a PyTorch file ({type(e).__name__})")
 
 def load_checkpoint(path):
-    """Our checkpoint dict (+ "path"), from ours or an authors' training file (converted)."""
+    """Our checkpoint dict (+ "path"); an authors' file: one line."""
     ck = read_checkpoint(path)
     if is_authors_checkpoint(ck):
-        ck = authors_checkpoint_as_ours(ck, path)
-    elif not isinstance(ck, dict) or ck.get("format") != FORMAT:
+        die(f"{path} is an authors' checkpoint: convert it once with python "
+            f"energy_matching_convert.py {shlex.quote(path)} OUT.pt, then pass --ckpt OUT.pt")
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         fmt = ck.get("format") if isinstance(ck, dict) else type(ck).__name__
         die(f"{path} is not an Energy Matching checkpoint (format {fmt!r}, not {FORMAT!r})")
-    ck.setdefault("args", {}).setdefault("time_layers", False)     # files from before the flag
+    saved = ck.setdefault("args", {})                     # files written before these flags:
+    saved.setdefault("time_layers", False)
+    if isinstance(saved.get("flow_weighting"), str):      # "off" | "main" | "both"
+        saved["flow_weighting_warmup"] = saved["flow_weighting"] == "both"
+        saved["flow_weighting"] = saved["flow_weighting"] != "off"
     ck["path"] = path
     return ck
 
@@ -1221,215 +1224,14 @@ def net_from_checkpoint(ck, args, device):
     """The checkpoint's network (args hold its architecture), EMA weights unless --no-ema."""
     net = build_net(args)
     load_states({"model": ck["model" if args.no_ema else "ema"], "path": ck["path"]}, net)
-    if getattr(net, "time_layers", False):      # sampling uses the folded form: the same V
-        net = fold_time_layers(net)
     return engineer(net, device, args.amp, args.channels_last).eval().requires_grad_(False)
 
-# ---- The authors' released weights (https://github.com/m1balcerak/EnergyMatching) ----
-# Their files are {"net_model", "ema_model", "sched", "optim", "step"}; both models are state dicts
-# of EBViTModelWrapper: torchcfm's guided-diffusion UNet at a fixed dummy t = 0.5, PatchEmbed(4), a
-# post-LN nn.TransformerEncoder, mean-pool, final_linear, times output_scale: the layers of
-# UNetViTPotential in the same order. Only the names differ; the time layers map one to one onto a
-# UNetViTPotential(time_layers=True) (--recipe authors trains that) or fold into conv1's biases.
-AUTHORS_OUTPUT_SCALE = 1000.0    # not in their files; 1000 in their CIFAR-10 and ImageNet32 configs
-_AUTHORS_RES = {"n1": "in_layers.0", "c1": "in_layers.2", "n2": "out_layers.0",
-                "c2": "out_layers.3", "skip": "skip_connection", "emb": "emb_layers"}
-_AUTHORS_ATTN = {"norm": "norm", "qkv": "qkv", "proj": "proj_out"}
-_AUTHORS_VIT = {"qkv.weight": "self_attn.in_proj_weight", "qkv.bias": "self_attn.in_proj_bias"}
-_AUTHORS_VIT.update({f"{o}.{p}": f"{t}.{p}" for p in ("weight", "bias") for o, t in (
-    ("out", "self_attn.out_proj"), ("ln1", "norm1"), ("ln2", "norm2"), ("ff.0", "linear1"),
-    ("ff.3", "linear2"))})
-
-def _short(keys, n=8):
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
-
-def strip_prefixes(sd):
-    """Keys without DataParallel/DDP "module." and torch.compile "_orig_mod." prefixes."""
-    return {re.sub(r"^(module\.)+", "", k.replace("_orig_mod.", "")): v for k, v in sd.items()}
-
+# An authors' file (https://github.com/m1balcerak/EnergyMatching: {"net_model", "ema_model", ...})
+# is converted once into ours by energy_matching_convert.py; --ckpt refuses it with that command.
 def is_authors_checkpoint(ck):
     """Their layout: "net_model" and "ema_model" state dicts (ours has "format", VPFB's "model")."""
     return (isinstance(ck, dict) and "format" not in ck
             and isinstance(ck.get("net_model"), dict) and isinstance(ck.get("ema_model"), dict))
-
-def authors_time_embedding(sd, t=AUTHORS_T):
-    """emb = time_embed(sinusoid(t)) = Linear(SiLU(Linear(.))), (4 ch,): input of every ResBlock."""
-    w0, b0, w2, b2 = (sd[f"time_embed.{k}"].double() for k in ("0.weight", "0.bias", "2.weight",
-                                                                "2.bias"))
-    e = sinusoidal_embedding(t, w0.shape[1]).to(w0.device)
-    return F.linear(F.silu(F.linear(e, w0, b0)), w2, b2)
-
-def fold_time_bias(sd, prefix, emb):
-    """conv1's bias of the authors' ResBlock `prefix` with the time term folded in: their block adds
-    c = emb_layers(emb) = Linear(SiLU(emb)) after conv1, a constant at fixed t, so conv(x) + b + c =
-    conv(x) + (b + c) to float32 rounding. Computed in float64, stored in the file's dtype."""
-    w, b = sd[f"{prefix}.emb_layers.1.weight"].double(), sd[f"{prefix}.emb_layers.1.bias"].double()
-    bias = sd[f"{prefix}.in_layers.2.bias"]
-    c = F.linear(F.silu(emb), w, b)
-    if c.shape != bias.shape:    # 2 x channels: scale-shift norm (FiLM after GroupNorm), not a bias
-        die(f"authors' ResBlock {prefix} uses scale-shift time conditioning (emb_layers gives "
-            f"{c.shape[0]} values for {bias.shape[0]} channels); only the additive form folds")
-    return (bias.double() + c).to(bias.dtype)
-
-def authors_arch(sd):
-    """UNetViTPotential keywords for an EBViTModelWrapper state dict, from key names and shapes."""
-    ch, C = sd["input_blocks.0.0.weight"].shape[:2]
-    dim, _, patch, _ = sd["patch_embed.patch_embed.weight"].shape
-    side = math.isqrt(sd["patch_embed.pos_embed"].shape[1]) * patch   # square: N = (H / patch)^2
-    n_in = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("input_blocks."))
-    n_down = sum(f"input_blocks.{i}.0.op.weight" in sd for i in range(n_in))
-    res_blocks = (n_in - 1 - n_down) // (n_down + 1)
-    mult, attn = [], []
-    for lvl in range(n_down + 1):
-        first = 1 + lvl * (res_blocks + 1)                       # first ResBlock of the level
-        mult.append(sd[f"input_blocks.{first}.0.in_layers.2.weight"].shape[0] // ch)
-        if f"input_blocks.{first}.1.qkv.weight" in sd:
-            attn.append(side // 2 ** lvl)
-    depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer_encoder.layers."))
-    return dict(shape=(C, side, side), ch=ch, res_blocks=res_blocks, vit_depth=depth,
-                dropout=0.1, output_scale=AUTHORS_OUTPUT_SCALE, ch_mult=tuple(mult),
-                attn_res=tuple(attn), patch=patch)
-
-def authors_names(net):
-    """({our key: the authors' key} for every tensor of a UNetViTPotential, authors' ResBlocks)."""
-    names, resblocks = {}, []
-
-    def leaf(mod, ours, theirs, table=None):
-        if isinstance(mod, ResBlock):
-            resblocks.append(theirs)
-            table = _AUTHORS_RES
-        elif isinstance(mod, SelfAttention2d):
-            table = _AUTHORS_ATTN
-        for n in mod.state_dict():
-            head, _, rest = n.partition(".")
-            names[f"{ours}.{n}"] = f"{theirs}.{table[head]}.{rest}" if table else f"{theirs}.{n}"
-
-    def seq(mods, ours, theirs):   # our nn.Upsample + Conv2d is their single Upsample(.conv)
-        for i, m in enumerate(mods):
-            up = i > 0 and isinstance(mods[i - 1], nn.Upsample)
-            leaf(m, f"{ours}.{i}", f"{theirs}.{i - 1}.conv" if up else f"{theirs}.{i}")
-
-    if net.time_layers:
-        leaf(net.time_embed, "time_embed", "time_embed")
-    leaf(net.inp, "inp", "input_blocks.0.0")
-    for i, m in enumerate(net.down):             # their input_blocks[0] is our inp, so index + 1
-        if isinstance(m, nn.Conv2d):
-            leaf(m, f"down.{i}", f"input_blocks.{i + 1}.0.op")        # Downsample(conv, stride 2)
-        else:
-            seq(m, f"down.{i}", f"input_blocks.{i + 1}")
-    seq(net.mid, "mid", "middle_block")
-    for i, m in enumerate(net.up):
-        seq(m, f"up.{i}", f"output_blocks.{i}")
-    seq(net.out, "out", "out")
-    leaf(net.patch, "patch", "patch_embed.patch_embed")
-    names["pos"] = "patch_embed.pos_embed"
-    for i, blk in enumerate(net.blocks):
-        for n in blk.state_dict():
-            names[f"blocks.{i}.{n}"] = f"transformer_encoder.layers.{i}.{_AUTHORS_VIT[n]}"
-    leaf(net.head, "head", "final_linear")
-    return names, resblocks
-
-def authors_to_ours(sd, net, name="checkpoint"):
-    """Our state dict for `net` from the authors' prefix-free `sd`: tensor for tensor (exact) when
-    net has time layers, else with the time layers folded into conv1's biases."""
-    names, resblocks = authors_names(net)
-    time_keys = [f"time_embed.{i}" for i in (0, 2)] + [f"{r}.emb_layers.1" for r in resblocks]
-    expected = set(names.values()) | {f"{k}.{p}" for k in time_keys for p in ("weight", "bias")}
-    extra, missing = set(sd) - expected, expected - set(sd)
-    if extra or missing:
-        die(f"{name}: the authors' weights do not map onto UNetViTPotential; unmatched keys in the "
-            f"file: [{_short(extra)}]; missing: [{_short(missing)}]")
-    if net.time_layers:                               # their time layers are ours: every tensor
-        out = {k: sd[v] for k, v in names.items()}
-    else:
-        emb = authors_time_embedding(sd)
-        out = {k: fold_time_bias(sd, v[:-len(".in_layers.2.bias")], emb)  # ResBlock conv1 bias
-               if v.endswith(".in_layers.2.bias") else sd[v] for k, v in names.items()}
-    want = net.state_dict()
-    bad = [f"{k} {tuple(out[k].shape)} vs ours {tuple(want[k].shape)}" for k in want
-           if out[k].shape != want[k].shape]
-    if bad:
-        die(f"{name}: tensor shapes differ from the rebuilt UNetViTPotential: {_short(bad, 4)}")
-    return out
-
-def ours_to_authors(sd, net):
-    """The authors' state dict from ours (`sd` of `net`): tensor for tensor with time layers; from
-    the folded form, time layers of zeros (emb_layers(emb) = 0 exactly: the biases carry it)."""
-    names, resblocks = authors_names(net)
-    out = {v: sd[k] for k, v in names.items()}
-    if not net.time_layers:
-        ch, z = net.inp.out_channels, sd["inp.weight"].new_zeros
-        shapes = {"time_embed.0": (4 * ch, ch), "time_embed.2": (4 * ch, 4 * ch)}
-        shapes.update({f"{r}.emb_layers.1": (out[f"{r}.in_layers.2.bias"].shape[0], 4 * ch)
-                       for r in resblocks})
-        for k, (o, i) in shapes.items():
-            out[f"{k}.weight"], out[f"{k}.bias"] = z(o, i), z(o)
-    return out
-
-@torch.no_grad()
-def fold_time_layers(net):
-    """A UNetViTPotential with time layers -> a copy in the folded form (for sampling): conv1's
-    bias + emb_layers(time_embed(sinusoid(t))), computed in float64 (fold_time_bias)."""
-    if not net.time_layers:
-        return net
-    sd = ours_to_authors(net.state_dict(), net)
-    emb = authors_time_embedding(sd, net.time_t)
-    folded = copy.deepcopy(net)
-    blocks = [m for m in folded.modules() if isinstance(m, ResBlock)]    # authors_names' order
-    for blk, prefix in zip(blocks, authors_names(net)[1]):
-        blk.c1.bias.copy_(fold_time_bias(sd, prefix, emb))
-        del blk.emb
-    del folded.time_embed, folded.t_feat
-    folded.time_layers = False
-    return folded
-
-def authors_net(ck, key="ema_model", name="checkpoint"):
-    """(an untrained UNetViTPotential shaped like ck[key], ck[key] unprefixed); else exit 2."""
-    if not is_authors_checkpoint(ck):
-        own = isinstance(ck, dict) and "format" in ck
-        die(f"{name} is not an authors' Energy Matching checkpoint (a dict with 'net_model' and "
-            f"'ema_model' state dicts)" + ("; it is in this file's own format" if own else ""))
-    sd = strip_prefixes(ck[key])
-    if any(k.startswith("mlp.") for k in sd):
-        die(f"{name} holds the authors' MLP-head potential (EBMLPModelWrapper); only the UNet+ViT "
-            f"one (EBViTModelWrapper) maps onto UNetViTPotential")
-    try:
-        kw = authors_arch(sd)
-        net = UNetViTPotential(**kw)
-    except (KeyError, ValueError, IndexError, ZeroDivisionError, RuntimeError) as e:
-        die(f"{name}: cannot rebuild the authors' architecture from its keys "
-            f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
-    net.arch_kwargs = kw                 # so callers can rebuild the run's shape/model flags
-    return net, sd
-
-def load_authors_checkpoint(path, use_ema=True, device="cpu"):
-    """Our UNetViTPotential (eval) from an authors' CIFAR-10 training file: V(x) = their
-    potential(x, t), any t, to float32 rounding; use_ema: "ema_model", else "net_model"."""
-    net, sd = authors_net(read_checkpoint(path), "ema_model" if use_ema else "net_model", path)
-    net.load_state_dict(authors_to_ours(sd, net, path))
-    return net.to(device).eval()
-
-def authors_checkpoint_as_ours(ck, name="checkpoint"):
-    """An authors' file as our checkpoint dict: args = --recipe authors defaults + the arch read
-    from the keys; "opt" None (their Adam state indexes their parameter list: fresh Adam)."""
-    net, sd_ema = authors_net(ck, "ema_model", name)
-    kw = net.arch_kwargs
-    if kw["shape"][0] != 3 or kw["attn_res"] != (16,) or kw["patch"] != 4:
-        die(f"{name}: an authors' network with {kw['shape'][0]} channels, attention at "
-            f"{kw['attn_res']}, patch {kw['patch']} has no flags here (3, (16,), 4)")
-    args = parse_args(["--recipe", "authors", "--dataset", "cifar10", "--arch", "unetvit",
-                       "--tau-s", "3"])
-    args.image_size, args.model_size, args.res_blocks = kw["shape"][1], kw["ch"], kw["res_blocks"]
-    args.ch_mult, args.vit_depth = ",".join(map(str, kw["ch_mult"])), kw["vit_depth"]
-    args.dropout, args.output_scale = kw["dropout"], kw["output_scale"]
-    if args.time_layers:                 # --recipe authors trains their time layers: keep them
-        net = UNetViTPotential(**kw, time_layers=True)
-    step = int(ck.get("step") or 0)
-    return {"format": FORMAT, "model": authors_to_ours(strip_prefixes(ck["net_model"]), net, name),
-            "ema": authors_to_ours(sd_ema, net, name), "opt": None, "step": step,
-            "phase": "authors", "phase_start": step, "args": args_to_dict(args)}
-
 
 # ==== 6. Sampling ====
 def eval_setup(args):
@@ -1489,12 +1291,12 @@ DATASET_ROWS = {
 }
 METHOD_FLAGS = ("tau_star", "eps_max", "lambda_cd", "n_langevin", "dt", "cd_neg_clamp", "cd_trim",
                 "neg_data_frac", "flow_reduction", "tau_s", "clamp_negatives", "flow_weighting",
-                "same_temperature", "ot_replace")
+                "flow_weighting_warmup", "same_temperature", "ot_replace")
 
 def recipe_row(recipe, dataset, phase):
     """The flags --recipe sets for --dataset's row and --phase."""
     row = {**RECIPES["paper"], **RECIPES[recipe], **DATASET_ROWS.get(dataset, {})}
-    return {**{k: v for k, v in row.items() if not k.endswith(("_warmup", "_main"))},
+    return {**{k: v for k, v in row.items() if not k.startswith(("steps_", "ema_decay_"))},
             "steps": row[f"steps_{phase}"], "ema_decay": row[f"ema_decay_{phase}"]}
 
 # Which flags a mode reads (issue 22). The network's flags always come from the checkpoint (a typed
@@ -1607,8 +1409,10 @@ def build_parser(recipe="authors", modes=MODES):
     a("--cd-separate-batch", action=bool_opt, help="[r] a second data batch for CD (authors)")
     a("--flow-reduction", default="sum", choices=("mean", "sum"),
       help="[r] mean (authors) or sum: ||.||^2 (paper)")
-    a("--flow-weighting", default="off", choices=("off", "main", "both"),
-      help="[r] fade the flow loss to 0 from tau* to 1: phase 2 (authors' 2-D), both (CIFAR)")
+    a("--flow-weighting", action=bool_opt, default=False,
+      help="[r] fade the flow loss to 0 from tau* to 1 in phase 2 (authors)")
+    a("--flow-weighting-warmup", action=bool_opt, default=False,
+      help="[r] the same in phase 1 (authors' CIFAR-10 code)")
     a("--no-ot", action="store_true", help="random instead of exact-OT pairs (ablation)")
     a("--ot-replace", action=bool_opt, default=False,
       help="[r] draw the B OT pairs from the plan with replacement (authors' torchcfm) or use the "

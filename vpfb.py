@@ -1425,7 +1425,7 @@ METHOD_FLAGS = ("kappa", "eta", "lam_cos", "lam_gx", "lam_gt", "cov_form", "cos_
 def recipe_row(recipe, dataset, phase):
     """The flags --recipe sets for --dataset's row and --phase."""
     row = {**RECIPES["paper"], **RECIPES[recipe], **DATASET_ROWS.get(dataset, {})}
-    return {**{k: v for k, v in row.items() if not k.endswith(("_warmup", "_main"))},
+    return {**{k: v for k, v in row.items() if not k.startswith(("steps_", "ema_decay_"))},
             "steps": row[f"steps_{phase}"], "ema_decay": row[f"ema_decay_{phase}"]}
 
 # Which flags a mode reads (issue 22). The network's flags always come from the checkpoint (a typed

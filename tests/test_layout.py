@@ -11,15 +11,16 @@ import tokenize
 import pytest
 
 import energy_matching as em
+import energy_matching_convert as emc
 import energy_matching_experiments as emx
 import vpfb
-import vpfb_convert
+import vpfb_convert as vpc
 import vpfb_experiments as vpx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FILES = ["energy_matching.py", "energy_matching_experiments.py", "vpfb.py", "vpfb_experiments.py",
-         "vpfb_convert.py", "toy2d.py", "eval_fid.py"]
-SIBLINGS = [(em, emx), (vpfb, vpx), (vpfb, vpfb_convert)]      # (method file, a file that extends it)
+FILES = ["energy_matching.py", "energy_matching_experiments.py", "energy_matching_convert.py",
+         "vpfb.py", "vpfb_experiments.py", "vpfb_convert.py", "toy2d.py", "eval_fid.py"]
+SIBLINGS = [(em, emx), (em, emc), (vpfb, vpx), (vpfb, vpc)]    # (method file, a file that extends it)
 BANNERS = ["# ==== 1. The method ====", "# ==== 2. Networks ====",
            "# ==== ENGINEERING: nothing below this line is in the paper ====",
            "# ==== 3. Data ====", "# ==== 4. Training loop ====", "# ==== 5. Checkpoints ====",

@@ -66,8 +66,7 @@ def test_bare_classes_are_the_printed_method_and_presets_are_dicts():
     P = vpfb.VPFB(lambda x, t: x.sum(1))
     assert (P.cov_form, P.kappa, P.lam_gt, P.weight_on, P.bfactor) == ("cov", 2.0, 1.0, "cov", 2.0)
     A = em.EnergyMatching(lambda x: x.sum(1), **em.AUTHORS)
-    assert all(getattr(A, k) == (v if k != "flow_weighting" else "both")
-               for k, v in em.AUTHORS.items())
+    assert all(getattr(A, k) == v for k, v in em.AUTHORS.items())
     for mod, presets in ((em, {"authors": em.AUTHORS}),
                          (vpfb, {"authors": vpfb.AUTHORS, "ours": vpfb.OURS})):
         for name, preset in presets.items():
@@ -86,7 +85,7 @@ def test_recipes_are_plain_dicts_and_help_shows_their_values(mod, cls, capsys):
     import inspect
     sig = inspect.signature(getattr(mod, cls)).parameters
     flags = mod.build_parser("paper").parse_args([])
-    as_flag = {"clamp_negatives": False, "flow_weighting": "off"}   # EM: None / False as flags
+    as_flag = {"clamp_negatives": False}                     # EM: None (no clamp) as a flag
     for k in mod.METHOD_FLAGS:
         assert getattr(flags, k) == as_flag.get(k, sig[k].default), k
     with pytest.raises(SystemExit):
