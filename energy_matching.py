@@ -1200,7 +1200,7 @@ def load_checkpoint(path):
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         fmt = ck.get("format") if isinstance(ck, dict) else type(ck).__name__
         die(f"{path} is not an Energy Matching checkpoint (format {fmt!r}, not {FORMAT!r})")
-    saved = ck.setdefault("args", {})                     # files written before these flags:
+    saved = ck.setdefault("args", {})                     # files written before the renames
     saved.setdefault("time_layers", False)
     if isinstance(saved.get("flow_weighting"), str):      # "off" | "main" | "both"
         saved["flow_weighting_warmup"] = saved["flow_weighting"] == "both"
@@ -1362,7 +1362,7 @@ def build_parser(recipe="authors", modes=MODES):
     a("--phase", default="warmup", choices=("warmup", "main"), help="Alg. 1 or Alg. 2 (+ CD)")
     a("--recipe", default="authors", choices=RECIPES, help="authors' CIFAR code or the paper")
     a("--dataset", default="cifar10", choices=DATASETS, help="training / evaluation images")
-    a("--data-dir", default="data", help="dataset folder (npz: the .npz file)")
+    a("--data-dir", default="data", help="dataset folder (npz: the .npz file, uint8 NHWC)")
     a("--image-size", type=pos_int, help="image side (celeba64 64; mnist 28; npz: the file's)")
     a("--channels", type=pos_int, help="channels (mnist 1; npz: the file's)")
     a("--fake-size", type=pos_int, default=256, help="number of FakeData images")
@@ -1381,7 +1381,7 @@ def build_parser(recipe="authors", modes=MODES):
            "the count, as the authors' resumed scheduler does")
     a("--grad-clip", type=nonneg_float, default=1.0, help="gradient-norm clipping (0 = off)")
     a("--ema-decay", type=unit_float, help="[r] EMA decay (authors' phase 2: 0.99)")
-    a("--ema-warmup", action=bool_opt, default=True, help="min(decay, (1+n)/(10+n)); no: authors")
+    a("--ema-warmup", action=bool_opt, default=True, help="min(decay, (1+n)/(10+n)); no: const")
     a("--no-ema", action="store_true", help="grids / sampling with the raw weights, not the EMA")
     a("--arch", default="auto", choices=("auto", "unetvit", "cnn"),
       help="network: UNet+ViT (Fig. 5) or the MNIST CNN (App. C); auto: CNN for MNIST-like data")
@@ -1541,7 +1541,7 @@ def resolve_args(args, typed=(), settings=MODE_SETTINGS):
     check_memory(args)
     reads = set(vars(args)) if args.mode == "train" else EVAL_READS | set(settings[args.mode])
     if args.mode == "train" and args.ck_ is None and not args.resume:
-        reads.discard("ckpt")                     # phase warmup reads --ckpt only to resume
+        reads.discard("ckpt")                               # training reads --ckpt only to resume
     for k in sorted(set(typed) - reads):
         print(f"warning: --{k.replace('_', '-')} has no effect in --mode {args.mode}"
               + (" without --resume" if k == "ckpt" else ""), file=sys.stderr)

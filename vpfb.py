@@ -1226,7 +1226,7 @@ def cmd_train(args):
             # ---- the algorithm: one step of Eq. (27) ----
             if ncls:                                   # labels, a share replaced by the null class
                 cond.y = torch.where(torch.rand(y.shape[0], device=device) < p_uncond, ncls, y)
-            lr_now = warmup_lr(lr, step, warmup)                       # linear warm-up (authors)
+            lr_now = warmup_lr(lr, step, warmup)                       # linear warm-up from step 0
             logs, ok, signum = train_step(method, net, opt, dict(xbar=x), lr_now, clip, world,
                                           stop.signum or 0)
             if ok:
@@ -1557,11 +1557,11 @@ def build_parser(recipe="authors", modes=MODES):
     a("--sgld-step", type=pos_float, default=1e-5, help="SGLD step Delta (Sec. 4.6)")
     a("--sgld-temp", type=nonneg_float, default=1.0, help="SGLD temperature lambda (noise std)")
     a("--clamp", action="store_true", help="clamp samples to [-1, 1] at the end")
-    a("--amp", default="auto", choices=["auto", "bf16", "none"], help="bf16 trunk (auto: on CUDA)")
+    a("--amp", default="auto", choices=("auto", "bf16", "none"), help="bf16 trunk (auto: on CUDA)")
     a("--compile", action="store_true",
       help="torch.compile the loss (via torch.func) and the potential for sampling")
     a("--channels-last", action="store_true", help="channels_last memory (faster convs on GPU)")
-    a("--resume", action="store_true", help="resume from --ckpt, else <out-dir>/ckpt_main.pt")
+    a("--resume", action="store_true", help="resume from --ckpt, else <out-dir>/ckpt_<phase>.pt")
     a("--ckpt", help="checkpoint to read (authors' files: vpfb_convert.py); outputs: --out-dir")
     a("--log-every", type=nonneg_int, default=100, help="log every N steps (0 = off)")
     a("--save-every", type=nonneg_int, default=5000, help="checkpoint every N steps (0 = at end)")
@@ -1569,7 +1569,8 @@ def build_parser(recipe="authors", modes=MODES):
       help="sample grid every N steps (0 = only at the end)")
     a("--num-samples", type=nonneg_int, default=64, help="samples to draw (50000 for FID)")
     a("--sample-batch", type=pos_int, default=256, help="batch size when sampling")
-    p.set_defaults(**recipe_row(recipe, "cifar10", "main"), image_size=32, channels=3)
+    p.set_defaults(**recipe_row(recipe, "cifar10", "main"), image_size=32, channels=3,
+                   phase="main")                       # VPFB trains in one phase: "main"
     return p
 
 def find_checkpoint(args):
@@ -1603,7 +1604,6 @@ def parse_args(argv=None, parser=build_parser, settings=MODE_SETTINGS):
     argv = list(sys.argv[1:] if argv is None else argv)
     args, typed = parser().parse_args(argv), typed_flags(parser(), argv)
     args.out_dir = args.out_dir or os.path.join("runs", f"vpfb_{args.dataset}")
-    args.phase = "main"                                                # VPFB trains in one phase
     ck, keys = find_checkpoint(args)
     saved = {k: ck["args"][k] for k in keys if k not in typed and hasattr(args, k)}
     clash = [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint: {ck['args'][k]})"
@@ -1618,7 +1618,7 @@ def parse_args(argv=None, parser=build_parser, settings=MODE_SETTINGS):
     p.set_defaults(**row)
     p.set_defaults(**saved)                                     # 2. the checkpoint's
     args = p.parse_args(argv)                                   # 3. the typed flags
-    args.out_dir, args.phase, args.ck_, args.argv_ = first.out_dir, "main", ck, argv
+    args.out_dir, args.ck_, args.argv_ = first.out_dir, ck, argv
     args.sources_ = {**dict.fromkeys([*row, *METHOD_FLAGS], "recipe"),
                      **dict.fromkeys(saved, "checkpoint"), **dict.fromkeys(typed, "flag")}
     return resolve_args(args, typed, settings)
