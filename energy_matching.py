@@ -1054,7 +1054,7 @@ def cmd_train(args):
         ema = copy.deepcopy(net).eval().requires_grad_(False)
         opt = build_optimizer(net, args)
         ema_n = 0
-        if ck is not None:                     # our phase-1 or phase-2 run, or the authors' file
+        if ck is not None:                     # our phase-1 or phase-2 run, or a converted file
             load_states(ck, net, ema, opt)
             ema_n = int(ck.get("ema_n", start))
             log(f"{'resumed' if resumed else 'starting'} from {ck['path']} at step {start}")
@@ -1429,7 +1429,8 @@ def build_parser(recipe="authors", modes=MODES):
       help="torch.compile the loss (via torch.func) and the potential for sampling")
     a("--channels-last", action="store_true", help="channels_last memory (faster convs on GPU)")
     a("--resume", action="store_true", help="resume from --ckpt, else <out-dir>/ckpt_<phase>.pt")
-    a("--ckpt", help="checkpoint to read (ours or the authors'); outputs go to --out-dir")
+    a("--ckpt", help="checkpoint to read (authors' files: energy_matching_convert.py first); "
+                     "outputs go to --out-dir")
     a("--log-every", type=nonneg_int, default=100, help="log every N steps (0 = off)")
     a("--save-every", type=nonneg_int, default=5000, help="checkpoint every N steps (0 = at end)")
     a("--sample-every", type=nonneg_int, default=5000,

@@ -1174,7 +1174,7 @@ def cmd_train(args):
         ema = copy.deepcopy(net).eval().requires_grad_(False)
         opt = build_optimizer(net, args)
         ema_n = 0
-        if ck is not None:                     # our run, or the authors' file (a fresh Adam)
+        if ck is not None:                     # our run, or a converted file (a fresh Adam)
             load_states(ck, net, ema, opt)
             ema_n = int(ck.get("ema_n", start))
             log(f"{'resumed' if resumed else 'starting'} from {ck['path']} at step {start}")
