@@ -612,7 +612,8 @@ FLIP_SETS = ("cifar10", "celeba64", "folder")                         # random h
 CELEBA_ATTRS = ("Male", "Smiling", "Young")             # classes 0, 1, 2 of --class-cond (3 = none)
 
 def die(msg, code=2):
-    """One line "error: ..." on stderr, no traceback; exit 2: bad input, 3: non-finite numbers."""
+    """One line "error: ..." on stderr, no traceback; exit 2: bad input, 3: non-finite numbers,
+    130: interrupted (Ctrl-C)."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(code)
 
@@ -1573,15 +1574,25 @@ def build_parser(recipe="authors", modes=MODES):
                    phase="main")                       # VPFB trains in one phase: "main"
     return p
 
+def refuse_to_replace(args, phases):
+    """A training run never replaces a run: without --resume, a folder that holds this phase's
+    checkpoint, or a later phase's, is one line and exit 2, before any work."""
+    for ph in phases[phases.index(args.phase):]:
+        path = os.path.join(args.out_dir, f"ckpt_{ph}.pt")
+        if os.path.isfile(path):
+            die(f"{path} holds a run: --resume continues it, another --out-dir starts a new one")
+
 def find_checkpoint(args):
     """The checkpoint a mode starts from and the flags it hands on, or (None, ()) for a fresh run:
-    train --resume: --ckpt, else ckpt_main.pt (all its training flags); the other modes: --ckpt,
-    else the run's ckpt_main.pt."""
+    train --resume: the run's own ckpt_main.pt (it continues this run), else --ckpt (all its
+    training flags); the other modes: --ckpt, else the run's ckpt_main.pt."""
     own = os.path.join(args.out_dir, f"ckpt_{args.phase}.pt")
     if args.mode == "train":
+        if not args.resume:
+            refuse_to_replace(args, ("main",))
         if not (args.resume and (args.ckpt or os.path.isfile(own))):
             return None, ()
-        ck = load_checkpoint(args.ckpt or own)
+        ck = load_checkpoint(own if os.path.isfile(own) else args.ckpt)
         skip = RUN_FLAGS | (set() if ck.get("phase") == args.phase else PHASE_KEYS)
         return ck, [k for k in ck["args"] if k not in skip]
     if not (args.ckpt or os.path.isfile(own)):
@@ -1698,6 +1709,8 @@ def main(argv=None, parser=build_parser, modes=MODES, settings=MODE_SETTINGS):
     try:
         with run_lock(args.out_dir, int(os.environ.get("RANK", "0")) == 0):
             return modes[args.mode](args)
+    except KeyboardInterrupt:          # training saves on its own; other modes write at the end
+        die(f"--mode {args.mode} interrupted: nothing new written, earlier outputs kept", 130)
     except RuntimeError as e:                           # torch.OutOfMemoryError is one
         if "allocate" not in str(e) and "out of memory" not in str(e):
             raise

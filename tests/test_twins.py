@@ -510,3 +510,78 @@ def test_warmup_starts_at_lr_zero_and_metrics_keep_tiny_learning_rates(mod, tiny
     with open(os.path.join(out, "metrics.jsonl")) as f:
         lrs = [json.loads(s)["lr"] for s in f]
     assert lrs == [0.0, 1e-7]
+
+
+def _stop_at(mod, monkeypatch, step):
+    """A real SIGTERM to this process once `step`'s metrics are written (as a preempted job)."""
+    import signal
+    real = mod.Logger.metrics
+
+    def metrics_then_kill(self, rec):
+        real(self, rec)
+        if rec["step"] == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(mod.Logger, "metrics", metrics_then_kill)
+
+
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_the_printed_resume_command_continues_a_run_started_from_ckpt(mod, tiny, ckpt, tmp_path,
+                                                                       capsys, monkeypatch):
+    """A run started from another run's --ckpt, stopped by SIGTERM, prints a command that still
+    holds that --ckpt; run as printed it continues THIS run from its own checkpoint (before: it went
+    back to the --ckpt file and overwrote the run's checkpoint)."""
+    import shlex
+    first, run = str(tmp_path / "first"), str(tmp_path / "run")
+    mod.main(tiny + ["--steps", "2", "--out-dir", first])
+    _stop_at(mod, monkeypatch, 4)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        mod.main(tiny + ["--resume", "--ckpt", f"{first}/{ckpt}", "--steps", "6", "--out-dir", run])
+    monkeypatch.undo()
+    assert e.value.code == 143
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    argv = shlex.split(line.split("resume: ", 1)[1])[2:]          # drop "python <file>"
+    assert f"{first}/{ckpt}" in argv and argv[-1] == "--resume"
+    stopped = mod.load_checkpoint(f"{run}/{ckpt}")["step"]
+    assert 4 <= stopped < 6
+    mod.main(argv)
+    out = capsys.readouterr().out
+    assert f"resumed from {run}/{ckpt} at step {stopped}" in out, out
+    assert mod.load_checkpoint(f"{run}/{ckpt}")["step"] == 6
+    steps = [json.loads(s)["step"] for s in open(f"{run}/metrics.jsonl")]
+    assert steps == [3, 4, 5, 6], steps                           # nothing cut back or repeated
+
+
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_the_same_command_again_never_replaces_a_run(mod, tiny, ckpt, tmp_path, capsys):
+    """Training again into a folder that holds a run, without --resume: one line naming --resume
+    and --out-dir, exit 2, no file touched (before: the checkpoint was silently replaced)."""
+    out = str(tmp_path)
+    mod.main(tiny + ["--steps", "2", "--out-dir", out])
+    before = files(out)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        mod.main(tiny + ["--steps", "2", "--out-dir", out])
+    err = one_error(capsys, e)
+    assert ckpt in err and "--resume" in err and "--out-dir" in err
+    assert files(out) == before
+
+
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_ctrl_c_while_sampling_is_one_line_and_keeps_old_outputs(mod, tiny, ckpt, tmp_path,
+                                                                 capsys, monkeypatch):
+    """Ctrl-C during --mode sample: exit 130 and one line (before: an 82-line traceback), the
+    folder as it was."""
+    out = str(tmp_path)
+    mod.main(tiny + ["--steps", "1", "--out-dir", out])
+    before = files(out)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(mod, "generate", interrupted)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--mode", "sample", "--num-samples", "2", "--device", "cpu", "--threads", "1",
+                  "--out-dir", out])
+    assert "interrupted" in one_error(capsys, e, code=130)
+    assert files(out) == {k: v for k, v in before.items()}

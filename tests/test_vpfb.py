@@ -812,7 +812,7 @@ def test_threads_flag(tmp_path, monkeypatch):
     assert torch.get_num_threads() == 1
     cores = len(vpfb.os.sched_getaffinity(0))
     monkeypatch.setattr(vpfb.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    vpfb.main(TINY[:-2] + ["--threads", "0", "--steps", "0", "--out-dir", str(tmp_path)])
+    vpfb.main(TINY[:-2] + ["--threads", "0", "--steps", "0", "--out-dir", str(tmp_path / "b")])
     assert torch.get_num_threads() == cores == vpfb.pick_threads(0)
     monkeypatch.setattr(vpfb.os, "getloadavg", lambda: (cores + 4.0, 0.0, 0.0))   # others busy
     assert vpfb.pick_threads(0) == 1 and vpfb.pick_threads(3) == 3
