@@ -661,23 +661,75 @@ def face_crop(im):
     import torchvision.transforms.functional as TF
     return TF.center_crop(im, 140) if min(im.size) >= 178 else im
 
-def image_folder(path, tf, name):
-    """An ImageFolder whose every file is opened once here (header), not first mid-training."""
-    import torchvision.datasets as D
-    from PIL import Image
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+def list_images(root):
+    """ImageFolder's listing (class k = the k-th sub-folder of root, images sorted as it sorts
+    them), with each folder walked once: a link back into a folder already walked (a/up -> ..)
+    is not followed, so no image is listed twice. An unreadable folder is one line, exit 2."""
+    def unreadable(e):
+        die(f"cannot list folder {e.filename} ({e.strerror or e})")
+    seen, samples = {os.path.realpath(root)}, []
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    for k, c in enumerate(classes):
+        found = []
+        for d, dirs, fs in os.walk(os.path.join(root, c), onerror=unreadable, followlinks=True):
+            if os.path.realpath(d) in seen:
+                dirs.clear()
+                continue
+            seen.add(os.path.realpath(d))
+            found += [(d, f) for f in fs if f.lower().endswith(IMAGE_EXTS)]
+        samples += [(os.path.join(d, f), k) for d, f in sorted(found)]
+    return samples, classes
+
+def check_image(path):
+    """eval_fid.py's test of an image, at load time: it opens, verifies (PNG: each chunk's CRC),
+    decodes to the end (a truncated JPEG fails only there) and is 8-bit (a 16-bit PNG would
+    become white when made RGB). A fault is one line naming the file, exit 2."""
+    from PIL import Image, ImageMode
     try:
-        ds = D.ImageFolder(path, transform=tf)
-    except (FileNotFoundError, OSError) as e:
-        what = ("CelebA images (e.g. img_align_celeba/*.jpg) in a sub-folder"
-                if name != "folder" else "images in at least one sub-folder")
+        with Image.open(path) as im:
+            im.verify()
+        with Image.open(path) as im:                      # verify() leaves `im` unusable
+            mode = im.mode
+            im.load()
+    except Exception as e:
+        why = " ".join(str(e).split())[:200]
+        die(f"cannot read image {path} ({type(e).__name__}: {why}); remove or replace it")
+    if ImageMode.getmode(mode).typestr not in ("|u1", "|b1"):
+        die(f"image {path} has mode {mode}, not 8-bit; save 8-bit images (convert or remove it)")
+
+class ImageFiles(torch.utils.data.Dataset):
+    """(transformed RGB image, class) of a list_images() listing, as ImageFolder gives them."""
+
+    def __init__(self, samples, classes, transform):
+        self.samples, self.classes, self.transform = samples, classes, transform
+        self.target_transform = None
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        path, y = self.samples[i]
+        with Image.open(path) as im:
+            x = self.transform(im.convert("RGB"))
+        return x, (y if self.target_transform is None else self.target_transform(y))
+
+def image_folder(path, tf, name):
+    """The images of root/<class>/..., each checked once here (check_image), not mid-training."""
+    what = ("CelebA images (e.g. img_align_celeba/*.jpg) in a sub-folder"
+            if name != "folder" else "images in at least one sub-folder")
+    try:
+        samples, classes = list_images(path)
+    except OSError as e:
         die(f"no image folder at {os.path.abspath(path)} ({type(e).__name__}); put {what} there")
-    for p, _ in ds.samples:
-        try:
-            with Image.open(p) as im:
-                im.verify()
-        except Exception as e:
-            die(f"cannot read image {p} ({type(e).__name__}); remove or replace it")
-    return ds
+    if not samples:
+        die(f"no images ({', '.join(IMAGE_EXTS)}) in the sub-folders of {os.path.abspath(path)}; "
+            f"put {what} there")
+    for p, _ in samples:
+        check_image(p)
+    return ImageFiles(samples, classes, tf)
 
 def build_dataset(args, train=True, name=None):
     """(image in [-1, 1], label) pairs of --dataset (or `name`); a missing set is one line, exit 2.
@@ -1224,8 +1276,8 @@ def cmd_train(args):
         clip = args.grad_clip if args.clip_mode == "norm" else 0.0   # std: build_optimizer
         decay, ema_warmup, which = args.ema_decay, args.ema_warmup, "raw" if args.no_ema else "ema"
         ncls, p_uncond = (args.num_classes, args.p_uncond) if args.class_cond else (0, 0.0)
-        log(f"vpfb | recipe {args.recipe} | {args.dataset} {shape} | {args.arch} "
-            f"{count_params(net) / 1e6:.2f}M params | device {device} x {world} | "
+        log(f"vpfb | recipe {args.recipe} | {args.dataset}: {len(ds)} images {shape} | "
+            f"{args.arch} {count_params(net) / 1e6:.2f}M params | device {device} x {world} | "
             f"{'bf16 trunk' if net.amp else 'fp32'} | threads {torch.get_num_threads()} | steps "
             f"{start}->{end} | batch {args.batch_size}/rank | lr {lr} | loss "
             f"{ {k: getattr(args, k) for k in METHOD_FLAGS} } | EMA {decay}"

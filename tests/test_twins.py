@@ -186,6 +186,70 @@ def test_faulty_data_is_one_line_before_any_network(mod, tiny, ckpt, tmp_path, c
         assert "labels 0..K-1" in one_error(capsys, e)
 
 
+def bad_image_folders(root):
+    """Folders of 4 good 8 x 8 images plus one fault each: {name: (path, the file to name)}."""
+    from PIL import Image
+    out = {}
+    for name in ("png16", "cut_jpeg", "bad_crc", "loop"):
+        d = root / name / "a"
+        d.mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(d / f"{i}.png")
+        out[name] = (str(root / name), None)
+    grey16 = np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000          # white as RGB
+    Image.fromarray(grey16).save(root / "png16" / "a" / "deep.png")
+    out["png16"] = (out["png16"][0], "deep.png")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
+        root / "cut_jpeg" / "a" / "cut.jpg", quality=95)
+    jpeg = (root / "cut_jpeg" / "a" / "cut.jpg").read_bytes()
+    (root / "cut_jpeg" / "a" / "cut.jpg").write_bytes(jpeg[:len(jpeg) // 2])   # a partial copy
+    png = bytearray((root / "bad_crc" / "a" / "0.png").read_bytes())
+    png[40] ^= 0xFF                                                        # a flipped byte
+    (root / "bad_crc" / "a" / "crc.png").write_bytes(bytes(png))
+    out["cut_jpeg"], out["bad_crc"] = (out["cut_jpeg"][0], "cut.jpg"), (out["bad_crc"][0], "crc.png")
+    os.symlink("..", root / "loop" / "a" / "up")                           # a/up -> .. : a loop
+    os.symlink(".", root / "loop" / "a" / "self")
+    return out
+
+
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_image_folders_get_eval_fid_s_checks_at_load(mod, tiny, ckpt, tmp_path, capsys,
+                                                     monkeypatch):
+    """--dataset folder: a 16-bit PNG (it trained as white), a truncated JPEG (it stopped the run
+    at the first batch holding it, naming no file) and a PNG with a bad CRC are one line naming
+    the file, exit 2, before any network; eval_fid.py refuses the same files. A folder whose links
+    loop (a/up -> ..) lists each image once, and the training banner says how many."""
+    import eval_fid
+    folders = bad_image_folders(tmp_path)
+    no_network(mod, monkeypatch)
+    for name, (path, culprit) in folders.items():
+        if culprit is None:
+            continue
+        with pytest.raises(SystemExit) as e:
+            mod.main(tiny + ["--dataset", "folder", "--data-dir", path, "--batch-size", "2",
+                             "--steps", "1", "--out-dir", str(tmp_path / "o")])
+        err = one_error(capsys, e)
+        assert culprit in err and "Traceback" not in err, (name, err)
+        with pytest.raises(eval_fid.FIDError, match=culprit):
+            eval_fid.check_images(path)
+    monkeypatch.undo()
+    samples, classes = mod.list_images(folders["loop"][0])
+    assert classes == ["a"] and sorted(os.path.basename(p) for p, _ in samples) == [
+        f"{i}.png" for i in range(4)]
+    mod.main(tiny + ["--dataset", "folder", "--data-dir", folders["loop"][0], "--batch-size", "2",
+                     "--steps", "1", "--out-dir", str(tmp_path / "loop_run")])
+    assert "| folder: 4 images (3, 8, 8) |" in capsys.readouterr().out
+
+
+def test_the_image_folder_code_is_one_text_in_both_twins():
+    """One implementation of the folder reader, the same text in both method files."""
+    import inspect
+    for name in ("IMAGE_EXTS", "list_images", "check_image", "ImageFiles", "image_folder"):
+        a, b = getattr(em, name), getattr(vpfb, name)
+        assert (a == b) if isinstance(a, tuple) else inspect.getsource(a) == inspect.getsource(b)
+
+
 @pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
 def test_full_disk_is_one_line_and_leaves_no_temporary_file(mod, tiny, ckpt, tmp_path, capsys,
                                                             monkeypatch):
