@@ -995,9 +995,28 @@ def atomic(path):
         why = getattr(e, "strerror", None) or str(e).strip().splitlines()[-1][:120]
         die(f"cannot write {path} ({why}); disk full or a file-size limit?")
 
+def strict_json(obj, **kw):
+    """json.dumps that writes strict JSON: a NaN or infinity becomes null, and its key path and
+    value are listed under "non_finite" ({"loss": null, "non_finite": {"loss": "nan"}})."""
+    bad = {}
+
+    def clean(v, at):
+        if isinstance(v, float) and not math.isfinite(v):
+            bad[at] = str(float(v))                                   # 'nan', 'inf', '-inf'
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x, f"{at}.{k}" if at else str(k)) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x, f"{at}[{i}]") for i, x in enumerate(v)]
+        return v
+    obj = clean(obj, "")
+    if bad and isinstance(obj, dict):
+        obj = {**obj, "non_finite": {**obj.get("non_finite", {}), **bad}}
+    return json.dumps(obj, allow_nan=False, **kw)
+
 def write_json(out_dir, name, obj):
     with atomic(os.path.join(out_dir, name)) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+        f.write(strict_json(obj, indent=1))
 
 def sig(v, digits=7):
     """A float to `digits` significant digits for metrics.jsonl (a warm-up lr of 1e-8 stays)."""
@@ -1006,7 +1025,7 @@ def sig(v, digits=7):
 def report(out_dir, name, obj):
     """A mode's result: <out-dir>/<name> and the same JSON on stdout."""
     write_json(out_dir, name, obj)
-    print(json.dumps(obj))
+    print(strict_json(obj))
 
 class Logger:
     """Plain-text log (stdout + <out>/train.log) and JSON-lines metrics, rank 0 only."""
@@ -1029,14 +1048,14 @@ class Logger:
 
     def metrics(self, rec):
         if self.active:
-            self.append(self.metrics_path, json.dumps(rec) + "\n")
+            self.append(self.metrics_path, strict_json(rec) + "\n")
 
     def truncate_metrics(self, upto):
         """On (re)start at step `upto`: drop records past it (no duplicate steps on resume)."""
         if self.active and os.path.exists(self.metrics_path):
             keep = [r for r in self.read_metrics() if r.get("step", 0) <= upto]
             with atomic(self.metrics_path) as tmp, open(tmp, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in keep)
+                f.writelines(strict_json(r) + "\n" for r in keep)
 
     def read_metrics(self, phase=None):
         """The records of `phase` (all of them when phase is None or a record has no phase)."""
@@ -1044,6 +1063,8 @@ class Logger:
             return []
         with open(self.metrics_path) as f:
             recs = [json.loads(s) for s in f if s.strip()]
+        for r in recs:                                      # strict_json's nulls: NaN, inf again
+            r.update((k, float(v)) for k, v in r.pop("non_finite", {}).items() if k in r)
         return [r for r in recs if phase is None or r.get("phase", phase) == phase]
 
 def to_uint8(x):

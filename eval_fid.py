@@ -995,16 +995,35 @@ def check_writable(path, flag):
     except OSError as e:
         raise FIDError(f"cannot write {flag} {path} ({e.strerror or e})") from None
 
+def strict_json(obj, **kw):
+    """json.dumps that writes strict JSON: a NaN or infinity becomes null, and its key path and
+    value are listed under "non_finite" ({"loss": null, "non_finite": {"loss": "nan"}})."""
+    bad = {}
+
+    def clean(v, at):
+        if isinstance(v, float) and not math.isfinite(v):
+            bad[at] = str(float(v))                                   # 'nan', 'inf', '-inf'
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x, f"{at}.{k}" if at else str(k)) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x, f"{at}[{i}]") for i, x in enumerate(v)]
+        return v
+    obj = clean(obj, "")
+    if bad and isinstance(obj, dict):
+        obj = {**obj, "non_finite": {**obj.get("non_finite", {}), **bad}}
+    return json.dumps(obj, allow_nan=False, **kw)
+
 def write_json(path, obj):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
+        f.write(strict_json(obj, indent=2))
     os.replace(tmp, path)
 
 def cmd_selfcheck(args):
     res = selfcheck(args.src, args.weights, args.num_images, tol=args.tol)
-    print(json.dumps(res, indent=2))
+    print(strict_json(res, indent=2))
     worst = max(res["max_abs_diff"], res.get("max_abs_diff_vs_weights", 0.0))
     verdict = "PASS" if res["pass"] else "FAIL"
     print(f"selfcheck {verdict}: converted weights vs fid-helper's network, max |diff| {worst:.3g} "

@@ -38,7 +38,6 @@ Outputs in runs/<method>_<source>_<target>/ :
     model.pt          the trained network (a self-describing dict, see save_checkpoint)
 """
 import argparse
-import json
 import math
 import os
 import platform
@@ -740,8 +739,7 @@ def run_one(a, log_fn=print):
     m["eval_seconds"] = round(time.time() - t_eval, 2)
     m["args"] = plain_args(a)
     with open(os.path.join(a.out_dir, "metrics.json"), "w") as f:  # NaN -> null: strict JSON
-        json.dump({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                   for k, v in m.items()}, f, indent=2)
+        f.write(em.strict_json(m, indent=2))
     log_fn(f"   {tag}: W2 {m['w2']:.4f} (floor {m['w2_floor_target_vs_target']:.4f}) | MMD^2 "
            f"{m['mmd2']:.5f} | NLL {fmt(m['nll'])} (flat {m['nll_flat']:.3f}, untrained "
            f"{fmt(m['nll_untrained'])}) | train {train_s:.1f}s, eval {m['eval_seconds']:.1f}s "

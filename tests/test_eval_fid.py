@@ -728,6 +728,31 @@ def test_cli_never_prints_minus_zero(inputs, capsys, monkeypatch):
     assert E.fmt(-0.00004, 4) == "0.0000" and E.fmt(-0.00006, 4) == "-0.0001"
 
 
+def strict_load(text):
+    """json.loads that refuses the bare NaN / Infinity that Python's json writes by default."""
+    def refuse(c):
+        raise ValueError(f"not strict JSON: bare {c}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_is_strict_a_nan_is_null_with_its_reason(inputs, capsys, monkeypatch):
+    # --json and selfcheck's printed JSON: a NaN or inf is null, listed under "non_finite"
+    monkeypatch.setattr(E, "build_inception",
+                        lambda weights=None, device="cpu", isc=False: TinyNet())
+    monkeypatch.setattr(E, "kid", lambda *a, **k: (float("nan"), float("inf")))
+    E.main(["six.npz", "--ref", "six.npz", "--kid", "--kid-subset-size", "6", "--no-progress",
+            "--json", "fid.json"])
+    res = strict_load(open("fid.json").read())
+    assert res["kid_mean"] is None and res["kid_std"] is None and res["fid"] >= 0
+    assert res["non_finite"] == {"kid_mean": "nan", "kid_std": "inf"}
+    capsys.readouterr()
+    monkeypatch.setattr(E, "selfcheck", lambda *a, **k: {"max_abs_diff": float("nan"),
+                                                        "pass": False, "images": 2})
+    code, out, _ = run_main(["selfcheck"], capsys)
+    res = strict_load(out[:out.rindex("}") + 1])
+    assert code == 1 and res["max_abs_diff"] is None and res["non_finite"] == {"max_abs_diff": "nan"}
+
+
 @pytest.mark.parametrize("offset,verdict", [(0.0, "PASS"), (1e-2, "FAIL"), (float("nan"), "FAIL")])
 def test_selfcheck_prints_pass_or_fail_and_exits_non_zero_on_fail(tmp_path, capsys, monkeypatch,
                                                                 offset, verdict):

@@ -497,6 +497,19 @@ def test_bad_input_one_line_exit_2_subprocess(tmp_path, case):
     _check_one_line_error(r.stderr, needle)
 
 
+def test_metrics_json_is_strict_a_nan_is_null_with_its_reason(tmp_path, monkeypatch):
+    """metrics.json is strict JSON: a NaN metric is null, listed under "non_finite" (the same
+    rule as every JSON of the project, energy_matching.strict_json)."""
+    monkeypatch.setattr(toy2d, "mmd2_rbf", lambda *a, **k: float("nan"))
+
+    def refuse(c):
+        raise ValueError(f"not strict JSON: bare {c}")
+    toy2d.main(["--method", "otcfm", "--steps", "2", "--no-plots", "--out-dir", str(tmp_path)]
+               + TINY)
+    m = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=refuse)
+    assert m["mmd2"] is None and m["non_finite"]["mmd2"] == "nan"
+
+
 def test_vpfb_t_inf_reaches_the_boltzmann_energy():
     # --t-inf is handed to vpfb.VPFB, and Phi_B then reads Phi at that time (not at t_max)
     a = _args(["--method", "vpfb", "--t-inf", "0.9"])

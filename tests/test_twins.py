@@ -279,6 +279,46 @@ def test_full_disk_is_one_line_and_leaves_no_temporary_file(mod, tiny, ckpt, tmp
     assert mod.load_checkpoint(os.path.join(out, ckpt))["step"] == 1   # the old one is intact
 
 
+def strict_load(text):
+    """json.loads that refuses the bare NaN / Infinity that Python's json writes by default."""
+    def refuse(c):
+        raise ValueError(f"not strict JSON: bare {c}")
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_every_json_written_is_strict(mod, tiny, ckpt, tmp_path, capsys, monkeypatch):
+    """A NaN-guarded step's NaN loss, a NaN in a mode's result: null in strict JSON, its key path
+    under "non_finite"; metrics.jsonl reads back as NaN (also after a resume rewrites it)."""
+    real = mod.train_step
+
+    def nan_step(*a, **k):
+        logs, ok, signum = real(*a, **k)
+        return {**logs, "loss": float("nan")}, False, signum
+
+    out = str(tmp_path)
+    monkeypatch.setattr(mod, "train_step", nan_step)
+    mod.main(tiny + ["--steps", "2", "--out-dir", out])
+    monkeypatch.undo()
+    summary = strict_load(open(os.path.join(out, f"summary_{ckpt[5:-3]}.json")).read())
+    assert summary["final"]["loss"] is None and summary["non_finite"] == {"final.loss": "nan"}
+    mod.main(tiny + ["--steps", "3", "--resume", "--out-dir", out])      # rewrites metrics.jsonl
+    recs = [strict_load(s) for s in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["loss"] for r in recs[:2]] == [None, None] and recs[0]["non_finite"] == {"loss": "nan"}
+    assert np.isfinite(recs[2]["loss"]) and "non_finite" not in recs[2]
+    back = mod.Logger(out).read_metrics()
+    assert np.isnan(back[0]["loss"]) and "non_finite" not in back[0]
+    capsys.readouterr()
+    mod.report(out, "r.json", {"auroc": {"svhn": float("nan")}, "v": [float("-inf"), 1.0]})
+    for text in (capsys.readouterr().out, open(os.path.join(out, "r.json")).read()):
+        r = strict_load(text)
+        assert r["auroc"]["svhn"] is None and r["v"] == [None, 1.0]
+        assert r["non_finite"] == {"auroc.svhn": "nan", "v[0]": "-inf"}
+    for name in os.listdir(out):
+        if name.endswith(".json"):
+            strict_load(open(os.path.join(out, name)).read())
+
+
 def test_a_real_file_size_limit_is_one_line_and_leaves_no_temporary_file(tmp_path):
     """The real thing once, in a subprocess: RLIMIT_FSIZE below a checkpoint's size."""
     import resource
