@@ -1100,6 +1100,21 @@ def atomic(path):
         why = getattr(e, "strerror", None) or str(e).strip().splitlines()[-1][:120]
         die(f"cannot write {path} ({why}); disk full or a file-size limit?")
 
+TEMP_EXTS = (".pt", ".json", ".jsonl", ".png", ".npz")       # what atomic() writes here
+
+def remove_temp_files(out_dir):
+    """Remove what an interrupted write of ours left in out_dir, by its exact name: atomic()'s
+    X.ext.tmp.ext (ext in TEMP_EXTS) and prepare_out_dir's .write_test_<pid>. Plain files only;
+    anything else (a user's notes.tmp.txt, a folder eval.tmp/) stays."""
+    for name in os.listdir(out_dir):
+        path, ext = os.path.join(out_dir, name), os.path.splitext(name)[1]
+        ours = (ext in TEMP_EXTS and name.endswith(f"{ext}.tmp{ext}")
+                and len(name) > len(f"{ext}.tmp{ext}"))
+        probe = name.startswith(".write_test_") and name[len(".write_test_"):].isdigit()
+        if (ours or probe) and os.path.isfile(path) and not os.path.islink(path):
+            with contextlib.suppress(OSError):
+                os.remove(path)
+
 def strict_json(obj, **kw):
     """json.dumps that writes strict JSON: a NaN or infinity becomes null, and its key path and
     value are listed under "non_finite" ({"loss": null, "non_finite": {"loss": "nan"}})."""
@@ -1166,8 +1181,20 @@ class Logger:
         """The records of `phase` (all of them when phase is None or a record has no phase)."""
         if not os.path.exists(self.metrics_path):
             return []
-        with open(self.metrics_path) as f:
-            recs = [json.loads(s) for s in f if s.strip()]
+        recs, bad = [], []
+        with open(self.metrics_path, errors="replace") as f:
+            for i, line in enumerate(f, 1):
+                try:
+                    r = json.loads(line) if line.strip() else {}
+                except ValueError:                  # kill -9 or a full disk mid-append
+                    r = None
+                if isinstance(r, dict):
+                    recs += [r] if r else []
+                else:
+                    bad.append(str(i))
+        if bad:
+            print(f"{self.metrics_path}: dropped unreadable line {', '.join(bad[:5])} (a write cut "
+                  f"short by kill -9 or a full disk?); kept the other {len(recs)} records")
         for r in recs:                                      # strict_json's nulls: NaN, inf again
             r.update((k, float(v)) for k, v in r.pop("non_finite", {}).items() if k in r)
         return [r for r in recs if phase is None or r.get("phase", phase) == phase]
@@ -1259,9 +1286,7 @@ def cmd_train(args):
     stop, log, batches = StopSignals(), Logger(args.out_dir, main_rank), None
     try:
         if main_rank:                          # temporary files of an interrupted write: garbage
-            for name in os.listdir(args.out_dir):
-                if ".tmp" in name:
-                    os.remove(os.path.join(args.out_dir, name))
+            remove_temp_files(args.out_dir)
         ds = build_dataset(args, train=True)           # data first: a fault costs no network
         if args.class_cond and (args.num_classes or 0) < num_classes_of(ds):
             if args.num_classes is not None:

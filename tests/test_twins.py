@@ -151,6 +151,44 @@ def test_one_run_per_output_folder(mod, tiny, ckpt, tmp_path, capsys):
     assert os.path.exists(os.path.join(out, ckpt)) and not os.path.exists(os.path.join(out, ".lock"))
 
 
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_start_up_removes_only_our_temporary_files(mod, tiny, ckpt, tmp_path, capsys):
+    """A killed write leaves X.ext.tmp.ext (atomic()) or .write_test_<pid>: removed at the next
+    start, by that exact name. A user's notes.tmp.txt, foo.tmp or folder eval.tmp/ stay (the
+    first was deleted, the last crashed the run with IsADirectoryError)."""
+    out = tmp_path
+    mod.main(tiny + ["--steps", "1", "--out-dir", str(out)])
+    ours = [f"{ckpt}.tmp.pt", "metrics.jsonl.tmp.jsonl", "summary_x.json.tmp.json",
+            "samples_ema_0000001.png.tmp.png", "samples.npz.tmp.npz", ".write_test_4242"]
+    users = ["notes.tmp.txt", "foo.tmp", "a.tmp.pt", "x.png.tmp.jpg", "eval.tmp/keep.json",
+             "run.json.tmp.json/keep.txt"]
+    for name in ours + users:
+        (out / name).parent.mkdir(exist_ok=True)
+        (out / name).write_text("x")
+    mod.main(tiny + ["--steps", "2", "--resume", "--out-dir", str(out)])
+    assert [n for n in ours if (out / n).exists()] == []
+    assert [n for n in users if not (out / n).exists()] == []
+    assert mod.load_checkpoint(str(out / ckpt))["step"] == 2
+
+
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_resume_after_a_partial_metrics_line(mod, tiny, ckpt, tmp_path, capsys):
+    """metrics.jsonl ending in half a line (kill -9 or a full disk mid-append) made --resume a
+    traceback: the line is dropped with one printed line, the other records are kept."""
+    out = str(tmp_path)
+    mod.main(tiny + ["--steps", "2", "--out-dir", out])
+    path = os.path.join(out, "metrics.jsonl")
+    with open(path, "a") as f:
+        f.write('{"step": 3, "phase": "x", "lo')
+    capsys.readouterr()
+    mod.main(tiny + ["--steps", "3", "--resume", "--out-dir", out])
+    said = [s for s in capsys.readouterr().out.splitlines() if "dropped" in s]
+    assert said == [f"{path}: dropped unreadable line 3 (a write cut short by kill -9 or a full "
+                    f"disk?); kept the other 2 records"]
+    recs = [strict_load(s) for s in open(path)]
+    assert [r["step"] for r in recs] == [1, 2, 3]
+
+
 def _npz(path, images, **extra):
     np.savez(path, images=images, **extra)
     return str(path)
