@@ -1739,6 +1739,7 @@ def _number(kind, ok, what):
 
 pos_int = _number(int, lambda v: v > 0, "an integer > 0")
 nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+seed_int = _number(int, lambda v: 0 <= v < 2 ** 32, "an integer in [0, 2**32)")  # as numpy
 pos_float = _number(float, lambda v: v > 0, "a finite number > 0")
 nonneg_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
 unit_float = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
@@ -1775,7 +1776,7 @@ def build_parser():
     a("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     a("--threads", type=nonneg_int, default=0,
       help="CPU threads (0: the free cores, i.e. the cores less the load average, at least 1)")
-    a("--seed", type=nonneg_int, default=0, help="random seed (each step and rank derives its own)")
+    a("--seed", type=seed_int, default=0, help="random seed (each step and rank derives its own)")
     a("--batch-size", type=pos_int, help="[r] per-process batch size (128)")
     a("--steps", type=nonneg_int, help="[r] steps of this phase (authors 145k + 2k)")
     a("--lr", type=pos_float, help="[r] Adam learning rate (authors 1.2e-3, paper 8e-4)")

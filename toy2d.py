@@ -819,6 +819,16 @@ def _number(ok, what):
         return v
     return parse
 
+def seed_int(s):
+    """--seed: an integer numpy's global seed takes (0 <= seed < 2**32); torch takes them all."""
+    try:
+        v = int(s)
+    except ValueError:
+        v = -1
+    if not 0 <= v < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {s!r}")
+    return v
+
 pos_float = _number(lambda v: v > 0, "> 0 and finite")
 nonneg_float = _number(lambda v: v >= 0, ">= 0 and finite")
 frac_float = _number(lambda v: 0 <= v <= 1, "in [0, 1]")
@@ -856,7 +866,8 @@ def build_parser():
     g.add_argument("--first-act", default="silu", choices=["silu", "relu"],
                    help="activation after the first layer (the EM authors' 2-D MLP: relu, then "
                         "silu)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (torch, numpy, data streams)")
+    g.add_argument("--seed", type=seed_int, default=0,
+                   help="random seed (torch, numpy, data streams), in [0, 2**32)")
     g.add_argument("--device", default="auto",
                    help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     g.add_argument("--out-dir", default=None,

@@ -459,6 +459,8 @@ BAD_INPUT = [
     (["--n-eval", "1"], "--n-eval must be >= 2"),                 # was MMD^2 nan with exit 0
     (["--threads", "-1"], "--threads must be >= 0"),
     (["--method", "vpfb", "--vpfb-recipe", "mine"], "invalid choice"),
+    (["--seed", str(2 ** 64)], "--seed must be an integer in [0, 2**32)"),   # was a traceback
+    (["--seed", "-1"], "--seed must be an integer in [0, 2**32), got '-1'"),
 ]
 
 

@@ -393,6 +393,20 @@ def test_requests_that_can_only_fail_are_refused_first(mod, tiny, ckpt, tmp_path
     assert mod.load_checkpoint(str(tmp_path / "zero" / ckpt))["step"] == 0
 
 
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_seeds_outside_what_the_generators_take_are_one_line(mod, tiny, ckpt, tmp_path, capsys,
+                                                             monkeypatch):
+    """--seed 2**64 was a ValueError traceback (torch.manual_seed overflows); the range is numpy's
+    and eval_fid.py's, [0, 2**32), in every script."""
+    no_network(mod, monkeypatch)
+    for seed in (str(2 ** 64), str(2 ** 32), "-1", "1e3"):
+        with pytest.raises(SystemExit) as e:
+            mod.main(tiny + ["--seed", seed, "--steps", "1", "--out-dir", str(tmp_path)])
+        err = one_error(capsys, e)
+        assert "--seed" in err and "[0, 2**32)" in err, err
+    assert mod.parse_args(tiny + ["--seed", str(2 ** 32 - 1)]).seed == 2 ** 32 - 1
+
+
 @pytest.mark.parametrize("mod", [em, vpfb])
 def test_threads_default_leaves_busy_cores_alone(mod, monkeypatch):
     cores = len(os.sched_getaffinity(0))
