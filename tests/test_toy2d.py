@@ -461,6 +461,16 @@ BAD_INPUT = [
     (["--method", "vpfb", "--vpfb-recipe", "mine"], "invalid choice"),
     (["--seed", str(2 ** 64)], "--seed must be an integer in [0, 2**32)"),   # was a traceback
     (["--seed", "-1"], "--seed must be an integer in [0, 2**32), got '-1'"),
+    # flag values that ran and reported garbage with exit 0, or a traceback (round 4)
+    (["--grid-lim", "1"], "1872 of the 2000 held-out moons points lie outside the grid"),  # NLL of
+    (["--grid-lim", "0.01", "--n-eval", "20"], "20 of the 20 held-out"),     # a few, or NaN
+    (["--grid-n", "1"], "--grid-n must be >= 2"),
+    (["--grid-n", str(10 ** 8)], "--grid-n 100000000 needs about"),          # was a traceback
+    (["--n-eval", str(10 ** 7)], "--n-eval 10000000 needs about"),
+    (["--batch-size", str(10 ** 7)], "--batch-size 10000000 needs about"),
+    (["--tau-s", "0.001"], "--tau-s 0.001 with --dt 0.01 gives a sampler of 0 steps"),
+    (["--method", "cd", "--n-langevin", "0"], "the CD baseline would use negative chains of 0"),
+    (["--steps", "10", "--n-langevin", "0"], "EM's phase 2 would use negative chains of 0 steps"),
 ]
 
 
