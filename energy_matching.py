@@ -999,12 +999,13 @@ TEMP_EXTS = (".pt", ".json", ".jsonl", ".png", ".npz")       # what atomic() wri
 
 def remove_temp_files(out_dir):
     """Remove what an interrupted write of ours left in out_dir, by its exact name: atomic()'s
-    X.ext.tmp.ext (ext in TEMP_EXTS) and prepare_out_dir's .write_test_<pid>. Plain files only;
-    anything else (a user's notes.tmp.txt, a folder eval.tmp/) stays."""
+    X.ext.tmp.ext (X.ext.tmp before it kept the extension), ext in TEMP_EXTS, and
+    prepare_out_dir's .write_test_<pid>. Plain files only; anything else (a user's notes.tmp.txt,
+    a folder eval.tmp/) stays."""
     for name in os.listdir(out_dir):
-        path, ext = os.path.join(out_dir, name), os.path.splitext(name)[1]
-        ours = (ext in TEMP_EXTS and name.endswith(f"{ext}.tmp{ext}")
-                and len(name) > len(f"{ext}.tmp{ext}"))
+        path = os.path.join(out_dir, name)
+        ours = any(name.endswith(tail) and len(name) > len(tail)
+                   for e in TEMP_EXTS for tail in (f"{e}.tmp{e}", f"{e}.tmp"))
         probe = name.startswith(".write_test_") and name[len(".write_test_"):].isdigit()
         if (ours or probe) and os.path.isfile(path) and not os.path.islink(path):
             with contextlib.suppress(OSError):

@@ -158,8 +158,9 @@ def test_start_up_removes_only_our_temporary_files(mod, tiny, ckpt, tmp_path, ca
     first was deleted, the last crashed the run with IsADirectoryError)."""
     out = tmp_path
     mod.main(tiny + ["--steps", "1", "--out-dir", str(out)])
-    ours = [f"{ckpt}.tmp.pt", "metrics.jsonl.tmp.jsonl", "summary_x.json.tmp.json",
+    ours = [f"{ckpt}.tmp.pt", f"{ckpt}.tmp", "metrics.jsonl.tmp.jsonl", "summary_x.json.tmp.json",
             "samples_ema_0000001.png.tmp.png", "samples.npz.tmp.npz", ".write_test_4242"]
+    # X.ext.tmp: the name of earlier versions' temporary files
     users = ["notes.tmp.txt", "foo.tmp", "a.tmp.pt", "x.png.tmp.jpg", "eval.tmp/keep.json",
              "run.json.tmp.json/keep.txt"]
     for name in ours + users:
@@ -245,7 +246,8 @@ def bad_image_folders(root):
     png = bytearray((root / "bad_crc" / "a" / "0.png").read_bytes())
     png[40] ^= 0xFF                                                        # a flipped byte
     (root / "bad_crc" / "a" / "crc.png").write_bytes(bytes(png))
-    out["cut_jpeg"], out["bad_crc"] = (out["cut_jpeg"][0], "cut.jpg"), (out["bad_crc"][0], "crc.png")
+    out["cut_jpeg"] = (out["cut_jpeg"][0], "cut.jpg")
+    out["bad_crc"] = (out["bad_crc"][0], "crc.png")
     os.symlink("..", root / "loop" / "a" / "up")                           # a/up -> .. : a loop
     os.symlink(".", root / "loop" / "a" / "self")
     return out
@@ -342,7 +344,8 @@ def test_every_json_written_is_strict(mod, tiny, ckpt, tmp_path, capsys, monkeyp
     assert summary["final"]["loss"] is None and summary["non_finite"] == {"final.loss": "nan"}
     mod.main(tiny + ["--steps", "3", "--resume", "--out-dir", out])      # rewrites metrics.jsonl
     recs = [strict_load(s) for s in open(os.path.join(out, "metrics.jsonl"))]
-    assert [r["loss"] for r in recs[:2]] == [None, None] and recs[0]["non_finite"] == {"loss": "nan"}
+    assert [r["loss"] for r in recs[:2]] == [None, None]
+    assert recs[0]["non_finite"] == {"loss": "nan"}
     assert np.isfinite(recs[2]["loss"]) and "non_finite" not in recs[2]
     back = mod.Logger(out).read_metrics()
     assert np.isnan(back[0]["loss"]) and "non_finite" not in back[0]
