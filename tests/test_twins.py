@@ -18,6 +18,7 @@ import torch
 
 import energy_matching as em
 import vpfb
+import vpfb_experiments as vpx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EM = ["--dataset", "fake", "--image-size", "8", "--fake-size", "32", "--batch-size", "8",
@@ -65,8 +66,7 @@ def test_bare_classes_are_the_printed_method_and_presets_are_dicts():
     P = vpfb.VPFB(lambda x, t: x.sum(1))
     assert (P.cov_form, P.kappa, P.lam_gt, P.weight_on, P.bfactor) == ("cov", 2.0, 1.0, "cov", 2.0)
     A = em.EnergyMatching(lambda x: x.sum(1), **em.AUTHORS)
-    assert all(getattr(A, k) == (v if k != "flow_weighting" else "both")
-               for k, v in em.AUTHORS.items())
+    assert all(getattr(A, k) == v for k, v in em.AUTHORS.items())
     for mod, presets in ((em, {"authors": em.AUTHORS}),
                          (vpfb, {"authors": vpfb.AUTHORS, "ours": vpfb.OURS})):
         for name, preset in presets.items():
@@ -76,6 +76,25 @@ def test_bare_classes_are_the_printed_method_and_presets_are_dicts():
                        if k in row), name
         assert mod.build_parser().get_default("recipe") == "authors"
     assert vpfb.VPFB(lambda x, t: x.sum(1), **vpfb.OURS).cov_form == "stein"
+
+
+@pytest.mark.parametrize("mod,cls", [(em, "EnergyMatching"), (vpfb, "VPFB")], ids=["em", "vpfb"])
+def test_recipes_are_plain_dicts_and_help_shows_their_values(mod, cls, capsys):
+    """--recipe paper's method flags are the bare class's own defaults (the parser states them,
+    read back here); --help shows the default recipe's (authors') real values, never None."""
+    import inspect
+    sig = inspect.signature(getattr(mod, cls)).parameters
+    flags = mod.build_parser("paper").parse_args([])
+    as_flag = {"clamp_negatives": False}                     # EM: None (no clamp) as a flag
+    for k in mod.METHOD_FLAGS:
+        assert getattr(flags, k) == as_flag.get(k, sig[k].default), k
+    with pytest.raises(SystemExit):
+        mod.build_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "(default: None)" not in out
+    for k, v in mod.AUTHORS.items():
+        if k in mod.METHOD_FLAGS and not isinstance(v, tuple):
+            assert mod.build_parser().get_default(k) == v, k
 
 
 def test_bare_functions_run_with_their_own_defaults():
@@ -114,6 +133,38 @@ def test_the_method_half_imports_only_what_the_method_needs(name):
     assert "benchmark" not in em.MODES and "benchmark" not in vpfb.MODES
 
 
+@pytest.mark.parametrize("name", ["energy_matching.py", "vpfb.py"])
+def test_sections_1_2_copied_alone_train_and_sample(name):
+    """Everything above the ENGINEERING divider, copied into a fresh module (no engineering, no
+    argparse, no file I/O): the paper's network and bare method train a few steps (the loss goes
+    down on a fixed batch) and sample finite images."""
+    import types
+    src = open(os.path.join(ROOT, name), encoding="utf-8").read()
+    mod = types.ModuleType("paper_only")
+    exec(compile(src[:src.index("# ==== ENGINEERING")], name, "exec"), mod.__dict__)
+    torch.manual_seed(0)
+    x = torch.rand(8, 1, 8, 8) * 2 - 1
+    if name == "energy_matching.py":
+        net = mod.CNNPotential((1, 8, 8), 4)
+        method = mod.EnergyMatching(net, n_langevin=2, dt=0.05, tau_s=0.1)
+        noise = torch.randn_like(x)
+        loss = lambda: method.loss(x, noise)[0]                                # noqa: E731
+    else:
+        net = mod.UNetPhi(1, 8, (1, 2), 1, (4,), 0.0, 8)
+        method = mod.VPFB(net, **mod.OURS)                      # a preset, from the copy too
+        eps, tt = torch.randn_like(x), torch.rand(8)
+        loss = lambda: method.loss(x, eps, tt)[0]                              # noqa: E731
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    first = loss().item()
+    for _ in range(5):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    assert loss().item() < first
+    out = method.sample(torch.randn(2, 1, 8, 8))
+    assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all()
+
+
 # ----------------------------------------------------------------------------- reliability
 @pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
 def test_resume_never_goes_backwards(mod, tiny, ckpt, tmp_path, capsys):
@@ -130,25 +181,39 @@ def test_resume_never_goes_backwards(mod, tiny, ckpt, tmp_path, capsys):
     assert files(out) == before
 
 
+def unlocked(out):
+    """True when no process holds the run lock of folder `out` (flock on <out>/.lock)."""
+    import fcntl
+    with open(os.path.join(out, ".lock")) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+
 @pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
 def test_one_run_per_output_folder(mod, tiny, ckpt, tmp_path, capsys):
-    """A second run on a folder a live run holds: one line naming its pid, exit 2, nothing
-    touched; the lock of a run that ended is taken over with one line and freed at exit."""
+    """A second run on a folder a live run holds: one line naming the lock file and the holder's
+    pid, exit 2, nothing touched; the kernel frees the lock of a run killed by SIGKILL, and ours
+    is freed at exit."""
     out = str(tmp_path)
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    code = (f"import sys, time; sys.path.insert(0, {ROOT!r}); import {mod.__name__} as m; "
+            f"lock = m.run_lock({out!r}); lock.__enter__(); print('held', flush=True); "
+            f"time.sleep(60)")
+    live = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
-        with open(os.path.join(out, ".lock"), "w") as f:
-            f.write(str(live.pid))
+        assert live.stdout.readline().strip() == "held"
         with pytest.raises(SystemExit) as e:
             mod.main(tiny + ["--steps", "1", "--out-dir", out])
-        assert f"pid {live.pid}" in one_error(capsys, e) and os.listdir(out) == [".lock"]
-        assert open(os.path.join(out, ".lock")).read() == str(live.pid)
+        err = one_error(capsys, e)
+        assert os.path.join(out, ".lock") in err and f"pid {live.pid}" in err, err
+        assert os.listdir(out) == [".lock"] and not unlocked(out)
     finally:
-        live.kill()
+        live.kill()                                     # SIGKILL: no handler, no clean-up
         live.wait()
-    mod.main(tiny + ["--steps", "1", "--out-dir", out])             # the pid is dead now
-    assert f"taking over the lock of a run that ended (pid {live.pid})" in capsys.readouterr().out
-    assert os.path.exists(os.path.join(out, ckpt)) and not os.path.exists(os.path.join(out, ".lock"))
+    mod.main(tiny + ["--steps", "1", "--out-dir", out])
+    assert os.path.exists(os.path.join(out, ckpt)) and unlocked(out)
 
 
 @pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
@@ -315,7 +380,7 @@ def test_full_disk_is_one_line_and_leaves_no_temporary_file(mod, tiny, ckpt, tmp
         err = one_error(capsys, e)
         assert says in err and "No space left on device" in err
         assert not [p for p in os.listdir(out) if ".tmp" in p or p.startswith(".write_test")]
-        assert not os.path.exists(os.path.join(out, ".lock"))       # the lock is freed too
+        assert unlocked(out)                                        # the lock is freed too
     assert mod.load_checkpoint(os.path.join(out, ckpt))["step"] == 1   # the old one is intact
 
 
@@ -464,7 +529,7 @@ def test_vpfb_sampling_uses_what_the_model_was_trained_with(tmp_path, capsys):
                "--device", "cpu"])
     meta = vpfb.json.load(open(os.path.join(out, "samples.json")))
     assert meta["nfe_mean"] == 5 and meta["from"]["ode_steps"] == "flag"
-    vpfb.main(["--mode", "hist", "--ood-max", "4", "--out-dir", out, "--device", "cpu"])
+    vpx.main(["--mode", "hist", "--ood-max", "4", "--out-dir", out, "--device", "cpu"])
     hist = vpfb.json.load(open(os.path.join(out, "hist.json")))
     assert hist["settings"]["t_inf"] == 0.9 and hist["from"]["t_inf"] == "checkpoint"
 
@@ -491,9 +556,10 @@ def test_em_npz_of_mnist_images_takes_the_mnist_numbers(tmp_path):
                        "--from-scratch", "--out-dir", str(tmp_path)])
     m = em.parse_args(["--dataset", "mnist", "--phase", "main", "--from-scratch",
                        "--out-dir", str(tmp_path)])
-    keys = ("lambda_cd", "dt", "n_langevin", "lr", "arch", "model_size", "lid_tau")
+    keys = ("lambda_cd", "dt", "n_langevin", "lr", "arch", "model_size")
     assert [getattr(a, k) for k in keys] == [getattr(m, k) for k in keys] == [
-        0.25, 0.05, 50, 1e-4, "cnn", 32, 10.0]
+        0.25, 0.05, 50, 1e-4, "cnn", 32]
+    assert em.like_mnist(a) and em.like_mnist(m)             # and so LID's tau 10 (experiments)
     assert a.sources_["lambda_cd"] == "recipe"
 
 
@@ -523,7 +589,7 @@ def test_compiled_losses_and_gradients_equal_eager():
             return out, [torch.zeros_like(p) if g is None else g for g, p in zip(gs, ps)]
 
         eager = value_and_grads()
-        method.functional_grad = True                     # the torch.func route alone
+        (em if method is m else vpfb).use_torch_func(method)   # the torch.func route alone
         func = value_and_grads()
         (em if method is m else vpfb).compile_method(method, "aot_eager")
         comp = value_and_grads()
