@@ -348,11 +348,16 @@ def test_image_folders_get_eval_fid_s_checks_at_load(mod, tiny, ckpt, tmp_path, 
 
 
 def test_the_image_folder_code_is_one_text_in_both_twins():
-    """One implementation of the folder reader, the same text in both method files."""
+    """One implementation of the folder reader, the out-dir clean-up and strict JSON, the same
+    text in both method files (strict_json also in eval_fid.py, which cannot import them)."""
     import inspect
-    for name in ("IMAGE_EXTS", "list_images", "check_image", "ImageFiles", "image_folder"):
+
+    import eval_fid
+    for name in ("IMAGE_EXTS", "list_images", "check_image", "ImageFiles", "image_folder",
+                 "TEMP_EXTS", "remove_temp_files", "strict_json"):
         a, b = getattr(em, name), getattr(vpfb, name)
         assert (a == b) if isinstance(a, tuple) else inspect.getsource(a) == inspect.getsource(b)
+    assert inspect.getsource(eval_fid.strict_json) == inspect.getsource(em.strict_json)
 
 
 @pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
