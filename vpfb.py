@@ -648,23 +648,75 @@ def face_crop(im):
     import torchvision.transforms.functional as TF
     return TF.center_crop(im, 140) if min(im.size) >= 178 else im
 
-def image_folder(path, tf, name):
-    """An ImageFolder whose every file is opened once here (header), not first mid-training."""
-    import torchvision.datasets as D
-    from PIL import Image
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+def list_images(root):
+    """ImageFolder's listing (class k = the k-th sub-folder of root, images sorted as it sorts
+    them), with each folder walked once: a link back into a folder already walked (a/up -> ..)
+    is not followed, so no image is listed twice. An unreadable folder is one line, exit 2."""
+    def unreadable(e):
+        die(f"cannot list folder {e.filename} ({e.strerror or e})")
+    seen, samples = {os.path.realpath(root)}, []
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    for k, c in enumerate(classes):
+        found = []
+        for d, dirs, fs in os.walk(os.path.join(root, c), onerror=unreadable, followlinks=True):
+            if os.path.realpath(d) in seen:
+                dirs.clear()
+                continue
+            seen.add(os.path.realpath(d))
+            found += [(d, f) for f in fs if f.lower().endswith(IMAGE_EXTS)]
+        samples += [(os.path.join(d, f), k) for d, f in sorted(found)]
+    return samples, classes
+
+def check_image(path):
+    """eval_fid.py's test of an image, at load time: it opens, verifies (PNG: each chunk's CRC),
+    decodes to the end (a truncated JPEG fails only there) and is 8-bit (a 16-bit PNG would
+    become white when made RGB). A fault is one line naming the file, exit 2."""
+    from PIL import Image, ImageMode
     try:
-        ds = D.ImageFolder(path, transform=tf)
-    except (FileNotFoundError, OSError) as e:
-        what = ("CelebA images (e.g. img_align_celeba/*.jpg) in a sub-folder"
-                if name != "folder" else "images in at least one sub-folder")
+        with Image.open(path) as im:
+            im.verify()
+        with Image.open(path) as im:                      # verify() leaves `im` unusable
+            mode = im.mode
+            im.load()
+    except Exception as e:
+        why = " ".join(str(e).split())[:200]
+        die(f"cannot read image {path} ({type(e).__name__}: {why}); remove or replace it")
+    if ImageMode.getmode(mode).typestr not in ("|u1", "|b1"):
+        die(f"image {path} has mode {mode}, not 8-bit; save 8-bit images (convert or remove it)")
+
+class ImageFiles(torch.utils.data.Dataset):
+    """(transformed RGB image, class) of a list_images() listing, as ImageFolder gives them."""
+
+    def __init__(self, samples, classes, transform):
+        self.samples, self.classes, self.transform = samples, classes, transform
+        self.target_transform = None
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        path, y = self.samples[i]
+        with Image.open(path) as im:
+            x = self.transform(im.convert("RGB"))
+        return x, (y if self.target_transform is None else self.target_transform(y))
+
+def image_folder(path, tf, name):
+    """The images of root/<class>/..., each checked once here (check_image), not mid-training."""
+    what = ("CelebA images (e.g. img_align_celeba/*.jpg) in a sub-folder"
+            if name != "folder" else "images in at least one sub-folder")
+    try:
+        samples, classes = list_images(path)
+    except OSError as e:
         die(f"no image folder at {os.path.abspath(path)} ({type(e).__name__}); put {what} there")
-    for p, _ in ds.samples:
-        try:
-            with Image.open(p) as im:
-                im.verify()
-        except Exception as e:
-            die(f"cannot read image {p} ({type(e).__name__}); remove or replace it")
-    return ds
+    if not samples:
+        die(f"no images ({', '.join(IMAGE_EXTS)}) in the sub-folders of {os.path.abspath(path)}; "
+            f"put {what} there")
+    for p, _ in samples:
+        check_image(p)
+    return ImageFiles(samples, classes, tf)
 
 def build_dataset(args, train=True, name=None):
     """(image in [-1, 1], label) pairs of --dataset (or `name`); a missing set is one line, exit 2.
@@ -1021,9 +1073,44 @@ def atomic(path):
         why = getattr(e, "strerror", None) or str(e).strip().splitlines()[-1][:120]
         die(f"cannot write {path} ({why}); disk full or a file-size limit?")
 
+TEMP_EXTS = (".pt", ".json", ".jsonl", ".png", ".npz")       # what atomic() writes here
+
+def remove_temp_files(out_dir):
+    """Remove what an interrupted write of ours left in out_dir, by its exact name: atomic()'s
+    X.ext.tmp.ext (X.ext.tmp before it kept the extension), ext in TEMP_EXTS, and
+    prepare_out_dir's .write_test_<pid>. Plain files only; anything else (a user's notes.tmp.txt,
+    a folder eval.tmp/) stays."""
+    for name in os.listdir(out_dir):
+        path = os.path.join(out_dir, name)
+        ours = any(name.endswith(tail) and len(name) > len(tail)
+                   for e in TEMP_EXTS for tail in (f"{e}.tmp{e}", f"{e}.tmp"))
+        probe = name.startswith(".write_test_") and name[len(".write_test_"):].isdigit()
+        if (ours or probe) and os.path.isfile(path) and not os.path.islink(path):
+            with contextlib.suppress(OSError):
+                os.remove(path)
+
+def strict_json(obj, **kw):
+    """json.dumps that writes strict JSON: a NaN or infinity becomes null, and its key path and
+    value are listed under "non_finite" ({"loss": null, "non_finite": {"loss": "nan"}})."""
+    bad = {}
+
+    def clean(v, at):
+        if isinstance(v, float) and not math.isfinite(v):
+            bad[at] = str(float(v))                                   # 'nan', 'inf', '-inf'
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x, f"{at}.{k}" if at else str(k)) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x, f"{at}[{i}]") for i, x in enumerate(v)]
+        return v
+    obj = clean(obj, "")
+    if bad and isinstance(obj, dict):
+        obj = {**obj, "non_finite": {**obj.get("non_finite", {}), **bad}}
+    return json.dumps(obj, allow_nan=False, **kw)
+
 def write_json(out_dir, name, obj):
     with atomic(os.path.join(out_dir, name)) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+        f.write(strict_json(obj, indent=1))
 
 def sig(v, digits=7):
     """A float to `digits` significant digits for metrics.jsonl (a warm-up lr of 1e-8 stays)."""
@@ -1032,7 +1119,7 @@ def sig(v, digits=7):
 def report(out_dir, name, obj):
     """A mode's result: <out-dir>/<name> and the same JSON on stdout."""
     write_json(out_dir, name, obj)
-    print(json.dumps(obj))
+    print(strict_json(obj))
 
 class Logger:
     """Plain-text log (stdout + <out>/train.log) and JSON-lines metrics, rank 0 only."""
@@ -1055,21 +1142,35 @@ class Logger:
 
     def metrics(self, rec):
         if self.active:
-            self.append(self.metrics_path, json.dumps(rec) + "\n")
+            self.append(self.metrics_path, strict_json(rec) + "\n")
 
     def truncate_metrics(self, upto):
         """On (re)start at step `upto`: drop records past it (no duplicate steps on resume)."""
         if self.active and os.path.exists(self.metrics_path):
             keep = [r for r in self.read_metrics() if r.get("step", 0) <= upto]
             with atomic(self.metrics_path) as tmp, open(tmp, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in keep)
+                f.writelines(strict_json(r) + "\n" for r in keep)
 
     def read_metrics(self, phase=None):
         """The records of `phase` (all of them when phase is None or a record has no phase)."""
         if not os.path.exists(self.metrics_path):
             return []
-        with open(self.metrics_path) as f:
-            recs = [json.loads(s) for s in f if s.strip()]
+        recs, bad = [], []
+        with open(self.metrics_path, errors="replace") as f:
+            for i, line in enumerate(f, 1):
+                try:
+                    r = json.loads(line) if line.strip() else {}
+                except ValueError:                  # kill -9 or a full disk mid-append
+                    r = None
+                if isinstance(r, dict):
+                    recs += [r] if r else []
+                else:
+                    bad.append(str(i))
+        if bad:
+            print(f"{self.metrics_path}: dropped unreadable line {', '.join(bad[:5])} (a write cut "
+                  f"short by kill -9 or a full disk?); kept the other {len(recs)} records")
+        for r in recs:                                      # strict_json's nulls: NaN, inf again
+            r.update((k, float(v)) for k, v in r.pop("non_finite", {}).items() if k in r)
         return [r for r in recs if phase is None or r.get("phase", phase) == phase]
 
 def to_uint8(x):
@@ -1159,9 +1260,7 @@ def cmd_train(args):
     stop, log, batches = StopSignals(), Logger(args.out_dir, main_rank), None
     try:
         if main_rank:                          # temporary files of an interrupted write: garbage
-            for name in os.listdir(args.out_dir):
-                if ".tmp" in name:
-                    os.remove(os.path.join(args.out_dir, name))
+            remove_temp_files(args.out_dir)
         ds = build_dataset(args, train=True)           # data first: a fault costs no network
         if args.class_cond and (args.num_classes or 0) < num_classes_of(ds):
             if args.num_classes is not None:
@@ -1197,8 +1296,8 @@ def cmd_train(args):
         clip = args.grad_clip if args.clip_mode == "norm" else 0.0   # std: build_optimizer
         decay, ema_warmup, which = args.ema_decay, args.ema_warmup, "raw" if args.no_ema else "ema"
         ncls, p_uncond = (args.num_classes, args.p_uncond) if args.class_cond else (0, 0.0)
-        log(f"vpfb | recipe {args.recipe} | {args.dataset} {shape} | {args.arch} "
-            f"{count_params(net) / 1e6:.2f}M params | device {device} x {world} | "
+        log(f"vpfb | recipe {args.recipe} | {args.dataset}: {len(ds)} images {shape} | "
+            f"{args.arch} {count_params(net) / 1e6:.2f}M params | device {device} x {world} | "
             f"{'bf16 trunk' if net.amp else 'fp32'} | threads {torch.get_num_threads()} | steps "
             f"{start}->{end} | batch {args.batch_size}/rank | lr {lr} | loss "
             f"{ {k: getattr(args, k) for k in METHOD_FLAGS} } | EMA {decay}"
@@ -1465,6 +1564,7 @@ def _number(kind, ok, what):
 
 pos_int = _number(int, lambda v: v > 0, "an integer > 0")
 nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+seed_int = _number(int, lambda v: 0 <= v < 2 ** 32, "an integer in [0, 2**32)")  # as numpy
 pos_float = _number(float, lambda v: v > 0, "a finite number > 0")
 nonneg_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
 unit_float = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
@@ -1508,7 +1608,7 @@ def build_parser(recipe="authors", modes=MODES):
     a("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     a("--threads", type=nonneg_int, default=0,
       help="CPU threads (0: the free cores, i.e. the cores less the load average, at least 1)")
-    a("--seed", type=nonneg_int, default=0, help="random seed (each step and rank derives its own)")
+    a("--seed", type=seed_int, default=0, help="random seed (each step and rank derives its own)")
     a("--batch-size", type=pos_int, help="[r] per-process batch size (authors 64, ours 128)")
     a("--steps", type=nonneg_int, help="[r] training steps (authors 2M, ours 400k)")
     a("--lr", type=pos_float, help="[r] Adam learning rate")

@@ -233,6 +233,19 @@ def test_vp_ood_table(vp_ckpt, tmp_path, capsys):
     assert code == 2 and "'mnist'" in err
 
 
+def test_vp_ood_folder_faults_are_one_line_naming_the_file(vp_ckpt, tmp_path, capsys):
+    """An OOD image folder gets the training folders' checks: a truncated JPEG (a traceback before)
+    or a 16-bit PNG is one line naming the file, exit 2, before any score is computed."""
+    from test_twins import bad_image_folders
+    for name, (path, culprit) in bad_image_folders(tmp_path).items():
+        if culprit is not None:
+            code, err = _exit(vpx.main, VP + ["--mode", "ood", "--ckpt", vp_ckpt[1], "--ood-max",
+                                              "2", "--ood-sets", f"interp,{path}", "--out-dir",
+                                              str(tmp_path / "o")], capsys)
+            assert code == 2 and culprit in err, err
+    assert not os.path.exists(tmp_path / "o" / "ood.json")
+
+
 def test_vp_ood_sets_from_paths(vp_ckpt, tmp_path):
     """--ood-sets also takes an image folder or a .npz of either colour (README's MNIST vs CIFAR-10
     JPEGs): each set is brought to the model's channels and size before Phi_B scores it, colour to

@@ -216,6 +216,45 @@ def test_one_run_per_output_folder(mod, tiny, ckpt, tmp_path, capsys):
     assert os.path.exists(os.path.join(out, ckpt)) and unlocked(out)
 
 
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_start_up_removes_only_our_temporary_files(mod, tiny, ckpt, tmp_path, capsys):
+    """A killed write leaves X.ext.tmp.ext (atomic()) or .write_test_<pid>: removed at the next
+    start, by that exact name. A user's notes.tmp.txt, foo.tmp or folder eval.tmp/ stay (the
+    first was deleted, the last crashed the run with IsADirectoryError)."""
+    out = tmp_path
+    mod.main(tiny + ["--steps", "1", "--out-dir", str(out)])
+    ours = [f"{ckpt}.tmp.pt", f"{ckpt}.tmp", "metrics.jsonl.tmp.jsonl", "summary_x.json.tmp.json",
+            "samples_ema_0000001.png.tmp.png", "samples.npz.tmp.npz", ".write_test_4242"]
+    # X.ext.tmp: the name of earlier versions' temporary files
+    users = ["notes.tmp.txt", "foo.tmp", "a.tmp.pt", "x.png.tmp.jpg", "eval.tmp/keep.json",
+             "run.json.tmp.json/keep.txt"]
+    for name in ours + users:
+        (out / name).parent.mkdir(exist_ok=True)
+        (out / name).write_text("x")
+    mod.main(tiny + ["--steps", "2", "--resume", "--out-dir", str(out)])
+    assert [n for n in ours if (out / n).exists()] == []
+    assert [n for n in users if not (out / n).exists()] == []
+    assert mod.load_checkpoint(str(out / ckpt))["step"] == 2
+
+
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_resume_after_a_partial_metrics_line(mod, tiny, ckpt, tmp_path, capsys):
+    """metrics.jsonl ending in half a line (kill -9 or a full disk mid-append) made --resume a
+    traceback: the line is dropped with one printed line, the other records are kept."""
+    out = str(tmp_path)
+    mod.main(tiny + ["--steps", "2", "--out-dir", out])
+    path = os.path.join(out, "metrics.jsonl")
+    with open(path, "a") as f:
+        f.write('{"step": 3, "phase": "x", "lo')
+    capsys.readouterr()
+    mod.main(tiny + ["--steps", "3", "--resume", "--out-dir", out])
+    said = [s for s in capsys.readouterr().out.splitlines() if "dropped" in s]
+    assert said == [f"{path}: dropped unreadable line 3 (a write cut short by kill -9 or a full "
+                    f"disk?); kept the other 2 records"]
+    recs = [strict_load(s) for s in open(path)]
+    assert [r["step"] for r in recs] == [1, 2, 3]
+
+
 def _npz(path, images, **extra):
     np.savez(path, images=images, **extra)
     return str(path)
@@ -251,6 +290,76 @@ def test_faulty_data_is_one_line_before_any_network(mod, tiny, ckpt, tmp_path, c
         assert "labels 0..K-1" in one_error(capsys, e)
 
 
+def bad_image_folders(root):
+    """Folders of 4 good 8 x 8 images plus one fault each: {name: (path, the file to name)}."""
+    from PIL import Image
+    out = {}
+    for name in ("png16", "cut_jpeg", "bad_crc", "loop"):
+        d = root / name / "a"
+        d.mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(d / f"{i}.png")
+        out[name] = (str(root / name), None)
+    grey16 = np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000          # white as RGB
+    Image.fromarray(grey16).save(root / "png16" / "a" / "deep.png")
+    out["png16"] = (out["png16"][0], "deep.png")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
+        root / "cut_jpeg" / "a" / "cut.jpg", quality=95)
+    jpeg = (root / "cut_jpeg" / "a" / "cut.jpg").read_bytes()
+    (root / "cut_jpeg" / "a" / "cut.jpg").write_bytes(jpeg[:len(jpeg) // 2])   # a partial copy
+    png = bytearray((root / "bad_crc" / "a" / "0.png").read_bytes())
+    png[40] ^= 0xFF                                                        # a flipped byte
+    (root / "bad_crc" / "a" / "crc.png").write_bytes(bytes(png))
+    out["cut_jpeg"] = (out["cut_jpeg"][0], "cut.jpg")
+    out["bad_crc"] = (out["bad_crc"][0], "crc.png")
+    os.symlink("..", root / "loop" / "a" / "up")                           # a/up -> .. : a loop
+    os.symlink(".", root / "loop" / "a" / "self")
+    return out
+
+
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_image_folders_get_eval_fid_s_checks_at_load(mod, tiny, ckpt, tmp_path, capsys,
+                                                     monkeypatch):
+    """--dataset folder: a 16-bit PNG (it trained as white), a truncated JPEG (it stopped the run
+    at the first batch holding it, naming no file) and a PNG with a bad CRC are one line naming
+    the file, exit 2, before any network; eval_fid.py refuses the same files. A folder whose links
+    loop (a/up -> ..) lists each image once, and the training banner says how many."""
+    import eval_fid
+    folders = bad_image_folders(tmp_path)
+    no_network(mod, monkeypatch)
+    for name, (path, culprit) in folders.items():
+        if culprit is None:
+            continue
+        with pytest.raises(SystemExit) as e:
+            mod.main(tiny + ["--dataset", "folder", "--data-dir", path, "--batch-size", "2",
+                             "--steps", "1", "--out-dir", str(tmp_path / "o")])
+        err = one_error(capsys, e)
+        assert culprit in err and "Traceback" not in err, (name, err)
+        with pytest.raises(eval_fid.FIDError, match=culprit):
+            eval_fid.check_images(path)
+    monkeypatch.undo()
+    samples, classes = mod.list_images(folders["loop"][0])
+    assert classes == ["a"] and sorted(os.path.basename(p) for p, _ in samples) == [
+        f"{i}.png" for i in range(4)]
+    mod.main(tiny + ["--dataset", "folder", "--data-dir", folders["loop"][0], "--batch-size", "2",
+                     "--steps", "1", "--out-dir", str(tmp_path / "loop_run")])
+    assert "| folder: 4 images (3, 8, 8) |" in capsys.readouterr().out
+
+
+def test_the_image_folder_code_is_one_text_in_both_twins():
+    """One implementation of the folder reader, the out-dir clean-up and strict JSON, the same
+    text in both method files (strict_json also in eval_fid.py, which cannot import them)."""
+    import inspect
+
+    import eval_fid
+    for name in ("IMAGE_EXTS", "list_images", "check_image", "ImageFiles", "image_folder",
+                 "TEMP_EXTS", "remove_temp_files", "strict_json"):
+        a, b = getattr(em, name), getattr(vpfb, name)
+        assert (a == b) if isinstance(a, tuple) else inspect.getsource(a) == inspect.getsource(b)
+    assert inspect.getsource(eval_fid.strict_json) == inspect.getsource(em.strict_json)
+
+
 @pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
 def test_full_disk_is_one_line_and_leaves_no_temporary_file(mod, tiny, ckpt, tmp_path, capsys,
                                                             monkeypatch):
@@ -278,6 +387,47 @@ def test_full_disk_is_one_line_and_leaves_no_temporary_file(mod, tiny, ckpt, tmp
         assert not [p for p in os.listdir(out) if ".tmp" in p or p.startswith(".write_test")]
         assert unlocked(out)                                        # the lock is freed too
     assert mod.load_checkpoint(os.path.join(out, ckpt))["step"] == 1   # the old one is intact
+
+
+def strict_load(text):
+    """json.loads that refuses the bare NaN / Infinity that Python's json writes by default."""
+    def refuse(c):
+        raise ValueError(f"not strict JSON: bare {c}")
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_every_json_written_is_strict(mod, tiny, ckpt, tmp_path, capsys, monkeypatch):
+    """A NaN-guarded step's NaN loss, a NaN in a mode's result: null in strict JSON, its key path
+    under "non_finite"; metrics.jsonl reads back as NaN (also after a resume rewrites it)."""
+    real = mod.train_step
+
+    def nan_step(*a, **k):
+        logs, ok, signum = real(*a, **k)
+        return {**logs, "loss": float("nan")}, False, signum
+
+    out = str(tmp_path)
+    monkeypatch.setattr(mod, "train_step", nan_step)
+    mod.main(tiny + ["--steps", "2", "--out-dir", out])
+    monkeypatch.undo()
+    summary = strict_load(open(os.path.join(out, f"summary_{ckpt[5:-3]}.json")).read())
+    assert summary["final"]["loss"] is None and summary["non_finite"] == {"final.loss": "nan"}
+    mod.main(tiny + ["--steps", "3", "--resume", "--out-dir", out])      # rewrites metrics.jsonl
+    recs = [strict_load(s) for s in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["loss"] for r in recs[:2]] == [None, None]
+    assert recs[0]["non_finite"] == {"loss": "nan"}
+    assert np.isfinite(recs[2]["loss"]) and "non_finite" not in recs[2]
+    back = mod.Logger(out).read_metrics()
+    assert np.isnan(back[0]["loss"]) and "non_finite" not in back[0]
+    capsys.readouterr()
+    mod.report(out, "r.json", {"auroc": {"svhn": float("nan")}, "v": [float("-inf"), 1.0]})
+    for text in (capsys.readouterr().out, open(os.path.join(out, "r.json")).read()):
+        r = strict_load(text)
+        assert r["auroc"]["svhn"] is None and r["v"] == [None, 1.0]
+        assert r["non_finite"] == {"auroc.svhn": "nan", "v[0]": "-inf"}
+    for name in os.listdir(out):
+        if name.endswith(".json"):
+            strict_load(open(os.path.join(out, name)).read())
 
 
 def test_a_real_file_size_limit_is_one_line_and_leaves_no_temporary_file(tmp_path):
@@ -314,6 +464,20 @@ def test_requests_that_can_only_fail_are_refused_first(mod, tiny, ckpt, tmp_path
     monkeypatch.undo()
     mod.main(tiny + ["--steps", "0", "--out-dir", str(tmp_path / "zero")])
     assert mod.load_checkpoint(str(tmp_path / "zero" / ckpt))["step"] == 0
+
+
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_seeds_outside_what_the_generators_take_are_one_line(mod, tiny, ckpt, tmp_path, capsys,
+                                                             monkeypatch):
+    """--seed 2**64 was a ValueError traceback (torch.manual_seed overflows); the range is numpy's
+    and eval_fid.py's, [0, 2**32), in every script."""
+    no_network(mod, monkeypatch)
+    for seed in (str(2 ** 64), str(2 ** 32), "-1", "1e3"):
+        with pytest.raises(SystemExit) as e:
+            mod.main(tiny + ["--seed", seed, "--steps", "1", "--out-dir", str(tmp_path)])
+        err = one_error(capsys, e)
+        assert "--seed" in err and "[0, 2**32)" in err, err
+    assert mod.parse_args(tiny + ["--seed", str(2 ** 32 - 1)]).seed == 2 ** 32 - 1
 
 
 @pytest.mark.parametrize("mod", [em, vpfb])
