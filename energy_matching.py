@@ -1652,6 +1652,11 @@ def resolve_args(args, typed=(), settings=MODE_SETTINGS):
                 f"2^{len(mult) - 1} (--ch-mult), got {s}")
     if args.mode == "sample" and args.num_samples == 0:
         die("--num-samples 0 in --mode sample would write an empty samples.npz")
+    if args.mode in ("sample", "inpaint") and round(args.tau_s / args.dt) == 0:
+        die(f"--tau-s {args.tau_s} at --dt {args.dt} is 0 sampler steps: the samples would be "
+            f"the noise they start from")
+    if args.mode == "train" and args.phase == "main" and args.n_langevin == 0:
+        die("--n-langevin 0 in phase main: the CD negatives would be their starts, unmoved")
     check_memory(args)
     reads = set(vars(args)) if args.mode == "train" else EVAL_READS | set(settings[args.mode])
     if args.mode == "train" and args.ck_ is None and not args.resume:

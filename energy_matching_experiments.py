@@ -34,6 +34,9 @@ def eval_images(args, n, device):
 def cmd_inpaint(args):
     """Alg. 3 on data images with a centred hole: M chains per image without and with the repulsive
     interaction (same noise) -> inpaint.png (the paper's "with vs without" figure), inpaint.json."""
+    if round(args.hole * args.image_size) >= args.image_size:
+        die(f"--hole {args.hole} masks all of the {args.image_size}-pixel side: no visible pixel "
+            f"is left to condition on")
     device, net, method, info = eval_setup(args)
     x = eval_images(args, args.num_images or 4, device)
     H, W = x.shape[2:]
@@ -73,9 +76,13 @@ def cmd_lid(args):
     from scipy.stats import spearmanr
     if args.lid_tau is None:                               # the paper's: 10 MNIST, 2 CIFAR-10
         args.lid_tau, args.sources_["lid_tau"] = 10.0 if em.like_mnist(args) else 2.0, "recipe"
+    if (args.num_images or 4096) < 3:
+        die(f"--num-images {args.num_images}: a Spearman correlation needs at least 3 images")
     device, net, method, info = eval_setup(args)
     xs = eval_images(args, args.num_images or 4096, device)
     n, d = xs.shape[0], xs[0].numel()
+    if n < 3:
+        die(f"--dataset {args.dataset} gave {n} images: a Spearman correlation needs at least 3")
     how = args.lid_method if args.lid_method != "auto" else ("exact" if d <= 1024 else "slq")
     t0 = time.time()
     if how == "exact":

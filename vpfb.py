@@ -1768,6 +1768,8 @@ def resolve_args(args, typed=(), settings=MODE_SETTINGS):
         die(f"--t1 {args.t1} must be after --t0 {args.t0}: the ODE runs forward in time")
     if args.mode == "sample" and args.num_samples == 0:
         die("--num-samples 0 in --mode sample would write an empty samples.npz")
+    if args.sgld_steps == 0 and (args.sampler == "sgld" or args.mode == "longrun"):
+        die("--sgld-steps 0: the SGLD chains would hand back their noise starts as samples")
     check_memory(args)
     reads = set(vars(args)) if args.mode == "train" else EVAL_READS | set(settings[args.mode])
     if args.mode == "train" and args.ck_ is None and not args.resume:

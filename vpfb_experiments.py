@@ -193,13 +193,15 @@ def cmd_longrun(args):
 def cmd_compose(args, n=8):
     """Compositional sampling (Sec. 4.3): sample with the average of the class-conditional energies
     Phi(x, t) = mean_c Phi(x, t, c). One row per single class of each group, then the composite."""
-    device, net, method, info = eval_setup(args)
-    if not args.class_cond:
-        die("--mode compose needs a checkpoint trained with --class-cond")
     try:
         groups = [[int(c) for c in g.split(",")] for g in args.compose.split(";") if g.strip()]
     except ValueError:
         die(f"--compose must look like '0,1;0,2', got {args.compose!r}")
+    if not groups:
+        die(f"--compose {args.compose!r} names no group of classes (e.g. '0,1;0,2')")
+    if not args.class_cond:
+        die("--mode compose needs a checkpoint trained with --class-cond")
+    device, net, method, info = eval_setup(args)
     if any(c < 0 or c >= args.num_classes for g in groups for c in g):
         die(f"--compose classes must be in [0, {args.num_classes})")
     z = torch.randn(n, args.channels, args.image_size, args.image_size)

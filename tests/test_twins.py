@@ -749,3 +749,35 @@ def test_ctrl_c_while_sampling_is_one_line_and_keeps_old_outputs(mod, tiny, ckpt
                   "--out-dir", out])
     assert "interrupted" in one_error(capsys, e, code=130)
     assert files(out) == {k: v for k, v in before.items()}
+
+
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_flags_that_give_no_work_are_one_line_before_the_network(mod, tiny, ckpt, tmp_path,
+                                                                 capsys, monkeypatch):
+    """A chain of zero steps (VPFB's SGLD sampler and long run, EM's sampler at tau_s / dt -> 0 and
+    its phase-2 CD chains), an inpainting hole that hides every pixel (it wrote a bare NaN into
+    JSON), an LID run on fewer than 3 images (no Spearman correlation), a compose string with no
+    group: one line, exit 2, before any network is built."""
+    import energy_matching_experiments as emx
+    out = str(tmp_path)
+    mod.main(tiny + ["--steps", "1", "--out-dir", out])
+    no_network(mod, monkeypatch)
+    run = ["--device", "cpu", "--threads", "1", "--out-dir", out]
+    if mod is vpfb:
+        cases = [(vpfb.main, ["--mode", "sample", "--sampler", "sgld", "--sgld-steps", "0",
+                              "--num-samples", "2"], "--sgld-steps 0"),
+                 (vpx.main, ["--mode", "longrun", "--sgld-steps", "0"], "--sgld-steps 0"),
+                 (vpx.main, ["--mode", "compose", "--compose", ";"], "names no group")]
+    else:
+        cases = [(em.main, ["--mode", "sample", "--tau-s", "0.01", "--dt", "0.05",
+                            "--num-samples", "2"], "0 sampler steps"),
+                 (em.main, tiny + ["--phase", "main", "--ckpt", f"{out}/{ckpt}", "--n-langevin",
+                                   "0", "--steps", "1", "--out-dir", str(tmp_path / "p2")],
+                  "--n-langevin 0"),
+                 (emx.main, ["--mode", "inpaint", "--hole", "1.0"], "no visible pixel"),
+                 (emx.main, ["--mode", "lid", "--num-images", "2"], "at least 3 images")]
+    for main, argv, want in cases:
+        argv = argv if "--out-dir" in argv else argv + run
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert want in one_error(capsys, e), argv
