@@ -692,7 +692,7 @@ def test_ema_warmup_follows_training_after_200_steps(tmp_path):
             "--num-samples", "0", "--warmup", "1", "--lr", "1e-3", "--device", "cpu",
             "--threads", "1", "--steps", "200", "--save-every", "0", "--out-dir", str(tmp_path)]
     em.main(argv)
-    a = em.parse_args((argv))
+    a = em.parse_args(argv[:-1] + [str(tmp_path / "fresh")])     # the same flags, a fresh folder
     torch.manual_seed(a.seed)
     init = em.build_net(a).state_dict()
     ck = em.load_checkpoint(str(tmp_path / "ckpt_warmup.pt"))
@@ -739,18 +739,24 @@ def test_npz_dataset_round_trip(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # Reliability (issue 11)
 # --------------------------------------------------------------------------------------------------
-def test_resume_reads_ckpt_and_writes_out_dir(tmp_path, capsys):
-    """--resume --ckpt A wins over <out-dir>/ckpt_warmup.pt; the run writes to --out-dir, not A."""
-    A, B = str(tmp_path / "A"), str(tmp_path / "B")
+def test_resume_reads_its_own_checkpoint_before_ckpt_and_writes_out_dir(tmp_path, capsys):
+    """--resume continues the run in --out-dir when it has a checkpoint, even with --ckpt A (the
+    printed resume command of a run started from A must not go back to A); --ckpt A starts a run
+    that has none. The run writes to --out-dir, never A."""
+    A, B, C = (str(tmp_path / n) for n in "ABC")
     em.main(TINY + ["--steps", "2", "--out-dir", A])
     em.main(TINY + ["--steps", "3", "--out-dir", B])
     capsys.readouterr()
-    rec = em.main(TINY + ["--steps", "4", "--resume", "--ckpt", os.path.join(A, "ckpt_warmup.pt"),
-                          "--out-dir", B])
-    assert [r["step"] for r in rec] == [3, 4]           # resumed at A's step 2, not B's 3
-    assert "resumed from " + os.path.join(A, "ckpt_warmup.pt") in capsys.readouterr().out
-    assert em.load_checkpoint(os.path.join(A, "ckpt_warmup.pt"))["step"] == 2
+    a_ckpt = os.path.join(A, "ckpt_warmup.pt")
+    rec = em.main(TINY + ["--steps", "4", "--resume", "--ckpt", a_ckpt, "--out-dir", B])
+    assert [r["step"] for r in rec] == [4]                # B's own step 3, not A's 2
+    assert "resumed from " + os.path.join(B, "ckpt_warmup.pt") in capsys.readouterr().out
+    rec = em.main(TINY + ["--steps", "4", "--resume", "--ckpt", a_ckpt, "--out-dir", C])
+    assert [r["step"] for r in rec] == [3, 4]             # C has none: from A's step 2
+    assert "resumed from " + a_ckpt in capsys.readouterr().out
+    assert em.load_checkpoint(a_ckpt)["step"] == 2
     assert em.load_checkpoint(os.path.join(B, "ckpt_warmup.pt"))["step"] == 4
+    assert em.load_checkpoint(os.path.join(C, "ckpt_warmup.pt"))["step"] == 4
 
 
 def test_metrics_deduplicated_on_resume_and_plot_covers_whole_run(tmp_path, monkeypatch):

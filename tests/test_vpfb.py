@@ -882,7 +882,7 @@ def test_ema_warmup_follows_the_trained_weights(tmp_path):
     small = TINY + ["--arch", "wrn", "--model-size", "4", "--image-size", "4"]   # the cheapest network
     vpfb.main(small + ["--steps", "200", "--batch-size", "2", "--log-every", "100", "--lr", "1e-3",
                        "--warmup", "10", "--out-dir", out])
-    args = vpfb.parse_args((small + ["--out-dir", out]))
+    args = vpfb.parse_args((small + ["--out-dir", f"{out}/fresh"]))   # same flags, fresh folder
     torch.manual_seed(args.seed)
     init = vpfb.build_net(args).state_dict()                    # cmd_train()'s initialisation
     st = vpfb.load_checkpoint(f"{out}/ckpt_main.pt")
