@@ -13,8 +13,8 @@ How to run (`python energy_matching.py --help` lists every flag with its default
     python energy_matching.py --dataset cifar10 --phase warmup       # phase 1, Alg. 1
     python energy_matching.py --dataset cifar10 --phase main         # phase 2, Alg. 2
     python energy_matching.py --mode sample --num-samples 50000      # samples.npz for eval_fid.py
-    python energy_matching.py --mode inpaint --dataset celeba64      # Alg. 3, with vs without W
-    python energy_matching.py --mode lid --dataset mnist             # Hessian LID vs PNG size
+    python energy_matching_experiments.py --mode inpaint --dataset celeba64   # Alg. 3, +- W
+    python energy_matching_experiments.py --mode lid --dataset mnist  # Hessian LID vs PNG size
     python energy_matching.py --dataset npz --data-dir digits.npz    # any uint8 N x H x W x C array
 
 Where the maths lives (section 1): Eq. 3 `temperature`; Alg. 1 `EnergyMatching.flow_loss` with
@@ -82,15 +82,11 @@ def math_sdpa():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     return sdpa_kernel([SDPBackend.MATH])
 
-def grad_V(V, x, create_graph=False, functional=False):
+def grad_V(V, x, create_graph=False):
     """grad_x V(x) for a batch: autograd of sum_i V(x_i). create_graph=True only for the flow loss,
-    which differentiates it again w.r.t. theta; chains detach it (the sg(.) of Alg. 2).
-    functional: the same gradient by torch.func.grad, a form torch.compile can differentiate again
-    (engineering sets it for --compile)."""
+    which differentiates it again w.r.t. theta; chains detach it (the sg(.) of Alg. 2)."""
     kern = math_sdpa() if create_graph else contextlib.nullcontext()
     with torch.enable_grad(), kern:
-        if functional:
-            return torch.func.grad(lambda z: V(z).float().sum())(x).to(x.dtype)
         if not x.requires_grad:
             x = x.detach().requires_grad_(True)
         g, = torch.autograd.grad(V(x).float().sum(), x, create_graph=create_graph)
@@ -105,8 +101,8 @@ class EnergyMatching:
     eps_max 0.01, lambda_CD 2e-4, 200 Langevin steps of dt 0.01, tau_s 3). AUTHORS below is their
     CIFAR-10 code. Switches where the two differ (README, "Paper vs code"):
       flow_reduction    "sum" = ||.||^2 of Alg. 1 (paper) | "mean" over pixels (code)
-      flow_weighting    False | "main" | "both": fade the flow loss to 0 between tau* and t = 1,
-                        in phase 2 (authors' 2-D code; True = "main") or both phases (CIFAR code)
+      flow_weighting    code: fade the flow loss to 0 between tau* and t = 1 in phase 2 (2-D)
+      flow_weighting_warmup  code: the same in phase 1 (CIFAR-10 code: both phases)
       cd_neg_clamp      code: lambda_CD CD >= -cd_neg_clamp (0 = off, paper)
       cd_trim           code: drop the top cd_trim fraction of V(negatives) (0 = paper)
       same_temperature  data-started negatives follow eps(t) too (code), not eps_max (Alg. 2 l. 10)
@@ -122,7 +118,8 @@ class EnergyMatching:
     def __init__(self, V, tau_star=0.9, eps_max=0.01, lambda_cd=2e-4, n_langevin=200, dt=0.01,
                  cd_neg_clamp=0.0, cd_trim=0.0, neg_data_frac=0.5, flow_reduction="sum",
                  tau_s=3.0, clamp_negatives=None, use_ot=True, flow_weighting=False,
-                 same_temperature=False, chain_clock=None, ot_sigma=0.0, ot_replace=False):
+                 same_temperature=False, chain_clock=None, ot_sigma=0.0, ot_replace=False,
+                 flow_weighting_warmup=False):
         self.V, self.lambda_cd = V, float(lambda_cd)
         self.tau_star, self.eps_max = float(tau_star), float(eps_max)
         self.n_langevin, self.dt, self.tau_s = int(n_langevin), float(dt), float(tau_s)
@@ -131,14 +128,10 @@ class EnergyMatching:
         self.clamp_negatives = clamp_negatives
         self.use_ot, self.ot_sigma, self.flow_reduction = use_ot, float(ot_sigma), flow_reduction
         self.ot_replace = bool(ot_replace)
-        fw = "main" if flow_weighting is True else flow_weighting          # True: phase 2 only
-        if fw not in (False, None, "off", "main", "both"):
-            raise ValueError(f"flow_weighting: False, 'main' or 'both', not {flow_weighting!r}")
         if flow_reduction not in ("sum", "mean"):
             raise ValueError(f"flow_reduction: 'sum' or 'mean', not {flow_reduction!r}")
-        self.flow_weighting = fw if fw in ("main", "both") else False
+        self.flow_weighting, self.flow_weighting_warmup = flow_weighting, flow_weighting_warmup
         self.same_temperature, self.chain_clock = bool(same_temperature), chain_clock
-        self.functional_grad = False      # engineering: --compile sets it (see grad_V)
 
     def eps(self, t):
         return temperature(t, self.tau_star, self.eps_max)           # Eq. (3)
@@ -173,9 +166,12 @@ class EnergyMatching:
     def flow_residual(self, xt, u):
         """||grad V(x_t) + u||^2 per sample, summed over pixels (paper) or averaged (code); the
         graph of grad V is kept: the loss differentiates it again w.r.t. theta."""
-        g = grad_V(self.V, xt, create_graph=True, functional=self.functional_grad)
-        r = (g.float() + u).flatten(1).pow(2)
+        r = (self.flow_grad(xt).float() + u).flatten(1).pow(2)
         return r.mean(1) if self.flow_reduction == "mean" else r.sum(1)
+
+    def flow_grad(self, xt):
+        """grad V(x_t), its graph kept: the flow loss differentiates it again w.r.t. theta."""
+        return grad_V(self.V, xt, create_graph=True)
 
     # --- the contrastive objective L_CD (Sec. 2.1.2, Alg. 2 lines 5-15) ---
     def negatives(self, x1, x0=None):
@@ -216,7 +212,7 @@ class EnergyMatching:
         if phase not in ("warmup", "main"):
             raise ValueError(f"phase must be 'warmup' or 'main', got {phase!r}")
         x0 = torch.randn_like(x1) if x0 is None else x0               # Alg. 1 line 4
-        weighted = self.flow_weighting in ("both", phase if phase == "main" else "-")
+        weighted = self.flow_weighting if phase == "main" else self.flow_weighting_warmup
         flow = self.flow_loss(x1, x0, weighted=weighted)
         logs = {"flow": flow.item()}
         if phase == "warmup" or self.lambda_cd == 0:
@@ -260,8 +256,8 @@ class EnergyMatching:
 # command): EnergyMatching(V, **AUTHORS). Its training numbers (lr, steps, EMA, a second data batch
 # for CD) are in section 7's RECIPES.
 AUTHORS = dict(tau_star=1.0, lambda_cd=1e-3, cd_neg_clamp=0.02, cd_trim=0.1, flow_reduction="mean",
-               flow_weighting="both", same_temperature=True, clamp_negatives=(-1.0, 1.0),
-               ot_replace=True)
+               flow_weighting=True, flow_weighting_warmup=True, same_temperature=True,
+               clamp_negatives=(-1.0, 1.0), ot_replace=True)
 
 def langevin(V, x, n_steps, dt, eps, clamp=None, clock=None):
     """Unadjusted Langevin, Alg. 2 lines 6-12; stationary law p(x) ∝ exp(-V(x) / eps) (Eq. 6).
@@ -556,11 +552,9 @@ class CNNPotential(nn.Module):
 import argparse
 import copy
 import functools
-import inspect
-import io
+import fcntl
 import json
 import os
-import re
 import shlex
 import signal
 import sys
@@ -574,7 +568,8 @@ import torch.distributed as dist
 FLIP_SETS = ("cifar10", "celeba64", "folder")                         # random horizontal flips
 
 def die(msg, code=2):
-    """One line "error: ..." on stderr, no traceback; exit 2: bad input, 3: non-finite numbers."""
+    """One line "error: ..." on stderr, no traceback; exit 2: bad input, 3: non-finite numbers,
+    130: interrupted (Ctrl-C)."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(code)
 
@@ -609,23 +604,75 @@ def face_crop(im):
     import torchvision.transforms.functional as TF
     return TF.center_crop(im, 140) if min(im.size) >= 178 else im
 
-def image_folder(path, tf, name):
-    """An ImageFolder whose every file is opened once here (header), not first mid-training."""
-    import torchvision.datasets as D
-    from PIL import Image
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+def list_images(root):
+    """ImageFolder's listing (class k = the k-th sub-folder of root, images sorted as it sorts
+    them), with each folder walked once: a link back into a folder already walked (a/up -> ..)
+    is not followed, so no image is listed twice. An unreadable folder is one line, exit 2."""
+    def unreadable(e):
+        die(f"cannot list folder {e.filename} ({e.strerror or e})")
+    seen, samples = {os.path.realpath(root)}, []
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    for k, c in enumerate(classes):
+        found = []
+        for d, dirs, fs in os.walk(os.path.join(root, c), onerror=unreadable, followlinks=True):
+            if os.path.realpath(d) in seen:
+                dirs.clear()
+                continue
+            seen.add(os.path.realpath(d))
+            found += [(d, f) for f in fs if f.lower().endswith(IMAGE_EXTS)]
+        samples += [(os.path.join(d, f), k) for d, f in sorted(found)]
+    return samples, classes
+
+def check_image(path):
+    """eval_fid.py's test of an image, at load time: it opens, verifies (PNG: each chunk's CRC),
+    decodes to the end (a truncated JPEG fails only there) and is 8-bit (a 16-bit PNG would
+    become white when made RGB). A fault is one line naming the file, exit 2."""
+    from PIL import Image, ImageMode
     try:
-        ds = D.ImageFolder(path, transform=tf)
-    except (FileNotFoundError, OSError) as e:
-        what = ("CelebA images (e.g. img_align_celeba/*.jpg) in a sub-folder"
-                if name != "folder" else "images in at least one sub-folder")
+        with Image.open(path) as im:
+            im.verify()
+        with Image.open(path) as im:                      # verify() leaves `im` unusable
+            mode = im.mode
+            im.load()
+    except Exception as e:
+        why = " ".join(str(e).split())[:200]
+        die(f"cannot read image {path} ({type(e).__name__}: {why}); remove or replace it")
+    if ImageMode.getmode(mode).typestr not in ("|u1", "|b1"):
+        die(f"image {path} has mode {mode}, not 8-bit; save 8-bit images (convert or remove it)")
+
+class ImageFiles(torch.utils.data.Dataset):
+    """(transformed RGB image, class) of a list_images() listing, as ImageFolder gives them."""
+
+    def __init__(self, samples, classes, transform):
+        self.samples, self.classes, self.transform = samples, classes, transform
+        self.target_transform = None
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        path, y = self.samples[i]
+        with Image.open(path) as im:
+            x = self.transform(im.convert("RGB"))
+        return x, (y if self.target_transform is None else self.target_transform(y))
+
+def image_folder(path, tf, name):
+    """The images of root/<class>/..., each checked once here (check_image), not mid-training."""
+    what = ("CelebA images (e.g. img_align_celeba/*.jpg) in a sub-folder"
+            if name != "folder" else "images in at least one sub-folder")
+    try:
+        samples, classes = list_images(path)
+    except OSError as e:
         die(f"no image folder at {os.path.abspath(path)} ({type(e).__name__}); put {what} there")
-    for p, _ in ds.samples:
-        try:
-            with Image.open(p) as im:
-                im.verify()
-        except Exception as e:
-            die(f"cannot read image {p} ({type(e).__name__}); remove or replace it")
-    return ds
+    if not samples:
+        die(f"no images ({', '.join(IMAGE_EXTS)}) in the sub-folders of {os.path.abspath(path)}; "
+            f"put {what} there")
+    for p, _ in samples:
+        check_image(p)
+    return ImageFiles(samples, classes, tf)
 
 def build_dataset(args, train=True, name=None):
     """(image in [-1, 1], label) pairs of --dataset (or `name`); a missing set is one line, exit 2.
@@ -734,6 +781,7 @@ def build_method(net, args):
                           neg_data_frac=args.neg_data_frac, flow_reduction=args.flow_reduction,
                           tau_s=args.tau_s, use_ot=not args.no_ot,
                           flow_weighting=args.flow_weighting,
+                          flow_weighting_warmup=args.flow_weighting_warmup,
                           same_temperature=args.same_temperature, ot_replace=args.ot_replace,
                           clamp_negatives=(-1.0, 1.0) if args.clamp_negatives else None)
 
@@ -751,12 +799,20 @@ def engineer(net, device, amp, channels_last=False):
         net.channels_last = True
     return net
 
+def use_torch_func(method):
+    """The flow loss's grad V by torch.func: the same numbers, in a form torch.compile can
+    differentiate again (aot_autograd compiles no double backward of autograd.grad)."""
+    def flow_grad(x):
+        with math_sdpa():
+            return torch.func.grad(lambda z: method.V(z).float().sum())(x).to(x.dtype)
+    method.flow_grad = flow_grad
+    return method
+
 def compile_method(method, backend="inductor"):
-    """--compile: the potential's gradient through torch.func (aot_autograd compiles no double
-    backward of autograd.grad), then the loss's network part compiled once: minutes of
-    compilation at full size, worth it for long runs (README, "Speed"); eager's numbers to
-    round-off."""
-    method.functional_grad = True
+    """--compile: the potential's gradient through torch.func, then the loss's network part
+    compiled once: minutes of compilation at full size, worth it for long runs (README, "Speed");
+    eager's numbers to round-off."""
+    use_torch_func(method)
     method.flow_residual = torch.compile(method.flow_residual, backend=backend)
     return method
 
@@ -869,53 +925,27 @@ def train_step(method, net, opt, batch, lr, clip, world=1, signum=0):
         opt.step()
     return logs, not bad, int(signum)
 
-class RunLock:
-    """One run per output folder: <out-dir>/.lock holds the pid of the run that writes there. A
-    second run exits 2 naming it; a dead run's lock is taken over with one line. Freed at exit."""
-
-    def __init__(self, out_dir, active=True):
-        self.path = os.path.join(out_dir, ".lock") if active else None
-
-    def __enter__(self):
-        if self.path is None:
-            return self
-        out_dir = os.path.dirname(self.path)
-        prepare_out_dir(out_dir)
-        while True:
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                break
-            except FileExistsError:
-                pid = self.owner()
-                if pid and pid != os.getpid() and pid_alive(pid):
-                    die(f"{out_dir} is in use by another run (pid {pid}); wait for it to end or "
-                        f"choose another --out-dir")
-                print(f"taking over the lock of a run that ended (pid {pid}) in {out_dir}")
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(self.path)
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        return self
-
-    def owner(self):
+@contextlib.contextmanager
+def run_lock(out_dir, active=True):
+    """One run per output folder: an exclusive flock on <out-dir>/.lock (which holds the run's pid
+    for the reader). The kernel frees it when the process ends, however it ends; a second run
+    exits 2 naming the lock file. DDP: rank 0 holds it (active) for all."""
+    if not active:
+        yield
+        return
+    prepare_out_dir(out_dir)
+    path = os.path.join(out_dir, ".lock")
+    with open(path, "a+") as f:
         try:
-            with open(self.path) as f:
-                return int(f.read().strip() or 0)
-        except (OSError, ValueError):
-            return 0
-
-    def __exit__(self, *exc):
-        if self.path and self.owner() == os.getpid():
-            os.remove(self.path)
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:                             # another user's process: alive
-        return True
-    return True
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            die(f"{path} is held by another run (pid {f.read().strip() or '?'}); wait for it to "
+                f"end or choose another --out-dir")
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        yield                                   # closing the file releases the lock
 
 def prepare_out_dir(path):
     probe = os.path.join(path, f".write_test_{os.getpid()}")            # one per DDP rank
@@ -943,9 +973,44 @@ def atomic(path):
         why = getattr(e, "strerror", None) or str(e).strip().splitlines()[-1][:120]
         die(f"cannot write {path} ({why}); disk full or a file-size limit?")
 
+TEMP_EXTS = (".pt", ".json", ".jsonl", ".png", ".npz")       # what atomic() writes here
+
+def remove_temp_files(out_dir):
+    """Remove what an interrupted write of ours left in out_dir, by its exact name: atomic()'s
+    X.ext.tmp.ext (X.ext.tmp before it kept the extension), ext in TEMP_EXTS, and
+    prepare_out_dir's .write_test_<pid>. Plain files only; anything else (a user's notes.tmp.txt,
+    a folder eval.tmp/) stays."""
+    for name in os.listdir(out_dir):
+        path = os.path.join(out_dir, name)
+        ours = any(name.endswith(tail) and len(name) > len(tail)
+                   for e in TEMP_EXTS for tail in (f"{e}.tmp{e}", f"{e}.tmp"))
+        probe = name.startswith(".write_test_") and name[len(".write_test_"):].isdigit()
+        if (ours or probe) and os.path.isfile(path) and not os.path.islink(path):
+            with contextlib.suppress(OSError):
+                os.remove(path)
+
+def strict_json(obj, **kw):
+    """json.dumps that writes strict JSON: a NaN or infinity becomes null, and its key path and
+    value are listed under "non_finite" ({"loss": null, "non_finite": {"loss": "nan"}})."""
+    bad = {}
+
+    def clean(v, at):
+        if isinstance(v, float) and not math.isfinite(v):
+            bad[at] = str(float(v))                                   # 'nan', 'inf', '-inf'
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x, f"{at}.{k}" if at else str(k)) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x, f"{at}[{i}]") for i, x in enumerate(v)]
+        return v
+    obj = clean(obj, "")
+    if bad and isinstance(obj, dict):
+        obj = {**obj, "non_finite": {**obj.get("non_finite", {}), **bad}}
+    return json.dumps(obj, allow_nan=False, **kw)
+
 def write_json(out_dir, name, obj):
     with atomic(os.path.join(out_dir, name)) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+        f.write(strict_json(obj, indent=1))
 
 def sig(v, digits=7):
     """A float to `digits` significant digits for metrics.jsonl (a warm-up lr of 1e-8 stays)."""
@@ -954,7 +1019,7 @@ def sig(v, digits=7):
 def report(out_dir, name, obj):
     """A mode's result: <out-dir>/<name> and the same JSON on stdout."""
     write_json(out_dir, name, obj)
-    print(json.dumps(obj))
+    print(strict_json(obj))
 
 class Logger:
     """Plain-text log (stdout + <out>/train.log) and JSON-lines metrics, rank 0 only."""
@@ -977,21 +1042,35 @@ class Logger:
 
     def metrics(self, rec):
         if self.active:
-            self.append(self.metrics_path, json.dumps(rec) + "\n")
+            self.append(self.metrics_path, strict_json(rec) + "\n")
 
     def truncate_metrics(self, upto):
         """On (re)start at step `upto`: drop records past it (no duplicate steps on resume)."""
         if self.active and os.path.exists(self.metrics_path):
             keep = [r for r in self.read_metrics() if r.get("step", 0) <= upto]
             with atomic(self.metrics_path) as tmp, open(tmp, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in keep)
+                f.writelines(strict_json(r) + "\n" for r in keep)
 
     def read_metrics(self, phase=None):
         """The records of `phase` (all of them when phase is None or a record has no phase)."""
         if not os.path.exists(self.metrics_path):
             return []
-        with open(self.metrics_path) as f:
-            recs = [json.loads(s) for s in f if s.strip()]
+        recs, bad = [], []
+        with open(self.metrics_path, errors="replace") as f:
+            for i, line in enumerate(f, 1):
+                try:
+                    r = json.loads(line) if line.strip() else {}
+                except ValueError:                  # kill -9 or a full disk mid-append
+                    r = None
+                if isinstance(r, dict):
+                    recs += [r] if r else []
+                else:
+                    bad.append(str(i))
+        if bad:
+            print(f"{self.metrics_path}: dropped unreadable line {', '.join(bad[:5])} (a write cut "
+                  f"short by kill -9 or a full disk?); kept the other {len(recs)} records")
+        for r in recs:                                      # strict_json's nulls: NaN, inf again
+            r.update((k, float(v)) for k, v in r.pop("non_finite", {}).items() if k in r)
         return [r for r in recs if phase is None or r.get("phase", phase) == phase]
 
 def to_uint8(x):
@@ -1068,16 +1147,14 @@ def cmd_train(args):
     stop, log, batches = StopSignals(), Logger(args.out_dir, main_rank), None
     try:
         if main_rank:                          # temporary files of an interrupted write: garbage
-            for name in os.listdir(args.out_dir):
-                if ".tmp" in name:
-                    os.remove(os.path.join(args.out_dir, name))
+            remove_temp_files(args.out_dir)
         ds = build_dataset(args, train=True)           # data first: a fault costs no network
         torch.manual_seed(args.seed)                   # the same initial weights on every process
         net = build_net(args, device)
         ema = copy.deepcopy(net).eval().requires_grad_(False)
         opt = build_optimizer(net, args)
         ema_n = 0
-        if ck is not None:                     # our phase-1 or phase-2 run, or the authors' file
+        if ck is not None:                     # our phase-1 or phase-2 run, or a converted file
             load_states(ck, net, ema, opt)
             ema_n = int(ck.get("ema_n", start))
             log(f"{'resumed' if resumed else 'starting'} from {ck['path']} at step {start}")
@@ -1098,9 +1175,10 @@ def cmd_train(args):
         shape, flip = (args.channels, args.image_size, args.image_size), args.dataset in FLIP_SETS
         lr, warmup, clip = args.lr, args.warmup, args.grad_clip
         decay, ema_warmup, which = args.ema_decay, args.ema_warmup, "raw" if args.no_ema else "ema"
-        log(f"energy_matching | phase {phase} | recipe {args.recipe} | {args.dataset} {shape} | "
-            f"{count_params(net) / 1e6:.2f}M params | device {device} x {world} | "
-            f"{'bf16 trunk' if net.amp else 'fp32'} | threads {torch.get_num_threads()} | steps "
+        log(f"energy_matching | phase {phase} | recipe {args.recipe} | {args.dataset}: "
+            f"{len(ds)} images {shape} | {count_params(net) / 1e6:.2f}M params | device {device} "
+            f"x {world} | {'bf16 trunk' if net.amp else 'fp32'} | threads "
+            f"{torch.get_num_threads()} | steps "
             f"{start}->{end} | batch {args.batch_size}/rank | lr {lr} tau* {args.tau_star} "
             f"eps_max {args.eps_max} lambda_CD {args.lambda_cd} | EMA {decay}"
             f"{' with warm-up' if ema_warmup else ''}")
@@ -1215,13 +1293,19 @@ def read_checkpoint(path, map_location="cpu"):
         die(f"cannot read checkpoint {path}: corrupt or not a PyTorch file ({type(e).__name__})")
 
 def load_checkpoint(path):
-    """Our checkpoint dict (+ "path"), from ours or an authors' training file (converted)."""
+    """Our checkpoint dict (+ "path"); an authors' file: one line."""
     ck = read_checkpoint(path)
     if is_authors_checkpoint(ck):
-        ck = authors_checkpoint_as_ours(ck, path)
-    elif not isinstance(ck, dict) or ck.get("format") != FORMAT:
+        die(f"{path} is an authors' checkpoint: convert it once with python "
+            f"energy_matching_convert.py {shlex.quote(path)} OUT.pt, then pass --ckpt OUT.pt")
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         fmt = ck.get("format") if isinstance(ck, dict) else type(ck).__name__
         die(f"{path} is not an Energy Matching checkpoint (format {fmt!r}, not {FORMAT!r})")
+    saved = ck.setdefault("args", {})                     # files written before the renames
+    saved.setdefault("time_layers", False)
+    if isinstance(saved.get("flow_weighting"), str):      # "off" | "main" | "both"
+        saved["flow_weighting_warmup"] = saved["flow_weighting"] == "both"
+        saved["flow_weighting"] = saved["flow_weighting"] != "off"
     ck["path"] = path
     return ck
 
@@ -1241,217 +1325,16 @@ def net_from_checkpoint(ck, args, device):
     """The checkpoint's network (args hold its architecture), EMA weights unless --no-ema."""
     net = build_net(args)
     load_states({"model": ck["model" if args.no_ema else "ema"], "path": ck["path"]}, net)
-    if getattr(net, "time_layers", False):      # sampling uses the folded form: the same V
-        net = fold_time_layers(net)
     return engineer(net, device, args.amp, args.channels_last).eval().requires_grad_(False)
 
-# ---- The authors' released weights (https://github.com/m1balcerak/EnergyMatching) ----
-# Their files are {"net_model", "ema_model", "sched", "optim", "step"}; both models are state dicts
-# of EBViTModelWrapper: torchcfm's guided-diffusion UNet at a fixed dummy t = 0.5, PatchEmbed(4), a
-# post-LN nn.TransformerEncoder, mean-pool, final_linear, times output_scale: the layers of
-# UNetViTPotential in the same order. Only the names differ; the time layers map one to one onto a
-# UNetViTPotential(time_layers=True) (--recipe authors trains that) or fold into conv1's biases.
-AUTHORS_OUTPUT_SCALE = 1000.0    # not in their files; 1000 in their CIFAR-10 and ImageNet32 configs
-_AUTHORS_RES = {"n1": "in_layers.0", "c1": "in_layers.2", "n2": "out_layers.0",
-                "c2": "out_layers.3", "skip": "skip_connection", "emb": "emb_layers"}
-_AUTHORS_ATTN = {"norm": "norm", "qkv": "qkv", "proj": "proj_out"}
-_AUTHORS_VIT = {"qkv.weight": "self_attn.in_proj_weight", "qkv.bias": "self_attn.in_proj_bias"}
-_AUTHORS_VIT.update({f"{o}.{p}": f"{t}.{p}" for p in ("weight", "bias") for o, t in (
-    ("out", "self_attn.out_proj"), ("ln1", "norm1"), ("ln2", "norm2"), ("ff.0", "linear1"),
-    ("ff.3", "linear2"))})
-
-def _short(keys, n=8):
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
-
-def strip_prefixes(sd):
-    """Keys without DataParallel/DDP "module." and torch.compile "_orig_mod." prefixes."""
-    return {re.sub(r"^(module\.)+", "", k.replace("_orig_mod.", "")): v for k, v in sd.items()}
-
+# An authors' file (https://github.com/m1balcerak/EnergyMatching: {"net_model", "ema_model", ...})
+# is converted once into ours by energy_matching_convert.py; --ckpt refuses it with that command.
 def is_authors_checkpoint(ck):
     """Their layout: "net_model" and "ema_model" state dicts (ours has "format", VPFB's "model")."""
     return (isinstance(ck, dict) and "format" not in ck
             and isinstance(ck.get("net_model"), dict) and isinstance(ck.get("ema_model"), dict))
 
-def authors_time_embedding(sd, t=AUTHORS_T):
-    """emb = time_embed(sinusoid(t)) = Linear(SiLU(Linear(.))), (4 ch,): input of every ResBlock."""
-    w0, b0, w2, b2 = (sd[f"time_embed.{k}"].double() for k in ("0.weight", "0.bias", "2.weight",
-                                                                "2.bias"))
-    e = sinusoidal_embedding(t, w0.shape[1]).to(w0.device)
-    return F.linear(F.silu(F.linear(e, w0, b0)), w2, b2)
-
-def fold_time_bias(sd, prefix, emb):
-    """conv1's bias of the authors' ResBlock `prefix` with the time term folded in: their block adds
-    c = emb_layers(emb) = Linear(SiLU(emb)) after conv1, a constant at fixed t, so conv(x) + b + c =
-    conv(x) + (b + c) to float32 rounding. Computed in float64, stored in the file's dtype."""
-    w, b = sd[f"{prefix}.emb_layers.1.weight"].double(), sd[f"{prefix}.emb_layers.1.bias"].double()
-    bias = sd[f"{prefix}.in_layers.2.bias"]
-    c = F.linear(F.silu(emb), w, b)
-    if c.shape != bias.shape:    # 2 x channels: scale-shift norm (FiLM after GroupNorm), not a bias
-        die(f"authors' ResBlock {prefix} uses scale-shift time conditioning (emb_layers gives "
-            f"{c.shape[0]} values for {bias.shape[0]} channels); only the additive form folds")
-    return (bias.double() + c).to(bias.dtype)
-
-def authors_arch(sd):
-    """UNetViTPotential keywords for an EBViTModelWrapper state dict, from key names and shapes."""
-    ch, C = sd["input_blocks.0.0.weight"].shape[:2]
-    dim, _, patch, _ = sd["patch_embed.patch_embed.weight"].shape
-    side = math.isqrt(sd["patch_embed.pos_embed"].shape[1]) * patch   # square: N = (H / patch)^2
-    n_in = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("input_blocks."))
-    n_down = sum(f"input_blocks.{i}.0.op.weight" in sd for i in range(n_in))
-    res_blocks = (n_in - 1 - n_down) // (n_down + 1)
-    mult, attn = [], []
-    for lvl in range(n_down + 1):
-        first = 1 + lvl * (res_blocks + 1)                       # first ResBlock of the level
-        mult.append(sd[f"input_blocks.{first}.0.in_layers.2.weight"].shape[0] // ch)
-        if f"input_blocks.{first}.1.qkv.weight" in sd:
-            attn.append(side // 2 ** lvl)
-    depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer_encoder.layers."))
-    return dict(shape=(C, side, side), ch=ch, res_blocks=res_blocks, vit_depth=depth,
-                dropout=0.1, output_scale=AUTHORS_OUTPUT_SCALE, ch_mult=tuple(mult),
-                attn_res=tuple(attn), patch=patch)
-
-def authors_names(net):
-    """({our key: the authors' key} for every tensor of a UNetViTPotential, authors' ResBlocks)."""
-    names, resblocks = {}, []
-
-    def leaf(mod, ours, theirs, table=None):
-        if isinstance(mod, ResBlock):
-            resblocks.append(theirs)
-            table = _AUTHORS_RES
-        elif isinstance(mod, SelfAttention2d):
-            table = _AUTHORS_ATTN
-        for n in mod.state_dict():
-            head, _, rest = n.partition(".")
-            names[f"{ours}.{n}"] = f"{theirs}.{table[head]}.{rest}" if table else f"{theirs}.{n}"
-
-    def seq(mods, ours, theirs):   # our nn.Upsample + Conv2d is their single Upsample(.conv)
-        for i, m in enumerate(mods):
-            up = i > 0 and isinstance(mods[i - 1], nn.Upsample)
-            leaf(m, f"{ours}.{i}", f"{theirs}.{i - 1}.conv" if up else f"{theirs}.{i}")
-
-    if net.time_layers:
-        leaf(net.time_embed, "time_embed", "time_embed")
-    leaf(net.inp, "inp", "input_blocks.0.0")
-    for i, m in enumerate(net.down):             # their input_blocks[0] is our inp, so index + 1
-        if isinstance(m, nn.Conv2d):
-            leaf(m, f"down.{i}", f"input_blocks.{i + 1}.0.op")        # Downsample(conv, stride 2)
-        else:
-            seq(m, f"down.{i}", f"input_blocks.{i + 1}")
-    seq(net.mid, "mid", "middle_block")
-    for i, m in enumerate(net.up):
-        seq(m, f"up.{i}", f"output_blocks.{i}")
-    seq(net.out, "out", "out")
-    leaf(net.patch, "patch", "patch_embed.patch_embed")
-    names["pos"] = "patch_embed.pos_embed"
-    for i, blk in enumerate(net.blocks):
-        for n in blk.state_dict():
-            names[f"blocks.{i}.{n}"] = f"transformer_encoder.layers.{i}.{_AUTHORS_VIT[n]}"
-    leaf(net.head, "head", "final_linear")
-    return names, resblocks
-
-def authors_to_ours(sd, net, name="checkpoint"):
-    """Our state dict for `net` from the authors' prefix-free `sd`: tensor for tensor (exact) when
-    net has time layers, else with the time layers folded into conv1's biases."""
-    names, resblocks = authors_names(net)
-    time_keys = [f"time_embed.{i}" for i in (0, 2)] + [f"{r}.emb_layers.1" for r in resblocks]
-    expected = set(names.values()) | {f"{k}.{p}" for k in time_keys for p in ("weight", "bias")}
-    extra, missing = set(sd) - expected, expected - set(sd)
-    if extra or missing:
-        die(f"{name}: the authors' weights do not map onto UNetViTPotential; unmatched keys in the "
-            f"file: [{_short(extra)}]; missing: [{_short(missing)}]")
-    if net.time_layers:                               # their time layers are ours: every tensor
-        out = {k: sd[v] for k, v in names.items()}
-    else:
-        emb = authors_time_embedding(sd)
-        out = {k: fold_time_bias(sd, v[:-len(".in_layers.2.bias")], emb)  # ResBlock conv1 bias
-               if v.endswith(".in_layers.2.bias") else sd[v] for k, v in names.items()}
-    want = net.state_dict()
-    bad = [f"{k} {tuple(out[k].shape)} vs ours {tuple(want[k].shape)}" for k in want
-           if out[k].shape != want[k].shape]
-    if bad:
-        die(f"{name}: tensor shapes differ from the rebuilt UNetViTPotential: {_short(bad, 4)}")
-    return out
-
-def ours_to_authors(sd, net):
-    """The authors' state dict from ours (`sd` of `net`): tensor for tensor with time layers; from
-    the folded form, time layers of zeros (emb_layers(emb) = 0 exactly: the biases carry it)."""
-    names, resblocks = authors_names(net)
-    out = {v: sd[k] for k, v in names.items()}
-    if not net.time_layers:
-        ch, z = net.inp.out_channels, sd["inp.weight"].new_zeros
-        shapes = {"time_embed.0": (4 * ch, ch), "time_embed.2": (4 * ch, 4 * ch)}
-        shapes.update({f"{r}.emb_layers.1": (out[f"{r}.in_layers.2.bias"].shape[0], 4 * ch)
-                       for r in resblocks})
-        for k, (o, i) in shapes.items():
-            out[f"{k}.weight"], out[f"{k}.bias"] = z(o, i), z(o)
-    return out
-
-@torch.no_grad()
-def fold_time_layers(net):
-    """A UNetViTPotential with time layers -> a copy in the folded form (for sampling): conv1's
-    bias + emb_layers(time_embed(sinusoid(t))), computed in float64 (fold_time_bias)."""
-    if not net.time_layers:
-        return net
-    sd = ours_to_authors(net.state_dict(), net)
-    emb = authors_time_embedding(sd, net.time_t)
-    folded = copy.deepcopy(net)
-    blocks = [m for m in folded.modules() if isinstance(m, ResBlock)]    # authors_names' order
-    for blk, prefix in zip(blocks, authors_names(net)[1]):
-        blk.c1.bias.copy_(fold_time_bias(sd, prefix, emb))
-        del blk.emb
-    del folded.time_embed, folded.t_feat
-    folded.time_layers = False
-    return folded
-
-def authors_net(ck, key="ema_model", name="checkpoint"):
-    """(an untrained UNetViTPotential shaped like ck[key], ck[key] unprefixed); else exit 2."""
-    if not is_authors_checkpoint(ck):
-        own = isinstance(ck, dict) and "format" in ck
-        die(f"{name} is not an authors' Energy Matching checkpoint (a dict with 'net_model' and "
-            f"'ema_model' state dicts)" + ("; it is in this file's own format" if own else ""))
-    sd = strip_prefixes(ck[key])
-    if any(k.startswith("mlp.") for k in sd):
-        die(f"{name} holds the authors' MLP-head potential (EBMLPModelWrapper); only the UNet+ViT "
-            f"one (EBViTModelWrapper) maps onto UNetViTPotential")
-    try:
-        kw = authors_arch(sd)
-        net = UNetViTPotential(**kw)
-    except (KeyError, ValueError, IndexError, ZeroDivisionError, RuntimeError) as e:
-        die(f"{name}: cannot rebuild the authors' architecture from its keys "
-            f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
-    net.arch_kwargs = kw                 # so callers can rebuild the run's shape/model flags
-    return net, sd
-
-def load_authors_checkpoint(path, use_ema=True, device="cpu"):
-    """Our UNetViTPotential (eval) from an authors' CIFAR-10 training file: V(x) = their
-    potential(x, t), any t, to float32 rounding; use_ema: "ema_model", else "net_model"."""
-    net, sd = authors_net(read_checkpoint(path), "ema_model" if use_ema else "net_model", path)
-    net.load_state_dict(authors_to_ours(sd, net, path))
-    return net.to(device).eval()
-
-def authors_checkpoint_as_ours(ck, name="checkpoint"):
-    """An authors' file as our checkpoint dict: args = --recipe authors defaults + the arch read
-    from the keys; "opt" None (their Adam state indexes their parameter list: fresh Adam)."""
-    net, sd_ema = authors_net(ck, "ema_model", name)
-    kw = net.arch_kwargs
-    if kw["shape"][0] != 3 or kw["attn_res"] != (16,) or kw["patch"] != 4:
-        die(f"{name}: an authors' network with {kw['shape'][0]} channels, attention at "
-            f"{kw['attn_res']}, patch {kw['patch']} has no flags here (3, (16,), 4)")
-    args = resolve_args(build_parser().parse_args(["--recipe", "authors", "--dataset", "cifar10",
-                                                   "--arch", "unetvit", "--tau-s", "3"]))
-    args.image_size, args.model_size, args.res_blocks = kw["shape"][1], kw["ch"], kw["res_blocks"]
-    args.ch_mult, args.vit_depth = ",".join(map(str, kw["ch_mult"])), kw["vit_depth"]
-    args.dropout, args.output_scale = kw["dropout"], kw["output_scale"]
-    if args.time_layers:                 # --recipe authors trains their time layers: keep them
-        net = UNetViTPotential(**kw, time_layers=True)
-    step = int(ck.get("step") or 0)
-    return {"format": FORMAT, "model": authors_to_ours(strip_prefixes(ck["net_model"]), net, name),
-            "ema": authors_to_ours(sd_ema, net, name), "opt": None, "step": step,
-            "phase": "authors", "phase_start": step, "args": args_to_dict(args)}
-
-
-# ==== 6. Experiment modes ====
+# ==== 6. Sampling ====
 def eval_setup(args):
     """Device, the checkpoint's network (EMA unless --no-ema) and the method with the settings this
     mode reads, each printed once with where it came from (flag / checkpoint / recipe)."""
@@ -1459,27 +1342,17 @@ def eval_setup(args):
     torch.manual_seed(args.seed)                          # --seed: the same samples every run
     net = net_from_checkpoint(args.ck_, args, device)
     method = build_method(torch.compile(net) if args.compile else net, args)
-    settings = {k: getattr(args, k) for k in MODE_SETTINGS[args.mode]}
+    settings = {k: getattr(args, k) for k in args.reads_}
     if "tau_s" in settings:                                        # K = tau_s / dt sampler steps
         settings["steps"] = max(1, round(args.tau_s / args.dt))
     settings["weights"] = "raw" if args.no_ema else "ema"
-    src = {k: args.sources_.get(k, "default") for k in MODE_SETTINGS[args.mode]}
+    src = {k: args.sources_.get(k, "default") for k in args.reads_}
     print(f"{args.mode} with {args.ck_['path']}: " + ", ".join(
         f"{k} {v} ({src[k]})" if k in src else f"{k} {v}" for k, v in settings.items()), flush=True)
     if args.ck_.get("phase") == "warmup" and "tau_s" in src and src["tau_s"] != "flag":
         print(f"tau_s = {args.tau_s:g} from a phase-1 checkpoint: past t = 1 there is no Boltzmann "
               f"well, the flow only extrapolates (pass --tau-s to change)", flush=True)
     return device, net, method, {"ckpt": args.ck_["path"], "settings": settings, "from": src}
-
-def eval_images(args, n, device):
-    """The first n held-out images of --dataset (test split where there is one), checked to fit."""
-    data = build_dataset(args, train=False)
-    x = first_images(data, n).to(device)
-    want = (args.channels, args.image_size, args.image_size)
-    if tuple(x.shape[1:]) != want:
-        die(f"images of {args.dataset} have shape {tuple(x.shape[1:])} but the checkpoint's "
-            f"network expects {want}")
-    return x
 
 def cmd_sample(args):
     """--num-samples SDE samples -> samples.npz ("images" uint8 NHWC, eval_fid.py), samples.png."""
@@ -1493,108 +1366,20 @@ def cmd_sample(args):
     report(args.out_dir, "samples.json", {**info, "n": len(x), **st})
     return to_uint8(x)
 
-def cmd_inpaint(args):
-    """Alg. 3 on data images with a centred hole: M chains per image without and with the repulsive
-    interaction (same noise) -> inpaint.png (the paper's "with vs without" figure), inpaint.json."""
-    device, net, method, info = eval_setup(args)
-    x = eval_images(args, args.num_images or 4, device)
-    H, W = x.shape[2:]
-    s, A = max(1, int(round(args.hole * H))), torch.ones(x.shape[1:], device=device)
-    A[:, (H - s) // 2:(H - s) // 2 + s, (W - s) // 2:(W - s) // 2 + s] = 0   # 0 in a centred hole
-    Bmask = 1 - A                                                     # interaction where unseen
-    y = A * x                                                         # y = A(x), noise-free
-    x_init = torch.randn(x.shape[0], args.chains, *x.shape[1:], device=device)
-    kw = dict(n_chains=args.chains, tau_s=method.tau_s, dt=method.dt, zeta=args.zeta,
-              x_init=x_init, eps=method.eps, clamp=(-1.0, 1.0))
-    plain = inverse_langevin(method.V, y, A, **kw)
-    inter = inverse_langevin(method.V, y, A, sigma=args.sigma_int, Bmask=Bmask, **kw)
-    if not torch.isfinite(torch.cat([plain, inter])).all():
-        die("inpaintings contain NaN/Inf (non-finite weights?); nothing written", 3)
-
-    def spread(z):  # mean pairwise distance between the chains inside the hole
-        d = [(Bmask * (z[:, i] - z[:, j])).flatten(1).norm(dim=1)
-             for i in range(z.shape[1]) for j in range(i)]
-        return float(torch.stack(d).mean()) if d else 0.0
-
-    def fidelity(z):  # RMS error on the observed pixels
-        return float(((A * (z - x[:, None])) ** 2).sum() / (A.sum() * z.shape[:2].numel())) ** 0.5
-
-    res = {**info, "spread_without": spread(plain), "spread_with": spread(inter),
-           "fidelity_rmse_without": fidelity(plain), "fidelity_rmse_with": fidelity(inter)}
-    # one row per image: original, masked, M chains without W, M chains with W
-    rows = [torch.stack([x[r], y[r], *plain[r], *inter[r]]) for r in range(x.shape[0])]
-    save_grid(torch.cat(rows).cpu(), os.path.join(args.out_dir, "inpaint.png"),
-              nrow=2 + 2 * args.chains)
-    report(args.out_dir, "inpaint.json", res)
-    return res
-
-def cmd_lid(args):
-    """LID of --num-images data images from the Hessian of V (exact or SLQ), Spearman vs PNG size
-    (Table 2). If every LID is equal, Spearman is undefined: one line says which way to move tau."""
-    from PIL import Image
-    from scipy.stats import spearmanr
-    device, net, method, info = eval_setup(args)
-    xs = eval_images(args, args.num_images or 4096, device)
-    n, d = xs.shape[0], xs[0].numel()
-    how = args.lid_method if args.lid_method != "auto" else ("exact" if d <= 1024 else "slq")
-    t0 = time.time()
-    if how == "exact":
-        lids, _ = lid_exact(method.V, xs, args.lid_tau)
-    else:
-        lids = []
-        for i in range(0, n, 16):
-            lids += lid_slq(method.V, xs[i:i + 16], args.lid_tau, args.lid_probes,
-                            args.lid_lanczos, args.seed)
-    sizes = []                                    # lossless PNG bytes: the paper's complexity proxy
-    for im in to_uint8(xs):
-        buf = io.BytesIO()
-        Image.fromarray(im.squeeze(-1) if im.shape[-1] == 1 else im).save(buf, "PNG", optimize=True)
-        sizes.append(len(buf.getvalue()))
-    distinct = set(round(float(v), 3) for v in lids)                 # SLQ estimates are floats
-    varied = n > 2 and len(distinct) > 1 < len(set(sizes))
-    rho = float(spearmanr(lids, sizes)[0]) if varied else None
-    res = {**info, "method": how, "tau": args.lid_tau, "d": d, "n": n,
-           "spearman_lid_vs_png": rho, "lid": [float(v) for v in lids], "png_bytes": sizes,
-           "seconds": round(time.time() - t0, 2)}
-    head = f"LID ({how}, tau={args.lid_tau}) on {n} images:"
-    write_json(args.out_dir, "lid.json", res)
-    if rho is not None:
-        print(f"{head} Spearman vs PNG size = {rho:.3f}")
-    elif len(distinct) == 1:
-        side = "lower" if lids[0] >= d - 0.5 else "higher"
-        print(f"{head} all LIDs equal {lids[0]:.0f} (d = {d}), "
-              f"so no Spearman correlation; try a {side} --lid-tau")
-    else:
-        print(f"{head} too few distinct values for a Spearman correlation")
-    return res
-
 # ==== 7. Arguments and main ====
 DATASETS = ("cifar10", "mnist", "celeba64", "folder", "npz", "fake")
-MODES = {"train": cmd_train, "sample": cmd_sample, "inpaint": cmd_inpaint, "lid": cmd_lid}
+MODES = {"train": cmd_train, "sample": cmd_sample}    # energy_matching_experiments.py: the others
 
-# The recipes fill every flag left at None (a typed flag wins). "paper" = EnergyMatching's own
-# defaults (section 1) + App. C's training numbers; "authors" = the same with AUTHORS + their
+# --recipe sets these flags (a typed flag, then a checkpoint's value, wins); steps and EMA decay
+# per phase. The parser's own defaults of the method's flags are EnergyMatching's (section 1; a
+# test checks that they agree). "paper": App. C's training numbers; "authors": AUTHORS and their
 # training script and README command (lr, steps, EMA 0.99 in phase 2, a second data batch for CD).
-TRAINING = {
-    "authors": dict(lr=1.2e-3, steps_warmup=145_000, steps_main=2_000, batch_size=128,
-                    warmup=10_000, ema_warmup=0.9999, ema_main=0.99, cd_separate_batch=True),
-    "paper": dict(lr=8e-4, steps_warmup=200_000, steps_main=25_000, batch_size=128, warmup=10_000,
-                  ema_warmup=0.9999, ema_main=0.9999, cd_separate_batch=False),
-}
-METHOD_FLAGS = ("tau_star", "eps_max", "lambda_cd", "n_langevin", "dt", "cd_neg_clamp", "cd_trim",
-                "neg_data_frac", "flow_reduction", "tau_s", "clamp_negatives", "flow_weighting",
-                "same_temperature", "ot_replace")
-
-def method_flags(**kw):
-    """EnergyMatching's keywords (its own defaults where kw is silent) as the flags' values."""
-    sig = inspect.signature(EnergyMatching).parameters
-    d = {k: kw.get(k, sig[k].default) for k in METHOD_FLAGS}
-    d.update(clamp_negatives=d["clamp_negatives"] is not None,
-             flow_weighting=d["flow_weighting"] or "off")
-    return d
-
-RECIPES = {"paper": {**method_flags(), **TRAINING["paper"], "time_layers": False},
-           "authors": {**method_flags(**AUTHORS), **TRAINING["authors"], "time_layers": True}}
+RECIPES = {"paper": dict(lr=8e-4, steps_warmup=200_000, steps_main=25_000, batch_size=128,
+                         warmup=10_000, ema_decay_warmup=0.9999, ema_decay_main=0.9999,
+                         cd_separate_batch=False, time_layers=False),
+           "authors": dict(AUTHORS, clamp_negatives=True, lr=1.2e-3, steps_warmup=145_000,
+                           steps_main=2_000, ema_decay_main=0.99, cd_separate_batch=True,
+                           time_layers=True)}
 DATASET_ROWS = {
     # App. C, CelebA: ~2x the parameters (ch 192 here), batch 32, lr 1e-4, eps_max 0.05,
     # lambda_CD 2e-5, 250k + 25k steps (no authors' code for CelebA: paper values in both recipes)
@@ -1605,6 +1390,15 @@ DATASET_ROWS = {
     # lr and eps_max are not in the paper: 1e-4 and 0.01 are our choice.
     "mnist": dict(lambda_cd=0.25, dt=0.05, n_langevin=50, steps_main=300_000, lr=1e-4),
 }
+METHOD_FLAGS = ("tau_star", "eps_max", "lambda_cd", "n_langevin", "dt", "cd_neg_clamp", "cd_trim",
+                "neg_data_frac", "flow_reduction", "tau_s", "clamp_negatives", "flow_weighting",
+                "flow_weighting_warmup", "same_temperature", "ot_replace")
+
+def recipe_row(recipe, dataset, phase):
+    """The flags --recipe sets for --dataset's row and --phase."""
+    row = {**RECIPES["paper"], **RECIPES[recipe], **DATASET_ROWS.get(dataset, {})}
+    return {**{k: v for k, v in row.items() if not k.startswith(("steps_", "ema_decay_"))},
+            "steps": row[f"steps_{phase}"], "ema_decay": row[f"ema_decay_{phase}"]}
 
 # Which flags a mode reads (issue 22). The network's flags always come from the checkpoint (a typed
 # one that differs is an error); a typed flag the mode does not read is a one-line warning.
@@ -1615,12 +1409,7 @@ ARCH_KEYS = ("arch", "model_size", "res_blocks", "ch_mult", "vit_depth", "dropou
              "output_scale", "image_size", "channels", "time_layers")
 DATA_KEYS = ("dataset", "data_dir", "fake_size")
 MODE_SETTINGS = {          # what a mode reads (and prints) beyond the run flags and the network's
-    "sample": ("sampler", "tau_s", "dt", "eps_max", "tau_star", "num_samples", "sample_batch"),
-    "inpaint": ("tau_s", "dt", "eps_max", "tau_star", "num_images", "hole", "zeta", "sigma_int",
-                "chains") + DATA_KEYS,
-    "lid": ("num_images", "lid_tau", "lid_method", "lid_probes", "lid_lanczos") + DATA_KEYS}
-EVAL_ONLY = {"num_images", "hole", "zeta", "sigma_int", "chains", "lid_tau", "lid_method",
-             "lid_probes", "lid_lanczos"}
+    "sample": ("sampler", "tau_s", "dt", "eps_max", "tau_star", "num_samples", "sample_batch")}
 PHASE_KEYS = {"phase", "steps", "ema_decay", "tau_s", "from_scratch"}   # phase 2 sets its own
 EVAL_READS = {"mode", "out_dir", "device", "threads", "seed", "ckpt", "amp", "compile",
               "channels_last", "workers", "no_ema", *ARCH_KEYS}
@@ -1640,6 +1429,7 @@ def _number(kind, ok, what):
 
 pos_int = _number(int, lambda v: v > 0, "an integer > 0")
 nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+seed_int = _number(int, lambda v: 0 <= v < 2 ** 32, "an integer in [0, 2**32)")  # as numpy
 pos_float = _number(float, lambda v: v > 0, "a finite number > 0")
 nonneg_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
 unit_float = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
@@ -1658,35 +1448,42 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         die(f"{message} (see --help)")
 
-def build_parser():
-    p = Parser(description="Energy Matching (Balcerak et al., arXiv:2504.10612): train, sample, "
-               "inpaint, LID. [r] = filled by --recipe when not given.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default; a flag whose default is derived says so in its help."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+def build_parser(recipe="authors", modes=MODES):
+    """The flags, with `recipe`'s values as defaults (--help shows the default recipe's)."""
+    p = Parser(description="Energy Matching (Balcerak et al., arXiv:2504.10612): "
+               f"{', '.join(modes)}. [r] = set by --recipe (shown: {recipe}'s).",
+               formatter_class=Help, allow_abbrev=False)
     a, bool_opt = p.add_argument, argparse.BooleanOptionalAction
-    a("--mode", default="train", choices=MODES, help="what to do")
+    a("--mode", default="train", required="train" not in modes, choices=modes, help="what to do")
     a("--phase", default="warmup", choices=("warmup", "main"), help="Alg. 1 or Alg. 2 (+ CD)")
     a("--recipe", default="authors", choices=RECIPES, help="authors' CIFAR code or the paper")
     a("--dataset", default="cifar10", choices=DATASETS, help="training / evaluation images")
-    a("--data-dir", default="data", help="dataset folder (npz: the .npz file)")
-    a("--image-size", type=pos_int, help="image side for folder/fake (default 32; celeba64 64)")
-    a("--channels", type=pos_int, help="channels of fake data (default 3)")
+    a("--data-dir", default="data", help="dataset folder (npz: the .npz file, uint8 NHWC)")
+    a("--image-size", type=pos_int, help="image side (celeba64 64; mnist 28; npz: the file's)")
+    a("--channels", type=pos_int, help="channels (mnist 1; npz: the file's)")
     a("--fake-size", type=pos_int, default=256, help="number of FakeData images")
     a("--workers", type=nonneg_int, default=4, help="DataLoader processes (0 = main process)")
     a("--out-dir", help="output folder (default runs/em_<dataset>); always written to")
     a("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     a("--threads", type=nonneg_int, default=0,
       help="CPU threads (0: the free cores, i.e. the cores less the load average, at least 1)")
-    a("--seed", type=nonneg_int, default=0, help="random seed (each step and rank derives its own)")
-    a("--batch-size", type=pos_int, help="[r] per-process batch size (128)")
+    a("--seed", type=seed_int, default=0, help="random seed (each step and rank derives its own)")
+    a("--batch-size", type=pos_int, help="[r] per-process batch size")
     a("--steps", type=nonneg_int, help="[r] steps of this phase (authors 145k + 2k)")
     a("--lr", type=pos_float, help="[r] Adam learning rate (authors 1.2e-3, paper 8e-4)")
     a("--betas", type=unit_float, nargs=2, default=(0.9, 0.95), help="Adam betas (authors' code)")
     a("--warmup", type=nonneg_int,
-      help="[r] linear lr warm-up steps (10k), counted from step 0 of phase 1: phase 2 continues "
+      help="[r] linear lr warm-up steps, counted from step 0 of phase 1: phase 2 continues "
            "the count, as the authors' resumed scheduler does")
     a("--grad-clip", type=nonneg_float, default=1.0, help="gradient-norm clipping (0 = off)")
-    a("--ema-decay", type=unit_float, help="[r] EMA decay (0.9999; authors' phase 2: 0.99)")
-    a("--ema-warmup", action=bool_opt, default=True, help="min(decay, (1+n)/(10+n)); no: authors")
+    a("--ema-decay", type=unit_float, help="[r] EMA decay (authors' phase 2: 0.99)")
+    a("--ema-warmup", action=bool_opt, default=True, help="min(decay, (1+n)/(10+n)); no: const")
     a("--no-ema", action="store_true", help="grids / sampling with the raw weights, not the EMA")
     a("--arch", default="auto", choices=("auto", "unetvit", "cnn"),
       help="network: UNet+ViT (Fig. 5) or the MNIST CNN (App. C); auto: CNN for MNIST-like data")
@@ -1698,22 +1495,28 @@ def build_parser():
     a("--dropout", type=unit_float, default=0.1, help="dropout in UNet and ViT (authors' code)")
     a("--attn-dropout", type=unit_float, help="ViT attention dropout (default: --dropout)")
     a("--output-scale", type=pos_float, default=1000.0, help="V = this * head (authors' code)")
-    a("--tau-star", type=nonneg_float, help="[r] tau*, Eq. 3 (authors 1, paper 0.9)")
-    a("--eps-max", type=nonneg_float, help="[r] eps_max: p ∝ exp(-V/eps_max) (0.01)")
-    a("--lambda-cd", type=nonneg_float, help="[r] CD weight (authors 1e-3, paper 2e-4)")
-    a("--n-langevin", type=nonneg_int, help="[r] Langevin steps per negative chain (200)")
-    a("--dt", type=pos_float, help="[r] time step of the chains and of the sampler (0.01)")
-    a("--cd-neg-clamp", type=nonneg_float, help="[r] lambda_CD CD >= -this (authors 0.02)")
-    a("--cd-trim", type=unit_float, help="[r] drop the top fraction of V(negatives) (authors 0.1)")
-    a("--neg-data-frac", type=frac_float, help="[r] share of negatives started at data (0.5)")
-    a("--same-temperature", action=bool_opt, help="[r] data chains at eps(t) (authors), eps_max")
-    a("--clamp-negatives", action=bool_opt, help="[r] chains end clamped to [-1, 1] (authors)")
+    a("--tau-star", type=nonneg_float, default=0.9, help="[r] tau*, Eq. 3 (paper 0.9)")
+    a("--eps-max", type=nonneg_float, default=0.01, help="[r] eps_max: p ∝ exp(-V/eps_max)")
+    a("--lambda-cd", type=nonneg_float, default=2e-4, help="[r] CD weight (paper 2e-4)")
+    a("--n-langevin", type=nonneg_int, default=200, help="[r] Langevin steps per negative chain")
+    a("--dt", type=pos_float, default=0.01, help="[r] time step of the chains and of the sampler")
+    a("--cd-neg-clamp", type=nonneg_float, default=0.0, help="[r] lambda_CD CD >= -this (paper 0)")
+    a("--cd-trim", type=unit_float, default=0.0,
+      help="[r] drop the top fraction of V(negatives) (paper 0)")
+    a("--neg-data-frac", type=frac_float, default=0.5, help="[r] share of negatives from data")
+    a("--same-temperature", action=bool_opt, default=False,
+      help="[r] data chains at eps(t) (authors), eps_max (paper)")
+    a("--clamp-negatives", action=bool_opt, default=False,
+      help="[r] chains end clamped to [-1, 1] (authors)")
     a("--cd-separate-batch", action=bool_opt, help="[r] a second data batch for CD (authors)")
-    a("--flow-reduction", choices=("mean", "sum"), help="[r] mean (authors) or sum: ||.||^2")
-    a("--flow-weighting", choices=("off", "main", "both"),
-      help="[r] fade the flow loss to 0 from tau* to 1: phase 2 (authors' 2-D), both (CIFAR)")
+    a("--flow-reduction", default="sum", choices=("mean", "sum"),
+      help="[r] mean (authors) or sum: ||.||^2 (paper)")
+    a("--flow-weighting", action=bool_opt, default=False,
+      help="[r] fade the flow loss to 0 from tau* to 1 in phase 2 (authors)")
+    a("--flow-weighting-warmup", action=bool_opt, default=False,
+      help="[r] the same in phase 1 (authors' CIFAR-10 code)")
     a("--no-ot", action="store_true", help="random instead of exact-OT pairs (ablation)")
-    a("--ot-replace", action=bool_opt,
+    a("--ot-replace", action=bool_opt, default=False,
       help="[r] draw the B OT pairs from the plan with replacement (authors' torchcfm) or use the "
            "permutation once (paper)")
     a("--time-layers", action=bool_opt,
@@ -1721,38 +1524,43 @@ def build_parser():
            "form, conv biases (paper)")
     a("--from-scratch", action="store_true", help="phase main without a warmup checkpoint (MNIST)")
     a("--sampler", default="heun", choices=("heun", "euler"), help="SDE integrator")
-    a("--tau-s", type=pos_float, help="[r] sampling time, K = tau_s/dt (3; 1 after phase 1)")
+    a("--tau-s", type=pos_float, default=3.0,
+      help="[r] sampling time, K = tau_s/dt (training's phase 1: 1)")
     a("--amp", default="auto", choices=("auto", "bf16", "none"), help="bf16 trunk (auto: on CUDA)")
     a("--compile", action="store_true",
       help="torch.compile the loss (via torch.func) and the potential for sampling")
     a("--channels-last", action="store_true", help="channels_last memory (faster convs on GPU)")
     a("--resume", action="store_true", help="resume from --ckpt, else <out-dir>/ckpt_<phase>.pt")
-    a("--ckpt", help="checkpoint to read (ours or the authors'); outputs go to --out-dir")
+    a("--ckpt", help="checkpoint to read (authors' files: energy_matching_convert.py first); "
+                     "outputs go to --out-dir")
     a("--log-every", type=nonneg_int, default=100, help="log every N steps (0 = off)")
     a("--save-every", type=nonneg_int, default=5000, help="checkpoint every N steps (0 = at end)")
     a("--sample-every", type=nonneg_int, default=5000,
       help="sample grid every N steps (0 = only at the end)")
     a("--num-samples", type=nonneg_int, default=64, help="samples to draw (50000 for FID)")
     a("--sample-batch", type=pos_int, default=256, help="batch size when sampling")
-    a("--num-images", type=pos_int, help="inpaint: images (4); lid: images (4096, paper)")
-    a("--hole", type=frac_float, default=0.5, help="inpaint: side of the masked centre / side")
-    a("--zeta", type=pos_float, default=0.1, help="inpaint: data-fidelity scale zeta (Eq. 8)")
-    a("--sigma-int", type=pos_float, default=1.0, help="inpaint: interaction sigma (Sec. 3.2)")
-    a("--chains", type=pos_int, default=2, help="inpaint: chains M per image")
-    a("--lid-tau", type=pos_float, help="LID: |lambda| < tau (paper: 10 MNIST, 2 CIFAR)")
-    a("--lid-method", default="auto", choices=("auto", "exact", "slq"), help="auto: d <= 1024")
-    a("--lid-probes", type=pos_int, default=8, help="SLQ: Rademacher probe vectors")
-    a("--lid-lanczos", type=pos_int, default=60, help="SLQ: Lanczos steps per probe")
+    p.set_defaults(**recipe_row(recipe, "cifar10", "warmup"), image_size=32, channels=3)
     return p
+
+def refuse_to_replace(args, phases):
+    """A training run never replaces a run: without --resume, a folder that holds this phase's
+    checkpoint, or a later phase's, is one line and exit 2, before any work."""
+    for ph in phases[phases.index(args.phase):]:
+        path = os.path.join(args.out_dir, f"ckpt_{ph}.pt")
+        if os.path.isfile(path):
+            die(f"{path} holds a run: --resume continues it, another --out-dir starts a new one")
 
 def find_checkpoint(args):
     """The checkpoint a mode starts from and the flags it hands on, or (None, ()) for a fresh run:
-    train --resume: --ckpt, else ckpt_<phase>.pt (all its training flags); phase main: the
-    phase-1 checkpoint (all but PHASE_KEYS); the other modes: --ckpt, else the run's newest."""
+    train --resume: the run's own ckpt_<phase>.pt (it continues this run), else --ckpt (all its
+    training flags); phase main: the phase-1 checkpoint (all but PHASE_KEYS); the other modes:
+    --ckpt, else the run's newest."""
     own = os.path.join(args.out_dir, f"ckpt_{args.phase}.pt")
     if args.mode == "train":
+        if not args.resume:
+            refuse_to_replace(args, ("warmup", "main"))
         if args.resume and (args.ckpt or os.path.isfile(own)):
-            ck = load_checkpoint(args.ckpt or own)
+            ck = load_checkpoint(own if os.path.isfile(own) else args.ckpt)
         elif args.phase == "main" and not args.from_scratch:
             path = args.ckpt or os.path.join(args.out_dir, "ckpt_warmup.pt")
             if not os.path.isfile(path):
@@ -1761,7 +1569,7 @@ def find_checkpoint(args):
             ck = load_checkpoint(path)
         else:
             return None, ()
-        skip = RUN_FLAGS | EVAL_ONLY | (set() if ck.get("phase") == args.phase else PHASE_KEYS)
+        skip = RUN_FLAGS | (set() if ck.get("phase") == args.phase else PHASE_KEYS)
         return ck, [k for k in ck["args"] if k not in skip]
     found = [p for p in (os.path.join(args.out_dir, f"ckpt_{ph}.pt") for ph in ("main", "warmup"))
              if os.path.isfile(p)]
@@ -1771,57 +1579,72 @@ def find_checkpoint(args):
     return ck, [k for k in ck["args"] if k in ARCH_KEYS + DATA_KEYS + METHOD_FLAGS
                 + ("sampler", "recipe", "no_ot")]
 
-def parse_args(argv=None):
-    """Flags -> args. Every setting follows one rule (issue 22): a flag the user typed > the value
-    stored in the checkpoint the mode reads > the recipe's default (args.sources_ says which)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    p = build_parser()
-    args = p.parse_args(argv)
-    for action in p._actions:                                          # now: typed flags only
+def typed_flags(p, argv):
+    """The flags argv types: what argparse returns with every default suppressed."""
+    p._defaults.clear()
+    for action in p._actions:
         action.default = argparse.SUPPRESS
-    args.typed_, args.argv_ = set(vars(p.parse_args(argv))), argv
-    args.out_dir = args.out_dir or os.path.join("runs", f"em_{args.dataset}")
-    args.ck_, keys = find_checkpoint(args)
-    return resolve_args(args, args.ck_, keys)
+    return set(vars(p.parse_args(argv)))
 
-def resolve_args(args, ck=None, keys=()):
-    """Fill the flags left at None: from the checkpoint `ck` (for `keys`), else the recipe and the
-    dataset's row; warn of typed flags the mode does not read. Bad combinations: exit 2."""
-    typed, saved = getattr(args, "typed_", set()), (ck or {}).get("args", {})
-    clash = [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint: {saved[k]})"
-             for k in ARCH_KEYS if k in typed and k in saved and saved[k] != getattr(args, k)
+def parse_args(argv=None, parser=build_parser, settings=MODE_SETTINGS):
+    """Flags -> args. Every setting follows one rule (issue 22): a flag the user typed > the value
+    stored in the checkpoint the mode reads > the recipe's, by argparse's own defaults: the recipe's
+    values, then the checkpoint's, then one parse (args.sources_ says which gave each)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, typed = parser().parse_args(argv), typed_flags(parser(), argv)
+    args.out_dir = args.out_dir or os.path.join("runs", f"em_{args.dataset}")
+    ck, keys = find_checkpoint(args)
+    saved = {k: ck["args"][k] for k in keys if k not in typed and hasattr(args, k)}
+    clash = [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint: {ck['args'][k]})"
+             for k in ARCH_KEYS if k in typed and k in keys and ck["args"][k] != getattr(args, k)
              and getattr(args, k) != "auto"]
     if clash:
         die(f"{ck['path']} holds another network; flags that differ from the checkpoint's: "
             f"{', '.join(clash)}")
-    src = {k: "flag" for k in typed}
-    if ck is not None and "time_layers" not in saved and "time_layers" not in typed:
-        args.time_layers, src["time_layers"] = False, "checkpoint"   # files from before the flag
-    for k in keys:
-        if k not in typed and hasattr(args, k):
-            setattr(args, k, saved[k])
-            src[k] = "checkpoint"
-    if args.dataset == "npz" and src.get("image_size") != "checkpoint":  # the file's shape
+    first = argparse.Namespace(**{**vars(args), **saved})
+    p = parser(first.recipe)                                    # 1. the recipe's values
+    row = dataset_row(first, saved)
+    p.set_defaults(**row)
+    p.set_defaults(**saved)                                     # 2. the checkpoint's
+    args = p.parse_args(argv)                                   # 3. the typed flags
+    args.out_dir, args.ck_, args.argv_ = first.out_dir, ck, argv
+    args.sources_ = {**dict.fromkeys([*row, *METHOD_FLAGS], "recipe"),
+                     **dict.fromkeys(saved, "checkpoint"), **dict.fromkeys(typed, "flag")}
+    return resolve_args(args, typed, settings)
+
+def like_mnist(args):
+    """MNIST, or an .npz of 28 x 28 grey images: App. C's MNIST numbers and the CNN."""
+    return args.dataset == "mnist" or (args.dataset == "npz" and args.channels == 1
+                                       and args.image_size == 28)
+
+def dataset_row(args, saved):
+    """The recipe's flags for --dataset and --phase, the image shape (npz: the file's, unless a
+    checkpoint gives it) and the network (auto: the CNN for MNIST-like data)."""
+    shape = dict(channels=1, image_size=28) if args.dataset == "mnist" else dict(
+        channels=3, image_size=64 if args.dataset == "celeba64" else 32)
+    if args.dataset == "npz" and "image_size" not in saved:
         c, s = load_npz(args.data_dir).tensors[0].shape[1:3]
-        if (args.image_size or s) != s:
+        shape = dict(channels=c, image_size=s)
+    shape.update({k: saved[k] for k in shape if k in saved})
+    mnist = like_mnist(argparse.Namespace(**{**vars(args), **shape}))
+    arch = ("cnn" if mnist else "unetvit") if args.arch == "auto" else args.arch
+    row = recipe_row(args.recipe, "mnist" if mnist else args.dataset, args.phase)
+    row = {"model_size": 32 if arch == "cnn" else 128, **row, **shape, "arch": arch}
+    if args.mode == "train" and args.phase == "warmup":
+        row["tau_s"] = 1.0                        # no Boltzmann well to sample before phase 2
+    return row
+
+def resolve_args(args, typed=(), settings=MODE_SETTINGS):
+    """The settings derived from others; bad combinations: exit 2; warnings of typed flags the mode
+    does not read."""
+    if args.dataset == "npz" and args.sources_.get("image_size") == "flag":
+        s = load_npz(args.data_dir).tensors[0].shape[2]
+        if args.image_size != s:
             die(f"--image-size {args.image_size}: the images of {args.data_dir} are {s} x {s}")
-        args.channels, args.image_size = c, s
-    like_mnist = args.dataset == "mnist" or (args.dataset == "npz" and args.channels == 1
-                                             and args.image_size == 28)
-    if args.tau_s is None and args.mode == "train" and args.phase == "warmup":
-        args.tau_s, src["tau_s"] = 1.0, "recipe"  # no Boltzmann well to sample before phase 2
-    row = {**RECIPES[args.recipe], **DATASET_ROWS.get("mnist" if like_mnist else args.dataset, {})}
-    arch = ("cnn" if like_mnist else "unetvit") if args.arch == "auto" else args.arch
-    row.update(steps=row[f"steps_{args.phase}"], ema_decay=row[f"ema_{args.phase}"], arch=arch,
-               image_size=28 if like_mnist else 64 if args.dataset == "celeba64" else 32,
-               channels=1 if like_mnist else 3, lid_tau=10.0 if like_mnist else 2.0,
-               attn_dropout=args.dropout)
-    row.setdefault("model_size", 32 if arch == "cnn" else 128)
-    for k, v in row.items():
-        if getattr(args, k, 0) is None or (k == "arch" and args.arch == "auto"):
-            setattr(args, k, v)
-            src.setdefault(k, "recipe")
-    args.sources_ = src
+    if args.arch == "auto":
+        args.arch = dataset_row(args, {})["arch"]
+    if args.attn_dropout is None:
+        args.attn_dropout, args.sources_["attn_dropout"] = args.dropout, "recipe"
     if args.arch == "unetvit":
         s, mult = args.image_size, ints(args.ch_mult)
         if s < 8 or s % 4 or s % 2 ** (len(mult) - 1):
@@ -1829,49 +1652,58 @@ def resolve_args(args, ck=None, keys=()):
                 f"2^{len(mult) - 1} (--ch-mult), got {s}")
     if args.mode == "sample" and args.num_samples == 0:
         die("--num-samples 0 in --mode sample would write an empty samples.npz")
+    if args.mode in ("sample", "inpaint") and round(args.tau_s / args.dt) == 0:
+        die(f"--tau-s {args.tau_s} at --dt {args.dt} is 0 sampler steps: the samples would be "
+            f"the noise they start from")
+    if args.mode == "train" and args.phase == "main" and args.n_langevin == 0:
+        die("--n-langevin 0 in phase main: the CD negatives would be their starts, unmoved")
     check_memory(args)
-    reads = (set(vars(args)) - EVAL_ONLY if args.mode == "train" else
-             EVAL_READS | set(MODE_SETTINGS[args.mode]))
-    if args.mode == "train" and ck is None and not args.resume:
-        reads.discard("ckpt")                     # phase warmup reads --ckpt only to resume
-    for k in sorted(typed - reads):
+    reads = set(vars(args)) if args.mode == "train" else EVAL_READS | set(settings[args.mode])
+    if args.mode == "train" and args.ck_ is None and not args.resume:
+        reads.discard("ckpt")                               # training reads --ckpt only to resume
+    for k in sorted(set(typed) - reads):
         print(f"warning: --{k.replace('_', '-')} has no effect in --mode {args.mode}"
               + (" without --resume" if k == "ckpt" else ""), file=sys.stderr)
+    args.reads_ = settings.get(args.mode, ())
     return args
 
-def check_memory(args):
-    """Refuse, before a network is built, a size whose activations cannot fit: a lower bound of
-    one training step (4 bytes x base channels x pixels x batch x 16 layers) over the memory."""
+def check_memory(args, error=None):
+    """The one memory check, one line and exit 2: before the network is built, a size whose
+    activations cannot fit (a lower bound of one step: 4 bytes x base channels x pixels x batch x
+    16 layers, over the machine's memory); during the run, the allocator's error."""
     batch = args.batch_size if args.mode == "train" else args.sample_batch
     need = 4 * args.model_size * args.image_size ** 2 * batch * 16
     have = (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
             if hasattr(os, "sysconf") else float("inf"))
     if torch.cuda.is_available() and args.device != "cpu":
         have = torch.cuda.get_device_properties(0).total_memory
-    if need > have:
-        die(f"--image-size {args.image_size} with --model-size {args.model_size} and batch {batch} "
-            f"needs at least {need / 2**30:.0f} GiB of activations; this machine has "
-            f"{have / 2**30:.0f} GiB")
+    if error is not None:
+        why = f"out of memory on {args.device} ({str(error).splitlines()[0][:120]})"
+    elif need > have:
+        why = (f"--image-size {args.image_size} with --model-size {args.model_size} and batch "
+               f"{batch} needs at least {need / 2**30:.0f} GiB of activations; this machine has "
+               f"{have / 2**30:.0f} GiB")
+    else:
+        return
+    die(f"{why}; try a smaller --batch-size / --sample-batch / --model-size")
 
 def args_to_dict(args):
     """A plain dict of str/int/float/bool/None/list for the checkpoint (weights_only loads it)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()
             if not k.endswith("_")}
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None, parser=build_parser, modes=MODES, settings=MODE_SETTINGS):
+    args = parse_args(argv, parser, settings)
     torch.set_num_threads(pick_threads(args.threads))
     try:
-        with RunLock(args.out_dir, int(os.environ.get("RANK", "0")) == 0):
-            return MODES[args.mode](args)
-    except torch.OutOfMemoryError as e:
-        die(f"out of memory on {args.device} ({str(e).splitlines()[0][:120]}); try a smaller "
-            f"--batch-size / --sample-batch / --model-size")
-    except RuntimeError as e:
+        with run_lock(args.out_dir, int(os.environ.get("RANK", "0")) == 0):
+            return modes[args.mode](args)
+    except KeyboardInterrupt:          # training saves on its own; other modes write at the end
+        die(f"--mode {args.mode} interrupted: nothing new written, earlier outputs kept", 130)
+    except RuntimeError as e:                           # torch.OutOfMemoryError is one
         if "allocate" not in str(e) and "out of memory" not in str(e):
             raise
-        die(f"out of memory ({str(e).splitlines()[0][:120]}); try a smaller --batch-size / "
-            f"--sample-batch / --model-size")
+        check_memory(args, error=e)
 
 if __name__ == "__main__":
     main()

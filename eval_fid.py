@@ -694,6 +694,8 @@ def plan_ref(ref, *, cache=True, data_dir="data", stats_dir=None, progress=False
                             f"{ref}-inception-2015-12-05.npz")
         if cache and os.path.isfile(path):
             return plan_ref(load_stats(path))
+        if cache:                        # written after the features: checked before them
+            check_writable(path, "--stats-dir")
         return {"dataset": ref, "data_dir": data_dir, "cache_path": path if cache else None,
                 "count": TORCHVISION_REFS[ref][1], "has_features": True}
     cache_path = None
@@ -709,6 +711,7 @@ def plan_ref(ref, *, cache=True, data_dir="data", stats_dir=None, progress=False
             cache_path = ref_cache_path(path, stats_dir or os.path.join(data_dir, "fid_stats"))
             if os.path.isfile(cache_path):
                 return plan_ref(load_stats(cache_path))
+            check_writable(cache_path, "--stats-dir")
     what = f"--ref {os.fspath(ref)}" if isinstance(ref, (str, os.PathLike)) else "the reference"
     n = check_images(ref, what=what, progress=progress)
     return {"source": ref, "count": n, "has_features": True, "cache_path": cache_path}
@@ -871,8 +874,9 @@ def seed_type(s):
         raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {v}")
     return v
 
-def int_at_least(lo):
-    """argparse type: an integer >= lo ("inf", "nan", "2.5" and "1e3" are not integers)."""
+def int_at_least(lo, hi=None):
+    """argparse type: an integer >= lo (and <= hi); "inf", "nan", "2.5" and "1e3" are not
+    integers."""
     def parse(s):
         try:
             v = int(s)
@@ -880,6 +884,8 @@ def int_at_least(lo):
             raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {s!r}") from None
         if v < lo:
             raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        if hi is not None and v > hi:
+            raise argparse.ArgumentTypeError(f"must be <= {hi}, got {v}")
         return v
     parse.__name__ = f"integer >= {lo}"
     return parse
@@ -938,8 +944,8 @@ def build_parser(cmd="fid"):
         p.add_argument("--src", default=None, help=src_help)
         p.add_argument("--weights", default=None,
                        help="optional torch-fidelity weights to compare tensors with")
-        p.add_argument("--num-images", type=int_at_least(1), default=4,
-                       help="random 299x299 images (>= 1)")
+        p.add_argument("--num-images", type=int_at_least(1, 64), default=4,
+                       help="random 299x299 images, run as one batch (1 to 64)")
         p.add_argument("--tol", type=finite_in(0, 1), default=SELFCHECK_TOL,
                        help="PASS when every max |difference| is at most this (in [0, 1])")
         return p
@@ -951,8 +957,8 @@ def build_parser(cmd="fid"):
                             "samples .npz | image folder")
         p.add_argument("--kid", action="store_true",
                        help="also compute KID (needs reference features)")
-        p.add_argument("--kid-subsets", type=int_at_least(1), default=100,
-                       help="KID: number of random subsets (>= 1)")
+        p.add_argument("--kid-subsets", type=int_at_least(1, 100_000), default=100,
+                       help="KID: number of random subsets (1 to 100,000)")
         p.add_argument("--kid-subset-size", type=int_at_least(2), default=1000,
                        help="KID: images per subset (>= 2, at most N of either set)")
         p.add_argument("--seed", type=seed_type, default=KID_SEED,
@@ -995,16 +1001,35 @@ def check_writable(path, flag):
     except OSError as e:
         raise FIDError(f"cannot write {flag} {path} ({e.strerror or e})") from None
 
+def strict_json(obj, **kw):
+    """json.dumps that writes strict JSON: a NaN or infinity becomes null, and its key path and
+    value are listed under "non_finite" ({"loss": null, "non_finite": {"loss": "nan"}})."""
+    bad = {}
+
+    def clean(v, at):
+        if isinstance(v, float) and not math.isfinite(v):
+            bad[at] = str(float(v))                                   # 'nan', 'inf', '-inf'
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x, f"{at}.{k}" if at else str(k)) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x, f"{at}[{i}]") for i, x in enumerate(v)]
+        return v
+    obj = clean(obj, "")
+    if bad and isinstance(obj, dict):
+        obj = {**obj, "non_finite": {**obj.get("non_finite", {}), **bad}}
+    return json.dumps(obj, allow_nan=False, **kw)
+
 def write_json(path, obj):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
+        f.write(strict_json(obj, indent=2))
     os.replace(tmp, path)
 
 def cmd_selfcheck(args):
     res = selfcheck(args.src, args.weights, args.num_images, tol=args.tol)
-    print(json.dumps(res, indent=2))
+    print(strict_json(res, indent=2))
     worst = max(res["max_abs_diff"], res.get("max_abs_diff_vs_weights", 0.0))
     verdict = "PASS" if res["pass"] else "FAIL"
     print(f"selfcheck {verdict}: converted weights vs fid-helper's network, max |diff| {worst:.3g} "
@@ -1012,7 +1037,14 @@ def cmd_selfcheck(args):
     if not res["pass"]:
         sys.exit(1)
 
+def check_not_an_input(path, flag, inputs):
+    """An output that would overwrite an input (the samples, the reference) is refused."""
+    if os.path.exists(path) and any(isinstance(i, str) and os.path.exists(i)
+                                    and os.path.samefile(path, i) for i in inputs):
+        raise FIDError(f"{flag} {path} is an input of this run; it would be overwritten")
+
 def cmd_ref_stats(args):
+    check_not_an_input(args.out, "--out", [args.ref])
     check_writable(args.out, "--out")
     resolve_device(args.device)
     check_weights(args.weights)
@@ -1026,6 +1058,7 @@ def cmd_ref_stats(args):
 
 def cmd_fid(args):
     if args.json:
+        check_not_an_input(args.json, "--json", [args.samples, args.ref])
         check_writable(args.json, "--json")
     res = fid_from_samples(args.samples, args.ref, weights=args.weights, device=args.device,
                            batch_size=args.batch_size, num_samples=args.num_samples,
@@ -1053,6 +1086,7 @@ def main(argv=None):
     args = build_parser(cmd).parse_args(argv if cmd == "fid" else argv[1:])
     try:
         if cmd == "convert-weights":
+            check_writable(args.out, "--out")
             out = convert_weights(args.out, args.src)
             print(f"wrote {out} (torch-fidelity layout; FID/KID only, no IS)")
         elif cmd == "selfcheck":
@@ -1065,6 +1099,9 @@ def main(argv=None):
         die(str(e))
     except OSError as e:                                         # unwritable --out, full disk, ...
         die(f"{e.strerror or e}: {e.filename or ''}")
+    except (MemoryError, torch.cuda.OutOfMemoryError) as e:      # a batch too large for the device
+        hint = f"; lower --batch-size (now {args.batch_size})" if "batch_size" in args else ""
+        die(f"out of memory ({one_line(e)[:120]}){hint}")
 
 if __name__ == "__main__":
     main()

@@ -38,7 +38,6 @@ Outputs in runs/<method>_<source>_<target>/ :
     model.pt          the trained network (a self-describing dict, see save_checkpoint)
 """
 import argparse
-import json
 import math
 import os
 import platform
@@ -740,8 +739,7 @@ def run_one(a, log_fn=print):
     m["eval_seconds"] = round(time.time() - t_eval, 2)
     m["args"] = plain_args(a)
     with open(os.path.join(a.out_dir, "metrics.json"), "w") as f:  # NaN -> null: strict JSON
-        json.dump({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                   for k, v in m.items()}, f, indent=2)
+        f.write(em.strict_json(m, indent=2))
     log_fn(f"   {tag}: W2 {m['w2']:.4f} (floor {m['w2_floor_target_vs_target']:.4f}) | MMD^2 "
            f"{m['mmd2']:.5f} | NLL {fmt(m['nll'])} (flat {m['nll_flat']:.3f}, untrained "
            f"{fmt(m['nll_untrained'])}) | train {train_s:.1f}s, eval {m['eval_seconds']:.1f}s "
@@ -821,6 +819,16 @@ def _number(ok, what):
         return v
     return parse
 
+def seed_int(s):
+    """--seed: an integer numpy's global seed takes (0 <= seed < 2**32); torch takes them all."""
+    try:
+        v = int(s)
+    except ValueError:
+        v = -1
+    if not 0 <= v < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {s!r}")
+    return v
+
 pos_float = _number(lambda v: v > 0, "> 0 and finite")
 nonneg_float = _number(lambda v: v >= 0, ">= 0 and finite")
 frac_float = _number(lambda v: 0 <= v <= 1, "in [0, 1]")
@@ -858,7 +866,8 @@ def build_parser():
     g.add_argument("--first-act", default="silu", choices=["silu", "relu"],
                    help="activation after the first layer (the EM authors' 2-D MLP: relu, then "
                         "silu)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (torch, numpy, data streams)")
+    g.add_argument("--seed", type=seed_int, default=0,
+                   help="random seed (torch, numpy, data streams), in [0, 2**32)")
     g.add_argument("--device", default="auto",
                    help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     g.add_argument("--out-dir", default=None,
@@ -1000,6 +1009,10 @@ def check_args(a):
         die(f"--ode-steps must be > 0, got {a.ode_steps}")
     if a.threads < 0:
         die(f"--threads must be >= 0 (0 = auto), got {a.threads}")
+    if a.grid_n < 2:
+        die(f"--grid-n must be >= 2 (a density needs cells to tell places apart), got {a.grid_n}")
+    check_sizes(a)
+    check_work(a)
     a.threads = em.pick_threads(a.threads)         # one count for every run of --method all
     try:
         a.bandwidths = [float(s) for s in a.mmd_bandwidths.split(",") if s.strip()]
@@ -1016,6 +1029,40 @@ def check_args(a):
     if dev.type == "cuda" and not torch.cuda.is_available():
         die(f"--device {a.device} asked for, but CUDA is not available here (use --device cpu)")
     return a
+
+def check_sizes(a):
+    """Sizes whose arrays cannot fit in memory, refused before any work (they were a traceback or
+    a swap storm): n x n float64 matrices of exact W2 / MMD (--n-eval) and of the OT pairing
+    (--batch-size), the density grid (--grid-n), the MLP with Adam (--hidden, --depth)."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    need = {"--n-eval": (a.n_eval, 4 * 8 * a.n_eval ** 2),
+            "--batch-size": (a.batch_size, 4 * 8 * a.batch_size ** 2),
+            "--grid-n": (a.grid_n, 8 * 8 * a.grid_n ** 2),
+            "--hidden": (a.hidden, 4 * 4 * a.hidden ** 2 * a.depth)}
+    for flag, (v, b) in need.items():
+        if b > ram / 2:
+            die(f"{flag} {v} needs about {b / 2 ** 30:.3g} GiB, more than half of this machine's "
+                f"{ram / 2 ** 30:.0f} GiB")
+
+def check_work(a):
+    """Flag values that would run and report garbage with exit 0, refused before any work: a grid
+    that cannot hold the held-out points (NLL of a few of them, or of none: NaN), sampler or
+    negative chains of zero steps."""
+    methods = METHODS[:-1] if a.method == "all" else [a.method]
+    x_test = sample_data(a.target, a.n_eval, torch.Generator().manual_seed(a.seed + 10_000))
+    far = float(x_test.abs().max())                   # run_one's held-out points, drawn the same
+    out = int((x_test.abs() > a.grid_lim).any(1).sum())
+    if out > 0.01 * a.n_eval:
+        die(f"--grid-lim {a.grid_lim:g}: {out} of the {a.n_eval} held-out {a.target} points lie "
+            f"outside the grid [-L, L]^2 (they reach {far:.2f}); use --grid-lim {math.ceil(far)}")
+    if "em" in methods and round(a.tau_s / a.dt) == 0:
+        die(f"--tau-s {a.tau_s:g} with --dt {a.dt:g} gives a sampler of 0 steps (round(tau_s / "
+            f"dt)); use --tau-s >= --dt")
+    steps_cd = round(a.steps * a.cd_share) if a.steps_cd is None else a.steps_cd
+    if a.n_langevin == 0 and ("cd" in methods or ("em" in methods and steps_cd > 0)):
+        user = "the CD baseline" if "cd" in methods else "EM's phase 2"
+        die(f"--n-langevin 0: {user} would use negative chains of 0 steps (its negatives are then "
+            f"its starting points); use --n-langevin >= 1")
 
 def prepare_out_dir(path):
     try:

@@ -21,7 +21,7 @@ How to run (every mode writes into --out-dir, default runs/vpfb_<dataset>):
     torchrun --nproc_per_node 4 vpfb.py --dataset cifar10   # multi-GPU
     python vpfb.py --mode sample --num-samples 50000        # samples.npz (uint8 NHWC), eval_fid.py
     python vpfb.py --dataset npz --data-dir digits.npz --recipe ours --model-size 32 --ch-mult 1,2
-Other modes: interp, nn, hist, ood, longrun, compose (see --help).
+The paper's experiments: python vpfb_experiments.py --mode interp|nn|hist|ood|longrun|compose.
 """
 import contextlib
 import math
@@ -161,7 +161,6 @@ class VPFB:
         self.t_inf = None if t_inf is None else float(t_inf)
         self.schedule = schedule or Schedule()  # OT-FM: mu = t, sigma = 1 - t (Prop. 1, tested)
         self.last_nfe = 0
-        self.functional_grad = False      # engineering: --compile sets it (see potential)
 
     def _phi(self, x, t):
         """Phi at (x, t); t is clamped to t_max (the stationary regime beyond t_max, Sec. 3.5)."""
@@ -206,17 +205,7 @@ class VPFB:
                           poincare_ratio=_sqnorm(gx).mean() / (phi2 + 1e-12))   # Fig. 10 monitor
 
     def potential(self, x, tl):
-        """Phi(x, t), grad_x Phi and dPhi/dt, the graphs kept: the loss differentiates them again.
-        functional_grad: the same by torch.func, a form torch.compile can differentiate again
-        (engineering sets it for --compile)."""
-        if self.functional_grad:
-            def f(x, t):
-                p = self.phi(x, t).reshape(-1)
-                return p.sum(), p
-            grads, (_, phi) = torch.func.grad_and_value(
-                f, argnums=0 if self.autonomous else (0, 1), has_aux=True)(x, tl)
-            gx, gt = (grads, torch.zeros_like(phi)) if self.autonomous else grads
-            return phi, gx, gt
+        """Phi(x, t), grad_x Phi and dPhi/dt, graphs kept: the loss differentiates them again."""
         phi = self.phi(x, tl).reshape(-1)
         inputs = [x] if self.autonomous else [x, tl]
         grads = torch.autograd.grad(phi.sum(), inputs, create_graph=True, allow_unused=True)
@@ -308,10 +297,8 @@ AUTHORS = dict(eta=0.0, lam_gx=0.5, lam_gt=0.1, cov_form="corr", cos_form="autho
 # weighted flow matching on grad_x Phi, sample by sample: -2 w grad Phi . v + w |grad Phi|^2 =
 # w |grad Phi - v|^2 - w |v|^2 (tested). It is still VPFB: the same expectation, so the same
 # minimiser Phi*, by a low-variance estimator (the printed covariance weighs Phi by D noise terms).
-# kappa 1 weighs both terms by w = 1 - t, so the minimiser is Phi* at every t. Measured on MNIST
-# (README, 2 seeds, 800 CPU steps): OURS scored a KID 2.4-2.8x lower than AUTHORS and the
-# paper; the plain flow-matching control (OURS with kappa, lam_gt, lam_cos, eta at 0) 4-5x
-# lower than OURS.
+# kappa 1 weighs both terms by w = 1 - t, so the minimiser is Phi* at every t. How it scores:
+# README, "Each recipe side by side".
 OURS = dict(kappa=1.0, lam_gt=0.01, cov_form="stein", weight_on="ritz")
 
 # ---- samplers: plain functions of a gradient field (tests feed analytic fields)
@@ -608,7 +595,7 @@ class Conditioned(nn.Module):
 import argparse
 import copy
 import functools
-import inspect
+import fcntl
 import json
 import os
 import shlex
@@ -622,11 +609,11 @@ import torch.distributed as dist
 # Images live in [-1, 1] as float NCHW; files on disk are uint8 NHWC (samples.npz, --dataset npz).
 # A fault of the data is one line and exit 2 when it is loaded, before a network is built.
 FLIP_SETS = ("cifar10", "celeba64", "folder")                         # random horizontal flips
-OOD_SETS = ("svhn", "cifar10", "cifar100", "celeba", "interp", "noise")   # or a folder / .npz
 CELEBA_ATTRS = ("Male", "Smiling", "Young")             # classes 0, 1, 2 of --class-cond (3 = none)
 
 def die(msg, code=2):
-    """One line "error: ..." on stderr, no traceback; exit 2: bad input, 3: non-finite numbers."""
+    """One line "error: ..." on stderr, no traceback; exit 2: bad input, 3: non-finite numbers,
+    130: interrupted (Ctrl-C)."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(code)
 
@@ -661,23 +648,75 @@ def face_crop(im):
     import torchvision.transforms.functional as TF
     return TF.center_crop(im, 140) if min(im.size) >= 178 else im
 
-def image_folder(path, tf, name):
-    """An ImageFolder whose every file is opened once here (header), not first mid-training."""
-    import torchvision.datasets as D
-    from PIL import Image
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+def list_images(root):
+    """ImageFolder's listing (class k = the k-th sub-folder of root, images sorted as it sorts
+    them), with each folder walked once: a link back into a folder already walked (a/up -> ..)
+    is not followed, so no image is listed twice. An unreadable folder is one line, exit 2."""
+    def unreadable(e):
+        die(f"cannot list folder {e.filename} ({e.strerror or e})")
+    seen, samples = {os.path.realpath(root)}, []
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    for k, c in enumerate(classes):
+        found = []
+        for d, dirs, fs in os.walk(os.path.join(root, c), onerror=unreadable, followlinks=True):
+            if os.path.realpath(d) in seen:
+                dirs.clear()
+                continue
+            seen.add(os.path.realpath(d))
+            found += [(d, f) for f in fs if f.lower().endswith(IMAGE_EXTS)]
+        samples += [(os.path.join(d, f), k) for d, f in sorted(found)]
+    return samples, classes
+
+def check_image(path):
+    """eval_fid.py's test of an image, at load time: it opens, verifies (PNG: each chunk's CRC),
+    decodes to the end (a truncated JPEG fails only there) and is 8-bit (a 16-bit PNG would
+    become white when made RGB). A fault is one line naming the file, exit 2."""
+    from PIL import Image, ImageMode
     try:
-        ds = D.ImageFolder(path, transform=tf)
-    except (FileNotFoundError, OSError) as e:
-        what = ("CelebA images (e.g. img_align_celeba/*.jpg) in a sub-folder"
-                if name != "folder" else "images in at least one sub-folder")
+        with Image.open(path) as im:
+            im.verify()
+        with Image.open(path) as im:                      # verify() leaves `im` unusable
+            mode = im.mode
+            im.load()
+    except Exception as e:
+        why = " ".join(str(e).split())[:200]
+        die(f"cannot read image {path} ({type(e).__name__}: {why}); remove or replace it")
+    if ImageMode.getmode(mode).typestr not in ("|u1", "|b1"):
+        die(f"image {path} has mode {mode}, not 8-bit; save 8-bit images (convert or remove it)")
+
+class ImageFiles(torch.utils.data.Dataset):
+    """(transformed RGB image, class) of a list_images() listing, as ImageFolder gives them."""
+
+    def __init__(self, samples, classes, transform):
+        self.samples, self.classes, self.transform = samples, classes, transform
+        self.target_transform = None
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        path, y = self.samples[i]
+        with Image.open(path) as im:
+            x = self.transform(im.convert("RGB"))
+        return x, (y if self.target_transform is None else self.target_transform(y))
+
+def image_folder(path, tf, name):
+    """The images of root/<class>/..., each checked once here (check_image), not mid-training."""
+    what = ("CelebA images (e.g. img_align_celeba/*.jpg) in a sub-folder"
+            if name != "folder" else "images in at least one sub-folder")
+    try:
+        samples, classes = list_images(path)
+    except OSError as e:
         die(f"no image folder at {os.path.abspath(path)} ({type(e).__name__}); put {what} there")
-    for p, _ in ds.samples:
-        try:
-            with Image.open(p) as im:
-                im.verify()
-        except Exception as e:
-            die(f"cannot read image {p} ({type(e).__name__}); remove or replace it")
-    return ds
+    if not samples:
+        die(f"no images ({', '.join(IMAGE_EXTS)}) in the sub-folders of {os.path.abspath(path)}; "
+            f"put {what} there")
+    for p, _ in samples:
+        check_image(p)
+    return ImageFiles(samples, classes, tf)
 
 def build_dataset(args, train=True, name=None):
     """(image in [-1, 1], label) pairs of --dataset (or `name`); a missing set is one line, exit 2.
@@ -836,12 +875,24 @@ def engineer(net, device, amp, channels_last=False):
         net.channels_last = True
     return net
 
+def use_torch_func(method):
+    """VPFB.potential by torch.func: the same numbers, in a form torch.compile can differentiate
+    again (aot_autograd compiles no double backward of autograd.grad)."""
+    def potential(x, tl):
+        def f(x, t):
+            p = method.phi(x, t).reshape(-1)
+            return p.sum(), p
+        grads, (_, phi) = torch.func.grad_and_value(
+            f, argnums=0 if method.autonomous else (0, 1), has_aux=True)(x, tl)
+        return (phi, grads, torch.zeros_like(phi)) if method.autonomous else (phi, *grads)
+    method.potential = potential
+    return method
+
 def compile_method(method, backend="inductor"):
-    """--compile: the potential's gradient through torch.func (aot_autograd compiles no double
-    backward of autograd.grad), then the loss's network part compiled once: minutes of
-    compilation at full size, worth it for long runs (README, "Speed"); eager's numbers to
-    round-off."""
-    method.functional_grad = True
+    """--compile: the potential's gradient through torch.func, then the loss's network part
+    compiled once: minutes of compilation at full size, worth it for long runs (README, "Speed");
+    eager's numbers to round-off."""
+    use_torch_func(method)
     method.objective = torch.compile(method.objective, backend=backend)
     return method
 
@@ -974,53 +1025,27 @@ def train_step(method, net, opt, batch, lr, clip, world=1, signum=0):
         opt.step()
     return logs, not bad, int(signum)
 
-class RunLock:
-    """One run per output folder: <out-dir>/.lock holds the pid of the run that writes there. A
-    second run exits 2 naming it; a dead run's lock is taken over with one line. Freed at exit."""
-
-    def __init__(self, out_dir, active=True):
-        self.path = os.path.join(out_dir, ".lock") if active else None
-
-    def __enter__(self):
-        if self.path is None:
-            return self
-        out_dir = os.path.dirname(self.path)
-        prepare_out_dir(out_dir)
-        while True:
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                break
-            except FileExistsError:
-                pid = self.owner()
-                if pid and pid != os.getpid() and pid_alive(pid):
-                    die(f"{out_dir} is in use by another run (pid {pid}); wait for it to end or "
-                        f"choose another --out-dir")
-                print(f"taking over the lock of a run that ended (pid {pid}) in {out_dir}")
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(self.path)
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        return self
-
-    def owner(self):
+@contextlib.contextmanager
+def run_lock(out_dir, active=True):
+    """One run per output folder: an exclusive flock on <out-dir>/.lock (which holds the run's pid
+    for the reader). The kernel frees it when the process ends, however it ends; a second run
+    exits 2 naming the lock file. DDP: rank 0 holds it (active) for all."""
+    if not active:
+        yield
+        return
+    prepare_out_dir(out_dir)
+    path = os.path.join(out_dir, ".lock")
+    with open(path, "a+") as f:
         try:
-            with open(self.path) as f:
-                return int(f.read().strip() or 0)
-        except (OSError, ValueError):
-            return 0
-
-    def __exit__(self, *exc):
-        if self.path and self.owner() == os.getpid():
-            os.remove(self.path)
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:                             # another user's process: alive
-        return True
-    return True
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            die(f"{path} is held by another run (pid {f.read().strip() or '?'}); wait for it to "
+                f"end or choose another --out-dir")
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        yield                                   # closing the file releases the lock
 
 def prepare_out_dir(path):
     probe = os.path.join(path, f".write_test_{os.getpid()}")            # one per DDP rank
@@ -1048,9 +1073,44 @@ def atomic(path):
         why = getattr(e, "strerror", None) or str(e).strip().splitlines()[-1][:120]
         die(f"cannot write {path} ({why}); disk full or a file-size limit?")
 
+TEMP_EXTS = (".pt", ".json", ".jsonl", ".png", ".npz")       # what atomic() writes here
+
+def remove_temp_files(out_dir):
+    """Remove what an interrupted write of ours left in out_dir, by its exact name: atomic()'s
+    X.ext.tmp.ext (X.ext.tmp before it kept the extension), ext in TEMP_EXTS, and
+    prepare_out_dir's .write_test_<pid>. Plain files only; anything else (a user's notes.tmp.txt,
+    a folder eval.tmp/) stays."""
+    for name in os.listdir(out_dir):
+        path = os.path.join(out_dir, name)
+        ours = any(name.endswith(tail) and len(name) > len(tail)
+                   for e in TEMP_EXTS for tail in (f"{e}.tmp{e}", f"{e}.tmp"))
+        probe = name.startswith(".write_test_") and name[len(".write_test_"):].isdigit()
+        if (ours or probe) and os.path.isfile(path) and not os.path.islink(path):
+            with contextlib.suppress(OSError):
+                os.remove(path)
+
+def strict_json(obj, **kw):
+    """json.dumps that writes strict JSON: a NaN or infinity becomes null, and its key path and
+    value are listed under "non_finite" ({"loss": null, "non_finite": {"loss": "nan"}})."""
+    bad = {}
+
+    def clean(v, at):
+        if isinstance(v, float) and not math.isfinite(v):
+            bad[at] = str(float(v))                                   # 'nan', 'inf', '-inf'
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x, f"{at}.{k}" if at else str(k)) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x, f"{at}[{i}]") for i, x in enumerate(v)]
+        return v
+    obj = clean(obj, "")
+    if bad and isinstance(obj, dict):
+        obj = {**obj, "non_finite": {**obj.get("non_finite", {}), **bad}}
+    return json.dumps(obj, allow_nan=False, **kw)
+
 def write_json(out_dir, name, obj):
     with atomic(os.path.join(out_dir, name)) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+        f.write(strict_json(obj, indent=1))
 
 def sig(v, digits=7):
     """A float to `digits` significant digits for metrics.jsonl (a warm-up lr of 1e-8 stays)."""
@@ -1059,7 +1119,7 @@ def sig(v, digits=7):
 def report(out_dir, name, obj):
     """A mode's result: <out-dir>/<name> and the same JSON on stdout."""
     write_json(out_dir, name, obj)
-    print(json.dumps(obj))
+    print(strict_json(obj))
 
 class Logger:
     """Plain-text log (stdout + <out>/train.log) and JSON-lines metrics, rank 0 only."""
@@ -1082,21 +1142,35 @@ class Logger:
 
     def metrics(self, rec):
         if self.active:
-            self.append(self.metrics_path, json.dumps(rec) + "\n")
+            self.append(self.metrics_path, strict_json(rec) + "\n")
 
     def truncate_metrics(self, upto):
         """On (re)start at step `upto`: drop records past it (no duplicate steps on resume)."""
         if self.active and os.path.exists(self.metrics_path):
             keep = [r for r in self.read_metrics() if r.get("step", 0) <= upto]
             with atomic(self.metrics_path) as tmp, open(tmp, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in keep)
+                f.writelines(strict_json(r) + "\n" for r in keep)
 
     def read_metrics(self, phase=None):
         """The records of `phase` (all of them when phase is None or a record has no phase)."""
         if not os.path.exists(self.metrics_path):
             return []
-        with open(self.metrics_path) as f:
-            recs = [json.loads(s) for s in f if s.strip()]
+        recs, bad = [], []
+        with open(self.metrics_path, errors="replace") as f:
+            for i, line in enumerate(f, 1):
+                try:
+                    r = json.loads(line) if line.strip() else {}
+                except ValueError:                  # kill -9 or a full disk mid-append
+                    r = None
+                if isinstance(r, dict):
+                    recs += [r] if r else []
+                else:
+                    bad.append(str(i))
+        if bad:
+            print(f"{self.metrics_path}: dropped unreadable line {', '.join(bad[:5])} (a write cut "
+                  f"short by kill -9 or a full disk?); kept the other {len(recs)} records")
+        for r in recs:                                      # strict_json's nulls: NaN, inf again
+            r.update((k, float(v)) for k, v in r.pop("non_finite", {}).items() if k in r)
         return [r for r in recs if phase is None or r.get("phase", phase) == phase]
 
 def to_uint8(x):
@@ -1186,9 +1260,7 @@ def cmd_train(args):
     stop, log, batches = StopSignals(), Logger(args.out_dir, main_rank), None
     try:
         if main_rank:                          # temporary files of an interrupted write: garbage
-            for name in os.listdir(args.out_dir):
-                if ".tmp" in name:
-                    os.remove(os.path.join(args.out_dir, name))
+            remove_temp_files(args.out_dir)
         ds = build_dataset(args, train=True)           # data first: a fault costs no network
         if args.class_cond and (args.num_classes or 0) < num_classes_of(ds):
             if args.num_classes is not None:
@@ -1202,7 +1274,7 @@ def cmd_train(args):
         ema = copy.deepcopy(net).eval().requires_grad_(False)
         opt = build_optimizer(net, args)
         ema_n = 0
-        if ck is not None:                     # our run, or the authors' file (a fresh Adam)
+        if ck is not None:                     # our run, or a converted file (a fresh Adam)
             load_states(ck, net, ema, opt)
             ema_n = int(ck.get("ema_n", start))
             log(f"{'resumed' if resumed else 'starting'} from {ck['path']} at step {start}")
@@ -1224,8 +1296,8 @@ def cmd_train(args):
         clip = args.grad_clip if args.clip_mode == "norm" else 0.0   # std: build_optimizer
         decay, ema_warmup, which = args.ema_decay, args.ema_warmup, "raw" if args.no_ema else "ema"
         ncls, p_uncond = (args.num_classes, args.p_uncond) if args.class_cond else (0, 0.0)
-        log(f"vpfb | recipe {args.recipe} | {args.dataset} {shape} | {args.arch} "
-            f"{count_params(net) / 1e6:.2f}M params | device {device} x {world} | "
+        log(f"vpfb | recipe {args.recipe} | {args.dataset}: {len(ds)} images {shape} | "
+            f"{args.arch} {count_params(net) / 1e6:.2f}M params | device {device} x {world} | "
             f"{'bf16 trunk' if net.amp else 'fp32'} | threads {torch.get_num_threads()} | steps "
             f"{start}->{end} | batch {args.batch_size}/rank | lr {lr} | loss "
             f"{ {k: getattr(args, k) for k in METHOD_FLAGS} } | EMA {decay}"
@@ -1254,7 +1326,7 @@ def cmd_train(args):
             # ---- the algorithm: one step of Eq. (27) ----
             if ncls:                                   # labels, a share replaced by the null class
                 cond.y = torch.where(torch.rand(y.shape[0], device=device) < p_uncond, ncls, y)
-            lr_now = warmup_lr(lr, step, warmup)                       # linear warm-up (authors)
+            lr_now = warmup_lr(lr, step, warmup)                       # linear warm-up from step 0
             logs, ok, signum = train_step(method, net, opt, dict(xbar=x), lr_now, clip, world,
                                           stop.signum or 0)
             if ok:
@@ -1339,13 +1411,13 @@ def read_checkpoint(path, map_location="cpu"):
     except Exception as e:
         die(f"cannot read checkpoint {path}: corrupt or not a PyTorch file ({type(e).__name__})")
 
-def load_checkpoint(path, image_size=32):
-    """Our checkpoint dict (+ "path"), from ours (older flag names mapped) or an authors' file
-    (converted; their file does not say the image size attention was placed by: image_size)."""
+def load_checkpoint(path):
+    """Our checkpoint dict (+ "path"), older flag names mapped; an authors' file: one line."""
     ck = read_checkpoint(path)
     if is_authors_checkpoint(ck):
-        ck = authors_checkpoint_as_ours(ck, path, image_size)
-    elif not isinstance(ck, dict) or ck.get("format") not in (FORMAT, "vpfb/v1"):
+        die(f"{path} is an authors' checkpoint: convert it once with "
+            f"python vpfb_convert.py {shlex.quote(path)} OUT.pt, then pass --ckpt OUT.pt")
+    if not isinstance(ck, dict) or ck.get("format") not in (FORMAT, "vpfb/v1"):
         fmt = ck.get("format") if isinstance(ck, dict) else type(ck).__name__
         die(f"{path} is not a VPFB checkpoint (format {fmt!r}, not {FORMAT!r})")
     saved = ck.setdefault("args", {})                     # files written before the renames
@@ -1363,7 +1435,9 @@ def load_checkpoint(path, image_size=32):
     if saved.get("class_cond") and saved.get("num_classes") is None:   # rows - the null class
         head = "cemb.weight" if saved["arch"] == "unet" else "head.weight"
         saved["num_classes"] = ck["ema"][head].shape[0] - 1
-    for k, v in RECIPES.get(saved.get("recipe"), {}).items():          # recipe keys left at None
+    row = recipe_row(saved["recipe"], saved.get("dataset"), "main") if saved.get(
+        "recipe") in RECIPES else {}
+    for k, v in row.items():                                           # recipe keys left at None
         if saved.get(k, 0) is None:
             saved[k] = v
     ck.setdefault("ema_n", ck.pop("ema_updates", ck.get("step", 0)))
@@ -1389,140 +1463,15 @@ def net_from_checkpoint(ck, args, device):
     load_states({"model": ck["model" if args.no_ema else "ema"], "path": ck["path"]}, net)
     return engineer(net, device, args.amp, args.channels_last).eval().requires_grad_(False)
 
-# ---- The authors' checkpoints (https://github.com/ljun0004/VAPO, README "Checkpoints") ----
-# score_sde-style dicts: "model" = the state dict of nn.DataParallel(MyUnet), keys "module.model."
-# + a guided-diffusion UNet key; "ema" = {"shadow_params": EMA copies of model.parameters() in
-# order, ...}; "optimizer", "step". Their UNet is our UNetPhi with AUTHORS_UNET; names map part by
-# part (_AUTHORS_NAMES; input_blocks.k = down.(k-1), their 1-D convs = our 1x1 convs); resampling
-# convs are "op" (down) or "conv" (up; our nn.Upsample and conv are two layers), none in the
-# released nets. Both nets register their parameters in the same order, so shadow_params[i] is our
-# i-th parameter. They embed the raw t.
-
-_AUTHORS_NAMES = {"temb": "time_embed", "cemb": "label_emb", "inp": "input_blocks.0.0",
-                  "down": "input_blocks", "mid": "middle_block", "up": "output_blocks",
-                  "n1": "in_layers.0", "c1": "in_layers.2", "emb": "emb_layers.1",
-                  "n2": "out_layers.0", "c2": "out_layers.3", "skip": "skip_connection",
-                  "proj": "proj_out"}                   # the rest (out, norm, qkv, 0, ...) as ours
-_AUTHORS_PREFIXES = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.",
-                     "output_blocks.", "out.")
-
+# An authors' file (https://github.com/ljun0004/VAPO, README "Checkpoints": score_sde-style dicts)
+# is converted once into ours by vpfb_convert.py; --ckpt refuses it with that command.
 def is_authors_checkpoint(ck):
     """True for a dict as the authors' code writes it (score_sde style), False for ours."""
     return (isinstance(ck, dict) and "format" not in ck and isinstance(ck.get("model"), dict)
             and isinstance(ck.get("ema"), dict)
             and isinstance(ck["ema"].get("shadow_params"), (list, tuple)) and "step" in ck)
 
-def _listing(keys, n=6):
-    keys = list(keys)
-    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
-
-def authors_names(net):
-    """{our parameter name: the authors' name (no prefix)}, in our parameter order."""
-    names = {}
-    for key, _ in net.named_parameters():
-        part = key.split(".")
-        if part[0] == "down":                      # their input_blocks.0 is our stem `inp`
-            part[1] = str(int(part[1]) + 1)
-            if len(part) == 4:                     # strided conv: their Downsample.op
-                part.insert(3, "op")
-        elif part[0] == "up" and len(part) == 4:   # conv after nn.Upsample: their Upsample.conv
-            part[2:3] = [str(int(part[2]) - 1), "conv"]
-        names[key] = ".".join(_AUTHORS_NAMES.get(p, p) for p in part)
-    return names
-
-def authors_arch(sd, image_size=32):
-    """UNetPhi keyword arguments for the authors' net with (prefix-free) state dict sd.
-    attn_res is in pixels for a nominal image_size: the net itself is fully convolutional."""
-    base = sd["time_embed.0.weight"].shape[1]             # their embedding width = base channels
-    stem = sd["input_blocks.0.0.weight"]
-    blocks = sorted({int(k.split(".")[1]) for k in sd if k.startswith("input_blocks.")})
-    res = [k for k in blocks if f"input_blocks.{k}.0.in_layers.2.weight" in sd]
-    n_in = max(res) + 1                                   # the last level has no down-sampling
-    gaps = sorted(set(range(1, n_in)) - set(res))
-    num_res = gaps[0] - 1 if gaps else len(res)
-    levels = n_in // (num_res + 1)
-    if num_res < 1 or levels * (num_res + 1) != n_in or len(res) != levels * num_res:
-        raise ValueError("input blocks do not form a U-Net")
-    first = [1 + lv * (num_res + 1) for lv in range(levels)]
-    out_ch = [sd[f"input_blocks.{k}.0.in_layers.2.weight"].shape[0] for k in first]
-    emb_out = sd["input_blocks.1.0.emb_layers.1.weight"].shape[0]
-    kw = dict(AUTHORS_UNET)
-    kw.update(scale_shift=emb_out == 2 * out_ch[0], stem_mult=stem.shape[0] != base,
-              conv_resample=bool(gaps) and f"input_blocks.{gaps[0]}.0.op.weight" in sd)
-    attn = tuple(image_size // 2 ** lv for lv, k in enumerate(first)
-                 if f"input_blocks.{k}.1.qkv.weight" in sd)
-    ncls = sd["label_emb.weight"].shape[0] - 1 if "label_emb.weight" in sd else 0
-    return dict(in_ch=stem.shape[1], base=base, mult=tuple(c // base for c in out_ch),
-                num_res=num_res, attn_res=attn, dropout=0.3, image_size=image_size,
-                num_classes=ncls, **kw)
-
-def authors_network(ck, use_ema=True, image_size=32, name="checkpoint"):
-    """Our UNetPhi (eval mode, frozen) holding the weights of an authors' checkpoint dict `ck`:
-    the EMA shadow_params (use_ema) or the raw model. What does not fit: one line, exit 2."""
-    if not is_authors_checkpoint(ck):
-        found = _listing(sorted(ck)) if isinstance(ck, dict) else type(ck).__name__
-        die(f"{name!r} is not an authors' VAPO checkpoint (expects model, ema.shadow_params, "
-            f"step; found {found})")
-    sd = {k.removeprefix("module.").removeprefix("model."): v for k, v in ck["model"].items()}
-    try:
-        kw = authors_arch(sd, image_size)
-        net = UNetPhi(**kw)
-    except (KeyError, IndexError, ValueError, ZeroDivisionError, AttributeError):
-        odd = [k for k in sd if not k.startswith(_AUTHORS_PREFIXES)] or list(sd)
-        die(f"{name!r} is a score_sde-style checkpoint but not the authors' VAPO U-Net "
-            f"(unmatched keys: {_listing(odd)})")
-    names = authors_names(net)
-    known = set(names.values())
-    unmatched = [k for k in sd if k not in known]
-    missing = [theirs for theirs in names.values() if theirs not in sd]
-    if unmatched or missing:
-        die(f"{name!r} does not fit the authors' U-Net it describes (unmatched keys: "
-            f"{_listing(unmatched) or 'none'}; missing: {_listing(missing) or 'none'})")
-    theirs = sd
-    if use_ema:                                   # shadow_params[i]: the EMA of parameter i
-        shadow, order = list(ck["ema"]["shadow_params"]), list(names.values())
-        if len(shadow) != len(order):
-            die(f"{name!r}: {len(shadow)} EMA shadow_params for {len(order)} parameters")
-        if list(sd) != order:
-            die(f"{name!r}: the model's tensors are not in the authors' parameter order")
-        theirs = dict(zip(order, shadow))
-    ours = {}
-    for key, p in net.named_parameters():
-        v = theirs[names[key]]
-        if not torch.is_tensor(v) or v.numel() != p.numel() or v.shape[:2] != p.shape[:2]:
-            shape = tuple(v.shape) if torch.is_tensor(v) else type(v).__name__
-            die(f"{name!r}: {names[key]} has shape {shape}, the network needs {tuple(p.shape)}")
-        ours[key] = v.reshape(p.shape).float()            # (O, I, 1) 1-D conv -> (O, I, 1, 1)
-    net.load_state_dict(ours, strict=True)
-    net.arch_kwargs = kw                 # so callers can rebuild the run's network flags
-    return net.eval().requires_grad_(False)
-
-def load_authors_checkpoint(path, use_ema=True, image_size=32):
-    """The authors' released Phi (their checkpoints/checkpoint_*.pth) as our UNetPhi in eval mode:
-    net(x, t) is their potential, x in [-1, 1] NCHW. EMA weights unless use_ema=False."""
-    return authors_network(read_checkpoint(path), use_ema, image_size, name=path)
-
-
-def authors_checkpoint_as_ours(ck, name="checkpoint", image_size=32):
-    """An authors' file as our checkpoint dict: args = --recipe authors + the U-Net read from its
-    keys; "opt" None (their Adam state indexes their parameter list: a fresh Adam)."""
-    ema, raw = (authors_network(ck, use, image_size, name) for use in (True, False))
-    kw = ema.arch_kwargs
-    if any(kw[k] != v for k, v in AUTHORS_UNET.items()):
-        die(f"{name}: an authors' U-Net variant ({ {k: kw[k] for k in AUTHORS_UNET} }) that "
-            f"--unet authors does not build")
-    args = resolve_args(build_parser().parse_args(["--recipe", "authors", "--arch", "unet",
-                                                   "--image-size", str(image_size)]))
-    args.model_size, args.ch_mult = kw["base"], ",".join(map(str, kw["mult"]))
-    args.res_blocks, args.attn_res = kw["num_res"], ",".join(map(str, kw["attn_res"]))
-    args.channels, args.dropout, args.unet = kw["in_ch"], kw["dropout"], "authors"
-    args.class_cond, args.num_classes = kw["num_classes"] > 0, kw["num_classes"] or None
-    step = int(ck.get("step") or 0)
-    return {"format": FORMAT, "model": raw.state_dict(), "ema": ema.state_dict(), "opt": None,
-            "step": step, "phase": "authors", "phase_start": step, "ema_n": step,
-            "args": args_to_dict(args)}
-
-# ==== 6. Experiment modes ====
+# ==== 6. Sampling ====
 def eval_setup(args):
     """Device, the checkpoint's network (EMA unless --no-ema) and the method with the settings this
     mode reads, each printed once with where it came from (flag / checkpoint / recipe)."""
@@ -1530,9 +1479,9 @@ def eval_setup(args):
     torch.manual_seed(args.seed)                          # --seed: the same samples every run
     net = net_from_checkpoint(args.ck_, args, device)
     method = build_method(Conditioned(torch.compile(net) if args.compile else net), args)
-    settings = {k: getattr(args, k) for k in MODE_SETTINGS[args.mode]}
+    settings = {k: getattr(args, k) for k in args.reads_}
     settings["weights"] = "raw" if args.no_ema else "ema"
-    src = {k: args.sources_.get(k, "default") for k in MODE_SETTINGS[args.mode]}
+    src = {k: args.sources_.get(k, "default") for k in args.reads_}
     print(f"{args.mode} with {args.ck_['path']}: " + ", ".join(
         f"{k} {v} ({src[k]})" if k in src else f"{k} {v}" for k, v in settings.items()), flush=True)
     return device, net, method, {"ckpt": args.ck_["path"], "settings": settings, "from": src}
@@ -1554,222 +1503,30 @@ def cmd_sample(args):
     report(args.out_dir, "samples.json", {**info, "n": len(x), **st})
     return to_uint8(x)
 
-def cmd_interp(args, rows=8, cols=10):
-    """Spherical interpolation between two noises, each point pushed through the ODE (Sec. 4.3)."""
-    device, net, method, info = eval_setup(args)
-    shape = (args.channels, args.image_size, args.image_size)
-    z0, z1 = torch.randn(rows, *shape), torch.randn(rows, *shape)
-    z = torch.stack([slerp(z0, z1, float(v)) for v in torch.linspace(0, 1, cols)], 1)
-    x, st = draw(method, args, device, rows * cols, x0=z.flatten(0, 1))
-    save_grid(x, os.path.join(args.out_dir, "interp.png"), nrow=cols)
-    report(args.out_dir, "interp.json", {**info, **st})
-
-def cmd_nn(args, rows=8):
-    """Generated samples and their k nearest training images in pixel (L2) distance (Fig. 5)."""
-    device, net, method, info = eval_setup(args)
-    data = build_dataset(args, train=True)
-    if len(data) < args.nn_k:
-        die(f"--nn-k {args.nn_k} is more than the {len(data)} training images")
-    x, _ = draw(method, args, device, rows)
-    best_d = torch.full((rows, args.nn_k), float("inf"))
-    best_x = torch.zeros(rows, args.nn_k, *x.shape[1:])
-    xf = x.flatten(1)
-    for xb, _ in torch.utils.data.DataLoader(data, batch_size=512):
-        d = torch.cdist(xf, xb.flatten(1))                           # (rows, batch) pixel distances
-        cand_d = torch.cat([best_d, d], 1)
-        cand_x = torch.cat([best_x, xb[None].expand(rows, *xb.shape)], 1)
-        best_d, idx = cand_d.topk(args.nn_k, dim=1, largest=False)
-        best_x = torch.stack([cand_x[r, idx[r]] for r in range(rows)])
-    grid = torch.cat([x[:, None], best_x], 1).flatten(0, 1)
-    save_grid(grid, os.path.join(args.out_dir, "nn.png"), nrow=args.nn_k + 1)
-    report(args.out_dir, "nn.json", {**info, "nearest_pixel_l2": best_d.tolist()})
-
-@torch.no_grad()
-def energies(method, ds, device, n, batch):
-    """Phi_B (Eq. 22) and the authors' OOD score 4 Phi(x, t_max) - ||x||^2 of the first n images."""
-    pb, auth = [], []
-    for x in torch.split(first_images(ds, n), batch):
-        x = x.to(device)
-        pb.append(method.boltzmann_energy(x).float().cpu())
-        tt = torch.full((x.shape[0],), method.t_inf or method.t_max, device=device)
-        auth.append((4 * method._phi(x, tt) - _sqnorm(x)).float().cpu())
-    return torch.cat(pb).numpy(), torch.cat(auth).numpy()
-
-def auroc(pos, neg):
-    """Area under the ROC curve, P(score_pos > score_neg) + 1/2 P(=), by ranks (Mann-Whitney U),
-    ties averaged. pos: scores of in-distribution samples (should be higher)."""
-    from scipy.stats import rankdata
-    pos, neg = np.asarray(pos, dtype=np.float64).ravel(), np.asarray(neg, dtype=np.float64).ravel()
-    ranks = rankdata(np.concatenate([pos, neg]))                 # tied values: their mean rank
-    n1, n0 = len(pos), len(neg)
-    return float((ranks[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-
-def cmd_hist(args):
-    """Histogram of the Boltzmann energy on train vs test images (Fig. 11)."""
-    plt = pyplot()
-    device, net, method, info = eval_setup(args)
-    res, fig = dict(info), plt.figure(figsize=(5, 3.5))
-    for split in ("train", "test"):
-        e, _ = energies(method, build_dataset(args, train=split == "train"), device, args.ood_max,
-                        args.sample_batch)
-        res[split] = {"n": int(len(e)), "mean": float(e.mean()), "std": float(e.std())}
-        plt.hist(e, bins=50, alpha=0.5, density=True, label=split)
-    plt.xlabel("Boltzmann energy Phi_B (Eq. 22)")
-    plt.legend()
-    save_figure(fig, os.path.join(args.out_dir, "hist.png"))
-    report(args.out_dir, "hist.json", res)
-
-def ood_set(args, name, ind_ds):
-    """An OOD set by name (OOD_SETS), or a path: an image folder or a .npz, shaped like the data."""
-    import torchvision.transforms as T
-    if name == "interp":                           # the paper's "Interp.": mean of 2 test images
-        imgs = first_images(ind_ds, args.ood_max)
-        g = torch.Generator().manual_seed(args.seed)
-        imgs = 0.5 * (imgs + imgs[torch.randperm(len(imgs), generator=g)])
-        return torch.utils.data.TensorDataset(imgs, torch.zeros(len(imgs)))
-    if os.path.isdir(name):
-        c, s = args.channels, args.image_size
-        tf = T.Compose([T.Resize(s), T.CenterCrop(s)] + ([T.Grayscale(c)] if c == 1 else [])
-                       + [T.ToTensor(), T.Normalize([0.5] * c, [0.5] * c)])
-        return image_folder(name, tf, "folder")
-    if name.endswith(".npz"):
-        x = load_npz(name).tensors[0]
-        if x.shape[1] == 3 > args.channels:            # colour to grey as the folder route does
-            x = T.Grayscale(1)(x)                      # (ITU-R 601 weights, on the tensor)
-        x = x.expand(-1, args.channels, -1, -1)                # grey images for a colour Phi
-        x = F.interpolate(x, size=args.image_size, mode="bilinear", antialias=True)
-        return torch.utils.data.TensorDataset(x, torch.zeros(len(x)))
-    if name not in OOD_SETS:
-        die(f"unknown OOD set {name!r}; choose from {OOD_SETS}, an image folder or a .npz")
-    ds = build_dataset(args, train=False, name="fake" if args.dataset == "fake" else name)
-    if args.dataset == "fake":                                 # smoke test: a shifted fake set
-        ds.random_offset = 10 ** 7 + 1000 * OOD_SETS.index(name)
-    return ds
-
-def cmd_ood(args):
-    """OOD AUROC (Table 2): in-distribution = the test split of the training set (positives, should
-    score higher), OOD = each of --ood-sets; score = Phi_B, and the authors' 4 Phi - ||x||^2.
-    ood_hist.png: the histograms of Phi_B of each set (symlog axis: the sets lie decades apart)."""
-    plt = pyplot()
-    device, net, method, info = eval_setup(args)
-    ind_ds = build_dataset(args, train=False)
-    pos, pos_auth = energies(method, ind_ds, device, args.ood_max, args.sample_batch)
-    table, fig, scores = {}, plt.figure(figsize=(6, 3.5)), {"data (test split)": pos}
-    for name in [s.strip() for s in args.ood_sets.split(",") if s.strip()]:
-        neg, neg_auth = energies(method, ood_set(args, name, ind_ds), device, args.ood_max,
-                                 args.sample_batch)
-        scores[name] = neg
-        table[name] = {"auroc_phi_b": auroc(pos, neg), "auroc_authors_score": auroc(pos_auth,
-                                                                                    neg_auth),
-                       "n_in": int(len(pos)), "n_ood": int(len(neg))}
-    allv = np.concatenate(list(scores.values())).astype(np.float64)
-    allv = allv[np.isfinite(allv)] if np.isfinite(allv).any() else np.zeros(1)
-    u = np.linspace(*(np.sign(v) * np.log10(1 + abs(v)) for v in (allv.min(), allv.max())), 61)
-    edges = np.unique(np.sign(u) * (10 ** np.abs(u) - 1))              # even on the symlog axis
-    edges = edges if len(edges) > 1 else 10
-    for label, e in scores.items():
-        plt.hist(e, bins=edges, alpha=0.5, label=os.path.basename(label.rstrip("/\\")) or label)
-    plt.xscale("symlog")
-    plt.xlabel("Boltzmann energy Phi_B (Eq. 22)")
-    plt.ylabel("images")
-    plt.legend(fontsize=8)
-    save_figure(fig, os.path.join(args.out_dir, "ood_hist.png"))
-    report(args.out_dir, "ood.json", {**info, "auroc": table})
-
-def cmd_longrun(args):
-    """Long-run sampling (Sec. 4.6, Figs. 12-18): the ODE over t in [0, longrun_t1] (past t_max it
-    follows Phi(x, t_max)), then SGLD on Phi_B from the same noise; E|grad|^2 and E energy^2."""
-    plt = pyplot()
-    device, net, method, info = eval_setup(args)
-    shape = (args.channels, args.image_size, args.image_size)
-    z = torch.randn(min(args.num_samples, args.sample_batch), *shape, device=device)
-    curves = {"ode": {"t": [], "grad2": [], "phi2": []}, "sgld": {"t": [], "grad2": [], "phi2": []}}
-
-    def recorded(energy, c):                   # the gradient field of an energy, logging two norms
-        def field(x, t=None):
-            with torch.enable_grad():
-                xr = x.detach().requires_grad_(True)
-                e = energy(xr, t)
-                g = torch.autograd.grad(e.sum(), xr)[0]
-            c["t"].append(len(c["t"]) if t is None else float(t))
-            c["grad2"].append(float(_sqnorm(g).mean()))                 # E ||grad_x energy||^2
-            c["phi2"].append(float(e.detach().pow(2).mean()))           # E energy^2
-            return g.detach()
-        return field
-
-    def phi_at(x, t):
-        return method._phi(x, torch.full((x.shape[0],), float(t), device=x.device))
-
-    T, n_steps = args.longrun_t1, int(args.ode_steps * max(1.0, args.longrun_t1))
-    _, traj, _ = ode_solve(recorded(phi_at, curves["ode"]), z, "euler", n_steps, 0.0, T,
-                           return_traj=True)
-    idx = [min(n_steps, round(f / T * n_steps)) for f in (0.5, 1, 2, 5, 10, T) if f <= T]
-    save_grid(torch.cat([traj[i][:8] for i in idx]), os.path.join(args.out_dir, "longrun_ode.png"))
-    _, traj, _ = sgld(recorded(lambda x, t: method.boltzmann_energy(x), curves["sgld"]), z,
-                      args.sgld_steps, args.sgld_step, args.sgld_temp, return_traj=True)
-    ks = np.linspace(0, args.sgld_steps, 6).astype(int)
-    save_grid(torch.cat([traj[k][:8] for k in ks]), os.path.join(args.out_dir, "longrun_sgld.png"))
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
-    for axi, key, lab in ((ax[0], "ode", "ODE time t, Phi"), (ax[1], "sgld", "SGLD step, Phi_B")):
-        axi.semilogy(curves[key]["t"], curves[key]["grad2"], label="E|grad|^2")
-        axi.semilogy(curves[key]["t"], curves[key]["phi2"], label="E energy^2")
-        axi.set_xlabel(lab)
-        axi.legend()
-    save_figure(fig, os.path.join(args.out_dir, "longrun_norms.png"))
-    last = {k: {kk: vv[-1] for kk, vv in v.items() if vv} for k, v in curves.items()}
-    write_json(args.out_dir, "longrun_curves.json", curves)
-    report(args.out_dir, "longrun.json", {**info, **last})
-
-def cmd_compose(args, n=8):
-    """Compositional sampling (Sec. 4.3): sample with the average of the class-conditional energies
-    Phi(x, t) = mean_c Phi(x, t, c). One row per single class of each group, then the composite."""
-    device, net, method, info = eval_setup(args)
-    if not args.class_cond:
-        die("--mode compose needs a checkpoint trained with --class-cond")
-    try:
-        groups = [[int(c) for c in g.split(",")] for g in args.compose.split(";") if g.strip()]
-    except ValueError:
-        die(f"--compose must look like '0,1;0,2', got {args.compose!r}")
-    if any(c < 0 or c >= args.num_classes for g in groups for c in g):
-        die(f"--compose classes must be in [0, {args.num_classes})")
-    z = torch.randn(n, args.channels, args.image_size, args.image_size)
-    rows, res = [], dict(info)
-    for g in groups:
-        for c in g + [None]:
-            method.phi.y = [torch.tensor(k, device=device) for k in (g if c is None else [c])]
-            x, st = draw(method, args, device, n, x0=z)
-            rows.append(x)
-            res["+".join(map(str, g)) if c is None else str(c)] = st
-    save_grid(torch.cat(rows), os.path.join(args.out_dir, "compose.png"), nrow=n)
-    report(args.out_dir, "compose.json", res)
-
 # ==== 7. Arguments and main ====
 DATASETS = ("cifar10", "celeba64", "mnist", "folder", "npz", "fake", "svhn", "cifar100")
-MODES = {"train": cmd_train, "sample": cmd_sample, "interp": cmd_interp, "nn": cmd_nn,
-         "hist": cmd_hist, "ood": cmd_ood, "longrun": cmd_longrun, "compose": cmd_compose}
+MODES = {"train": cmd_train, "sample": cmd_sample}     # vpfb_experiments.py: the paper's others
 
-# The recipes fill every flag left at None (a typed flag wins). "paper" = VPFB's own defaults
-# (section 1) and our training numbers (the paper gives none); "authors" = AUTHORS, their U-Net and
-# their configs/homotopy/cifar10.py (batch 64, warm-up 5k, element-wise clipping, 2M iterations);
-# "ours" = OURS, trained as "paper".
-TRAINING = {
-    "authors": dict(lr=1e-4, warmup=5000, batch_size=64, steps=2_000_000, ema_decay=0.9999,
-                    grad_clip=3.0, clip_mode="std", p_uncond=0.2, unet="authors"),
-    "paper": dict(lr=1e-4, warmup=5000, batch_size=128, steps=400_000, ema_decay=0.9999,
-                  grad_clip=1.0, clip_mode="norm", p_uncond=0.1, unet="ours"),
-}
+# --recipe sets these flags (a typed flag, then a checkpoint's value, wins); steps and EMA decay
+# per phase (VPFB has one: main). The parser's own defaults of the method's flags are VPFB's
+# (section 1; a test checks that they agree). "paper": our training numbers (the paper gives
+# none); "authors": AUTHORS, their U-Net and their configs/homotopy/cifar10.py (batch 64, warm-up
+# 5k, element-wise clipping, 2M iterations); "ours": OURS, trained as "paper".
+RECIPES = {"paper": dict(lr=1e-4, warmup=5000, batch_size=128, steps_main=400_000,
+                         ema_decay_main=0.9999, grad_clip=1.0, clip_mode="norm", p_uncond=0.1,
+                         unet="ours"),
+           "authors": dict(AUTHORS, batch_size=64, steps_main=2_000_000, grad_clip=3.0,
+                           clip_mode="std", p_uncond=0.2, unet="authors"),
+           "ours": dict(OURS)}
+DATASET_ROWS = {}
 METHOD_FLAGS = ("kappa", "eta", "lam_cos", "lam_gx", "lam_gt", "cov_form", "cos_form", "weight_on",
                 "grad_norm", "bfactor")
 
-def method_flags(**kw):
-    """VPFB's keywords (its own defaults where kw is silent) as the flags' values."""
-    sig = inspect.signature(VPFB).parameters
-    return {k: kw.get(k, sig[k].default) for k in METHOD_FLAGS}
-
-RECIPES = {"paper": {**method_flags(), **TRAINING["paper"]},
-           "authors": {**method_flags(**AUTHORS), **TRAINING["authors"]},
-           "ours": {**method_flags(**OURS), **TRAINING["paper"]}}
-DATASET_ROWS = {}
+def recipe_row(recipe, dataset, phase):
+    """The flags --recipe sets for --dataset's row and --phase."""
+    row = {**RECIPES["paper"], **RECIPES[recipe], **DATASET_ROWS.get(dataset, {})}
+    return {**{k: v for k, v in row.items() if not k.startswith(("steps_", "ema_decay_"))},
+            "steps": row[f"steps_{phase}"], "ema_decay": row[f"ema_decay_{phase}"]}
 
 # Which flags a mode reads (issue 22). The network's flags always come from the checkpoint (a typed
 # one that differs is an error); a typed flag the mode does not read is a one-line warning.
@@ -1783,13 +1540,7 @@ SAMPLER_KEYS = ("sampler", "ode_steps", "t0", "t1", "rtol", "atol", "sgld_steps"
                 "sgld_temp", "clamp")
 PHI_B = ("t_max", "t_inf", "bfactor")                  # where and how Phi_B is read (Eq. 22)
 MODE_SETTINGS = {          # what a mode reads (and prints) beyond the run flags and the network's
-    "sample": SAMPLER_KEYS + PHI_B + ("num_samples", "sample_batch"),
-    "interp": SAMPLER_KEYS + PHI_B, "compose": SAMPLER_KEYS + PHI_B + ("compose",),
-    "nn": SAMPLER_KEYS + PHI_B + ("nn_k",) + DATA_KEYS,
-    "hist": PHI_B + ("ood_max",) + DATA_KEYS, "ood": PHI_B + ("ood_max", "ood_sets") + DATA_KEYS,
-    "longrun": ("ode_steps", "longrun_t1", "sgld_steps", "sgld_step", "sgld_temp", "num_samples")
-    + PHI_B}
-EVAL_ONLY = {"ood_sets", "ood_max", "nn_k", "compose", "longrun_t1"}
+    "sample": SAMPLER_KEYS + PHI_B + ("num_samples", "sample_batch")}
 PHASE_KEYS = set()                                     # VPFB has one phase: "main"
 EVAL_READS = {"mode", "out_dir", "device", "threads", "seed", "ckpt", "amp", "compile",
               "channels_last", "workers", "no_ema", "sample_batch", *ARCH_KEYS}
@@ -1813,6 +1564,7 @@ def _number(kind, ok, what):
 
 pos_int = _number(int, lambda v: v > 0, "an integer > 0")
 nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+seed_int = _number(int, lambda v: 0 <= v < 2 ** 32, "an integer in [0, 2**32)")  # as numpy
 pos_float = _number(float, lambda v: v > 0, "a finite number > 0")
 nonneg_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
 unit_float = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
@@ -1832,32 +1584,39 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         die(f"{message} (see --help)")
 
-def build_parser():
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default; a flag whose default is derived says so in its help."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+def build_parser(recipe="authors", modes=MODES):
+    """The flags, with `recipe`'s values as defaults (--help shows the default recipe's)."""
     p = Parser(description="VPFB: Variational Potential Flow Bayes (Loo et al., arXiv:2504.16262): "
-               "train, sample, evaluate. [r] = filled by --recipe when not given.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+               f"{', '.join(modes)}. [r] = set by --recipe (shown: {recipe}'s).",
+               formatter_class=Help, allow_abbrev=False)
     a, bool_opt = p.add_argument, argparse.BooleanOptionalAction
-    a("--mode", default="train", choices=MODES, help="what to do")
+    a("--mode", default="train", required="train" not in modes, choices=modes, help="what to do")
     a("--recipe", default="authors", choices=RECIPES, help="authors' code, the paper, or ours")
     a("--dataset", default="cifar10", choices=DATASETS, help="training / evaluation images")
     a("--data-dir", default="data", help="dataset folder (npz: the .npz file, uint8 NHWC)")
-    a("--image-size", type=pos_int, help="image side (default 32; celeba64 64; npz: the file's)")
-    a("--channels", type=pos_int, help="channels of fake data (default 3)")
+    a("--image-size", type=pos_int, help="image side (celeba64 64; npz: the file's)")
+    a("--channels", type=pos_int, help="channels (mnist 1; npz: the file's)")
     a("--fake-size", type=pos_int, default=512, help="number of FakeData images")
     a("--workers", type=nonneg_int, default=4, help="DataLoader processes (0 = main process)")
     a("--out-dir", help="output folder (default runs/vpfb_<dataset>); always written to")
     a("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     a("--threads", type=nonneg_int, default=0,
       help="CPU threads (0: the free cores, i.e. the cores less the load average, at least 1)")
-    a("--seed", type=nonneg_int, default=0, help="random seed (each step and rank derives its own)")
+    a("--seed", type=seed_int, default=0, help="random seed (each step and rank derives its own)")
     a("--batch-size", type=pos_int, help="[r] per-process batch size (authors 64, ours 128)")
     a("--steps", type=nonneg_int, help="[r] training steps (authors 2M, ours 400k)")
-    a("--lr", type=pos_float, help="[r] Adam learning rate (1e-4)")
+    a("--lr", type=pos_float, help="[r] Adam learning rate")
     a("--betas", type=unit_float, nargs=2, default=(0.9, 0.999), help="Adam betas")
-    a("--warmup", type=nonneg_int, help="[r] linear learning-rate warm-up steps (5000)")
+    a("--warmup", type=nonneg_int, help="[r] linear learning-rate warm-up steps")
     a("--grad-clip", type=nonneg_float, help="[r] gradient clipping (0 = off; authors 3, ours 1)")
     a("--clip-mode", choices=["norm", "std"], help="[r] norm; std (authors): +-(clip RMS + 0.1)")
-    a("--ema-decay", type=unit_float, help="[r] EMA decay (0.9999)")
+    a("--ema-decay", type=unit_float, help="[r] EMA decay")
     a("--ema-warmup", action=bool_opt, default=True, help="min(decay, (1+n)/(10+n)); no: const")
     a("--no-ema", action="store_true", help="grids / sampling with the raw weights, not the EMA")
     a("--arch", default="unet", choices=["unet", "wrn"],
@@ -1872,20 +1631,23 @@ def build_parser():
     a("--class-cond", action="store_true", help="class-conditional Phi(x, c) (for --mode compose)")
     a("--num-classes", type=pos_int, help="classes of --class-cond (default: the dataset's)")
     a("--p-uncond", type=unit_float, help="[r] share of null labels (authors 0.2, ours 0.1)")
-    a("--kappa", type=finite_float, help="[r] w(t) = (1 - t)^kappa (paper, authors 2; ours 1)")
+    a("--kappa", type=finite_float, default=2.0, help="[r] w(t) = (1 - t)^kappa (paper 2, ours 1)")
     a("--t-end", type=pos_float, default=1.0, help="t ~ U(0, t_end)")
     a("--t-max", type=time_float, default=1.0 - 1e-5, help="stationarity: t clamped to t_max")
     a("--t-inf", type=time_float, help="time Phi_B (Eq. 22) is read at (default t_max)")
-    a("--eta", type=nonneg_float, help="[r] Poincare weight eta (1e-4; authors 0)")
-    a("--lam-cos", type=nonneg_float, help="[r] weight of the cosine term (1)")
-    a("--lam-gx", type=nonneg_float, help="[r] weight of E||grad_x Phi||^2 (1; authors 0.5)")
-    a("--lam-gt", type=nonneg_float, help="[r] weight of E(dPhi/dt)^2 (1; authors 0.1, ours 0.01)")
-    a("--cov-form", choices=["cov", "corr", "stein"],
+    a("--eta", type=nonneg_float, default=1e-4, help="[r] Poincare weight eta (paper 1e-4)")
+    a("--lam-cos", type=nonneg_float, default=1.0, help="[r] weight of the cosine term")
+    a("--lam-gx", type=nonneg_float, default=1.0, help="[r] weight of E||grad_x Phi||^2 (paper 1)")
+    a("--lam-gt", type=nonneg_float, default=1.0, help="[r] weight of E(dPhi/dt)^2 (paper 1)")
+    a("--cov-form", default="cov", choices=["cov", "corr", "stein"],
       help="[r] cov (paper), corr (authors), stein: cov by parts (ours)")
-    a("--cos-form", choices=["paper", "authors"], help="[r] cos or cos^t / D (authors)")
-    a("--weight-on", choices=["ritz", "cov"], help="[r] w(t) on cov + |grad|^2 (ours) or gamma")
-    a("--grad-norm", choices=["sum", "mean"], help="[r] |grad Phi|^2 summed or averaged (authors)")
-    a("--bfactor", type=pos_float, help="[r] c in Phi_B, Eq. (22) (2; printed and authors' 4)")
+    a("--cos-form", default="paper", choices=["paper", "authors"],
+      help="[r] cos or cos^t / D (authors)")
+    a("--weight-on", default="cov", choices=["ritz", "cov"],
+      help="[r] w(t) on cov + |grad|^2 (ours) or gamma (paper)")
+    a("--grad-norm", default="sum", choices=["sum", "mean"],
+      help="[r] |grad Phi|^2 summed (paper) or averaged (authors)")
+    a("--bfactor", type=pos_float, default=2.0, help="[r] c in Phi_B, Eq. (22) (authors 4)")
     a("--sampler", default="rk45", choices=["euler", "rk45", "sgld"], help="sampler of the modes")
     a("--ode-steps", type=pos_int, default=100, help="Euler steps (and rk45 trajectory frames)")
     a("--rtol", type=pos_float, default=1e-3, help="RK45 relative tolerance (authors 1e-3)")
@@ -1895,92 +1657,106 @@ def build_parser():
     a("--sgld-steps", type=nonneg_int, default=1000, help="SGLD steps on Phi_B")
     a("--sgld-step", type=pos_float, default=1e-5, help="SGLD step Delta (Sec. 4.6)")
     a("--sgld-temp", type=nonneg_float, default=1.0, help="SGLD temperature lambda (noise std)")
-    a("--longrun-t1", type=pos_float, default=20.0, help="long-run ODE horizon t in [0, t1]")
     a("--clamp", action="store_true", help="clamp samples to [-1, 1] at the end")
-    a("--amp", default="auto", choices=["auto", "bf16", "none"], help="bf16 trunk (auto: on CUDA)")
+    a("--amp", default="auto", choices=("auto", "bf16", "none"), help="bf16 trunk (auto: on CUDA)")
     a("--compile", action="store_true",
       help="torch.compile the loss (via torch.func) and the potential for sampling")
     a("--channels-last", action="store_true", help="channels_last memory (faster convs on GPU)")
-    a("--resume", action="store_true", help="resume from --ckpt, else <out-dir>/ckpt_main.pt")
-    a("--ckpt", help="checkpoint to read (ours or the authors'); outputs go to --out-dir")
+    a("--resume", action="store_true", help="resume from --ckpt, else <out-dir>/ckpt_<phase>.pt")
+    a("--ckpt", help="checkpoint to read (authors' files: vpfb_convert.py); outputs: --out-dir")
     a("--log-every", type=nonneg_int, default=100, help="log every N steps (0 = off)")
     a("--save-every", type=nonneg_int, default=5000, help="checkpoint every N steps (0 = at end)")
     a("--sample-every", type=nonneg_int, default=5000,
       help="sample grid every N steps (0 = only at the end)")
     a("--num-samples", type=nonneg_int, default=64, help="samples to draw (50000 for FID)")
     a("--sample-batch", type=pos_int, default=256, help="batch size when sampling")
-    a("--ood-sets", default="svhn,cifar100,celeba,interp",
-      help=f"comma list from {OOD_SETS}, or paths of image folders / .npz files")
-    a("--ood-max", type=pos_int, default=10000, help="at most this many images per set")
-    a("--nn-k", type=pos_int, default=5, help="nearest neighbours per sample (mode nn)")
-    a("--compose", default="0,1", help="classes whose energies are averaged, e.g. '0,1;0,2'")
+    p.set_defaults(**recipe_row(recipe, "cifar10", "main"), image_size=32, channels=3,
+                   phase="main")                       # VPFB trains in one phase: "main"
     return p
+
+def refuse_to_replace(args, phases):
+    """A training run never replaces a run: without --resume, a folder that holds this phase's
+    checkpoint, or a later phase's, is one line and exit 2, before any work."""
+    for ph in phases[phases.index(args.phase):]:
+        path = os.path.join(args.out_dir, f"ckpt_{ph}.pt")
+        if os.path.isfile(path):
+            die(f"{path} holds a run: --resume continues it, another --out-dir starts a new one")
 
 def find_checkpoint(args):
     """The checkpoint a mode starts from and the flags it hands on, or (None, ()) for a fresh run:
-    train --resume: --ckpt, else ckpt_main.pt (all its training flags); the other modes: --ckpt,
-    else the run's ckpt_main.pt."""
+    train --resume: the run's own ckpt_main.pt (it continues this run), else --ckpt (all its
+    training flags); the other modes: --ckpt, else the run's ckpt_main.pt."""
     own = os.path.join(args.out_dir, f"ckpt_{args.phase}.pt")
-    size = args.image_size or (64 if args.dataset == "celeba64" else 32)   # for authors' files
     if args.mode == "train":
+        if not args.resume:
+            refuse_to_replace(args, ("main",))
         if not (args.resume and (args.ckpt or os.path.isfile(own))):
             return None, ()
-        ck = load_checkpoint(args.ckpt or own, size)
-        skip = RUN_FLAGS | EVAL_ONLY | (set() if ck.get("phase") == args.phase else PHASE_KEYS)
+        ck = load_checkpoint(own if os.path.isfile(own) else args.ckpt)
+        skip = RUN_FLAGS | (set() if ck.get("phase") == args.phase else PHASE_KEYS)
         return ck, [k for k in ck["args"] if k not in skip]
     if not (args.ckpt or os.path.isfile(own)):
         die(f"no checkpoint in {args.out_dir} (train first or pass --ckpt)")
-    ck = load_checkpoint(args.ckpt or own, size)
+    ck = load_checkpoint(args.ckpt or own)
     return ck, [k for k in ck["args"] if k in ARCH_KEYS + DATA_KEYS + METHOD_FLAGS + SAMPLER_KEYS
                 + ("recipe", "t_end", "t_max", "t_inf")]
 
-def parse_args(argv=None):
-    """Flags -> args. Every setting follows one rule (issue 22): a flag the user typed > the value
-    stored in the checkpoint the mode reads > the recipe's default (args.sources_ says which)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    p = build_parser()
-    args = p.parse_args(argv)
-    for action in p._actions:                                          # now: typed flags only
+def typed_flags(p, argv):
+    """The flags argv types: what argparse returns with every default suppressed."""
+    p._defaults.clear()
+    for action in p._actions:
         action.default = argparse.SUPPRESS
-    args.typed_, args.argv_ = set(vars(p.parse_args(argv))), argv
-    args.out_dir = args.out_dir or os.path.join("runs", f"vpfb_{args.dataset}")
-    args.phase = "main"                                                # VPFB trains in one phase
-    args.ck_, keys = find_checkpoint(args)
-    return resolve_args(args, args.ck_, keys)
+    return set(vars(p.parse_args(argv)))
 
-def resolve_args(args, ck=None, keys=()):
-    """Fill the flags left at None: from the checkpoint `ck` (for `keys`), else the recipe and the
-    dataset's row; warn of typed flags the mode does not read. Bad combinations: exit 2."""
-    typed, saved = getattr(args, "typed_", set()), (ck or {}).get("args", {})
-    clash = [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint: {saved[k]})"
-             for k in ARCH_KEYS if k in typed and k in saved and saved[k] != getattr(args, k)]
+def parse_args(argv=None, parser=build_parser, settings=MODE_SETTINGS):
+    """Flags -> args. Every setting follows one rule (issue 22): a flag the user typed > the value
+    stored in the checkpoint the mode reads > the recipe's, by argparse's own defaults: the recipe's
+    values, then the checkpoint's, then one parse (args.sources_ says which gave each)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, typed = parser().parse_args(argv), typed_flags(parser(), argv)
+    args.out_dir = args.out_dir or os.path.join("runs", f"vpfb_{args.dataset}")
+    ck, keys = find_checkpoint(args)
+    saved = {k: ck["args"][k] for k in keys if k not in typed and hasattr(args, k)}
+    clash = [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint: {ck['args'][k]})"
+             for k in ARCH_KEYS if k in typed and k in keys and ck["args"][k] != getattr(args, k)
+             and getattr(args, k) != "auto"]
     if clash:
         die(f"{ck['path']} holds another network; flags that differ from the checkpoint's: "
             f"{', '.join(clash)}")
-    src = {k: "flag" for k in typed}
-    for k in keys:
-        if k not in typed and hasattr(args, k):
-            setattr(args, k, saved[k])
-            src[k] = "checkpoint"
-    if args.dataset == "npz" and src.get("image_size") != "checkpoint":  # the file's shape
+    first = argparse.Namespace(**{**vars(args), **saved})
+    p = parser(first.recipe)                                    # 1. the recipe's values
+    row = dataset_row(first, saved)
+    p.set_defaults(**row)
+    p.set_defaults(**saved)                                     # 2. the checkpoint's
+    args = p.parse_args(argv)                                   # 3. the typed flags
+    args.out_dir, args.ck_, args.argv_ = first.out_dir, ck, argv
+    args.sources_ = {**dict.fromkeys([*row, *METHOD_FLAGS], "recipe"),
+                     **dict.fromkeys(saved, "checkpoint"), **dict.fromkeys(typed, "flag")}
+    return resolve_args(args, typed, settings)
+
+def dataset_row(args, saved):
+    """The recipe's flags for --dataset and --phase and the image shape (npz: the file's, unless a
+    checkpoint gives it)."""
+    shape = dict(channels=1 if args.dataset == "mnist" else 3,
+                 image_size=64 if args.dataset == "celeba64" else 32)
+    if args.dataset == "npz" and "image_size" not in saved:
         c, s = load_npz(args.data_dir).tensors[0].shape[1:3]
-        if (args.image_size or s) != s:
+        shape = dict(channels=c, image_size=s)
+    return {**recipe_row(args.recipe, args.dataset, args.phase), **shape}
+
+def resolve_args(args, typed=(), settings=MODE_SETTINGS):
+    """The settings derived from others; bad combinations: exit 2; warnings of typed flags the mode
+    does not read."""
+    if args.dataset == "npz" and args.sources_.get("image_size") == "flag":
+        s = load_npz(args.data_dir).tensors[0].shape[2]
+        if args.image_size != s:
             die(f"--image-size {args.image_size}: the images of {args.data_dir} are {s} x {s}")
-        args.channels, args.image_size = c, s
-    row = {**RECIPES[args.recipe], **DATASET_ROWS.get(args.dataset, {})}
-    row.update(image_size=64 if args.dataset == "celeba64" else 32,
-               channels=1 if args.dataset == "mnist" else 3)
-    for k, v in row.items():
-        if getattr(args, k, 0) is None:
-            setattr(args, k, v)
-            src.setdefault(k, "recipe")
     if args.attn_res is None:
         args.attn_res = str(args.image_size // 2) if args.unet == "authors" else "16"
     if args.class_cond and args.num_classes is None:         # labels 0..K-1, K + 1 = "null"
         args.num_classes = (num_classes_of(load_npz(args.data_dir)) if args.dataset == "npz"
                             else {"cifar100": 100, "celeba64": 4, "folder": None}.get(args.dataset,
                                                                                       10))
-    args.sources_ = src
     halvings = len(ints(args.ch_mult)) - 1
     ints(args.attn_res)                                   # a bad list: one line here, not later
     if args.arch == "unet" and args.image_size % 2 ** halvings:
@@ -1992,49 +1768,55 @@ def resolve_args(args, ck=None, keys=()):
         die(f"--t1 {args.t1} must be after --t0 {args.t0}: the ODE runs forward in time")
     if args.mode == "sample" and args.num_samples == 0:
         die("--num-samples 0 in --mode sample would write an empty samples.npz")
+    if args.sgld_steps == 0 and (args.sampler == "sgld" or args.mode == "longrun"):
+        die("--sgld-steps 0: the SGLD chains would hand back their noise starts as samples")
     check_memory(args)
-    reads = (set(vars(args)) - EVAL_ONLY if args.mode == "train" else
-             EVAL_READS | set(MODE_SETTINGS[args.mode]))
-    if args.mode == "train" and ck is None and not args.resume:
+    reads = set(vars(args)) if args.mode == "train" else EVAL_READS | set(settings[args.mode])
+    if args.mode == "train" and args.ck_ is None and not args.resume:
         reads.discard("ckpt")                               # training reads --ckpt only to resume
-    for k in sorted(typed - reads):
+    for k in sorted(set(typed) - reads):
         print(f"warning: --{k.replace('_', '-')} has no effect in --mode {args.mode}"
               + (" without --resume" if k == "ckpt" else ""), file=sys.stderr)
+    args.reads_ = settings.get(args.mode, ())
     return args
 
-def check_memory(args):
-    """Refuse, before a network is built, a size whose activations cannot fit: a lower bound of
-    one training step (4 bytes x base channels x pixels x batch x 16 layers) over the memory."""
+def check_memory(args, error=None):
+    """The one memory check, one line and exit 2: before the network is built, a size whose
+    activations cannot fit (a lower bound of one step: 4 bytes x base channels x pixels x batch x
+    16 layers, over the machine's memory); during the run, the allocator's error."""
     batch = args.batch_size if args.mode == "train" else args.sample_batch
     need = 4 * args.model_size * args.image_size ** 2 * batch * 16
     have = (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
             if hasattr(os, "sysconf") else float("inf"))
     if torch.cuda.is_available() and args.device != "cpu":
         have = torch.cuda.get_device_properties(0).total_memory
-    if need > have:
-        die(f"--image-size {args.image_size} with --model-size {args.model_size} and batch {batch} "
-            f"needs at least {need / 2**30:.0f} GiB of activations; this machine has "
-            f"{have / 2**30:.0f} GiB")
+    if error is not None:
+        why = f"out of memory on {args.device} ({str(error).splitlines()[0][:120]})"
+    elif need > have:
+        why = (f"--image-size {args.image_size} with --model-size {args.model_size} and batch "
+               f"{batch} needs at least {need / 2**30:.0f} GiB of activations; this machine has "
+               f"{have / 2**30:.0f} GiB")
+    else:
+        return
+    die(f"{why}; try a smaller --batch-size / --sample-batch / --model-size")
 
 def args_to_dict(args):
     """A plain dict of str/int/float/bool/None/list for the checkpoint (weights_only loads it)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()
             if not k.endswith("_")}
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None, parser=build_parser, modes=MODES, settings=MODE_SETTINGS):
+    args = parse_args(argv, parser, settings)
     torch.set_num_threads(pick_threads(args.threads))
     try:
-        with RunLock(args.out_dir, int(os.environ.get("RANK", "0")) == 0):
-            return MODES[args.mode](args)
-    except torch.OutOfMemoryError as e:
-        die(f"out of memory on {args.device} ({str(e).splitlines()[0][:120]}); try a smaller "
-            f"--batch-size / --sample-batch / --model-size")
-    except RuntimeError as e:
+        with run_lock(args.out_dir, int(os.environ.get("RANK", "0")) == 0):
+            return modes[args.mode](args)
+    except KeyboardInterrupt:          # training saves on its own; other modes write at the end
+        die(f"--mode {args.mode} interrupted: nothing new written, earlier outputs kept", 130)
+    except RuntimeError as e:                           # torch.OutOfMemoryError is one
         if "allocate" not in str(e) and "out of memory" not in str(e):
             raise
-        die(f"out of memory ({str(e).splitlines()[0][:120]}); try a smaller --batch-size / "
-            f"--sample-batch / --model-size")
+        check_memory(args, error=e)
 
 if __name__ == "__main__":
     main()

@@ -35,6 +35,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import energy_matching as em  # noqa: E402
+import energy_matching_convert as emc  # noqa: E402
 
 
 class Queue:
@@ -121,7 +122,7 @@ class OneProcess(torch.nn.Module):
 def worst(ours, theirs):
     """(max relative difference, its tensor, max absolute difference), in our layout: their weights
     through the converter (for our folded form, their time layers folded into the biases)."""
-    mapped = em.authors_to_ours(theirs.state_dict(), ours)
+    mapped = emc.authors_to_ours(theirs.state_dict(), ours)
     rows = [((v - mapped[k]).abs().max().item() / max(mapped[k].abs().max().item(), 1e-12),
              k, (v - mapped[k]).abs().max().item()) for k, v in ours.state_dict().items()]
     return max(rows)
@@ -167,11 +168,11 @@ def main():
     with torch.no_grad():
         for t in theirs.parameters():
             t.add_(0.02 * torch.randn(t.shape, generator=g))
-    kw = {**em.authors_arch(theirs.state_dict()), "dropout": 0.0}
+    kw = {**emc.authors_arch(theirs.state_dict()), "dropout": 0.0}
     ours = em.UNetViTPotential(**kw, time_layers=True)
-    ours.load_state_dict(em.authors_to_ours(theirs.state_dict(), ours))
+    ours.load_state_dict(emc.authors_to_ours(theirs.state_dict(), ours))
     if a.folded:
-        ours = em.fold_time_layers(ours)
+        ours = emc.fold_time_layers(ours)
     theirs_ema, ours_ema = [__import__("copy").deepcopy(m) for m in (theirs, ours)]
     wrapped, matcher = OneProcess(theirs), Matcher(sigma=0.0)
     matcher.sample_noise_like = torch.zeros_like         # times sigma = 0: no draw needed

@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import vpfb  # noqa: E402
+import vpfb_convert  # noqa: E402
 
 
 def their_pieces(a):
@@ -82,10 +83,10 @@ def main():
     # ours: their initial weights through the converter, the authors' recipe from our parser
     ck = {"model": {k: v.clone() for k, v in theirs.state_dict().items()}, "step": 0,
           "ema": {"shadow_params": [q.detach().clone() for q in theirs.parameters()]}}
-    conv = vpfb.authors_network(ck, use_ema=False, image_size=a.size)
+    conv = vpfb_convert.authors_network(ck, use_ema=False, image_size=a.size)
     net = vpfb.UNetPhi(**{**conv.arch_kwargs, "dropout": 0.0})     # their file holds no dropout
     net.load_state_dict(conv.state_dict())
-    names = vpfb.authors_names(net)                  # our key -> their key
+    names = vpfb_convert.authors_names(net)                  # our key -> their key
     args = vpfb.parse_args(["--recipe", "authors", "--lr", str(a.lr), "--out-dir", "/tmp/_unused"])
     method = vpfb.build_method(net, args)
     opt, ema = vpfb.build_optimizer(net, args), copy.deepcopy(net)

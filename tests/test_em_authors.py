@@ -14,9 +14,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import energy_matching as em
-from energy_matching import (authors_arch, authors_checkpoint_as_ours, authors_names,
-                             authors_time_embedding, fold_time_bias, is_authors_checkpoint,
-                             load_authors_checkpoint, sinusoidal_embedding)
+import energy_matching_convert as emc
+from energy_matching import is_authors_checkpoint, sinusoidal_embedding
+from energy_matching_convert import (authors_arch, authors_checkpoint_as_ours, authors_names,
+                                     authors_time_embedding, fold_time_bias,
+                                     load_authors_checkpoint)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: one intra-op thread
@@ -399,9 +401,10 @@ def test_as_our_checkpoint_feeds_model_from_checkpoint(tmp_path):
             assert rel_err(V(x), ref.potential(x)) < 1e-4
 
 
-def test_sample_mode_reads_an_authors_file_end_to_end(tmp_path):
-    """`--mode sample --ckpt <authors' file>`: format detected in load_checkpoint, their settings
-    (EMA weights, Heun) with the tau_s given on the command line (their README: --tau-s 3.25)."""
+def test_an_authors_file_is_converted_once_then_sampled_end_to_end(tmp_path, capsys):
+    """`--ckpt <authors' file>`: one line naming energy_matching_convert.py; the converted file
+    samples with their settings (EMA weights, Heun) and the tau_s given on the command line
+    (their README: --tau-s 3.25)."""
     torch.manual_seed(0)
     kw = dict(C=3, side=16, ch=32, mult=(2,), nres=1, attn_ds=(1,), dim=96, depth=1)  # size 0.25
     raw, ema = RefEBViT(**kw), RefEBViT(**kw)
@@ -410,6 +413,11 @@ def test_sample_mode_reads_an_authors_file_end_to_end(tmp_path):
     path = str(tmp_path / "cifar10_main_training_147000.pt")
     torch.save({"net_model": raw.state_dict(), "ema_model": ema.state_dict(), "step": 147000}, path)
     out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        em.main(["--mode", "sample", "--ckpt", path, "--device", "cpu", "--out-dir", str(out)])
+    assert f"python energy_matching_convert.py {path} OUT.pt" in one_error_line(capsys, e)
+    theirs, path = path, str(tmp_path / "converted" / "ckpt_main.pt")
+    emc.main([theirs, path])
     # in-process main() (a subprocess would spend ~8 s importing torch): the command line's path
     em.main(["--mode", "sample", "--ckpt", path, "--dataset", "fake", "--num-samples", "3",
              "--tau-s", "0.05", "--dt", "0.01", "--device", "cpu", "--threads", "1",
@@ -452,31 +460,31 @@ def test_time_layers_are_their_parameters_and_map_both_ways_exactly():
     net = perturb_(em.UNetViTPotential(**TINY, time_layers=True)).eval()
     flat = em.UNetViTPotential(**TINY).eval()
     sd = net.state_dict()
-    theirs = em.ours_to_authors(sd, net)
+    theirs = emc.ours_to_authors(sd, net)
     names, resblocks = authors_names(net)
     assert {k for k in theirs if k.startswith("time_embed.") or ".emb_layers." in k} == \
         {f"time_embed.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")} | \
         {f"{r}.emb_layers.1.{p}" for r in resblocks for p in ("weight", "bias")}
     assert len(theirs) == len(sd) and set(theirs) == set(names.values())
-    back = em.authors_to_ours(theirs, net)
+    back = emc.authors_to_ours(theirs, net)
     assert set(back) == set(sd) and all(torch.equal(back[k], v) for k, v in sd.items())
     n_time = sum(v.numel() for k, v in theirs.items() if "time_embed" in k or "emb_layers" in k)
     assert em.count_params(net) - em.count_params(flat) == n_time > 0
     # the folded form: the same V; its authors' layout has zero time layers and maps back exactly
-    folded = em.fold_time_layers(net)
+    folded = emc.fold_time_layers(net)
     assert not folded.time_layers and em.count_params(folded) == em.count_params(flat)
     x = torch.randn(3, 3, 8, 8)
     with torch.no_grad():
         assert rel_err(folded(x), net(x)) < 1e-5
         assert rel_err(flat(x), net(x)) > 1e-2             # a different network: the test bites
     fsd = folded.state_dict()
-    f_theirs = em.ours_to_authors(fsd, folded)
+    f_theirs = emc.ours_to_authors(fsd, folded)
     assert set(f_theirs) == set(theirs)
     assert all(f_theirs[k].abs().max() == 0 for k in f_theirs if "emb_layers" in k)
-    f_back = em.authors_to_ours(f_theirs, folded)
+    f_back = emc.authors_to_ours(f_theirs, folded)
     assert all(torch.equal(f_back[k], v) for k, v in fsd.items())
     # their layout with time layers -> the folded net through the converter: the same V again
-    flat.load_state_dict(em.authors_to_ours(theirs, flat))
+    flat.load_state_dict(emc.authors_to_ours(theirs, flat))
     with torch.no_grad():
         assert rel_err(flat(x), net(x)) < 1e-5
 

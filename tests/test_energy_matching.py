@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import energy_matching as em
+import energy_matching_experiments as emx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "energy_matching.py")
@@ -503,10 +504,10 @@ def test_checkpoint_round_trip_and_resume_give_same_next_loss(tmp_path, capsys):
     assert z.shape == (5, 8, 8, 3) and z.dtype == np.uint8 and np.array_equal(z, imgs)
     # the evaluation commands run on the same checkpoint: Alg. 3 figure, and LID (tau = huge: every
     # direction counts as flat, so SLQ must return d = 192 exactly: its quadrature weights sum to 1)
-    res = em.main(TINY + ["--mode", "inpaint", "--num-images", "2",
+    res = emx.main(TINY + ["--mode", "inpaint", "--num-images", "2",
                           "--out-dir", str(tmp_path / "a")])
     assert (tmp_path / "a" / "inpaint.png").exists() and res["spread_with"] >= 0
-    lid = em.main(TINY + ["--mode", "lid", "--num-images", "3", "--lid-method", "slq",
+    lid = emx.main(TINY + ["--mode", "lid", "--num-images", "3", "--lid-method", "slq",
                           "--lid-lanczos", "5", "--lid-probes", "1", "--lid-tau", "1e12",
                           "--out-dir", str(tmp_path / "a")])
     assert lid["d"] == 192 and all(abs(v - 192) < 1e-6 for v in lid["lid"])
@@ -676,14 +677,14 @@ def test_ot_sigma_adds_gaussian_noise_around_the_path():
 
 
 def test_flow_weighting_both_phases_as_the_authors_cifar_code():
-    """flow_weighting="both" (authors' CIFAR-10 code) fades the flow loss in phase 1 too; "main"
-    (authors' 2-D code) only in phase 2."""
+    """flow_weighting_warmup (authors' CIFAR-10 code) fades the flow loss in phase 1 too;
+    flow_weighting alone (authors' 2-D code) only in phase 2."""
     V = lambda x: (0.0 * x).sum(1)  # noqa: E731
     x0 = torch.zeros(512, 2)
     x1 = x0 + torch.tensor([3.0, 4.0])
     kw = dict(tau_star=0.8, use_ot=False, flow_reduction="mean")            # mean: ||u||^2 / 2
-    both = em.EnergyMatching(V, flow_weighting="both", **kw)
-    main_only = em.EnergyMatching(V, flow_weighting="main", **kw)
+    both = em.EnergyMatching(V, flow_weighting=True, flow_weighting_warmup=True, **kw)
+    main_only = em.EnergyMatching(V, flow_weighting=True, **kw)
     torch.manual_seed(5)
     l_both = both.loss(x1, x0, phase="warmup")[0].item()
     torch.manual_seed(5)
@@ -714,14 +715,14 @@ def test_recipe_authors_phase2_settings_and_paper():
     w = em.parse_args(([]))
     m = em.parse_args((["--phase", "main", "--from-scratch"]))
     assert (w.ema_decay, m.ema_decay) == (0.9999, 0.99)
-    assert (m.cd_neg_clamp, m.cd_trim, m.same_temperature, m.flow_weighting) == (
-        0.02, 0.1, True, "both")
+    assert (m.cd_neg_clamp, m.cd_trim, m.same_temperature, m.flow_weighting,
+            m.flow_weighting_warmup) == (0.02, 0.1, True, True, True)
     assert m.cd_separate_batch                                      # their x_real_cd batch
     model = em.build_method(lambda x: x.flatten(1).sum(1), m)
-    assert model.cd_neg_clamp == 0.02 and model.same_temperature and model.flow_weighting == "both"
+    assert model.cd_neg_clamp == 0.02 and model.same_temperature and model.flow_weighting_warmup
     pm = em.parse_args((["--phase", "main", "--recipe", "paper", "--from-scratch"]))
-    assert (pm.ema_decay, pm.cd_neg_clamp, pm.cd_trim, pm.same_temperature, pm.flow_weighting) == \
-        (0.9999, 0.0, 0.0, False, "off")
+    assert (pm.ema_decay, pm.cd_neg_clamp, pm.cd_trim, pm.same_temperature, pm.flow_weighting,
+            pm.flow_weighting_warmup) == (0.9999, 0.0, 0.0, False, False, False)
     assert pm.cd_separate_batch is False
     argv = ["--phase", "main", "--no-same-temperature", "--from-scratch"]
     assert em.parse_args((argv)).same_temperature is False
@@ -907,3 +908,18 @@ def test_crash_during_save_keeps_the_old_checkpoint(tmp_path, monkeypatch, one_s
     assert all(torch.equal(ck["model"][k], kept[k]) for k in ck["model"])
     em.main(TINY + ["--steps", "2", "--resume", "--out-dir", out])
     assert not os.path.exists(path + ".tmp.pt") and em.load_checkpoint(path)["step"] == 2
+
+
+def test_a_checkpoint_of_the_old_flow_weighting_loads_as_the_two_booleans(tmp_path):
+    """--flow-weighting off|main|both (before the two booleans) reads as flow_weighting (phase 2)
+    and flow_weighting_warmup (phase 1)."""
+    out = str(tmp_path)
+    em.main(TINY + ["--steps", "1", "--out-dir", out])
+    path = os.path.join(out, "ckpt_warmup.pt")
+    ck = torch.load(path, weights_only=True)
+    for old, new in (("off", (False, False)), ("main", (True, False)), ("both", (True, True))):
+        ck["args"]["flow_weighting"] = old
+        ck["args"].pop("flow_weighting_warmup", None)
+        torch.save(ck, path)
+        a = em.load_checkpoint(path)["args"]
+        assert (a["flow_weighting"], a["flow_weighting_warmup"]) == new, old

@@ -597,6 +597,15 @@ def inputs(tmp_path, monkeypatch):
     (["deep", "--ref", "six.npz"], "deep: deep/0.png has mode I;16, not 8-bit"),
     (["six.npz", "--ref", "stats1.npz"], "stats1.npz: statistics of 1 image(s); FID needs"),
     (["six.npz", "--ref", "nanstats.npz"], "nanstats.npz: mu or sigma contains NaN or inf"),
+    # round 4: every output path before the network (the stats cache was written after the
+    # features, and a failure there lost the FID); an output that is an input is refused
+    (["six.npz", "--ref", "imgs", "--stats-dir", "good.npz/st"], "cannot write --stats-dir"),
+    (["six.npz", "--ref", "cifar10-train", "--stats-dir", "good.npz/st"],
+     "cannot write --stats-dir good.npz/st/cifar10-train-inception-2015-12-05.npz"),
+    (["six.npz", "--ref", "good.npz", "--json", "good.npz"],
+     "--json good.npz is an input of this run; it would be overwritten"),
+    (["ref-stats", "--ref", "six.npz", "--out", "six.npz"], "--out six.npz is an input"),
+    (["convert-weights", "--out", "good.npz/w.pth"], "cannot write --out good.npz/w.pth"),
 ])
 def test_cli_checks_inputs_and_outputs_before_the_network(inputs, offline, capsys, args, msg):
     # Offline, without --weights: each input error is named as such (not as a failed weight
@@ -691,10 +700,13 @@ def test_cli_number_flags_refuse_nan_inf_and_out_of_range(inputs, capsys, monkey
              (["selfcheck", "--tol", "x"], "--tol must be a number in [0, 1], got 'x'"),
              (["selfcheck", "--num-images", "0"], "--num-images must be >= 1, got 0"),
              (["selfcheck", "--num-images", "inf"], "--num-images must be an integer >= 1"),
+             (["selfcheck", "--num-images", "65"], "--num-images must be <= 64, got 65"),
              (["good.npz", "--batch-size", "nan"], "--batch-size must be an integer >= 1"),
              (["good.npz", "--batch-size", "-3"], "--batch-size must be >= 1, got -3"),
              (["good.npz", "--kid", "--kid-subsets", "0"], "--kid-subsets must be >= 1, got 0"),
              (["good.npz", "--kid", "--kid-subsets", "inf"], "--kid-subsets must be an integer"),
+             (["good.npz", "--kid", "--kid-subsets", str(10 ** 30)],       # np.zeros(10**30) after
+              "--kid-subsets must be <= 100000"),                          # the features: traceback
              (["good.npz", "--kid", "--kid-subset-size", "1"],
               "--kid-subset-size must be >= 2, got 1"),
              (["good.npz", "--num-samples", "nan"], "--num-samples must be an integer >= 2"),
@@ -713,6 +725,21 @@ def test_cli_number_flags_refuse_nan_inf_and_out_of_range(inputs, capsys, monkey
     assert (args.kid_subset_size, args.num_samples, args.batch_size) == (2, 2, 200)
 
 
+def test_cli_out_of_memory_is_one_line(inputs, capsys, monkeypatch):
+    # a batch too large for the device (CUDA or host): one line with the flag to change, exit 2
+    monkeypatch.setattr(E, "build_inception",
+                        lambda weights=None, device="cpu", isc=False: TinyNet())
+    for err in (MemoryError("Unable to allocate 94 GiB"),
+                torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 60 GiB")):
+        def boom(*a, **k):
+            raise err
+        monkeypatch.setattr(E, "extract", boom)
+        code, out, msg = run_main(["six.npz", "--ref", "six.npz", "--batch-size", "50000"], capsys)
+        lines = msg.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and "out of memory" in lines[0], msg
+        assert "lower --batch-size (now 50000)" in lines[0]
+
+
 def test_cli_never_prints_minus_zero(inputs, capsys, monkeypatch):
     # a set against itself prints "FID 0.0000" (it printed -0.0000), and a KID that rounds to zero
     # prints 0.000000 (the unbiased KID may be slightly negative: kept so in --json, not clamped)
@@ -726,6 +753,31 @@ def test_cli_never_prints_minus_zero(inputs, capsys, monkeypatch):
     res = json.load(open("fid.json"))
     assert res["fid"] >= 0 and np.copysign(1.0, res["fid"]) == 1.0 and res["kid_mean"] == -4e-9
     assert E.fmt(-0.00004, 4) == "0.0000" and E.fmt(-0.00006, 4) == "-0.0001"
+
+
+def strict_load(text):
+    """json.loads that refuses the bare NaN / Infinity that Python's json writes by default."""
+    def refuse(c):
+        raise ValueError(f"not strict JSON: bare {c}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_is_strict_a_nan_is_null_with_its_reason(inputs, capsys, monkeypatch):
+    # --json and selfcheck's printed JSON: a NaN or inf is null, listed under "non_finite"
+    monkeypatch.setattr(E, "build_inception",
+                        lambda weights=None, device="cpu", isc=False: TinyNet())
+    monkeypatch.setattr(E, "kid", lambda *a, **k: (float("nan"), float("inf")))
+    E.main(["six.npz", "--ref", "six.npz", "--kid", "--kid-subset-size", "6", "--no-progress",
+            "--json", "fid.json"])
+    res = strict_load(open("fid.json").read())
+    assert res["kid_mean"] is None and res["kid_std"] is None and res["fid"] >= 0
+    assert res["non_finite"] == {"kid_mean": "nan", "kid_std": "inf"}
+    capsys.readouterr()
+    monkeypatch.setattr(E, "selfcheck", lambda *a, **k: {"max_abs_diff": float("nan"),
+                                                        "pass": False, "images": 2})
+    code, out, _ = run_main(["selfcheck"], capsys)
+    res = strict_load(out[:out.rindex("}") + 1])
+    assert code == 1 and res["max_abs_diff"] is None and res["non_finite"] == {"max_abs_diff": "nan"}
 
 
 @pytest.mark.parametrize("offset,verdict", [(0.0, "PASS"), (1e-2, "FAIL"), (float("nan"), "FAIL")])

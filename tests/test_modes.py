@@ -14,7 +14,9 @@ import torch
 from PIL import Image
 
 import energy_matching as em
+import energy_matching_experiments as emx
 import vpfb
+import vpfb_experiments as vpx
 
 PAD = 2                                        # torchvision.utils.make_grid's default padding
 
@@ -57,7 +59,9 @@ def em_ckpt(tmp_path_factory):
 
 
 def _vp(ckpt, out, *extra):
-    return vpfb.main(VP + ["--ckpt", ckpt, "--out-dir", str(out)] + list(extra))
+    """vpfb.py's modes, or vpfb_experiments.py's when --mode names one of them."""
+    main = vpx.main if any(m in extra for m in vpx.MODES) else vpfb.main
+    return main(VP + ["--ckpt", ckpt, "--out-dir", str(out)] + list(extra))
 
 
 def _json(path):
@@ -110,11 +114,12 @@ def test_vp_sample_sgld_and_rk45(vp_ckpt, tmp_path, capsys, sampler, extra):
 
 def test_vp_modes_missing_ckpt_exit_2(tmp_path, capsys):
     for mode in ("sample", "interp", "nn", "hist", "ood", "longrun", "compose"):
-        code, err = _exit(vpfb.main, VP + ["--mode", mode, "--ckpt", str(tmp_path / "no.pt"),
+        main = vpfb.main if mode == "sample" else vpx.main
+        code, err = _exit(main, VP + ["--mode", mode, "--ckpt", str(tmp_path / "no.pt"),
                                            "--out-dir", str(tmp_path)], capsys)
         assert code == 2 and "checkpoint not found" in err and "no.pt" in err, mode
     # no --ckpt: <out-dir>/ckpt_main.pt, absent in an empty folder
-    code, err = _exit(vpfb.main, VP + ["--mode", "interp", "--out-dir", str(tmp_path)], capsys)
+    code, err = _exit(vpx.main, VP + ["--mode", "interp", "--out-dir", str(tmp_path)], capsys)
     assert code == 2 and "no checkpoint in " + str(tmp_path) in err
 
 
@@ -198,10 +203,10 @@ def test_vp_hist_counts_and_moments(vp_ckpt, tmp_path):
     assert res["train"]["mean"] != res["test"]["mean"]               # different images
     assert os.path.getsize(tmp_path / "hist.png") > 0
     # the numbers are Phi_B's: recompute on the train split with the EMA network
-    a = vpfb.parse_args(["--mode", "hist", "--ckpt", vp_ckpt[0], "--device", "cpu"])
+    a = vpx.parse_args(["--mode", "hist", "--ckpt", vp_ckpt[0], "--device", "cpu"])
     net = vpfb.net_from_checkpoint(a.ck_, a, torch.device("cpu"))
     method = vpfb.build_method(vpfb.Conditioned(net), a)
-    e, _ = vpfb.energies(method, vpfb.build_dataset(a, train=True), torch.device("cpu"), 6, 8)
+    e, _ = vpx.energies(method, vpfb.build_dataset(a, train=True), torch.device("cpu"), 6, 8)
     assert res["train"]["mean"] == pytest.approx(float(e.mean()), rel=1e-5, abs=1e-6)
     _vp(vp_ckpt[0], tmp_path / "big", "--mode", "hist", "--ood-max", "1000")
     assert _json(tmp_path / "big" / "hist.json")["test"]["n"] == 32  # all of a 32-image set
@@ -222,10 +227,23 @@ def test_vp_ood_table(vp_ckpt, tmp_path, capsys):
     import matplotlib.image as mpimg
     img = mpimg.imread(str(tmp_path / "ood_hist.png"))[..., :3]          # the energy histograms
     assert np.isfinite(img).all() and (img.std(-1) > 0.05).sum() > 200   # coloured bars drawn
-    code, err = _exit(vpfb.main, VP + ["--mode", "ood", "--ckpt", vp_ckpt[0], "--ood-max", "2",
+    code, err = _exit(vpx.main, VP + ["--mode", "ood", "--ckpt", vp_ckpt[0], "--ood-max", "2",
                                        "--ood-sets", "svhn,mnist", "--out-dir", str(tmp_path)],
                       capsys)
     assert code == 2 and "'mnist'" in err
+
+
+def test_vp_ood_folder_faults_are_one_line_naming_the_file(vp_ckpt, tmp_path, capsys):
+    """An OOD image folder gets the training folders' checks: a truncated JPEG (a traceback before)
+    or a 16-bit PNG is one line naming the file, exit 2, before any score is computed."""
+    from test_twins import bad_image_folders
+    for name, (path, culprit) in bad_image_folders(tmp_path).items():
+        if culprit is not None:
+            code, err = _exit(vpx.main, VP + ["--mode", "ood", "--ckpt", vp_ckpt[1], "--ood-max",
+                                              "2", "--ood-sets", f"interp,{path}", "--out-dir",
+                                              str(tmp_path / "o")], capsys)
+            assert code == 2 and culprit in err, err
+    assert not os.path.exists(tmp_path / "o" / "ood.json")
 
 
 def test_vp_ood_sets_from_paths(vp_ckpt, tmp_path):
@@ -247,28 +265,28 @@ def test_vp_ood_sets_from_paths(vp_ckpt, tmp_path):
     vpfb.main(flags + ["--data-dir", str(tmp_path / "grey.npz"), "--steps", "1",
                        "--sample-every", "0", "--out-dir", str(run)])
     sets = f"{tmp_path / 'red'},{tmp_path / 'red.npz'}"
-    vpfb.main(flags + ["--mode", "ood", "--ckpt", str(run / "ckpt_main.pt"), "--ood-max", "5",
+    vpx.main(flags + ["--mode", "ood", "--ckpt", str(run / "ckpt_main.pt"), "--ood-max", "5",
                        "--ood-sets", sets, "--out-dir", str(tmp_path / "ood")])
     t = _json(tmp_path / "ood" / "ood.json")["auroc"]
     assert [r["n_ood"] for r in t.values()] == [3, 4] and all(r["n_in"] == 5 for r in t.values())
-    a = vpfb.parse_args(["--mode", "ood", "--ckpt", str(run / "ckpt_main.pt"), "--device", "cpu"])
+    a = vpx.parse_args(["--mode", "ood", "--ckpt", str(run / "ckpt_main.pt"), "--device", "cpu"])
     want = 0.299 - 0.587 - 0.114                                 # red (1, -1, -1) in [-1, 1]
     for name in sets.split(","):
-        x = vpfb.first_images(vpfb.ood_set(a, name, None), 10)
+        x = vpfb.first_images(vpx.ood_set(a, name, None), 10)
         assert x.shape[1:] == (1, 8, 8) and x.sub(want).abs().max() < 0.01   # PIL rounds to uint8
-    a = vpfb.parse_args(["--mode", "ood", "--ckpt", vp_ckpt[1], "--device", "cpu"])   # colour Phi
-    x = vpfb.first_images(vpfb.ood_set(a, str(tmp_path / "grey.npz"), None), 16)
+    a = vpx.parse_args(["--mode", "ood", "--ckpt", vp_ckpt[1], "--device", "cpu"])   # colour Phi
+    x = vpfb.first_images(vpx.ood_set(a, str(tmp_path / "grey.npz"), None), 16)
     assert x.shape == (16, 3, 8, 8) and torch.equal(x[:, 0], x[:, 2])
     assert torch.allclose(x[:, 0], torch.from_numpy(grey[..., 0]).float() / 127.5 - 1)
 
 
 def test_auroc_against_pair_counting():
-    assert vpfb.auroc([2, 3], [0, 1]) == 1.0 and vpfb.auroc([0, 1], [2, 3]) == 0.0
-    assert vpfb.auroc([1, 1], [1, 1]) == 0.5                         # ties count a half
+    assert vpx.auroc([2, 3], [0, 1]) == 1.0 and vpx.auroc([0, 1], [2, 3]) == 0.0
+    assert vpx.auroc([1, 1], [1, 1]) == 0.5                         # ties count a half
     rng = np.random.default_rng(0)
     pos, neg = rng.integers(0, 5, 13), rng.integers(0, 5, 9)       # many ties
     pairs = (pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean()
-    assert vpfb.auroc(pos, neg) == pytest.approx(pairs)
+    assert vpx.auroc(pos, neg) == pytest.approx(pairs)
 
 
 # ----------------------------------------------------------------------------- vpfb: longrun
@@ -312,7 +330,7 @@ def test_vp_compose_bad_input_exit_2(vp_ckpt, tmp_path, capsys):
     cond, uncond = vp_ckpt
     for ckpt, spec, needle in [(uncond, "0,1", "--class-cond"), (cond, "a,b", "--compose must"),
                                (cond, "0,10", "[0, 10)")]:
-        code, err = _exit(vpfb.main, VP + ["--mode", "compose", "--ckpt", ckpt, "--compose", spec,
+        code, err = _exit(vpx.main, VP + ["--mode", "compose", "--ckpt", ckpt, "--compose", spec,
                                            "--out-dir", str(tmp_path)], capsys)
         assert code == 2 and needle in err, err
     assert not (tmp_path / "compose.json").exists()
@@ -369,9 +387,10 @@ def test_vp_zero_means_off_or_at_the_end_as_in_em(tmp_path, vp_ckpt):
 
 def test_em_modes_without_checkpoint_exit_2(tmp_path, capsys):
     for mode in ("sample", "inpaint", "lid"):
-        code, err = _exit(em.main, EM + ["--mode", mode, "--out-dir", str(tmp_path)], capsys)
+        main = em.main if mode == "sample" else emx.main
+        code, err = _exit(main, EM + ["--mode", mode, "--out-dir", str(tmp_path)], capsys)
         assert code == 2 and "no checkpoint in" in err, mode
-        code, err = _exit(em.main, EM + ["--mode", mode, "--ckpt", str(tmp_path / "no.pt"),
+        code, err = _exit(main, EM + ["--mode", mode, "--ckpt", str(tmp_path / "no.pt"),
                                          "--out-dir", str(tmp_path)], capsys)
         assert code == 2 and "checkpoint not found" in err, mode
 
@@ -379,7 +398,7 @@ def test_em_modes_without_checkpoint_exit_2(tmp_path, capsys):
 def test_em_inpaint_grid_and_numbers(em_ckpt, tmp_path, capsys):
     """inpaint.png: one row per image, original + masked + M chains without and M with the
     interaction; inpaint.json: spreads and RMS fidelities finite and >= 0, the settings used."""
-    res = em.main(EM + ["--mode", "inpaint", "--ckpt", em_ckpt, "--num-images", "3", "--chains",
+    res = emx.main(EM + ["--mode", "inpaint", "--ckpt", em_ckpt, "--num-images", "3", "--chains",
                         "3", "--sigma-int", "0.5", "--zeta", "0.2", "--out-dir", str(tmp_path)])
     assert _json(tmp_path / "inpaint.json") == res
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == res
@@ -393,13 +412,13 @@ def test_em_inpaint_grid_and_numbers(em_ckpt, tmp_path, capsys):
 
 
 def test_em_inpaint_wrong_image_shape_exit_2(em_ckpt, tmp_path, capsys):
-    code, err = _exit(em.main, EM + ["--mode", "inpaint", "--ckpt", em_ckpt, "--image-size", "16",
+    code, err = _exit(emx.main, EM + ["--mode", "inpaint", "--ckpt", em_ckpt, "--image-size", "16",
                                      "--num-images", "1", "--out-dir", str(tmp_path)], capsys)
     assert code == 2 and "--image-size 16 (checkpoint: 8)" in err
     assert not (tmp_path / "inpaint.json").exists()
     data = str(tmp_path / "d16.npz")                    # data of another shape than the network's
     np.savez(data, images=np.zeros((2, 16, 16, 3), np.uint8))
-    code, err = _exit(em.main, ["--mode", "inpaint", "--ckpt", em_ckpt, "--dataset", "npz",
+    code, err = _exit(emx.main, ["--mode", "inpaint", "--ckpt", em_ckpt, "--dataset", "npz",
                                 "--data-dir", data, "--out-dir", str(tmp_path)], capsys)
     assert code == 2 and "(3, 16, 16)" in err and "(3, 8, 8)" in err
 
@@ -408,14 +427,14 @@ def test_em_lid_exact_route_and_hints(em_ckpt, tmp_path, capsys):
     """d = 192 <= 1024: --lid-method auto takes the exact Hessian. tau below every |eigenvalue|:
     LID 0 for every image, no Spearman, the hint says a higher tau; tau above all: LID = d and the
     hint says a lower one."""
-    lo = em.main(EM + ["--mode", "lid", "--ckpt", em_ckpt, "--num-images", "2", "--lid-tau",
+    lo = emx.main(EM + ["--mode", "lid", "--ckpt", em_ckpt, "--num-images", "2", "--lid-tau",
                        "1e-30", "--out-dir", str(tmp_path)])
     assert lo["method"] == "exact" and lo["d"] == 192 and lo["n"] == 2 and lo["lid"] == [0.0, 0.0]
     assert lo["spearman_lid_vs_png"] is None and len(lo["png_bytes"]) == 2
     assert all(b > 0 for b in lo["png_bytes"])
     assert capsys.readouterr().out.strip().splitlines()[-1].endswith("try a higher --lid-tau")
     assert _json(tmp_path / "lid.json") == lo
-    hi = em.main(EM + ["--mode", "lid", "--ckpt", em_ckpt, "--num-images", "1", "--lid-tau",
+    hi = emx.main(EM + ["--mode", "lid", "--ckpt", em_ckpt, "--num-images", "1", "--lid-tau",
                        "1e30", "--out-dir", str(tmp_path)])
     assert hi["method"] == "exact" and hi["lid"] == [192.0] and hi["n"] == 1
     assert hi["png_bytes"] == lo["png_bytes"][:1]                   # the same first image

@@ -459,6 +459,18 @@ BAD_INPUT = [
     (["--n-eval", "1"], "--n-eval must be >= 2"),                 # was MMD^2 nan with exit 0
     (["--threads", "-1"], "--threads must be >= 0"),
     (["--method", "vpfb", "--vpfb-recipe", "mine"], "invalid choice"),
+    (["--seed", str(2 ** 64)], "--seed must be an integer in [0, 2**32)"),   # was a traceback
+    (["--seed", "-1"], "--seed must be an integer in [0, 2**32), got '-1'"),
+    # flag values that ran and reported garbage with exit 0, or a traceback (round 4)
+    (["--grid-lim", "1"], "1872 of the 2000 held-out moons points lie outside the grid"),  # NLL of
+    (["--grid-lim", "0.01", "--n-eval", "20"], "20 of the 20 held-out"),     # a few, or NaN
+    (["--grid-n", "1"], "--grid-n must be >= 2"),
+    (["--grid-n", str(10 ** 8)], "--grid-n 100000000 needs about"),          # was a traceback
+    (["--n-eval", str(10 ** 7)], "--n-eval 10000000 needs about"),
+    (["--batch-size", str(10 ** 7)], "--batch-size 10000000 needs about"),
+    (["--tau-s", "0.001"], "--tau-s 0.001 with --dt 0.01 gives a sampler of 0 steps"),
+    (["--method", "cd", "--n-langevin", "0"], "the CD baseline would use negative chains of 0"),
+    (["--steps", "10", "--n-langevin", "0"], "EM's phase 2 would use negative chains of 0 steps"),
 ]
 
 
@@ -495,6 +507,19 @@ def test_bad_input_one_line_exit_2_subprocess(tmp_path, case):
     r = run_cli(_bad_argv(tmp_path, args), timeout=60, cwd=str(tmp_path))
     assert r.returncode == 2
     _check_one_line_error(r.stderr, needle)
+
+
+def test_metrics_json_is_strict_a_nan_is_null_with_its_reason(tmp_path, monkeypatch):
+    """metrics.json is strict JSON: a NaN metric is null, listed under "non_finite" (the same
+    rule as every JSON of the project, energy_matching.strict_json)."""
+    monkeypatch.setattr(toy2d, "mmd2_rbf", lambda *a, **k: float("nan"))
+
+    def refuse(c):
+        raise ValueError(f"not strict JSON: bare {c}")
+    toy2d.main(["--method", "otcfm", "--steps", "2", "--no-plots", "--out-dir", str(tmp_path)]
+               + TINY)
+    m = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=refuse)
+    assert m["mmd2"] is None and m["non_finite"]["mmd2"] == "nan"
 
 
 def test_vpfb_t_inf_reaches_the_boltzmann_energy():

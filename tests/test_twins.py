@@ -18,6 +18,7 @@ import torch
 
 import energy_matching as em
 import vpfb
+import vpfb_experiments as vpx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EM = ["--dataset", "fake", "--image-size", "8", "--fake-size", "32", "--batch-size", "8",
@@ -65,8 +66,7 @@ def test_bare_classes_are_the_printed_method_and_presets_are_dicts():
     P = vpfb.VPFB(lambda x, t: x.sum(1))
     assert (P.cov_form, P.kappa, P.lam_gt, P.weight_on, P.bfactor) == ("cov", 2.0, 1.0, "cov", 2.0)
     A = em.EnergyMatching(lambda x: x.sum(1), **em.AUTHORS)
-    assert all(getattr(A, k) == (v if k != "flow_weighting" else "both")
-               for k, v in em.AUTHORS.items())
+    assert all(getattr(A, k) == v for k, v in em.AUTHORS.items())
     for mod, presets in ((em, {"authors": em.AUTHORS}),
                          (vpfb, {"authors": vpfb.AUTHORS, "ours": vpfb.OURS})):
         for name, preset in presets.items():
@@ -76,6 +76,25 @@ def test_bare_classes_are_the_printed_method_and_presets_are_dicts():
                        if k in row), name
         assert mod.build_parser().get_default("recipe") == "authors"
     assert vpfb.VPFB(lambda x, t: x.sum(1), **vpfb.OURS).cov_form == "stein"
+
+
+@pytest.mark.parametrize("mod,cls", [(em, "EnergyMatching"), (vpfb, "VPFB")], ids=["em", "vpfb"])
+def test_recipes_are_plain_dicts_and_help_shows_their_values(mod, cls, capsys):
+    """--recipe paper's method flags are the bare class's own defaults (the parser states them,
+    read back here); --help shows the default recipe's (authors') real values, never None."""
+    import inspect
+    sig = inspect.signature(getattr(mod, cls)).parameters
+    flags = mod.build_parser("paper").parse_args([])
+    as_flag = {"clamp_negatives": False}                     # EM: None (no clamp) as a flag
+    for k in mod.METHOD_FLAGS:
+        assert getattr(flags, k) == as_flag.get(k, sig[k].default), k
+    with pytest.raises(SystemExit):
+        mod.build_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "(default: None)" not in out
+    for k, v in mod.AUTHORS.items():
+        if k in mod.METHOD_FLAGS and not isinstance(v, tuple):
+            assert mod.build_parser().get_default(k) == v, k
 
 
 def test_bare_functions_run_with_their_own_defaults():
@@ -114,6 +133,38 @@ def test_the_method_half_imports_only_what_the_method_needs(name):
     assert "benchmark" not in em.MODES and "benchmark" not in vpfb.MODES
 
 
+@pytest.mark.parametrize("name", ["energy_matching.py", "vpfb.py"])
+def test_sections_1_2_copied_alone_train_and_sample(name):
+    """Everything above the ENGINEERING divider, copied into a fresh module (no engineering, no
+    argparse, no file I/O): the paper's network and bare method train a few steps (the loss goes
+    down on a fixed batch) and sample finite images."""
+    import types
+    src = open(os.path.join(ROOT, name), encoding="utf-8").read()
+    mod = types.ModuleType("paper_only")
+    exec(compile(src[:src.index("# ==== ENGINEERING")], name, "exec"), mod.__dict__)
+    torch.manual_seed(0)
+    x = torch.rand(8, 1, 8, 8) * 2 - 1
+    if name == "energy_matching.py":
+        net = mod.CNNPotential((1, 8, 8), 4)
+        method = mod.EnergyMatching(net, n_langevin=2, dt=0.05, tau_s=0.1)
+        noise = torch.randn_like(x)
+        loss = lambda: method.loss(x, noise)[0]                                # noqa: E731
+    else:
+        net = mod.UNetPhi(1, 8, (1, 2), 1, (4,), 0.0, 8)
+        method = mod.VPFB(net, **mod.OURS)                      # a preset, from the copy too
+        eps, tt = torch.randn_like(x), torch.rand(8)
+        loss = lambda: method.loss(x, eps, tt)[0]                              # noqa: E731
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    first = loss().item()
+    for _ in range(5):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    assert loss().item() < first
+    out = method.sample(torch.randn(2, 1, 8, 8))
+    assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all()
+
+
 # ----------------------------------------------------------------------------- reliability
 @pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
 def test_resume_never_goes_backwards(mod, tiny, ckpt, tmp_path, capsys):
@@ -130,25 +181,78 @@ def test_resume_never_goes_backwards(mod, tiny, ckpt, tmp_path, capsys):
     assert files(out) == before
 
 
+def unlocked(out):
+    """True when no process holds the run lock of folder `out` (flock on <out>/.lock)."""
+    import fcntl
+    with open(os.path.join(out, ".lock")) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+
 @pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
 def test_one_run_per_output_folder(mod, tiny, ckpt, tmp_path, capsys):
-    """A second run on a folder a live run holds: one line naming its pid, exit 2, nothing
-    touched; the lock of a run that ended is taken over with one line and freed at exit."""
+    """A second run on a folder a live run holds: one line naming the lock file and the holder's
+    pid, exit 2, nothing touched; the kernel frees the lock of a run killed by SIGKILL, and ours
+    is freed at exit."""
     out = str(tmp_path)
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    code = (f"import sys, time; sys.path.insert(0, {ROOT!r}); import {mod.__name__} as m; "
+            f"lock = m.run_lock({out!r}); lock.__enter__(); print('held', flush=True); "
+            f"time.sleep(60)")
+    live = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
-        with open(os.path.join(out, ".lock"), "w") as f:
-            f.write(str(live.pid))
+        assert live.stdout.readline().strip() == "held"
         with pytest.raises(SystemExit) as e:
             mod.main(tiny + ["--steps", "1", "--out-dir", out])
-        assert f"pid {live.pid}" in one_error(capsys, e) and os.listdir(out) == [".lock"]
-        assert open(os.path.join(out, ".lock")).read() == str(live.pid)
+        err = one_error(capsys, e)
+        assert os.path.join(out, ".lock") in err and f"pid {live.pid}" in err, err
+        assert os.listdir(out) == [".lock"] and not unlocked(out)
     finally:
-        live.kill()
+        live.kill()                                     # SIGKILL: no handler, no clean-up
         live.wait()
-    mod.main(tiny + ["--steps", "1", "--out-dir", out])             # the pid is dead now
-    assert f"taking over the lock of a run that ended (pid {live.pid})" in capsys.readouterr().out
-    assert os.path.exists(os.path.join(out, ckpt)) and not os.path.exists(os.path.join(out, ".lock"))
+    mod.main(tiny + ["--steps", "1", "--out-dir", out])
+    assert os.path.exists(os.path.join(out, ckpt)) and unlocked(out)
+
+
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_start_up_removes_only_our_temporary_files(mod, tiny, ckpt, tmp_path, capsys):
+    """A killed write leaves X.ext.tmp.ext (atomic()) or .write_test_<pid>: removed at the next
+    start, by that exact name. A user's notes.tmp.txt, foo.tmp or folder eval.tmp/ stay (the
+    first was deleted, the last crashed the run with IsADirectoryError)."""
+    out = tmp_path
+    mod.main(tiny + ["--steps", "1", "--out-dir", str(out)])
+    ours = [f"{ckpt}.tmp.pt", f"{ckpt}.tmp", "metrics.jsonl.tmp.jsonl", "summary_x.json.tmp.json",
+            "samples_ema_0000001.png.tmp.png", "samples.npz.tmp.npz", ".write_test_4242"]
+    # X.ext.tmp: the name of earlier versions' temporary files
+    users = ["notes.tmp.txt", "foo.tmp", "a.tmp.pt", "x.png.tmp.jpg", "eval.tmp/keep.json",
+             "run.json.tmp.json/keep.txt"]
+    for name in ours + users:
+        (out / name).parent.mkdir(exist_ok=True)
+        (out / name).write_text("x")
+    mod.main(tiny + ["--steps", "2", "--resume", "--out-dir", str(out)])
+    assert [n for n in ours if (out / n).exists()] == []
+    assert [n for n in users if not (out / n).exists()] == []
+    assert mod.load_checkpoint(str(out / ckpt))["step"] == 2
+
+
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_resume_after_a_partial_metrics_line(mod, tiny, ckpt, tmp_path, capsys):
+    """metrics.jsonl ending in half a line (kill -9 or a full disk mid-append) made --resume a
+    traceback: the line is dropped with one printed line, the other records are kept."""
+    out = str(tmp_path)
+    mod.main(tiny + ["--steps", "2", "--out-dir", out])
+    path = os.path.join(out, "metrics.jsonl")
+    with open(path, "a") as f:
+        f.write('{"step": 3, "phase": "x", "lo')
+    capsys.readouterr()
+    mod.main(tiny + ["--steps", "3", "--resume", "--out-dir", out])
+    said = [s for s in capsys.readouterr().out.splitlines() if "dropped" in s]
+    assert said == [f"{path}: dropped unreadable line 3 (a write cut short by kill -9 or a full "
+                    f"disk?); kept the other 2 records"]
+    recs = [strict_load(s) for s in open(path)]
+    assert [r["step"] for r in recs] == [1, 2, 3]
 
 
 def _npz(path, images, **extra):
@@ -186,6 +290,76 @@ def test_faulty_data_is_one_line_before_any_network(mod, tiny, ckpt, tmp_path, c
         assert "labels 0..K-1" in one_error(capsys, e)
 
 
+def bad_image_folders(root):
+    """Folders of 4 good 8 x 8 images plus one fault each: {name: (path, the file to name)}."""
+    from PIL import Image
+    out = {}
+    for name in ("png16", "cut_jpeg", "bad_crc", "loop"):
+        d = root / name / "a"
+        d.mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(d / f"{i}.png")
+        out[name] = (str(root / name), None)
+    grey16 = np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000          # white as RGB
+    Image.fromarray(grey16).save(root / "png16" / "a" / "deep.png")
+    out["png16"] = (out["png16"][0], "deep.png")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
+        root / "cut_jpeg" / "a" / "cut.jpg", quality=95)
+    jpeg = (root / "cut_jpeg" / "a" / "cut.jpg").read_bytes()
+    (root / "cut_jpeg" / "a" / "cut.jpg").write_bytes(jpeg[:len(jpeg) // 2])   # a partial copy
+    png = bytearray((root / "bad_crc" / "a" / "0.png").read_bytes())
+    png[40] ^= 0xFF                                                        # a flipped byte
+    (root / "bad_crc" / "a" / "crc.png").write_bytes(bytes(png))
+    out["cut_jpeg"] = (out["cut_jpeg"][0], "cut.jpg")
+    out["bad_crc"] = (out["bad_crc"][0], "crc.png")
+    os.symlink("..", root / "loop" / "a" / "up")                           # a/up -> .. : a loop
+    os.symlink(".", root / "loop" / "a" / "self")
+    return out
+
+
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_image_folders_get_eval_fid_s_checks_at_load(mod, tiny, ckpt, tmp_path, capsys,
+                                                     monkeypatch):
+    """--dataset folder: a 16-bit PNG (it trained as white), a truncated JPEG (it stopped the run
+    at the first batch holding it, naming no file) and a PNG with a bad CRC are one line naming
+    the file, exit 2, before any network; eval_fid.py refuses the same files. A folder whose links
+    loop (a/up -> ..) lists each image once, and the training banner says how many."""
+    import eval_fid
+    folders = bad_image_folders(tmp_path)
+    no_network(mod, monkeypatch)
+    for name, (path, culprit) in folders.items():
+        if culprit is None:
+            continue
+        with pytest.raises(SystemExit) as e:
+            mod.main(tiny + ["--dataset", "folder", "--data-dir", path, "--batch-size", "2",
+                             "--steps", "1", "--out-dir", str(tmp_path / "o")])
+        err = one_error(capsys, e)
+        assert culprit in err and "Traceback" not in err, (name, err)
+        with pytest.raises(eval_fid.FIDError, match=culprit):
+            eval_fid.check_images(path)
+    monkeypatch.undo()
+    samples, classes = mod.list_images(folders["loop"][0])
+    assert classes == ["a"] and sorted(os.path.basename(p) for p, _ in samples) == [
+        f"{i}.png" for i in range(4)]
+    mod.main(tiny + ["--dataset", "folder", "--data-dir", folders["loop"][0], "--batch-size", "2",
+                     "--steps", "1", "--out-dir", str(tmp_path / "loop_run")])
+    assert "| folder: 4 images (3, 8, 8) |" in capsys.readouterr().out
+
+
+def test_the_image_folder_code_is_one_text_in_both_twins():
+    """One implementation of the folder reader, the out-dir clean-up and strict JSON, the same
+    text in both method files (strict_json also in eval_fid.py, which cannot import them)."""
+    import inspect
+
+    import eval_fid
+    for name in ("IMAGE_EXTS", "list_images", "check_image", "ImageFiles", "image_folder",
+                 "TEMP_EXTS", "remove_temp_files", "strict_json"):
+        a, b = getattr(em, name), getattr(vpfb, name)
+        assert (a == b) if isinstance(a, tuple) else inspect.getsource(a) == inspect.getsource(b)
+    assert inspect.getsource(eval_fid.strict_json) == inspect.getsource(em.strict_json)
+
+
 @pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
 def test_full_disk_is_one_line_and_leaves_no_temporary_file(mod, tiny, ckpt, tmp_path, capsys,
                                                             monkeypatch):
@@ -211,8 +385,49 @@ def test_full_disk_is_one_line_and_leaves_no_temporary_file(mod, tiny, ckpt, tmp
         err = one_error(capsys, e)
         assert says in err and "No space left on device" in err
         assert not [p for p in os.listdir(out) if ".tmp" in p or p.startswith(".write_test")]
-        assert not os.path.exists(os.path.join(out, ".lock"))       # the lock is freed too
+        assert unlocked(out)                                        # the lock is freed too
     assert mod.load_checkpoint(os.path.join(out, ckpt))["step"] == 1   # the old one is intact
+
+
+def strict_load(text):
+    """json.loads that refuses the bare NaN / Infinity that Python's json writes by default."""
+    def refuse(c):
+        raise ValueError(f"not strict JSON: bare {c}")
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_every_json_written_is_strict(mod, tiny, ckpt, tmp_path, capsys, monkeypatch):
+    """A NaN-guarded step's NaN loss, a NaN in a mode's result: null in strict JSON, its key path
+    under "non_finite"; metrics.jsonl reads back as NaN (also after a resume rewrites it)."""
+    real = mod.train_step
+
+    def nan_step(*a, **k):
+        logs, ok, signum = real(*a, **k)
+        return {**logs, "loss": float("nan")}, False, signum
+
+    out = str(tmp_path)
+    monkeypatch.setattr(mod, "train_step", nan_step)
+    mod.main(tiny + ["--steps", "2", "--out-dir", out])
+    monkeypatch.undo()
+    summary = strict_load(open(os.path.join(out, f"summary_{ckpt[5:-3]}.json")).read())
+    assert summary["final"]["loss"] is None and summary["non_finite"] == {"final.loss": "nan"}
+    mod.main(tiny + ["--steps", "3", "--resume", "--out-dir", out])      # rewrites metrics.jsonl
+    recs = [strict_load(s) for s in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["loss"] for r in recs[:2]] == [None, None]
+    assert recs[0]["non_finite"] == {"loss": "nan"}
+    assert np.isfinite(recs[2]["loss"]) and "non_finite" not in recs[2]
+    back = mod.Logger(out).read_metrics()
+    assert np.isnan(back[0]["loss"]) and "non_finite" not in back[0]
+    capsys.readouterr()
+    mod.report(out, "r.json", {"auroc": {"svhn": float("nan")}, "v": [float("-inf"), 1.0]})
+    for text in (capsys.readouterr().out, open(os.path.join(out, "r.json")).read()):
+        r = strict_load(text)
+        assert r["auroc"]["svhn"] is None and r["v"] == [None, 1.0]
+        assert r["non_finite"] == {"auroc.svhn": "nan", "v[0]": "-inf"}
+    for name in os.listdir(out):
+        if name.endswith(".json"):
+            strict_load(open(os.path.join(out, name)).read())
 
 
 def test_a_real_file_size_limit_is_one_line_and_leaves_no_temporary_file(tmp_path):
@@ -249,6 +464,20 @@ def test_requests_that_can_only_fail_are_refused_first(mod, tiny, ckpt, tmp_path
     monkeypatch.undo()
     mod.main(tiny + ["--steps", "0", "--out-dir", str(tmp_path / "zero")])
     assert mod.load_checkpoint(str(tmp_path / "zero" / ckpt))["step"] == 0
+
+
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_seeds_outside_what_the_generators_take_are_one_line(mod, tiny, ckpt, tmp_path, capsys,
+                                                             monkeypatch):
+    """--seed 2**64 was a ValueError traceback (torch.manual_seed overflows); the range is numpy's
+    and eval_fid.py's, [0, 2**32), in every script."""
+    no_network(mod, monkeypatch)
+    for seed in (str(2 ** 64), str(2 ** 32), "-1", "1e3"):
+        with pytest.raises(SystemExit) as e:
+            mod.main(tiny + ["--seed", seed, "--steps", "1", "--out-dir", str(tmp_path)])
+        err = one_error(capsys, e)
+        assert "--seed" in err and "[0, 2**32)" in err, err
+    assert mod.parse_args(tiny + ["--seed", str(2 ** 32 - 1)]).seed == 2 ** 32 - 1
 
 
 @pytest.mark.parametrize("mod", [em, vpfb])
@@ -305,7 +534,7 @@ def test_vpfb_sampling_uses_what_the_model_was_trained_with(tmp_path, capsys):
                "--device", "cpu"])
     meta = vpfb.json.load(open(os.path.join(out, "samples.json")))
     assert meta["nfe_mean"] == 5 and meta["from"]["ode_steps"] == "flag"
-    vpfb.main(["--mode", "hist", "--ood-max", "4", "--out-dir", out, "--device", "cpu"])
+    vpx.main(["--mode", "hist", "--ood-max", "4", "--out-dir", out, "--device", "cpu"])
     hist = vpfb.json.load(open(os.path.join(out, "hist.json")))
     assert hist["settings"]["t_inf"] == 0.9 and hist["from"]["t_inf"] == "checkpoint"
 
@@ -332,9 +561,10 @@ def test_em_npz_of_mnist_images_takes_the_mnist_numbers(tmp_path):
                        "--from-scratch", "--out-dir", str(tmp_path)])
     m = em.parse_args(["--dataset", "mnist", "--phase", "main", "--from-scratch",
                        "--out-dir", str(tmp_path)])
-    keys = ("lambda_cd", "dt", "n_langevin", "lr", "arch", "model_size", "lid_tau")
+    keys = ("lambda_cd", "dt", "n_langevin", "lr", "arch", "model_size")
     assert [getattr(a, k) for k in keys] == [getattr(m, k) for k in keys] == [
-        0.25, 0.05, 50, 1e-4, "cnn", 32, 10.0]
+        0.25, 0.05, 50, 1e-4, "cnn", 32]
+    assert em.like_mnist(a) and em.like_mnist(m)             # and so LID's tau 10 (experiments)
     assert a.sources_["lambda_cd"] == "recipe"
 
 
@@ -364,7 +594,7 @@ def test_compiled_losses_and_gradients_equal_eager():
             return out, [torch.zeros_like(p) if g is None else g for g, p in zip(gs, ps)]
 
         eager = value_and_grads()
-        method.functional_grad = True                     # the torch.func route alone
+        (em if method is m else vpfb).use_torch_func(method)   # the torch.func route alone
         func = value_and_grads()
         (em if method is m else vpfb).compile_method(method, "aot_eager")
         comp = value_and_grads()
@@ -444,3 +674,110 @@ def test_warmup_starts_at_lr_zero_and_metrics_keep_tiny_learning_rates(mod, tiny
     with open(os.path.join(out, "metrics.jsonl")) as f:
         lrs = [json.loads(s)["lr"] for s in f]
     assert lrs == [0.0, 1e-7]
+
+
+def _stop_at(mod, monkeypatch, step):
+    """A real SIGTERM to this process once `step`'s metrics are written (as a preempted job)."""
+    import signal
+    real = mod.Logger.metrics
+
+    def metrics_then_kill(self, rec):
+        real(self, rec)
+        if rec["step"] == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(mod.Logger, "metrics", metrics_then_kill)
+
+
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_the_printed_resume_command_continues_a_run_started_from_ckpt(mod, tiny, ckpt, tmp_path,
+                                                                       capsys, monkeypatch):
+    """A run started from another run's --ckpt, stopped by SIGTERM, prints a command that still
+    holds that --ckpt; run as printed it continues THIS run from its own checkpoint (before: it went
+    back to the --ckpt file and overwrote the run's checkpoint)."""
+    import shlex
+    first, run = str(tmp_path / "first"), str(tmp_path / "run")
+    mod.main(tiny + ["--steps", "2", "--out-dir", first])
+    _stop_at(mod, monkeypatch, 4)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        mod.main(tiny + ["--resume", "--ckpt", f"{first}/{ckpt}", "--steps", "6", "--out-dir", run])
+    monkeypatch.undo()
+    assert e.value.code == 143
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    argv = shlex.split(line.split("resume: ", 1)[1])[2:]          # drop "python <file>"
+    assert f"{first}/{ckpt}" in argv and argv[-1] == "--resume"
+    stopped = mod.load_checkpoint(f"{run}/{ckpt}")["step"]
+    assert 4 <= stopped < 6
+    mod.main(argv)
+    out = capsys.readouterr().out
+    assert f"resumed from {run}/{ckpt} at step {stopped}" in out, out
+    assert mod.load_checkpoint(f"{run}/{ckpt}")["step"] == 6
+    steps = [json.loads(s)["step"] for s in open(f"{run}/metrics.jsonl")]
+    assert steps == [3, 4, 5, 6], steps                           # nothing cut back or repeated
+
+
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_the_same_command_again_never_replaces_a_run(mod, tiny, ckpt, tmp_path, capsys):
+    """Training again into a folder that holds a run, without --resume: one line naming --resume
+    and --out-dir, exit 2, no file touched (before: the checkpoint was silently replaced)."""
+    out = str(tmp_path)
+    mod.main(tiny + ["--steps", "2", "--out-dir", out])
+    before = files(out)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        mod.main(tiny + ["--steps", "2", "--out-dir", out])
+    err = one_error(capsys, e)
+    assert ckpt in err and "--resume" in err and "--out-dir" in err
+    assert files(out) == before
+
+
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_ctrl_c_while_sampling_is_one_line_and_keeps_old_outputs(mod, tiny, ckpt, tmp_path,
+                                                                 capsys, monkeypatch):
+    """Ctrl-C during --mode sample: exit 130 and one line (before: an 82-line traceback), the
+    folder as it was."""
+    out = str(tmp_path)
+    mod.main(tiny + ["--steps", "1", "--out-dir", out])
+    before = files(out)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(mod, "generate", interrupted)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--mode", "sample", "--num-samples", "2", "--device", "cpu", "--threads", "1",
+                  "--out-dir", out])
+    assert "interrupted" in one_error(capsys, e, code=130)
+    assert files(out) == {k: v for k, v in before.items()}
+
+
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_flags_that_give_no_work_are_one_line_before_the_network(mod, tiny, ckpt, tmp_path,
+                                                                 capsys, monkeypatch):
+    """A chain of zero steps (VPFB's SGLD sampler and long run, EM's sampler at tau_s / dt -> 0 and
+    its phase-2 CD chains), an inpainting hole that hides every pixel (it wrote a bare NaN into
+    JSON), an LID run on fewer than 3 images (no Spearman correlation), a compose string with no
+    group: one line, exit 2, before any network is built."""
+    import energy_matching_experiments as emx
+    out = str(tmp_path)
+    mod.main(tiny + ["--steps", "1", "--out-dir", out])
+    no_network(mod, monkeypatch)
+    run = ["--device", "cpu", "--threads", "1", "--out-dir", out]
+    if mod is vpfb:
+        cases = [(vpfb.main, ["--mode", "sample", "--sampler", "sgld", "--sgld-steps", "0",
+                              "--num-samples", "2"], "--sgld-steps 0"),
+                 (vpx.main, ["--mode", "longrun", "--sgld-steps", "0"], "--sgld-steps 0"),
+                 (vpx.main, ["--mode", "compose", "--compose", ";"], "names no group")]
+    else:
+        cases = [(em.main, ["--mode", "sample", "--tau-s", "0.01", "--dt", "0.05",
+                            "--num-samples", "2"], "0 sampler steps"),
+                 (em.main, tiny + ["--phase", "main", "--ckpt", f"{out}/{ckpt}", "--n-langevin",
+                                   "0", "--steps", "1", "--out-dir", str(tmp_path / "p2")],
+                  "--n-langevin 0"),
+                 (emx.main, ["--mode", "inpaint", "--hole", "1.0"], "no visible pixel"),
+                 (emx.main, ["--mode", "lid", "--num-images", "2"], "at least 3 images")]
+    for main, argv, want in cases:
+        argv = argv if "--out-dir" in argv else argv + run
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert want in one_error(capsys, e), argv

@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 
 import vpfb
-from vpfb import is_authors_checkpoint, load_authors_checkpoint
+import vpfb_convert
+from vpfb import is_authors_checkpoint
+from vpfb_convert import load_authors_checkpoint
 
 # a small net in the authors' form: base 32 (their GroupNorm always has 32 groups), stem 2 * base,
 # two levels, attention at downsampling factor 2 (their "attention_resolutions": [2])
@@ -287,14 +289,19 @@ SMALL = ["--dataset", "fake", "--image-size", "8", "--fake-size", "8", "--sample
          "--ode-steps", "2", "--num-samples", "4", "--sample-batch", "4", "--threads", "1"]
 
 
-def test_sample_mode_reads_an_authors_file_directly(tmp_path):
-    """python vpfb.py --mode sample --ckpt <their file>: their net, EMA weights (raw: --no-ema)."""
+def test_an_authors_file_is_converted_once_then_sampled(tmp_path, capsys):
+    """--ckpt <their file>: one line naming vpfb_convert.py; the converted file samples with their
+    net, EMA weights (raw: --no-ema)."""
     path = str(tmp_path / "checkpoint_1000.pth")
     authors_file(path, CFG)
+    err = refused(capsys, lambda: vpfb.main(["--mode", "sample", "--ckpt", path] + SMALL))
+    assert f"python vpfb_convert.py {path} OUT.pt" in err
+    ours = str(tmp_path / "converted" / "ckpt_main.pt")
+    vpfb_convert.main([path, ours, "--image-size", "8"])
     images = {}
     for flags in ([], ["--no-ema"]):
         out = tmp_path / ("raw" if flags else "ema")
-        vpfb.main(["--mode", "sample", "--ckpt", path, "--out-dir", str(out)] + SMALL + flags)
+        vpfb.main(["--mode", "sample", "--ckpt", ours, "--out-dir", str(out)] + SMALL + flags)
         images[bool(flags)] = np.load(out / "samples.npz")["images"]   # written only if finite
         assert images[bool(flags)].shape == (4, 8, 8, 3)
     assert not np.array_equal(images[True], images[False])
@@ -314,9 +321,11 @@ def test_recipe_authors_builds_their_net_and_checkpoints_keep_it(tmp_path, capsy
     net = vpfb.net_from_checkpoint(a.ck_, a, torch.device("cpu"))   # its settings beat the recipe
     assert a.unet == "authors" and net.mid[0].scale_shift and a.cov_form == "corr"
     assert a.sources_["unet"] == a.sources_["cov_form"] == "checkpoint"
-    # their own file: --resume --ckpt starts from their weights and step with a fresh Adam
+    # their own file, converted: --resume --ckpt starts from their weights and step, a fresh Adam
     theirs = str(tmp_path / "checkpoint_1.pth")
     authors_file(theirs, CFG)
+    vpfb_convert.main([theirs, str(tmp_path / "theirs.pt"), "--image-size", "8"])
+    theirs = str(tmp_path / "theirs.pt")
     capsys.readouterr()
     vpfb.main(["--resume", "--ckpt", theirs, "--steps", "1", "--batch-size", "4", "--workers", "0",
                "--sample-every", "0", "--num-samples", "0", "--log-every", "1", "--image-size",

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import vpfb
+import vpfb_experiments as vpx
 
 DT = torch.float64
 
@@ -568,12 +569,12 @@ def test_a_short_authors_run_meets_the_pearson_term_through_x():
 # ----------------------------------------------------------------------------- evaluation helpers
 def test_auroc_hand_computed_and_pairwise():
     # pairs (pos > neg): 0.9>0.5, 0.9>0.1, 0.8>0.5, 0.8>0.1, 0.5=0.5 (counts 1/2), 0.5>0.1 -> 5.5 / 6
-    assert vpfb.auroc([0.9, 0.8, 0.5], [0.5, 0.1]) == pytest.approx(5.5 / 6)
-    assert vpfb.auroc([1, 2], [3, 4]) == 0.0 and vpfb.auroc([3, 4], [1, 2]) == 1.0
+    assert vpx.auroc([0.9, 0.8, 0.5], [0.5, 0.1]) == pytest.approx(5.5 / 6)
+    assert vpx.auroc([1, 2], [3, 4]) == 0.0 and vpx.auroc([3, 4], [1, 2]) == 1.0
     rng = np.random.default_rng(0)
     pos, neg = rng.integers(0, 6, 40).astype(float), rng.integers(0, 5, 30).astype(float)   # many ties
     pair = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (40 * 30)
-    assert vpfb.auroc(pos, neg) == pytest.approx(pair, abs=1e-12)
+    assert vpx.auroc(pos, neg) == pytest.approx(pair, abs=1e-12)
 
 
 def test_slerp_keeps_norms():
@@ -811,7 +812,7 @@ def test_threads_flag(tmp_path, monkeypatch):
     assert torch.get_num_threads() == 1
     cores = len(vpfb.os.sched_getaffinity(0))
     monkeypatch.setattr(vpfb.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    vpfb.main(TINY[:-2] + ["--threads", "0", "--steps", "0", "--out-dir", str(tmp_path)])
+    vpfb.main(TINY[:-2] + ["--threads", "0", "--steps", "0", "--out-dir", str(tmp_path / "b")])
     assert torch.get_num_threads() == cores == vpfb.pick_threads(0)
     monkeypatch.setattr(vpfb.os, "getloadavg", lambda: (cores + 4.0, 0.0, 0.0))   # others busy
     assert vpfb.pick_threads(0) == 1 and vpfb.pick_threads(3) == 3
@@ -929,7 +930,7 @@ def test_file_layout_follows_the_spec():
     banners = ["# ==== 1. The method ====", "# ==== 2. Networks ====",
                "# ==== ENGINEERING: nothing below this line is in the paper ====", "# ==== 3. Data ====",
                "# ==== 4. Training loop ====", "# ==== 5. Checkpoints ====",
-               "# ==== 6. Experiment modes ====", "# ==== 7. Arguments and main ===="]
+               "# ==== 6. Sampling ====", "# ==== 7. Arguments and main ===="]
     at = [lines.index(b) for b in banners]
     assert at == sorted(at)
     assert lines.index(next(ln for ln in lines if ln.startswith("class VPFB"))) < 300
