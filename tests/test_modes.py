@@ -427,15 +427,15 @@ def test_em_lid_exact_route_and_hints(em_ckpt, tmp_path, capsys):
     """d = 192 <= 1024: --lid-method auto takes the exact Hessian. tau below every |eigenvalue|:
     LID 0 for every image, no Spearman, the hint says a higher tau; tau above all: LID = d and the
     hint says a lower one."""
-    lo = emx.main(EM + ["--mode", "lid", "--ckpt", em_ckpt, "--num-images", "2", "--lid-tau",
+    lo = emx.main(EM + ["--mode", "lid", "--ckpt", em_ckpt, "--num-images", "3", "--lid-tau",
                        "1e-30", "--out-dir", str(tmp_path)])
-    assert lo["method"] == "exact" and lo["d"] == 192 and lo["n"] == 2 and lo["lid"] == [0.0, 0.0]
-    assert lo["spearman_lid_vs_png"] is None and len(lo["png_bytes"]) == 2
+    assert lo["method"] == "exact" and lo["d"] == 192 and lo["n"] == 3 and lo["lid"] == [0.0] * 3
+    assert lo["spearman_lid_vs_png"] is None and len(lo["png_bytes"]) == 3
     assert all(b > 0 for b in lo["png_bytes"])
     assert capsys.readouterr().out.strip().splitlines()[-1].endswith("try a higher --lid-tau")
     assert _json(tmp_path / "lid.json") == lo
-    hi = emx.main(EM + ["--mode", "lid", "--ckpt", em_ckpt, "--num-images", "1", "--lid-tau",
+    hi = emx.main(EM + ["--mode", "lid", "--ckpt", em_ckpt, "--num-images", "3", "--lid-tau",
                        "1e30", "--out-dir", str(tmp_path)])
-    assert hi["method"] == "exact" and hi["lid"] == [192.0] and hi["n"] == 1
-    assert hi["png_bytes"] == lo["png_bytes"][:1]                   # the same first image
+    assert hi["method"] == "exact" and hi["lid"] == [192.0] * 3 and hi["n"] == 3
+    assert hi["png_bytes"] == lo["png_bytes"]                       # the same images
     assert capsys.readouterr().out.strip().splitlines()[-1].endswith("try a lower --lid-tau")
