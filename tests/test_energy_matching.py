@@ -372,6 +372,55 @@ def test_lid_slq_partial_spectrum_estimates_dimension():
     assert all(abs(e - 100) < 15 for e in est), est
 
 
+def _plane_data(D, k, seed):
+    """Points on a random k-dim plane through 0 in R^D, plane coordinates ~ N(0, I_k)."""
+    g = torch.Generator().manual_seed(seed)
+    Bm = torch.linalg.qr(torch.randn(D, D, generator=g))[0][:, :k]          # (D, k) orthonormal
+    return lambda n: torch.randn(n, k, generator=g) @ Bm.T                   # (n, D)
+
+
+def test_lid_of_a_trained_V_recovers_the_known_dimension():
+    """Sec. 3.3 / App. B end to end: V trained with the method (phase 1 flow, phase 2 + CD at
+    eps_max 0.01) on a 2-dim plane in R^16; at the data, |lambda| < tau = 1 counts 2 flat
+    directions. The flow sets the normal curvature (~3.5 after 150 steps, ~15 after 1,500); CD sets
+    the tangent one, ~eps / s^2 = 0.01 here. An untrained V is flat everywhere (LID 16)."""
+    D, k, tau = 16, 2, 1.0
+    data = _plane_data(D, k, 0)
+    torch.manual_seed(0)
+    V = torch.nn.Sequential(torch.nn.Linear(D, 64), torch.nn.SiLU(), torch.nn.Linear(64, 64),
+                            torch.nn.SiLU(), torch.nn.Linear(64, 1), torch.nn.Flatten(0))
+    xs = data(20)
+    assert em.lid_exact(V, xs, tau)[0] == [D] * 20                  # untrained: no curvature yet
+    m = em.EnergyMatching(V, tau_star=0.9, eps_max=0.01, lambda_cd=1.0, n_langevin=20, dt=0.05)
+    opt = torch.optim.Adam(V.parameters(), 3e-3)
+    for step in range(160):
+        loss, _ = m.loss(data(64), phase="warmup" if step < 150 else "main")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    lids, spectra = em.lid_exact(V, xs, tau)
+    S = torch.stack(spectra).abs().sort(1).values                   # (20, D) |lambda| ascending
+    assert sum(abs(v - k) <= 1 for v in lids) >= 18 and sorted(lids)[10] == k, lids
+    assert S[:, :k].median() < 0.2 and S[:, k:].median() > 2.0      # a gap of > 10x around tau
+
+
+def test_lid_counts_abs_eigenvalues_of_V_itself():
+    """App. B's conventions, on V = eps (-log p) of a Gaussian on a 2-plane in R^6 (tangent std 1,
+    normal std 0.01): Hess V = eps diag(1, 1, 1e4, ...), so tau is compared with eps (-Hess log p),
+    not with -Hess log p (no division by eps): a direction is flat iff its std > sqrt(eps / tau).
+    And |lambda|, not lambda: a saddle direction (lambda = -50) is curved, not flat."""
+    def quad(diag):
+        h = torch.tensor(diag)
+        return lambda x: 0.5 * (h * x.flatten(1) ** 2).sum(1)
+    xs = torch.zeros(2, 6)
+    for eps, want in ((0.01, 2), (1e-5, 6), (1e3, 0)):   # tau = 10: std 1 and 0.01 vs sqrt(eps/10)
+        V = quad([eps * 1.0] * 2 + [eps * 1e4] * 4)
+        assert em.lid_exact(V, xs, 10.0)[0] == [want, want], eps
+    V = quad([0.01, 0.01, -50.0, 50.0, 50.0, 50.0])
+    assert em.lid_exact(V, xs, 10.0)[0] == [2, 2]                   # lambda < tau would say 3
+    assert all(abs(e - 2) < 0.5 for e in em.lid_slq(V, xs, 10.0, n_probe=16, n_lanczos=6))
+
+
 # --------------------------------------------------------------------------------------------------
 # Networks and the image pipeline
 # --------------------------------------------------------------------------------------------------
