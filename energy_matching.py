@@ -351,14 +351,9 @@ def lid_slq(V, xs, tau, n_probe=8, n_lanczos=60, seed=0):
 # ==== 2. Networks ====
 # V: x (B, C, H, W) -> (B,). The velocity is -grad V by autograd, never a network output. Smooth
 # activations only (SiLU, GELU): the flow loss differentiates grad V again, LID needs the Hessian.
-# Engineering sets two attributes: `amp` (bf16 autocast of the trunk on CUDA; the scalar head stays
-# fp32: CD subtracts energies ~1e3 that differ in the third digit) and `channels_last`.
+# Each V is two pieces: `trunk(x)`, the features, then a scalar head on them (forward).
 def _groups(ch):
     return math.gcd(32, ch)  # GroupNorm(32) at full width, fewer groups for tiny test networks
-
-def _trunk_autocast(net, x):
-    on = getattr(net, "amp", False) and x.is_cuda
-    return torch.autocast("cuda", dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
 AUTHORS_T = 0.5  # the fixed t their potential(x, t) feeds the UNet; App. C prints t = 0.0
 
@@ -449,7 +444,7 @@ class UNetViTPotential(nn.Module):
         super().__init__()
         C, H, W = shape
         dim = 3 * ch                                                  # 384 at ch = 128
-        self.output_scale, self.amp, self.channels_last = output_scale, False, False
+        self.output_scale = output_scale
         self.time_layers, emb_ch = bool(time_layers), 4 * ch if time_layers else None
         self.time_t = float(time_t)
         if time_layers:                       # their time_embed on sinusoid(t), float32 as theirs
@@ -517,11 +512,7 @@ class UNetViTPotential(nn.Module):
         return self.blocks(tok).mean(dim=1)  # mean-pool over tokens (B, dim)
 
     def forward(self, x):
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with _trunk_autocast(self, x):
-            pooled = self.trunk(x)
-        return self.head(pooled.float()).squeeze(-1) * self.output_scale   # fp32 head
+        return self.head(self.trunk(x)).squeeze(-1) * self.output_scale  # V = scale (w.h + b)
 
 class CNNPotential(nn.Module):
     """The MNIST potential (App. C): a two-stage CNN (ch, 2 ch, 4 ch channels), then a two-layer
@@ -531,7 +522,6 @@ class CNNPotential(nn.Module):
         super().__init__()
         C, H, W = shape
         c1, c2, hid = ch, 2 * ch, 8 * ch
-        self.amp, self.channels_last = False, False
         self.features = nn.Sequential(
             nn.Conv2d(C, c1, 3, padding=1), nn.SiLU(),                               # stage 1
             nn.Conv2d(c1, c2, 4, stride=2, padding=1), nn.SiLU(),
@@ -540,12 +530,11 @@ class CNNPotential(nn.Module):
         n = 2 * c2 * (H // 4) * (W // 4)
         self.mlp = nn.Sequential(nn.Flatten(), nn.Linear(n, hid), nn.SiLU(), nn.Linear(hid, 1))
 
+    def trunk(self, x):
+        return self.features(x)
+
     def forward(self, x):
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with _trunk_autocast(self, x):
-            h = self.features(x)
-        return self.mlp(h.float()).squeeze(-1)
+        return self.mlp(self.trunk(x)).squeeze(-1)                    # the MLP is the scalar head
 
 # ==== ENGINEERING: nothing below this line is in the paper ====
 # The engineering's own imports (flags, signals, processes, files): sections 1-2 need none of them.
@@ -758,10 +747,11 @@ def first_images(ds, n, batch=256):
     return torch.cat(xs)[:n]
 
 # ==== 4. Training loop ====
-# bf16 (--amp): the network trunk runs under autocast on CUDA (`net.amp`); the scalar head, the
-# loss, the chains, parameters, Adam and EMA stay fp32, the OT cost fp64; no GradScaler (bf16 has
-# fp32's exponent range). DDP does not support torch.autograd.grad: each process keeps a plain
-# module and allreduce_grads averages the gradients after backward.
+# bf16 (--amp): the network trunk runs under autocast on CUDA (engineer); the scalar head (CD
+# subtracts energies ~1e3 that differ in the third digit), the loss, the chains, parameters, Adam
+# and EMA stay fp32, the OT cost fp64; no GradScaler (bf16 has fp32's exponent range). DDP does not
+# support torch.autograd.grad: each process keeps a plain module and allreduce_grads averages the
+# gradients after backward.
 def build_net(args, device=None):
     """The potential V of --arch (auto: the CNN for MNIST-like data, UNet+ViT otherwise)."""
     shape = (args.channels, args.image_size, args.image_size)
@@ -790,14 +780,29 @@ def build_optimizer(net, args):
     opt = torch.optim.Adam(net.parameters(), lr=args.lr, betas=tuple(args.betas), foreach=True)
     return opt
 
+def bf16_trunk(amp, device):
+    """--amp: the trunk under bf16 autocast (auto: on CUDA only)."""
+    return amp == "bf16" or (amp == "auto" and device.type == "cuda")
+
 def engineer(net, device, amp, channels_last=False):
-    """On `device`, with the network's bf16-trunk (`amp`, section 2) and channels-last settings."""
+    """net on `device`, its trunk (section 2's net.trunk) under bf16 autocast (bf16_trunk) and/or on
+    channels-last input; the head after it stays fp32. Only this instance's `trunk` method is
+    wrapped: the state_dict keys do not change, and a deepcopy (the EMA) wraps its own trunk."""
     net = net.to(device)
-    net.amp = amp == "bf16" or (amp == "auto" and device.type == "cuda")
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-        net.channels_last = True
+    vars(net).pop("trunk", None)                      # engineered again: from section 2's trunk
+    bf16 = bf16_trunk(amp, device)
+    if bf16 or channels_last:
+        net.trunk = functools.partial(fast_trunk, net.trunk, bf16, channels_last)
     return net
+
+def fast_trunk(trunk, bf16, channels_last, x, *cond):
+    """trunk(x, *cond) in bf16 autocast on x's device and/or on channels-last x; output in fp32."""
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
+        return trunk(x, *cond).float()
 
 def use_torch_func(method):
     """The flow loss's grad V by torch.func: the same numbers, in a form torch.compile can
@@ -1177,10 +1182,10 @@ def cmd_train(args):
         decay, ema_warmup, which = args.ema_decay, args.ema_warmup, "raw" if args.no_ema else "ema"
         log(f"energy_matching | phase {phase} | recipe {args.recipe} | {args.dataset}: "
             f"{len(ds)} images {shape} | {count_params(net) / 1e6:.2f}M params | device {device} "
-            f"x {world} | {'bf16 trunk' if net.amp else 'fp32'} | threads "
-            f"{torch.get_num_threads()} | steps "
-            f"{start}->{end} | batch {args.batch_size}/rank | lr {lr} tau* {args.tau_star} "
-            f"eps_max {args.eps_max} lambda_CD {args.lambda_cd} | EMA {decay}"
+            f"x {world} | {'bf16 trunk' if bf16_trunk(args.amp, device) else 'fp32'} | threads "
+            f"{torch.get_num_threads()} | steps {start}->{end} | batch {args.batch_size}/rank | "
+            f"lr {lr} tau* {args.tau_star} eps_max {args.eps_max} lambda_CD {args.lambda_cd} | "
+            f"EMA {decay}"
             f"{' with warm-up' if ema_warmup else ''}")
         if phase == "warmup" and args.sources_.get("tau_s") == "recipe":
             log(f"grids use tau_s = {args.tau_s}: after phase 1 there is no Boltzmann well to "

@@ -23,7 +23,6 @@ How to run (every mode writes into --out-dir, default runs/vpfb_<dataset>):
     python vpfb.py --dataset npz --data-dir digits.npz --recipe ours --model-size 32 --ch-mult 1,2
 The paper's experiments: python vpfb_experiments.py --mode interp|nn|hist|ood|longrun|compose.
 """
-import contextlib
 import math
 
 import numpy as np
@@ -366,16 +365,13 @@ def slerp(z0, z1, alpha):
 # read as a scalar through Phi(x, t) = 1/2 ||x - UNet(x, t)||^2 (>= 0); we use the same head. The
 # autonomous Phi(x) is a WideResNet with a linear read-out of its pooled features. Both use SiLU
 # (smooth: the loss differentiates grad_x Phi once more w.r.t. the weights) and GroupNorm, never
-# BatchNorm, which would couple the images of a batch and make Phi_i depend on x_j.
+# BatchNorm, which would couple the images of a batch and make Phi_i depend on x_j. Each network
+# is two pieces: `trunk` (the U-Net's image, the WideResNet's pooled features), then a scalar head.
 
 def _groups(ch):
     """GroupNorm groups: 32 as usual, but at least 4 channels per group. With one channel per group
     the norm would remove the per-channel time embedding added just before it (tiny test nets)."""
     return math.gcd(32, max(1, ch // 4))
-
-def _trunk_autocast(net, x):
-    on = getattr(net, "amp", False) and x.is_cuda
-    return torch.autocast("cuda", dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
 def _norm(ch, groups=None):
     """GroupNorm: the authors' GroupNorm(32, ch) where it exists (groups=32 -> gcd(32, ch), the same
@@ -448,14 +444,12 @@ class UNetPhi(nn.Module):
     Keywords (defaults = ours; AUTHORS_UNET = their net): scale_shift (FiLM time conditioning),
     attn_heads (fixed heads, authors 1), conv_resample (strided conv down, nearest + conv up;
     authors: average pool, nearest), stem_mult (stem gives base * mult[0] channels), norm_groups
-    (authors 32), zero_out (output conv zero: Phi = 1/2 |x|^2 at start). Both embed the raw t.
-    `amp`: the trunk runs in bf16 on CUDA; the head stays fp32."""
+    (authors 32), zero_out (output conv zero: Phi = 1/2 |x|^2 at start). Both embed the raw t."""
 
     def __init__(self, in_ch=3, base=128, mult=(2, 2, 2), num_res=4, attn_res=(16,), dropout=0.3,
                  image_size=32, num_classes=0, *, scale_shift=False, attn_heads=None, head_dim=64,
                  conv_resample=True, stem_mult=False, norm_groups=None, zero_out=False):
         super().__init__()
-        self.amp = False
         emb = base * 4
         self.base = base
         self.temb = nn.Sequential(nn.Linear(base, emb), nn.SiLU(), nn.Linear(emb, emb))
@@ -510,7 +504,8 @@ class UNetPhi(nn.Module):
             h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
         return h
 
-    def unet(self, x, t, y=None):
+    def trunk(self, x, t, y=None):
+        """UNet(x, t [, y]), an image like x."""
         emb = self.temb(timestep_embedding(t, self.base))
         if self.cemb is not None:
             if y is None:
@@ -528,9 +523,7 @@ class UNetPhi(nn.Module):
         return self.out(h)
 
     def forward(self, x, t, y=None):
-        with _trunk_autocast(self, x):
-            u = self.unet(x, t, y)
-        return 0.5 * (x - u.float()).flatten(1).pow(2).sum(1)       # Phi = 1/2 ||x - UNet(x, t)||^2
+        return 0.5 * (x - self.trunk(x, t, y)).flatten(1).pow(2).sum(1)   # 1/2 ||x - UNet(x, t)||^2
 
 # The authors' network (configs/homotopy/cifar10.py, celeba.py of their repository): UNetPhi(3, 128,
 # (2, 2, 2), 4, attn_res=(image_size // 2,), **AUTHORS_UNET), their 55,676,419 parameters.
@@ -556,7 +549,6 @@ class WRNPhi(nn.Module):
 
     def __init__(self, in_ch=3, width=128, depth=16, dropout=0.0, num_classes=0):
         super().__init__()
-        self.amp = False
         n = (depth - 4) // 6
         layers, ch = [nn.Conv2d(in_ch, width // 2, 3, padding=1)], width // 2
         for i, w in enumerate([width, 2 * width, 4 * width]):
@@ -567,10 +559,11 @@ class WRNPhi(nn.Module):
         self.num_classes = num_classes
         self.head = nn.Linear(ch, num_classes + 1 if num_classes else 1)   # + a "null" read-out
 
+    def trunk(self, x):
+        return self.body(x).mean((2, 3))                                 # pooled features (B, ch)
+
     def forward(self, x, t=None, y=None):
-        with _trunk_autocast(self, x):
-            h = self.body(x).mean((2, 3))
-        out = self.head(h.float())                                      # (B, classes + 1) or (B, 1)
+        out = self.head(self.trunk(x))                                  # (B, classes + 1) or (B, 1)
         if out.shape[1] == 1:
             return out[:, 0]
         return out[:, -1] if y is None else out.gather(1, y[:, None])[:, 0]
@@ -593,6 +586,7 @@ class Conditioned(nn.Module):
 # ==== ENGINEERING: nothing below this line is in the paper ====
 # The engineering's own imports (flags, signals, processes, files): sections 1-2 need none of them.
 import argparse
+import contextlib
 import copy
 import functools
 import fcntl
@@ -838,7 +832,7 @@ def first_images(ds, n, batch=256):
     return torch.cat(xs)[:n]
 
 # ==== 4. Training loop ====
-# bf16 (--amp): the network trunk runs under autocast on CUDA (`net.amp`); Phi, the loss, the
+# bf16 (--amp): the network trunk runs under autocast on CUDA (engineer); Phi's head, the loss, the
 # samplers, parameters, Adam and EMA stay fp32; no GradScaler (bf16 has fp32's exponent range).
 # DDP does not support torch.autograd.grad (the loss differentiates grad_x Phi again): each process
 # keeps a plain module and allreduce_grads averages the gradients after backward.
@@ -866,14 +860,29 @@ def build_optimizer(net, args):
         opt.register_step_pre_hook(lambda o, *_: clip_std_(o, args.grad_clip))
     return opt
 
+def bf16_trunk(amp, device):
+    """--amp: the trunk under bf16 autocast (auto: on CUDA only)."""
+    return amp == "bf16" or (amp == "auto" and device.type == "cuda")
+
 def engineer(net, device, amp, channels_last=False):
-    """On `device`, with the network's bf16-trunk (`amp`, section 2) and channels-last settings."""
+    """net on `device`, its trunk (section 2's net.trunk) under bf16 autocast (bf16_trunk) and/or on
+    channels-last input; the head after it stays fp32. Only this instance's `trunk` method is
+    wrapped: the state_dict keys do not change, and a deepcopy (the EMA) wraps its own trunk."""
     net = net.to(device)
-    net.amp = amp == "bf16" or (amp == "auto" and device.type == "cuda")
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-        net.channels_last = True
+    vars(net).pop("trunk", None)                      # engineered again: from section 2's trunk
+    bf16 = bf16_trunk(amp, device)
+    if bf16 or channels_last:
+        net.trunk = functools.partial(fast_trunk, net.trunk, bf16, channels_last)
     return net
+
+def fast_trunk(trunk, bf16, channels_last, x, *cond):
+    """trunk(x, *cond) in bf16 autocast on x's device and/or on channels-last x; output in fp32."""
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
+        return trunk(x, *cond).float()
 
 def use_torch_func(method):
     """VPFB.potential by torch.func: the same numbers, in a form torch.compile can differentiate
@@ -1298,9 +1307,9 @@ def cmd_train(args):
         ncls, p_uncond = (args.num_classes, args.p_uncond) if args.class_cond else (0, 0.0)
         log(f"vpfb | recipe {args.recipe} | {args.dataset}: {len(ds)} images {shape} | "
             f"{args.arch} {count_params(net) / 1e6:.2f}M params | device {device} x {world} | "
-            f"{'bf16 trunk' if net.amp else 'fp32'} | threads {torch.get_num_threads()} | steps "
-            f"{start}->{end} | batch {args.batch_size}/rank | lr {lr} | loss "
-            f"{ {k: getattr(args, k) for k in METHOD_FLAGS} } | EMA {decay}"
+            f"{'bf16 trunk' if bf16_trunk(args.amp, device) else 'fp32'} | threads "
+            f"{torch.get_num_threads()} | steps {start}->{end} | batch {args.batch_size}/rank | "
+            f"lr {lr} | loss { {k: getattr(args, k) for k in METHOD_FLAGS} } | EMA {decay}"
             f"{' with warm-up' if ema_warmup else ''}")
 
         def save(step):

@@ -444,8 +444,8 @@ def test_potential_shapes_and_gradients():
     grads = [p.grad for p in net.parameters() if p.grad is not None]
     assert len(grads) > 0.9 * len(list(net.parameters()))
     assert all(torch.isfinite(q).all() for q in grads)
-    # net.amp (bf16 trunk, CUDA only) is an attribute of the network, not a keyword of the method
-    net.amp = True
+    # the bf16 trunk is engineering (engineer wraps net.trunk), not a keyword of the method
+    em.engineer(net, torch.device("cpu"), "bf16")
     assert em.EnergyMatching(net).energy(x).dtype == torch.float32
     cnn = em.CNNPotential((1, 28, 28), ch=4)
     assert cnn(torch.randn(2, 1, 28, 28)).shape == (2,)

@@ -121,8 +121,8 @@ def _engineering(name):
 # Engineering both twins need in one form: byte-identical in the two files (a change to one is a
 # change to both).
 IDENTICAL = ["die", "load_npz", "face_crop", "image_folder", "StepBatches", "quiet_worker",
-             "batch_iterator", "next_batch", "first_images", "engineer",
-             "StopSignals", "pick_device", "pick_threads", "setup_distributed", "all_max",
+             "batch_iterator", "next_batch", "first_images", "bf16_trunk", "engineer",
+             "fast_trunk", "StopSignals", "pick_device", "pick_threads", "setup_distributed", "all_max",
              "count_params", "ema_decay_at", "ema_update", "allreduce_grads", "step_seed",
              "run_lock", "prepare_out_dir", "atomic", "write_json", "report", "to_uint8",
              "save_grid", "pyplot", "save_figure", "read_checkpoint", "load_states",
@@ -136,3 +136,14 @@ def test_twins_share_their_common_engineering_byte_for_byte_in_one_order():
     assert not differ, f"not byte-identical in the two method files: {differ}"
     common = [n for n in a if n in b]
     assert common == [n for n in b if n in a], "the shared definitions are in another order"
+
+
+@pytest.mark.parametrize("name", ["energy_matching.py", "vpfb.py"])
+def test_sections_1_2_hold_no_engineering_knobs(name):
+    """bf16 autocast, channels-last and torch.compile are section 4's (engineer, compile_method):
+    the method and its networks above the divider never name them."""
+    src = open(os.path.join(ROOT, name), encoding="utf-8").read()
+    top = src[:src.index("# ==== ENGINEERING")]
+    for pat in [r"\bamp\b", r"autocast", r"channels.last", r"compile", r"bfloat16|\bbf16\b"]:
+        hits = [i + 1 for i, s in enumerate(top.splitlines()) if re.search(pat, s, re.I)]
+        assert not hits, f"{name}: {pat!r} above the divider, lines {hits}"

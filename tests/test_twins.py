@@ -781,3 +781,101 @@ def test_flags_that_give_no_work_are_one_line_before_the_network(mod, tiny, ckpt
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert want in one_error(capsys, e), argv
+
+
+# ----------------------------------------------------------------------------- engineering (issue 28)
+def _tiny_nets():
+    """(name, network, inputs) for every network of both files, weights moved off their init."""
+    torch.manual_seed(0)
+    nets = [("em_cnn", em.CNNPotential((1, 8, 8), 4), (torch.randn(4, 1, 8, 8),)),
+            ("em_unetvit", em.UNetViTPotential((3, 8, 8), 8, 1, 1, 0.0, 1000.0, (1, 2),
+                                               attn_res=(4,), patch=2), (torch.randn(4, 3, 8, 8),)),
+            ("em_unetvit_time", em.UNetViTPotential((3, 8, 8), 8, 1, 1, 0.0, 1000.0, (1, 2),
+                                                    attn_res=(4,), patch=2, time_layers=True),
+             (torch.randn(4, 3, 8, 8),)),
+            ("vpfb_unet", vpfb.UNetPhi(3, 16, (1, 2), 1, (4,), 0.0, 8, 3),
+             (torch.randn(4, 3, 8, 8), torch.rand(4), torch.tensor([0, 1, 2, 0]))),
+            ("vpfb_authors", vpfb.UNetPhi(3, 32, (1, 2), 1, (4,), 0.0, 8, **vpfb.AUTHORS_UNET),
+             (torch.randn(4, 3, 8, 8), torch.rand(4))),
+            ("vpfb_wrn", vpfb.WRNPhi(3, 8, 10, 0.0, 3),
+             (torch.randn(4, 3, 8, 8), None, torch.tensor([0, 1, 2, 0])))]
+    for _, net, _ in nets:
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        net.eval()
+    return nets
+
+
+@pytest.mark.parametrize("mod", [em, vpfb], ids=["em", "vpfb"])
+def test_engineer_bf16_trunk_fp32_head_same_keys(mod):
+    """engineer() (--amp bf16, --channels-last) on every network: the same state_dict keys in the
+    same order, V / Phi in float32 from a float32 head and within bf16 precision of fp32 (forced on
+    the CPU: --amp auto leaves it fp32 there); a deepcopy (the EMA) runs its own weights, and
+    engineering twice wraps section 2's trunk once."""
+    import copy
+    import functools
+    cpu = torch.device("cpu")
+    for name, net, inputs in _tiny_nets():
+        ref, keys = net(*inputs), list(net.state_dict())
+        assert mod.engineer(net, cpu, "auto") is net and "trunk" not in vars(net)   # CPU: fp32
+        fast = mod.engineer(copy.deepcopy(net), cpu, "bf16", channels_last=True)
+        assert list(fast.state_dict()) == keys, name
+        heads = []
+        head = getattr(fast, "mlp", None) or getattr(fast, "head", None)
+        if head is not None:                    # the read-out layer itself runs in float32
+            head.register_forward_hook(lambda m, i, o: heads.append((i[0].dtype, o.dtype)))
+        out = fast(*inputs)
+        assert out.dtype == torch.float32 and all(d == (torch.float32,) * 2 for d in heads), name
+        n_in = 2 if name.startswith(("vpfb_unet", "vpfb_authors")) else 1    # (x, t) or x
+        assert fast.trunk(*inputs[:n_in]).dtype == torch.float32
+        err = (out - ref).abs().max() / ref.abs().max()
+        assert 0 < err < 2e-2, (name, err)                  # bf16 ran, and to bf16's precision
+        again = mod.engineer(fast, cpu, "bf16")
+        assert not isinstance(vars(again)["trunk"].args[0], functools.partial)
+        ema = copy.deepcopy(fast)
+        with torch.no_grad():
+            for p in ema.parameters():
+                p.mul_(0.5)
+        assert not torch.equal(ema(*inputs), out) and torch.equal(fast(*inputs), out), name
+
+
+def test_engineered_bf16_keeps_double_backward_torch_func_and_hessians():
+    """The bf16 trunk under the paths that differentiate grad V / grad Phi again: EM's flow loss
+    (autograd and torch.func), the Hessian of LID, VPFB's loss (grad_x Phi and dPhi/dt, then the
+    weights; autograd and torch.func): finite, and the same as fp32 to bf16 precision."""
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    V = em.CNNPotential((1, 8, 8), 4)
+    for p in V.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    phi = vpfb.UNetPhi(1, 8, (1, 2), 1, (4,), 0.0, 8)
+    with torch.no_grad():
+        for p in phi.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, u, t = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8), torch.rand(4)
+    ems, vps = em.EnergyMatching(V), vpfb.VPFB(phi, **vpfb.OURS)
+    runs = {"em": lambda: ems.flow_residual(x, u).sum(),
+            "vpfb": lambda: vps.objective(x, u, t)[0]}
+
+    def value_and_grads(loss, net):
+        out = loss()
+        gs = torch.autograd.grad(out, list(net.parameters()), allow_unused=True)
+        return out.item(), torch.cat([g.flatten() for g in gs if g is not None])   # V: no bias
+
+    ref = {k: value_and_grads(f, V if k == "em" else phi) for k, f in runs.items()}
+    lid_ref = em.lid_exact(V, x[:1], 1.0)
+    em.engineer(V, cpu, "bf16")
+    vpfb.engineer(phi, cpu, "bf16")
+    for form in ("autograd", "torch.func"):
+        if form == "torch.func":
+            em.use_torch_func(ems)
+            vpfb.use_torch_func(vps)
+        for k, f in runs.items():
+            (value, g), (value_ref, g_ref) = value_and_grads(f, V if k == "em" else phi), ref[k]
+            assert torch.isfinite(g).all() and value == pytest.approx(value_ref, rel=2e-2)
+            assert torch.cosine_similarity(g, g_ref, 0) > 0.99, (form, k)
+            assert g.norm() == pytest.approx(g_ref.norm(), rel=5e-2), (form, k)
+    lid = em.lid_exact(V, x[:1], 1.0)
+    ev, ev_ref = torch.stack(lid[1]), torch.stack(lid_ref[1])
+    assert torch.isfinite(ev).all() and (ev - ev_ref).abs().max() <= 5e-2 * ev_ref.abs().max()

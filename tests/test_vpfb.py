@@ -428,10 +428,10 @@ def test_training_steps_lower_the_loss(kind):
     assert last < first - 0.05 * (abs(first) + 1), losses
 
 
-def test_bf16_trunk_and_channels_last_match_fp32(monkeypatch):
+def test_bf16_trunk_and_channels_last_match_fp32():
     """The fast paths give the same loss: channels-last exactly (up to float round-off), the bf16 trunk
-    within bf16 precision (the scalar head and the loss stay fp32). net.amp is CUDA only; on CPU the
-    test runs the same trunk autocast with the CPU's bf16."""
+    within bf16 precision (the scalar head and the loss stay fp32). --amp auto is bf16 on CUDA only;
+    on CPU the test forces the same trunk autocast (--amp bf16) with the CPU's bf16."""
     torch.manual_seed(12)
     args = vpfb.parse_args((TINY + ["--out-dir", "/tmp/_vpfb_unused", "--dropout", "0"]))
     net = vpfb.build_net(args)
@@ -442,15 +442,15 @@ def test_bf16_trunk_and_channels_last_match_fp32(monkeypatch):
     eps, t = torch.randn_like(x), torch.rand(x.shape[0])
     model = vpfb.build_method(net, args)
     ref, st = model.loss(x, eps=eps, t=t)
-    net_cl = net.to(memory_format=torch.channels_last)
-    cl, _ = vpfb.build_method(net_cl, args).loss(x.contiguous(memory_format=torch.channels_last),
-                                              eps=eps.contiguous(memory_format=torch.channels_last), t=t)
+    cpu = torch.device("cpu")
+    vpfb.engineer(net, cpu, "none", channels_last=True)           # channels-last weights and input
+    cl, _ = model.loss(x, eps=eps, t=t)
     assert abs(cl.item() - ref.item()) <= 1e-4 * (abs(ref.item()) + st["phi2"] ** 0.5)
-    net.amp = True
-    same, _ = model.loss(x, eps=eps, t=t)                                # CPU input: no autocast
+    vpfb.engineer(net, cpu, "auto")                                 # auto on the CPU: fp32
+    assert "trunk" not in vars(net)
+    same, _ = model.loss(x, eps=eps, t=t)
     assert abs(same.item() - ref.item()) <= 1e-4 * (abs(ref.item()) + st["phi2"] ** 0.5)
-    monkeypatch.setattr(vpfb, "_trunk_autocast", lambda m, x: torch.autocast(
-        "cpu", dtype=torch.bfloat16, enabled=m.amp))
+    vpfb.engineer(net, cpu, "bf16")
     lb, sb = model.loss(x, eps=eps, t=t)
     lb.backward()
     assert math.isfinite(lb.item()) and sb["phi2"] == pytest.approx(st["phi2"], rel=0.05)
