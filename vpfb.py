@@ -289,7 +289,7 @@ class VPFB:
         return (x, traj) if return_traj else x
 
 # The authors' code (https://github.com/ljun0004/VAPO: losses.py, configs/homotopy/*.py):
-# VPFB(phi, **AUTHORS). Their network and optimiser are section 2's AUTHORS_UNET and section 7.
+# VPFB(phi, **AUTHORS). Their network and optimiser are section 2's AuthorsUNetPhi and section 7.
 AUTHORS = dict(eta=0.0, lam_gx=0.5, lam_gt=0.1, cov_form="corr", cos_form="authors",
                grad_norm="mean", bfactor=4.0)
 # Ours: VPFB(phi, **OURS). With "stein" and the weighted gradient norm, Cov + E w|grad Phi|^2 IS
@@ -368,15 +368,10 @@ def slerp(z0, z1, alpha):
 # BatchNorm, which would couple the images of a batch and make Phi_i depend on x_j. Each network
 # is two pieces: `trunk` (the U-Net's image, the WideResNet's pooled features), then a scalar head.
 
-def _groups(ch):
-    """GroupNorm groups: 32 as usual, but at least 4 channels per group. With one channel per group
+def _norm(ch):
+    """GroupNorm: 32 groups as usual, but at least 4 channels per group. With one channel per group
     the norm would remove the per-channel time embedding added just before it (tiny test nets)."""
-    return math.gcd(32, max(1, ch // 4))
-
-def _norm(ch, groups=None):
-    """GroupNorm: the authors' GroupNorm(32, ch) where it exists (groups=32 -> gcd(32, ch), the same
-    for every channel count their code accepts, and defined for 16 channels too), else _groups."""
-    return nn.GroupNorm(math.gcd(groups, ch) if groups else _groups(ch), ch)
+    return nn.GroupNorm(math.gcd(32, max(1, ch // 4)), ch)
 
 def timestep_embedding(t, dim):
     """Sinusoidal embedding of the raw t in [0, 1], (B,) -> (B, dim), as the authors' U-Net.
@@ -389,16 +384,15 @@ def timestep_embedding(t, dim):
     return torch.cat([ang.cos(), ang.sin()], 1)
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv, time conditioning, GroupNorm-SiLU-dropout-conv, plus a skip.
-    Conditioning: add the embedding before the second norm (ours), or with scale_shift=True the
-    authors' FiLM form norm(h) * (1 + scale) + shift (the embedding gives 2 * cout numbers)."""
+    """GroupNorm-SiLU-conv, + the time (+ class) embedding, GroupNorm-SiLU-dropout-conv, plus a
+    skip. The embedding shifts each channel before the second norm; norm(ch) makes the norms."""
+    emb_per_channel = 1                                  # FiLMResBlock: 2, a scale and a shift
 
-    def __init__(self, cin, cout, emb_dim, dropout, scale_shift=False, groups=None):
+    def __init__(self, cin, cout, emb_dim, dropout, norm):
         super().__init__()
-        self.scale_shift = scale_shift
-        self.n1, self.c1 = _norm(cin, groups), nn.Conv2d(cin, cout, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, 2 * cout if scale_shift else cout)
-        self.n2, self.c2 = _norm(cout, groups), nn.Conv2d(cout, cout, 3, padding=1)
+        self.n1, self.c1 = norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, self.emb_per_channel * cout)
+        self.n2, self.c2 = norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
         self.drop = nn.Dropout(dropout)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
         nn.init.zeros_(self.c2.weight)
@@ -406,25 +400,17 @@ class ResBlock(nn.Module):
 
     def forward(self, x, emb):                         # emb: SiLU(time (+ class) embedding)
         h = self.c1(F.silu(self.n1(x)))
-        e = self.emb(emb)[:, :, None, None]
-        if self.scale_shift:
-            scale, shift = e.chunk(2, dim=1)
-            h = self.n2(h) * (1 + scale) + shift
-        else:
-            h = self.n2(h + e)
-        h = self.c2(self.drop(F.silu(h)))
-        return self.skip(x) + h
+        h = self.n2(h + self.emb(emb)[:, :, None, None])
+        return self.skip(x) + self.c2(self.drop(F.silu(h)))
 
 class AttnBlock(nn.Module):
     """Multi-head self-attention over pixels, written out with softmax: it has a double backward
-    (the flash / memory-efficient SDPA kernels do not), which the loss needs. heads: a fixed
-    number (the authors: 1), else ch // head_dim; the qkv channels split as q | k | v, then heads
-    (guided-diffusion's QKVAttention, as the authors' net)."""
+    (the flash / memory-efficient SDPA kernels do not), which the loss needs. The qkv channels
+    split as q | k | v, then heads (guided-diffusion's QKVAttention, as the authors' net)."""
 
-    def __init__(self, ch, head_dim=64, heads=None, groups=None):
+    def __init__(self, ch, heads, norm):
         super().__init__()
-        self.heads = heads or max(1, ch // head_dim)
-        self.norm = _norm(ch, groups)
+        self.heads, self.norm = heads, norm(ch)
         self.qkv, self.proj = nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
@@ -439,65 +425,66 @@ class AttnBlock(nn.Module):
 
 class UNetPhi(nn.Module):
     """Time-varying potential Phi(x, t [, y]) = 1/2 ||x - UNet(x, t [, y])||^2 (authors' head).
-    A guided-diffusion U-Net (defaults: the paper's size): per resolution `num_res` ResBlocks
-    (attention at `attn_res`), a ResBlock-Attention-ResBlock middle, the mirror image up with skips.
-    Keywords (defaults = ours; AUTHORS_UNET = their net): scale_shift (FiLM time conditioning),
-    attn_heads (fixed heads, authors 1), conv_resample (strided conv down, nearest + conv up;
-    authors: average pool, nearest), stem_mult (stem gives base * mult[0] channels), norm_groups
-    (authors 32), zero_out (output conv zero: Phi = 1/2 |x|^2 at start). Both embed the raw t."""
+    A guided-diffusion U-Net (defaults: the paper's size) on the raw t: per resolution `num_res`
+    ResBlocks (attention at `attn_res`, heads of head_dim channels), a ResBlock-Attention-ResBlock
+    middle, the mirror image up with skips; a strided conv halves the resolution, nearest + conv
+    doubles it. The layers come from the methods after __init__; AuthorsUNetPhi has the authors'."""
 
     def __init__(self, in_ch=3, base=128, mult=(2, 2, 2), num_res=4, attn_res=(16,), dropout=0.3,
-                 image_size=32, num_classes=0, *, scale_shift=False, attn_heads=None, head_dim=64,
-                 conv_resample=True, stem_mult=False, norm_groups=None, zero_out=False):
+                 image_size=32, num_classes=0, *, head_dim=64):
         super().__init__()
         emb = base * 4
-        self.base = base
+        self.base, self.emb_dim, self.dropout, self.head_dim = base, emb, dropout, head_dim
         self.temb = nn.Sequential(nn.Linear(base, emb), nn.SiLU(), nn.Linear(emb, emb))
         # class embedding with one extra "null" class (index num_classes): y=None -> Phi(x, t)
         self.num_classes = num_classes
         self.cemb = nn.Embedding(num_classes + 1, emb) if num_classes else None
-
-        def res(cin, cout):
-            return ResBlock(cin, cout, emb, dropout, scale_shift, norm_groups)
-
-        def attn(c):
-            return AttnBlock(c, head_dim, attn_heads, norm_groups)
-
-        ch = base * mult[0] if stem_mult else base
+        ch = self.stem_width(base, mult)
         self.inp = nn.Conv2d(in_ch, ch, 3, padding=1)
         self.down, chans, res_px = nn.ModuleList(), [ch], image_size
         for i, m in enumerate(mult):
             for _ in range(num_res):
-                blk = nn.ModuleList([res(ch, base * m)])
+                blk = nn.ModuleList([self.res(ch, base * m)])
                 ch = base * m
                 if res_px in attn_res:
-                    blk.append(attn(ch))
+                    blk.append(self.attn(ch))
                 self.down.append(blk)
                 chans.append(ch)
             if i < len(mult) - 1:                                    # halve the resolution
-                pool = nn.Conv2d(ch, ch, 3, 2, 1) if conv_resample else nn.AvgPool2d(2)
-                self.down.append(nn.ModuleList([pool]))
+                self.down.append(nn.ModuleList([self.downsample(ch)]))
                 chans.append(ch)
                 res_px //= 2
-        self.mid = nn.ModuleList([res(ch, ch), attn(ch), res(ch, ch)])
+        self.mid = nn.ModuleList([self.res(ch, ch), self.attn(ch), self.res(ch, ch)])
         self.up = nn.ModuleList()
         for i, m in reversed(list(enumerate(mult))):
             for j in range(num_res + 1):
-                blk = nn.ModuleList([res(ch + chans.pop(), base * m)])
+                blk = nn.ModuleList([self.res(ch + chans.pop(), base * m)])
                 ch = base * m
                 if res_px in attn_res:
-                    blk.append(attn(ch))
+                    blk.append(self.attn(ch))
                 if i > 0 and j == num_res:                           # double the resolution
-                    blk.append(nn.Upsample(scale_factor=2, mode="nearest"))
-                    if conv_resample:
-                        blk.append(nn.Conv2d(ch, ch, 3, padding=1))
+                    blk.extend(self.upsample(ch))
                     res_px *= 2
                 self.up.append(blk)
-        self.out = nn.Sequential(_norm(ch, norm_groups), nn.SiLU(),
-                                 nn.Conv2d(ch, in_ch, 3, padding=1))
-        if zero_out:
-            nn.init.zeros_(self.out[2].weight)
-            nn.init.zeros_(self.out[2].bias)
+        self.out = nn.Sequential(self.norm(ch), nn.SiLU(), nn.Conv2d(ch, in_ch, 3, padding=1))
+
+    def stem_width(self, base, mult):
+        return base
+
+    def norm(self, ch):
+        return _norm(ch)
+
+    def res(self, cin, cout):
+        return ResBlock(cin, cout, self.emb_dim, self.dropout, self.norm)
+
+    def attn(self, ch):
+        return AttnBlock(ch, max(1, ch // self.head_dim), self.norm)
+
+    def downsample(self, ch):
+        return nn.Conv2d(ch, ch, 3, 2, 1)
+
+    def upsample(self, ch):
+        return [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)]
 
     def _run(self, blk, h, emb):
         for layer in blk:
@@ -525,16 +512,55 @@ class UNetPhi(nn.Module):
     def forward(self, x, t, y=None):
         return 0.5 * (x - self.trunk(x, t, y)).flatten(1).pow(2).sum(1)   # 1/2 ||x - UNet(x, t)||^2
 
-# The authors' network (configs/homotopy/cifar10.py, celeba.py of their repository): UNetPhi(3, 128,
-# (2, 2, 2), 4, attn_res=(image_size // 2,), **AUTHORS_UNET), their 55,676,419 parameters.
-AUTHORS_UNET = dict(scale_shift=True, attn_heads=1, conv_resample=False, stem_mult=True,
-                    norm_groups=32, zero_out=True)
+class FiLMResBlock(ResBlock):
+    """The authors' ResBlock (guided-diffusion's scale-shift norm): the embedding gives a scale and
+    a shift per channel, applied after the second norm: norm(h) * (1 + scale) + shift."""
+    emb_per_channel = 2
+
+    def forward(self, x, emb):
+        h = self.c1(F.silu(self.n1(x)))
+        scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)
+        h = self.n2(h) * (1 + scale) + shift
+        return self.skip(x) + self.c2(self.drop(F.silu(h)))
+
+class AuthorsUNetPhi(UNetPhi):
+    """The authors' U-Net (configs/homotopy/cifar10.py, celeba.py of their repository; --unet
+    authors): FiLMResBlocks, one attention head, GroupNorm(32), a stem of base * mult[0] channels,
+    average pooling down and nearest up without convs, the output conv zero (Phi = 1/2 |x|^2 at
+    the start). Their config's options that vpfb_convert.py reads from a file: conv_resample
+    (their resamp_with_conv: our strided conv and nearest + conv), scale_shift=False (additive
+    ResBlocks). AuthorsUNetPhi(3, 128, (2, 2, 2), 4, (16,)) has their 55,676,419 parameters."""
+
+    def __init__(self, *args, scale_shift=True, conv_resample=False, **kw):
+        self.scale_shift, self.conv_resample = scale_shift, conv_resample   # read while building
+        super().__init__(*args, **kw)
+        nn.init.zeros_(self.out[2].weight)
+        nn.init.zeros_(self.out[2].bias)
+
+    def stem_width(self, base, mult):
+        return base * mult[0]
+
+    def norm(self, ch):
+        return nn.GroupNorm(math.gcd(32, ch), ch)  # theirs wherever theirs exists, and below 32
+
+    def res(self, cin, cout):
+        block = FiLMResBlock if self.scale_shift else ResBlock
+        return block(cin, cout, self.emb_dim, self.dropout, self.norm)
+
+    def attn(self, ch):
+        return AttnBlock(ch, 1, self.norm)
+
+    def downsample(self, ch):
+        return super().downsample(ch) if self.conv_resample else nn.AvgPool2d(2)
+
+    def upsample(self, ch):
+        return super().upsample(ch) if self.conv_resample else [nn.Upsample(scale_factor=2)]
 
 class WideBlock(nn.Module):
     def __init__(self, cin, cout, stride, dropout):
         super().__init__()
-        self.n1, self.c1 = nn.GroupNorm(_groups(cin), cin), nn.Conv2d(cin, cout, 3, stride, 1)
-        self.n2, self.c2 = nn.GroupNorm(_groups(cout), cout), nn.Conv2d(cout, cout, 3, 1, 1)
+        self.n1, self.c1 = _norm(cin), nn.Conv2d(cin, cout, 3, stride, 1)
+        self.n2, self.c2 = _norm(cout), nn.Conv2d(cout, cout, 3, 1, 1)
         self.drop = nn.Dropout(dropout)
         self.skip = (nn.Conv2d(cin, cout, 1, stride) if (cin != cout or stride != 1)
                      else nn.Identity())
@@ -555,7 +581,7 @@ class WRNPhi(nn.Module):
             for j in range(n):
                 layers.append(WideBlock(ch, w, 2 if (j == 0 and i > 0) else 1, dropout))
                 ch = w
-        self.body = nn.Sequential(*layers, nn.GroupNorm(_groups(ch), ch), nn.SiLU())
+        self.body = nn.Sequential(*layers, _norm(ch), nn.SiLU())
         self.num_classes = num_classes
         self.head = nn.Linear(ch, num_classes + 1 if num_classes else 1)   # + a "null" read-out
 
@@ -841,9 +867,9 @@ def build_net(args, device=None):
     autonomous WideResNet Phi(x); class-conditional with --class-cond."""
     nc = args.num_classes if args.class_cond else 0
     if args.arch == "unet":
-        net = UNetPhi(args.channels, args.model_size, ints(args.ch_mult), args.res_blocks,
-                      ints(args.attn_res), args.dropout, args.image_size, nc,
-                      **(AUTHORS_UNET if args.unet == "authors" else {}))
+        unet = AuthorsUNetPhi if args.unet == "authors" else UNetPhi
+        net = unet(args.channels, args.model_size, ints(args.ch_mult), args.res_blocks,
+                   ints(args.attn_res), args.dropout, args.image_size, nc)
     else:
         net = WRNPhi(args.channels, args.model_size, args.wrn_depth, 0.0, nc)
     return net if device is None else engineer(net, device, args.amp, args.channels_last)

@@ -12,12 +12,12 @@ import os
 
 import torch
 
-from vpfb import (AUTHORS_UNET, FORMAT, UNetPhi, args_to_dict, atomic, die, is_authors_checkpoint,
+from vpfb import (FORMAT, AuthorsUNetPhi, args_to_dict, atomic, die, is_authors_checkpoint,
                   parse_args, read_checkpoint)
 
 # score_sde-style dicts: "model" = the state dict of nn.DataParallel(MyUnet), keys "module.model."
 # + a guided-diffusion UNet key; "ema" = {"shadow_params": EMA copies of model.parameters() in
-# order, ...}; "optimizer", "step". Their UNet is our UNetPhi with AUTHORS_UNET; names map part by
+# order, ...}; "optimizer", "step". Their UNet is our AuthorsUNetPhi; names map part by
 # part (_AUTHORS_NAMES; input_blocks.k = down.(k-1), their 1-D convs = our 1x1 convs); resampling
 # convs are "op" (down) or "conv" (up; our nn.Upsample and conv are two layers), none in the
 # released nets. Both nets register their parameters in the same order, so shadow_params[i] is our
@@ -50,7 +50,7 @@ def authors_names(net):
     return names
 
 def authors_arch(sd, image_size=32):
-    """UNetPhi keyword arguments for the authors' net with (prefix-free) state dict sd.
+    """AuthorsUNetPhi keyword arguments for the authors' net with (prefix-free) state dict sd.
     attn_res is in pixels for a nominal image_size: the net itself is fully convolutional."""
     base = sd["time_embed.0.weight"].shape[1]             # their embedding width = base channels
     stem = sd["input_blocks.0.0.weight"]
@@ -65,8 +65,7 @@ def authors_arch(sd, image_size=32):
     first = [1 + lv * (num_res + 1) for lv in range(levels)]
     out_ch = [sd[f"input_blocks.{k}.0.in_layers.2.weight"].shape[0] for k in first]
     emb_out = sd["input_blocks.1.0.emb_layers.1.weight"].shape[0]
-    kw = dict(AUTHORS_UNET)
-    kw.update(scale_shift=emb_out == 2 * out_ch[0], stem_mult=stem.shape[0] != base,
+    kw = dict(scale_shift=emb_out == 2 * out_ch[0],
               conv_resample=bool(gaps) and f"input_blocks.{gaps[0]}.0.op.weight" in sd)
     attn = tuple(image_size // 2 ** lv for lv, k in enumerate(first)
                  if f"input_blocks.{k}.1.qkv.weight" in sd)
@@ -76,8 +75,8 @@ def authors_arch(sd, image_size=32):
                 num_classes=ncls, **kw)
 
 def authors_network(ck, use_ema=True, image_size=32, name="checkpoint"):
-    """Our UNetPhi (eval mode, frozen) holding the weights of an authors' checkpoint dict `ck`:
-    the EMA shadow_params (use_ema) or the raw model. What does not fit: one line, exit 2."""
+    """Our AuthorsUNetPhi (eval mode, frozen) holding the weights of an authors' checkpoint dict
+    `ck`: the EMA shadow_params (use_ema) or the raw model. What does not fit: one line, exit 2."""
     if not is_authors_checkpoint(ck):
         found = _listing(sorted(ck)) if isinstance(ck, dict) else type(ck).__name__
         die(f"{name!r} is not an authors' VAPO checkpoint (expects model, ema.shadow_params, "
@@ -85,7 +84,7 @@ def authors_network(ck, use_ema=True, image_size=32, name="checkpoint"):
     sd = {k.removeprefix("module.").removeprefix("model."): v for k, v in ck["model"].items()}
     try:
         kw = authors_arch(sd, image_size)
-        net = UNetPhi(**kw)
+        net = AuthorsUNetPhi(**kw)
     except (KeyError, IndexError, ValueError, ZeroDivisionError, AttributeError):
         odd = [k for k in sd if not k.startswith(_AUTHORS_PREFIXES)] or list(sd)
         die(f"{name!r} is a score_sde-style checkpoint but not the authors' VAPO U-Net "
@@ -117,7 +116,7 @@ def authors_network(ck, use_ema=True, image_size=32, name="checkpoint"):
     return net.eval().requires_grad_(False)
 
 def load_authors_checkpoint(path, use_ema=True, image_size=32):
-    """The authors' released Phi (their checkpoints/checkpoint_*.pth) as our UNetPhi in eval mode:
+    """The authors' released Phi (their checkpoints/checkpoint_*.pth) as our AuthorsUNetPhi (eval):
     net(x, t) is their potential, x in [-1, 1] NCHW. EMA weights unless use_ema=False."""
     return authors_network(read_checkpoint(path), use_ema, image_size, name=path)
 
@@ -127,9 +126,9 @@ def authors_checkpoint_as_ours(ck, name="checkpoint", image_size=32):
     keys; "opt" None (their Adam state indexes their parameter list: a fresh Adam)."""
     ema, raw = (authors_network(ck, use, image_size, name) for use in (True, False))
     kw = ema.arch_kwargs
-    if any(kw[k] != v for k, v in AUTHORS_UNET.items()):
-        die(f"{name}: an authors' U-Net variant ({ {k: kw[k] for k in AUTHORS_UNET} }) that "
-            f"--unet authors does not build")
+    if not kw["scale_shift"] or kw["conv_resample"]:
+        die(f"{name}: an authors' U-Net variant (scale_shift {kw['scale_shift']}, conv_resample "
+            f"{kw['conv_resample']}) that --unet authors does not build")
     args = parse_args(["--recipe", "authors", "--arch", "unet", "--image-size", str(image_size),
                        "--device", "cpu"])
     args.model_size, args.ch_mult = kw["base"], ",".join(map(str, kw["mult"]))

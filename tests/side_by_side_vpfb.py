@@ -1,14 +1,14 @@
 """VPFB's --recipe authors against the authors' own training code, step for step (not run by CI:
 it needs their code, https://github.com/ljun0004/VAPO at c50f908, and the packages it imports).
 
-Both sides start from the same weights (theirs, read into our UNetPhi by vpfb.py's converter), see
-the same batches, the same t and the same noise (both draw them from one seeded generator, in
-their order: t first, then the noise), the same learning rate per step, and train --steps steps:
-their loss, Adam, 'std' clipping and EMA (losses.get_step_fn) against VPFB(phi, **AUTHORS),
-build_optimizer, train_step, ema_update. Prints the loss of each step on both sides and the
-largest parameter and EMA differences, each as ||ours - theirs|| / ||theirs - start|| per tensor
-(float32 round-off that Adam's per-element scaling amplifies where gradients are tiny: the losses
-agree to ~1e-6); exits 1 when they exceed --tol.
+Both sides start from the same weights (theirs, read into our AuthorsUNetPhi by vpfb.py's
+converter), see the same batches, the same t and the same noise (both draw them from one seeded
+generator, in their order: t first, then the noise), the same learning rate per step, and train
+--steps steps: their loss, Adam, 'std' clipping and EMA (losses.get_step_fn) against VPFB(phi,
+**AUTHORS), build_optimizer, train_step, ema_update. Prints the loss of each step on both sides and
+the largest parameter and EMA differences, each as ||ours - theirs|| / ||theirs - start|| per
+tensor (float32 round-off that Adam's per-element scaling amplifies where gradients are tiny: the
+losses agree to ~1e-6); exits 1 when they exceed --tol.
 
     python tests/side_by_side_vpfb.py --authors-code path/to/VAPO [--shims DIR] [--steps 10]
 
@@ -84,7 +84,7 @@ def main():
     ck = {"model": {k: v.clone() for k, v in theirs.state_dict().items()}, "step": 0,
           "ema": {"shadow_params": [q.detach().clone() for q in theirs.parameters()]}}
     conv = vpfb_convert.authors_network(ck, use_ema=False, image_size=a.size)
-    net = vpfb.UNetPhi(**{**conv.arch_kwargs, "dropout": 0.0})     # their file holds no dropout
+    net = vpfb.AuthorsUNetPhi(**{**conv.arch_kwargs, "dropout": 0.0})   # their file: no dropout
     net.load_state_dict(conv.state_dict())
     names = vpfb_convert.authors_names(net)                  # our key -> their key
     args = vpfb.parse_args(["--recipe", "authors", "--lr", str(a.lr), "--out-dir", "/tmp/_unused"])

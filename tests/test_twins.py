@@ -795,7 +795,7 @@ def _tiny_nets():
              (torch.randn(4, 3, 8, 8),)),
             ("vpfb_unet", vpfb.UNetPhi(3, 16, (1, 2), 1, (4,), 0.0, 8, 3),
              (torch.randn(4, 3, 8, 8), torch.rand(4), torch.tensor([0, 1, 2, 0]))),
-            ("vpfb_authors", vpfb.UNetPhi(3, 32, (1, 2), 1, (4,), 0.0, 8, **vpfb.AUTHORS_UNET),
+            ("vpfb_authors", vpfb.AuthorsUNetPhi(3, 32, (1, 2), 1, (4,), 0.0, 8),
              (torch.randn(4, 3, 8, 8), torch.rand(4))),
             ("vpfb_wrn", vpfb.WRNPhi(3, 8, 10, 0.0, 3),
              (torch.randn(4, 3, 8, 8), None, torch.tensor([0, 1, 2, 0])))]

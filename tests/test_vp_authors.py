@@ -3,7 +3,8 @@
 The reference below is our own functional re-implementation of their potential, written from
 their architecture (guided-diffusion U-Net, configs/homotopy/cifar10.py) with their parameter
 names, so the checks do not reuse the loader's name mapping: a state dict in their layout with
-random values must load into UNetPhi with every key used, and give the same Phi(x, t) at several t.
+random values must load into AuthorsUNetPhi with every key used, and give the same Phi(x, t) at
+several t.
 """
 import math
 
@@ -229,7 +230,7 @@ def test_ema_shadow_params_follow_the_authors_parameter_order(tmp_path):
 
 def test_authors_network_has_their_parameter_count_and_default_is_unchanged():
     with torch.device("meta"):
-        theirs = vpfb.UNetPhi(3, 128, (2, 2, 2), 4, (16,), 0.3, 32, **vpfb.AUTHORS_UNET)
+        theirs = vpfb.AuthorsUNetPhi(3, 128, (2, 2, 2), 4, (16,), 0.3, 32)
         ours = vpfb.UNetPhi()
     assert sum(p.numel() for p in theirs.parameters()) == 55_676_419     # their code's count, 55.7M
     assert sum(p.numel() for p in ours.parameters()) == 53_634_563       # our default, as before
@@ -245,7 +246,7 @@ def test_authors_network_has_their_parameter_count_and_default_is_unchanged():
 
 
 def test_authors_network_trains_double_backward_and_starts_at_half_norm():
-    net = vpfb.UNetPhi(3, 32, (1, 2), 1, (4,), 0.0, 8, **vpfb.AUTHORS_UNET)
+    net = vpfb.AuthorsUNetPhi(3, 32, (1, 2), 1, (4,), 0.0, 8)
     x, t = torch.randn(2, 3, 8, 8, requires_grad=True), torch.rand(2)
     phi = net(x, t)
     assert torch.allclose(phi, 0.5 * x.detach().flatten(1).pow(2).sum(1))  # zero output conv
@@ -315,11 +316,11 @@ def test_recipe_authors_builds_their_net_and_checkpoints_keep_it(tmp_path, capsy
     args = vpfb.parse_args(SMALL + flags + ["--recipe", "authors", "--out-dir", out])
     assert args.attn_res == "4"                                 # their attention_resolutions [2]
     net = vpfb.build_net(args)
-    assert net.mid[0].scale_shift and net.mid[1].heads == 1
+    assert isinstance(net.mid[0], vpfb.FiLMResBlock) and net.mid[1].heads == 1
     vpfb.main(SMALL + flags + ["--recipe", "authors", "--out-dir", out])
     a = vpfb.parse_args(["--mode", "sample", "--recipe", "paper", "--out-dir", out])
     net = vpfb.net_from_checkpoint(a.ck_, a, torch.device("cpu"))   # its settings beat the recipe
-    assert a.unet == "authors" and net.mid[0].scale_shift and a.cov_form == "corr"
+    assert a.unet == "authors" and isinstance(net, vpfb.AuthorsUNetPhi) and a.cov_form == "corr"
     assert a.sources_["unet"] == a.sources_["cov_form"] == "checkpoint"
     # their own file, converted: --resume --ckpt starts from their weights and step, a fresh Adam
     theirs = str(tmp_path / "checkpoint_1.pth")
@@ -351,7 +352,7 @@ def test_recipe_authors_checkpoints_from_before_net_keep_our_unet(tmp_path, caps
     torch.save(ck, f"{out}/ckpt_main.pt")
     a = vpfb.parse_args(["--mode", "sample", "--out-dir", out])
     net = vpfb.net_from_checkpoint(a.ck_, a, torch.device("cpu"))
-    assert a.unet == "ours" and a.recipe == "authors" and not net.mid[0].scale_shift
+    assert a.unet == "ours" and a.recipe == "authors" and type(net) is vpfb.UNetPhi
     vpfb.main(SMALL + flags + ["--steps", "2", "--resume"])
     assert vpfb.load_checkpoint(f"{out}/ckpt_main.pt")["args"]["unet"] == "ours"
     err = refused(capsys, lambda: vpfb.main(SMALL + flags + ["--steps", "3", "--resume", "--unet",

@@ -499,8 +499,8 @@ def test_dphi_dt_is_order_one_once_the_weights_move(unet, ch, base, mult, size):
     few steps would (at initialisation the zero output layer makes it 0 at any time scale). Both
     U-Nets embed the raw t: O(1) here; with the 1000 t embedding of vpfb/v1 it was ~1e6."""
     torch.manual_seed(0)
-    net = vpfb.UNetPhi(ch, base, mult, 1, (), 0.0, size,
-                       **(vpfb.AUTHORS_UNET if unet == "authors" else {})).eval()
+    unet_cls = vpfb.AuthorsUNetPhi if unet == "authors" else vpfb.UNetPhi
+    net = unet_cls(ch, base, mult, 1, (), 0.0, size).eval()
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.02 * torch.randn_like(p))
