@@ -103,9 +103,6 @@ def readme_commands(text=None):
 
 # ---- which script a command runs ----
 
-TORCHRUN_FLAGS = None
-
-
 def script_call(cmd):
     """(script path relative to the repository, its argv) of a python or torchrun command, or
     (None, None) for anything else (python -c / -m, pip, cd)."""
