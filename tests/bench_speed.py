@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -75,9 +76,16 @@ def count_ops(fn):
 
 
 def setup(mod, argv, form, device, backend):
-    """(args, net, method) as the command line builds them, in the given form."""
-    args = mod.parse_args(argv + ["--device", str(device), "--amp",
-                                  "bf16" if form == "bf16" else "none", "--workers", "0"])
+    """(args, net, method) as the command line builds them, in the given form. --out-dir: an
+    empty folder (nothing is written; the default runs/em_cifar10 may hold a user's run, which
+    parse_args refuses to replace)."""
+    empty = tempfile.mkdtemp()
+    try:
+        args = mod.parse_args(argv + ["--device", str(device), "--amp",
+                                      "bf16" if form == "bf16" else "none", "--workers", "0",
+                                      "--out-dir", empty])
+    finally:
+        os.rmdir(empty)
     torch.manual_seed(0)
     net = mod.build_net(args, device)
     phi = net if mod is em else vpfb.Conditioned(net)

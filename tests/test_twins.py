@@ -646,8 +646,13 @@ def test_grouped_optimiser_and_clipping_give_the_loop_s_numbers():
         assert all(torch.equal(p, q) for p, q in zip(ps, qs)), i
 
 
-def test_bench_speed_prints_one_json_line_per_measurement():
+def test_bench_speed_prints_one_json_line_per_measurement(tmp_path, monkeypatch):
+    """Also where README's cifar10 runs exist: the benchmark parses into no run folder."""
     import importlib.util
+    monkeypatch.chdir(tmp_path)
+    for run in ("runs/em_cifar10/ckpt_warmup.pt", "runs/vpfb_cifar10/ckpt_main.pt"):
+        os.makedirs(os.path.dirname(run))
+        open(run, "w").close()
     spec = importlib.util.spec_from_file_location("bench_speed",
                                                   os.path.join(ROOT, "tests", "bench_speed.py"))
     bench = importlib.util.module_from_spec(spec)
