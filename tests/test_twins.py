@@ -554,6 +554,16 @@ def test_no_flag_is_silently_ignored(mod, tiny, ckpt, tmp_path, capsys):
     assert "--model-size 16 (checkpoint: 8)" in one_error(capsys, e)
 
 
+@pytest.mark.parametrize("mod", [em, vpfb])
+def test_dataset_in_an_eval_mode_warns_only_beside_out_dir(mod, capsys, monkeypatch):
+    """Without --out-dir, --dataset names the run folder (runs/<method>_<dataset>): no warning."""
+    monkeypatch.setattr(mod, "find_checkpoint", lambda args: (None, ()))
+    a = mod.parse_args(["--mode", "sample", "--dataset", "mnist", "--device", "cpu"])
+    assert a.out_dir.endswith("_mnist") and "has no effect" not in capsys.readouterr().err
+    mod.parse_args(["--mode", "sample", "--dataset", "mnist", "--out-dir", "x", "--device", "cpu"])
+    assert "--dataset has no effect in --mode sample" in capsys.readouterr().err
+
+
 def test_em_npz_of_mnist_images_takes_the_mnist_numbers(tmp_path):
     """--dataset npz of 28 x 28 grey images gets App. C's MNIST row and the CNN, as --dataset mnist."""
     data = _npz(tmp_path / "digits.npz", np.zeros((4, 28, 28, 1), np.uint8))
