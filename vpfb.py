@@ -1810,7 +1810,7 @@ def resolve_args(args, typed=(), settings=MODE_SETTINGS):
     if args.mode == "train" and args.ck_ is None and not args.resume:
         reads.discard("ckpt")                               # training reads --ckpt only to resume
     if "out_dir" not in typed:
-        reads.add("dataset")                     # it names the default --out-dir, runs/<x>_<dataset>
+        reads.add("dataset")                    # it names the default --out-dir, runs/<x>_<dataset>
     for k in sorted(set(typed) - reads):
         print(f"warning: --{k.replace('_', '-')} has no effect in --mode {args.mode}"
               + (" without --resume" if k == "ckpt" else ""), file=sys.stderr)
