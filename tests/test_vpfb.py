@@ -529,6 +529,32 @@ def test_an_x_independent_phi_meets_only_the_authors_pearson_term():
     assert term(cov_form="stein") == 0.0
 
 
+@pytest.mark.parametrize("grad_norm,lam", [("sum", 1.0), ("mean", 0.5)])
+def test_pearson_form_sets_the_scale_of_phi_by_lambda(grad_norm, lam):
+    """The Pearson term (std(Phi) detached) and the cosine are blind to the scale c of Phi = c psi,
+    so gradient descent on c stops where the term's push rho / c meets the penalty's 2 lam c A:
+    E||grad Phi||^2 = |rho| / (2 lam), times D for the authors' per-pixel mean. With the paper's sum
+    and lam = 1 that is < 1 whatever the data's velocity (README: `paper --cov-form corr`)."""
+    torch.manual_seed(0)
+    B, D = 256, 64
+    xbar, eps, t = torch.rand(B, D) * 2 - 1, torch.randn(B, D), torch.rand(B)
+    a = torch.randn(D) / D ** 0.5
+    c = torch.tensor(1.0, requires_grad=True)
+    m = vpfb.VPFB(lambda x, tt: c * (x * a).sum(1), cov_form="corr", grad_norm=grad_norm,
+                  lam_gx=lam, lam_cos=0.0, lam_gt=0.0, eta=0.0)
+    rho = float(m.objective(xbar, eps, t)[1]["cov"].detach())   # corr(Gamma, psi), any c
+    if rho > 0:
+        a = -a
+    rho, A = abs(rho), float(a.pow(2).sum()) / (D if grad_norm == "mean" else 1)
+    for _ in range(300):                                       # d loss/dc = -rho / c + 2 lam A c
+        loss = m.objective(xbar, eps, t)[0]
+        g, = torch.autograd.grad(loss, c)
+        with torch.no_grad():
+            c -= 0.1 / (4 * lam * A) * g
+    gphi2 = float(c.detach()) ** 2 * float(a.pow(2).sum())              # E||grad_x Phi||^2, summed
+    want = rho / (2 * lam) * (D if grad_norm == "mean" else 1)
+    assert gphi2 == pytest.approx(want, rel=1e-3)
+
 def _patterns(n, g):
     """Structured 8 x 8 data: one of four fixed images (ramps, stripes, flat) plus a little noise."""
     r = torch.linspace(-1, 1, 64).reshape(8, 8)
