@@ -1465,7 +1465,8 @@ def build_parser(recipe="authors", modes=MODES):
                f"{', '.join(modes)}. [r] = set by --recipe (shown: {recipe}'s).",
                formatter_class=Help, allow_abbrev=False)
     a, bool_opt = p.add_argument, argparse.BooleanOptionalAction
-    a("--mode", default="train", required="train" not in modes, choices=modes, help="what to do")
+    a("--mode", default="train" if "train" in modes else None, required="train" not in modes,
+      choices=modes, help="what to do")
     a("--phase", default="warmup", choices=("warmup", "main"), help="Alg. 1 or Alg. 2 (+ CD)")
     a("--recipe", default="authors", choices=RECIPES, help="authors' CIFAR code or the paper")
     a("--dataset", default="cifar10", choices=DATASETS, help="training / evaluation images")

@@ -1631,7 +1631,8 @@ def build_parser(recipe="authors", modes=MODES):
                f"{', '.join(modes)}. [r] = set by --recipe (shown: {recipe}'s).",
                formatter_class=Help, allow_abbrev=False)
     a, bool_opt = p.add_argument, argparse.BooleanOptionalAction
-    a("--mode", default="train", required="train" not in modes, choices=modes, help="what to do")
+    a("--mode", default="train" if "train" in modes else None, required="train" not in modes,
+      choices=modes, help="what to do")
     a("--recipe", default="authors", choices=RECIPES, help="authors' code, the paper, or ours")
     a("--dataset", default="cifar10", choices=DATASETS, help="training / evaluation images")
     a("--data-dir", default="data", help="dataset folder (npz: the .npz file, uint8 NHWC)")

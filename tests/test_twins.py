@@ -97,6 +97,17 @@ def test_recipes_are_plain_dicts_and_help_shows_their_values(mod, cls, capsys):
             assert mod.build_parser().get_default(k) == v, k
 
 
+@pytest.mark.parametrize("name", ["energy_matching_experiments", "vpfb_experiments"])
+def test_the_experiments_help_gives_no_default_for_the_required_mode(name, capsys):
+    """--mode is required in an experiments file: --help must not print "(default: train)", a
+    mode that file does not have."""
+    import importlib
+    mod = importlib.import_module(name)
+    with pytest.raises(SystemExit):
+        mod.main(["--help"])
+    out = capsys.readouterr().out
+    assert "what to do" in out and "(default: train)" not in out
+
 def test_bare_functions_run_with_their_own_defaults():
     """Every function above the divider works with its own defaults (VPFB.langevin's step used to
     give NaN within 30 steps) on a small example, and gives finite output."""
