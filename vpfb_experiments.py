@@ -36,10 +36,10 @@ def cmd_interp(args, rows=8, cols=10):
 
 def cmd_nn(args, rows=8):
     """Generated samples and their k nearest training images in pixel (L2) distance (Fig. 5)."""
-    device, net, method, info = eval_setup(args)
     data = build_dataset(args, train=True)
     if len(data) < args.nn_k:
         die(f"--nn-k {args.nn_k} is more than the {len(data)} training images")
+    device, net, method, info = eval_setup(args)
     x, _ = draw(method, args, device, rows)
     best_d = torch.full((rows, args.nn_k), float("inf"))
     best_x = torch.zeros(rows, args.nn_k, *x.shape[1:])
@@ -74,15 +74,29 @@ def auroc(pos, neg):
     n1, n0 = len(pos), len(neg)
     return float((ranks[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
+def at_least_two(args, ds, what, needs):
+    """--ood-max and the set it reads must give 2 images or more: one image gives a histogram of a
+    single value (or no bins at all) and an AUROC of 0 or 1. One line, before the network."""
+    if args.ood_max < 2:
+        die(f"--ood-max {args.ood_max}: {needs} needs at least 2 images per set")
+    if len(ds) < 2:
+        die(f"{what} holds {len(ds)} image(s): {needs} needs at least 2")
+
 def cmd_hist(args):
     """Histogram of the Boltzmann energy on train vs test images (Fig. 11)."""
     plt = pyplot()
+    splits = {split: build_dataset(args, train=split == "train") for split in ("train", "test")}
+    for split, ds in splits.items():
+        at_least_two(args, ds, f"the {split} split", "a histogram")
     device, net, method, info = eval_setup(args)
     res, fig = dict(info), plt.figure(figsize=(5, 3.5))
-    for split in ("train", "test"):
-        e, _ = energies(method, build_dataset(args, train=split == "train"), device, args.ood_max,
-                        args.sample_batch)
+    for split, ds in splits.items():
+        e, _ = energies(method, ds, device, args.ood_max, args.sample_batch)
+        if not np.isfinite(e).all():
+            die(f"Phi_B is NaN or inf on {int((~np.isfinite(e)).sum())} of the {len(e)} {split} "
+                f"images (non-finite weights?); nothing written", 3)
         res[split] = {"n": int(len(e)), "mean": float(e.mean()), "std": float(e.std())}
+        e = e.astype(np.float64)              # float32 bin edges collapse on close, large values
         plt.hist(e, bins=50, alpha=0.5, density=True, label=split)
     plt.xlabel("Boltzmann energy Phi_B (Eq. 22)")
     plt.legend()
@@ -121,13 +135,20 @@ def cmd_ood(args):
     score higher), OOD = each of --ood-sets; score = Phi_B, and the authors' 4 Phi - ||x||^2.
     ood_hist.png: the histograms of Phi_B of each set (symlog axis: the sets lie decades apart)."""
     plt = pyplot()
-    device, net, method, info = eval_setup(args)
+    names = [s.strip() for s in args.ood_sets.split(",") if s.strip()]
+    if not names:
+        die(f"--ood-sets {args.ood_sets!r} names no set: give a comma list from {OOD_SETS}, "
+            f"image folders or .npz files")
     ind_ds = build_dataset(args, train=False)
+    at_least_two(args, ind_ds, "the test split", "an AUROC")
+    sets = {name: ood_set(args, name, ind_ds) for name in names}      # every set before the network
+    for name, ds in sets.items():
+        at_least_two(args, ds, f"OOD set {name}", "an AUROC")
+    device, net, method, info = eval_setup(args)
     pos, pos_auth = energies(method, ind_ds, device, args.ood_max, args.sample_batch)
     table, fig, scores = {}, plt.figure(figsize=(6, 3.5)), {"data (test split)": pos}
-    for name in [s.strip() for s in args.ood_sets.split(",") if s.strip()]:
-        neg, neg_auth = energies(method, ood_set(args, name, ind_ds), device, args.ood_max,
-                                 args.sample_batch)
+    for name, ds in sets.items():
+        neg, neg_auth = energies(method, ds, device, args.ood_max, args.sample_batch)
         scores[name] = neg
         table[name] = {"auroc_phi_b": auroc(pos, neg), "auroc_authors_score": auroc(pos_auth,
                                                                                     neg_auth),
@@ -146,10 +167,29 @@ def cmd_ood(args):
     save_figure(fig, os.path.join(args.out_dir, "ood_hist.png"))
     report(args.out_dir, "ood.json", {**info, "auroc": table})
 
+def check_longrun(args):
+    """--mode longrun's counts, one line before the network: no chain (--num-samples 0), or two
+    trajectories (ODE and SGLD, every frame of the batch kept) that overflow or cannot fit in
+    memory (a huge --longrun-t1 or --sgld-steps: an OverflowError or a swap storm before)."""
+    if args.num_samples == 0:
+        die("--num-samples 0: --mode longrun would run its ODE and SGLD chains on no image")
+    b = min(args.num_samples, args.sample_batch)
+    frame = 4 * b * args.channels * args.image_size ** 2                 # float32 bytes a frame
+    frames = max(args.ode_steps * max(1.0, args.longrun_t1), args.sgld_steps) + 1   # one at a time
+    have = (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            if hasattr(os, "sysconf") else float("inf"))
+    if torch.cuda.is_available() and args.device != "cpu":
+        have = torch.cuda.get_device_properties(0).total_memory
+    if not frame * frames <= have:
+        die(f"--longrun-t1 {args.longrun_t1:g} (x --ode-steps {args.ode_steps}) or --sgld-steps "
+            f"{args.sgld_steps} keeps {frames:.3g} frames of {b} images: "
+            f"{frame * frames / 2**30:.3g} GiB, more than the {have / 2**30:.0f} GiB here")
+
 def cmd_longrun(args):
     """Long-run sampling (Sec. 4.6, Figs. 12-18): the ODE over t in [0, longrun_t1] (past t_max it
     follows Phi(x, t_max)), then SGLD on Phi_B from the same noise; E|grad|^2 and E energy^2."""
     plt = pyplot()
+    check_longrun(args)
     device, net, method, info = eval_setup(args)
     shape = (args.channels, args.image_size, args.image_size)
     z = torch.randn(min(args.num_samples, args.sample_batch), *shape, device=device)
@@ -174,11 +214,18 @@ def cmd_longrun(args):
     _, traj, _ = ode_solve(recorded(phi_at, curves["ode"]), z, "euler", n_steps, 0.0, T,
                            return_traj=True)
     idx = [min(n_steps, round(f / T * n_steps)) for f in (0.5, 1, 2, 5, 10, T) if f <= T]
-    save_grid(torch.cat([traj[i][:8] for i in idx]), os.path.join(args.out_dir, "longrun_ode.png"))
+    ode_frames = torch.cat([traj[i][:8] for i in idx])
+    del traj
     _, traj, _ = sgld(recorded(lambda x, t: method.boltzmann_energy(x), curves["sgld"]), z,
                       args.sgld_steps, args.sgld_step, args.sgld_temp, return_traj=True)
     ks = np.linspace(0, args.sgld_steps, 6).astype(int)
-    save_grid(torch.cat([traj[k][:8] for k in ks]), os.path.join(args.out_dir, "longrun_sgld.png"))
+    sgld_frames = torch.cat([traj[k][:8] for k in ks])
+    for name, x in (("ODE", ode_frames), ("SGLD", sgld_frames)):
+        if not torch.isfinite(x).all():            # garbage strips and null curves: not a result
+            die(f"the long-run {name} chains went NaN or inf (--sgld-step {args.sgld_step} too "
+                f"large, or non-finite weights?); nothing written", 3)
+    save_grid(ode_frames, os.path.join(args.out_dir, "longrun_ode.png"))
+    save_grid(sgld_frames, os.path.join(args.out_dir, "longrun_sgld.png"))
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
     for axi, key, lab in ((ax[0], "ode", "ODE time t, Phi"), (ax[1], "sgld", "SGLD step, Phi_B")):
         axi.semilogy(curves[key]["t"], curves[key]["grad2"], label="E|grad|^2")

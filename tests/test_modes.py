@@ -314,6 +314,71 @@ def test_vp_longrun_curves(vp_ckpt, tmp_path):
     assert os.path.getsize(tmp_path / "longrun_norms.png") > 0
 
 
+# ----------------------------------------------------------------------------- vpfb: no work
+def _no_network(*a, **k):
+    raise AssertionError("the network was loaded before the flags were checked")
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--mode", "longrun", "--num-samples", "0"], "--num-samples 0"),           # ZeroDivisionError
+    (["--mode", "longrun", "--longrun-t1", "1e308"], "--longrun-t1 1e+308"),      # OverflowError
+    (["--mode", "longrun", "--sgld-steps", "100000000000"], "--sgld-steps 100000000000"),
+    (["--mode", "hist", "--ood-max", "1"], "--ood-max 1"),                 # "Too many bins"
+    (["--mode", "ood", "--ood-max", "1", "--ood-sets", "svhn"], "--ood-max 1"),
+    (["--mode", "ood", "--ood-sets", ","], "--ood-sets ',' names no set"),   # exit 0, "auroc": {}
+    (["--mode", "ood", "--ood-sets="], "--ood-sets '' names no set"),
+    (["--mode", "ood", "--ood-sets", "svhn,mnist"], "'mnist'"),         # after the scores before
+])
+def test_vp_counts_that_give_no_work_are_one_line_before_the_network(vp_ckpt, tmp_path, capsys,
+                                                                      monkeypatch, extra, needle):
+    """Every sampling mode's count flags: no chain, one image for a histogram or an AUROC, no OOD
+    set, a trajectory that overflows or cannot fit: one line, exit 2, before the network loads."""
+    monkeypatch.setattr(vpx, "eval_setup", _no_network)
+    code, err = _exit(lambda argv: _vp(vp_ckpt[0], tmp_path, *argv), extra, capsys)
+    assert code == 2 and needle in err, err
+    assert not [f for f in os.listdir(tmp_path) if f.endswith((".json", ".png"))]
+
+
+def test_vp_one_image_sets_are_one_line(vp_ckpt, tmp_path, capsys, monkeypatch):
+    """A set of one image (an OOD .npz, or --dataset npz for hist) is refused as --ood-max 1 is."""
+    monkeypatch.setattr(vpx, "eval_setup", _no_network)
+    one = tmp_path / "one.npz"
+    np.savez(one, images=np.zeros((1, 8, 8, 3), np.uint8))
+    code, err = _exit(vpx.main, VP + ["--mode", "ood", "--ckpt", vp_ckpt[1], "--ood-max", "5",
+                                      "--ood-sets", f"interp,{one}", "--out-dir", str(tmp_path)],
+                      capsys)
+    assert code == 2 and f"OOD set {one} holds 1 image(s)" in err, err
+    code, err = _exit(vpx.main, VP + ["--mode", "hist", "--ckpt", vp_ckpt[1], "--dataset", "npz",
+                                      "--data-dir", str(one), "--out-dir", str(tmp_path)], capsys)
+    assert code == 2 and "split holds 1 image(s)" in err, err
+    assert not (tmp_path / "ood.json").exists() and not (tmp_path / "hist.json").exists()
+
+
+def test_vp_hist_of_close_large_energies_and_of_nan(vp_ckpt, tmp_path, capsys, monkeypatch):
+    """Energies 3e7 apart by 4 have float32 bin edges that collapse ("Too many bins", a traceback):
+    binned in float64 they draw; a NaN energy is exit 3 and no hist.json, not a traceback."""
+    big = np.array([3e7, 3e7 + 4, 3e7 + 2], np.float32)
+    monkeypatch.setattr(vpx, "energies", lambda *a: (big, big))
+    _vp(vp_ckpt[0], tmp_path, "--mode", "hist", "--ood-max", "3")
+    assert _json(tmp_path / "hist.json")["test"]["n"] == 3
+    nan = np.array([1.0, np.nan], np.float32)
+    monkeypatch.setattr(vpx, "energies", lambda *a: (nan, nan))
+    code, err = _exit(lambda argv: _vp(vp_ckpt[0], tmp_path / "nan", *argv),
+                      ["--mode", "hist", "--ood-max", "2"], capsys)
+    assert code == 3 and "Phi_B is NaN or inf on 1 of the 2 train images" in err, err
+    assert not (tmp_path / "nan" / "hist.json").exists()
+
+
+def test_vp_longrun_that_blows_up_is_exit_3_not_null_curves(vp_ckpt, tmp_path, capsys):
+    """SGLD with a step of 1e38 leaves the float32 range: exit 3 and nothing written (it wrote
+    NaN strips and null curves with exit 0)."""
+    code, err = _exit(lambda argv: _vp(vp_ckpt[0], tmp_path, *argv),
+                      ["--mode", "longrun", "--longrun-t1", "1", "--sgld-steps", "3",
+                       "--sgld-step", "1e38", "--num-samples", "2"], capsys)
+    assert code == 3 and "SGLD chains went NaN or inf" in err, err
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("longrun")]
+
+
 # ----------------------------------------------------------------------------- vpfb: compose
 def test_vp_compose_rows_and_keys(vp_ckpt, tmp_path):
     """'0,1;2,3': per group one row per class and one for the averaged energy, 8 samples a row;
