@@ -21,10 +21,14 @@ from energy_matching import (DATA_KEYS, build_dataset, die, eval_setup, first_im
                              inverse_langevin, lid_exact, lid_slq, report, save_grid, to_uint8,
                              write_json)
 
-def eval_images(args, n, device):
-    """The first n held-out images of --dataset (test split where there is one), checked to fit."""
+def eval_images(args, n):
+    """The first n held-out images of --dataset (test split where there is one), checked to fit
+    and, for a typed --num-images, to be there (one line before the network, as --nn-k is)."""
     data = build_dataset(args, train=False)
-    x = first_images(data, n).to(device)
+    if args.num_images is not None and args.num_images > len(data):
+        die(f"--num-images {args.num_images} is more than the {len(data)} held-out images of "
+            f"--dataset {args.dataset}")
+    x = first_images(data, n)
     want = (args.channels, args.image_size, args.image_size)
     if tuple(x.shape[1:]) != want:
         die(f"images of {args.dataset} have shape {tuple(x.shape[1:])} but the checkpoint's "
@@ -34,13 +38,21 @@ def eval_images(args, n, device):
 def cmd_inpaint(args):
     """Alg. 3 on data images with a centred hole: M chains per image without and with the repulsive
     interaction (same noise) -> inpaint.png (the paper's "with vs without" figure), inpaint.json."""
-    if round(args.hole * args.image_size) >= args.image_size:
+    s = int(round(args.hole * args.image_size))                     # the hole's side in pixels
+    if s < 1:
+        die(f"--hole {args.hole} masks {s} pixels of the {args.image_size}-pixel side: there is "
+            f"no hole to inpaint")
+    if s >= args.image_size:
         die(f"--hole {args.hole} masks all of the {args.image_size}-pixel side: no visible pixel "
             f"is left to condition on")
+    if args.chains < 2:
+        die(f"--chains {args.chains}: the spread with vs without the interaction between chains "
+            f"needs at least 2 chains per image")
+    x = eval_images(args, args.num_images or 4)
     device, net, method, info = eval_setup(args)
-    x = eval_images(args, args.num_images or 4, device)
+    x = x.to(device)
     H, W = x.shape[2:]
-    s, A = max(1, int(round(args.hole * H))), torch.ones(x.shape[1:], device=device)
+    A = torch.ones(x.shape[1:], device=device)
     A[:, (H - s) // 2:(H - s) // 2 + s, (W - s) // 2:(W - s) // 2 + s] = 0   # 0 in a centred hole
     Bmask = 1 - A                                                     # interaction where unseen
     y = A * x                                                         # y = A(x), noise-free
@@ -78,8 +90,9 @@ def cmd_lid(args):
         args.lid_tau, args.sources_["lid_tau"] = 10.0 if em.like_mnist(args) else 2.0, "recipe"
     if (args.num_images or 4096) < 3:
         die(f"--num-images {args.num_images}: a Spearman correlation needs at least 3 images")
+    xs = eval_images(args, args.num_images or 4096)
     device, net, method, info = eval_setup(args)
-    xs = eval_images(args, args.num_images or 4096, device)
+    xs = xs.to(device)
     n, d = xs.shape[0], xs[0].numel()
     if n < 3:
         die(f"--dataset {args.dataset} gave {n} images: a Spearman correlation needs at least 3")
@@ -116,6 +129,12 @@ def cmd_lid(args):
     return res
 
 MODES = {"inpaint": cmd_inpaint, "lid": cmd_lid}
+F32 = torch.finfo(torch.float32)
+SQUARE_RANGE = (F32.tiny ** 0.5, F32.max ** 0.5)          # x^2 a normal float32: [1.1e-19, 1.8e19]
+# --zeta and --sigma-int enter Alg. 3 squared (eps / zeta^2): a Python float squared to 0 or inf
+# was a ZeroDivisionError / OverflowError; the square must be a non-zero, finite float32
+square_float = em._number(float, lambda v: SQUARE_RANGE[0] <= v <= SQUARE_RANGE[1],
+                          "a number in [%.2g, %.2g] (its square a float32)" % SQUARE_RANGE)
 MODE_SETTINGS = {          # what a mode reads (and prints) beyond the run flags and the network's
     "inpaint": ("tau_s", "dt", "eps_max", "tau_star", "num_images", "hole", "zeta", "sigma_int",
                 "chains") + DATA_KEYS,
@@ -127,8 +146,8 @@ def build_parser(recipe="authors"):
     a = p.add_argument
     a("--num-images", type=em.pos_int, help="inpaint: images (4); lid: images (4096, paper)")
     a("--hole", type=em.frac_float, default=0.5, help="inpaint: side of the masked centre / side")
-    a("--zeta", type=em.pos_float, default=0.1, help="inpaint: data-fidelity scale zeta (Eq. 8)")
-    a("--sigma-int", type=em.pos_float, default=1.0, help="inpaint: interaction sigma (Sec. 3.2)")
+    a("--zeta", type=square_float, default=0.1, help="inpaint: data-fidelity scale zeta (Eq. 8)")
+    a("--sigma-int", type=square_float, default=1.0, help="inpaint: interaction sigma (Sec. 3.2)")
     a("--chains", type=em.pos_int, default=2, help="inpaint: chains M per image")
     a("--lid-tau", type=em.pos_float,
       help="LID: |lambda| < tau (the paper's: 10 on MNIST-like data, 2 on CIFAR-10)")

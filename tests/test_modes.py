@@ -476,6 +476,38 @@ def test_em_inpaint_grid_and_numbers(em_ckpt, tmp_path, capsys):
     _grid_size(tmp_path / "inpaint.png", 3, 2 + 2 * 3)
 
 
+@pytest.mark.parametrize("extra,needle", [
+    (["--zeta", "1e-300"], "--zeta: expected a number in [1.1e-19, 1.8e+19]"),  # ZeroDivisionError
+    (["--zeta", "1e300"], "--zeta: expected a number in"),                         # OverflowError
+    (["--sigma-int", "1e-300"], "--sigma-int: expected a number in"),          # ZeroDivisionError
+    (["--hole", "0"], "--hole 0.0 masks 0 pixels"),          # exit 0, a 1-pixel hole, "hole": 0.0
+    (["--hole", "0.05"], "--hole 0.05 masks 0 pixels"),
+    (["--hole", "1"], "masks all of the 8-pixel side"),
+    (["--chains", "1"], "--chains 1: the spread with vs without"),      # exit 0, both spreads 0.0
+    (["--num-images", "1000"], "--num-images 1000 is more than the 32 held-out images"),
+    (["--mode", "lid", "--num-images", "33"], "--num-images 33 is more than the 32"),
+])
+def test_em_experiment_flags_without_work_are_one_line(em_ckpt, tmp_path, capsys, monkeypatch,
+                                                       extra, needle):
+    """Flags that gave a traceback, or exit 0 with numbers of another run than inpaint.json /
+    lid.json records (a 1-pixel hole for --hole 0, 32 images for --num-images 1000, spreads of 0
+    from 1 chain): one line, exit 2, before the network loads."""
+    monkeypatch.setattr(emx, "eval_setup", _no_network)
+    code, err = _exit(emx.main, EM + ["--mode", "inpaint", "--ckpt", em_ckpt, "--out-dir",
+                                      str(tmp_path)] + extra, capsys)
+    assert code == 2 and needle in err, err
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_em_inpaint_zeta_and_sigma_at_the_float32_bounds_run(em_ckpt, tmp_path):
+    """The ends of the range are accepted and give finite numbers or exit 3, never a traceback."""
+    lo, hi = emx.SQUARE_RANGE
+    assert lo * lo > 0 and math.isfinite(hi * hi) and hi * hi <= torch.finfo(torch.float32).max
+    res = emx.main(EM + ["--mode", "inpaint", "--ckpt", em_ckpt, "--num-images", "1",
+                         "--zeta", repr(hi), "--sigma-int", repr(hi), "--out-dir", str(tmp_path)])
+    assert math.isfinite(res["spread_with"]) and res["settings"]["zeta"] == hi
+
+
 def test_em_inpaint_wrong_image_shape_exit_2(em_ckpt, tmp_path, capsys):
     code, err = _exit(emx.main, EM + ["--mode", "inpaint", "--ckpt", em_ckpt, "--image-size", "16",
                                      "--num-images", "1", "--out-dir", str(tmp_path)], capsys)
