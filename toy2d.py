@@ -806,9 +806,12 @@ class Parser(argparse.ArgumentParser):
         # a number type's "argument --lr: must be ..." reads as check_args does: "--lr must be ..."
         die(re.sub(r"^argument ([^:]+): must ", r"\1 must ", message))
 
+F32_MAX = float(torch.finfo(torch.float32).max)          # 3.4e38: the networks compute in float32
+
 def _number(ok, what):
-    """An argparse type for a float flag: NaN, inf and values failing `ok` are input errors, caught
-    before any training (a bad --tau-s used to train fully, then fail in the evaluation)."""
+    """An argparse type for a float flag: NaN, inf, values failing `ok` and values beyond float32's
+    range (the tensors they enter overflow: a traceback, or exit 0 with NaN samples) are input
+    errors, caught before any training (a bad --tau-s used to train fully, then fail)."""
     def parse(s):
         try:
             v = float(s)
@@ -816,6 +819,9 @@ def _number(ok, what):
             v = math.nan
         if not (math.isfinite(v) and ok(v)):
             raise argparse.ArgumentTypeError(f"must be {what}, got {s!r}")
+        if abs(v) > F32_MAX:
+            raise argparse.ArgumentTypeError(f"must be at most {F32_MAX:.3g} in size (float32, "
+                                             f"the networks' precision), got {s!r}")
         return v
     return parse
 
@@ -1016,18 +1022,19 @@ def check_args(a):
     a.threads = em.pick_threads(a.threads)         # one count for every run of --method all
     try:
         a.bandwidths = [float(s) for s in a.mmd_bandwidths.split(",") if s.strip()]
-        assert a.bandwidths and all(math.isfinite(b) and b > 0 for b in a.bandwidths)
+        assert a.bandwidths and all(0 < b <= F32_MAX for b in a.bandwidths)
     except (ValueError, AssertionError):
-        die("--mmd-bandwidths must be a comma-separated list of finite numbers > 0, "
-            f"got {a.mmd_bandwidths!r}")
+        die("--mmd-bandwidths must be a comma-separated list of finite numbers > 0 (at most "
+            f"{F32_MAX:.3g}), got {a.mmd_bandwidths!r}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", a.device):   # meta, mps, ...: a traceback later
+        die(f"unknown --device {a.device!r} (use auto, cpu, cuda or cuda:N)")
     if a.device == "auto":
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(a.device)
-    except RuntimeError:
-        die(f"unknown --device {a.device!r} (use auto, cpu or cuda)")
+    dev = torch.device(a.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         die(f"--device {a.device} asked for, but CUDA is not available here (use --device cpu)")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        die(f"--device {a.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return a
 
 def check_sizes(a):

@@ -471,6 +471,17 @@ BAD_INPUT = [
     (["--tau-s", "0.001"], "--tau-s 0.001 with --dt 0.01 gives a sampler of 0 steps"),
     (["--method", "cd", "--n-langevin", "0"], "the CD baseline would use negative chains of 0"),
     (["--steps", "10", "--n-langevin", "0"], "EM's phase 2 would use negative chains of 0 steps"),
+    # float flags beyond float32's range (the tensors they enter overflow): a traceback
+    # (--grid-lim, --eps-max) or exit 0 with all samples NaN (--sigma, --dt, the Langevin step)
+    (["--grid-lim", "1e300"], "--grid-lim must be at most 3.4e+38 in size (float32"),
+    (["--eps-max", "1e300"], "--eps-max must be at most 3.4e+38"),
+    (["--method", "otcfm", "--sigma", "1e300"], "--sigma must be at most 3.4e+38"),
+    (["--dt", "1e300", "--tau-s", "1e300"], "--dt must be at most 3.4e+38"),
+    (["--method", "vpfb", "--langevin-step-size", "1e300"], "--langevin-step-size must be at most"),
+    (["--mmd-bandwidths", "1,1e300"], "--mmd-bandwidths must be"),
+    # devices other than auto, cpu, cuda, cuda:N (meta ran into a traceback)
+    (["--device", "meta"], "unknown --device 'meta' (use auto, cpu, cuda or cuda:N)"),
+    (["--device", "cuda:x"], "unknown --device 'cuda:x'"),
 ]
 
 
