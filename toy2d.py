@@ -416,6 +416,8 @@ def grid_density(method, a, device):
     grid, area = make_grid(a.grid_lim, a.grid_n, device)
     logp = log_density_at(method, grid)
     log_z = torch.logsumexp(logp, 0) + math.log(area)
+    need_finite(logp - log_z, f"{a.method}: the log density on the grid [-L, L]^2",
+                f" (--grid-lim {a.grid_lim:g} too large, or a diverged network?)")
     return grid, logp - log_z, log_z
 
 def nll_heldout(method, a, x_test, log_z):
@@ -464,6 +466,8 @@ def train(method, a, device, gen, log_fn=print):
         x1 = sample_data(a.target, a.batch_size, gen).to(device)
         x0 = sample_data(a.source, a.batch_size, gen).to(device)
         loss, logs = method.loss(x1, x0, step)
+        need_finite(loss.detach(), f"{a.method}: the training loss at step {step + 1}",
+                    f" (--lr {a.lr:g} or another flag too large?)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -662,16 +666,15 @@ def run_one(a, log_fn=print):
     x_gen, traj = x_gen.detach(), traj.detach()
     if not torch.allclose(traj[0], x0, atol=1e-5):      # some samplers do not store the start
         traj = torch.cat([x0[None], traj], 0)
-    finite = torch.isfinite(x_gen).all(1)
-    ok = bool(finite.all())
+    need_finite(x_gen, f"{tag}: the samples", " (a sampler step, --sigma or --lr too large?)")
     m = {"method": tag, "recipe": a.recipe, "source": a.source, "target": a.target,
          "steps": a.steps, "batch_size": a.batch_size, "n_eval": a.n_eval,
          "sampler_steps": traj.shape[0] - 1,
-         "w2": w2_exact(x_gen.cpu(), x_test.cpu()) if ok else float("nan"),
+         "w2": w2_exact(x_gen.cpu(), x_test.cpu()),
          "w2_floor_target_vs_target": w2_exact(x_ref.cpu(), x_test.cpu()),
-         "mmd2": mmd2_rbf(x_gen.cpu(), x_test.cpu(), a.bandwidths) if ok else float("nan"),
+         "mmd2": mmd2_rbf(x_gen.cpu(), x_test.cpu(), a.bandwidths),
          "mmd_bandwidths": a.bandwidths, "mmd_kernel": "sum_s exp(-|x-y|^2/(2 s^2)), unbiased",
-         "n_nonfinite_samples": int((~finite).sum())}
+         "n_nonfinite_samples": 0}                          # need_finite: none, or exit 3
     if a.method == "em":
         m.update(steps_warmup=method.steps_warmup, steps_cd=method.steps_cd)
         if a.max_length > 0:
@@ -706,8 +709,9 @@ def run_one(a, log_fn=print):
         torch.manual_seed(a.seed + 30_000)
         x_l, lang = method.langevin(x0)
         x_l = x_l.detach()
-        ok_l = bool(torch.isfinite(x_l).all())
-        m["w2_langevin_boltzmann"] = w2_exact(x_l.cpu(), x_test.cpu()) if ok_l else float("nan")
+        need_finite(x_l, f"{tag}: the Langevin samples on Phi_B",
+                    f" (--langevin-step-size {a.langevin_step_size:g} too large?)")
+        m["w2_langevin_boltzmann"] = w2_exact(x_l.cpu(), x_test.cpu())
 
     m.update(train_seconds=round(train_s, 2),
              ms_per_iter=round(1000 * train_s / max(a.steps, 1), 3),
@@ -782,10 +786,20 @@ def em_vs_baselines(rows):
             f"{r:.2f} (goal <= 1.5 at equal steps: {'met' if r <= 1.5 else 'NOT met'})")
 
 # ==== 9. Arguments, recipes and main ====
-def die(msg):
-    """Bad input: one clear line on stderr, exit code 2, no traceback."""
+def die(msg, code=2):
+    """One clear line on stderr, no traceback; exit 2: bad input, 3: the run's numbers went NaN or
+    inf (need_finite)."""
     print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
+
+def need_finite(x, what, hint=""):
+    """The NaN guard: a loss, samples or a density with NaN / inf end the run here, one line and
+    exit 3, before anything is written (no model.pt, samples.npy or metrics.json that would pass
+    for a result)."""
+    bad = int((~torch.isfinite(torch.as_tensor(x))).sum())
+    if bad:
+        die(f"{what}: {bad} of {torch.as_tensor(x).numel()} values are NaN or inf"
+            f"{hint}; nothing written", 3)
 
 METHODS = ["em", "vpfb", "otcfm", "cd", "all"]
 

@@ -520,6 +520,26 @@ def test_bad_input_one_line_exit_2_subprocess(tmp_path, case):
     _check_one_line_error(r.stderr, needle)
 
 
+@pytest.mark.parametrize("args, needle", [
+    (["--method", "em", "--lr", "1e30"], "em: the training loss at step"),   # multinomial error
+    (["--method", "cd", "--lr", "1e30"], "cd: the training loss at step"),
+    (["--method", "vpfb", "--lr", "1e30"], "vpfb: the training loss at step"),
+    (["--method", "otcfm", "--lr", "1e30"], "otcfm: the training loss at step"),   # exit 0, null
+    (["--method", "otcfm", "--sigma", "1e38"], "otcfm: the training loss at step 1"),
+    (["--method", "vpfb", "--langevin-step-size", "3e38"], "vpfb: the Langevin samples on Phi_B"),
+    (["--grid-lim", "3e38"], "em: the log density on the grid"),                 # multinomial
+])
+def test_nan_guard_one_line_exit_3_nothing_written(tmp_path, capsys, args, needle):
+    """A run whose loss, samples or density go NaN / inf ends with one line and exit 3 (it was a
+    traceback, or exit 0 with null W2 / MMD and a model.pt): no model, samples or metrics."""
+    with pytest.raises(SystemExit) as e:
+        toy2d.main(args + ["--steps", "3", "--no-plots", "--out-dir", str(tmp_path)] + TINY)
+    err = capsys.readouterr().err
+    assert e.value.code == 3 and "NaN or inf" in err and "nothing written" in err
+    _check_one_line_error(err, needle)
+    assert os.listdir(tmp_path) == []
+
+
 def test_metrics_json_is_strict_a_nan_is_null_with_its_reason(tmp_path, monkeypatch):
     """metrics.json is strict JSON: a NaN metric is null, listed under "non_finite" (the same
     rule as every JSON of the project, energy_matching.strict_json)."""
