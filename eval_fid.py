@@ -424,14 +424,19 @@ def _folder_batches(files, batch_size):
 # === 3. The Inception network (torch-fidelity) and the offline weight conversion ===
 
 def resolve_device(device="auto"):
-    if device == "auto":
+    """auto, cpu, cuda or cuda:N (a torch.device of those types too); anything else (meta, mps,
+    'cuda:x') is a FIDError here, not a traceback after the samples were read."""
+    spec = str(device)
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", spec):
+        raise FIDError(f"unknown --device {spec!r}: use auto, cpu, cuda or cuda:N")
+    if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
+    if spec.startswith("cuda") and not torch.cuda.is_available():
         raise FIDError("--device cuda asked for but no CUDA GPU is visible")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise FIDError(f"unknown --device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    dev = torch.device(spec)
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise FIDError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return dev
 
 def check_weights(weights, isc=False):
     """A local weights file exists, and has a real fc layer if the Inception Score is asked for."""

@@ -606,6 +606,12 @@ def inputs(tmp_path, monkeypatch):
      "--json good.npz is an input of this run; it would be overwritten"),
     (["ref-stats", "--ref", "six.npz", "--out", "six.npz"], "--out six.npz is an input"),
     (["convert-weights", "--out", "good.npz/w.pth"], "cannot write --out good.npz/w.pth"),
+    # round 5: a --device of another type (meta) failed only after the Inception pass
+    (["six.npz", "--ref", "good.npz", "--device", "meta"],
+     "unknown --device 'meta': use auto, cpu, cuda or cuda:N"),
+    (["six.npz", "--ref", "good.npz", "--device", "cuda:x"], "unknown --device 'cuda:x'"),
+    (["ref-stats", "--ref", "six.npz", "--out", "s.npz", "--device", "meta"],
+     "unknown --device 'meta'"),
 ])
 def test_cli_checks_inputs_and_outputs_before_the_network(inputs, offline, capsys, args, msg):
     # Offline, without --weights: each input error is named as such (not as a failed weight
