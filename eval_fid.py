@@ -79,6 +79,7 @@ FEATURE_DIM = 2048                          # pool3 width: the documented featur
 PAPER_N = 50_000                            # samples and reference images behind paper FIDs
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"   # default_1.pt, fid-helper 0.1.3
+ISC_SPLITS = 10                          # torch-fidelity's Inception Score splits: N >= 10
 KID_SEED = 2020                          # torch-fidelity's rng_seed: the default --seed, same draws
 SELFCHECK_TOL = 1e-4                       # selfcheck PASS: max |pool3 difference| (measured ~1e-6)
 NPZ_EXPECTED = ("expected a .npz with key 'images' (uint8, N x H x W x C, as the method files' "
@@ -788,6 +789,9 @@ def fid_from_samples(samples, ref="cifar10-train", net=None, *, weights=None, de
     if not isinstance(samples, (str, os.PathLike)) and not callable(samples):
         samples = to_uint8_nchw(samples, "samples")              # in-memory images: check them now
     n = check_images(samples, num_samples, name, progress)
+    if isc and n < ISC_SPLITS:                    # fewer: a split of no image, the IS a NaN
+        raise FIDError(f"the Inception Score needs at least {ISC_SPLITS} samples (torch-fidelity's "
+                       f"{ISC_SPLITS} splits), got {n}")
     plan = plan_ref(ref, cache=not custom, data_dir=data_dir, stats_dir=stats_dir,
                     progress=progress)
     if kid_subsets:
@@ -817,7 +821,7 @@ def fid_from_samples(samples, ref="cifar10-train", net=None, *, weights=None, de
                                               kid_subset_size, seed=seed)
     if isc:
         from torch_fidelity.metric_isc import isc_features_to_metric
-        m = isc_features_to_metric(torch.from_numpy(outs[1]), splits=10, shuffle=True,
+        m = isc_features_to_metric(torch.from_numpy(outs[1]), splits=ISC_SPLITS, shuffle=True,
                                    rng_seed=seed)
         res["isc_mean"], res["isc_std"] = m["inception_score_mean"], m["inception_score_std"]
     res["seconds"] = round(time.time() - t0, 1)
