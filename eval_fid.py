@@ -699,7 +699,7 @@ def plan_ref(ref, *, cache=True, data_dir="data", stats_dir=None, progress=False
         path = os.path.join(stats_dir or os.path.join(data_dir, "fid_stats"),
                             f"{ref}-inception-2015-12-05.npz")
         if cache and os.path.isfile(path):
-            return plan_ref(load_stats(path))
+            return {**plan_ref(load_stats(path)), "cached": True}
         if cache:                        # written after the features: checked before them
             check_writable(path, "--stats-dir")
         return {"dataset": ref, "data_dir": data_dir, "cache_path": path if cache else None,
@@ -716,7 +716,7 @@ def plan_ref(ref, *, cache=True, data_dir="data", stats_dir=None, progress=False
         if cache:                    # an image file or folder: its statistics are cached too
             cache_path = ref_cache_path(path, stats_dir or os.path.join(data_dir, "fid_stats"))
             if os.path.isfile(cache_path):
-                return plan_ref(load_stats(cache_path))
+                return {**plan_ref(load_stats(cache_path)), "cached": True}
             check_writable(cache_path, "--stats-dir")
     what = f"--ref {os.fspath(ref)}" if isinstance(ref, (str, os.PathLike)) else "the reference"
     n = check_images(ref, what=what, progress=progress)
@@ -802,6 +802,10 @@ def fid_from_samples(samples, ref="cifar10-train", net=None, *, weights=None, de
                            "mu/sigma; rebuild it with `python eval_fid.py ref-stats`")
         if plan["count"] is not None:
             check_kid_size(kid_subset_size, n, plan["count"])
+    ref_d = plan["stats"]["mu"].shape[0] if "stats" in plan else None  # a stats file or dict
+    if not custom and not plan.get("cached") and ref_d not in (None, FEATURE_DIM):
+        raise FIDError(f"reference statistics have dimension {ref_d}, but {NETWORK} features "
+                       f"have {FEATURE_DIM}: not statistics of this network")
     load_ref_images(plan)                                        # CIFAR-10 missing: says so, not
     net = net if custom else build_inception(weights, device, isc=isc)   # the Inception download
     kw = dict(device=device, batch_size=batch_size, progress=progress)

@@ -606,10 +606,14 @@ def inputs(tmp_path, monkeypatch):
      "--json good.npz is an input of this run; it would be overwritten"),
     (["ref-stats", "--ref", "six.npz", "--out", "six.npz"], "--out six.npz is an input"),
     (["convert-weights", "--out", "good.npz/w.pth"], "cannot write --out good.npz/w.pth"),
-    # round 5: an Inception Score of < 10 samples (10 splits: NaN) and a --device of another
-    # type (meta) failed only after the Inception pass
+    # round 5: an Inception Score of < 10 samples (10 splits: NaN), reference statistics of
+    # another dimension than pool3's 2048 and a --device of another type (meta) failed only
+    # after the Inception pass
     (["six.npz", "--ref", "good.npz", "--isc"],
      "the Inception Score needs at least 10 samples (torch-fidelity's 10 splits), got 6"),
+    (["six.npz", "--ref", "musig.npz"],
+     "reference statistics have dimension 12, but inception-2015-12-05/pool3 features have 2048"),
+    (["six.npz", "--ref", "stats3.npz"], "reference statistics have dimension 12"),
     (["six.npz", "--ref", "good.npz", "--device", "meta"],
      "unknown --device 'meta': use auto, cpu, cuda or cuda:N"),
     (["six.npz", "--ref", "good.npz", "--device", "cuda:x"], "unknown --device 'cuda:x'"),
