@@ -173,6 +173,10 @@ def check_longrun(args):
     memory (a huge --longrun-t1 or --sgld-steps: an OverflowError or a swap storm before)."""
     if args.num_samples == 0:
         die("--num-samples 0: --mode longrun would run its ODE and SGLD chains on no image")
+    dt = args.longrun_t1 / int(args.ode_steps * max(1.0, min(args.longrun_t1, 1e300)))
+    if float(torch.tensor(dt, dtype=torch.float32)) == 0:
+        die(f"--longrun-t1 {args.longrun_t1:g}: an ODE step of {dt:.3g} is 0 in float32, the "
+            f"chains would not move from their noise")
     b = min(args.num_samples, args.sample_batch)
     frame = 4 * b * args.channels * args.image_size ** 2                 # float32 bytes a frame
     frames = max(args.ode_steps * max(1.0, args.longrun_t1), args.sgld_steps) + 1   # one at a time

@@ -323,6 +323,7 @@ def _no_network(*a, **k):
     (["--mode", "longrun", "--num-samples", "0"], "--num-samples 0"),           # ZeroDivisionError
     (["--mode", "longrun", "--longrun-t1", "1e308"], "--longrun-t1 1e+308"),      # OverflowError
     (["--mode", "longrun", "--sgld-steps", "100000000000"], "--sgld-steps 100000000000"),
+    (["--mode", "longrun", "--longrun-t1", "1e-300"], "--longrun-t1 1e-300: an ODE step"),
     (["--mode", "hist", "--ood-max", "1"], "--ood-max 1"),                 # "Too many bins"
     (["--mode", "ood", "--ood-max", "1", "--ood-sets", "svhn"], "--ood-max 1"),
     (["--mode", "ood", "--ood-sets", ","], "--ood-sets ',' names no set"),   # exit 0, "auroc": {}
