@@ -1419,13 +1419,19 @@ PHASE_KEYS = {"phase", "steps", "ema_decay", "tau_s", "from_scratch"}   # phase 
 EVAL_READS = {"mode", "out_dir", "device", "threads", "seed", "ckpt", "amp", "compile",
               "channels_last", "workers", "no_ema", *ARCH_KEYS}
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)     # 3.4e38: beyond it, a float flag is inf
+
 def _number(kind, ok, what):
-    """An argparse type: parse with `kind`, reject NaN / inf and values failing `ok`."""
+    """An argparse type: parse with `kind`, reject NaN / inf, floats beyond float32's range (the
+    tensors they scale would be inf) and values failing `ok`."""
     def parse(s):
         try:
             v = kind(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
+        if kind is float and math.isfinite(v) and abs(v) > FLOAT32_MAX:
+            raise argparse.ArgumentTypeError(f"expected {what} within float32's range (|x| <= "
+                                             f"{FLOAT32_MAX:.4g}: the tensors'), got {s!r}")
         if not (math.isfinite(v) and ok(v)):
             raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
         return v

@@ -1584,13 +1584,19 @@ def sampler_kwargs(args):
     """The sampler flags that generate() reads besides the sampler's name."""
     return {k: getattr(args, k) for k in SAMPLER_KEYS[1:]}
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)     # 3.4e38: beyond it, a float flag is inf
+
 def _number(kind, ok, what):
-    """An argparse type: parse with `kind`, reject NaN / inf and values failing `ok`."""
+    """An argparse type: parse with `kind`, reject NaN / inf, floats beyond float32's range (the
+    tensors they scale would be inf) and values failing `ok`."""
     def parse(s):
         try:
             v = kind(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
+        if kind is float and math.isfinite(v) and abs(v) > FLOAT32_MAX:
+            raise argparse.ArgumentTypeError(f"expected {what} within float32's range (|x| <= "
+                                             f"{FLOAT32_MAX:.4g}: the tensors'), got {s!r}")
         if not (math.isfinite(v) and ok(v)):
             raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
         return v
@@ -1603,8 +1609,9 @@ seed_int = _number(int, lambda v: 0 <= v < 2 ** 32, "an integer in [0, 2**32)") 
 pos_float = _number(float, lambda v: v > 0, "a finite number > 0")
 nonneg_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
 unit_float = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
-finite_float = _number(float, lambda v: True, "a finite number")
-time_float = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+open_time_float = _number(float, lambda v: 0 < v < 1, "a number in (0, 1)")   # 1: g^2 = 0
+rtol_float = _number(float, lambda v: v >= 100 * sys.float_info.epsilon,
+                     "a number >= 2.22e-14 (100 x float64's eps: scipy's RK45 takes no less)")
 
 def ints(s):
     """'2,2,2' -> (2, 2, 2); --ch-mult and --attn-res stay strings, as checkpoints store them."""
@@ -1667,10 +1674,10 @@ def build_parser(recipe="authors", modes=MODES):
     a("--class-cond", action="store_true", help="class-conditional Phi(x, c) (for --mode compose)")
     a("--num-classes", type=pos_int, help="classes of --class-cond (default: the dataset's)")
     a("--p-uncond", type=unit_float, help="[r] share of null labels (authors 0.2, ours 0.1)")
-    a("--kappa", type=finite_float, default=2.0, help="[r] w(t) = (1 - t)^kappa (paper 2, ours 1)")
+    a("--kappa", type=nonneg_float, default=2.0, help="[r] w(t) = (1 - t)^kappa (paper 2, ours 1)")
     a("--t-end", type=pos_float, default=1.0, help="t ~ U(0, t_end)")
-    a("--t-max", type=time_float, default=1.0 - 1e-5, help="stationarity: t clamped to t_max")
-    a("--t-inf", type=time_float, help="time Phi_B (Eq. 22) is read at (default t_max)")
+    a("--t-max", type=open_time_float, default=1.0 - 1e-5, help="stationarity: t clamped to t_max")
+    a("--t-inf", type=open_time_float, help="time Phi_B (Eq. 22) is read at (default t_max)")
     a("--eta", type=nonneg_float, default=1e-4, help="[r] Poincare weight eta (paper 1e-4)")
     a("--lam-cos", type=nonneg_float, default=1.0, help="[r] weight of the cosine term")
     a("--lam-gx", type=nonneg_float, default=1.0, help="[r] weight of E||grad_x Phi||^2 (paper 1)")
@@ -1686,7 +1693,7 @@ def build_parser(recipe="authors", modes=MODES):
     a("--bfactor", type=pos_float, default=2.0, help="[r] c in Phi_B, Eq. (22) (authors 4)")
     a("--sampler", default="rk45", choices=["euler", "rk45", "sgld"], help="sampler of the modes")
     a("--ode-steps", type=pos_int, default=100, help="Euler steps (and rk45 trajectory frames)")
-    a("--rtol", type=pos_float, default=1e-3, help="RK45 relative tolerance (authors 1e-3)")
+    a("--rtol", type=rtol_float, default=1e-3, help="RK45 relative tolerance (authors 1e-3)")
     a("--atol", type=pos_float, default=1e-3, help="RK45 absolute tolerance (authors 1e-3)")
     a("--t0", type=nonneg_float, default=1e-5, help="ODE start time (authors 1e-5)")
     a("--t1", type=pos_float, default=1.0 - 1e-5, help="ODE end time (authors 1 - 1e-5)")
@@ -1798,6 +1805,11 @@ def resolve_args(args, typed=(), settings=MODE_SETTINGS):
     if args.arch == "unet" and args.image_size % 2 ** halvings:
         die(f"--image-size {args.image_size} must be a multiple of {2 ** halvings} (the U-Net "
             f"halves it {halvings} times for --ch-mult {args.ch_mult})")
+    for k in ("t_max", "t_inf"):                      # a checkpoint's too (issue: t_max 1 saved)
+        v = getattr(args, k)
+        if v is not None and not 0 < v < 1:
+            die(f"--{k.replace('_', '-')} {v} ({args.sources_.get(k, 'default')}) must be in "
+                f"(0, 1): at t = 1, g^2 = 2 (1 - t) / t is 0 and Phi_B (Eq. 22) divides by it")
     if args.arch == "wrn" and (args.wrn_depth - 4) % 6:
         die(f"--wrn-depth must be 6n + 4 (10, 16, 22, 28 ...), got {args.wrn_depth}")
     if args.t1 <= args.t0:

@@ -809,6 +809,43 @@ def test_flags_that_give_no_work_are_one_line_before_the_network(mod, tiny, ckpt
         assert want in one_error(capsys, e), argv
 
 
+def refused(mod, argv, capsys, code=2):
+    """The one error line of mod.main(argv) (exit `code`)."""
+    with pytest.raises(SystemExit) as e:
+        mod.main(argv)
+    return one_error(capsys, e, code)
+
+
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_float_flags_beyond_float32_or_outside_the_method_are_refused_at_parse(
+        mod, tiny, ckpt, tmp_path, capsys, monkeypatch):
+    """A float flag beyond float32's range (3.4e38) is inf in the tensors it scales: the run
+    trained nothing or sampled garbage, late. VPFB: kappa < 0 (w = (1 - t)^kappa >= 0 grows
+    without bound), --t-max / --t-inf 1 (g^2 = 0: Phi_B inf), --rtol below scipy's least
+    (100 eps: scipy raised it silently and ran for minutes). One line, exit 2, no network."""
+    no_network(mod, monkeypatch)
+    run = ["--steps", "1", "--out-dir", str(tmp_path)]
+    big = [(["--lr", "1e39"], "--lr"), (["--lr=-1e300"], "--lr")]
+    if mod is vpfb:
+        big += [([f, "1e300"], f) for f in ("--sgld-step", "--sgld-temp", "--bfactor", "--eta")]
+        other = [(["--kappa", "-1000"], "argument --kappa: expected a finite number >= 0"),
+                 (["--t-inf", "1"], "argument --t-inf: expected a number in (0, 1)"),
+                 (["--t-max", "1"], "argument --t-max: expected a number in (0, 1)"),
+                 (["--rtol", "1e-300"], "argument --rtol: expected a number >= 2.22e-14")]
+        ok = [["--kappa", "0"], ["--t-end", "1"], ["--t-max", "0.999"], ["--rtol", "2.3e-14"],
+              ["--bfactor", "3e38"]]
+    else:
+        big += [([f, "1e300"], f) for f in ("--output-scale", "--eps-max", "--dt", "--tau-s")]
+        other, ok = [], [["--output-scale", "3e38"], ["--eps-max", "0"]]
+    for argv, want in big:
+        err = refused(mod, tiny + argv + run, capsys)
+        assert f"argument {want}: " in err and "float32's range" in err, (argv, err)
+    for argv, want in other:
+        assert want in refused(mod, tiny + argv + run, capsys), argv
+    for argv in ok:
+        mod.parse_args(tiny + argv + run)
+
+
 # ----------------------------------------------------------------------------- engineering (issue 28)
 def _tiny_nets():
     """(name, network, inputs) for every network of both files, weights moved off their init."""
