@@ -958,6 +958,9 @@ def pick_device(spec):
         die(f"unknown device {spec!r} (use auto, cpu, cuda or cuda:N)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         die(f"device {spec} requested but CUDA is not available (use --device cpu)")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        die(f"device {spec} requested but this machine has {torch.cuda.device_count()} CUDA "
+            f"device(s) (cuda:0 is the first)")
     return dev
 
 def pick_threads(n):
@@ -1620,6 +1623,13 @@ def ints(s):
     except ValueError:
         die(f"--ch-mult / --attn-res must be comma lists of integers, got {s!r}")
 
+def device_spec(s):
+    """--device: auto, cpu, cuda or cuda:N, the devices the runs are written for (torch's others,
+    meta, mps, xpu, ..., were tracebacks deep in a run)."""
+    if s in ("auto", "cpu", "cuda") or (s[:5] == "cuda:" and s[5:].isascii() and s[5:].isdigit()):
+        return s
+    raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {s!r}")
+
 class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line on stderr and exit code 2."""
 
@@ -1648,7 +1658,8 @@ def build_parser(recipe="authors", modes=MODES):
     a("--fake-size", type=pos_int, default=512, help="number of FakeData images")
     a("--workers", type=nonneg_int, default=4, help="DataLoader processes (0 = main process)")
     a("--out-dir", help="output folder (default runs/vpfb_<dataset>); always written to")
-    a("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    a("--device", type=device_spec, default="auto",
+      help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     a("--threads", type=nonneg_int, default=0,
       help="CPU threads (0: the free cores, i.e. the cores less the load average, at least 1)")
     a("--seed", type=seed_int, default=0, help="random seed (each step and rank derives its own)")
@@ -1818,6 +1829,7 @@ def resolve_args(args, typed=(), settings=MODE_SETTINGS):
         die("--num-samples 0 in --mode sample would write an empty samples.npz")
     if args.sgld_steps == 0 and (args.sampler == "sgld" or args.mode == "longrun"):
         die("--sgld-steps 0: the SGLD chains would hand back their noise starts as samples")
+    pick_device(args.device)                      # an unusable device: one line before any work
     check_memory(args)
     reads = set(vars(args)) if args.mode == "train" else EVAL_READS | set(settings[args.mode])
     if args.mode == "train" and args.ck_ is None and not args.resume:

@@ -846,6 +846,22 @@ def test_float_flags_beyond_float32_or_outside_the_method_are_refused_at_parse(
         mod.parse_args(tiny + argv + run)
 
 
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_only_the_devices_the_runs_are_written_for(mod, tiny, ckpt, tmp_path, capsys,
+                                                   monkeypatch):
+    """--device meta / mps (valid torch device strings) were tracebacks deep in a run: only auto,
+    cpu, cuda and cuda:N pass, and a CUDA device this machine lacks is one line before the
+    network."""
+    no_network(mod, monkeypatch)
+    run = ["--steps", "1", "--out-dir", str(tmp_path)]
+    for dev in ("meta", "mps", "xpu", "cuda:x", "cuda:-1", "CPU", ""):
+        err = refused(mod, tiny + ["--device", dev] + run, capsys)
+        assert "expected auto, cpu, cuda or cuda:N" in err, (dev, err)
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    err = refused(mod, tiny + ["--device", f"cuda:{n}"] + run, capsys)
+    assert ("CUDA device(s)" if n else "CUDA is not available") in err, err
+
+
 # ----------------------------------------------------------------------------- engineering (issue 28)
 def _tiny_nets():
     """(name, network, inputs) for every network of both files, weights moved off their init."""
