@@ -759,7 +759,7 @@ def build_net(args, device=None):
         net = CNNPotential(shape, args.model_size)
     else:
         net = UNetViTPotential(shape, args.model_size, args.res_blocks, args.vit_depth,
-                               args.dropout, args.output_scale, ints(args.ch_mult),
+                               args.dropout, args.output_scale, ints(args.ch_mult, "--ch-mult"),
                                attn_dropout=args.attn_dropout, time_layers=args.time_layers)
     return net if device is None else engineer(net, device, args.amp, args.channels_last)
 
@@ -1449,12 +1449,19 @@ nonneg_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
 unit_float = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 frac_float = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
-def ints(s):
-    """'1,2,2,2' -> (1, 2, 2, 2); --ch-mult stays a string, as checkpoints store it."""
+def ints(s, flag, empty=False):
+    """'1,2,2' -> (1, 2, 2) ('' -> () where `empty` allows it); --ch-mult and --attn-res stay
+    strings, as checkpoints store them. An item that is not an integer >= 1, or an empty item
+    ('1,,2' was read as 1,2; '' as a U-Net with no levels): one line, exit 2."""
+    items = str(s).split(",") if str(s).strip() else []
     try:
-        return tuple(int(c) for c in str(s).split(",") if c.strip())
+        out = tuple(int(c) for c in items)
     except ValueError:
-        die(f"--ch-mult must be a comma list of integers, got {s!r}")
+        out = (0,)
+    if min(out, default=1) < 1 or not (out or empty):
+        die(f"{flag} must be a {'' if empty else 'non-empty '}comma list of integers >= 1, "
+            f"got {str(s)!r}")
+    return out
 
 def device_spec(s):
     """--device: auto, cpu, cuda or cuda:N, the devices the runs are written for (torch's others,
@@ -1668,8 +1675,9 @@ def resolve_args(args, typed=(), settings=MODE_SETTINGS):
         args.arch = dataset_row(args, {})["arch"]
     if args.attn_dropout is None:
         args.attn_dropout, args.sources_["attn_dropout"] = args.dropout, "recipe"
+    mult = ints(args.ch_mult, "--ch-mult")               # a bad list: one line, not later
     if args.arch == "unetvit":
-        s, mult = args.image_size, ints(args.ch_mult)
+        s = args.image_size
         if s < 8 or s % 4 or s % 2 ** (len(mult) - 1):
             die(f"the UNet+ViT potential needs an image side >= 8 divisible by 4 and by "
                 f"2^{len(mult) - 1} (--ch-mult), got {s}")

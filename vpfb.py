@@ -868,8 +868,9 @@ def build_net(args, device=None):
     nc = args.num_classes if args.class_cond else 0
     if args.arch == "unet":
         unet = AuthorsUNetPhi if args.unet == "authors" else UNetPhi
-        net = unet(args.channels, args.model_size, ints(args.ch_mult), args.res_blocks,
-                   ints(args.attn_res), args.dropout, args.image_size, nc)
+        net = unet(args.channels, args.model_size, ints(args.ch_mult, "--ch-mult"),
+                   args.res_blocks, ints(args.attn_res, "--attn-res", empty=True), args.dropout,
+                   args.image_size, nc)
     else:
         net = WRNPhi(args.channels, args.model_size, args.wrn_depth, 0.0, nc)
     return net if device is None else engineer(net, device, args.amp, args.channels_last)
@@ -1616,12 +1617,19 @@ open_time_float = _number(float, lambda v: 0 < v < 1, "a number in (0, 1)")   # 
 rtol_float = _number(float, lambda v: v >= 100 * sys.float_info.epsilon,
                      "a number >= 2.22e-14 (100 x float64's eps: scipy's RK45 takes no less)")
 
-def ints(s):
-    """'2,2,2' -> (2, 2, 2); --ch-mult and --attn-res stay strings, as checkpoints store them."""
+def ints(s, flag, empty=False):
+    """'1,2,2' -> (1, 2, 2) ('' -> () where `empty` allows it); --ch-mult and --attn-res stay
+    strings, as checkpoints store them. An item that is not an integer >= 1, or an empty item
+    ('1,,2' was read as 1,2; '' as a U-Net with no levels): one line, exit 2."""
+    items = str(s).split(",") if str(s).strip() else []
     try:
-        return tuple(int(c) for c in str(s).split(",") if c.strip())
+        out = tuple(int(c) for c in items)
     except ValueError:
-        die(f"--ch-mult / --attn-res must be comma lists of integers, got {s!r}")
+        out = (0,)
+    if min(out, default=1) < 1 or not (out or empty):
+        die(f"{flag} must be a {'' if empty else 'non-empty '}comma list of integers >= 1, "
+            f"got {str(s)!r}")
+    return out
 
 def device_spec(s):
     """--device: auto, cpu, cuda or cuda:N, the devices the runs are written for (torch's others,
@@ -1805,17 +1813,23 @@ def resolve_args(args, typed=(), settings=MODE_SETTINGS):
         s = load_npz(args.data_dir).tensors[0].shape[2]
         if args.image_size != s:
             die(f"--image-size {args.image_size}: the images of {args.data_dir} are {s} x {s}")
-    if args.attn_res is None:
-        args.attn_res = str(args.image_size // 2) if args.unet == "authors" else "16"
+    halvings = len(ints(args.ch_mult, "--ch-mult")) - 1     # a bad list: one line, not later
+    levels = [args.image_size >> k for k in range(halvings + 1)]     # the U-Net's resolutions
+    if args.attn_res is None:              # a default that is no level here: no attention, said
+        r = args.image_size // 2 if args.unet == "authors" else 16
+        args.attn_res = str(r) if r in levels else ""
     if args.class_cond and args.num_classes is None:         # labels 0..K-1, K + 1 = "null"
         args.num_classes = (num_classes_of(load_npz(args.data_dir)) if args.dataset == "npz"
                             else {"cifar100": 100, "celeba64": 4, "folder": None}.get(args.dataset,
                                                                                       10))
-    halvings = len(ints(args.ch_mult)) - 1
-    ints(args.attn_res)                                   # a bad list: one line here, not later
     if args.arch == "unet" and args.image_size % 2 ** halvings:
         die(f"--image-size {args.image_size} must be a multiple of {2 ** halvings} (the U-Net "
             f"halves it {halvings} times for --ch-mult {args.ch_mult})")
+    stray = [r for r in ints(args.attn_res, "--attn-res", empty=True) if r not in levels]
+    if args.arch == "unet" and stray and args.sources_.get("attn_res") != "checkpoint":
+        die(f"--attn-res {args.attn_res}: {', '.join(map(str, stray))} is no resolution of the "
+            f"U-Net ({', '.join(map(str, levels))} at --image-size {args.image_size} and --ch-mult "
+            f"{args.ch_mult}): it would get no attention; --attn-res= for none")
     for k in ("t_max", "t_inf"):                      # a checkpoint's too (issue: t_max 1 saved)
         v = getattr(args, k)
         if v is not None and not 0 < v < 1:

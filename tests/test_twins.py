@@ -862,6 +862,39 @@ def test_only_the_devices_the_runs_are_written_for(mod, tiny, ckpt, tmp_path, ca
     assert ("CUDA device(s)" if n else "CUDA is not available") in err, err
 
 
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_ch_mult_and_attn_res_are_lists_of_positive_integers_the_unet_has(
+        mod, tiny, ckpt, tmp_path, capsys, monkeypatch):
+    """--ch-mult with 0 or a negative entry was a traceback, --ch-mult= a U-Net with no levels
+    (exit 0), 1,,2 read as 1,2; VPFB's --attn-res=-4 or a resolution no level has silently gave
+    no attention. Now one line each, exit 2, before the network; --attn-res= (no attention, the
+    README's) and the levels' own resolutions still work, and a default that is no level (16 at
+    28 x 28) says "" (the same network: none)."""
+    no_network(mod, monkeypatch)
+    run = ["--steps", "1", "--out-dir", str(tmp_path)]
+    cases = [([f"--ch-mult={v}"], "--ch-mult must be a non-empty comma list of integers >= 1")
+             for v in ("0,2", "-1,2", "", "1,,2", "1,x", ",")]
+    if mod is vpfb:
+        cases += [([f"--attn-res={v}"], "--attn-res must be a comma list of integers >= 1")
+                  for v in ("-4", "0", "4,,8", "four")]
+        cases += [(["--attn-res", v], "is no resolution of the U-Net (8, 4 at --image-size 8")
+                  for v in ("16", "2", "8,3")]
+    for argv, want in cases:
+        err = refused(mod, tiny + argv + run, capsys)
+        assert want in err, (argv, err)
+    if mod is vpfb:
+        for v in ("", "4", "8,4"):
+            assert mod.parse_args(tiny + ["--attn-res", v] + run).attn_res == v
+        args = mod.parse_args(tiny + ["--image-size", "28", "--ch-mult", "2,2,2", "--attn-res",
+                                      "28,7"] + run)
+        assert args.attn_res == "28,7"
+        argv = [a for a in tiny if a not in ("--attn-res", "")]
+        args = mod.parse_args(argv + ["--image-size", "28", "--ch-mult", "2,2,2"] + run)
+        assert args.attn_res == "" and args.sources_.get("attn_res") is None
+        args = mod.parse_args(argv + ["--image-size", "32", "--ch-mult", "2,2,2"] + run)
+        assert args.attn_res == "16"
+
+
 # ----------------------------------------------------------------------------- engineering (issue 28)
 def _tiny_nets():
     """(name, network, inputs) for every network of both files, weights moved off their init."""
