@@ -548,6 +548,7 @@ import shlex
 import signal
 import sys
 import time
+import warnings
 
 import torch.distributed as dist
 
@@ -752,15 +753,18 @@ def first_images(ds, n, batch=256):
 # and EMA stay fp32, the OT cost fp64; no GradScaler (bf16 has fp32's exponent range). DDP does not
 # support torch.autograd.grad: each process keeps a plain module and allreduce_grads averages the
 # gradients after backward.
-def build_net(args, device=None):
+def net_of(args):
     """The potential V of --arch (auto: the CNN for MNIST-like data, UNet+ViT otherwise)."""
     shape = (args.channels, args.image_size, args.image_size)
     if args.arch == "cnn":
-        net = CNNPotential(shape, args.model_size)
-    else:
-        net = UNetViTPotential(shape, args.model_size, args.res_blocks, args.vit_depth,
-                               args.dropout, args.output_scale, ints(args.ch_mult, "--ch-mult"),
-                               attn_dropout=args.attn_dropout, time_layers=args.time_layers)
+        return CNNPotential(shape, args.model_size)
+    return UNetViTPotential(shape, args.model_size, args.res_blocks, args.vit_depth, args.dropout,
+                            args.output_scale, ints(args.ch_mult, "--ch-mult"),
+                            attn_dropout=args.attn_dropout, time_layers=args.time_layers)
+
+def build_net(args, device=None):
+    """The network of the flags (net_of), engineered for `device` (--amp, --channels-last)."""
+    net = net_of(args)
     return net if device is None else engineer(net, device, args.amp, args.channels_last)
 
 def build_method(net, args):
@@ -1676,6 +1680,9 @@ def resolve_args(args, typed=(), settings=MODE_SETTINGS):
     if args.attn_dropout is None:
         args.attn_dropout, args.sources_["attn_dropout"] = args.dropout, "recipe"
     mult = ints(args.ch_mult, "--ch-mult")               # a bad list: one line, not later
+    if args.arch == "cnn" and args.image_size < 4:
+        die(f"the CNN potential needs an image side >= 4 (two stride-2 4 x 4 convolutions), got "
+            f"{args.image_size}")
     if args.arch == "unetvit":
         s = args.image_size
         if s < 8 or s % 4 or s % 2 ** (len(mult) - 1):
@@ -1690,6 +1697,7 @@ def resolve_args(args, typed=(), settings=MODE_SETTINGS):
         die("--n-langevin 0 in phase main: the CD negatives would be their starts, unmoved")
     pick_device(args.device)                      # an unusable device: one line before any work
     check_memory(args)
+    check_network(args)
     reads = set(vars(args)) if args.mode == "train" else EVAL_READS | set(settings[args.mode])
     if args.mode == "train" and args.ck_ is None and not args.resume:
         reads.discard("ckpt")                               # training reads --ckpt only to resume
@@ -1700,6 +1708,25 @@ def resolve_args(args, typed=(), settings=MODE_SETTINGS):
               + (" without --resume" if k == "ckpt" else ""), file=sys.stderr)
     args.reads_ = settings.get(args.mode, ())
     return args
+
+def check_network(args):
+    """The network of the flags built on the meta device (shapes only: no memory, no arithmetic)
+    and run on one image: sizes its layers cannot take (an odd --model-size, a zero width, an image
+    smaller than a kernel, ...) are one line naming the flags, exit 2, before any work; they were
+    tracebacks from inside torch. An image folder's classes are counted later: 1 stands in."""
+    nc = getattr(args, "num_classes", 0) or 1
+    flags = argparse.Namespace(**{**vars(args), "num_classes": nc})
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")             # torch's on a layer of 0 channels: no line
+            net, x = net_of(flags), torch.zeros(1, args.channels, args.image_size, args.image_size)
+            net(x)
+    except NotImplementedError:                 # an op without a meta kernel: the run will tell
+        return
+    except (RuntimeError, ValueError, ZeroDivisionError) as e:
+        named = " ".join(f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ARCH_KEYS
+                         if type(getattr(args, k)) in (int, str))          # the sizes and kinds
+        die(f"the network cannot be built with {named} (torch: {str(e).splitlines()[0][:160]})")
 
 def check_memory(args, error=None):
     """The one memory check, one line and exit 2: before the network is built, a size whose

@@ -622,6 +622,7 @@ import shlex
 import signal
 import sys
 import time
+import warnings
 
 import torch.distributed as dist
 
@@ -862,17 +863,20 @@ def first_images(ds, n, batch=256):
 # samplers, parameters, Adam and EMA stay fp32; no GradScaler (bf16 has fp32's exponent range).
 # DDP does not support torch.autograd.grad (the loss differentiates grad_x Phi again): each process
 # keeps a plain module and allreduce_grads averages the gradients after backward.
-def build_net(args, device=None):
+def net_of(args):
     """Phi of --arch: the time-varying U-Net Phi(x, t) (--unet authors: their variant) or the
     autonomous WideResNet Phi(x); class-conditional with --class-cond."""
     nc = args.num_classes if args.class_cond else 0
     if args.arch == "unet":
         unet = AuthorsUNetPhi if args.unet == "authors" else UNetPhi
-        net = unet(args.channels, args.model_size, ints(args.ch_mult, "--ch-mult"),
-                   args.res_blocks, ints(args.attn_res, "--attn-res", empty=True), args.dropout,
-                   args.image_size, nc)
-    else:
-        net = WRNPhi(args.channels, args.model_size, args.wrn_depth, 0.0, nc)
+        return unet(args.channels, args.model_size, ints(args.ch_mult, "--ch-mult"),
+                    args.res_blocks, ints(args.attn_res, "--attn-res", empty=True), args.dropout,
+                    args.image_size, nc)
+    return WRNPhi(args.channels, args.model_size, args.wrn_depth, 0.0, nc)
+
+def build_net(args, device=None):
+    """The network of the flags (net_of), engineered for `device` (--amp, --channels-last)."""
+    net = net_of(args)
     return net if device is None else engineer(net, device, args.amp, args.channels_last)
 
 def build_method(phi, args):
@@ -1845,6 +1849,7 @@ def resolve_args(args, typed=(), settings=MODE_SETTINGS):
         die("--sgld-steps 0: the SGLD chains would hand back their noise starts as samples")
     pick_device(args.device)                      # an unusable device: one line before any work
     check_memory(args)
+    check_network(args)
     reads = set(vars(args)) if args.mode == "train" else EVAL_READS | set(settings[args.mode])
     if args.mode == "train" and args.ck_ is None and not args.resume:
         reads.discard("ckpt")                               # training reads --ckpt only to resume
@@ -1855,6 +1860,25 @@ def resolve_args(args, typed=(), settings=MODE_SETTINGS):
               + (" without --resume" if k == "ckpt" else ""), file=sys.stderr)
     args.reads_ = settings.get(args.mode, ())
     return args
+
+def check_network(args):
+    """The network of the flags built on the meta device (shapes only: no memory, no arithmetic)
+    and run on one image: sizes its layers cannot take (an odd --model-size, a zero width, an image
+    smaller than a kernel, ...) are one line naming the flags, exit 2, before any work; they were
+    tracebacks from inside torch. An image folder's classes are counted later: 1 stands in."""
+    nc = getattr(args, "num_classes", 0) or 1
+    flags = argparse.Namespace(**{**vars(args), "num_classes": nc})
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")             # torch's on a layer of 0 channels: no line
+            net, x = net_of(flags), torch.zeros(1, args.channels, args.image_size, args.image_size)
+            net(x, torch.zeros(1))
+    except NotImplementedError:                 # an op without a meta kernel: the run will tell
+        return
+    except (RuntimeError, ValueError, ZeroDivisionError) as e:
+        named = " ".join(f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ARCH_KEYS
+                         if type(getattr(args, k)) in (int, str))          # the sizes and kinds
+        die(f"the network cannot be built with {named} (torch: {str(e).splitlines()[0][:160]})")
 
 def check_memory(args, error=None):
     """The one memory check, one line and exit 2: before the network is built, a size whose

@@ -895,6 +895,36 @@ def test_ch_mult_and_attn_res_are_lists_of_positive_integers_the_unet_has(
         assert args.attn_res == "16"
 
 
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_network_sizes_the_layers_cannot_take_are_one_line_before_the_network(
+        mod, tiny, ckpt, tmp_path, capsys, monkeypatch):
+    """An odd --model-size (VPFB's sinusoidal time embedding), 6 (a GroupNorm of 18 channels), a
+    WideResNet of width 1 (a conv of 0 channels), EM's CNN on images under 4 pixels (a 4 x 4
+    kernel): tracebacks from inside torch. Now one line naming the flags, exit 2, no network
+    built (the check builds it on the meta device); sizes that work still work."""
+    no_network(mod, monkeypatch)
+    run = ["--steps", "1", "--out-dir", str(tmp_path)]
+    if mod is vpfb:
+        cases = [(["--model-size", n], f"--model-size={n}") for n in ("1", "3", "5", "6", "7")]
+        cases += [(["--unet", "authors", "--model-size", "5"], "--unet=authors --model-size=5"),
+                  (["--arch", "wrn", "--wrn-depth", "10", "--model-size", "1"], "--arch=wrn")]
+        want_all = "the network cannot be built with "
+        fine = [["--model-size", "4"], ["--arch", "wrn", "--model-size", "2", "--wrn-depth", "10"]]
+    else:
+        cases = [(["--arch", "cnn", "--image-size", n], f"image side >= 4 (") for n in "123"]
+        want_all = "CNN potential"
+        fine = [["--arch", "cnn", "--image-size", "4"], ["--model-size", "1"], ["--model-size", "3"]]
+    for argv, want in cases:
+        err = refused(mod, tiny + argv + run, capsys)
+        assert want in err and want_all in err and "Traceback" not in err, (argv, err)
+    monkeypatch.undo()
+    for argv in fine:
+        args = mod.parse_args(tiny + argv + run)
+        net = mod.build_net(args).eval()
+        x = torch.randn(2, args.channels, args.image_size, args.image_size)
+        assert torch.isfinite(net(x, torch.rand(2)) if mod is vpfb else net(x)).all(), argv
+
+
 # ----------------------------------------------------------------------------- engineering (issue 28)
 def _tiny_nets():
     """(name, network, inputs) for every network of both files, weights moved off their init."""
