@@ -1138,7 +1138,8 @@ def generate(method, n, shape, device, batch, solver="heun", x0=None, strict=Tru
     n_bad = int((~torch.isfinite(x)).sum())
     msg = f"the {solver} sampler produced non-finite values ({n_bad} of {x.numel()})"
     if n_bad and strict:                   # never hand garbage on (FID would take it as valid)
-        die(msg + " (non-finite weights?); nothing written", 3)
+        die(f"{msg}: the weights, or sampler settings that overflow "
+            f"({OVERFLOW_FLAGS.get(solver, 'its flags')}); nothing written", 3)
     if n_bad:
         print("warning: " + msg, file=sys.stderr)
     return x, {"sampler": solver, "steps": max(1, round(method.tau_s / method.dt)),
@@ -1405,6 +1406,10 @@ DATASET_ROWS = {
 METHOD_FLAGS = ("tau_star", "eps_max", "lambda_cd", "n_langevin", "dt", "cd_neg_clamp", "cd_trim",
                 "neg_data_frac", "flow_reduction", "tau_s", "clamp_negatives", "flow_weighting",
                 "flow_weighting_warmup", "same_temperature", "ot_replace")
+# The flags whose values can overflow the numbers: the one line of a non-finite run names them.
+OVERFLOW_FLAGS = {"train": "--lr, --grad-clip, --output-scale, --lambda-cd, --dt, --eps-max",
+                  "heun": "--dt, --tau-s, --eps-max, --tau-star",
+                  "euler": "--dt, --tau-s, --eps-max, --tau-star"}
 
 def recipe_row(recipe, dataset, phase):
     """The flags --recipe sets for --dataset's row and --phase."""

@@ -1282,7 +1282,8 @@ def generate(method, n, shape, device, batch, solver="rk45", x0=None, strict=Tru
     n_bad = int((~torch.isfinite(x)).sum())
     msg = f"the {solver} sampler produced non-finite values ({n_bad} of {x.numel()})"
     if n_bad and strict:                   # never hand garbage on (FID would take it as valid)
-        die(msg + " (non-finite weights?); nothing written", 3)
+        die(f"{msg}: the weights, or sampler settings that overflow "
+            f"({OVERFLOW_FLAGS.get(solver, 'its flags')}); nothing written", 3)
     if n_bad:
         print("warning: " + msg, file=sys.stderr)
     return x, {"sampler": solver, "nfe_mean": float(np.mean(nfes)) if nfes else 0.0,
@@ -1564,6 +1565,10 @@ RECIPES = {"paper": dict(lr=1e-4, warmup=5000, batch_size=128, steps_main=400_00
 DATASET_ROWS = {}
 METHOD_FLAGS = ("kappa", "eta", "lam_cos", "lam_gx", "lam_gt", "cov_form", "cos_form", "weight_on",
                 "grad_norm", "bfactor")
+# The flags whose values can overflow the numbers: the one line of a non-finite run names them.
+OVERFLOW_FLAGS = {"train": "--lr, --grad-clip, --kappa, --eta, --lam-cos, --lam-gx, --lam-gt",
+                  "sgld": "--sgld-step, --sgld-temp, --bfactor, --t-inf, --t-max",
+                  "euler": "--ode-steps, --t0, --t1", "rk45": "--rtol, --atol, --t0, --t1"}
 
 def recipe_row(recipe, dataset, phase):
     """The flags --recipe sets for --dataset's row and --phase."""

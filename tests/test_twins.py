@@ -925,6 +925,25 @@ def test_network_sizes_the_layers_cannot_take_are_one_line_before_the_network(
         assert torch.isfinite(net(x, torch.rand(2)) if mod is vpfb else net(x)).all(), argv
 
 
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_non_finite_samples_name_the_sampler_settings_too(mod, tiny, ckpt, tmp_path, capsys):
+    """Sampler settings that overflow (VPFB --sgld-step 1e30, EM --dt 1e30 --tau-s 1e30) were
+    reported after sampling as "(non-finite weights?)": the line names the sampler's flags."""
+    out = str(tmp_path)
+    mod.main(tiny + ["--steps", "2", "--out-dir", out])         # step 1 runs at lr 0 (warm-up)
+    run = ["--mode", "sample", "--device", "cpu", "--threads", "1", "--num-samples", "2",
+           "--out-dir", out]
+    if mod is vpfb:
+        argv, want = ["--sampler", "sgld", "--sgld-step", "1e30", "--sgld-steps", "2"], \
+            "the weights, or sampler settings that overflow (--sgld-step, --sgld-temp, --bfactor"
+    else:
+        argv, want = ["--dt", "1e30", "--tau-s", "1e30"], \
+            "the weights, or sampler settings that overflow (--dt, --tau-s, --eps-max"
+    err = refused(mod, run + argv, capsys, code=3)
+    assert "non-finite values" in err and want in err, err
+    assert not os.path.exists(os.path.join(out, "samples.npz"))
+
+
 # ----------------------------------------------------------------------------- engineering (issue 28)
 def _tiny_nets():
     """(name, network, inputs) for every network of both files, weights moved off their init."""
