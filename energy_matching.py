@@ -1213,7 +1213,7 @@ def cmd_train(args):
             log(f"grid at step {step}: {which} weights ({ema_n} EMA updates), {args.sampler}, "
                 f"tau_s {args.tau_s} -> {path}")
 
-        n_bad, t_last, s_last = 0, time.time(), start
+        n_bad, n_good, t_last, s_last = 0, 0, time.time(), start
         net.train()
         for step in range(start, end):
             torch.manual_seed(step_seed(args.seed, step, rank))   # noise, t, dropout, flips
@@ -1225,7 +1225,7 @@ def cmd_train(args):
                                           lr_now, clip, world, stop.signum or 0)
             if ok:
                 ema_update(ema, net, ema_decay_at(decay, ema_n, ema_warmup))
-                ema_n += 1
+                ema_n, n_good = ema_n + 1, n_good + 1
             # ---- engineering: NaN guard, logs, checkpoints, signals, grids ----
             done = step + 1
             n_bad = 0 if ok else n_bad + 1
@@ -1260,6 +1260,19 @@ def cmd_train(args):
                 save(done)
             if main_rank and args.sample_every and done % args.sample_every == 0 < end - done:
                 grid(done)
+        if end > start:        # no finite step, or weights whose output is not finite: exit 3
+            net.eval()                           # no dropout: the check draws no random numbers
+            with torch.no_grad():
+                outs = [m(x) for m in (net, ema)]
+            net.train()
+            no_good, inf_out = all_max([n_good == 0, not all(o.isfinite().all() for o in outs)],
+                                       device, world)
+            if no_good or inf_out:
+                why = ("no step was finite (every loss or gradient NaN / inf)" if no_good else
+                       "the trained weights give non-finite outputs (an update overflowed)")
+                kept = ckpt_path if os.path.exists(ckpt_path) else "none written"
+                die(f"{why} in steps {start + 1}-{end}; no final checkpoint (last: {kept}); "
+                    f"check {OVERFLOW_FLAGS['train']}", 3)
         records = log.read_metrics(phase) if main_rank else []
         if main_rank:
             save(end)

@@ -410,12 +410,15 @@ def strict_load(text):
 @pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
 def test_every_json_written_is_strict(mod, tiny, ckpt, tmp_path, capsys, monkeypatch):
     """A NaN-guarded step's NaN loss, a NaN in a mode's result: null in strict JSON, its key path
-    under "non_finite"; metrics.jsonl reads back as NaN (also after a resume rewrites it)."""
-    real = mod.train_step
+    under "non_finite"; metrics.jsonl reads back as NaN (also after a resume rewrites it). Step 1
+    is a real one: a run with no finite step exits 3 (test_a_run_that_trained_nothing_usable_...)."""
+    real, calls = mod.train_step, []
 
     def nan_step(*a, **k):
         logs, ok, signum = real(*a, **k)
-        return {**logs, "loss": float("nan")}, False, signum
+        calls.append(1)
+        return ({**logs, "loss": float("nan")}, False, signum) if len(calls) > 1 else (logs, ok,
+                                                                                        signum)
 
     out = str(tmp_path)
     monkeypatch.setattr(mod, "train_step", nan_step)
@@ -425,11 +428,11 @@ def test_every_json_written_is_strict(mod, tiny, ckpt, tmp_path, capsys, monkeyp
     assert summary["final"]["loss"] is None and summary["non_finite"] == {"final.loss": "nan"}
     mod.main(tiny + ["--steps", "3", "--resume", "--out-dir", out])      # rewrites metrics.jsonl
     recs = [strict_load(s) for s in open(os.path.join(out, "metrics.jsonl"))]
-    assert [r["loss"] for r in recs[:2]] == [None, None]
-    assert recs[0]["non_finite"] == {"loss": "nan"}
+    assert np.isfinite(recs[0]["loss"]) and recs[1]["loss"] is None
+    assert recs[1]["non_finite"] == {"loss": "nan"} and "non_finite" not in recs[0]
     assert np.isfinite(recs[2]["loss"]) and "non_finite" not in recs[2]
     back = mod.Logger(out).read_metrics()
-    assert np.isnan(back[0]["loss"]) and "non_finite" not in back[0]
+    assert np.isnan(back[1]["loss"]) and "non_finite" not in back[1]
     capsys.readouterr()
     mod.report(out, "r.json", {"auroc": {"svhn": float("nan")}, "v": [float("-inf"), 1.0]})
     for text in (capsys.readouterr().out, open(os.path.join(out, "r.json")).read()):
@@ -942,6 +945,24 @@ def test_non_finite_samples_name_the_sampler_settings_too(mod, tiny, ckpt, tmp_p
     err = refused(mod, run + argv, capsys, code=3)
     assert "non-finite values" in err and want in err, err
     assert not os.path.exists(os.path.join(out, "samples.npz"))
+
+
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_a_run_that_trained_nothing_usable_exits_3_without_a_checkpoint(mod, tiny, ckpt,
+                                                                        tmp_path, capsys):
+    """Fewer than 10 steps (the in-a-row guard never fires), all non-finite, or an update that
+    overflowed the weights (--lr 1e30): the run exited 0 with an untrained or garbage
+    checkpoint. Now one line naming the likely flags, exit 3, no checkpoint written."""
+    huge = ["--lam-gx", "3e38"] if mod is vpfb else ["--output-scale", "3e38"]
+    for argv, want in ((huge, "no step was finite"),
+                       (["--lr", "1e30", "--warmup", "1"], "non-finite outputs")):
+        out = str(tmp_path / argv[0][2:])
+        err = refused(mod, tiny + argv + ["--steps", "2", "--out-dir", out], capsys, code=3)
+        assert want in err and "steps 1-2" in err and "check --lr, --grad-clip, " in err
+        assert huge[0] in err.split("check ")[1], err
+        assert not os.path.exists(os.path.join(out, ckpt)), err
+    mod.main(tiny + ["--steps", "2", "--out-dir", str(tmp_path / "fine")])   # a normal run: 0
+    assert mod.load_checkpoint(str(tmp_path / "fine" / ckpt))["step"] == 2
 
 
 # ----------------------------------------------------------------------------- engineering (issue 28)
