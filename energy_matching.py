@@ -548,6 +548,7 @@ import shlex
 import signal
 import sys
 import time
+import warnings
 
 import torch.distributed as dist
 
@@ -752,15 +753,18 @@ def first_images(ds, n, batch=256):
 # and EMA stay fp32, the OT cost fp64; no GradScaler (bf16 has fp32's exponent range). DDP does not
 # support torch.autograd.grad: each process keeps a plain module and allreduce_grads averages the
 # gradients after backward.
-def build_net(args, device=None):
+def net_of(args):
     """The potential V of --arch (auto: the CNN for MNIST-like data, UNet+ViT otherwise)."""
     shape = (args.channels, args.image_size, args.image_size)
     if args.arch == "cnn":
-        net = CNNPotential(shape, args.model_size)
-    else:
-        net = UNetViTPotential(shape, args.model_size, args.res_blocks, args.vit_depth,
-                               args.dropout, args.output_scale, ints(args.ch_mult),
-                               attn_dropout=args.attn_dropout, time_layers=args.time_layers)
+        return CNNPotential(shape, args.model_size)
+    return UNetViTPotential(shape, args.model_size, args.res_blocks, args.vit_depth, args.dropout,
+                            args.output_scale, ints(args.ch_mult, "--ch-mult"),
+                            attn_dropout=args.attn_dropout, time_layers=args.time_layers)
+
+def build_net(args, device=None):
+    """The network of the flags (net_of), engineered for `device` (--amp, --channels-last)."""
+    net = net_of(args)
     return net if device is None else engineer(net, device, args.amp, args.channels_last)
 
 def build_method(net, args):
@@ -848,6 +852,9 @@ def pick_device(spec):
         die(f"unknown device {spec!r} (use auto, cpu, cuda or cuda:N)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         die(f"device {spec} requested but CUDA is not available (use --device cpu)")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        die(f"device {spec} requested but this machine has {torch.cuda.device_count()} CUDA "
+            f"device(s) (cuda:0 is the first)")
     return dev
 
 def pick_threads(n):
@@ -1131,7 +1138,8 @@ def generate(method, n, shape, device, batch, solver="heun", x0=None, strict=Tru
     n_bad = int((~torch.isfinite(x)).sum())
     msg = f"the {solver} sampler produced non-finite values ({n_bad} of {x.numel()})"
     if n_bad and strict:                   # never hand garbage on (FID would take it as valid)
-        die(msg + " (non-finite weights?); nothing written", 3)
+        die(f"{msg}: the weights, or sampler settings that overflow "
+            f"({OVERFLOW_FLAGS.get(solver, 'its flags')}); nothing written", 3)
     if n_bad:
         print("warning: " + msg, file=sys.stderr)
     return x, {"sampler": solver, "steps": max(1, round(method.tau_s / method.dt)),
@@ -1205,7 +1213,7 @@ def cmd_train(args):
             log(f"grid at step {step}: {which} weights ({ema_n} EMA updates), {args.sampler}, "
                 f"tau_s {args.tau_s} -> {path}")
 
-        n_bad, t_last, s_last = 0, time.time(), start
+        n_bad, n_good, t_last, s_last = 0, 0, time.time(), start
         net.train()
         for step in range(start, end):
             torch.manual_seed(step_seed(args.seed, step, rank))   # noise, t, dropout, flips
@@ -1217,7 +1225,7 @@ def cmd_train(args):
                                           lr_now, clip, world, stop.signum or 0)
             if ok:
                 ema_update(ema, net, ema_decay_at(decay, ema_n, ema_warmup))
-                ema_n += 1
+                ema_n, n_good = ema_n + 1, n_good + 1
             # ---- engineering: NaN guard, logs, checkpoints, signals, grids ----
             done = step + 1
             n_bad = 0 if ok else n_bad + 1
@@ -1252,6 +1260,19 @@ def cmd_train(args):
                 save(done)
             if main_rank and args.sample_every and done % args.sample_every == 0 < end - done:
                 grid(done)
+        if end > start:        # no finite step, or weights whose output is not finite: exit 3
+            net.eval()                           # no dropout: the check draws no random numbers
+            with torch.no_grad():
+                outs = [m(x) for m in (net, ema)]
+            net.train()
+            no_good, inf_out = all_max([n_good == 0, not all(o.isfinite().all() for o in outs)],
+                                       device, world)
+            if no_good or inf_out:
+                why = ("no step was finite (every loss or gradient NaN / inf)" if no_good else
+                       "the trained weights give non-finite outputs (an update overflowed)")
+                kept = ckpt_path if os.path.exists(ckpt_path) else "none written"
+                die(f"{why} in steps {start + 1}-{end}; no final checkpoint (last: {kept}); "
+                    f"check {OVERFLOW_FLAGS['train']}", 3)
         records = log.read_metrics(phase) if main_rank else []
         if main_rank:
             save(end)
@@ -1398,6 +1419,10 @@ DATASET_ROWS = {
 METHOD_FLAGS = ("tau_star", "eps_max", "lambda_cd", "n_langevin", "dt", "cd_neg_clamp", "cd_trim",
                 "neg_data_frac", "flow_reduction", "tau_s", "clamp_negatives", "flow_weighting",
                 "flow_weighting_warmup", "same_temperature", "ot_replace")
+# The flags whose values can overflow the numbers: the one line of a non-finite run names them.
+OVERFLOW_FLAGS = {"train": "--lr, --grad-clip, --output-scale, --lambda-cd, --dt, --eps-max",
+                  "heun": "--dt, --tau-s, --eps-max, --tau-star",
+                  "euler": "--dt, --tau-s, --eps-max, --tau-star"}
 
 def recipe_row(recipe, dataset, phase):
     """The flags --recipe sets for --dataset's row and --phase."""
@@ -1419,13 +1444,19 @@ PHASE_KEYS = {"phase", "steps", "ema_decay", "tau_s", "from_scratch"}   # phase 
 EVAL_READS = {"mode", "out_dir", "device", "threads", "seed", "ckpt", "amp", "compile",
               "channels_last", "workers", "no_ema", *ARCH_KEYS}
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)     # 3.4e38: beyond it, a float flag is inf
+
 def _number(kind, ok, what):
-    """An argparse type: parse with `kind`, reject NaN / inf and values failing `ok`."""
+    """An argparse type: parse with `kind`, reject NaN / inf, floats beyond float32's range (the
+    tensors they scale would be inf) and values failing `ok`."""
     def parse(s):
         try:
             v = kind(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
+        if kind is float and math.isfinite(v) and abs(v) > FLOAT32_MAX:
+            raise argparse.ArgumentTypeError(f"expected {what} within float32's range (|x| <= "
+                                             f"{FLOAT32_MAX:.4g}: the tensors'), got {s!r}")
         if not (math.isfinite(v) and ok(v)):
             raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
         return v
@@ -1440,12 +1471,26 @@ nonneg_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
 unit_float = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 frac_float = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
-def ints(s):
-    """'1,2,2,2' -> (1, 2, 2, 2); --ch-mult stays a string, as checkpoints store it."""
+def ints(s, flag, empty=False):
+    """'1,2,2' -> (1, 2, 2) ('' -> () where `empty` allows it); --ch-mult and --attn-res stay
+    strings, as checkpoints store them. An item that is not an integer >= 1, or an empty item
+    ('1,,2' was read as 1,2; '' as a U-Net with no levels): one line, exit 2."""
+    items = str(s).split(",") if str(s).strip() else []
     try:
-        return tuple(int(c) for c in str(s).split(",") if c.strip())
+        out = tuple(int(c) for c in items)
     except ValueError:
-        die(f"--ch-mult must be a comma list of integers, got {s!r}")
+        out = (0,)
+    if min(out, default=1) < 1 or not (out or empty):
+        die(f"{flag} must be a {'' if empty else 'non-empty '}comma list of integers >= 1, "
+            f"got {str(s)!r}")
+    return out
+
+def device_spec(s):
+    """--device: auto, cpu, cuda or cuda:N, the devices the runs are written for (torch's others,
+    meta, mps, xpu, ..., were tracebacks deep in a run)."""
+    if s in ("auto", "cpu", "cuda") or (s[:5] == "cuda:" and s[5:].isascii() and s[5:].isdigit()):
+        return s
+    raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {s!r}")
 
 class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line on stderr and exit code 2."""
@@ -1476,7 +1521,8 @@ def build_parser(recipe="authors", modes=MODES):
     a("--fake-size", type=pos_int, default=256, help="number of FakeData images")
     a("--workers", type=nonneg_int, default=4, help="DataLoader processes (0 = main process)")
     a("--out-dir", help="output folder (default runs/em_<dataset>); always written to")
-    a("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    a("--device", type=device_spec, default="auto",
+      help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     a("--threads", type=nonneg_int, default=0,
       help="CPU threads (0: the free cores, i.e. the cores less the load average, at least 1)")
     a("--seed", type=seed_int, default=0, help="random seed (each step and rank derives its own)")
@@ -1651,8 +1697,12 @@ def resolve_args(args, typed=(), settings=MODE_SETTINGS):
         args.arch = dataset_row(args, {})["arch"]
     if args.attn_dropout is None:
         args.attn_dropout, args.sources_["attn_dropout"] = args.dropout, "recipe"
+    mult = ints(args.ch_mult, "--ch-mult")               # a bad list: one line, not later
+    if args.arch == "cnn" and args.image_size < 4:
+        die(f"the CNN potential needs an image side >= 4 (two stride-2 4 x 4 convolutions), got "
+            f"{args.image_size}")
     if args.arch == "unetvit":
-        s, mult = args.image_size, ints(args.ch_mult)
+        s = args.image_size
         if s < 8 or s % 4 or s % 2 ** (len(mult) - 1):
             die(f"the UNet+ViT potential needs an image side >= 8 divisible by 4 and by "
                 f"2^{len(mult) - 1} (--ch-mult), got {s}")
@@ -1663,7 +1713,9 @@ def resolve_args(args, typed=(), settings=MODE_SETTINGS):
             f"the noise they start from")
     if args.mode == "train" and args.phase == "main" and args.n_langevin == 0:
         die("--n-langevin 0 in phase main: the CD negatives would be their starts, unmoved")
+    pick_device(args.device)                      # an unusable device: one line before any work
     check_memory(args)
+    check_network(args)
     reads = set(vars(args)) if args.mode == "train" else EVAL_READS | set(settings[args.mode])
     if args.mode == "train" and args.ck_ is None and not args.resume:
         reads.discard("ckpt")                               # training reads --ckpt only to resume
@@ -1674,6 +1726,25 @@ def resolve_args(args, typed=(), settings=MODE_SETTINGS):
               + (" without --resume" if k == "ckpt" else ""), file=sys.stderr)
     args.reads_ = settings.get(args.mode, ())
     return args
+
+def check_network(args):
+    """The network of the flags built on the meta device (shapes only: no memory, no arithmetic)
+    and run on one image: sizes its layers cannot take (an odd --model-size, a zero width, an image
+    smaller than a kernel, ...) are one line naming the flags, exit 2, before any work; they were
+    tracebacks from inside torch. An image folder's classes are counted later: 1 stands in."""
+    nc = getattr(args, "num_classes", 0) or 1
+    flags = argparse.Namespace(**{**vars(args), "num_classes": nc})
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")             # torch's on a layer of 0 channels: no line
+            net, x = net_of(flags), torch.zeros(1, args.channels, args.image_size, args.image_size)
+            net(x)
+    except NotImplementedError:                 # an op without a meta kernel: the run will tell
+        return
+    except (RuntimeError, ValueError, ZeroDivisionError) as e:
+        named = " ".join(f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ARCH_KEYS
+                         if type(getattr(args, k)) in (int, str))          # the sizes and kinds
+        die(f"the network cannot be built with {named} (torch: {str(e).splitlines()[0][:160]})")
 
 def check_memory(args, error=None):
     """The one memory check, one line and exit 2: before the network is built, a size whose

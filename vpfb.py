@@ -622,6 +622,7 @@ import shlex
 import signal
 import sys
 import time
+import warnings
 
 import torch.distributed as dist
 
@@ -862,16 +863,20 @@ def first_images(ds, n, batch=256):
 # samplers, parameters, Adam and EMA stay fp32; no GradScaler (bf16 has fp32's exponent range).
 # DDP does not support torch.autograd.grad (the loss differentiates grad_x Phi again): each process
 # keeps a plain module and allreduce_grads averages the gradients after backward.
-def build_net(args, device=None):
+def net_of(args):
     """Phi of --arch: the time-varying U-Net Phi(x, t) (--unet authors: their variant) or the
     autonomous WideResNet Phi(x); class-conditional with --class-cond."""
     nc = args.num_classes if args.class_cond else 0
     if args.arch == "unet":
         unet = AuthorsUNetPhi if args.unet == "authors" else UNetPhi
-        net = unet(args.channels, args.model_size, ints(args.ch_mult), args.res_blocks,
-                   ints(args.attn_res), args.dropout, args.image_size, nc)
-    else:
-        net = WRNPhi(args.channels, args.model_size, args.wrn_depth, 0.0, nc)
+        return unet(args.channels, args.model_size, ints(args.ch_mult, "--ch-mult"),
+                    args.res_blocks, ints(args.attn_res, "--attn-res", empty=True), args.dropout,
+                    args.image_size, nc)
+    return WRNPhi(args.channels, args.model_size, args.wrn_depth, 0.0, nc)
+
+def build_net(args, device=None):
+    """The network of the flags (net_of), engineered for `device` (--amp, --channels-last)."""
+    net = net_of(args)
     return net if device is None else engineer(net, device, args.amp, args.channels_last)
 
 def build_method(phi, args):
@@ -958,6 +963,9 @@ def pick_device(spec):
         die(f"unknown device {spec!r} (use auto, cpu, cuda or cuda:N)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         die(f"device {spec} requested but CUDA is not available (use --device cpu)")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        die(f"device {spec} requested but this machine has {torch.cuda.device_count()} CUDA "
+            f"device(s) (cuda:0 is the first)")
     return dev
 
 def pick_threads(n):
@@ -1274,7 +1282,8 @@ def generate(method, n, shape, device, batch, solver="rk45", x0=None, strict=Tru
     n_bad = int((~torch.isfinite(x)).sum())
     msg = f"the {solver} sampler produced non-finite values ({n_bad} of {x.numel()})"
     if n_bad and strict:                   # never hand garbage on (FID would take it as valid)
-        die(msg + " (non-finite weights?); nothing written", 3)
+        die(f"{msg}: the weights, or sampler settings that overflow "
+            f"({OVERFLOW_FLAGS.get(solver, 'its flags')}); nothing written", 3)
     if n_bad:
         print("warning: " + msg, file=sys.stderr)
     return x, {"sampler": solver, "nfe_mean": float(np.mean(nfes)) if nfes else 0.0,
@@ -1353,7 +1362,7 @@ def cmd_train(args):
             log(f"grid at step {step}: {which} weights ({ema_n} EMA updates), {args.sampler} "
                 f"-> {path}")
 
-        n_bad, t_last, s_last = 0, time.time(), start
+        n_bad, n_good, t_last, s_last = 0, 0, time.time(), start
         net.train()
         for step in range(start, end):
             torch.manual_seed(step_seed(args.seed, step, rank))   # noise, t, dropout, flips
@@ -1366,7 +1375,7 @@ def cmd_train(args):
                                           stop.signum or 0)
             if ok:
                 ema_update(ema, net, ema_decay_at(decay, ema_n, ema_warmup))
-                ema_n += 1
+                ema_n, n_good = ema_n + 1, n_good + 1
             # ---- engineering: NaN guard, logs, checkpoints, signals, grids ----
             done = step + 1
             n_bad = 0 if ok else n_bad + 1
@@ -1401,6 +1410,20 @@ def cmd_train(args):
                 save(done)
             if main_rank and args.sample_every and done % args.sample_every == 0 < end - done:
                 grid(done)
+        if end > start:        # no finite step, or weights whose output is not finite: exit 3
+            net.eval()                           # no dropout: the check draws no random numbers
+            with torch.no_grad():
+                t = torch.full((x.shape[0],), 0.5, device=device)
+                outs = [Conditioned(m, cond.y)(x, t) for m in (net, ema)]
+            net.train()
+            no_good, inf_out = all_max([n_good == 0, not all(o.isfinite().all() for o in outs)],
+                                       device, world)
+            if no_good or inf_out:
+                why = ("no step was finite (every loss or gradient NaN / inf)" if no_good else
+                       "the trained weights give non-finite outputs (an update overflowed)")
+                kept = ckpt_path if os.path.exists(ckpt_path) else "none written"
+                die(f"{why} in steps {start + 1}-{end}; no final checkpoint (last: {kept}); "
+                    f"check {OVERFLOW_FLAGS['train']}", 3)
         records = log.read_metrics(phase) if main_rank else []
         if main_rank:
             save(end)
@@ -1556,6 +1579,10 @@ RECIPES = {"paper": dict(lr=1e-4, warmup=5000, batch_size=128, steps_main=400_00
 DATASET_ROWS = {}
 METHOD_FLAGS = ("kappa", "eta", "lam_cos", "lam_gx", "lam_gt", "cov_form", "cos_form", "weight_on",
                 "grad_norm", "bfactor")
+# The flags whose values can overflow the numbers: the one line of a non-finite run names them.
+OVERFLOW_FLAGS = {"train": "--lr, --grad-clip, --kappa, --eta, --lam-cos, --lam-gx, --lam-gt",
+                  "sgld": "--sgld-step, --sgld-temp, --bfactor, --t-inf, --t-max",
+                  "euler": "--ode-steps, --t0, --t1", "rk45": "--rtol, --atol, --t0, --t1"}
 
 def recipe_row(recipe, dataset, phase):
     """The flags --recipe sets for --dataset's row and --phase."""
@@ -1584,13 +1611,19 @@ def sampler_kwargs(args):
     """The sampler flags that generate() reads besides the sampler's name."""
     return {k: getattr(args, k) for k in SAMPLER_KEYS[1:]}
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)     # 3.4e38: beyond it, a float flag is inf
+
 def _number(kind, ok, what):
-    """An argparse type: parse with `kind`, reject NaN / inf and values failing `ok`."""
+    """An argparse type: parse with `kind`, reject NaN / inf, floats beyond float32's range (the
+    tensors they scale would be inf) and values failing `ok`."""
     def parse(s):
         try:
             v = kind(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
+        if kind is float and math.isfinite(v) and abs(v) > FLOAT32_MAX:
+            raise argparse.ArgumentTypeError(f"expected {what} within float32's range (|x| <= "
+                                             f"{FLOAT32_MAX:.4g}: the tensors'), got {s!r}")
         if not (math.isfinite(v) and ok(v)):
             raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
         return v
@@ -1603,15 +1636,30 @@ seed_int = _number(int, lambda v: 0 <= v < 2 ** 32, "an integer in [0, 2**32)") 
 pos_float = _number(float, lambda v: v > 0, "a finite number > 0")
 nonneg_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
 unit_float = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
-finite_float = _number(float, lambda v: True, "a finite number")
-time_float = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+open_time_float = _number(float, lambda v: 0 < v < 1, "a number in (0, 1)")   # 1: g^2 = 0
+rtol_float = _number(float, lambda v: v >= 100 * sys.float_info.epsilon,
+                     "a number >= 2.22e-14 (100 x float64's eps: scipy's RK45 takes no less)")
 
-def ints(s):
-    """'2,2,2' -> (2, 2, 2); --ch-mult and --attn-res stay strings, as checkpoints store them."""
+def ints(s, flag, empty=False):
+    """'1,2,2' -> (1, 2, 2) ('' -> () where `empty` allows it); --ch-mult and --attn-res stay
+    strings, as checkpoints store them. An item that is not an integer >= 1, or an empty item
+    ('1,,2' was read as 1,2; '' as a U-Net with no levels): one line, exit 2."""
+    items = str(s).split(",") if str(s).strip() else []
     try:
-        return tuple(int(c) for c in str(s).split(",") if c.strip())
+        out = tuple(int(c) for c in items)
     except ValueError:
-        die(f"--ch-mult / --attn-res must be comma lists of integers, got {s!r}")
+        out = (0,)
+    if min(out, default=1) < 1 or not (out or empty):
+        die(f"{flag} must be a {'' if empty else 'non-empty '}comma list of integers >= 1, "
+            f"got {str(s)!r}")
+    return out
+
+def device_spec(s):
+    """--device: auto, cpu, cuda or cuda:N, the devices the runs are written for (torch's others,
+    meta, mps, xpu, ..., were tracebacks deep in a run)."""
+    if s in ("auto", "cpu", "cuda") or (s[:5] == "cuda:" and s[5:].isascii() and s[5:].isdigit()):
+        return s
+    raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {s!r}")
 
 class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line on stderr and exit code 2."""
@@ -1641,7 +1689,8 @@ def build_parser(recipe="authors", modes=MODES):
     a("--fake-size", type=pos_int, default=512, help="number of FakeData images")
     a("--workers", type=nonneg_int, default=4, help="DataLoader processes (0 = main process)")
     a("--out-dir", help="output folder (default runs/vpfb_<dataset>); always written to")
-    a("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    a("--device", type=device_spec, default="auto",
+      help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     a("--threads", type=nonneg_int, default=0,
       help="CPU threads (0: the free cores, i.e. the cores less the load average, at least 1)")
     a("--seed", type=seed_int, default=0, help="random seed (each step and rank derives its own)")
@@ -1667,10 +1716,10 @@ def build_parser(recipe="authors", modes=MODES):
     a("--class-cond", action="store_true", help="class-conditional Phi(x, c) (for --mode compose)")
     a("--num-classes", type=pos_int, help="classes of --class-cond (default: the dataset's)")
     a("--p-uncond", type=unit_float, help="[r] share of null labels (authors 0.2, ours 0.1)")
-    a("--kappa", type=finite_float, default=2.0, help="[r] w(t) = (1 - t)^kappa (paper 2, ours 1)")
+    a("--kappa", type=nonneg_float, default=2.0, help="[r] w(t) = (1 - t)^kappa (paper 2, ours 1)")
     a("--t-end", type=pos_float, default=1.0, help="t ~ U(0, t_end)")
-    a("--t-max", type=time_float, default=1.0 - 1e-5, help="stationarity: t clamped to t_max")
-    a("--t-inf", type=time_float, help="time Phi_B (Eq. 22) is read at (default t_max)")
+    a("--t-max", type=open_time_float, default=1.0 - 1e-5, help="stationarity: t clamped to t_max")
+    a("--t-inf", type=open_time_float, help="time Phi_B (Eq. 22) is read at (default t_max)")
     a("--eta", type=nonneg_float, default=1e-4, help="[r] Poincare weight eta (paper 1e-4)")
     a("--lam-cos", type=nonneg_float, default=1.0, help="[r] weight of the cosine term")
     a("--lam-gx", type=nonneg_float, default=1.0, help="[r] weight of E||grad_x Phi||^2 (paper 1)")
@@ -1686,7 +1735,7 @@ def build_parser(recipe="authors", modes=MODES):
     a("--bfactor", type=pos_float, default=2.0, help="[r] c in Phi_B, Eq. (22) (authors 4)")
     a("--sampler", default="rk45", choices=["euler", "rk45", "sgld"], help="sampler of the modes")
     a("--ode-steps", type=pos_int, default=100, help="Euler steps (and rk45 trajectory frames)")
-    a("--rtol", type=pos_float, default=1e-3, help="RK45 relative tolerance (authors 1e-3)")
+    a("--rtol", type=rtol_float, default=1e-3, help="RK45 relative tolerance (authors 1e-3)")
     a("--atol", type=pos_float, default=1e-3, help="RK45 absolute tolerance (authors 1e-3)")
     a("--t0", type=nonneg_float, default=1e-5, help="ODE start time (authors 1e-5)")
     a("--t1", type=pos_float, default=1.0 - 1e-5, help="ODE end time (authors 1 - 1e-5)")
@@ -1787,17 +1836,28 @@ def resolve_args(args, typed=(), settings=MODE_SETTINGS):
         s = load_npz(args.data_dir).tensors[0].shape[2]
         if args.image_size != s:
             die(f"--image-size {args.image_size}: the images of {args.data_dir} are {s} x {s}")
-    if args.attn_res is None:
-        args.attn_res = str(args.image_size // 2) if args.unet == "authors" else "16"
+    halvings = len(ints(args.ch_mult, "--ch-mult")) - 1     # a bad list: one line, not later
+    levels = [args.image_size >> k for k in range(halvings + 1)]     # the U-Net's resolutions
+    if args.attn_res is None:              # a default that is no level here: no attention, said
+        r = args.image_size // 2 if args.unet == "authors" else 16
+        args.attn_res = str(r) if r in levels else ""
     if args.class_cond and args.num_classes is None:         # labels 0..K-1, K + 1 = "null"
         args.num_classes = (num_classes_of(load_npz(args.data_dir)) if args.dataset == "npz"
                             else {"cifar100": 100, "celeba64": 4, "folder": None}.get(args.dataset,
                                                                                       10))
-    halvings = len(ints(args.ch_mult)) - 1
-    ints(args.attn_res)                                   # a bad list: one line here, not later
     if args.arch == "unet" and args.image_size % 2 ** halvings:
         die(f"--image-size {args.image_size} must be a multiple of {2 ** halvings} (the U-Net "
             f"halves it {halvings} times for --ch-mult {args.ch_mult})")
+    stray = [r for r in ints(args.attn_res, "--attn-res", empty=True) if r not in levels]
+    if args.arch == "unet" and stray and args.sources_.get("attn_res") != "checkpoint":
+        die(f"--attn-res {args.attn_res}: {', '.join(map(str, stray))} is no resolution of the "
+            f"U-Net ({', '.join(map(str, levels))} at --image-size {args.image_size} and --ch-mult "
+            f"{args.ch_mult}): it would get no attention; --attn-res= for none")
+    for k in ("t_max", "t_inf"):                      # a checkpoint's too (issue: t_max 1 saved)
+        v = getattr(args, k)
+        if v is not None and not 0 < v < 1:
+            die(f"--{k.replace('_', '-')} {v} ({args.sources_.get(k, 'default')}) must be in "
+                f"(0, 1): at t = 1, g^2 = 2 (1 - t) / t is 0 and Phi_B (Eq. 22) divides by it")
     if args.arch == "wrn" and (args.wrn_depth - 4) % 6:
         die(f"--wrn-depth must be 6n + 4 (10, 16, 22, 28 ...), got {args.wrn_depth}")
     if args.t1 <= args.t0:
@@ -1806,7 +1866,9 @@ def resolve_args(args, typed=(), settings=MODE_SETTINGS):
         die("--num-samples 0 in --mode sample would write an empty samples.npz")
     if args.sgld_steps == 0 and (args.sampler == "sgld" or args.mode == "longrun"):
         die("--sgld-steps 0: the SGLD chains would hand back their noise starts as samples")
+    pick_device(args.device)                      # an unusable device: one line before any work
     check_memory(args)
+    check_network(args)
     reads = set(vars(args)) if args.mode == "train" else EVAL_READS | set(settings[args.mode])
     if args.mode == "train" and args.ck_ is None and not args.resume:
         reads.discard("ckpt")                               # training reads --ckpt only to resume
@@ -1817,6 +1879,25 @@ def resolve_args(args, typed=(), settings=MODE_SETTINGS):
               + (" without --resume" if k == "ckpt" else ""), file=sys.stderr)
     args.reads_ = settings.get(args.mode, ())
     return args
+
+def check_network(args):
+    """The network of the flags built on the meta device (shapes only: no memory, no arithmetic)
+    and run on one image: sizes its layers cannot take (an odd --model-size, a zero width, an image
+    smaller than a kernel, ...) are one line naming the flags, exit 2, before any work; they were
+    tracebacks from inside torch. An image folder's classes are counted later: 1 stands in."""
+    nc = getattr(args, "num_classes", 0) or 1
+    flags = argparse.Namespace(**{**vars(args), "num_classes": nc})
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")             # torch's on a layer of 0 channels: no line
+            net, x = net_of(flags), torch.zeros(1, args.channels, args.image_size, args.image_size)
+            net(x, torch.zeros(1))
+    except NotImplementedError:                 # an op without a meta kernel: the run will tell
+        return
+    except (RuntimeError, ValueError, ZeroDivisionError) as e:
+        named = " ".join(f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ARCH_KEYS
+                         if type(getattr(args, k)) in (int, str))          # the sizes and kinds
+        die(f"the network cannot be built with {named} (torch: {str(e).splitlines()[0][:160]})")
 
 def check_memory(args, error=None):
     """The one memory check, one line and exit 2: before the network is built, a size whose

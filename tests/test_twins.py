@@ -410,12 +410,15 @@ def strict_load(text):
 @pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
 def test_every_json_written_is_strict(mod, tiny, ckpt, tmp_path, capsys, monkeypatch):
     """A NaN-guarded step's NaN loss, a NaN in a mode's result: null in strict JSON, its key path
-    under "non_finite"; metrics.jsonl reads back as NaN (also after a resume rewrites it)."""
-    real = mod.train_step
+    under "non_finite"; metrics.jsonl reads back as NaN (also after a resume rewrites it). Step 1
+    is a real one: a run with no finite step exits 3 (test_a_run_that_trained_nothing_usable_...)."""
+    real, calls = mod.train_step, []
 
     def nan_step(*a, **k):
         logs, ok, signum = real(*a, **k)
-        return {**logs, "loss": float("nan")}, False, signum
+        calls.append(1)
+        return ({**logs, "loss": float("nan")}, False, signum) if len(calls) > 1 else (logs, ok,
+                                                                                        signum)
 
     out = str(tmp_path)
     monkeypatch.setattr(mod, "train_step", nan_step)
@@ -425,11 +428,11 @@ def test_every_json_written_is_strict(mod, tiny, ckpt, tmp_path, capsys, monkeyp
     assert summary["final"]["loss"] is None and summary["non_finite"] == {"final.loss": "nan"}
     mod.main(tiny + ["--steps", "3", "--resume", "--out-dir", out])      # rewrites metrics.jsonl
     recs = [strict_load(s) for s in open(os.path.join(out, "metrics.jsonl"))]
-    assert [r["loss"] for r in recs[:2]] == [None, None]
-    assert recs[0]["non_finite"] == {"loss": "nan"}
+    assert np.isfinite(recs[0]["loss"]) and recs[1]["loss"] is None
+    assert recs[1]["non_finite"] == {"loss": "nan"} and "non_finite" not in recs[0]
     assert np.isfinite(recs[2]["loss"]) and "non_finite" not in recs[2]
     back = mod.Logger(out).read_metrics()
-    assert np.isnan(back[0]["loss"]) and "non_finite" not in back[0]
+    assert np.isnan(back[1]["loss"]) and "non_finite" not in back[1]
     capsys.readouterr()
     mod.report(out, "r.json", {"auroc": {"svhn": float("nan")}, "v": [float("-inf"), 1.0]})
     for text in (capsys.readouterr().out, open(os.path.join(out, "r.json")).read()):
@@ -807,6 +810,159 @@ def test_flags_that_give_no_work_are_one_line_before_the_network(mod, tiny, ckpt
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert want in one_error(capsys, e), argv
+
+
+def refused(mod, argv, capsys, code=2):
+    """The one error line of mod.main(argv) (exit `code`)."""
+    with pytest.raises(SystemExit) as e:
+        mod.main(argv)
+    return one_error(capsys, e, code)
+
+
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_float_flags_beyond_float32_or_outside_the_method_are_refused_at_parse(
+        mod, tiny, ckpt, tmp_path, capsys, monkeypatch):
+    """A float flag beyond float32's range (3.4e38) is inf in the tensors it scales: the run
+    trained nothing or sampled garbage, late. VPFB: kappa < 0 (w = (1 - t)^kappa >= 0 grows
+    without bound), --t-max / --t-inf 1 (g^2 = 0: Phi_B inf), --rtol below scipy's least
+    (100 eps: scipy raised it silently and ran for minutes). One line, exit 2, no network."""
+    no_network(mod, monkeypatch)
+    run = ["--steps", "1", "--out-dir", str(tmp_path)]
+    big = [(["--lr", "1e39"], "--lr"), (["--lr=-1e300"], "--lr")]
+    if mod is vpfb:
+        big += [([f, "1e300"], f) for f in ("--sgld-step", "--sgld-temp", "--bfactor", "--eta")]
+        other = [(["--kappa", "-1000"], "argument --kappa: expected a finite number >= 0"),
+                 (["--t-inf", "1"], "argument --t-inf: expected a number in (0, 1)"),
+                 (["--t-max", "1"], "argument --t-max: expected a number in (0, 1)"),
+                 (["--rtol", "1e-300"], "argument --rtol: expected a number >= 2.22e-14")]
+        ok = [["--kappa", "0"], ["--t-end", "1"], ["--t-max", "0.999"], ["--rtol", "2.3e-14"],
+              ["--bfactor", "3e38"]]
+    else:
+        big += [([f, "1e300"], f) for f in ("--output-scale", "--eps-max", "--dt", "--tau-s")]
+        other, ok = [], [["--output-scale", "3e38"], ["--eps-max", "0"]]
+    for argv, want in big:
+        err = refused(mod, tiny + argv + run, capsys)
+        assert f"argument {want}: " in err and "float32's range" in err, (argv, err)
+    for argv, want in other:
+        assert want in refused(mod, tiny + argv + run, capsys), argv
+    for argv in ok:
+        mod.parse_args(tiny + argv + run)
+
+
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_only_the_devices_the_runs_are_written_for(mod, tiny, ckpt, tmp_path, capsys,
+                                                   monkeypatch):
+    """--device meta / mps (valid torch device strings) were tracebacks deep in a run: only auto,
+    cpu, cuda and cuda:N pass, and a CUDA device this machine lacks is one line before the
+    network."""
+    no_network(mod, monkeypatch)
+    run = ["--steps", "1", "--out-dir", str(tmp_path)]
+    for dev in ("meta", "mps", "xpu", "cuda:x", "cuda:-1", "CPU", ""):
+        err = refused(mod, tiny + ["--device", dev] + run, capsys)
+        assert "expected auto, cpu, cuda or cuda:N" in err, (dev, err)
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    err = refused(mod, tiny + ["--device", f"cuda:{n}"] + run, capsys)
+    assert ("CUDA device(s)" if n else "CUDA is not available") in err, err
+
+
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_ch_mult_and_attn_res_are_lists_of_positive_integers_the_unet_has(
+        mod, tiny, ckpt, tmp_path, capsys, monkeypatch):
+    """--ch-mult with 0 or a negative entry was a traceback, --ch-mult= a U-Net with no levels
+    (exit 0), 1,,2 read as 1,2; VPFB's --attn-res=-4 or a resolution no level has silently gave
+    no attention. Now one line each, exit 2, before the network; --attn-res= (no attention, the
+    README's) and the levels' own resolutions still work, and a default that is no level (16 at
+    28 x 28) says "" (the same network: none)."""
+    no_network(mod, monkeypatch)
+    run = ["--steps", "1", "--out-dir", str(tmp_path)]
+    cases = [([f"--ch-mult={v}"], "--ch-mult must be a non-empty comma list of integers >= 1")
+             for v in ("0,2", "-1,2", "", "1,,2", "1,x", ",")]
+    if mod is vpfb:
+        cases += [([f"--attn-res={v}"], "--attn-res must be a comma list of integers >= 1")
+                  for v in ("-4", "0", "4,,8", "four")]
+        cases += [(["--attn-res", v], "is no resolution of the U-Net (8, 4 at --image-size 8")
+                  for v in ("16", "2", "8,3")]
+    for argv, want in cases:
+        err = refused(mod, tiny + argv + run, capsys)
+        assert want in err, (argv, err)
+    if mod is vpfb:
+        for v in ("", "4", "8,4"):
+            assert mod.parse_args(tiny + ["--attn-res", v] + run).attn_res == v
+        args = mod.parse_args(tiny + ["--image-size", "28", "--ch-mult", "2,2,2", "--attn-res",
+                                      "28,7"] + run)
+        assert args.attn_res == "28,7"
+        argv = [a for a in tiny if a not in ("--attn-res", "")]
+        args = mod.parse_args(argv + ["--image-size", "28", "--ch-mult", "2,2,2"] + run)
+        assert args.attn_res == "" and args.sources_.get("attn_res") is None
+        args = mod.parse_args(argv + ["--image-size", "32", "--ch-mult", "2,2,2"] + run)
+        assert args.attn_res == "16"
+
+
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_network_sizes_the_layers_cannot_take_are_one_line_before_the_network(
+        mod, tiny, ckpt, tmp_path, capsys, monkeypatch):
+    """An odd --model-size (VPFB's sinusoidal time embedding), 6 (a GroupNorm of 18 channels), a
+    WideResNet of width 1 (a conv of 0 channels), EM's CNN on images under 4 pixels (a 4 x 4
+    kernel): tracebacks from inside torch. Now one line naming the flags, exit 2, no network
+    built (the check builds it on the meta device); sizes that work still work."""
+    no_network(mod, monkeypatch)
+    run = ["--steps", "1", "--out-dir", str(tmp_path)]
+    if mod is vpfb:
+        cases = [(["--model-size", n], f"--model-size={n}") for n in ("1", "3", "5", "6", "7")]
+        cases += [(["--unet", "authors", "--model-size", "5"], "--unet=authors --model-size=5"),
+                  (["--arch", "wrn", "--wrn-depth", "10", "--model-size", "1"], "--arch=wrn")]
+        want_all = "the network cannot be built with "
+        fine = [["--model-size", "4"], ["--arch", "wrn", "--model-size", "2", "--wrn-depth", "10"]]
+    else:
+        cases = [(["--arch", "cnn", "--image-size", n], f"image side >= 4 (") for n in "123"]
+        want_all = "CNN potential"
+        fine = [["--arch", "cnn", "--image-size", "4"], ["--model-size", "1"], ["--model-size", "3"]]
+    for argv, want in cases:
+        err = refused(mod, tiny + argv + run, capsys)
+        assert want in err and want_all in err and "Traceback" not in err, (argv, err)
+    monkeypatch.undo()
+    for argv in fine:
+        args = mod.parse_args(tiny + argv + run)
+        net = mod.build_net(args).eval()
+        x = torch.randn(2, args.channels, args.image_size, args.image_size)
+        assert torch.isfinite(net(x, torch.rand(2)) if mod is vpfb else net(x)).all(), argv
+
+
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_non_finite_samples_name_the_sampler_settings_too(mod, tiny, ckpt, tmp_path, capsys):
+    """Sampler settings that overflow (VPFB --sgld-step 1e30, EM --dt 1e30 --tau-s 1e30) were
+    reported after sampling as "(non-finite weights?)": the line names the sampler's flags."""
+    out = str(tmp_path)
+    mod.main(tiny + ["--steps", "2", "--out-dir", out])         # step 1 runs at lr 0 (warm-up)
+    run = ["--mode", "sample", "--device", "cpu", "--threads", "1", "--num-samples", "2",
+           "--out-dir", out]
+    if mod is vpfb:
+        argv, want = ["--sampler", "sgld", "--sgld-step", "1e30", "--sgld-steps", "2"], \
+            "the weights, or sampler settings that overflow (--sgld-step, --sgld-temp, --bfactor"
+    else:
+        argv, want = ["--dt", "1e30", "--tau-s", "1e30"], \
+            "the weights, or sampler settings that overflow (--dt, --tau-s, --eps-max"
+    err = refused(mod, run + argv, capsys, code=3)
+    assert "non-finite values" in err and want in err, err
+    assert not os.path.exists(os.path.join(out, "samples.npz"))
+
+
+@pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
+def test_a_run_that_trained_nothing_usable_exits_3_without_a_checkpoint(mod, tiny, ckpt,
+                                                                        tmp_path, capsys):
+    """Fewer than 10 steps (the in-a-row guard never fires), all non-finite, or an update that
+    overflowed the weights (--lr 1e30): the run exited 0 with an untrained or garbage
+    checkpoint. Now one line naming the likely flags, exit 3, no checkpoint written."""
+    huge = ["--lam-gx", "3e38"] if mod is vpfb else ["--output-scale", "3e38"]
+    for argv, want in ((huge, "no step was finite"),
+                       (["--lr", "1e30", "--warmup", "1"], "non-finite outputs")):
+        out = str(tmp_path / argv[0][2:])
+        err = refused(mod, tiny + argv + ["--steps", "2", "--out-dir", out], capsys, code=3)
+        assert want in err and "steps 1-2" in err and "check --lr, --grad-clip, " in err
+        assert huge[0] in err.split("check ")[1], err
+        assert not os.path.exists(os.path.join(out, ckpt)), err
+    mod.main(tiny + ["--steps", "2", "--out-dir", str(tmp_path / "fine")])   # a normal run: 0
+    assert mod.load_checkpoint(str(tmp_path / "fine" / ckpt))["step"] == 2
 
 
 # ----------------------------------------------------------------------------- engineering (issue 28)

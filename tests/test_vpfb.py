@@ -707,6 +707,24 @@ def test_nan_guard_stops_with_one_line(tmp_path, capsys, runs):
     assert after["step"] == 3 and torch.equal(after["model"]["inp.weight"], before["model"]["inp.weight"])
 
 
+def test_a_checkpoint_holding_t_max_1_is_one_line_unless_a_typed_t_max_overrides(tmp_path, capsys,
+                                                                                 runs):
+    """--t-max 1 (help allowed (0, 1]) trained with exit 0 and stored t_max = 1 in the checkpoint: every
+    later Phi_B (Eq. 22) divides by g^2 = 2 (1 - t) / t = 0 (SGLD exit 3 "non-finite weights?"). The
+    flag is refused at parse; a checkpoint that holds it is one line naming it, and a typed --t-max
+    wins over it as over any stored setting."""
+    ck = {k: v for k, v in vpfb.load_checkpoint(str(runs / "s3" / "ckpt_main.pt")).items() if k != "path"}
+    ck["args"]["t_max"] = 1.0
+    old = str(tmp_path / "old.pt")
+    torch.save(ck, old)
+    run = ["--mode", "sample", "--ckpt", old, "--sampler", "sgld", "--sgld-steps", "2", "--num-samples", "2",
+           "--device", "cpu", "--threads", "1", "--out-dir", str(tmp_path / "s")]
+    code, err = _main_exit(run, capsys)
+    assert code == 2 and err.count("\n") == 1 and "--t-max 1.0 (checkpoint) must be in (0, 1)" in err, err
+    vpfb.main(run + ["--t-max", "0.999"])
+    assert np.load(tmp_path / "s" / "samples.npz")["images"].shape == (2, 8, 8, 3)
+
+
 def test_cli_smoke_train_sample(tmp_path, capsys):
     """Train 2 steps (progress lines with ms/it, img/s), then sample: samples.npz (uint8 NHWC) for eval_fid.
     The real script in a subprocess runs in test_sigterm_saves_and_resume_reaches_the_same_weights."""
