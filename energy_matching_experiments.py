@@ -62,7 +62,8 @@ def cmd_inpaint(args):
     plain = inverse_langevin(method.V, y, A, **kw)
     inter = inverse_langevin(method.V, y, A, sigma=args.sigma_int, Bmask=Bmask, **kw)
     if not torch.isfinite(torch.cat([plain, inter])).all():
-        die("inpaintings contain NaN/Inf (non-finite weights?); nothing written", 3)
+        die("inpaintings contain NaN/Inf: the weights, or settings that overflow (--dt, --tau-s, "
+            "--eps-max, --zeta, --sigma-int); nothing written", 3)
 
     def spread(z):  # mean pairwise distance between the chains inside the hole
         d = [(Bmask * (z[:, i] - z[:, j])).flatten(1).norm(dim=1)

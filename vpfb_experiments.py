@@ -94,7 +94,7 @@ def cmd_hist(args):
         e, _ = energies(method, ds, device, args.ood_max, args.sample_batch)
         if not np.isfinite(e).all():
             die(f"Phi_B is NaN or inf on {int((~np.isfinite(e)).sum())} of the {len(e)} {split} "
-                f"images (non-finite weights?); nothing written", 3)
+                f"images: the weights, or --bfactor / --t-inf that overflow; nothing written", 3)
         res[split] = {"n": int(len(e)), "mean": float(e.mean()), "std": float(e.std())}
         e = e.astype(np.float64)              # float32 bin edges collapse on close, large values
         plt.hist(e, bins=50, alpha=0.5, density=True, label=split)
