@@ -555,6 +555,21 @@ def test_pearson_form_sets_the_scale_of_phi_by_lambda(grad_norm, lam):
     want = rho / (2 * lam) * (D if grad_norm == "mean" else 1)
     assert gphi2 == pytest.approx(want, rel=1e-3)
 
+
+@pytest.mark.parametrize("scale", [0.5, 0.9, 1.0])
+def test_velocity_scale_reads_the_length_of_grad_phi(scale):
+    """README's ablation column: with the covariance by parts, E w|grad Phi|^2 / (-Cov / 2) is s when
+    grad Phi = s E[v | x, t]. One data point a: E[v | x, t] = (a - x) / (1 - t), the gradient of
+    Phi* = -|x - a|^2 / (2 (1 - t))."""
+    torch.manual_seed(0)
+    B, D = 20000, 4
+    a = torch.tensor([0.5, -1.0, 0.25, 2.0])
+    m = vpfb.VPFB(lambda x, t: -scale * (x - a).pow(2).sum(1) / (2 * (1 - t)), **vpfb.OURS,
+                  lam_cos=0.0, eta=0.0)
+    logs = m.objective(a.expand(B, D), torch.randn(B, D), torch.rand(B) * 0.9)[1]
+    ratio = float(logs["grad_x2"].detach()) / (-float(logs["cov"].detach()) / 2)
+    assert ratio == pytest.approx(scale, rel=0.02)
+
 def _patterns(n, g):
     """Structured 8 x 8 data: one of four fixed images (ramps, stripes, flat) plus a little noise."""
     r = torch.linspace(-1, 1, 64).reshape(8, 8)
