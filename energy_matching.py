@@ -1728,17 +1728,18 @@ def resolve_args(args, typed=(), settings=MODE_SETTINGS):
     return args
 
 def check_network(args):
-    """The network of the flags built on the meta device (shapes only: no memory, no arithmetic)
-    and run on one image: sizes its layers cannot take (an odd --model-size, a zero width, an image
-    smaller than a kernel, ...) are one line naming the flags, exit 2, before any work; they were
-    tracebacks from inside torch. An image folder's classes are counted later: 1 stands in."""
+    """The network of the flags built and run on one image: sizes its layers cannot take (an odd
+    --model-size, a zero width, an image smaller than a kernel, ...) are one line naming the flags,
+    exit 2, before any work; they were tracebacks from inside torch. Above 2M parameters on the
+    meta device (shapes only: no memory, no arithmetic), below for real on the CPU. An image
+    folder's classes are counted later: 1 stands in."""
     nc = getattr(args, "num_classes", 0) or 1
     flags = argparse.Namespace(**{**vars(args), "num_classes": nc})
     try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")             # torch's on a layer of 0 channels: no line
             small = count_params(net_of(flags)) < 2_000_000
-        # a small network runs faster for real on the CPU than through meta's Python kernels (0.1 s
+        # a small network runs faster for real on the CPU than through meta's Python kernels (0.3 s
         # a parse); its random initial weights must not move the run's random numbers
         with torch.device("cpu" if small else "meta"), torch.random.fork_rng(devices=[]), \
                 torch.no_grad(), warnings.catch_warnings():
@@ -1752,16 +1753,20 @@ def check_network(args):
                          if type(getattr(args, k)) in (int, str))          # the sizes and kinds
         die(f"the network cannot be built with {named} (torch: {str(e).splitlines()[0][:160]})")
 
+def machine_memory(device):
+    """Bytes the run can hold: the GPU's memory on CUDA, else the machine's RAM."""
+    if torch.cuda.is_available() and device != "cpu":
+        return torch.cuda.get_device_properties(0).total_memory
+    return (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            if hasattr(os, "sysconf") else float("inf"))
+
 def check_memory(args, error=None):
     """The one memory check, one line and exit 2: before the network is built, a size whose
     activations cannot fit (a lower bound of one step: 4 bytes x base channels x pixels x batch x
     16 layers, over the machine's memory); during the run, the allocator's error."""
     batch = args.batch_size if args.mode == "train" else args.sample_batch
     need = 4 * args.model_size * args.image_size ** 2 * batch * 16
-    have = (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-            if hasattr(os, "sysconf") else float("inf"))
-    if torch.cuda.is_available() and args.device != "cpu":
-        have = torch.cuda.get_device_properties(0).total_memory
+    have = machine_memory(args.device)
     if error is not None:
         why = f"out of memory on {args.device} ({str(error).splitlines()[0][:120]})"
     elif need > have:

@@ -786,11 +786,7 @@ def em_vs_baselines(rows):
             f"{r:.2f} (goal <= 1.5 at equal steps: {'met' if r <= 1.5 else 'NOT met'})")
 
 # ==== 9. Arguments, recipes and main ====
-def die(msg, code=2):
-    """One clear line on stderr, no traceback; exit 2: bad input, 3: the run's numbers went NaN or
-    inf (need_finite)."""
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(code)
+die = em.die        # one line "error: ..." on stderr; exit 2: bad input, 3: NaN / inf (need_finite)
 
 def need_finite(x, what, hint=""):
     """The NaN guard: a loss, samples or a density with NaN / inf end the run here, one line and
@@ -820,7 +816,7 @@ class Parser(argparse.ArgumentParser):
         # a number type's "argument --lr: must be ..." reads as check_args does: "--lr must be ..."
         die(re.sub(r"^argument ([^:]+): must ", r"\1 must ", message))
 
-F32_MAX = float(torch.finfo(torch.float32).max)          # 3.4e38: the networks compute in float32
+F32_MAX = em.FLOAT32_MAX            # 3.4e38: the networks compute in float32
 
 def _number(ok, what):
     """An argparse type for a float flag: NaN, inf, values failing `ok` and values beyond float32's

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 import vpfb
 from vpfb import (PHI_B, SAMPLER_KEYS, DATA_KEYS, _sqnorm, build_dataset, die, draw, eval_setup,
-                  first_images, image_folder, load_npz, ode_solve, pyplot, report, save_figure,
-                  save_grid, sgld, slerp, write_json)
+                  first_images, image_folder, load_npz, machine_memory, ode_solve, pyplot, report,
+                  save_figure, save_grid, sgld, slerp, write_json)
 
 OOD_SETS = ("svhn", "cifar10", "cifar100", "celeba", "interp", "noise")   # or a folder / .npz
 
@@ -180,10 +180,7 @@ def check_longrun(args):
     b = min(args.num_samples, args.sample_batch)
     frame = 4 * b * args.channels * args.image_size ** 2                 # float32 bytes a frame
     frames = max(args.ode_steps * max(1.0, args.longrun_t1), args.sgld_steps) + 1   # one at a time
-    have = (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-            if hasattr(os, "sysconf") else float("inf"))
-    if torch.cuda.is_available() and args.device != "cpu":
-        have = torch.cuda.get_device_properties(0).total_memory
+    have = machine_memory(args.device)
     if not frame * frames <= have:
         die(f"--longrun-t1 {args.longrun_t1:g} (x --ode-steps {args.ode_steps}) or --sgld-steps "
             f"{args.sgld_steps} keeps {frames:.3g} frames of {b} images: "
