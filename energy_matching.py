@@ -769,15 +769,9 @@ def build_net(args, device=None):
 
 def build_method(net, args):
     """EnergyMatching(net, ...) with the method's flags (section 7 filled them from the recipe)."""
-    return EnergyMatching(net, tau_star=args.tau_star, eps_max=args.eps_max,
-                          lambda_cd=args.lambda_cd, n_langevin=args.n_langevin, dt=args.dt,
-                          cd_neg_clamp=args.cd_neg_clamp, cd_trim=args.cd_trim,
-                          neg_data_frac=args.neg_data_frac, flow_reduction=args.flow_reduction,
-                          tau_s=args.tau_s, use_ot=not args.no_ot,
-                          flow_weighting=args.flow_weighting,
-                          flow_weighting_warmup=args.flow_weighting_warmup,
-                          same_temperature=args.same_temperature, ot_replace=args.ot_replace,
-                          clamp_negatives=(-1.0, 1.0) if args.clamp_negatives else None)
+    kw = {k: getattr(args, k) for k in METHOD_FLAGS}
+    kw["clamp_negatives"] = (-1.0, 1.0) if args.clamp_negatives else None   # a flag: on / off
+    return EnergyMatching(net, use_ot=not args.no_ot, **kw)
 
 def build_optimizer(net, args):
     """Adam with grouped (foreach) kernels, on the CPU too (the same numbers as the loop)."""

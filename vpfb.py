@@ -7,9 +7,8 @@ flow dx/dt = +grad_x Phi (Eq. 13) carries N(0, I) noise at t = 0 to the data at 
 (Eq. 27) is a Deep Ritz form of the density-weighted Poisson equation (16). At the stationary end
 t_max the same potential gives a Boltzmann energy Phi_B (Eq. 22) for SGLD sampling and OOD scores.
 VPFB(phi) is Eq. (27) as printed (c = 2 in Eq. 22, tested); VPFB(phi, **AUTHORS) the authors' code,
-the command line's default (--recipe authors | paper | ours). OURS estimates the covariance by parts
-("stein"): with the weighted gradient norm that IS weighted flow matching on grad_x Phi, sample by
-sample, and still VPFB: the same expectation, the same minimiser Phi*, a low-variance estimator.
+the command line's default (--recipe authors | paper | ours); OURS estimates the covariance by parts
+("stein"): the same expectation and minimiser Phi* by a low-variance estimator (see OURS).
 
 Where the equations live (section 1): Schedule = Prop. 1 kernel (Eq. 8), innovation (Eq. 12) and
 SDE coefficients (Eq. 18); VPFB.loss = Eq. (27), one method per term; VPFB.sample = the ODE (13);
@@ -124,9 +123,6 @@ def otfm_centered_innovation(eps, xbar, t):
     s = (eps * eps - xbar * eps - 1.0).flatten(1).sum(1)
     return 2.0 / (1.0 - t) * s
 
-def _center(v):
-    return v - v.mean()
-
 class VPFB:
     """The method: a scalar potential Phi(x, t) whose gradient is the velocity dx/dt = grad_x Phi,
     Eq. (13). phi(x, t) takes x (B, ...) and t (B,) and returns (B,); an autonomous Phi(x) ignores
@@ -144,20 +140,17 @@ class VPFB:
     def __init__(self, phi, autonomous=False, kappa=2.0, t_end=1.0, t_max=1.0 - 1e-5, eta=1e-4,
                  lam_cos=1.0, lam_gx=1.0, lam_gt=1.0, cov_form="cov", cos_form="paper",
                  weight_on="cov", grad_norm="sum", bfactor=2.0, schedule=None, t_inf=None):
-        for name, val, ok in (("cov_form", cov_form, ("cov", "corr", "stein")),
-                              ("cos_form", cos_form, ("paper", "authors")),
-                              ("weight_on", weight_on, ("ritz", "cov")),
-                              ("grad_norm", grad_norm, ("sum", "mean"))):
+        forms = dict(cov_form=cov_form, cos_form=cos_form, weight_on=weight_on, grad_norm=grad_norm)
+        for (name, val), ok in zip(forms.items(), (("cov", "corr", "stein"), ("paper", "authors"),
+                                                  ("ritz", "cov"), ("sum", "mean"))):
             if val not in ok:
                 raise ValueError(f"{name} must be one of {ok}, got {val!r}")
+        vars(self).update(forms)                             # self.cov_form = cov_form, ...
         self.phi, self.autonomous = phi, bool(autonomous)
-        self.kappa, self.t_end, self.t_max = float(kappa), float(t_end), float(t_max)
-        self.eta, self.lam_cos, self.lam_gx, self.lam_gt = (float(eta), float(lam_cos),
-                                                            float(lam_gx), float(lam_gt))
-        self.cov_form, self.cos_form = cov_form, cos_form
-        self.weight_on, self.grad_norm = weight_on, grad_norm
-        self.bfactor = float(bfactor)
         self.t_inf = None if t_inf is None else float(t_inf)
+        self.kappa, self.t_end, self.t_max, self.eta, self.bfactor = map(
+            float, (kappa, t_end, t_max, eta, bfactor))
+        self.lam_cos, self.lam_gx, self.lam_gt = float(lam_cos), float(lam_gx), float(lam_gt)
         self.schedule = schedule or Schedule()  # OT-FM: mu = t, sigma = 1 - t (Prop. 1, tested)
         self.last_nfe = 0
 
@@ -232,7 +225,8 @@ class VPFB:
             G = otfm_centered_innovation(eps, xbar, t)
         else:
             G = self.schedule.gamma(x.detach(), xbar, t) - self.schedule.gamma_bar(xbar, t)
-        return (_center(phi) * _center(w * G)).mean()        # Cov[Phi, w (gamma - gamma_bar)]
+        wG = w * G
+        return ((phi - phi.mean()) * (wG - wG.mean())).mean()   # Cov[Phi, w (gamma - gamma_bar)]
 
     def cos_term(self, gx, v, t):
         """cos(grad_x Phi, v) with the conditional velocity v of Eq. (20), Eq. (27).
@@ -301,7 +295,6 @@ AUTHORS = dict(eta=0.0, lam_gx=0.5, lam_gt=0.1, cov_form="corr", cos_form="autho
 OURS = dict(kappa=1.0, lam_gt=0.01, cov_form="stein", weight_on="ritz")
 
 # ---- samplers: plain functions of a gradient field (tests feed analytic fields)
-
 def ode_solve(velocity, x0, solver="euler", n_steps=100, t0=0.0, t1=1.0, rtol=1e-3, atol=1e-3,
               return_traj=False):
     """Integrate dx/dt = velocity(x, t) from t0 to t1 -> (x, traj or None, nfe). "euler": n_steps
@@ -429,6 +422,7 @@ class UNetPhi(nn.Module):
     ResBlocks (attention at `attn_res`, heads of head_dim channels), a ResBlock-Attention-ResBlock
     middle, the mirror image up with skips; a strided conv halves the resolution, nearest + conv
     doubles it. The layers come from the methods after __init__; AuthorsUNetPhi has the authors'."""
+    wide_stem = False                                    # AuthorsUNetPhi: base * mult[0] channels
 
     def __init__(self, in_ch=3, base=128, mult=(2, 2, 2), num_res=4, attn_res=(16,), dropout=0.3,
                  image_size=32, num_classes=0, *, head_dim=64):
@@ -439,7 +433,7 @@ class UNetPhi(nn.Module):
         # class embedding with one extra "null" class (index num_classes): y=None -> Phi(x, t)
         self.num_classes = num_classes
         self.cemb = nn.Embedding(num_classes + 1, emb) if num_classes else None
-        ch = self.stem_width(base, mult)
+        ch = base * mult[0] if self.wide_stem else base               # the stem's width
         self.inp = nn.Conv2d(in_ch, ch, 3, padding=1)
         self.down, chans, res_px = nn.ModuleList(), [ch], image_size
         for i, m in enumerate(mult):
@@ -467,9 +461,6 @@ class UNetPhi(nn.Module):
                     res_px *= 2
                 self.up.append(blk)
         self.out = nn.Sequential(self.norm(ch), nn.SiLU(), nn.Conv2d(ch, in_ch, 3, padding=1))
-
-    def stem_width(self, base, mult):
-        return base
 
     def norm(self, ch):
         return _norm(ch)
@@ -530,15 +521,13 @@ class AuthorsUNetPhi(UNetPhi):
     the start). Their config's options that vpfb_convert.py reads from a file: conv_resample
     (their resamp_with_conv: our strided conv and nearest + conv), scale_shift=False (additive
     ResBlocks). AuthorsUNetPhi(3, 128, (2, 2, 2), 4, (16,)) has their 55,676,419 parameters."""
+    wide_stem = True
 
     def __init__(self, *args, scale_shift=True, conv_resample=False, **kw):
         self.scale_shift, self.conv_resample = scale_shift, conv_resample   # read while building
         super().__init__(*args, **kw)
         nn.init.zeros_(self.out[2].weight)
         nn.init.zeros_(self.out[2].bias)
-
-    def stem_width(self, base, mult):
-        return base * mult[0]
 
     def norm(self, ch):
         return nn.GroupNorm(math.gcd(32, ch), ch)  # theirs wherever theirs exists, and below 32
