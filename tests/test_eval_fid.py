@@ -790,7 +790,8 @@ def test_json_is_strict_a_nan_is_null_with_its_reason(inputs, capsys, monkeypatc
                                                         "pass": False, "images": 2})
     code, out, _ = run_main(["selfcheck"], capsys)
     res = strict_load(out[:out.rindex("}") + 1])
-    assert code == 1 and res["max_abs_diff"] is None and res["non_finite"] == {"max_abs_diff": "nan"}
+    assert (code == 1 and res["max_abs_diff"] is None
+            and res["non_finite"] == {"max_abs_diff": "nan"})
 
 
 @pytest.mark.parametrize("offset,verdict", [(0.0, "PASS"), (1e-2, "FAIL"), (float("nan"), "FAIL")])
@@ -823,7 +824,8 @@ def test_selfcheck_prints_pass_or_fail_and_exits_non_zero_on_fail(tmp_path, caps
 def test_reference_files_and_folders_are_cached_by_content(tmp_path):
     """A samples .npz or an image folder as --ref is read through the network once: its statistics
     are cached under the stats dir, keyed by its files' names, sizes and times; a changed file is a
-    new entry (before, only the CIFAR-10 names were cached: a 10k-image --ref took 35 min a call)."""
+    new entry (before, only the CIFAR-10 names were cached: a 10k-image --ref took 35 min a
+    call)."""
     from PIL import Image
     folder = tmp_path / "ref" / "any"
     folder.mkdir(parents=True)

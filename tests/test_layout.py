@@ -1,8 +1,9 @@
 """The shape the repository promises its readers (README, "Files"): one job per file (the method and
-its run; the paper's experiments; the authors'-checkpoint converter), the two method files read method
-first, keep one ENGINEERING divider, stay twins in their engineering names, flags and shared
+its run; the paper's experiments; the authors'-checkpoint converter), the two method files read
+method first, keep one ENGINEERING divider, stay twins in their engineering names, flags and shared
 definitions, and no file points outside the repository."""
 import ast
+import glob
 import io
 import os
 import re
@@ -20,7 +21,7 @@ import vpfb_experiments as vpx
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = ["energy_matching.py", "energy_matching_experiments.py", "energy_matching_convert.py",
          "vpfb.py", "vpfb_experiments.py", "vpfb_convert.py", "toy2d.py", "eval_fid.py"]
-SIBLINGS = [(em, emx), (em, emc), (vpfb, vpx), (vpfb, vpc)]    # (method file, a file that extends it)
+SIBLINGS = [(em, emx), (em, emc), (vpfb, vpx), (vpfb, vpc)]  # (method file, a file that extends it)
 BANNERS = ["# ==== 1. The method ====", "# ==== 2. Networks ====",
            "# ==== ENGINEERING: nothing below this line is in the paper ====",
            "# ==== 3. Data ====", "# ==== 4. Training loop ====", "# ==== 5. Checkpoints ====",
@@ -57,6 +58,14 @@ def test_method_first_with_the_banners_in_order(name, cls):
     assert sum(b.startswith("# ==== ENGINEERING") for b in lines) == 1
     first = next(i for i, s in enumerate(lines) if s.startswith(cls))
     assert at[0] < first < at[1] and first < 300, f"{cls} starts at line {first + 1}"
+
+
+def test_test_files_lines_short():
+    """The tests are read beside the code: the same 100-character lines."""
+    for path in sorted(glob.glob(os.path.join(ROOT, "tests", "*.py"))):
+        with open(path, encoding="utf-8") as f:
+            long = [i for i, s in enumerate(f.read().splitlines(), 1) if len(s) > 100]
+        assert not long, f"{os.path.basename(path)}: lines over 100 characters: {long[:10]}"
 
 
 @pytest.mark.parametrize("name", FILES)
@@ -122,10 +131,10 @@ def _engineering(name):
 # change to both).
 IDENTICAL = ["die", "load_npz", "face_crop", "image_folder", "StepBatches", "quiet_worker",
              "batch_iterator", "next_batch", "first_images", "bf16_trunk", "engineer",
-             "fast_trunk", "StopSignals", "pick_device", "pick_threads", "setup_distributed", "all_max",
-             "count_params", "ema_decay_at", "ema_update", "allreduce_grads", "step_seed",
-             "run_lock", "prepare_out_dir", "atomic", "write_json", "report", "to_uint8",
-             "save_grid", "pyplot", "save_figure", "read_checkpoint", "load_states",
+             "fast_trunk", "StopSignals", "pick_device", "pick_threads", "setup_distributed",
+             "all_max", "count_params", "ema_decay_at", "ema_update", "allreduce_grads",
+             "step_seed", "run_lock", "prepare_out_dir", "atomic", "write_json", "report",
+             "to_uint8", "save_grid", "pyplot", "save_figure", "read_checkpoint", "load_states",
              "recipe_row", "_number", "Parser", "Help", "typed_flags", "check_memory",
              "args_to_dict", "_read_npz", "list_images", "check_image", "ImageFiles", "warmup_lr",
              "remove_temp_files", "strict_json", "sig", "ints", "device_spec", "refuse_to_replace",

@@ -21,10 +21,11 @@ import vpfb_experiments as vpx
 PAD = 2                                        # torchvision.utils.make_grid's default padding
 
 # an 8x8 class-conditional U-Net Phi (10 FakeData classes), cheap samplers
-VP = ["--recipe", "ours", "--dataset", "fake", "--image-size", "8", "--fake-size", "32", "--model-size", "8",
-      "--res-blocks", "1", "--ch-mult", "1,2", "--attn-res", "4", "--workers", "0",
-      "--batch-size", "8", "--sample-batch", "8", "--ode-steps", "2", "--num-samples", "4",
-      "--sampler", "euler", "--device", "cpu", "--threads", "1", "--log-every", "1"]
+VP = ["--recipe", "ours", "--dataset", "fake", "--image-size", "8", "--fake-size", "32",
+      "--model-size", "8", "--res-blocks", "1", "--ch-mult", "1,2", "--attn-res", "4",
+      "--workers", "0", "--batch-size", "8", "--sample-batch", "8", "--ode-steps", "2",
+      "--num-samples", "4", "--sampler", "euler", "--device", "cpu", "--threads", "1",
+      "--log-every", "1"]
 # a < 100k-parameter UNet+ViT potential on 8x8 FakeData (as tests/test_energy_matching.py)
 EM = ["--dataset", "fake", "--image-size", "8", "--fake-size", "32", "--batch-size", "8",
       "--model-size", "8", "--vit-depth", "1", "--res-blocks", "1", "--ch-mult", "1,2",
@@ -307,7 +308,8 @@ def test_vp_longrun_curves(vp_ckpt, tmp_path):
         v = np.array(curve["grad2"] + curve["phi2"])
         assert np.all(np.isfinite(v)) and np.all(v >= 0)
     last = _json(tmp_path / "longrun.json")
-    assert {k: last[k] for k in c} == {k: {kk: vv[-1] for kk, vv in v.items()} for k, v in c.items()}
+    assert {k: last[k] for k in c} == {k: {kk: vv[-1] for kk, vv in v.items()}
+                                       for k, v in c.items()}
     # the strips: 3 samples per frame; ODE frames at t = 0.5, 1, 1.5; SGLD at 6 steps
     _grid_size(tmp_path / "longrun_ode.png", 2, 8)                  # 9 images, 8 a row
     _grid_size(tmp_path / "longrun_sgld.png", 3, 8)                 # 18 images

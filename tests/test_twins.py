@@ -55,13 +55,14 @@ def no_network(mod, monkeypatch):
     monkeypatch.setattr(mod, "build_net", refuse)
 
 
-# ----------------------------------------------------------------------------- the paper as a module
+# ---------------------------------------------------------------------------- the paper as a module
 def test_bare_classes_are_the_printed_method_and_presets_are_dicts():
     """EnergyMatching(V): Alg. 1-2 with App. C's CIFAR-10 numbers; VPFB(phi): Eq. (27) with the
     printed covariance; AUTHORS / OURS are dicts that the constructors take and the command
     lines' recipes are built from; both command lines default to --recipe authors."""
     V = em.EnergyMatching(lambda x: x.sum(1))
-    assert (V.tau_star, V.eps_max, V.lambda_cd, V.cd_trim, V.cd_neg_clamp) == (0.9, 0.01, 2e-4, 0, 0)
+    assert (V.tau_star, V.eps_max, V.lambda_cd, V.cd_trim,
+            V.cd_neg_clamp) == (0.9, 0.01, 2e-4, 0, 0)
     assert (V.flow_weighting, V.same_temperature, V.flow_reduction) == (False, False, "sum")
     P = vpfb.VPFB(lambda x, t: x.sum(1))
     assert (P.cov_form, P.kappa, P.lam_gt, P.weight_on, P.bfactor) == ("cov", 2.0, 1.0, "cov", 2.0)
@@ -411,7 +412,8 @@ def strict_load(text):
 def test_every_json_written_is_strict(mod, tiny, ckpt, tmp_path, capsys, monkeypatch):
     """A NaN-guarded step's NaN loss, a NaN in a mode's result: null in strict JSON, its key path
     under "non_finite"; metrics.jsonl reads back as NaN (also after a resume rewrites it). Step 1
-    is a real one: a run with no finite step exits 3 (test_a_run_that_trained_nothing_usable_...)."""
+    is a real one: a run with no finite step exits 3
+    (test_a_run_that_trained_nothing_usable_...)."""
     real, calls = mod.train_step, []
 
     def nan_step(*a, **k):
@@ -458,7 +460,8 @@ def test_a_real_file_size_limit_is_one_line_and_leaves_no_temporary_file(tmp_pat
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 2, r.stderr[-2000:]
     err = r.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: cannot write ") and "Traceback" not in r.stderr
+    assert (len(err) == 1 and err[0].startswith("error: cannot write ")
+            and "Traceback" not in r.stderr)
     assert not [p for p in os.listdir(out) if ".tmp" in p]
 
 
@@ -579,7 +582,8 @@ def test_dataset_in_an_eval_mode_warns_only_beside_out_dir(mod, capsys, monkeypa
 
 
 def test_em_npz_of_mnist_images_takes_the_mnist_numbers(tmp_path):
-    """--dataset npz of 28 x 28 grey images gets App. C's MNIST row and the CNN, as --dataset mnist."""
+    """--dataset npz of 28 x 28 grey images gets App. C's MNIST row and the CNN, as --dataset
+    mnist."""
     data = _npz(tmp_path / "digits.npz", np.zeros((4, 28, 28, 1), np.uint8))
     a = em.parse_args(["--dataset", "npz", "--data-dir", data, "--phase", "main",
                        "--from-scratch", "--out-dir", str(tmp_path)])
@@ -624,7 +628,8 @@ def test_compiled_losses_and_gradients_equal_eager():
         comp = value_and_grads()
         for other in (func, comp):
             assert torch.allclose(other[0], eager[0], rtol=1e-6, atol=1e-7), name
-            assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(other[1], eager[1]))
+            assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8)
+                       for a, b in zip(other[1], eager[1]))
 
 
 @pytest.mark.parametrize("mod,tiny,ckpt", TWINS)
@@ -916,7 +921,8 @@ def test_network_sizes_the_layers_cannot_take_are_one_line_before_the_network(
     else:
         cases = [(["--arch", "cnn", "--image-size", n], f"image side >= 4 (") for n in "123"]
         want_all = "CNN potential"
-        fine = [["--arch", "cnn", "--image-size", "4"], ["--model-size", "1"], ["--model-size", "3"]]
+        fine = [["--arch", "cnn", "--image-size", "4"], ["--model-size", "1"],
+                ["--model-size", "3"]]
     for argv, want in cases:
         err = refused(mod, tiny + argv + run, capsys)
         assert want in err and want_all in err and "Traceback" not in err, (argv, err)
@@ -965,7 +971,7 @@ def test_a_run_that_trained_nothing_usable_exits_3_without_a_checkpoint(mod, tin
     assert mod.load_checkpoint(str(tmp_path / "fine" / ckpt))["step"] == 2
 
 
-# ----------------------------------------------------------------------------- engineering (issue 28)
+# --------------------------------------------------------------------------- engineering (issue 28)
 def _tiny_nets():
     """(name, network, inputs) for every network of both files, weights moved off their init."""
     torch.manual_seed(0)

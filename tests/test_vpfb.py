@@ -42,11 +42,12 @@ def gauss_score(x, t, m, s):
 # ----------------------------------------------------------------------------- Prop. 1
 @pytest.mark.parametrize("omega,nu", [(1.0, 1.0), (0.5, 2.0), (3.0, 0.1)])
 def test_prop1_otfm_kernel_is_t_and_1_minus_t(omega, nu):
-    """Eq. (8) with alpha = w^2/(1-t), beta = nu^2 t/(1-t)^2 gives mu = t, sigma = 1 - t for any w, nu.
-    Derived twice: from the general formula (Schedule given explicit callables) and by normalising
-    e^h of Eq. (6)-(7) on a grid (1-D), which checks Prop. 1 itself."""
+    """Eq. (8) with alpha = w^2/(1-t), beta = nu^2 t/(1-t)^2 gives mu = t, sigma = 1 - t for any w,
+    nu. Derived twice: from the general formula (Schedule given explicit callables) and by
+    normalising e^h of Eq. (6)-(7) on a grid (1-D), which checks Prop. 1 itself."""
     w2, n2 = omega ** 2, nu ** 2
-    sch = vpfb.Schedule(alpha=lambda t: w2 / (1 - t), beta=lambda t: n2 * t / (1 - t) ** 2, omega=omega, nu=nu)
+    sch = vpfb.Schedule(alpha=lambda t: w2 / (1 - t), beta=lambda t: n2 * t / (1 - t) ** 2,
+                        omega=omega, nu=nu)
     t = torch.linspace(0.05, 0.95, 10, dtype=DT)
     mu, sigma = sch.mu_sigma(t)
     assert torch.allclose(mu, t, atol=1e-12)
@@ -74,15 +75,18 @@ def test_sde_coefficients_eq18_give_otfm_f_and_g():
     assert not sch.is_otfm
     for tv in [0.2, 0.5, 0.9]:
         f, g2 = sch.sde_coefficients(tv)
-        assert f == pytest.approx(-1 / tv, rel=1e-9) and g2 == pytest.approx(2 * (1 - tv) / tv, rel=1e-9)
+        assert (f == pytest.approx(-1 / tv, rel=1e-9)
+                and g2 == pytest.approx(2 * (1 - tv) / tv, rel=1e-9))
 
 
 def test_loss_with_general_schedule_equals_otfm():
-    """The loss written for a general (alpha, beta) reduces to the OT-FM fast path when they are OT-FM."""
+    """The loss written for a general (alpha, beta) reduces to the OT-FM fast path when they are
+    OT-FM."""
     torch.manual_seed(11)
     phi = lambda x, t: (torch.sin(x) * (1 + t[:, None])).sum(1) + (x ** 2).sum(1) * t
     sch = vpfb.Schedule(alpha=lambda t: 1.0 / (1 - t), beta=lambda t: t / (1 - t) ** 2)
-    xbar, eps, t = torch.randn(64, 3, dtype=DT), torch.randn(64, 3, dtype=DT), torch.rand(64, dtype=DT) * 0.9
+    xbar, eps, t = (torch.randn(64, 3, dtype=DT), torch.randn(64, 3, dtype=DT),
+                    torch.rand(64, dtype=DT) * 0.9)
     la, sa = vpfb.VPFB(phi).loss(xbar, eps=eps, t=t)
     lb, sb = vpfb.VPFB(phi, schedule=sch).loss(xbar, eps=eps, t=t)
     assert torch.allclose(la, lb, rtol=1e-9) and sa["cos"] == pytest.approx(sb["cos"])
@@ -93,7 +97,8 @@ def test_prop1_non_otfm_schedule_matches_grid():
     sch = vpfb.Schedule(alpha=lambda t: 1 + 0 * t, beta=lambda t: 4 * t ** 2, omega=1.5, nu=0.7)
     xbar, tv = -1.3, torch.tensor(0.6, dtype=DT)
     xs = torch.linspace(-10, 10, 200001, dtype=DT)
-    h = sch.alpha(tv) * (-xs ** 2 / (2 * 1.5 ** 2)) + sch.beta(tv) * (-(xbar - xs) ** 2 / (2 * 0.7 ** 2))
+    h = (sch.alpha(tv) * (-xs ** 2 / (2 * 1.5 ** 2))
+         + sch.beta(tv) * (-(xbar - xs) ** 2 / (2 * 0.7 ** 2)))
     p = torch.exp(h - h.max()); p = p / p.sum()
     mean = (p * xs).sum(); std = ((p * (xs - mean) ** 2).sum()).sqrt()
     mu, sigma = sch.mu_sigma(tv)
@@ -103,7 +108,8 @@ def test_prop1_non_otfm_schedule_matches_grid():
 # ----------------------------------------------------------------------------- innovation, Eq. (12)
 def test_innovation_rates_autograd_match_closed_form():
     """alpha_dot/w^2 = 1/(1-t)^2 and beta_dot/nu^2 = (1+t)/(1-t)^3 for OT-FM, via autograd."""
-    sch = vpfb.Schedule(alpha=lambda t: 4.0 / (1 - t), beta=lambda t: 0.25 * t / (1 - t) ** 2, omega=2.0, nu=0.5)
+    sch = vpfb.Schedule(alpha=lambda t: 4.0 / (1 - t), beta=lambda t: 0.25 * t / (1 - t) ** 2,
+                        omega=2.0, nu=0.5)
     t = torch.linspace(0.0, 0.95, 12, dtype=DT)
     ra, rb = sch.rates(t)
     ra0, rb0 = vpfb.Schedule().rates(t)
@@ -126,7 +132,8 @@ def test_gamma_bar_closed_form_matches_monte_carlo():
 
 
 def test_centered_innovation_identity():
-    """2/(1-t) sum(eps^2 - xbar eps - 1) == gamma - gamma_bar (used by the loss to avoid cancellation)."""
+    """2/(1-t) sum(eps^2 - xbar eps - 1) == gamma - gamma_bar (used by the loss to avoid
+    cancellation)."""
     torch.manual_seed(1)
     xbar = torch.randn(64, 2, 3, dtype=DT)
     eps = torch.randn_like(xbar)
@@ -139,7 +146,8 @@ def test_centered_innovation_identity():
 
 @pytest.mark.parametrize("dim", [1, 2])
 def test_eq11_time_derivative_of_marginal(dim):
-    """Eq. (11): d rho_bar / dt = -1/2 E_pdata[rho(x|xbar,t) (gamma - gamma_bar)], by finite differences."""
+    """Eq. (11): d rho_bar / dt = -1/2 E_pdata[rho(x|xbar,t) (gamma - gamma_bar)], by finite
+    differences."""
     torch.manual_seed(2)
     sch = vpfb.Schedule()
     data = torch.randn(4, dim, dtype=DT)                  # a tiny data set: 4 points
@@ -164,7 +172,8 @@ def test_eq11_time_derivative_of_marginal(dim):
 
 # ----------------------------------------------------------------------------- loss, Eq. (27)
 def _ritz_scale(model, xbar, eps, t, phi_star):
-    """Fit the quadratic L(lam) = lam A + lam^2 B of the loss along lam * Phi* and return argmin -A / 2B."""
+    """Fit the quadratic L(lam) = lam A + lam^2 B of the loss along lam * Phi* and
+    return argmin -A / 2B."""
     vals = []
     for lam in (0.0, 1.0, 2.0):
         model.phi = lambda x, tt, lam=lam: lam * phi_star(x, tt)
@@ -176,9 +185,10 @@ def _ritz_scale(model, xbar, eps, t, phi_star):
 
 @pytest.mark.parametrize("weight_on", ["ritz", "cov"])
 def test_deep_ritz_minimiser_is_the_true_potential(weight_on):
-    """At fixed t the covariance + gradient-norm pair (Eq. 24) is minimised by the true potential Phi*
-    (scale 1) when w(t) multiplies both halves (our default, weight_on="ritz"); with w(t) on gamma
-    only (the paper as printed) the minimiser is w(t) Phi*, i.e. a flow that is w(t) times too slow."""
+    """At fixed t the covariance + gradient-norm pair (Eq. 24) is minimised by the true potential
+    Phi* (scale 1) when w(t) multiplies both halves (our default, weight_on="ritz"); with w(t) on
+    gamma only (the paper as printed) the minimiser is w(t) Phi*, i.e. a flow that is w(t) times too
+    slow."""
     torch.manual_seed(3)
     m, s, N, kappa = 0.7, 0.5, 400_000, 2.0
     phi_star = gauss_phi(m, s)
@@ -242,7 +252,8 @@ def test_stein_cov_form_is_the_covariance_in_pathwise_form():
         gx = torch.autograd.grad(phi_net(x, ti).sum(), x, create_graph=True)[0]
         ref = ((1 - ti) * ((gx - (xb - e)) ** 2).sum(1)).sum()
         g2 = torch.autograd.grad(ref, ps, allow_unused=True)      # (the output bias: no gradient)
-        g1, g2 = ([torch.zeros_like(p) if g is None else g for g, p in zip(gs, ps)] for gs in (g1, g2))
+        g1, g2 = ([torch.zeros_like(p) if g is None else g for g, p in zip(gs, ps)]
+                  for gs in (g1, g2))
         assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-12) for a, b in zip(g1, g2))
         assert g1[0].abs().sum() > 0
     # the bare class is the printed covariance; --recipe ours is stein, authors the correlation
@@ -257,13 +268,15 @@ def test_loss_terms_and_forms():
     net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
     phi = lambda x, t: net(torch.cat([x, t[:, None]], 1)).squeeze(1)
     xbar = torch.randn(32, 2)
-    for kw in [{}, {"cov_form": "corr", "cos_form": "authors", "grad_norm": "mean"}, {"weight_on": "cov"}]:
+    for kw in [{}, {"cov_form": "corr", "cos_form": "authors", "grad_norm": "mean"},
+               {"weight_on": "cov"}]:
         loss, st = vpfb.VPFB(phi, **kw).loss(xbar)
         loss.backward()
         assert math.isfinite(loss.item()) and all(math.isfinite(v) for v in st.values())
         assert net[0].weight.grad is not None and net[0].weight.grad.abs().sum() > 0
         net.zero_grad()
-    auto = vpfb.VPFB(lambda x, t: net(torch.cat([x, 0 * t[:, None]], 1)).squeeze(1), autonomous=True)
+    auto = vpfb.VPFB(lambda x, t: net(torch.cat([x, 0 * t[:, None]], 1)).squeeze(1),
+                     autonomous=True)
     assert auto.loss(xbar)[1]["grad_t2"] == 0.0
     tv = vpfb.VPFB(phi)
     assert tv.loss(xbar)[1]["grad_t2"] > 0.0
@@ -275,8 +288,8 @@ def test_recipes_and_flag_overrides():
     """--recipe paper / authors / ours switch every loss flag; an explicit flag still wins; the
     bare class is the paper (Boltzmann factor corrected to 2)."""
     kw = recipe_kw("--recipe", "authors")
-    assert (kw["cov_form"], kw["cos_form"], kw["grad_norm"], kw["lam_gx"], kw["lam_gt"], kw["eta"]) == \
-        ("corr", "authors", "mean", 0.5, 0.1, 0.0)
+    assert (kw["cov_form"], kw["cos_form"], kw["grad_norm"], kw["lam_gx"], kw["lam_gt"],
+            kw["eta"]) == ("corr", "authors", "mean", 0.5, 0.1, 0.0)
     assert recipe_kw() == kw                                           # the default: authors
     kw = recipe_kw("--recipe", "paper", "--kappa", "3")
     assert kw["weight_on"] == "cov" and kw["bfactor"] == 2.0 and kw["kappa"] == 3.0
@@ -284,7 +297,8 @@ def test_recipes_and_flag_overrides():
     bare, paper = vpfb.VPFB(lambda x, t: x.sum(1)), recipe_kw("--recipe", "paper")
     assert all(getattr(bare, k) == paper[k] for k in vpfb.METHOD_FLAGS)   # paper = bare class
     kw = recipe_kw("--recipe", "ours")
-    assert kw["weight_on"] == "ritz" and kw["bfactor"] == 2.0 and kw["t_max"] == pytest.approx(1 - 1e-5)
+    assert (kw["weight_on"] == "ritz" and kw["bfactor"] == 2.0
+            and kw["t_max"] == pytest.approx(1 - 1e-5))
     assert (kw["kappa"], kw["lam_gt"], kw["cov_form"]) == (1.0, 0.01, "stein")
     vpfb.VPFB(lambda x, t: x.sum(1), **kw)                      # every key is a VPFB argument
     assert {k: getattr(vpfb.VPFB(lambda x, t: x.sum(1), **vpfb.OURS), k) for k in vpfb.OURS} == \
@@ -304,11 +318,11 @@ def test_loss_clamps_t_at_t_max():
     assert max(seen) == pytest.approx(0.8)
 
 
-# ----------------------------------------------------------------------------- Boltzmann energy, Eq. (22)
+# ----------------------------------------------------------------------- Boltzmann energy, Eq. (22)
 @pytest.mark.parametrize("bfactor,should_match", [(2.0, True), (4.0, False)])
 def test_boltzmann_factor(bfactor, should_match):
-    """Decides the factor in Phi_B = (c Phi + f ||x||^2) / g^2 on 1-D Gaussian data: grad Phi_B must be
-    the score grad log rho(x, t) of the analytic marginal. c = 2 (probability-flow ODE) matches,
+    """Decides the factor in Phi_B = (c Phi + f ||x||^2) / g^2 on 1-D Gaussian data: grad Phi_B must
+    be the score grad log rho(x, t) of the analytic marginal. c = 2 (probability-flow ODE) matches,
     the paper's printed c = 4 does not."""
     m, s = 0.7, 0.5
     x = torch.linspace(-3, 3, 41, dtype=DT)[:, None]
@@ -346,15 +360,16 @@ def test_ode_sampler_maps_prior_to_data_gaussian():
 
 
 def test_rk45_and_euler_agree_on_quadratic_potential():
-    """Phi = -a(t)/2 ||x||^2 + b.x has dx/dt = -a(t) x + b; both solvers agree with each other and the
-    exact solution; RK45 reports a plausible NFE and the trajectory shape is (K, B, ...)."""
+    """Phi = -a(t)/2 ||x||^2 + b.x has dx/dt = -a(t) x + b; both solvers agree with each other and
+    the exact solution; RK45 reports a plausible NFE and the trajectory shape is (K, B, ...)."""
     b = torch.tensor([0.3, -0.2], dtype=DT)
     phi = lambda x, t: (-(1 + t) / 2 * (x ** 2).sum(1) + (x * b).sum(1))
     model = vpfb.VPFB(phi, t_max=10.0)
     x0 = torch.tensor([[1.0, 2.0], [-0.5, 0.1]], dtype=DT)
     xe, traj = model.sample(x0, solver="euler", n_steps=4000, t0=0.0, t1=1.0, return_traj=True)
     assert traj.shape == (4001, 2, 2) and model.last_nfe == 4000
-    xr, trr = model.sample(x0, solver="rk45", t0=0.0, t1=1.0, rtol=1e-8, atol=1e-10, n_steps=5, return_traj=True)
+    xr, trr = model.sample(x0, solver="rk45", t0=0.0, t1=1.0, rtol=1e-8, atol=1e-10, n_steps=5,
+                           return_traj=True)
     assert trr.shape == (6, 2, 2) and 6 <= model.last_nfe < 2000
     # exact: integrating factor A(t) = t + t^2/2, x(1) = e^{-A} x0 + b int_0^1 e^{-(A(1) - A(s))} ds
     s_ = torch.linspace(0, 1, 200001, dtype=DT)
@@ -368,7 +383,8 @@ def test_rk45_and_euler_agree_on_quadratic_potential():
 
 
 def test_sgld_reaches_boltzmann_variance():
-    """SGLD on a quadratic Phi_B = -||x||^2 / (2 s^2) at temperature lambda has variance lambda^2 s^2."""
+    """SGLD on a quadratic Phi_B = -||x||^2 / (2 s^2) at temperature lambda has variance
+    lambda^2 s^2."""
     torch.manual_seed(7)
     s, tinf = 0.8, 0.5
     g2, f = 2 * (1 - tinf) / tinf, -1 / tinf
@@ -379,7 +395,8 @@ def test_sgld_reaches_boltzmann_variance():
     assert torch.allclose(model.boltzmann_energy(xr), -(xr ** 2).sum(1) / (2 * s ** 2))
     for lam in [1.0, 0.5]:
         # the mean contracts by 1 - step / s^2 per step: after 600 steps 3.0 -> < 1e-3 (stationary)
-        x = model.langevin(torch.zeros(4000, 2, dtype=DT) + 3.0, n_steps=600, step_size=0.01, temperature=lam)
+        x = model.langevin(torch.zeros(4000, 2, dtype=DT) + 3.0, n_steps=600, step_size=0.01,
+                           temperature=lam)
         var = x.var(0).mean().item()
         # the Euler-Maruyama chain has variance lam^2 s^2 / (1 - step / (2 s^2)): within 1.5 %
         assert abs(var / (lam ** 2 * s ** 2) - 1) < 0.05, (lam, var)
@@ -387,11 +404,12 @@ def test_sgld_reaches_boltzmann_variance():
     assert model.last_nfe == 600
 
 
-# ----------------------------------------------------------------------------- networks and training
-TINY = ["--recipe", "ours", "--device", "cpu", "--dataset", "fake", "--image-size", "8", "--fake-size", "32", "--model-size", "8",
-        "--res-blocks", "1", "--ch-mult", "1,2", "--attn-res", "4", "--workers", "0", "--batch-size", "8",
-        "--sample-batch", "8", "--ode-steps", "3", "--num-samples", "4", "--log-every", "1",
-        "--sample-every", "0", "--wrn-depth", "10", "--threads", "1"]
+# ---------------------------------------------------------------------------- networks and training
+TINY = ["--recipe", "ours", "--device", "cpu", "--dataset", "fake", "--image-size", "8",
+        "--fake-size", "32", "--model-size", "8", "--res-blocks", "1", "--ch-mult", "1,2",
+        "--attn-res", "4", "--workers", "0", "--batch-size", "8", "--sample-batch", "8",
+        "--ode-steps", "3", "--num-samples", "4", "--log-every", "1", "--sample-every", "0",
+        "--wrn-depth", "10", "--threads", "1"]
 
 
 def _fake_batch(n=16, size=8, seed=0):
@@ -402,8 +420,9 @@ def _fake_batch(n=16, size=8, seed=0):
 
 @pytest.mark.parametrize("kind", ["unet", "wrn"])
 def test_training_steps_lower_the_loss(kind):
-    """Adam on one fixed FakeData batch (fixed noise and times, no dropout: a deterministic objective)
-    lowers the loss: the mean of the last 3 of 10 steps is clearly below the mean of the first 3."""
+    """Adam on one fixed FakeData batch (fixed noise and times, no dropout: a deterministic
+    objective) lowers the loss: the mean of the last 3 of 10 steps is clearly below the mean of the
+    first 3."""
     torch.manual_seed(8)
     args = vpfb.parse_args((
         TINY + ["--arch", kind, "--dropout", "0", "--out-dir", "/tmp/_vpfb_unused"]))
@@ -429,9 +448,9 @@ def test_training_steps_lower_the_loss(kind):
 
 
 def test_bf16_trunk_and_channels_last_match_fp32():
-    """The fast paths give the same loss: channels-last exactly (up to float round-off), the bf16 trunk
-    within bf16 precision (the scalar head and the loss stay fp32). --amp auto is bf16 on CUDA only;
-    on CPU the test forces the same trunk autocast (--amp bf16) with the CPU's bf16."""
+    """The fast paths give the same loss: channels-last exactly (up to float round-off), the bf16
+    trunk within bf16 precision (the scalar head and the loss stay fp32). --amp auto is bf16 on CUDA
+    only; on CPU the test forces the same trunk autocast (--amp bf16) with the CPU's bf16."""
     torch.manual_seed(12)
     args = vpfb.parse_args((TINY + ["--out-dir", "/tmp/_vpfb_unused", "--dropout", "0"]))
     net = vpfb.build_net(args)
@@ -459,8 +478,8 @@ def test_bf16_trunk_and_channels_last_match_fp32():
 
 @pytest.mark.parametrize("kind", ["unet", "wrn"])
 def test_class_conditional_and_composition(kind):
-    """Phi(x, t, c) depends on c, y=None is the null-class Phi(x, t), and the compositional potential is
-    the average of the conditional energies (Sec. 4.3)."""
+    """Phi(x, t, c) depends on c, y=None is the null-class Phi(x, t), and the compositional
+    potential is the average of the conditional energies (Sec. 4.3)."""
     torch.manual_seed(13)
     args = vpfb.parse_args((TINY + ["--out-dir", "/tmp/_vpfb_unused", "--arch", kind,
                                                                    "--class-cond"]))
@@ -558,9 +577,9 @@ def test_pearson_form_sets_the_scale_of_phi_by_lambda(grad_norm, lam):
 
 @pytest.mark.parametrize("scale", [0.5, 0.9, 1.0])
 def test_velocity_scale_reads_the_length_of_grad_phi(scale):
-    """README's ablation column: with the covariance by parts, E w|grad Phi|^2 / (-Cov / 2) is s when
-    grad Phi = s E[v | x, t]. One data point a: E[v | x, t] = (a - x) / (1 - t), the gradient of
-    Phi* = -|x - a|^2 / (2 (1 - t))."""
+    """README's ablation column: with the covariance by parts, E w|grad Phi|^2 / (-Cov / 2) is s
+    when grad Phi = s E[v | x, t]. One data point a: E[v | x, t] = (a - x) / (1 - t), the gradient
+    of Phi* = -|x - a|^2 / (2 (1 - t))."""
     torch.manual_seed(0)
     B, D = 20000, 4
     a = torch.tensor([0.5, -1.0, 0.25, 2.0])
@@ -571,7 +590,8 @@ def test_velocity_scale_reads_the_length_of_grad_phi(scale):
     assert ratio == pytest.approx(scale, rel=0.02)
 
 def _patterns(n, g):
-    """Structured 8 x 8 data: one of four fixed images (ramps, stripes, flat) plus a little noise."""
+    """Structured 8 x 8 data: one of four fixed images (ramps, stripes, flat) plus a little
+    noise."""
     r = torch.linspace(-1, 1, 64).reshape(8, 8)
     pats = torch.stack([r, -r.T, (torch.arange(64).reshape(8, 8) % 2 * 2 - 1.0), r * 0 - 0.8])
     k = torch.randint(0, 4, (n,), generator=g)
@@ -609,11 +629,13 @@ def test_a_short_authors_run_meets_the_pearson_term_through_x():
 
 # ----------------------------------------------------------------------------- evaluation helpers
 def test_auroc_hand_computed_and_pairwise():
-    # pairs (pos > neg): 0.9>0.5, 0.9>0.1, 0.8>0.5, 0.8>0.1, 0.5=0.5 (counts 1/2), 0.5>0.1 -> 5.5 / 6
+    # pairs (pos > neg): 0.9>0.5, 0.9>0.1, 0.8>0.5, 0.8>0.1, 0.5=0.5 (counts 1/2),
+    # 0.5>0.1 -> 5.5 / 6
     assert vpx.auroc([0.9, 0.8, 0.5], [0.5, 0.1]) == pytest.approx(5.5 / 6)
     assert vpx.auroc([1, 2], [3, 4]) == 0.0 and vpx.auroc([3, 4], [1, 2]) == 1.0
     rng = np.random.default_rng(0)
-    pos, neg = rng.integers(0, 6, 40).astype(float), rng.integers(0, 5, 30).astype(float)   # many ties
+    pos, neg = (rng.integers(0, 6, 40).astype(float),
+                rng.integers(0, 5, 30).astype(float))   # many ties
     pair = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (40 * 30)
     assert vpx.auroc(pos, neg) == pytest.approx(pair, abs=1e-12)
 
@@ -622,7 +644,8 @@ def test_slerp_keeps_norms():
     torch.manual_seed(10)
     z0 = torch.randn(5, 3, 4, 4)
     z1 = torch.randn(5, 3, 4, 4)
-    z1 = z1 / z1.flatten(1).norm(dim=1)[:, None, None, None] * z0.flatten(1).norm(dim=1)[:, None, None, None]
+    z1 = (z1 / z1.flatten(1).norm(dim=1)[:, None, None, None]
+          * z0.flatten(1).norm(dim=1)[:, None, None, None])
     for a in [0.0, 0.3, 0.5, 1.0]:
         z = vpfb.slerp(z0, z1, torch.full((5,), a))
         assert torch.allclose(z.flatten(1).norm(dim=1), z0.flatten(1).norm(dim=1), rtol=1e-4)
@@ -642,7 +665,8 @@ def test_checkpoint_round_trip_and_bad_files(tmp_path, capsys):
     net2.load_state_dict(vpfb.load_checkpoint(path)["ema"])
     for a, b in zip(net.state_dict().values(), net2.state_dict().values()):
         assert torch.equal(a, b)
-    assert not any(p.name.startswith("ckpt.pt.tmp") for p in tmp_path.iterdir())   # atomic write cleaned up
+    assert not any(p.name.startswith("ckpt.pt.tmp")
+                   for p in tmp_path.iterdir())   # atomic write cleaned up
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     foreign = tmp_path / "foreign.pt"
@@ -656,15 +680,18 @@ def test_checkpoint_round_trip_and_bad_files(tmp_path, capsys):
 
 
 def test_celeba_attribute_classes(tmp_path):
-    """--class-cond on celeba64: labels = a positive attribute among Male, Smiling, Young, or 3 = none."""
+    """--class-cond on celeba64: labels = a positive attribute among Male, Smiling, Young, or
+    3 = none."""
     from PIL import Image
     d = tmp_path / "celeba64" / "img_align_celeba"
     d.mkdir(parents=True)
     for i in range(3):
         Image.new("RGB", (20, 24), (i * 80, 10, 10)).save(d / f"{i:06d}.jpg")
     (tmp_path / "celeba64" / "list_attr_celeba.txt").write_text(
-        "3\nBald Male Smiling Young\n000000.jpg -1 1 -1 -1\n000001.jpg 1 -1 -1 -1\n000002.jpg -1 -1 1 1\n")
-    args = vpfb.build_parser().parse_args(["--dataset", "celeba64", "--data-dir", str(tmp_path), "--class-cond"])
+        "3\nBald Male Smiling Young\n000000.jpg -1 1 -1 -1\n000001.jpg 1 -1 -1 -1\n"
+        "000002.jpg -1 -1 1 1\n")
+    args = vpfb.build_parser().parse_args(["--dataset", "celeba64", "--data-dir", str(tmp_path),
+                                           "--class-cond"])
     args.channels, args.image_size = 3, 8
     ds = vpfb.build_dataset(args)
     assert vpfb.num_classes_of(ds) == 4
@@ -688,61 +715,71 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys):
     cases = [
         ["--dataset", "imagenet", "--out-dir", str(tmp_path)],
         ["--dataset", "fake", "--steps", "-1", "--out-dir", str(tmp_path)],
-        ["--dataset", "fake", "--out-dir", str(f / "sub")],                              # unwritable
-        ["--dataset", "folder", "--data-dir", str(tmp_path / "nope"), "--out-dir", str(tmp_path)],  # missing data
-        ["--mode", "sample", "--dataset", "fake", "--ckpt", str(f), "--out-dir", str(tmp_path)],    # corrupt ckpt
-        ["--mode", "dance", "--dataset", "fake", "--out-dir", str(tmp_path)],                      # unknown mode
-        ["--dataset", "fake", "--cov-form", "nope", "--out-dir", str(tmp_path)],                   # unknown form
+        ["--dataset", "fake", "--out-dir", str(f / "sub")],                       # unwritable
+        ["--dataset", "folder", "--data-dir", str(tmp_path / "nope"),
+         "--out-dir", str(tmp_path)],                                             # missing data
+        ["--mode", "sample", "--dataset", "fake", "--ckpt", str(f),
+         "--out-dir", str(tmp_path)],                                             # corrupt ckpt
+        ["--mode", "dance", "--dataset", "fake", "--out-dir", str(tmp_path)],     # unknown mode
+        ["--dataset", "fake", "--cov-form", "nope", "--out-dir", str(tmp_path)],  # unknown form
         # issue 11 items 3 and 5: NaN / out-of-range numbers are argparse errors, one line each
         *[TINY + [flag, val, "--out-dir", str(tmp_path)] for flag, val in [
             ("--lr", "nan"), ("--lr", "-1"), ("--ema-decay", "nan"), ("--sgld-step", "nan"),
             ("--sample-batch", "0"), ("--t-max", "inf"), ("--kappa", "nan"), ("--threads", "-1")]],
-        TINY[:-2] + ["--mode", "sample", "--sampler", "sgld", "--sgld-step", "nan", "--out-dir", str(tmp_path)],
-        TINY + ["--image-size", "5", "--out-dir", str(tmp_path)],                       # U-Net halves it
+        TINY[:-2] + ["--mode", "sample", "--sampler", "sgld", "--sgld-step", "nan",
+                     "--out-dir", str(tmp_path)],
+        TINY + ["--image-size", "5", "--out-dir", str(tmp_path)],                 # U-Net halves it
         TINY + ["--resume", "--ckpt", str(tmp_path / "missing.pt"), "--out-dir", str(tmp_path)],
         ["--dataset", "npz", "--data-dir", str(tmp_path / "none.npz"), "--out-dir", str(tmp_path)],
-        ["--dataset", "npz", "--data-dir", str(f), "--out-dir", str(tmp_path)],              # not an npz
+        ["--dataset", "npz", "--data-dir", str(f), "--out-dir", str(tmp_path)],   # not an npz
     ]
     for argv in cases:
         code, err = _main_exit(argv, capsys)
         assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, (argv, err)
-    code, err = _main_exit(["--dataset", "folder", "--data-dir", str(tmp_path / "nope"), "--out-dir", str(tmp_path)], capsys)
+    code, err = _main_exit(["--dataset", "folder", "--data-dir", str(tmp_path / "nope"),
+                            "--out-dir", str(tmp_path)], capsys)
     assert str(tmp_path / "nope") in err                           # says where to put the data
 
 
 def test_nan_guard_stops_with_one_line(tmp_path, capsys, runs):
-    """A diverging run (lr 1e30) skips its non-finite steps (no update), stops after 10 in a row with
-    one line and exit 3, and leaves the last good checkpoint as it was."""
+    """A diverging run (lr 1e30) skips its non-finite steps (no update), stops after 10 in a row
+    with one line and exit 3, and leaves the last good checkpoint as it was."""
     out = _copy_run(runs, 3, tmp_path / "run")
     before = vpfb.load_checkpoint(f"{out}/ckpt_main.pt")
-    code, err = _main_exit(TINY + ["--steps", "30", "--lr", "1e30", "--warmup", "1", "--grad-clip", "0",
-                                   "--batch-size", "2", "--resume", "--out-dir", out], capsys)
+    code, err = _main_exit(TINY + ["--steps", "30", "--lr", "1e30", "--warmup", "1",
+                                   "--grad-clip", "0", "--batch-size", "2", "--resume",
+                                   "--out-dir", out], capsys)
     assert code == 3 and "non-finite" in err and err.count("\n") == 1 and "ckpt_main.pt" in err
     after = vpfb.load_checkpoint(f"{out}/ckpt_main.pt")
-    assert after["step"] == 3 and torch.equal(after["model"]["inp.weight"], before["model"]["inp.weight"])
+    assert after["step"] == 3 and torch.equal(after["model"]["inp.weight"],
+                                              before["model"]["inp.weight"])
 
 
 def test_a_checkpoint_holding_t_max_1_is_one_line_unless_a_typed_t_max_overrides(tmp_path, capsys,
                                                                                  runs):
-    """--t-max 1 (help allowed (0, 1]) trained with exit 0 and stored t_max = 1 in the checkpoint: every
-    later Phi_B (Eq. 22) divides by g^2 = 2 (1 - t) / t = 0 (SGLD exit 3 "non-finite weights?"). The
-    flag is refused at parse; a checkpoint that holds it is one line naming it, and a typed --t-max
-    wins over it as over any stored setting."""
-    ck = {k: v for k, v in vpfb.load_checkpoint(str(runs / "s3" / "ckpt_main.pt")).items() if k != "path"}
+    """--t-max 1 (help allowed (0, 1]) trained with exit 0 and stored t_max = 1 in the checkpoint:
+    every later Phi_B (Eq. 22) divides by g^2 = 2 (1 - t) / t = 0 (SGLD exit 3 "non-finite
+    weights?"). The flag is refused at parse; a checkpoint that holds it is one line naming it, and
+    a typed --t-max wins over it as over any stored setting."""
+    ck = {k: v for k, v in vpfb.load_checkpoint(str(runs / "s3" / "ckpt_main.pt")).items()
+          if k != "path"}
     ck["args"]["t_max"] = 1.0
     old = str(tmp_path / "old.pt")
     torch.save(ck, old)
-    run = ["--mode", "sample", "--ckpt", old, "--sampler", "sgld", "--sgld-steps", "2", "--num-samples", "2",
-           "--device", "cpu", "--threads", "1", "--out-dir", str(tmp_path / "s")]
+    run = ["--mode", "sample", "--ckpt", old, "--sampler", "sgld", "--sgld-steps", "2",
+           "--num-samples", "2", "--device", "cpu", "--threads", "1",
+           "--out-dir", str(tmp_path / "s")]
     code, err = _main_exit(run, capsys)
-    assert code == 2 and err.count("\n") == 1 and "--t-max 1.0 (checkpoint) must be in (0, 1)" in err, err
+    assert (code == 2 and err.count("\n") == 1
+            and "--t-max 1.0 (checkpoint) must be in (0, 1)" in err), err
     vpfb.main(run + ["--t-max", "0.999"])
     assert np.load(tmp_path / "s" / "samples.npz")["images"].shape == (2, 8, 8, 3)
 
 
 def test_cli_smoke_train_sample(tmp_path, capsys):
-    """Train 2 steps (progress lines with ms/it, img/s), then sample: samples.npz (uint8 NHWC) for eval_fid.
-    The real script in a subprocess runs in test_sigterm_saves_and_resume_reaches_the_same_weights."""
+    """Train 2 steps (progress lines with ms/it, img/s), then sample: samples.npz (uint8 NHWC) for
+    eval_fid. The real script in a subprocess runs in
+    test_sigterm_saves_and_resume_reaches_the_same_weights."""
     out = str(tmp_path / "run")
     vpfb.main(TINY + ["--steps", "2", "--out-dir", out])
     log = capsys.readouterr().out
@@ -754,7 +791,7 @@ def test_cli_smoke_train_sample(tmp_path, capsys):
     assert imgs.shape == (4, 8, 8, 3) and imgs.dtype == np.uint8
 
 
-# ----------------------------------------------------------------------------- reliability (issue 11)
+# --------------------------------------------------------------------------- reliability (issue 11)
 def _weights(path, key="model"):
     return vpfb.load_checkpoint(path)[key]
 
@@ -769,7 +806,8 @@ def _losses(out):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Two straight TINY runs shared by the tests below (read-only; copy before writing): 3 and 8 steps."""
+    """Two straight TINY runs shared by the tests below (read-only; copy before writing): 3 and 8
+    steps."""
     d = tmp_path_factory.mktemp("vpfb_runs")
     for n in (3, 8):
         vpfb.main(TINY + ["--steps", str(n), "--out-dir", str(d / f"s{n}")])
@@ -782,14 +820,15 @@ def _copy_run(runs, n, dst):
 
 
 def test_resume_reads_ckpt_writes_out_dir_and_matches_a_straight_run(tmp_path, runs):
-    """Items 1, 6, 12: --resume --ckpt A/ckpt_main.pt --out-dir B reads A, leaves A untouched, writes B; and
-    the resumed run is bit-identical to an uninterrupted one (same losses after the resume, same final
-    weights and EMA): per-step RNG from (seed, step, rank), data order from (seed, step)."""
+    """Items 1, 6, 12: --resume --ckpt A/ckpt_main.pt --out-dir B reads A, leaves A untouched,
+    writes B; and the resumed run is bit-identical to an uninterrupted one (same losses after the
+    resume, same final weights and EMA): per-step RNG from (seed, step, rank), data order from
+    (seed, step)."""
     a, b, c = _copy_run(runs, 3, tmp_path / "a"), str(tmp_path / "b"), str(runs / "s8")
     src = open(f"{a}/ckpt_main.pt", "rb").read()
     vpfb.main(TINY + ["--steps", "8", "--resume", "--ckpt", f"{a}/ckpt_main.pt", "--out-dir", b])
-    assert open(f"{a}/ckpt_main.pt", "rb").read() == src                          # the source is not clobbered
-    assert vpfb.load_checkpoint(f"{b}/ckpt_main.pt")["step"] == 8                 # c: uninterrupted
+    assert open(f"{a}/ckpt_main.pt", "rb").read() == src              # the source is not clobbered
+    assert vpfb.load_checkpoint(f"{b}/ckpt_main.pt")["step"] == 8     # c: uninterrupted
     lb, lc = _losses(b), _losses(c)
     assert sorted(lb) == [4, 5, 6, 7, 8] and all(lb[s] == lc[s] for s in lb)
     for key in ("model", "ema"):
@@ -797,8 +836,8 @@ def test_resume_reads_ckpt_writes_out_dir_and_matches_a_straight_run(tmp_path, r
 
 
 def test_resume_drops_stale_metrics_and_temp_files(tmp_path, runs):
-    """Items 7, 8: a crash after the last save leaves metrics past the checkpoint's step and a temp file;
-    the resume drops both, and the loss plot is drawn from the whole run."""
+    """Items 7, 8: a crash after the last save leaves metrics past the checkpoint's step and a temp
+    file; the resume drops both, and the loss plot is drawn from the whole run."""
     out = _copy_run(runs, 3, tmp_path / "run")
     (tmp_path / "run" / "loss_main.png").unlink()                    # to be drawn by the resume
     with open(f"{out}/metrics.jsonl", "a") as f:                        # steps 4, 5 of a lost run
@@ -812,20 +851,21 @@ def test_resume_drops_stale_metrics_and_temp_files(tmp_path, runs):
 
 
 def test_sigterm_saves_and_resume_reaches_the_same_weights(tmp_path, runs):
-    """Item 4: SIGTERM to the whole process group (a preempted job; Ctrl-C reaches a terminal's group the
-    same way), with DataLoader workers, finishes the step, saves, prints one line, exits 143; resuming
-    reaches the same final weights as an uninterrupted run."""
+    """Item 4: SIGTERM to the whole process group (a preempted job; Ctrl-C reaches a terminal's
+    group the same way), with DataLoader workers, finishes the step, saves, prints one line, exits
+    143; resuming reaches the same final weights as an uninterrupted run."""
     import signal
     import subprocess
     import sys
     a, c = str(tmp_path / "a"), str(tmp_path / "c")
     env = dict(vpfb.os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.Popen([sys.executable, "vpfb.py", *TINY, "--steps", "100000", "--save-every", "100000",
-                          "--workers", "2", "--out-dir", a], env=env, cwd=vpfb.os.path.dirname(vpfb.__file__),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    p = subprocess.Popen([sys.executable, "vpfb.py", *TINY, "--steps", "100000",
+                          "--save-every", "100000", "--workers", "2", "--out-dir", a],
+                         env=env, cwd=vpfb.os.path.dirname(vpfb.__file__), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
     for line in p.stdout:
         if line.startswith("step 2/"):
-            vpfb.os.killpg(p.pid, signal.SIGTERM)                    # the main process and its workers
+            vpfb.os.killpg(p.pid, signal.SIGTERM)                 # the main process and its workers
             break
     rest, err = p.communicate(timeout=120)
     assert p.returncode == 143, err[-2000:]
@@ -833,7 +873,7 @@ def test_sigterm_saves_and_resume_reaches_the_same_weights(tmp_path, runs):
     assert last.startswith("stopped at step ") and "by SIGTERM" in last and "--resume" in last
     n = vpfb.load_checkpoint(f"{a}/ckpt_main.pt")["step"]
     assert last.startswith(f"stopped at step {n} ") and n >= 2
-    end = 8 if n <= 6 else n + 2                           # at least 2 resumed steps; 8: the shared run
+    end = 8 if n <= 6 else n + 2                       # at least 2 resumed steps; 8: the shared run
     vpfb.main(TINY + ["--steps", str(end), "--resume", "--out-dir", a])
     if end == 8:
         c = str(runs / "s8")
@@ -845,22 +885,25 @@ def test_sigterm_saves_and_resume_reaches_the_same_weights(tmp_path, runs):
 def test_wrong_architecture_resume_names_the_flags(tmp_path, capsys, runs):
     """Item 5: resuming with another --model-size is one line naming the flag and both values."""
     out = str(runs / "s3")
-    code, err = _main_exit(TINY + ["--steps", "2", "--resume", "--ckpt", f"{out}/ckpt_main.pt", "--model-size", "16",
-                                   "--out-dir", str(tmp_path / "b")], capsys)
+    code, err = _main_exit(TINY + ["--steps", "2", "--resume", "--ckpt", f"{out}/ckpt_main.pt",
+                                   "--model-size", "16", "--out-dir", str(tmp_path / "b")], capsys)
     assert code == 2 and err.count("\n") == 1 and "--model-size 16 (checkpoint: 8)" in err
 
 
 def test_sample_refuses_non_finite_output(tmp_path, capsys, runs):
-    """Item 3: a checkpoint whose weights are NaN samples garbage: exit 3, one line, nothing written."""
+    """Item 3: a checkpoint whose weights are NaN samples garbage: exit 3, one line, nothing
+    written."""
     out = str(tmp_path)
     shutil.copy(runs / "s3" / "ckpt_main.pt", tmp_path / "ckpt_main.pt")
     st = vpfb.load_checkpoint(f"{out}/ckpt_main.pt")
     st["ema"]["inp.weight"].fill_(float("nan"))
     torch.save(st, f"{out}/ckpt_main.pt")
-    code, err = _main_exit(TINY + ["--mode", "sample", "--sampler", "euler", "--out-dir", out], capsys)
+    code, err = _main_exit(TINY + ["--mode", "sample", "--sampler", "euler", "--out-dir", out],
+                           capsys)
     assert code == 3 and err.startswith("error: ") and err.count("\n") == 1
     assert not (tmp_path / "samples.npz").exists() and not (tmp_path / "samples.png").exists()
-    vpfb.main(TINY + ["--mode", "sample", "--sampler", "euler", "--no-ema", "--out-dir", out])   # raw weights
+    vpfb.main(TINY + ["--mode", "sample", "--sampler", "euler", "--no-ema",
+                      "--out-dir", out])   # raw weights
     assert (tmp_path / "samples.npz").exists()
 
 
@@ -877,12 +920,14 @@ def test_threads_flag(tmp_path, monkeypatch):
     assert vpfb.pick_threads(0) == 1 and vpfb.pick_threads(3) == 3
 
 
-# ----------------------------------------------------------------------------- faithful defaults (issue 10)
+# --------------------------------------------------------------------- faithful defaults (issue 10)
 def test_authors_corr_divides_by_a_detached_std():
-    """--cov-form corr is the authors' Cov[Phi, Gamma] / (std(Gamma) std(Phi).detach()): scaling Phi -> c Phi
-    still moves the term (d/dc = the correlation), where a full Pearson correlation would be flat in c."""
+    """--cov-form corr is the authors' Cov[Phi, Gamma] / (std(Gamma) std(Phi).detach()): scaling
+    Phi -> c Phi still moves the term (d/dc = the correlation), where a full Pearson correlation
+    would be flat in c."""
     torch.manual_seed(14)
-    xbar, eps, t = torch.randn(256, 3, dtype=DT), torch.randn(256, 3, dtype=DT), torch.rand(256, dtype=DT)
+    xbar, eps, t = (torch.randn(256, 3, dtype=DT), torch.randn(256, 3, dtype=DT),
+                    torch.rand(256, dtype=DT))
     c = torch.ones((), dtype=DT, requires_grad=True)
     phi = lambda x, tt: c * (x ** 2).sum(1)
     model = vpfb.VPFB(phi, cov_form="corr", lam_cos=0, lam_gx=0, lam_gt=0, eta=0)
@@ -892,10 +937,11 @@ def test_authors_corr_divides_by_a_detached_std():
 
 
 def test_authors_recipe_puts_no_time_weight_on_the_gradient_norm():
-    """The authors' std_power_norm = 0: under --recipe authors E|grad Phi|^2 (averaged over dims) has no
-    (1 - t)^kappa weight; ours weights it like the covariance."""
+    """The authors' std_power_norm = 0: under --recipe authors E|grad Phi|^2 (averaged over dims)
+    has no (1 - t)^kappa weight; ours weights it like the covariance."""
     torch.manual_seed(15)
-    xbar, eps, t = torch.randn(64, 4, dtype=DT), torch.randn(64, 4, dtype=DT), torch.rand(64, dtype=DT)
+    xbar, eps, t = (torch.randn(64, 4, dtype=DT), torch.randn(64, 4, dtype=DT),
+                    torch.rand(64, dtype=DT))
     phi = lambda x, tt: 1.5 * (x ** 2).sum(1)                       # grad = 3 x
     x = t[:, None] * xbar + (1 - t[:, None]) * eps
     g2 = (9 * x ** 2).sum(1)
@@ -920,15 +966,16 @@ def test_authors_recipe_optimiser_settings():
 
 
 def test_clip_std_is_elementwise_at_bound_times_adam_rms():
-    """The authors' clip mode `std`: each gradient element is clipped to +-(3 sqrt(v_hat) + 0.1), v_hat
-    Adam's bias-corrected second moment from the earlier steps; nothing is clipped before the first step."""
+    """The authors' clip mode `std`: each gradient element is clipped to +-(3 sqrt(v_hat) + 0.1),
+    v_hat Adam's bias-corrected second moment from the earlier steps; nothing is clipped before the
+    first step."""
     p = torch.nn.Parameter(torch.zeros(4))
     opt = torch.optim.Adam([p], lr=1e-3, betas=(0.9, 0.999))
     p.grad = torch.tensor([100.0, -100.0, 0.5, 0.0])
-    vpfb.clip_std_(opt, 3.0)                                             # no Adam state yet: unchanged
+    vpfb.clip_std_(opt, 3.0)                                          # no Adam state yet: unchanged
     assert p.grad.tolist() == [100.0, -100.0, 0.5, 0.0]
     p.grad = torch.tensor([1.0, 2.0, -0.5, 0.0])
-    opt.step()                                                           # v_hat = g^2 after one step
+    opt.step()                                                        # v_hat = g^2 after one step
     p.grad = torch.tensor([100.0, -100.0, 0.5, -50.0])
     vpfb.clip_std_(opt, 3.0)
     assert torch.allclose(p.grad, torch.tensor([3.1, -6.1, 0.5, -0.1]), atol=1e-5)
@@ -936,9 +983,11 @@ def test_clip_std_is_elementwise_at_bound_times_adam_rms():
 
 def test_ema_warmup_follows_the_trained_weights(tmp_path):
     """After 200 steps on FakeData the (warmed-up) EMA is nearer the trained weights than the
-    initialisation; the constant decay 0.9999 (authors, --no-ema-warmup) would still be 98 % init."""
+    initialisation; the constant decay 0.9999 (authors, --no-ema-warmup) would still be
+    98 % init."""
     out = str(tmp_path)
-    small = TINY + ["--arch", "wrn", "--model-size", "4", "--image-size", "4"]   # the cheapest network
+    small = TINY + ["--arch", "wrn", "--model-size", "4",
+                    "--image-size", "4"]   # the cheapest network
     vpfb.main(small + ["--steps", "200", "--batch-size", "2", "--log-every", "100", "--lr", "1e-3",
                        "--warmup", "10", "--out-dir", out])
     args = vpfb.parse_args((small + ["--out-dir", f"{out}/fresh"]))   # same flags, fresh folder
@@ -957,11 +1006,12 @@ def test_ema_warmup_follows_the_trained_weights(tmp_path):
 
 
 def test_npz_dataset_round_trip(tmp_path):
-    """--dataset npz trains on any uint8 N x H x W x C array (channels and size from the file) and its
-    samples.npz has the same layout, so it can be trained on again."""
+    """--dataset npz trains on any uint8 N x H x W x C array (channels and size from the file) and
+    its samples.npz has the same layout, so it can be trained on again."""
     rng = np.random.default_rng(0)
     f = tmp_path / "digits.npz"
-    np.savez(f, images=rng.integers(0, 256, (20, 8, 8, 1), dtype=np.uint8), labels=np.arange(20) % 3)
+    np.savez(f, images=rng.integers(0, 256, (20, 8, 8, 1), dtype=np.uint8),
+             labels=np.arange(20) % 3)
     args = list(TINY)
     for flag in ("--dataset", "--image-size"):                       # the file gives them
         i = args.index(flag)
@@ -970,8 +1020,8 @@ def test_npz_dataset_round_trip(tmp_path):
     vpfb.main(args + ["--dataset", "npz", "--data-dir", str(f), "--steps", "2", "--out-dir", out])
     saved = vpfb.load_checkpoint(f"{out}/ckpt_main.pt")["args"]
     assert (saved["channels"], saved["image_size"]) == (1, 8)
-    vpfb.main(args + ["--dataset", "npz", "--data-dir", str(f), "--mode", "sample", "--sampler", "euler",
-                      "--out-dir", out])
+    vpfb.main(args + ["--dataset", "npz", "--data-dir", str(f), "--mode", "sample",
+                      "--sampler", "euler", "--out-dir", out])
     imgs = np.load(f"{out}/samples.npz")["images"]
     assert imgs.shape == (4, 8, 8, 1) and imgs.dtype == np.uint8
     ds = vpfb.load_npz(f"{out}/samples.npz")
@@ -980,15 +1030,16 @@ def test_npz_dataset_round_trip(tmp_path):
 
 # ----------------------------------------------------------------------------- layout (issue 9)
 def test_file_layout_follows_the_spec():
-    """Method first: the banners in order, class VPFB in the first 300 lines, a short docstring, lines of
-    at most 100 characters, no ';'-joined statements, no reference to files outside the repository."""
+    """Method first: the banners in order, class VPFB in the first 300 lines, a short docstring,
+    lines of at most 100 characters, no ';'-joined statements, no reference to files outside the
+    repository."""
     import io
     import tokenize
     src = open(vpfb.__file__).read()
     lines = src.splitlines()
     banners = ["# ==== 1. The method ====", "# ==== 2. Networks ====",
-               "# ==== ENGINEERING: nothing below this line is in the paper ====", "# ==== 3. Data ====",
-               "# ==== 4. Training loop ====", "# ==== 5. Checkpoints ====",
+               "# ==== ENGINEERING: nothing below this line is in the paper ====",
+               "# ==== 3. Data ====", "# ==== 4. Training loop ====", "# ==== 5. Checkpoints ====",
                "# ==== 6. Sampling ====", "# ==== 7. Arguments and main ===="]
     at = [lines.index(b) for b in banners]
     assert at == sorted(at)
