@@ -140,12 +140,12 @@ class VPFB:
     def __init__(self, phi, autonomous=False, kappa=2.0, t_end=1.0, t_max=1.0 - 1e-5, eta=1e-4,
                  lam_cos=1.0, lam_gx=1.0, lam_gt=1.0, cov_form="cov", cos_form="paper",
                  weight_on="cov", grad_norm="sum", bfactor=2.0, schedule=None, t_inf=None):
-        forms = dict(cov_form=cov_form, cos_form=cos_form, weight_on=weight_on, grad_norm=grad_norm)
-        for (name, val), ok in zip(forms.items(), (("cov", "corr", "stein"), ("paper", "authors"),
-                                                  ("ritz", "cov"), ("sum", "mean"))):
-            if val not in ok:
-                raise ValueError(f"{name} must be one of {ok}, got {val!r}")
-        vars(self).update(forms)                             # self.cov_form = cov_form, ...
+        self.cov_form, self.cos_form = cov_form, cos_form
+        self.weight_on, self.grad_norm = weight_on, grad_norm
+        for name, ok in (("cov_form", ("cov", "corr", "stein")), ("cos_form", ("paper", "authors")),
+                         ("weight_on", ("ritz", "cov")), ("grad_norm", ("sum", "mean"))):
+            if getattr(self, name) not in ok:
+                raise ValueError(f"{name} must be one of {ok}, got {getattr(self, name)!r}")
         self.phi, self.autonomous = phi, bool(autonomous)
         self.t_inf = None if t_inf is None else float(t_inf)
         self.kappa, self.t_end, self.t_max, self.eta, self.bfactor = map(
