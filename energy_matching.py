@@ -737,16 +737,6 @@ def next_batch(batches, device, flip):
         x = torch.where(torch.rand(x.shape[0], 1, 1, 1, device=device) < 0.5, x.flip(-1), x)
     return x, y.to(device)
 
-def first_images(ds, n, batch=256):
-    """The first n images of a dataset as one tensor (held-out images of the experiment modes)."""
-    xs, got = [], 0
-    for x, _ in torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False):
-        xs.append(x)
-        got += x.shape[0]
-        if got >= n:
-            break
-    return torch.cat(xs)[:n]
-
 # ==== 4. Training loop ====
 # bf16 (--amp): the network trunk runs under autocast on CUDA (engineer); the scalar head (CD
 # subtracts energies ~1e3 that differ in the third digit), the loss, the chains, parameters, Adam
@@ -840,10 +830,7 @@ class StopSignals:
 def pick_device(spec):
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError:
-        die(f"unknown device {spec!r} (use auto, cpu, cuda or cuda:N)")
+    dev = torch.device(spec)                    # a valid name: --device's type checked it
     if dev.type == "cuda" and not torch.cuda.is_available():
         die(f"device {spec} requested but CUDA is not available (use --device cpu)")
     if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
@@ -1424,7 +1411,7 @@ def recipe_row(recipe, dataset, phase):
     return {**{k: v for k, v in row.items() if not k.startswith(("steps_", "ema_decay_"))},
             "steps": row[f"steps_{phase}"], "ema_decay": row[f"ema_decay_{phase}"]}
 
-# Which flags a mode reads (issue 22). The network's flags always come from the checkpoint (a typed
+# Which flags a mode reads. The network's flags always come from the checkpoint (a typed
 # one that differs is an error); a typed flag the mode does not read is a one-line warning.
 RUN_FLAGS = {"mode", "out_dir", "device", "threads", "ckpt", "resume", "amp", "compile",
              "channels_last", "workers", "no_ema", "log_every", "save_every", "sample_every",
@@ -1633,7 +1620,7 @@ def typed_flags(p, argv):
     return set(vars(p.parse_args(argv)))
 
 def parse_args(argv=None, parser=build_parser, settings=MODE_SETTINGS):
-    """Flags -> args. Every setting follows one rule (issue 22): a flag the user typed > the value
+    """Flags -> args. Every setting follows one rule: a flag the user typed > the value
     stored in the checkpoint the mode reads > the recipe's, by argparse's own defaults: the recipe's
     values, then the checkpoint's, then one parse (args.sources_ says which gave each)."""
     argv = list(sys.argv[1:] if argv is None else argv)

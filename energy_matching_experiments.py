@@ -17,9 +17,18 @@ import time
 import torch
 
 import energy_matching as em
-from energy_matching import (DATA_KEYS, build_dataset, die, eval_setup, first_images,
-                             inverse_langevin, lid_exact, lid_slq, report, save_grid, to_uint8,
-                             write_json)
+from energy_matching import (DATA_KEYS, build_dataset, die, eval_setup, inverse_langevin,
+                             lid_exact, lid_slq, report, save_grid, to_uint8, write_json)
+
+def first_images(ds, n, batch=256):
+    """The first n images of a dataset as one tensor (the held-out images of these modes)."""
+    xs, got = [], 0
+    for x, _ in torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False):
+        xs.append(x)
+        got += x.shape[0]
+        if got >= n:
+            break
+    return torch.cat(xs)[:n]
 
 def eval_images(args, n):
     """The first n held-out images of --dataset (test split where there is one), checked to fit

@@ -19,8 +19,18 @@ import torch.nn.functional as F
 
 import vpfb
 from vpfb import (PHI_B, SAMPLER_KEYS, DATA_KEYS, _sqnorm, build_dataset, die, draw, eval_setup,
-                  first_images, image_folder, load_npz, machine_memory, ode_solve, pyplot, report,
-                  save_figure, save_grid, sgld, slerp, write_json)
+                  image_folder, load_npz, machine_memory, ode_solve, pyplot, report, save_figure,
+                  save_grid, sgld, slerp, write_json)
+
+def first_images(ds, n, batch=256):
+    """The first n images of a dataset as one tensor (the held-out images of these modes)."""
+    xs, got = [], 0
+    for x, _ in torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False):
+        xs.append(x)
+        got += x.shape[0]
+        if got >= n:
+            break
+    return torch.cat(xs)[:n]
 
 OOD_SETS = ("svhn", "cifar10", "cifar100", "celeba", "interp", "noise")   # or a folder / .npz
 

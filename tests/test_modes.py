@@ -184,7 +184,7 @@ def test_vp_nn_distances_are_the_true_nearest_sorted(vp_ckpt, tmp_path, monkeypa
     d = np.array(_json(tmp_path / "nn.json")["nearest_pixel_l2"])
     assert d.shape == (8, 3) and np.all(d >= 0) and np.all(np.diff(d, axis=1) >= 0)
     args = vpfb.parse_args((VP + ["--out-dir", str(tmp_path)]))
-    train = vpfb.first_images(vpfb.build_dataset(args, train=True), 10 ** 6)
+    train = vpx.first_images(vpfb.build_dataset(args, train=True), 10 ** 6)
     assert train.shape[0] == 32
     full = torch.cdist(seen["x"].flatten(1), train.flatten(1))
     ref = full.sort(dim=1).values[:, :3].numpy()
@@ -273,10 +273,10 @@ def test_vp_ood_sets_from_paths(vp_ckpt, tmp_path):
     a = vpx.parse_args(["--mode", "ood", "--ckpt", str(run / "ckpt_main.pt"), "--device", "cpu"])
     want = 0.299 - 0.587 - 0.114                                 # red (1, -1, -1) in [-1, 1]
     for name in sets.split(","):
-        x = vpfb.first_images(vpx.ood_set(a, name, None), 10)
+        x = vpx.first_images(vpx.ood_set(a, name, None), 10)
         assert x.shape[1:] == (1, 8, 8) and x.sub(want).abs().max() < 0.01   # PIL rounds to uint8
     a = vpx.parse_args(["--mode", "ood", "--ckpt", vp_ckpt[1], "--device", "cpu"])   # colour Phi
-    x = vpfb.first_images(vpx.ood_set(a, str(tmp_path / "grey.npz"), None), 16)
+    x = vpx.first_images(vpx.ood_set(a, str(tmp_path / "grey.npz"), None), 16)
     assert x.shape == (16, 3, 8, 8) and torch.equal(x[:, 0], x[:, 2])
     assert torch.allclose(x[:, 0], torch.from_numpy(grey[..., 0]).float() / 127.5 - 1)
 

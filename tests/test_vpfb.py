@@ -415,7 +415,7 @@ TINY = ["--recipe", "ours", "--device", "cpu", "--dataset", "fake", "--image-siz
 def _fake_batch(n=16, size=8, seed=0):
     args = vpfb.build_parser().parse_args(["--dataset", "fake", "--fake-size", str(n)])
     args.channels, args.image_size = 3, size
-    return vpfb.first_images(vpfb.build_dataset(args), n)
+    return vpx.first_images(vpfb.build_dataset(args), n)
 
 
 @pytest.mark.parametrize("kind", ["unet", "wrn"])
