@@ -139,7 +139,8 @@ IDENTICAL = ["die", "load_npz", "face_crop", "image_folder", "StepBatches", "qui
              "recipe_row", "_number", "Parser", "Help", "typed_flags", "check_memory",
              "args_to_dict", "_read_npz", "list_images", "check_image", "ImageFiles", "warmup_lr",
              "remove_temp_files", "strict_json", "sig", "ints", "device_spec", "refuse_to_replace",
-             "machine_memory"]
+             "machine_memory", "build_net", "train_step", "Logger", "save_checkpoint",
+             "net_from_checkpoint", "main"]
 
 
 def test_twins_share_their_common_engineering_byte_for_byte_in_one_order():
