@@ -19,10 +19,10 @@ from test_layout import IDENTICAL  # noqa: E402  (the list the layout test holds
 TARGETS = {"energy_matching.py": 1400, "vpfb.py": 1550}   # issue 28's, whole file (wc -l)
 
 
-def definitions(lines, start):
+def definitions(tree, lines, start):
     """{name: (first line, last line)} of the top-level definitions from line `start` (1-based)."""
     out = {}
-    for n in ast.parse("\n".join(lines)).body:
+    for n in tree.body:
         if n.lineno < start:
             continue
         name = getattr(n, "name", None)
@@ -33,10 +33,10 @@ def definitions(lines, start):
     return out
 
 
-def kinds(lines):
+def kinds(tree, lines):
     """'code' / 'doc' / 'comment' / 'blank' of each line (1-based dict)."""
     doc = set()
-    for n in ast.walk(ast.parse("\n".join(lines))):
+    for n in ast.walk(tree):
         if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef)) and ast.get_docstring(n):
             doc.update(range(n.body[0].lineno, n.body[0].end_lineno + 1))
     return {i: "blank" if not s.strip() else "doc" if i in doc else
@@ -47,7 +47,8 @@ def kinds(lines):
 def report(name):
     lines = open(os.path.join(ROOT, name), encoding="utf-8").read().splitlines()
     div = next(i for i, s in enumerate(lines, 1) if s.startswith("# ==== ENGINEERING"))
-    kind, defs = kinds(lines), definitions(lines, div)
+    tree = ast.parse("\n".join(lines))                       # parsed once, read twice
+    kind, defs = kinds(tree, lines), definitions(tree, lines, div)
     below = [kind[i] for i in range(div, len(lines) + 1)]
     count = {k: below.count(k) for k in ("code", "doc", "comment", "blank")}
     code = {d: sum(kind[i] == "code" for i in range(a, b + 1)) for d, (a, b) in defs.items()}

@@ -144,7 +144,8 @@ IDENTICAL = ["die", "load_npz", "face_crop", "image_folder", "StepBatches", "qui
 
 
 def test_twins_share_their_common_engineering_byte_for_byte_in_one_order():
-    """So do the experiment files where both need one helper (first_images)."""
+    """IDENTICAL is byte-identical in both method files, and the common definitions are in one
+    order; the two experiment files' one shared helper (first_images) is byte-identical too."""
     a, b = _engineering("energy_matching.py"), _engineering("vpfb.py")
     differ = [n for n in IDENTICAL if a.get(n) is None or a.get(n) != b.get(n)]
     assert not differ, f"not byte-identical in the two method files: {differ}"
